@@ -1,0 +1,76 @@
+"""The harvester's own errors, and the exit codes the CLI gives them.
+
+Library code raises these (translating lower-level exceptions with ``raise ... from exc``);
+the CLI turns them into one clear message and the exit code below. Anything else that
+escapes is a bug, and is allowed to show as one.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes, documented in the README for cron and alerting."""
+
+    OK = 0
+    """Every request in the run is ok."""
+    INCOMPLETE = 3
+    """The run finished, but some requests are not ok (pending, not_found, failed, error,
+    invalid): they are in the manifest and the next run retries them."""
+    USAGE = 2
+    """Bad options or arguments (click's own code for usage errors)."""
+    AUTH = 4
+    """The API rejected the key (401/403): the run stopped early."""
+    LOCKED = 5
+    """Another harvest is running on the same output folder."""
+    INPUT = 6
+    """An input file cannot be read as a CSV export, or lacks the model/request_id columns."""
+    OUTPUT = 7
+    """The output folder cannot be written (permissions, disk full)."""
+    CONFIG = 8
+    """A job file is invalid."""
+    VERIFY = 9
+    """``harvester verify`` found missing, corrupt or orphaned files."""
+
+
+class HarvesterError(Exception):
+    """Base of every error the harvester reports to a user."""
+
+    exit_code: ExitCode = ExitCode.USAGE
+
+
+class UsageError(HarvesterError):
+    """An option or combination of options cannot work; raised before any network call."""
+
+    exit_code = ExitCode.USAGE
+
+
+class InputError(HarvesterError):
+    """An input CSV cannot be used at all (as opposed to one bad row, which is data)."""
+
+    exit_code = ExitCode.INPUT
+
+
+class AuthError(HarvesterError):
+    """The API refused the key: continuing would only record thousands of identical rows."""
+
+    exit_code = ExitCode.AUTH
+
+
+class LockedError(HarvesterError):
+    """Another process holds the output folder's lock."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class OutputError(HarvesterError):
+    """The output folder cannot be written."""
+
+    exit_code = ExitCode.OUTPUT
+
+
+class ConfigError(HarvesterError):
+    """A job file has an unknown key, a wrong type or bad TOML."""
+
+    exit_code = ExitCode.CONFIG

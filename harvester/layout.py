@@ -1,0 +1,81 @@
+"""Where things live inside an output folder.
+
+    DIR/images/<aa>/<sha256>.<ext>       content-addressed image store
+    DIR/manifest/<run_id>/part-N.parquet  the manifest dataset (immutable parts)
+    DIR/runs/<run_id>.json                one small record per run
+    DIR/.tmp/                             temp files; emptied at the start of every run
+    DIR/.lock                             held (flock) while a harvest runs
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from harvester.errors import OutputError
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / ".tmp"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    def image_relpath(self, sha256: str, ext: str) -> str:
+        """Path of a stored image relative to the root: ``images/ab/ab12...ef.png``."""
+        return f"images/{sha256[:2]}/{sha256}.{ext}"
+
+    def temp_path(self, suffix: str = "") -> Path:
+        """A fresh name in the temp folder (same file system as the store, so renames are atomic)."""
+        return self.tmp / f"{uuid.uuid4().hex}{suffix}"
+
+    def prepare(self) -> None:
+        """Create the folders and check the root is writable, with a clear error if not."""
+        try:
+            for folder in (self.root, self.images, self.manifest, self.runs, self.tmp):
+                folder.mkdir(parents=True, exist_ok=True)
+            probe = self.temp_path(".probe")
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write to output folder {self.root}: {exc.strerror or exc}; "
+                "check it exists, is writable by this user and has free space"
+            ) from exc
+
+    def clean_temp(self) -> int:
+        """Remove temp files a dead run left behind; returns how many. Call with the lock held."""
+        removed = 0
+        if not self.tmp.is_dir():
+            return 0
+        for entry in os.scandir(self.tmp):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                continue
+        return removed

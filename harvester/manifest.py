@@ -1,0 +1,209 @@
+"""Write stage: the Parquet manifest, its one declared schema, and reading state back.
+
+The manifest is a dataset of immutable part files, ``DIR/manifest/<run_id>/part-NNNNN.parquet``.
+Each part is written to a temp file and renamed into place, so a reader (or a crash) never
+sees a half-written one; a run flushes a part every ``rows_per_part`` rows or
+``seconds_per_part`` seconds, so a crash loses a bounded amount of finished work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from harvester.errors import OutputError
+from harvester.layout import Layout
+
+# The status vocabulary (README: "Statuses").
+OK: Final = "ok"
+PENDING: Final = "pending"
+NOT_FOUND: Final = "not_found"
+FAILED: Final = "failed"
+ERROR: Final = "error"
+INVALID: Final = "invalid"
+STATUSES: Final = (OK, PENDING, NOT_FOUND, FAILED, ERROR, INVALID)
+
+SCHEMA: Final = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("harvested_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("source_file", pa.string()),
+        pa.field("source_line", pa.int64()),
+        pa.field("model", pa.string()),
+        pa.field("request_id", pa.string()),
+        pa.field("request_status", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("http_status", pa.int32()),
+        pa.field("attempts", pa.int32()),
+        pa.field("seed", pa.int64()),
+        pa.field("prompt", pa.string()),
+        pa.field("image_count", pa.int32()),
+        pa.field("image_index", pa.int32()),
+        pa.field("image_url", pa.string()),
+        pa.field("content_type", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("bytes", pa.int64()),
+        pa.field("stored_new", pa.bool_()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("has_nsfw_concept", pa.bool_()),
+        pa.field("timings", pa.string()),
+        pa.field("inference_seconds", pa.float64()),
+    ]
+)
+"""One row per image; a request without images (or that failed) has exactly one row.
+
+``status`` is the row's own outcome; ``request_status`` is the request's overall outcome
+(ok only when every row of the request is ok), repeated on each of its rows. ``timings`` is the
+result's ``timings`` object as JSON text, kept losslessly; ``image_url`` holds only the media
+type for a ``data:`` URI, never its payload.
+"""
+
+SCHEMA_POLARS: Final = pl.Schema(pl.from_arrow(SCHEMA.empty_table()).schema)  # type: ignore[union-attr]
+"""``SCHEMA`` as polars sees it, for scans that must agree with the writer."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRow:
+    """One manifest row; field names and order match ``SCHEMA``."""
+
+    run_id: str
+    harvested_at: datetime
+    source_file: str | None
+    source_line: int | None
+    model: str | None
+    request_id: str | None
+    request_status: str
+    status: str
+    error: str | None = None
+    http_status: int | None = None
+    attempts: int | None = None
+    seed: int | None = None
+    prompt: str | None = None
+    image_count: int | None = None
+    image_index: int | None = None
+    image_url: str | None = None
+    content_type: str | None = None
+    sha256: str | None = None
+    path: str | None = None
+    bytes: int | None = None
+    stored_new: bool | None = None
+    width: int | None = None
+    height: int | None = None
+    has_nsfw_concept: bool | None = None
+    timings: str | None = None
+    inference_seconds: float | None = None
+
+
+_FIELDS: Final = tuple(f.name for f in dataclasses.fields(ManifestRow))
+assert _FIELDS == tuple(SCHEMA.names), "ManifestRow and SCHEMA must list the same columns"
+
+
+def rows_to_table(rows: Sequence[ManifestRow]) -> pa.Table:
+    """Build an Arrow table with ``SCHEMA`` from rows."""
+    columns = {name: [getattr(row, name) for row in rows] for name in _FIELDS}
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+class ManifestWriter:
+    """Buffers rows and writes them as immutable, atomically renamed part files."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        run_id: str,
+        *,
+        rows_per_part: int = 5_000,
+        seconds_per_part: float = 30.0,
+    ) -> None:
+        self._layout = layout
+        self._run_dir = layout.manifest / run_id
+        self._rows_per_part = rows_per_part
+        self._seconds_per_part = seconds_per_part
+        self._buffer: list[ManifestRow] = []
+        self._parts = 0
+        self._last_flush = time.monotonic()
+        self.rows_written = 0
+
+    @property
+    def parts_written(self) -> int:
+        return self._parts
+
+    def add(self, rows: Iterable[ManifestRow]) -> None:
+        self._buffer.extend(rows)
+        due = time.monotonic() - self._last_flush >= self._seconds_per_part
+        if len(self._buffer) >= self._rows_per_part or (due and self._buffer):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered rows as the next part file (nothing if the buffer is empty)."""
+        self._last_flush = time.monotonic()
+        if not self._buffer:
+            return
+        table = rows_to_table(self._buffer)
+        final = self._run_dir / f"part-{self._parts:05d}.parquet"
+        tmp = self._layout.temp_path(suffix=".parquet")
+        try:
+            self._run_dir.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, tmp, compression="zstd")
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"cannot write manifest part {final}: {exc.strerror or exc}") from exc
+        self._parts += 1
+        self.rows_written += len(self._buffer)
+        self._buffer.clear()
+
+
+def manifest_glob(out_dir: Path) -> str:
+    """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(DIR))``."""
+    return str(out_dir / "manifest" / "**" / "*.parquet")
+
+
+def has_manifest(out_dir: Path) -> bool:
+    return any((out_dir / "manifest").glob("*/*.parquet"))
+
+
+def scan(out_dir: Path) -> pl.LazyFrame:
+    """Lazily read every manifest part under ``out_dir``."""
+    return pl.scan_parquet(manifest_glob(out_dir), schema=SCHEMA_POLARS)
+
+
+def latest(out_dir: Path) -> pl.LazyFrame:
+    """The rows of each request's most recent run: the current state of every request."""
+    return scan(out_dir).filter(
+        pl.col("run_id") == pl.col("run_id").max().over("model", "request_id")
+    )
+
+
+def ok_pairs(out_dir: Path) -> pl.DataFrame:
+    """``(model, request_id)`` of every request already harvested ok, in any earlier run."""
+    if not has_manifest(out_dir):
+        return pl.DataFrame(schema={"model": pl.String, "request_id": pl.String})
+    try:
+        return (
+            scan(out_dir)
+            .filter(pl.col("request_status") == OK)
+            .select("model", "request_id")
+            .unique()
+            .collect()
+        )
+    except (pl.exceptions.ComputeError, OSError) as exc:
+        raise OutputError(
+            f"cannot read the existing manifest under {out_dir / 'manifest'}: {exc}"
+        ) from exc
+
