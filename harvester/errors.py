@@ -32,6 +32,8 @@ class ExitCode(IntEnum):
     """A job file is invalid."""
     VERIFY = 9
     """``harvester verify`` found missing, corrupt or orphaned files."""
+    INTERRUPTED = 130
+    """Stopped by SIGINT or SIGTERM: finished rows are kept; the next run picks up the rest."""
 
 
 class HarvesterError(Exception):

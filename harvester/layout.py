@@ -1,10 +1,10 @@
 """Where things live inside an output folder.
 
-    DIR/images/<aa>/<sha256>.<ext>       content-addressed image store
-    DIR/manifest/<run_id>/part-N.parquet  the manifest dataset (immutable parts)
-    DIR/runs/<run_id>.json                one small record per run
-    DIR/.tmp/                             temp files; emptied at the start of every run
-    DIR/.lock                             held (flock) while a harvest runs
+DIR/images/<aa>/<sha256>.<ext>       content-addressed image store
+DIR/manifest/<run_id>/part-N.parquet  the manifest dataset (immutable parts)
+DIR/runs/<run_id>.json                one small record per run
+DIR/.tmp/                             temp files; emptied at the start of every run
+DIR/.lock                             held (flock) while a harvest runs
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Layout:
         return f"images/{sha256[:2]}/{sha256}.{ext}"
 
     def temp_path(self, suffix: str = "") -> Path:
-        """A fresh name in the temp folder (same file system as the store, so renames are atomic)."""
+        """A fresh temp file name (same file system as the store, so renames are atomic)."""
         return self.tmp / f"{uuid.uuid4().hex}{suffix}"
 
     def prepare(self) -> None:

@@ -108,7 +108,7 @@ class ManifestRow:
 
 
 _FIELDS: Final = tuple(f.name for f in dataclasses.fields(ManifestRow))
-assert _FIELDS == tuple(SCHEMA.names), "ManifestRow and SCHEMA must list the same columns"
+assert tuple(SCHEMA.names) == _FIELDS, "ManifestRow and SCHEMA must list the same columns"
 
 
 def rows_to_table(rows: Sequence[ManifestRow]) -> pa.Table:
@@ -206,4 +206,3 @@ def ok_pairs(out_dir: Path) -> pl.DataFrame:
         raise OutputError(
             f"cannot read the existing manifest under {out_dir / 'manifest'}: {exc}"
         ) from exc
-

@@ -131,6 +131,7 @@ def test_model_spellings_and_namespaces_reach_the_same_result(client: httpx.Clie
     plain = result(client, "same-1").json()
     assert result(client, "same-1", "workflows/fal-ai/flux").json() == plain
     assert result(client, "same-1", "comfy/someone/graph").json() == plain
+    assert result(client, "same-1", "auto").json() == plain  # a relay's placeholder model
 
 
 def test_images_are_valid_and_deterministic(client: httpx.Client) -> None:

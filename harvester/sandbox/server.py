@@ -261,6 +261,9 @@ class _Server:
             return json_reply(200, body), False
         if segments and segments[0] in NAMESPACES:
             segments = segments[1:]
+        if len(segments) in (3, 4) and segments[1] == "requests":
+            # A relay placeholder model with one segment, such as ``auto/requests/{id}``.
+            segments = [segments[0], segments[0], *segments[1:]]
         if (
             len(segments) in (4, 5)
             and segments[2] == "requests"

@@ -1,0 +1,80 @@
+"""``make run``: start the sandbox, harvest CSV exports with the real CLI, look at the manifest.
+
+python -m harvester.demo --out harvest-out sample_inputs/*.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from harvester import manifest
+from harvester.sandbox import SandboxConfig, running_sandbox
+
+DEMO_KEY = "sandbox-key"
+
+
+def _show(out: Path) -> None:
+    pl.Config.set_tbl_hide_dataframe_shape(True)
+    pl.Config.set_fmt_str_lengths(48)
+    pl.Config.set_tbl_width_chars(120)
+    latest = manifest.latest(out)
+    state = (
+        latest.group_by("model", "request_id")
+        .agg(pl.col("request_status").first(), pl.col("sha256").drop_nulls().len().alias("images"))
+        .collect()
+    )
+    print("\nThe current state of every request (README: 'Reading the manifest'):")
+    print(
+        state.group_by("request_status")
+        .agg(pl.len().alias("requests"), pl.col("images").sum())
+        .sort("request_status")
+    )
+    print("\nA few image rows:")
+    print(
+        latest.filter(pl.col("path").is_not_null())
+        .select("model", "seed", "has_nsfw_concept", "inference_seconds", "path")
+        .head(5)
+        .collect()
+    )
+    print("\nRows that are not ok, and why:")
+    print(latest.filter(pl.col("status") != "ok").select("request_id", "status", "error").collect())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("harvest-out"))
+    parser.add_argument("inputs", nargs="+")
+    args = parser.parse_args(argv)
+    with running_sandbox(SandboxConfig(key=DEMO_KEY)) as sandbox:
+        print(f"sandbox listening on {sandbox.base_url} (a fal-compatible API on 127.0.0.1)")
+        command = [
+            "harvester",
+            "harvest",
+            *args.inputs,
+            "--out",
+            str(args.out),
+            "--base-url",
+            sandbox.base_url,
+        ]
+        print(f"$ HARVESTER_API_KEY={DEMO_KEY} {shlex.join(command)}", flush=True)
+        env = dict(os.environ, HARVESTER_API_KEY=DEMO_KEY)
+        done = subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
+            [sys.executable, "-m", *command], env=env, check=False
+        )
+    print(f"(exit code {done.returncode}: 0 = all ok, 3 = some requests not ok, see README)")
+    if done.returncode not in (0, 3):
+        return done.returncode
+    _show(args.out)
+    print(f"\nTry next: harvester verify {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Fetch stage: one result request, with the retry policy and the shared rate limiter.
+
+Every answer becomes a ``FetchOutcome`` with a status from the manifest's vocabulary, except a
+rejected key, which raises ``AuthError`` and stops the run.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Final
+
+import httpx
+
+from harvester.errors import AuthError
+from harvester.manifest import ERROR, FAILED, NOT_FOUND, OK, PENDING
+from harvester.ratelimit import RateLimiter
+from harvester.results import Result, ResultShapeError, error_detail, parse_result
+from harvester.retry import (
+    RETRY_AFTER_STATUS,
+    RETRYABLE_STATUS,
+    RetriesExhausted,
+    RetryPolicy,
+    TransientError,
+    parse_retry_after,
+    retrying,
+)
+from harvester.urls import result_url
+
+IN_PROGRESS: Final = "request is still in progress"
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOutcome:
+    status: str
+    http_status: int | None
+    attempts: int
+    error: str | None = None
+    result: Result | None = None
+
+
+def _snippet(body: bytes, limit: int = 120) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    text = " ".join(text.split())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def transport_reason(exc: httpx.TransportError) -> str:
+    """A short, secret-free description of a transport failure."""
+    kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
+    detail = str(exc).strip()
+    return f"{kind} ({type(exc).__name__}{': ' + detail if detail else ''})"
+
+
+class ResultFetcher:
+    """Fetches results from ``{base_url}/{owner}/{app}/requests/{id}``."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        base_url: str,
+        authorization: str,
+        policy: RetryPolicy,
+        limiter: RateLimiter,
+        rng: random.Random,
+    ) -> None:
+        self._client = client
+        self._base_url = base_url
+        self._headers = {"Authorization": authorization, "Accept": "application/json"}
+        self._policy = policy
+        self._limiter = limiter
+        self._rng = rng
+        self.retries = 0
+
+    async def fetch(self, model: str, request_id: str) -> FetchOutcome:
+        url = result_url(self._base_url, model, request_id)
+
+        async def attempt(n: int) -> FetchOutcome:
+            await self._limiter.acquire()
+            try:
+                response = await self._client.get(url, headers=self._headers)
+            except httpx.TransportError as exc:
+                raise TransientError(transport_reason(exc)) from exc
+            return self._classify(response, n)
+
+        def count_retry(_: TransientError) -> None:
+            self.retries += 1
+
+        try:
+            outcome, _ = await retrying(self._policy, attempt, rng=self._rng, on_retry=count_retry)
+        except RetriesExhausted as exc:
+            return FetchOutcome(ERROR, exc.last.http_status, exc.attempts, str(exc))
+        return outcome
+
+    def _classify(self, response: httpx.Response, attempt: int) -> FetchOutcome:
+        status = response.status_code
+        body = response.content
+        detail = error_detail(body) if status != 200 or b'"detail"' in body[:200] else None
+        if detail is not None and IN_PROGRESS in detail.lower():
+            self._limiter.on_success()
+            return FetchOutcome(PENDING, status, attempt, detail)
+        if status in RETRYABLE_STATUS:
+            retry_after = None
+            if status in RETRY_AFTER_STATUS:
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if status == 429:
+                self._limiter.on_throttled(retry_after)
+            reason = f"HTTP {status}: {detail or _snippet(body) or response.reason_phrase}"
+            raise TransientError(reason, http_status=status, retry_after=retry_after)
+        if status in (401, 403):
+            raise AuthError(
+                f"the API at {self._base_url} refused the key (HTTP {status}: "
+                f"{detail or _snippet(body)}); check HARVESTER_API_KEY (or FAL_KEY) and "
+                "--auth-scheme (bearer for relays, key for fal.ai itself)"
+            )
+        self._limiter.on_success()
+        if status == 200:
+            try:
+                result = parse_result(body)
+            except ResultShapeError as exc:
+                return FetchOutcome(ERROR, status, attempt, f"result has the wrong shape: {exc}")
+            except ValueError as exc:
+                # Usually a body cut short on the wire: worth another attempt.
+                raise TransientError(str(exc), http_status=status) from exc
+            return FetchOutcome(OK, status, attempt, result.note, result)
+        if status == 202:
+            return FetchOutcome(PENDING, status, attempt, detail or "accepted, not finished")
+        if status == 404:
+            return FetchOutcome(NOT_FOUND, status, attempt, detail or "NOT_FOUND")
+        if status >= 500 and detail is None:
+            raise TransientError(f"HTTP {status}: {_snippet(body)}", http_status=status)
+        if status >= 400:
+            error_type = response.headers.get("x-fal-error-type")
+            text = detail or f"HTTP {status}: {_snippet(body)}"
+            return FetchOutcome(
+                FAILED, status, attempt, f"{error_type}: {text}" if error_type else text
+            )
+        return FetchOutcome(ERROR, status, attempt, f"unexpected HTTP {status} from the result API")

@@ -1,0 +1,254 @@
+"""Read stage: CSV exports in, unique ``(model, request_id)`` pairs out, in batches.
+
+Exports are read twice: ``inspect`` checks every file up front (readable, UTF-8-ish, has the
+columns) and counts rows, so a broken file stops the run before any network call; ``iter_items``
+then streams the rows in batches. A bad row is data, not a crash: it comes out as a ``BadRow``
+with its file and line. Memory does not grow with the row count, except for a set of 16-byte
+pair digests used to drop duplicates.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, TextIO
+
+from harvester.errors import InputError
+from harvester.urls import AppId, UnsafeIdError, check_segment
+
+MODEL: Final = "model"
+REQUEST_ID: Final = "request_id"
+MAX_LINE_CHARS: Final = 64 * 1024
+"""A physical line longer than this is reported as a bad row and skipped, not read into memory."""
+
+csv.field_size_limit(MAX_LINE_CHARS * 4)
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """One request to harvest, with where it was first seen."""
+
+    model: str
+    request_id: str
+    source: str
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    """A row that cannot be harvested, and why."""
+
+    source: str
+    line: int
+    reason: str
+    model: str | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InputFile:
+    """What ``inspect`` learnt about one export."""
+
+    path: Path
+    sha256: str
+    size: int
+    rows: int
+    columns: tuple[str, ...]
+
+
+def pair_key(model: str, request_id: str) -> int:
+    """A 128-bit digest of a pair; sets of these deduplicate without keeping the strings."""
+    digest = hashlib.blake2b(f"{model}\x00{request_id}".encode(), digest_size=16).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _normalise_header(cell: str) -> str:
+    return cell.replace("\ufeff", "").strip().lower()
+
+
+def _clean(value: str) -> str:
+    """Make ``surrogateescape`` text printable (undecodable bytes become U+FFFD)."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class _Lines:
+    """Feeds the csv module physical lines, cutting any line longer than ``MAX_LINE_CHARS``
+    (the rest of it is skipped and its line number remembered) so one giant line cannot
+    exhaust memory."""
+
+    def __init__(self, fh: TextIO) -> None:
+        self._fh = fh
+        self.line_no = 0
+        self.too_long: set[int] = set()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        line = self._fh.readline(MAX_LINE_CHARS)
+        if not line:
+            raise StopIteration
+        self.line_no += 1
+        if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
+            self.too_long.add(self.line_no)
+            while True:
+                rest = self._fh.readline(MAX_LINE_CHARS)
+                if not rest or rest.endswith("\n"):
+                    break
+            return "\n"
+        return line
+
+
+def _open(path: Path) -> TextIO:
+    try:
+        with open(path, "rb") as raw:
+            head = raw.read(8192)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if b"\x00" in head:
+        raise InputError(f"{path} looks like a binary file, not a CSV export")
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _header(path: Path, rows: Iterator[list[str]]) -> tuple[int, int, tuple[str, ...]]:
+    for cells in rows:
+        if not any(cell.strip() for cell in cells):
+            continue
+        names = tuple(_normalise_header(_clean(c)) for c in cells)
+        missing = [c for c in (MODEL, REQUEST_ID) if c not in names]
+        if missing:
+            found = ", ".join(repr(n) for n in names) or "none"
+            raise InputError(
+                f"{path} has no {' or '.join(repr(m) for m in missing)} column "
+                f"(columns found: {found}); an export needs a header row with "
+                f"'{MODEL}' and '{REQUEST_ID}'"
+            )
+        return names.index(MODEL), names.index(REQUEST_ID), names
+    raise InputError(f"{path} is empty: expected a header row with '{MODEL}' and '{REQUEST_ID}'")
+
+
+def _records(path: Path) -> Iterator[tuple[int, list[str] | None, str | None]]:
+    """Yield ``(line, cells, problem)`` for every data row, the header first (line 0)."""
+    with _open(path) as fh:
+        lines = _Lines(fh)
+        reader = csv.reader(lines)
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield lines.line_no, None, f"unparseable CSV row: {exc}"
+                continue
+            line = lines.line_no
+            if line in lines.too_long:
+                yield line, None, f"line longer than {MAX_LINE_CHARS} characters"
+                continue
+            yield line, cells, None
+
+
+def inspect(paths: Sequence[Path]) -> list[InputFile]:
+    """Check every export before the run starts; raises ``InputError`` for an unusable file."""
+    if not paths:
+        raise InputError("no input files given")
+    found: list[InputFile] = []
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f"{path} does not exist or is not a file")
+        sha = hashlib.sha256()
+        try:
+            with open(path, "rb") as raw:
+                while chunk := raw.read(1 << 20):
+                    sha.update(chunk)
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        records = _records(path)
+        header_cells = (cells for _, cells, _ in records if cells is not None)
+        _, _, columns = _header(path, header_cells)
+        rows = sum(1 for _, cells, problem in records if problem or (cells and any(cells)))
+        found.append(
+            InputFile(
+                path=path,
+                sha256=sha.hexdigest(),
+                size=path.stat().st_size,
+                rows=rows,
+                columns=columns,
+            )
+        )
+    return found
+
+
+def _validate(source: str, line: int, model: str, request_id: str) -> Pair | BadRow:
+    missing = [name for name, value in ((MODEL, model), (REQUEST_ID, request_id)) if not value]
+    if missing:
+        return BadRow(
+            source, line, f"missing {' and '.join(missing)}", model or None, request_id or None
+        )
+    if "\ufffd" in model + request_id:
+        return BadRow(source, line, "not valid UTF-8", model, request_id)
+    try:
+        AppId.from_model(model)
+        check_segment(request_id, "request_id")
+    except UnsafeIdError as exc:
+        return BadRow(source, line, str(exc), model, request_id)
+    return Pair(model, request_id, source, line)
+
+
+@dataclass(slots=True)
+class ReadCounts:
+    """What ``iter_items`` passed over, for the run summary."""
+
+    duplicates: int = 0
+    already_done: int = 0
+
+
+def iter_items(
+    files: Iterable[InputFile],
+    *,
+    batch_size: int = 1_000,
+    done: set[int] | None = None,
+    counts: ReadCounts | None = None,
+) -> Iterator[list[Pair | BadRow]]:
+    """Stream every row of ``files`` as batches of ``Pair`` (first sighting only) and ``BadRow``.
+
+    ``done`` holds ``pair_key`` digests of pairs to skip (already harvested); a pair repeated
+    within or across files comes out once. ``counts`` (if given) tallies what was skipped.
+    """
+    done = set() if done is None else done
+    counts = ReadCounts() if counts is None else counts
+    seen: set[int] = set()
+    batch: list[Pair | BadRow] = []
+    for f in files:
+        source = str(f.path)
+        records = _records(f.path)
+        model_at = request_at = -1
+        for line, cells, problem in records:
+            if problem is not None:
+                batch.append(BadRow(source, line, problem))
+            elif cells is None or not any(c.strip() for c in cells):
+                continue
+            elif model_at < 0:
+                model_at, request_at, _ = _header(f.path, iter([cells]))
+                continue
+            else:
+                model = _clean(cells[model_at]).strip() if model_at < len(cells) else ""
+                request_id = _clean(cells[request_at]).strip() if request_at < len(cells) else ""
+                item = _validate(source, line, model, request_id)
+                if isinstance(item, Pair):
+                    key = pair_key(item.model, item.request_id)
+                    if key in done:
+                        counts.already_done += 1
+                        continue
+                    if key in seen:
+                        counts.duplicates += 1
+                        continue
+                    seen.add(key)
+                batch.append(item)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,147 @@
+"""Parse a result body (the seed document's schema) into typed values, checking its shape.
+
+Unknown keys are ignored (relays echo extras); ``timings`` is kept as JSON text, losslessly.
+A body that cannot be trusted raises ``ResultShapeError`` with a message a user can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Final
+
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+
+class ResultShapeError(ValueError):
+    """The result is JSON, but not of the documented shape."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    index: int
+    url: str
+    content_type: str | None
+    width: int | None
+    height: int | None
+    has_nsfw_concept: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    seed: int
+    prompt: str | None
+    timings: str | None
+    inference_seconds: float | None
+    images: tuple[ImageRef, ...]
+    note: str | None = None
+    """A non-fatal oddity worth recording (e.g. fewer NSFW flags than images)."""
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _optional_int(item: dict[str, Any], key: str) -> int | None:
+    value = item.get(key)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    return None
+
+
+def parse_result(body: bytes) -> Result:
+    """Parse and check a 200 body; raises ``ResultShapeError`` (or ``ValueError`` for bad JSON)."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"result is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ResultShapeError(f"result is a JSON {_kind(data)}, expected an object")
+
+    images = data.get("images")
+    if not isinstance(images, list):
+        raise ResultShapeError(f"'images' is {_kind(images)}, expected a list")
+    seed = data.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ResultShapeError(f"'seed' is {_kind(seed)}, expected an integer")
+    if not INT64_MIN <= seed <= INT64_MAX:
+        raise ResultShapeError(f"'seed' {seed} does not fit in 64 bits")
+    prompt = data.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ResultShapeError(f"'prompt' is {_kind(prompt)}, expected a string")
+    flags = data.get("has_nsfw_concepts", [])
+    if flags is None:
+        flags = []
+    if not isinstance(flags, list):
+        raise ResultShapeError(f"'has_nsfw_concepts' is {_kind(flags)}, expected a list")
+    timings = data.get("timings")
+    if timings is not None and not isinstance(timings, dict):
+        raise ResultShapeError(f"'timings' is {_kind(timings)}, expected an object")
+    inference = timings.get("inference") if timings else None
+    inference_seconds = (
+        float(inference)
+        if isinstance(inference, int | float)
+        and not isinstance(inference, bool)
+        and math.isfinite(inference)
+        else None
+    )
+
+    refs: list[ImageRef] = []
+    for index, item in enumerate(images):
+        if not isinstance(item, dict):
+            raise ResultShapeError(f"images[{index}] is {_kind(item)}, expected an object")
+        url = item.get("url")
+        if not isinstance(url, str) or not url:
+            raise ResultShapeError(f"images[{index}].url is {_kind(url)}, expected a string")
+        content_type = item.get("content_type")
+        flag = flags[index] if index < len(flags) else None
+        refs.append(
+            ImageRef(
+                index=index,
+                url=url,
+                content_type=content_type if isinstance(content_type, str) else None,
+                width=_optional_int(item, "width"),
+                height=_optional_int(item, "height"),
+                has_nsfw_concept=flag if isinstance(flag, bool) else None,
+            )
+        )
+    note = None
+    if len(flags) != len(refs):
+        note = f"has_nsfw_concepts has {len(flags)} entries for {len(refs)} images"
+    return Result(
+        seed=seed,
+        prompt=prompt,
+        timings=None if timings is None else json.dumps(timings, ensure_ascii=False),
+        inference_seconds=inference_seconds,
+        images=tuple(refs),
+        note=note,
+    )
+
+
+def error_detail(body: bytes) -> str | None:
+    """The ``detail`` of an error body as text (a string, or validation errors joined), if any."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    detail = data.get("detail")
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(x) for x in item.get("loc", []) if x is not None)
+                msg = item.get("msg", "")
+                parts.append(f"{loc}: {msg}" if loc else str(msg))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    if detail is not None:
+        return json.dumps(detail, ensure_ascii=False)
+    status = data.get("status")
+    return status if isinstance(status, str) else None

@@ -1,0 +1,314 @@
+"""Download stage: stream each image into the content-addressed store.
+
+Bytes are hashed while they are written to a temp file inside the output folder, then the file
+is renamed atomically to ``images/<aa>/<sha256>.<ext>``; the extension comes from the bytes'
+magic number, never from the URL or the Content-Type. Identical bytes are stored once. No
+Authorization header is ever sent here: image hosts are third-party CDNs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Final
+from urllib.parse import unquote_to_bytes
+
+import httpx
+
+from harvester.errors import OutputError
+from harvester.fetcher import transport_reason
+from harvester.layout import Layout
+from harvester.manifest import ERROR, FAILED
+from harvester.retry import (
+    RETRYABLE_STATUS,
+    RetriesExhausted,
+    RetryPolicy,
+    TransientError,
+    retrying,
+)
+from harvester.urls import describe_url
+
+FOLLOWED_SCHEMES: Final = frozenset({"http", "https"})
+SNIFF_BYTES: Final = 32
+
+_MAGIC: Final = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+_FTYP: Final = {
+    b"avif": "avif",
+    b"avis": "avif",
+    b"heic": "heic",
+    b"heix": "heic",
+    b"mif1": "heic",
+    b"msf1": "heic",
+}
+
+
+def sniff(head: bytes) -> str | None:
+    """The file extension for an image's first bytes, or None if they are not an image we know."""
+    for magic, ext in _MAGIC:
+        if head.startswith(magic):
+            return ext
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[4:8] == b"ftyp":
+        return _FTYP.get(head[8:12])
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    sha256: str
+    path: str
+    """Relative to the output folder."""
+    bytes: int
+    new: bool
+    """True if this download put the file in the store; False if identical bytes were there."""
+    http_status: int | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFailure:
+    status: str
+    error: str
+    http_status: int | None
+    attempts: int
+
+
+class _Sink:
+    """A temp file that hashes what is written to it and enforces the size limit."""
+
+    def __init__(self, layout: Layout, max_bytes: int) -> None:
+        self.path = layout.temp_path(".part")
+        self._max = max_bytes
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.head = b""
+        try:
+            self._fh: BinaryIO = open(self.path, "wb")  # noqa: SIM115
+        except OSError as exc:
+            raise OutputError(f"cannot write to {layout.tmp}: {exc.strerror or exc}") from exc
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self._max:
+            raise _TooLarge(self._max)
+        if len(self.head) < SNIFF_BYTES:
+            self.head += chunk[: SNIFF_BYTES - len(self.head)]
+        self._hash.update(chunk)
+        try:
+            self._fh.write(chunk)
+        except OSError as exc:
+            raise OutputError(f"cannot write image data: {exc.strerror or exc}") from exc
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        try:
+            self._fh.close()
+        except OSError as exc:
+            raise OutputError(f"cannot write image data: {exc.strerror or exc}") from exc
+
+    def discard(self) -> None:
+        self._fh.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"image is larger than the {limit:,}-byte limit (--max-image-bytes)")
+
+
+class ImageStore:
+    """Stores images from http(s) and ``data:`` URLs; one instance per run."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        layout: Layout,
+        *,
+        policy: RetryPolicy,
+        rng: random.Random,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_redirects: int = 5,
+    ) -> None:
+        self._client = client
+        self._layout = layout
+        self._policy = policy
+        self._rng = rng
+        self._max_bytes = max_bytes
+        self._max_redirects = max_redirects
+        self.retries = 0
+
+    async def store(self, url: str) -> StoredImage | ImageFailure:
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "data":
+            return self._store_data_uri(url)
+        if scheme not in FOLLOWED_SCHEMES:
+            return ImageFailure(
+                FAILED,
+                f"unsupported image URL scheme {scheme or '(none)'!r}: "
+                "only http, https and data URLs are followed",
+                None,
+                0,
+            )
+
+        def count_retry(_: TransientError) -> None:
+            self.retries += 1
+
+        try:
+            outcome, _ = await retrying(
+                self._policy,
+                lambda n: self._download(url, n),
+                rng=self._rng,
+                on_retry=count_retry,
+            )
+        except RetriesExhausted as exc:
+            return ImageFailure(ERROR, f"image download: {exc}", exc.last.http_status, exc.attempts)
+        return outcome
+
+    async def _download(self, url: str, attempt: int) -> StoredImage | ImageFailure:
+        current = httpx.URL(url)
+        for _ in range(self._max_redirects + 1):
+            request = self._client.build_request("GET", current)
+            request.headers.pop("Authorization", None)  # never, whatever the client defaults
+            try:
+                response = await self._client.send(request, stream=True, follow_redirects=False)
+            except httpx.TransportError as exc:
+                raise TransientError(f"image download {transport_reason(exc)}") from exc
+            try:
+                status = response.status_code
+                if response.is_redirect:
+                    target = current.join(response.headers["location"])
+                    if target.scheme not in FOLLOWED_SCHEMES:
+                        return ImageFailure(
+                            FAILED,
+                            f"image URL redirects to an unsupported scheme {target.scheme!r}",
+                            status,
+                            attempt,
+                        )
+                    current = target
+                    continue
+                if status in (404, 410):
+                    return ImageFailure(
+                        FAILED,
+                        f"image URL answered HTTP {status}: the media has expired or was deleted",
+                        status,
+                        attempt,
+                    )
+                if status in RETRYABLE_STATUS or status >= 500:
+                    raise TransientError(f"image download: HTTP {status}", http_status=status)
+                if status != 200:
+                    return ImageFailure(
+                        FAILED, f"image URL answered HTTP {status}", status, attempt
+                    )
+                return await self._receive(response, attempt)
+            finally:
+                await response.aclose()
+        return ImageFailure(
+            FAILED, f"image URL redirected more than {self._max_redirects} times", None, attempt
+        )
+
+    async def _receive(self, response: httpx.Response, attempt: int) -> StoredImage | ImageFailure:
+        status = response.status_code
+        declared = response.headers.get("content-length")
+        expected = int(declared) if declared and declared.isdigit() else None
+        if expected is not None and expected > self._max_bytes:
+            return ImageFailure(FAILED, str(_TooLarge(self._max_bytes)), status, attempt)
+        sink = _Sink(self._layout, self._max_bytes)
+        sniffed = False
+        try:
+            async for chunk in response.aiter_bytes():
+                sink.write(chunk)
+                if not sniffed and len(sink.head) >= SNIFF_BYTES:
+                    sniffed = True
+                    if sniff(sink.head) is None:  # don't download 64 MiB of HTML
+                        sink.discard()
+                        return self._not_an_image(sink.head, status, attempt)
+            sink.close()
+        except _TooLarge as exc:
+            sink.discard()
+            return ImageFailure(FAILED, str(exc), status, attempt)
+        except httpx.TransportError as exc:
+            sink.discard()
+            raise TransientError(
+                f"image body cut short ({type(exc).__name__})", http_status=status
+            ) from exc
+        except BaseException:
+            sink.discard()
+            raise
+        # Content-Length counts bytes on the wire; without a content-encoding that is our size.
+        encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+        received = response.num_bytes_downloaded if encoded else sink.size
+        if expected is not None and received != expected:
+            sink.discard()
+            raise TransientError(
+                f"image body cut short: {received} of {expected} bytes", http_status=status
+            )
+        ext = sniff(sink.head)
+        if ext is None:
+            sink.discard()
+            return self._not_an_image(sink.head, status, attempt)
+        return self._commit(sink, ext, status, attempt)
+
+    def _not_an_image(self, head: bytes, status: int | None, attempt: int) -> ImageFailure:
+        return ImageFailure(
+            FAILED, f"body is not an image (starts with {head[:16]!r})", status, attempt
+        )
+
+    def _store_data_uri(self, url: str) -> StoredImage | ImageFailure:
+        header, sep, payload = url.partition(",")
+        if not sep:
+            return ImageFailure(FAILED, "malformed data: URI (no comma)", None, 1)
+        if len(payload) * 3 // 4 > self._max_bytes:
+            return ImageFailure(FAILED, str(_TooLarge(self._max_bytes)), None, 1)
+        try:
+            if header.lower().endswith(";base64"):
+                data = base64.b64decode(payload, validate=False)
+            else:
+                data = unquote_to_bytes(payload)
+        except (binascii.Error, ValueError) as exc:
+            return ImageFailure(
+                FAILED, f"{describe_url(url)} URI is not valid base64 ({exc})", None, 1
+            )
+        sink = _Sink(self._layout, self._max_bytes)
+        try:
+            sink.write(data)
+        except _TooLarge as exc:
+            sink.discard()
+            return ImageFailure(FAILED, str(exc), None, 1)
+        sink.close()
+        ext = sniff(sink.head)
+        if ext is None:
+            sink.discard()
+            return self._not_an_image(sink.head, None, 1)
+        return self._commit(sink, ext, None, 1)
+
+    def _commit(self, sink: _Sink, ext: str, status: int | None, attempt: int) -> StoredImage:
+        sha = sink.hexdigest()
+        relative = self._layout.image_relpath(sha, ext)
+        final = self._layout.root / relative
+        new = not final.exists()
+        try:
+            if new:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(sink.path, final)
+            else:
+                sink.path.unlink()
+        except OSError as exc:
+            Path(sink.path).unlink(missing_ok=True)
+            raise OutputError(f"cannot store image {relative}: {exc.strerror or exc}") from exc
+        return StoredImage(sha, relative, sink.size, new, status, attempt)

@@ -1,0 +1,84 @@
+"""Result URLs: which part of a model id goes into ``{base}/{owner}/{app}/requests/{id}``.
+
+fal's official clients (Python ``AppId.from_endpoint_id``, JS ``parseEndpointId``) submit to the
+full model path but read status and results at the first two segments only, after an optional
+``workflows/`` or ``comfy/`` namespace. ``fal-ai/flux/dev`` and ``fal-ai/flux`` therefore share
+the result URL ``fal-ai/flux/requests/{id}``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+NAMESPACES: Final = frozenset({"workflows", "comfy"})
+
+# A safe path segment: RFC 3986 pchars that need no escaping (so the id travels exactly as given),
+# which excludes '/', '\\', '?', '#', '%', spaces and control characters; '.' and '..' are refused
+# separately. Request ids are UUIDs in practice; model segments are slugs like "v1.1-ultra".
+_SEGMENT: Final = re.compile(r"[A-Za-z0-9._~:@!$&'()*+,;=-]+")
+
+
+class UnsafeIdError(ValueError):
+    """A model or request id that cannot be placed in a URL path safely."""
+
+
+def check_segment(value: str, what: str) -> str:
+    """Return ``value`` if it is one safe URL path segment, else raise ``UnsafeIdError``."""
+    if not value:
+        raise UnsafeIdError(f"{what} is empty")
+    if value in {".", ".."}:
+        raise UnsafeIdError(f"{what} {value!r} is a relative path segment")
+    if not _SEGMENT.fullmatch(value):
+        bad = next(ch for ch in value if not _SEGMENT.fullmatch(ch))
+        raise UnsafeIdError(
+            f"{what} {value!r} contains {bad!r}, which is not allowed in a URL path"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AppId:
+    """The part of a model id that addresses its queue: ``[namespace/]owner/app``."""
+
+    owner: str
+    app: str
+    namespace: str | None = None
+
+    @classmethod
+    def from_model(cls, model: str) -> AppId:
+        """Parse a model id as found in a CSV export (``fal-ai/flux/dev``, ``fal-ai/flux``,
+        ``workflows/me/wf``); a single segment such as ``auto`` (a relay placeholder) is
+        accepted and used as it stands."""
+        parts = model.split("/")
+        namespace = None
+        if len(parts) > 1 and parts[0] in NAMESPACES:
+            namespace, parts = parts[0], parts[1:]
+        for part in parts:
+            check_segment(part, "model segment")
+        if len(parts) == 1:
+            if namespace is not None:
+                raise UnsafeIdError(f"model {model!r} has a namespace but no owner/app")
+            return cls(owner=parts[0], app="", namespace=None)
+        return cls(owner=parts[0], app=parts[1], namespace=namespace)
+
+    @property
+    def path(self) -> str:
+        segments = [s for s in (self.namespace, self.owner, self.app) if s]
+        return "/".join(segments)
+
+
+def result_url(base_url: str, model: str, request_id: str) -> str:
+    """``{base}/{[ns/]owner/app}/requests/{id}``; raises ``UnsafeIdError`` on unsafe parts."""
+    app = AppId.from_model(model)
+    check_segment(request_id, "request_id")
+    return f"{base_url.rstrip('/')}/{app.path}/requests/{request_id}"
+
+
+def describe_url(url: str) -> str:
+    """A URL for messages and the manifest: ``data:`` URIs are reduced to their media type."""
+    if url[:5].lower() == "data:":
+        media_type = url[5:].split(",", 1)[0].split(";", 1)[0]
+        return f"data:{media_type or 'text/plain'}"
+    return url

@@ -1,0 +1,72 @@
+"""The manifest: one declared schema, immutable parts written atomically, state read back."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from harvester import manifest
+from harvester.layout import Layout
+from harvester.manifest import SCHEMA, ManifestRow, ManifestWriter
+
+NOW = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)
+
+
+def row(run_id: str, request_id: str, status: str = "ok", **kw: object) -> ManifestRow:
+    return ManifestRow(
+        run_id=run_id,
+        harvested_at=NOW,
+        source_file="e.csv",
+        source_line=2,
+        model="fal-ai/flux/dev",
+        request_id=request_id,
+        request_status=status,
+        status=status,
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+def test_writer_flushes_parts_by_rows_and_keeps_schema(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    layout.prepare()
+    writer = ManifestWriter(layout, "r1", rows_per_part=3, seconds_per_part=3600)
+    for i in range(7):
+        writer.add([row("r1", f"id-{i}", seed=2**62 + i)])
+    assert writer.parts_written == 2  # a part each time the buffer reached 3 rows
+    writer.flush()
+    writer.flush()  # nothing buffered: no empty part
+    parts = sorted((tmp_path / "manifest" / "r1").glob("*.parquet"))
+    assert [p.name for p in parts] == [f"part-{n:05d}.parquet" for n in range(3)]
+    for part in parts:
+        assert pq.read_schema(part).equals(SCHEMA)
+    df = pl.read_parquet(manifest.manifest_glob(tmp_path))
+    assert df.height == 7
+    assert df["seed"].max() == 2**62 + 6
+    assert list(layout.tmp.iterdir()) == []
+
+
+def test_ok_pairs_and_latest_state(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    layout.prepare()
+    first = ManifestWriter(layout, "20261101T000000Z-aaaaaa")
+    first.add(
+        [row("20261101T000000Z-aaaaaa", "a", "pending"), row("20261101T000000Z-aaaaaa", "b", "ok")]
+    )
+    first.flush()
+    second = ManifestWriter(layout, "20261102T000000Z-bbbbbb")
+    second.add([row("20261102T000000Z-bbbbbb", "a", "ok")])
+    second.flush()
+    assert sorted(manifest.ok_pairs(tmp_path)["request_id"]) == ["a", "b"]
+    latest = manifest.latest(tmp_path).collect()
+    assert dict(latest.select("request_id", "request_status").iter_rows()) == {"a": "ok", "b": "ok"}
+
+
+def test_ok_pairs_of_an_empty_folder(tmp_path: Path) -> None:
+    assert manifest.ok_pairs(tmp_path).height == 0
+
+
+def test_row_fields_match_schema() -> None:
+    assert [f.name for f in SCHEMA] == list(ManifestRow.__dataclass_fields__)

@@ -1,0 +1,141 @@
+"""The retry policy and the rate limiter (pure logic; no timing assertions)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harvester.ratelimit import RateLimiter
+from harvester.retry import (
+    MAX_RETRY_AFTER,
+    RetriesExhausted,
+    RetryPolicy,
+    TransientError,
+    parse_retry_after,
+    retrying,
+)
+
+NOW = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("5", 5.0),
+        (" 0.5 ", 0.5),
+        ("0", 0.0),
+        (format_datetime(NOW + timedelta(seconds=30), usegmt=True), 30.0),
+        (format_datetime(NOW - timedelta(seconds=30), usegmt=True), 0.0),
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("-3", None),
+        ("nan", None),
+    ],
+)
+def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(value, now=NOW) == seconds
+
+
+@given(st.integers(min_value=1, max_value=50), st.integers(min_value=0, max_value=2**32))
+def test_backoff_grows_and_stays_within_jittered_cap(attempt: int, seed: int) -> None:
+    policy = RetryPolicy(base_delay=0.5, max_delay=30.0, jitter=0.5)
+    delay = policy.delay(attempt, random.Random(seed))
+    raw = min(30.0, 0.5 * 2 ** (attempt - 1))
+    assert raw * 0.5 <= delay <= raw * 1.5
+
+
+def test_retry_after_wins_and_is_capped() -> None:
+    policy = RetryPolicy()
+    assert policy.delay(1, random.Random(0), retry_after=7.0) == 7.0
+    assert policy.delay(1, random.Random(0), retry_after=10_000) == MAX_RETRY_AFTER
+
+
+@pytest.mark.anyio
+async def test_retrying_stops_at_max_attempts() -> None:
+    calls: list[int] = []
+
+    async def attempt(n: int) -> str:
+        calls.append(n)
+        raise TransientError("boom", http_status=503)
+
+    policy = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.001)
+    with pytest.raises(RetriesExhausted) as info:
+        await retrying(policy, attempt, rng=random.Random(0))
+    assert calls == [1, 2, 3]
+    assert info.value.attempts == 3
+    assert info.value.last.http_status == 503
+    assert "gave up after 3 attempts" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_retrying_respects_the_time_budget() -> None:
+    clock = iter(range(0, 1000, 10))
+
+    async def attempt(n: int) -> str:
+        raise TransientError("slow")
+
+    policy = RetryPolicy(max_attempts=100, budget=15, base_delay=1, max_delay=1, jitter=0)
+    with pytest.raises(RetriesExhausted) as info:
+        await retrying(policy, attempt, rng=random.Random(0), clock=lambda: float(next(clock)))
+    assert info.value.attempts < 100
+
+
+@pytest.mark.anyio
+async def test_retrying_returns_value_and_attempts() -> None:
+    async def attempt(n: int) -> str:
+        if n < 3:
+            raise TransientError("not yet")
+        return "done"
+
+    policy = RetryPolicy(base_delay=0.001, max_delay=0.001)
+    assert await retrying(policy, attempt, rng=random.Random(0)) == ("done", 3)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_limiter_halves_once_per_second_and_recovers() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(40, clock=clock, recovery_successes=10)
+    limiter.on_throttled()
+    limiter.on_throttled()  # same burst: counted, but the rate halves once
+    assert limiter.rate == 20
+    assert limiter.throttled == 2
+    clock.now = 1.5
+    limiter.on_throttled()
+    assert limiter.rate == 10
+    for _ in range(100):
+        limiter.on_success()
+    assert limiter.rate == 40  # back to the cap, never above
+
+
+def test_limiter_never_drops_below_its_floor() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(4, min_rps=1, clock=clock)
+    for step in range(10):
+        clock.now = step * 2.0
+        limiter.on_throttled()
+    assert limiter.rate == 1
+
+
+@pytest.mark.anyio
+async def test_limiter_spaces_slots_by_the_rate() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(1000, clock=clock)
+    for _ in range(5):
+        await limiter.acquire()
+    # five slots booked at 1 ms spacing: the next one is 5 ms after the first
+    assert limiter._next == pytest.approx(0.005)
+    limiter.on_throttled(retry_after=2.0)
+    assert limiter._next == pytest.approx(2.0)

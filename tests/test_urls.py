@@ -1,0 +1,77 @@
+"""Result URLs: only [namespace/]owner/app go into the path; unsafe ids are refused."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harvester.urls import AppId, UnsafeIdError, check_segment, describe_url, result_url
+
+BASE = "https://relay.test/api"
+
+
+@pytest.mark.parametrize(
+    ("model", "path"),
+    [
+        ("fal-ai/flux/dev", "fal-ai/flux"),
+        ("fal-ai/flux", "fal-ai/flux"),
+        ("fal-ai/flux-pro/v1.1-ultra", "fal-ai/flux-pro"),
+        ("fal-ai/flux-lora/image-to-image/extra", "fal-ai/flux-lora"),
+        ("workflows/acme/upscale", "workflows/acme/upscale"),
+        ("workflows/acme/upscale/v2", "workflows/acme/upscale"),
+        ("comfy/acme/graph", "comfy/acme/graph"),
+        ("auto", "auto"),
+    ],
+)
+def test_app_path(model: str, path: str) -> None:
+    assert AppId.from_model(model).path == path
+    assert result_url(BASE, model, "abc-123") == f"{BASE}/{path}/requests/abc-123"
+
+
+def test_trailing_slash_in_base_is_ignored() -> None:
+    assert result_url(BASE + "/", "fal-ai/flux", "x") == f"{BASE}/fal-ai/flux/requests/x"
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["", ".", "..", "a/b", "../x", "a\\b", "a b", "a?b", "a#b", "a%2Fb", "a\x00", "é", "a\nb"],
+)
+def test_unsafe_request_ids_are_refused(request_id: str) -> None:
+    with pytest.raises(UnsafeIdError):
+        result_url(BASE, "fal-ai/flux", request_id)
+
+
+@pytest.mark.parametrize(
+    "model", ["", "fal-ai//flux", "fal-ai/../flux", "workflows/acme", "a b/c", "fal-ai/flux?x"]
+)
+def test_unsafe_models_are_refused(model: str) -> None:
+    with pytest.raises(UnsafeIdError):
+        AppId.from_model(model)
+
+
+@given(st.text())
+def test_a_safe_segment_never_changes_the_path_shape(value: str) -> None:
+    try:
+        check_segment(value, "request_id")
+    except UnsafeIdError:
+        return
+    url = result_url(BASE, "fal-ai/flux/dev", value)
+    assert url.count("/") == BASE.count("/") + 4
+    assert url.endswith("/requests/" + value)
+    assert value not in {".", ".."}
+
+
+@given(st.lists(st.from_regex(r"[a-z0-9][a-z0-9.-]{0,12}", fullmatch=True), min_size=2, max_size=5))
+def test_model_and_its_app_share_a_url(segments: list[str]) -> None:
+    model = "/".join(segments)
+    app = "/".join(segments[:2])
+    if segments[0] in ("workflows", "comfy") or ".." in segments or "." in segments:
+        return
+    assert result_url(BASE, model, "r") == result_url(BASE, app, "r")
+
+
+def test_describe_url_hides_data_payloads() -> None:
+    assert describe_url("data:image/png;base64,iVBORw0KGgo=") == "data:image/png"
+    assert describe_url("DATA:,hello") == "data:text/plain"
+    assert describe_url("https://v3.fal.media/files/x.png") == "https://v3.fal.media/files/x.png"
