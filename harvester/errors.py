@@ -72,6 +72,12 @@ class OutputError(HarvesterError):
     exit_code = ExitCode.OUTPUT
 
 
+class ManifestError(HarvesterError):
+    """The existing manifest in the output folder cannot be read."""
+
+    exit_code = ExitCode.OUTPUT
+
+
 class ConfigError(HarvesterError):
     """A job file has an unknown key, a wrong type or bad TOML."""
 

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harvester.errors import OutputError
+from harvester.errors import ManifestError, OutputError
 from harvester.layout import Layout
 
 # The status vocabulary (README: "Statuses").
@@ -202,7 +202,22 @@ def ok_pairs(out_dir: Path) -> pl.DataFrame:
             .unique()
             .collect()
         )
-    except (pl.exceptions.ComputeError, OSError) as exc:
-        raise OutputError(
-            f"cannot read the existing manifest under {out_dir / 'manifest'}: {exc}"
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        bad = unreadable_parts(out_dir)
+        where = ", ".join(str(p) for p in bad[:3]) or str(out_dir / "manifest")
+        raise ManifestError(
+            f"cannot read the existing manifest ({where}): {exc}; run 'harvester verify "
+            f"{out_dir}', then move the unreadable part file(s) out of the manifest folder "
+            "(their requests are harvested again)"
         ) from exc
+
+
+def unreadable_parts(out_dir: Path) -> list[Path]:
+    """Manifest part files whose Parquet footer cannot be read."""
+    bad = []
+    for part in sorted((out_dir / "manifest").glob("*/*.parquet")):
+        try:
+            pq.read_metadata(part)
+        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+            bad.append(part)
+    return bad

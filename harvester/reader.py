@@ -121,9 +121,12 @@ def _header(path: Path, rows: Iterator[list[str]]) -> tuple[int, int, tuple[str,
         missing = [c for c in (MODEL, REQUEST_ID) if c not in names]
         if missing:
             found = ", ".join(repr(n) for n in names) or "none"
+            hint = ""
+            if len(names) == 1 and any(sep in names[0] for sep in ";\t|"):
+                hint = " (is it separated by something other than commas? exports must be CSV)"
             raise InputError(
                 f"{path} has no {' or '.join(repr(m) for m in missing)} column "
-                f"(columns found: {found}); an export needs a header row with "
+                f"(columns found: {found}){hint}; an export needs a header row with "
                 f"'{MODEL}' and '{REQUEST_ID}'"
             )
         return names.index(MODEL), names.index(REQUEST_ID), names
@@ -156,6 +159,8 @@ def inspect(paths: Sequence[Path]) -> list[InputFile]:
         raise InputError("no input files given")
     found: list[InputFile] = []
     for path in paths:
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; pass the CSV files in it, e.g. {path}/*.csv")
         if not path.is_file():
             raise InputError(f"{path} does not exist or is not a file")
         sha = hashlib.sha256()
@@ -239,13 +244,13 @@ def iter_items(
                 item = _validate(source, line, model, request_id)
                 if isinstance(item, Pair):
                     key = pair_key(item.model, item.request_id)
-                    if key in done:
-                        counts.already_done += 1
-                        continue
                     if key in seen:
                         counts.duplicates += 1
                         continue
                     seen.add(key)
+                    if key in done:
+                        counts.already_done += 1
+                        continue
                 batch.append(item)
             if len(batch) >= batch_size:
                 yield batch

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
+import pytest
 
 from harvester import manifest
+from harvester.errors import ManifestError
 from harvester.layout import Layout
 from harvester.manifest import SCHEMA, ManifestRow, ManifestWriter
 
@@ -70,3 +72,17 @@ def test_ok_pairs_of_an_empty_folder(tmp_path: Path) -> None:
 
 def test_row_fields_match_schema() -> None:
     assert [f.name for f in SCHEMA] == list(ManifestRow.__dataclass_fields__)
+
+
+def test_an_unreadable_part_is_named_with_what_to_do(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    layout.prepare()
+    writer = ManifestWriter(layout, "r1")
+    writer.add([row("r1", "a")])
+    writer.flush()
+    junk = tmp_path / "manifest" / "r2" / "part-00000.parquet"
+    junk.parent.mkdir()
+    junk.write_bytes(b"junk!")
+    assert manifest.unreadable_parts(tmp_path) == [junk]
+    with pytest.raises(ManifestError, match=r"r2/part-00000.parquet.*move the unreadable part"):
+        manifest.ok_pairs(tmp_path)

@@ -177,3 +177,20 @@ def test_any_csv_round_trips_or_reports(tmp_path: Path, rows: list[tuple[str, st
     assert unique_pairs <= set(got_pairs) | bad_keys | {
         (m, i) for m, i in unique_pairs if "\r" in m + i or "\n" in m + i
     } | {(reader._clean(m), reader._clean(i)) for m, i in unique_pairs}
+
+
+def test_a_folder_or_other_separator_gets_a_hint(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"is a folder; pass the CSV files in it"):
+        reader.inspect([tmp_path])
+    path = write(tmp_path, "model;request_id\nfal-ai/flux;abc\n")
+    with pytest.raises(InputError, match="separated by something other than commas"):
+        reader.inspect([path])
+
+
+def test_a_duplicate_of_a_done_pair_counts_as_a_duplicate(tmp_path: Path) -> None:
+    a = write(tmp_path, "model,request_id\nm/a,1\nm/a,1\nm/a,2\n")
+    counts = reader.ReadCounts()
+    done = {reader.pair_key("m/a", "1")}
+    found = [i for b in reader.iter_items(reader.inspect([a]), done=done, counts=counts) for i in b]
+    assert pairs(found) == [("m/a", "2")]
+    assert (counts.already_done, counts.duplicates) == (1, 1)
