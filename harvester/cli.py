@@ -6,41 +6,19 @@ Only the project's own errors are turned into a message and an exit code here; s
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Final, TypeVar
 
 import click
 
 from harvester import __version__
 from harvester.console import Progress, setup_logging
-from harvester.errors import ExitCode, HarvesterError, InputError
-from harvester.pipeline import (
-    AUTH_SCHEMES,
-    DEFAULT_BASE_URL,
-    HarvestConfig,
-    api_key_from_env,
-    harvest,
-)
-from harvester.retry import RetryPolicy
-
-_GLOB_CHARS = set("*?[")
-
-
-def expand_inputs(patterns: tuple[str, ...]) -> tuple[Path, ...]:
-    """Paths as given, plus shell-style globs the shell did not expand (job files, quoting)."""
-    paths: list[Path] = []
-    for pattern in patterns:
-        if _GLOB_CHARS & set(pattern) and not Path(pattern).exists():
-            matches = sorted(glob.glob(pattern, recursive=True))
-            if not matches:
-                raise InputError(f"no file matches {pattern!r}")
-            paths.extend(Path(m) for m in matches)
-        else:
-            paths.append(Path(pattern))
-    unique = {p.resolve(): p for p in reversed(paths)}  # the same file once, as first named
-    return tuple(reversed(unique.values()))
+from harvester.errors import ExitCode, HarvesterError
+from harvester.jobs import Job, load_job
+from harvester.pipeline import AUTH_SCHEMES, api_key_from_env, harvest
 
 
 def _fail(exc: HarvesterError) -> None:
@@ -61,134 +39,156 @@ def main() -> None:
     """
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+_DEFAULTS: Final = Job(inputs=(), out=Path())
+
+
+def _harvest_options(*, job: bool) -> Callable[[F], F]:
+    """The options ``harvest`` and ``run`` share. For ``run`` each defaults to None, meaning
+    "as the job file says" (and the job file's own default after that)."""
+
+    def default(name: str) -> dict[str, Any]:
+        if job:
+            return {"default": None}
+        return {"default": getattr(_DEFAULTS, name), "show_default": True}
+
+    options = [
+        click.option(
+            "--out",
+            type=click.Path(path_type=Path),
+            required=not job,
+            help="Output folder: images/, manifest/ and runs/ live here."
+            + (" Default: the job's 'out'." if job else ""),
+        ),
+        click.option(
+            "--base-url",
+            envvar=None if job else "HARVESTER_BASE_URL",
+            help="The API's base URL" + ("." if job else " (env HARVESTER_BASE_URL)."),
+            **default("base_url"),
+        ),
+        click.option(
+            "--auth-scheme",
+            type=click.Choice(AUTH_SCHEMES),
+            help="Authorization header: 'bearer' (relays), 'key' (fal.ai); 'auto' uses key "
+            "for fal.ai's queue host and bearer elsewhere.",
+            **default("auth_scheme"),
+        ),
+        click.option(
+            "--key-env",
+            metavar="NAME",
+            help="Read the API key from this environment variable instead of "
+            "HARVESTER_API_KEY / FAL_KEY.",
+            **default("key_env"),
+        ),
+        click.option(
+            "--concurrency",
+            type=click.IntRange(min=1),
+            help="Result fetches in flight.",
+            **default("concurrency"),
+        ),
+        click.option(
+            "--image-concurrency",
+            type=click.IntRange(min=1),
+            help="Image downloads in flight.",
+            **default("image_concurrency"),
+        ),
+        click.option(
+            "--rps",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Result requests per second, retries included.",
+            **default("rps"),
+        ),
+        click.option(
+            "--max-attempts",
+            type=click.IntRange(min=1),
+            help="Attempts per request on transient errors (429, 5xx gateway, network).",
+            **default("max_attempts"),
+        ),
+        click.option(
+            "--retry-budget",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds one request may spend retrying.",
+            **default("retry_budget"),
+        ),
+        click.option(
+            "--pending-wait",
+            type=click.FloatRange(min=0),
+            help="Seconds to keep re-polling results still in progress (0: record as "
+            "pending at once; the next run retries them).",
+            **default("pending_wait"),
+        ),
+        click.option(
+            "--max-image-bytes",
+            type=click.IntRange(min=1),
+            help="Refuse images larger than this.",
+            **default("max_image_bytes"),
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds to wait for a response or the next body bytes.",
+            **default("timeout"),
+        ),
+        click.option(
+            "-v", "--verbose", count=True, help="More log lines (-vv: every HTTP request)."
+        ),
+        click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary."),
+    ]
+
+    def apply(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 @main.command("harvest")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT.csv...")
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Output folder: images/, manifest/ and runs/ live here.",
-)
-@click.option(
-    "--base-url",
-    envvar="HARVESTER_BASE_URL",
-    default=DEFAULT_BASE_URL,
-    show_default=True,
-    help="The API's base URL (env HARVESTER_BASE_URL).",
-)
-@click.option(
-    "--auth-scheme",
-    type=click.Choice(AUTH_SCHEMES),
-    default="auto",
-    show_default=True,
-    help="Authorization header: 'bearer' (relays), 'key' (fal.ai); 'auto' uses key "
-    "for fal.ai's queue host and bearer elsewhere.",
-)
-@click.option(
-    "--key-env",
-    metavar="NAME",
-    default=None,
-    help="Read the API key from this environment variable instead of HARVESTER_API_KEY / FAL_KEY.",
-)
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Result fetches in flight.",
-)
-@click.option(
-    "--image-concurrency",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Image downloads in flight.",
-)
-@click.option(
-    "--rps",
-    type=click.FloatRange(min=0, min_open=True),
-    default=50.0,
-    show_default=True,
-    help="Result requests per second, retries included.",
-)
-@click.option(
-    "--max-attempts",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Attempts per request on transient errors (429, 5xx gateway, network).",
-)
-@click.option(
-    "--retry-budget",
-    type=click.FloatRange(min=0, min_open=True),
-    default=300.0,
-    show_default=True,
-    help="Seconds one request may spend retrying.",
-)
-@click.option(
-    "--pending-wait",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="Seconds to keep re-polling results still in progress (0: record as "
-    "pending at once; the next run retries them).",
-)
-@click.option(
-    "--max-image-bytes",
-    type=click.IntRange(min=1),
-    default=64 * 1024 * 1024,
-    show_default=True,
-    help="Refuse images larger than this.",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
-    show_default=True,
-    help="Seconds to wait for a response or the next body bytes.",
-)
-@click.option("-v", "--verbose", count=True, help="More log lines (-vv: every HTTP request).")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary.")
-def harvest_command(
-    inputs: tuple[str, ...],
-    out_dir: Path,
-    base_url: str,
-    auth_scheme: str,
-    key_env: str | None,
-    concurrency: int,
-    image_concurrency: int,
-    rps: float,
-    max_attempts: int,
-    retry_budget: float,
-    pending_wait: float,
-    max_image_bytes: int,
-    timeout: float,
-    verbose: int,
-    quiet: bool,
-) -> None:
+@_harvest_options(job=False)
+def harvest_command(inputs: tuple[str, ...], verbose: int, quiet: bool, **options: Any) -> None:
     """Fetch every result listed in the CSV exports, store its images, write the manifest.
 
-    Each INPUT.csv needs 'model' and 'request_id' columns. Requests already ok in OUT are
-    skipped; everything else is (re)tried.
+    Each INPUT.csv needs 'model' and 'request_id' columns; a glob (quoted, so the shell
+    leaves it alone) reads every file it matches. All the files make one run, and a pair
+    listed in several is harvested once. Requests already ok in OUT are skipped; everything
+    else is (re)tried. The API key comes from the environment, never from an option.
     """
+    _execute(Job(inputs=inputs, **options), verbose=verbose, quiet=quiet)
+
+
+@main.command("run")
+@click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("inputs", nargs=-1, metavar="[INPUT.csv...]")
+@_harvest_options(job=True)
+def run_command(
+    job_file: Path, inputs: tuple[str, ...], verbose: int, quiet: bool, **options: Any
+) -> None:
+    """Run the harvest a job file describes (see jobs/nightly.toml); what cron and systemd call.
+
+    Every option overrides the job file's value; INPUT.csv arguments, if any, replace its
+    'inputs'. Relative paths inside the job file are relative to the job file's folder;
+    on the command line, to the current folder. The API key comes from the environment
+    variable the job's 'key-env' names (default HARVESTER_API_KEY, then FAL_KEY).
+    Exits 8 if the job file is invalid, naming the key and its line.
+    """
+    overrides = {name: value for name, value in options.items() if value is not None}
+    if inputs:
+        overrides["inputs"] = inputs
     try:
-        api_key = api_key_from_env(os.environ, key_env)
+        job = load_job(job_file, overrides)
+    except HarvesterError as exc:
+        _fail(exc)
+        return
+    _execute(job, verbose=verbose, quiet=quiet)
+
+
+def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
+    """Run ``job`` with the console set up for where it runs; exits with the run's code."""
+    try:
+        api_key = api_key_from_env(os.environ, job.key_env)
         setup_logging(-1 if quiet else verbose, secrets=[api_key])
-        config = HarvestConfig(
-            inputs=expand_inputs(inputs),
-            out_dir=out_dir,
-            api_key=api_key,
-            base_url=base_url,
-            auth_scheme=auth_scheme,
-            concurrency=concurrency,
-            image_concurrency=image_concurrency,
-            rps=rps,
-            retry=RetryPolicy(max_attempts=max_attempts, budget=retry_budget),
-            pending_wait=pending_wait,
-            max_image_bytes=max_image_bytes,
-            read_timeout=timeout,
-        )
+        config = job.harvest_config(api_key)
         progress = Progress(sys.stderr, enabled=sys.stderr.isatty() and not quiet)
         try:
             stats = harvest(config, on_tick=progress.tick)
