@@ -9,20 +9,21 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import click
 
 from harvester import __version__
-from harvester.console import Progress, setup_logging
+from harvester.console import Console
 from harvester.errors import ExitCode, HarvesterError
-from harvester.jobs import Job, load_job
-from harvester.pipeline import AUTH_SCHEMES, api_key_from_env, harvest
+from harvester.jobs import LOG_FORMATS, Job, load_job
+from harvester.pipeline import AUTH_SCHEMES, api_key_from_env, harvest, new_run_id
 
 
-def _fail(exc: HarvesterError) -> None:
-    click.echo(f"harvester: error: {exc}", err=True)
+def _fail(exc: HarvesterError, *, log_format: str = "text") -> None:
+    Console(log_format=log_format, verbosity=0, interactive=False).failed(exc)
     sys.exit(int(exc.exit_code))
 
 
@@ -130,6 +131,14 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             **default("timeout"),
         ),
         click.option(
+            "--log-format",
+            type=click.Choice(LOG_FORMATS),
+            help="text: a progress bar on a terminal, a few plain lines elsewhere (cron mail); "
+            "json: one JSON object per line on stderr, each with the run_id, for log "
+            "aggregators.",
+            **default("log_format"),
+        ),
+        click.option(
             "-v", "--verbose", count=True, help="More log lines (-vv: every HTTP request)."
         ),
         click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary."),
@@ -178,26 +187,24 @@ def run_command(
     try:
         job = load_job(job_file, overrides)
     except HarvesterError as exc:
-        _fail(exc)
+        _fail(exc, log_format=options["log_format"] or "text")
         return
     _execute(job, verbose=verbose, quiet=quiet)
 
 
 def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     """Run ``job`` with the console set up for where it runs; exits with the run's code."""
+    run_id = new_run_id(datetime.now(UTC))
+    console = Console(log_format=job.log_format, verbosity=-1 if quiet else verbose, run_id=run_id)
     try:
         api_key = api_key_from_env(os.environ, job.key_env)
-        setup_logging(-1 if quiet else verbose, secrets=[api_key])
+        console.redact(api_key)
         config = job.harvest_config(api_key)
-        progress = Progress(sys.stderr, enabled=sys.stderr.isatty() and not quiet)
-        try:
-            stats = harvest(config, on_tick=progress.tick)
-        finally:
-            progress.close()
+        stats = harvest(config, on_start=console.started, on_tick=console.tick, run_id=run_id)
     except HarvesterError as exc:
-        _fail(exc)
-        return
-    click.echo(stats.summary())
+        console.failed(exc)
+        sys.exit(int(exc.exit_code))
+    console.finished(stats)
     sys.exit(int(stats.exit_code))
 
 

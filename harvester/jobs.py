@@ -31,6 +31,7 @@ from harvester.errors import ConfigError, InputError
 from harvester.pipeline import AUTH_SCHEMES, DEFAULT_BASE_URL, HarvestConfig
 from harvester.retry import RetryPolicy
 
+LOG_FORMATS: Final = ("text", "json")
 _GLOB_CHARS: Final = frozenset("*?[")
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -54,6 +55,8 @@ class Job:
     pending_wait: float = 0.0
     max_image_bytes: int = 64 * 1024 * 1024
     timeout: float = 60.0
+    log_format: str = "text"
+    """``text`` or ``json`` (one object per line, for log aggregators)."""
     source: Path | None = field(default=None, compare=False)
     """The job file this came from, if any."""
 
@@ -118,6 +121,7 @@ _KEYS: Final[dict[str, _Key]] = {
     "pending-wait": _Key("number", 0),
     "max-image-bytes": _Key("integer", 1),
     "timeout": _Key("number", 0, above=True),
+    "log-format": _Key("string", choices=LOG_FORMATS),
 }
 KEYS: Final = tuple(_KEYS)
 """Every key a job file may hold, in the order the docs list them."""
