@@ -6,10 +6,11 @@ Only the project's own errors are turned into a message and an exit code here; s
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -36,7 +37,8 @@ def main() -> None:
     \b
     Exit codes: 0 all ok; 2 usage error; 3 finished but some requests not ok;
     4 key rejected; 5 another run holds the output folder; 6 bad input file;
-    7 output folder not writable; 8 bad job file; 9 verify found problems; 130 interrupted.
+    7 output folder not writable; 8 bad job file; 9 verify found problems; 10 (status) no
+    recent run; 130 interrupted.
     """
 
 
@@ -206,6 +208,46 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
         sys.exit(int(exc.exit_code))
     console.finished(stats)
     sys.exit(int(stats.exit_code))
+
+
+@main.command("status")
+@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="HOURS",
+    default=None,
+    help="Also exit 10 if the last run started more than HOURS ago: catches a run that "
+    "never started (cron off, timer disabled) or was killed outright.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Print nothing when the exit code is 0, so cron mails only when something is wrong.",
+)
+def status_command(out_dir: Path, max_age: float | None, as_json: bool, quiet: bool) -> None:
+    """Did the last run work? Shows the last run record in DIR/runs (start, end, exit code and
+    its meaning, inputs, counts by status, 429s, bytes) and whether a harvest is running now.
+
+    \b
+    Exits with the last run's own exit code: 0 every request ok, 3 finished but some
+    requests not ok (retried next run), 4/7/130 the run stopped early (see harvester -h);
+    10 if DIR has no run record, or the last is older than --max-age.
+    """
+    from harvester.status import status
+
+    if not out_dir.is_dir():
+        click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
+        sys.exit(int(ExitCode.USAGE))
+    age = timedelta(hours=max_age) if max_age is not None else None
+    result = status(out_dir, max_age=age)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    elif not (quiet and result.exit_code == 0):
+        click.echo(result.text())
+    sys.exit(result.exit_code)
 
 
 @main.command("verify")
