@@ -250,6 +250,59 @@ def status_command(out_dir: Path, max_age: float | None, as_json: bool, quiet: b
     sys.exit(result.exit_code)
 
 
+@main.command("report")
+@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--html",
+    "html_file",
+    metavar="FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the report as one self-contained HTML page (tables, charts, a gallery of the "
+    "latest run's images) instead of printing the tables.",
+)
+@click.option(
+    "--gallery",
+    "gallery_images",
+    type=click.IntRange(min=0),
+    default=48,
+    show_default=True,
+    help="Images of the latest run embedded in the HTML gallery at most.",
+)
+def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -> None:
+    """What the harvest holds: requests by status and model, NSFW rate per model, inference-time
+    percentiles per model (all over the latest state of every request), and images and bytes
+    per run.
+
+    The HTML page opens from disk and fetches nothing: inline CSS and SVG charts, images
+    embedded (NSFW-flagged ones blurred), each capped at 2 MB and 40 MB in all.
+    """
+    from harvester.report import build
+    from harvester.report_html import GalleryLimits, write_html
+
+    if not out_dir.is_dir():
+        click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
+        sys.exit(int(ExitCode.USAGE))
+    try:
+        report = build(out_dir, gallery_limit=gallery_images)
+        if html_file is None:
+            click.echo(report.text())
+            return
+        written = write_html(report, html_file, limits=GalleryLimits(images=gallery_images))
+    except HarvesterError as exc:
+        _fail(exc)
+        return
+    click.echo(
+        f"wrote {written.path} ({written.bytes / 1e6:,.1f} MB): {report.requests:,} requests, "
+        f"{written.images_embedded} images embedded"
+        + (
+            f", {written.images_placeholder} shown as placeholders"
+            if written.images_placeholder
+            else ""
+        )
+    )
+
+
 @main.command("verify")
 @click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
 def verify_command(out_dir: Path) -> None:
