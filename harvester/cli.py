@@ -220,6 +220,12 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     help="Also exit 10 if the last run started more than HOURS ago: catches a run that "
     "never started (cron off, timer disabled) or was killed outright.",
 )
+@click.option(
+    "--incomplete-ok",
+    is_flag=True,
+    help="Exit 0, not 3, when the last run finished with some requests not ok (expired or "
+    "invalid ids that every run reports again).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option(
     "-q",
@@ -227,14 +233,17 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     is_flag=True,
     help="Print nothing when the exit code is 0, so cron mails only when something is wrong.",
 )
-def status_command(out_dir: Path, max_age: float | None, as_json: bool, quiet: bool) -> None:
+def status_command(
+    out_dir: Path, max_age: float | None, incomplete_ok: bool, as_json: bool, quiet: bool
+) -> None:
     """Did the last run work? Shows the last run record in DIR/runs (start, end, exit code and
     its meaning, inputs, counts by status, 429s, bytes) and whether a harvest is running now.
 
     \b
     Exits with the last run's own exit code: 0 every request ok, 3 finished but some
-    requests not ok (retried next run), 4/7/130 the run stopped early (see harvester -h);
-    10 if DIR has no run record, or the last is older than --max-age.
+    requests not ok (retried next run; 0 with --incomplete-ok), 4/7/130 the run stopped
+    early (see harvester -h); 10 if DIR has no run record, or the last is older than
+    --max-age.
     """
     from harvester.status import status
 
@@ -242,7 +251,7 @@ def status_command(out_dir: Path, max_age: float | None, as_json: bool, quiet: b
         click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
         sys.exit(int(ExitCode.USAGE))
     age = timedelta(hours=max_age) if max_age is not None else None
-    result = status(out_dir, max_age=age)
+    result = status(out_dir, max_age=age, incomplete_ok=incomplete_ok)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     elif not (quiet and result.exit_code == 0):

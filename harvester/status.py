@@ -74,6 +74,8 @@ class Status:
     running_since: datetime | None
     checked_at: datetime
     max_age: timedelta | None = None
+    incomplete_ok: bool = False
+    """Count a last run that exited 3 (finished, some requests not ok) as ok: exit 0."""
 
     @property
     def last(self) -> RunRecord | None:
@@ -91,6 +93,8 @@ class Status:
         """0: the last run was all ok; its own exit code if not; 10 if there is no recent run."""
         if self.last is None or self.stale:
             return int(ExitCode.NO_RECENT_RUN)
+        if self.incomplete_ok and self.last.exit_code == ExitCode.INCOMPLETE:
+            return int(ExitCode.OK)
         return self.last.exit_code
 
     @property
@@ -204,7 +208,11 @@ class Status:
 
 
 def status(
-    out_dir: Path, *, max_age: timedelta | None = None, now: datetime | None = None
+    out_dir: Path,
+    *,
+    max_age: timedelta | None = None,
+    incomplete_ok: bool = False,
+    now: datetime | None = None,
 ) -> Status:
     """The status of the output folder ``out_dir``."""
     layout = Layout(out_dir)
@@ -224,6 +232,7 @@ def status(
         running_since=since,
         checked_at=now or datetime.now(UTC),
         max_age=max_age,
+        incomplete_ok=incomplete_ok,
     )
 
 

@@ -74,6 +74,14 @@ def test_ok_run_exits_0_and_quiet_prints_nothing(tmp_path: Path) -> None:
     assert quiet.exit_code == ExitCode.OK and quiet.output == ""
 
 
+def test_incomplete_ok_turns_exit_3_into_0_but_not_a_failure(tmp_path: Path) -> None:
+    write_record(tmp_path / "a", T0, 3)
+    result = run_cli(["status", str(tmp_path / "a"), "--incomplete-ok", "-q"])
+    assert result.exit_code == ExitCode.OK and result.output == ""
+    write_record(tmp_path / "b", T0, 7)
+    assert run_cli(["status", str(tmp_path / "b"), "--incomplete-ok"]).exit_code == 7
+
+
 def test_failed_run_shows_its_code_meaning_and_error(tmp_path: Path) -> None:
     write_record(tmp_path, T0, 4, error="the API refused the key (HTTP 401)")
     result = run_cli(["status", str(tmp_path), "--quiet"])
