@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,10 @@ def test_run_command_missing_job_file_exits_8(tmp_path: Path) -> None:
     result = run_cli(["run", str(tmp_path / "nope.toml")])
     assert result.exit_code == ExitCode.CONFIG
     assert "cannot read job file" in result.output
+
+
+def test_the_readme_job_example_loads(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    [block] = re.findall(r"^```toml\n(.*?)^```", readme, flags=re.S | re.M)
+    job = load_job(write_job(tmp_path / "nightly.toml", block))
+    assert job == load_job(REPO / "jobs" / "nightly.toml")
