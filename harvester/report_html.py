@@ -204,7 +204,7 @@ def _inference_section(inference: pl.DataFrame) -> str:
 def _runs_section(runs: pl.DataFrame) -> str:
     recent = runs.tail(RUNS_SHOWN)
     columns = [
-        (str(r["run_id"])[:15], float(r["new_images"]), size(int(r["new_bytes"] or 0)))
+        (str(r["run_id"]), float(r["new_images"]), size(int(r["new_bytes"] or 0)))
         for r in recent.iter_rows(named=True)
     ]
     note = (
@@ -215,8 +215,9 @@ def _runs_section(runs: pl.DataFrame) -> str:
     return _section(
         "runs",
         "Images and bytes per run",
-        f"{note}Columns: images a run stored that were not on disk before, labelled with "
-        "their size. <code>images</code> also counts identical bytes already stored.",
+        f"{note}Columns: images a run stored that were not on disk before, under the run's "
+        "start (UTC); hover for its id and bytes. <code>images</code> also counts identical "
+        "bytes already stored.",
         _columns(columns),
         _table(display_runs(recent)),
     )
@@ -365,26 +366,30 @@ def _bars(
 
 
 def _columns(columns: Sequence[tuple[str, float, str]]) -> str:
-    """Vertical columns (label, value, caption above the column), as inline SVG."""
+    """Vertical columns, one per run (run id, value, caption for the tooltip), as inline SVG;
+    each is labelled with its run's start, ``MM-DD HH:MM`` (UTC, from the id)."""
     if not columns:
         return ""
-    col_w = max(18, min(64, 640 // len(columns)))
+    col_w = max(18, min(76, 760 // len(columns)))
+    upright = col_w >= 76
     plot_h, top, bottom = 160, 22, 70
-    width = col_w * len(columns) + 20
+    width = col_w * len(columns) + (20 if upright else 80)  # room for the last slanted label
     height = top + plot_h + bottom
     largest = max(v for _, v, _ in columns) or 1.0
     parts = [
         f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         f'role="img">',
-        f'<line x1="10" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" stroke="#888"/>',
+        f'<line x1="10" y1="{top + plot_h}" x2="{10 + col_w * len(columns)}" '
+        f'y2="{top + plot_h}" stroke="#888"/>',
     ]
-    for i, (label, value, caption) in enumerate(columns):
+    for i, (run_id, value, caption) in enumerate(columns):
+        label = f"{run_id[4:6]}-{run_id[6:8]} {run_id[9:11]}:{run_id[11:13]}"
         x = 10 + i * col_w
         h = plot_h * value / largest
         cx = x + col_w / 2
         parts.append(
             f'<rect x="{x + 3}" y="{top + plot_h - h:.1f}" width="{col_w - 6}" height="{h:.1f}" '
-            f'fill="#0f766e"><title>{escape(label)}: {value:,.0f} new images, '
+            f'fill="#0f766e"><title>{escape(run_id)}: {value:,.0f} new images, '
             f"{escape(caption)}</title></rect>"
         )
         if col_w >= 40 or len(columns) <= 12:
@@ -392,10 +397,16 @@ def _columns(columns: Sequence[tuple[str, float, str]]) -> str:
                 f'<text x="{cx:.1f}" y="{top + plot_h - h - 5:.1f}" text-anchor="middle" '
                 f'class="value">{value:,.0f}</text>'
             )
-        parts.append(
-            f'<text transform="translate({cx + 4:.1f},{top + plot_h + 8}) rotate(60)" '
-            f'class="tick">{escape(label)}</text>'
-        )
+        if upright:
+            parts.append(
+                f'<text x="{cx:.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
+                f'class="tick">{escape(label)}</text>'
+            )
+        else:
+            parts.append(
+                f'<text transform="translate({cx - 3:.1f},{top + plot_h + 8}) rotate(60)" '
+                f'class="tick">{escape(label)}</text>'
+            )
     parts.append("</svg>")
     return "".join(parts)
 
