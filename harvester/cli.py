@@ -35,6 +35,13 @@ def main() -> None:
     store with a Parquet manifest.
 
     \b
+    Every night:   harvester run jobs/nightly.toml      (key from the environment)
+    Next morning:  harvester status DIR                 (exit 0: it worked)
+    Any time:      harvester report DIR --html report.html
+    Try it:        harvester sandbox, then HARVESTER_API_KEY=sandbox-key harvester run
+                   jobs/sandbox.toml (see the README)
+
+    \b
     Exit codes: 0 all ok; 2 usage error; 3 finished but some requests not ok;
     4 key rejected; 5 another run holds the output folder; 6 bad input file;
     7 output folder not writable; 8 bad job file; 9 verify found problems; 10 (status) no
@@ -168,7 +175,7 @@ def harvest_command(inputs: tuple[str, ...], verbose: int, quiet: bool, **option
     _execute(Job(inputs=inputs, **options), verbose=verbose, quiet=quiet)
 
 
-@main.command("run")
+@main.command("run", short_help="Run the harvest a TOML job file describes (for cron and systemd).")
 @click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("inputs", nargs=-1, metavar="[INPUT.csv...]")
 @_harvest_options(job=True)
@@ -210,7 +217,7 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     sys.exit(int(stats.exit_code))
 
 
-@main.command("status")
+@main.command("status", short_help="Did the last run work? Its record, exit code and meaning.")
 @click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
 @click.option(
     "--max-age",
@@ -259,7 +266,9 @@ def status_command(
     sys.exit(result.exit_code)
 
 
-@main.command("report")
+@main.command(
+    "report", short_help="Tables of what the harvest holds; --html for a page with charts."
+)
 @click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
 @click.option(
     "--html",
@@ -312,7 +321,7 @@ def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -
     )
 
 
-@main.command("verify")
+@main.command("verify", short_help="Re-hash every stored image against the manifest.")
 @click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
 def verify_command(out_dir: Path) -> None:
     """Re-hash every stored image against the manifest; report missing, corrupt and orphaned
