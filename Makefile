@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= harvest-out
 
-.PHONY: install run test lint typecheck check clean lock
+.PHONY: install run report test lint typecheck check clean lock
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)  ## create .venv with the pinned runtime and dev tools
 
 run: $(STAMP)  ## start the sandbox, harvest sample_inputs/ into $(OUT), show the manifest
 	@$(BIN)/python -m harvester.demo --out $(OUT) sample_inputs/*.csv
+
+report: $(STAMP)  ## after `make run`: the report's tables, and $(OUT)/report.html to open in a browser
+	@$(BIN)/harvester report $(OUT)
+	@$(BIN)/harvester report $(OUT) --html $(OUT)/report.html
 
 test: $(STAMP)  ## lint, type-check and the whole test suite
 	$(BIN)/ruff check harvester tests

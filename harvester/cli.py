@@ -6,45 +6,25 @@ Only the project's own errors are turned into a message and an exit code here; s
 
 from __future__ import annotations
 
-import glob
+import json
 import os
 import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, Final, TypeVar
 
 import click
 
 from harvester import __version__
-from harvester.console import Progress, setup_logging
-from harvester.errors import ExitCode, HarvesterError, InputError
-from harvester.pipeline import (
-    AUTH_SCHEMES,
-    DEFAULT_BASE_URL,
-    HarvestConfig,
-    api_key_from_env,
-    harvest,
-)
-from harvester.retry import RetryPolicy
-
-_GLOB_CHARS = set("*?[")
+from harvester.console import Console
+from harvester.errors import ExitCode, HarvesterError
+from harvester.jobs import LOG_FORMATS, Job, load_job
+from harvester.pipeline import AUTH_SCHEMES, api_key_from_env, harvest, new_run_id
 
 
-def expand_inputs(patterns: tuple[str, ...]) -> tuple[Path, ...]:
-    """Paths as given, plus shell-style globs the shell did not expand (job files, quoting)."""
-    paths: list[Path] = []
-    for pattern in patterns:
-        if _GLOB_CHARS & set(pattern) and not Path(pattern).exists():
-            matches = sorted(glob.glob(pattern, recursive=True))
-            if not matches:
-                raise InputError(f"no file matches {pattern!r}")
-            paths.extend(Path(m) for m in matches)
-        else:
-            paths.append(Path(pattern))
-    unique = {p.resolve(): p for p in reversed(paths)}  # the same file once, as first named
-    return tuple(reversed(unique.values()))
-
-
-def _fail(exc: HarvesterError) -> None:
-    click.echo(f"harvester: error: {exc}", err=True)
+def _fail(exc: HarvesterError, *, log_format: str = "text") -> None:
+    Console(log_format=log_format, verbosity=0, interactive=False).failed(exc)
     sys.exit(int(exc.exit_code))
 
 
@@ -55,153 +35,293 @@ def main() -> None:
     store with a Parquet manifest.
 
     \b
+    Every night:   harvester run jobs/nightly.toml      (key from the environment)
+    Next morning:  harvester status DIR                 (exit 0: it worked)
+    Any time:      harvester report DIR --html report.html
+    Try it:        harvester sandbox, then HARVESTER_API_KEY=sandbox-key harvester run
+                   jobs/sandbox.toml (see the README)
+
+    \b
     Exit codes: 0 all ok; 2 usage error; 3 finished but some requests not ok;
     4 key rejected; 5 another run holds the output folder; 6 bad input file;
-    7 output folder not writable; 8 bad job file; 9 verify found problems; 130 interrupted.
+    7 output folder not writable; 8 bad job file; 9 verify found problems; 10 (status) no
+    recent run; 130 interrupted.
     """
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+_DEFAULTS: Final = Job(inputs=(), out=Path())
+
+
+def _harvest_options(*, job: bool) -> Callable[[F], F]:
+    """The options ``harvest`` and ``run`` share. For ``run`` each defaults to None, meaning
+    "as the job file says" (and the job file's own default after that)."""
+
+    def default(name: str) -> dict[str, Any]:
+        if job:
+            return {"default": None}
+        return {"default": getattr(_DEFAULTS, name), "show_default": True}
+
+    options = [
+        click.option(
+            "--out",
+            type=click.Path(path_type=Path),
+            required=not job,
+            help="Output folder: images/, manifest/ and runs/ live here."
+            + (" Default: the job's 'out'." if job else ""),
+        ),
+        click.option(
+            "--base-url",
+            envvar=None if job else "HARVESTER_BASE_URL",
+            help="The API's base URL" + ("." if job else " (env HARVESTER_BASE_URL)."),
+            **default("base_url"),
+        ),
+        click.option(
+            "--auth-scheme",
+            type=click.Choice(AUTH_SCHEMES),
+            help="Authorization header: 'bearer' (relays), 'key' (fal.ai); 'auto' uses key "
+            "for fal.ai's queue host and bearer elsewhere.",
+            **default("auth_scheme"),
+        ),
+        click.option(
+            "--key-env",
+            metavar="NAME",
+            help="Read the API key from this environment variable instead of "
+            "HARVESTER_API_KEY / FAL_KEY.",
+            **default("key_env"),
+        ),
+        click.option(
+            "--concurrency",
+            type=click.IntRange(min=1),
+            help="Result fetches in flight.",
+            **default("concurrency"),
+        ),
+        click.option(
+            "--image-concurrency",
+            type=click.IntRange(min=1),
+            help="Image downloads in flight.",
+            **default("image_concurrency"),
+        ),
+        click.option(
+            "--rps",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Result requests per second, retries included.",
+            **default("rps"),
+        ),
+        click.option(
+            "--max-attempts",
+            type=click.IntRange(min=1),
+            help="Attempts per request on transient errors (429, 5xx gateway, network).",
+            **default("max_attempts"),
+        ),
+        click.option(
+            "--retry-budget",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds one request may spend retrying.",
+            **default("retry_budget"),
+        ),
+        click.option(
+            "--pending-wait",
+            type=click.FloatRange(min=0),
+            help="Seconds to keep re-polling results still in progress (0: record as "
+            "pending at once; the next run retries them).",
+            **default("pending_wait"),
+        ),
+        click.option(
+            "--max-image-bytes",
+            type=click.IntRange(min=1),
+            help="Refuse images larger than this.",
+            **default("max_image_bytes"),
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds to wait for a response or the next body bytes.",
+            **default("timeout"),
+        ),
+        click.option(
+            "--log-format",
+            type=click.Choice(LOG_FORMATS),
+            help="text: a progress bar on a terminal, a few plain lines elsewhere (cron mail); "
+            "json: one JSON object per line on stderr, each with the run_id, for log "
+            "aggregators.",
+            **default("log_format"),
+        ),
+        click.option(
+            "-v", "--verbose", count=True, help="More log lines (-vv: every HTTP request)."
+        ),
+        click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary."),
+    ]
+
+    def apply(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
 
 
 @main.command("harvest")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT.csv...")
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Output folder: images/, manifest/ and runs/ live here.",
-)
-@click.option(
-    "--base-url",
-    envvar="HARVESTER_BASE_URL",
-    default=DEFAULT_BASE_URL,
-    show_default=True,
-    help="The API's base URL (env HARVESTER_BASE_URL).",
-)
-@click.option(
-    "--auth-scheme",
-    type=click.Choice(AUTH_SCHEMES),
-    default="auto",
-    show_default=True,
-    help="Authorization header: 'bearer' (relays), 'key' (fal.ai); 'auto' uses key "
-    "for fal.ai's queue host and bearer elsewhere.",
-)
-@click.option(
-    "--key-env",
-    metavar="NAME",
-    default=None,
-    help="Read the API key from this environment variable instead of HARVESTER_API_KEY / FAL_KEY.",
-)
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Result fetches in flight.",
-)
-@click.option(
-    "--image-concurrency",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Image downloads in flight.",
-)
-@click.option(
-    "--rps",
-    type=click.FloatRange(min=0, min_open=True),
-    default=50.0,
-    show_default=True,
-    help="Result requests per second, retries included.",
-)
-@click.option(
-    "--max-attempts",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Attempts per request on transient errors (429, 5xx gateway, network).",
-)
-@click.option(
-    "--retry-budget",
-    type=click.FloatRange(min=0, min_open=True),
-    default=300.0,
-    show_default=True,
-    help="Seconds one request may spend retrying.",
-)
-@click.option(
-    "--pending-wait",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="Seconds to keep re-polling results still in progress (0: record as "
-    "pending at once; the next run retries them).",
-)
-@click.option(
-    "--max-image-bytes",
-    type=click.IntRange(min=1),
-    default=64 * 1024 * 1024,
-    show_default=True,
-    help="Refuse images larger than this.",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
-    show_default=True,
-    help="Seconds to wait for a response or the next body bytes.",
-)
-@click.option("-v", "--verbose", count=True, help="More log lines (-vv: every HTTP request).")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary.")
-def harvest_command(
-    inputs: tuple[str, ...],
-    out_dir: Path,
-    base_url: str,
-    auth_scheme: str,
-    key_env: str | None,
-    concurrency: int,
-    image_concurrency: int,
-    rps: float,
-    max_attempts: int,
-    retry_budget: float,
-    pending_wait: float,
-    max_image_bytes: int,
-    timeout: float,
-    verbose: int,
-    quiet: bool,
-) -> None:
+@_harvest_options(job=False)
+def harvest_command(inputs: tuple[str, ...], verbose: int, quiet: bool, **options: Any) -> None:
     """Fetch every result listed in the CSV exports, store its images, write the manifest.
 
-    Each INPUT.csv needs 'model' and 'request_id' columns. Requests already ok in OUT are
-    skipped; everything else is (re)tried.
+    Each INPUT.csv needs 'model' and 'request_id' columns; a glob (quoted, so the shell
+    leaves it alone) reads every file it matches. All the files make one run, and a pair
+    listed in several is harvested once. Requests already ok in OUT are skipped; everything
+    else is (re)tried. The API key comes from the environment, never from an option.
     """
+    _execute(Job(inputs=inputs, **options), verbose=verbose, quiet=quiet)
+
+
+@main.command("run", short_help="Run the harvest a TOML job file describes (for cron and systemd).")
+@click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("inputs", nargs=-1, metavar="[INPUT.csv...]")
+@_harvest_options(job=True)
+def run_command(
+    job_file: Path, inputs: tuple[str, ...], verbose: int, quiet: bool, **options: Any
+) -> None:
+    """Run the harvest a job file describes (see jobs/nightly.toml); what cron and systemd call.
+
+    Every option overrides the job file's value; INPUT.csv arguments, if any, replace its
+    'inputs'. Relative paths inside the job file are relative to the job file's folder;
+    on the command line, to the current folder. The API key comes from the environment
+    variable the job's 'key-env' names (default HARVESTER_API_KEY, then FAL_KEY).
+    Exits 8 if the job file is invalid, naming the key and its line.
+    """
+    overrides = {name: value for name, value in options.items() if value is not None}
+    if inputs:
+        overrides["inputs"] = inputs
     try:
-        api_key = api_key_from_env(os.environ, key_env)
-        setup_logging(-1 if quiet else verbose, secrets=[api_key])
-        config = HarvestConfig(
-            inputs=expand_inputs(inputs),
-            out_dir=out_dir,
-            api_key=api_key,
-            base_url=base_url,
-            auth_scheme=auth_scheme,
-            concurrency=concurrency,
-            image_concurrency=image_concurrency,
-            rps=rps,
-            retry=RetryPolicy(max_attempts=max_attempts, budget=retry_budget),
-            pending_wait=pending_wait,
-            max_image_bytes=max_image_bytes,
-            read_timeout=timeout,
-        )
-        progress = Progress(sys.stderr, enabled=sys.stderr.isatty() and not quiet)
-        try:
-            stats = harvest(config, on_tick=progress.tick)
-        finally:
-            progress.close()
+        job = load_job(job_file, overrides)
     except HarvesterError as exc:
-        _fail(exc)
+        _fail(exc, log_format=options["log_format"] or "text")
         return
-    click.echo(stats.summary())
+    _execute(job, verbose=verbose, quiet=quiet)
+
+
+def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
+    """Run ``job`` with the console set up for where it runs; exits with the run's code."""
+    run_id = new_run_id(datetime.now(UTC))
+    console = Console(log_format=job.log_format, verbosity=-1 if quiet else verbose, run_id=run_id)
+    try:
+        api_key = api_key_from_env(os.environ, job.key_env)
+        console.redact(api_key)
+        config = job.harvest_config(api_key)
+        stats = harvest(config, on_start=console.started, on_tick=console.tick, run_id=run_id)
+    except HarvesterError as exc:
+        console.failed(exc)
+        sys.exit(int(exc.exit_code))
+    console.finished(stats)
     sys.exit(int(stats.exit_code))
 
 
-@main.command("verify")
+@main.command("status", short_help="Did the last run work? Its record, exit code and meaning.")
+@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="HOURS",
+    default=None,
+    help="Also exit 10 if the last run started more than HOURS ago: catches a run that "
+    "never started (cron off, timer disabled) or was killed outright.",
+)
+@click.option(
+    "--incomplete-ok",
+    is_flag=True,
+    help="Exit 0, not 3, when the last run finished with some requests not ok (expired or "
+    "invalid ids that every run reports again).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Print nothing when the exit code is 0, so cron mails only when something is wrong.",
+)
+def status_command(
+    out_dir: Path, max_age: float | None, incomplete_ok: bool, as_json: bool, quiet: bool
+) -> None:
+    """Did the last run work? Shows the last run record in DIR/runs (start, end, exit code and
+    its meaning, inputs, counts by status, 429s, bytes) and whether a harvest is running now.
+
+    \b
+    Exits with the last run's own exit code: 0 every request ok, 3 finished but some
+    requests not ok (retried next run; 0 with --incomplete-ok), 4/7/130 the run stopped
+    early (see harvester -h); 10 if DIR has no run record, or the last is older than
+    --max-age.
+    """
+    from harvester.status import status
+
+    if not out_dir.is_dir():
+        click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
+        sys.exit(int(ExitCode.USAGE))
+    age = timedelta(hours=max_age) if max_age is not None else None
+    result = status(out_dir, max_age=age, incomplete_ok=incomplete_ok)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    elif not (quiet and result.exit_code == 0):
+        click.echo(result.text())
+    sys.exit(result.exit_code)
+
+
+@main.command(
+    "report", short_help="Tables of what the harvest holds; --html for a page with charts."
+)
+@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--html",
+    "html_file",
+    metavar="FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the report as one self-contained HTML page (tables, charts, a gallery of the "
+    "latest run's images) instead of printing the tables.",
+)
+@click.option(
+    "--gallery",
+    "gallery_images",
+    type=click.IntRange(min=0),
+    default=48,
+    show_default=True,
+    help="Images of the latest run embedded in the HTML gallery at most.",
+)
+def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -> None:
+    """What the harvest holds: requests by status and model, NSFW rate per model, inference-time
+    percentiles per model (all over the latest state of every request), and images and bytes
+    per run.
+
+    The HTML page opens from disk and fetches nothing: inline CSS and SVG charts, images
+    embedded (NSFW-flagged ones blurred), each capped at 2 MB and 40 MB in all.
+    """
+    from harvester.report import build
+    from harvester.report_html import GalleryLimits, write_html
+
+    if not out_dir.is_dir():
+        click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
+        sys.exit(int(ExitCode.USAGE))
+    try:
+        report = build(out_dir, gallery_limit=gallery_images)
+        if html_file is None:
+            click.echo(report.text())
+            return
+        written = write_html(report, html_file, limits=GalleryLimits(images=gallery_images))
+    except HarvesterError as exc:
+        _fail(exc)
+        return
+    click.echo(
+        f"wrote {written.path} ({written.bytes / 1e6:,.1f} MB): {report.requests:,} requests, "
+        f"{written.images_embedded} images embedded"
+        + (
+            f", {written.images_placeholder} shown as placeholders"
+            if written.images_placeholder
+            else ""
+        )
+    )
+
+
+@main.command("verify", short_help="Re-hash every stored image against the manifest.")
 @click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
 def verify_command(out_dir: Path) -> None:
     """Re-hash every stored image against the manifest; report missing, corrupt and orphaned

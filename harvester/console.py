@@ -1,81 +1,325 @@
-"""How a run shows itself on a terminal, in cron mail and in logs (CLI side only)."""
+"""How a run shows itself: on a terminal, in cron mail, and to a log aggregator.
+
+    terminal (text)  a live progress bar on stderr, warnings above it, the summary on stdout
+    not a terminal   a start line, a progress line every few minutes, the summary: cron mail
+                     stays a handful of lines; a flood of one warning is cut after 20
+    --log-format json  every line on stderr is one JSON object with ts, level, run_id,
+                     logger, message and the event's fields; nothing goes to stdout
+
+The API key is masked in every line the handler writes, whatever the message or its fields.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import sys
 import time
-from typing import TextIO
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final, TextIO
 
+from harvester.errors import HarvesterError
+from harvester.jobs import LOG_FORMATS
 from harvester.pipeline import RunStats
 
+PROGRESS_EVERY: Final = 300.0
+"""Seconds between progress lines when not on a terminal."""
+FLOOD_LIMIT: Final = 20
+"""Lines of one kind of warning shown before the rest are cut (text output, below -v)."""
 
-class RedactingFilter(logging.Filter):
-    """Replaces the API key with ``***`` in every record: a second line of defence, since
-    no code path formats the key into a message in the first place."""
+progress_log = logging.getLogger("harvester.progress")
+"""The start and progress lines: shown by default, hidden by -q."""
+summary_log = logging.getLogger("harvester.summary")
+"""The end-of-run summary in JSON output: always shown."""
 
-    def __init__(self, secrets: list[str]) -> None:
+_RECORD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Where a run stands, for progress lines."""
+
+    done: int
+    total: int
+    images: int
+    bytes: int
+    rate: float
+    eta: float | None
+
+    @classmethod
+    def of(cls, stats: RunStats) -> Snapshot:
+        total = max(stats.rows_in_input - stats.skipped_done - stats.duplicates, stats.done)
+        rate = stats.done / stats.elapsed
+        remaining = total - stats.done
+        eta = remaining / rate if rate > 0 else None
+        return cls(
+            done=stats.done,
+            total=total,
+            images=stats.images_new + stats.images_existing,
+            bytes=stats.bytes_downloaded,
+            rate=rate,
+            eta=eta,
+        )
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "done": self.done,
+            "total": self.total,
+            "images": self.images,
+            "bytes": self.bytes,
+            "rate": round(self.rate, 2),
+            "eta_seconds": None if self.eta is None else round(self.eta),
+        }
+
+    def text(self) -> str:
+        eta = "--" if self.eta is None else duration(self.eta)
+        return (
+            f"{self.done:,}/{self.total:,} requests  {self.images:,} images  "
+            f"{size(self.bytes)}  {self.rate:,.1f}/s  ETA {eta}"
+        )
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def size(n: int) -> str:
+    """``812 B``, ``4.2 MB``: decimal units, as disks are sold."""
+    value, unit = float(n), "B"
+    for bigger in ("KB", "MB", "GB", "TB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    return f"{n:,} B" if unit == "B" else f"{value:,.1f} {unit}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, run_id, logger, message, then any fields given
+    with ``extra=``."""
+
+    def __init__(self, run_id: str | None) -> None:
         super().__init__()
-        self._secrets = [s for s in secrets if s]
+        self.run_id = run_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "run_id": self.run_id,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name, value in vars(record).items():
+            if name not in _RECORD_ATTRS and not name.startswith("_"):
+                line[name] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+class _FloodGate(logging.Filter):
+    """Lets the first ``limit`` warnings of each kind (same format string) through, then one
+    notice; errors always pass."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.seen: Counter[object] = Counter()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
-            message = record.getMessage()
-            redacted = message
-            for secret in self._secrets:
-                redacted = redacted.replace(secret, "***")
-            if redacted != message:
-                record.msg, record.args = redacted, None
-        return True
+        if record.levelno >= logging.ERROR:
+            return True
+        self.seen[record.msg] += 1
+        count = self.seen[record.msg]
+        if count == self.limit + 1:
+            record.msg = "(further warnings like the one above are not shown; -v shows them all)"
+            record.args = None
+        return count <= self.limit + 1
 
 
-def setup_logging(verbosity: int, *, secrets: list[str], stream: TextIO | None = None) -> None:
-    """-q: errors only; default: warnings; -v: info; -vv: debug (httpx's own lines included)."""
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only in typeshed
+    """Masks secrets in the finished line and clears the progress bar before writing."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.secrets: list[str] = []
+        self.bar: Progress | None = None
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+        super().emit(record)
+
+
+def setup_logging(
+    verbosity: int,
+    *,
+    secrets: list[str],
+    log_format: str = "text",
+    run_id: str | None = None,
+    stream: TextIO | None = None,
+) -> _Handler:
+    """Route every log line through one handler on ``stream`` (default stderr).
+
+    ``log_format`` is one of ``LOG_FORMATS``. Verbosity -1 (-q): errors only; 0: warnings,
+    start and progress lines; 1 (-v): info; 2 (-vv): debug, httpx's request lines included.
+    Returns the handler it installed."""
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter(secrets))
+    handler = _Handler(stream or sys.stderr)
+    handler.secrets = [s for s in secrets if s]
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log_format must be one of {LOG_FORMATS}, not {log_format!r}")
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(run_id))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        if verbosity <= 0:
+            handler.addFilter(_FloodGate(FLOOD_LIMIT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    if verbosity < 2:
-        # httpx logs every request at INFO; that is noise below -vv.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-        logging.getLogger("httpcore").setLevel(logging.WARNING)
+    progress_log.setLevel(logging.WARNING if verbosity < 0 else logging.INFO)
+    summary_log.setLevel(logging.INFO)
+    # httpx logs every request at INFO; that is noise below -vv.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+    return handler
 
 
 class Progress:
-    """A one-line live progress display for terminals; silent elsewhere (cron mail stays short)."""
+    """A one-line live progress bar for terminals."""
 
-    def __init__(self, stream: TextIO, *, enabled: bool) -> None:
+    WIDTH: Final = 24
+
+    def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        self._enabled = enabled
         self._drawn = False
-        self._t0 = time.monotonic()
 
     def tick(self, stats: RunStats) -> None:
-        if not self._enabled:
-            return
-        total = max(stats.rows_in_input, 1)
-        done = stats.done
-        elapsed = max(time.monotonic() - self._t0, 1e-9)
-        rate = done / elapsed
-        remaining = max(total - done - stats.skipped_done, 0)
-        eta = f"{remaining / rate:,.0f}s" if rate > 0 and remaining else "--"
-        width = 24
-        filled = min(width, int(width * done / total))
-        bar = "#" * filled + "-" * (width - filled)
-        line = (
-            f"\r[{bar}] {done:,}/{stats.rows_in_input:,} requests  "
-            f"{stats.images_new + stats.images_existing:,} images  {rate:,.1f}/s  ETA {eta}  "
-        )
-        self._stream.write(line)
+        snap = Snapshot.of(stats)
+        filled = min(self.WIDTH, self.WIDTH * snap.done // max(snap.total, 1))
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        line = f"[{bar}] {snap.text()}"
+        columns = shutil.get_terminal_size((100, 24)).columns
+        self._stream.write("\r\x1b[K" + line[: max(columns - 1, 10)])
         self._stream.flush()
         self._drawn = True
 
-    def close(self) -> None:
-        if self._enabled and self._drawn:
-            self._stream.write("\n")
+    def clear(self) -> None:
+        if self._drawn:
+            self._stream.write("\r\x1b[K")
             self._stream.flush()
+            self._drawn = False
+
+
+class Console:
+    """Everything the CLI shows about one run, chosen by where it runs.
+
+    Pass ``started`` and ``tick`` to ``harvest(on_start=, on_tick=)``, then call ``finished``
+    with the stats, or ``failed`` with a run-level error.
+    """
+
+    def __init__(
+        self,
+        *,
+        log_format: str,
+        verbosity: int,
+        run_id: str | None = None,
+        stream: TextIO | None = None,
+        out: TextIO | None = None,
+        interactive: bool | None = None,
+        every: float = PROGRESS_EVERY,
+    ) -> None:
+        self.json = log_format == "json"
+        self.stream = stream or sys.stderr
+        self.out = out or sys.stdout
+        self.handler = setup_logging(
+            verbosity, secrets=[], log_format=log_format, run_id=run_id, stream=self.stream
+        )
+        if interactive is None:
+            interactive = self.stream.isatty()
+        self.bar: Progress | None = None
+        if interactive and not self.json and verbosity >= 0:
+            self.bar = self.handler.bar = Progress(self.stream)
+        self.every = every
+        self._next_line = 0.0
+
+    def redact(self, secret: str) -> None:
+        """Mask ``secret`` in every line from now on."""
+        if secret:
+            self.handler.secrets.append(secret)
+
+    def started(self, stats: RunStats) -> None:
+        files = len(stats.inputs)
+        progress_log.info(
+            "run %s started: %s rows in %d input file%s, into %s",
+            stats.run_id,
+            f"{stats.rows_in_input:,}",
+            files,
+            "" if files == 1 else "s",
+            stats.out_dir,
+            extra={
+                "event": "started",
+                "out_dir": str(stats.out_dir),
+                "rows_in_input": stats.rows_in_input,
+                "inputs": [{"path": str(f.path), "sha256": f.sha256} for f in stats.inputs],
+            },
+        )
+        self._next_line = time.monotonic() + self.every
+
+    def tick(self, stats: RunStats) -> None:
+        if self.bar is not None:
+            self.bar.tick(stats)
+            return
+        if time.monotonic() < self._next_line:
+            return
+        self._next_line = time.monotonic() + self.every
+        snap = Snapshot.of(stats)
+        progress_log.info("progress: %s", snap.text(), extra={"event": "progress", **snap.fields()})
+
+    def finished(self, stats: RunStats) -> None:
+        self._clear()
+        if self.json:
+            level = logging.INFO if stats.exit_code == 0 else logging.WARNING
+            summary_log.log(
+                level,
+                "run %s finished: exit %d",
+                stats.run_id,
+                int(stats.exit_code),
+                extra={"event": "finished", **stats.record()},
+            )
+        else:
+            print(stats.summary(), file=self.out, flush=True)
+
+    def failed(self, exc: HarvesterError) -> None:
+        self._clear()
+        if self.json:
+            logging.getLogger("harvester").error(
+                "%s", exc, extra={"event": "error", "exit_code": int(exc.exit_code)}
+            )
+        else:
+            message = f"harvester: error: {exc}"
+            for secret in self.handler.secrets:
+                message = message.replace(secret, "***")
+            print(message, file=self.stream, flush=True)
+
+    def _clear(self) -> None:
+        if self.bar is not None:
+            self.bar.clear()

@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if done.returncode not in (0, 3):
         return done.returncode
     _show(args.out)
-    print(f"\nTry next: harvester verify {args.out}")
+    print(
+        f"\nTry next: harvester status {args.out}; harvester report {args.out} "
+        f"(or make report, for {args.out}/report.html); harvester verify {args.out}"
+    )
     return 0
 
 

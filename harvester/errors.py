@@ -8,6 +8,7 @@ escapes is a bug, and is allowed to show as one.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Final
 
 
 class ExitCode(IntEnum):
@@ -32,8 +33,27 @@ class ExitCode(IntEnum):
     """A job file is invalid."""
     VERIFY = 9
     """``harvester verify`` found missing, corrupt or orphaned files."""
+    NO_RECENT_RUN = 10
+    """``harvester status``: no run record in the folder, or the last run started longer ago
+    than ``--max-age`` (cron or the timer did not run, or the run was killed outright)."""
     INTERRUPTED = 130
     """Stopped by SIGINT or SIGTERM: finished rows are kept; the next run picks up the rest."""
+
+
+MEANINGS: Final[dict[int, str]] = {
+    ExitCode.OK: "every request ok",
+    ExitCode.USAGE: "usage error: nothing was fetched",
+    ExitCode.INCOMPLETE: "finished, but some requests are not ok; the next run retries them",
+    ExitCode.AUTH: "the API refused the key; the run stopped early",
+    ExitCode.LOCKED: "another harvest was running on the same folder",
+    ExitCode.INPUT: "an input file is unreadable or lacks the columns",
+    ExitCode.OUTPUT: "the output folder could not be written",
+    ExitCode.CONFIG: "the job file is invalid",
+    ExitCode.VERIFY: "verify found missing, corrupt or orphaned files",
+    ExitCode.NO_RECENT_RUN: "no recent run",
+    ExitCode.INTERRUPTED: "interrupted (SIGINT/SIGTERM); finished rows are kept",
+}
+"""One line per exit code, for ``harvester status`` and the docs."""
 
 
 class HarvesterError(Exception):

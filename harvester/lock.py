@@ -1,7 +1,9 @@
 """One harvest per output folder at a time: an advisory ``flock`` on ``DIR/.lock``.
 
 The kernel drops the lock when the holding process dies, however it dies, so a crashed run
-never leaves a stale lock behind.
+never leaves a stale lock behind. The holder writes its pid into the file and empties it when
+it is done; ``holder`` reads that pid (without taking the lock, so a status check can never
+make a starting harvest fail).
 """
 
 from __future__ import annotations
@@ -32,6 +34,27 @@ def exclusive(layout: Layout) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def holder(layout: Layout) -> int | None:
+    """The pid of the harvest running on this folder, or None if none is."""
+    try:
+        text = layout.lock.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.isdigit():
+        return None
+    pid = int(text)
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None  # killed outright (SIGKILL, OOM) before it could empty the file
+    except PermissionError:
+        return pid  # exists, run by another user
+    return pid

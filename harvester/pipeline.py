@@ -150,6 +150,9 @@ class RunStats:
     manifest_parts: int = 0
     temp_files_cleaned: int = 0
     interrupted: bool = False
+    error: str | None = None
+    """The run-level error that ended the run (a rejected key, an unwritable folder), if any."""
+    error_code: ExitCode | None = None
     finished_at: datetime | None = None
     _t0: float = field(default_factory=time.monotonic)
 
@@ -162,8 +165,14 @@ class RunStats:
         end = self.finished_at.timestamp() if self.finished_at else time.time()
         return max(end - self.started_at.timestamp(), 1e-9)
 
+    def fail(self, exc: HarvesterError) -> None:
+        """Record the run-level error that ends the run, so the run record has its exit code."""
+        self.error, self.error_code = str(exc), exc.exit_code
+
     @property
     def exit_code(self) -> ExitCode:
+        if self.error_code is not None:
+            return self.error_code
         if self.interrupted:
             return ExitCode.INTERRUPTED
         if any(status != OK and n for status, n in self.requests.items()):
@@ -213,6 +222,7 @@ class RunStats:
             "elapsed_seconds": round(self.elapsed, 3),
             "exit_code": int(self.exit_code),
             "interrupted": self.interrupted,
+            "error": self.error,
             "inputs": [
                 {"path": str(f.path), "sha256": f.sha256, "bytes": f.size, "rows": f.rows}
                 for f in self.inputs
@@ -505,11 +515,13 @@ def harvest(
     on_start: Callable[[RunStats], None] | None = None,
     on_tick: Callable[[RunStats], None] | None = None,
     tick: float = 0.5,
+    run_id: str | None = None,
 ) -> RunStats:
     """Run one harvest to the end and return its stats (``stats.exit_code`` says how it went).
 
     Raises ``HarvesterError`` subclasses for run-level problems: bad options, unusable input,
-    a rejected key, a locked or unwritable output folder.
+    a rejected key, a locked or unwritable output folder. ``run_id`` names the run (default:
+    a fresh ``new_run_id``), so a caller can tag its log lines before the run starts.
     """
     config.validate()
     files = reader.inspect(config.inputs)
@@ -517,7 +529,7 @@ def harvest(
     layout.prepare()
     started = datetime.now(UTC)
     stats = RunStats(
-        run_id=new_run_id(started),
+        run_id=run_id or new_run_id(started),
         started_at=started,
         out_dir=config.out_dir,
         inputs=files,
@@ -538,12 +550,16 @@ def harvest(
             first = _first_harvester_error(group)
             if first is None:
                 raise
+            stats.fail(first)
             raise first from None
         finally:
             run.refresh()
             stats.finished_at = datetime.now(UTC)
             try:
                 run.writer.flush()
+            except OutputError as exc:
+                stats.fail(exc)
+                raise
             finally:
                 stats.manifest_rows = run.writer.rows_written
                 stats.manifest_parts = run.writer.parts_written

@@ -1,0 +1,230 @@
+"""``harvester report DIR``: what the harvest holds, as tables (polars over the manifest).
+
+Every table but the per-run one describes the *latest state* of each request
+(``manifest.latest``: the rows of its most recent run), so a request retried five times counts
+once, as it stands now. The per-run table reads every row, and joins the run records for each
+run's start and exit code. ``harvester.report_html`` renders a ``Report`` as one HTML page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+import polars as pl
+
+from harvester import manifest
+from harvester.console import size
+from harvester.errors import UsageError
+from harvester.status import read_runs
+
+NO_MODEL: Final = "(no model)"
+"""How a row without a model (an ``invalid`` CSV row) is labelled."""
+GALLERY_LIMIT: Final = 48
+"""Images of the latest run listed for the gallery."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    out_dir: Path
+    generated_at: datetime
+    by_status: pl.DataFrame
+    """One row per model: requests per status (``manifest.STATUSES`` columns) and ``total``."""
+    nsfw: pl.DataFrame
+    """One row per model: stored ``images``, ``flagged``, ``unknown`` (no flag), ``rate``."""
+    inference: pl.DataFrame
+    """One row per model: ``requests`` with a time, ``p50``, ``p90``, ``p99``, ``max`` seconds."""
+    runs: pl.DataFrame
+    """One row per run, oldest first: ``run_id``, ``started_at``, ``exit_code``, ``requests``,
+    ``ok``, ``images`` (stored by the run), ``new_images``, ``new_bytes``."""
+    gallery_run: str | None
+    """The latest run that stored images (the gallery's run)."""
+    gallery: pl.DataFrame
+    """Up to ``GALLERY_LIMIT`` images of ``gallery_run``: ``path``, ``model``, ``request_id``,
+    ``image_index``, ``prompt``, ``has_nsfw_concept``, ``bytes``, ``width``, ``height``."""
+    gallery_total: int
+    """How many images ``gallery_run`` stored (the gallery may show fewer)."""
+
+    @property
+    def requests(self) -> int:
+        return int(self.by_status["total"].sum()) if self.by_status.height else 0
+
+    def text(self) -> str:
+        """The tables as text, as ``harvester report DIR`` prints them."""
+        sections = [
+            (
+                f"Requests by status and model (latest state of {self.requests:,} requests)",
+                self.by_status,
+            ),
+            (
+                "NSFW rate per model (stored images, latest state)",
+                self.nsfw.with_columns(_percent("rate")),
+            ),
+            ("Inference seconds per model (latest state)", self.inference),
+            ("Images and bytes per run", display_runs(self.runs)),
+        ]
+        with pl.Config(
+            tbl_hide_dataframe_shape=True,
+            tbl_hide_column_data_types=True,
+            tbl_rows=500,
+            tbl_cols=-1,
+            tbl_width_chars=160,
+            fmt_str_lengths=60,
+            float_precision=3,
+        ):
+            parts = [f"harvester report for {self.out_dir}"]
+            parts += [f"\n{title}\n{table}" for title, table in sections]
+        return "\n".join(parts)
+
+
+def display_runs(runs: pl.DataFrame) -> pl.DataFrame:
+    """``runs`` for people: start time to the minute, bytes in MB."""
+    return runs.with_columns(
+        pl.col("started_at").dt.strftime("%Y-%m-%d %H:%M UTC"),
+        pl.col("new_bytes").map_elements(size, return_dtype=pl.String),
+    )
+
+
+def _percent(column: str) -> pl.Expr:
+    return pl.format("{}%", (pl.col(column) * 100).round(1)).alias(column)
+
+
+def build(out_dir: Path, *, gallery_limit: int = GALLERY_LIMIT) -> Report:
+    """Compute every table of the report for the output folder ``out_dir``."""
+    if not manifest.has_manifest(out_dir):
+        raise UsageError(
+            f"no manifest under {out_dir / 'manifest'}: nothing has been harvested into "
+            f"{out_dir} yet (check the folder, or run a harvest first)"
+        )
+    latest = manifest.latest(out_dir).with_columns(pl.col("model").fill_null(NO_MODEL)).collect()
+    requests = latest.group_by("model", "request_id").agg(
+        pl.col("request_status").first(),
+        pl.col("inference_seconds").drop_nulls().first(),
+    )
+    gallery_run, gallery, gallery_total = _gallery(out_dir, gallery_limit)
+    return Report(
+        out_dir=out_dir,
+        generated_at=datetime.now(UTC),
+        by_status=_by_status(requests),
+        nsfw=_nsfw(latest),
+        inference=_inference(requests),
+        runs=_runs(out_dir),
+        gallery_run=gallery_run,
+        gallery=gallery,
+        gallery_total=gallery_total,
+    )
+
+
+def _by_status(requests: pl.DataFrame) -> pl.DataFrame:
+    return (
+        requests.group_by("model")
+        .agg(
+            *[(pl.col("request_status") == s).sum().alias(s) for s in manifest.STATUSES],
+            pl.len().alias("total"),
+        )
+        .sort("total", "model", descending=[True, False])
+    )
+
+
+def _nsfw(latest: pl.DataFrame) -> pl.DataFrame:
+    flag = pl.col("has_nsfw_concept")
+    return (
+        latest.filter(pl.col("path").is_not_null())
+        .group_by("model")
+        .agg(
+            pl.len().alias("images"),
+            flag.fill_null(False).sum().alias("flagged"),
+            flag.is_null().sum().alias("unknown"),
+        )
+        .with_columns((pl.col("flagged") / (pl.col("images") - pl.col("unknown"))).alias("rate"))
+        .sort("model")
+    )
+
+
+def _inference(requests: pl.DataFrame) -> pl.DataFrame:
+    seconds = pl.col("inference_seconds")
+    return (
+        requests.filter(seconds.is_not_null())
+        .group_by("model")
+        .agg(
+            pl.len().alias("requests"),
+            *[
+                seconds.quantile(q, interpolation="linear").alias(f"p{round(q * 100)}")
+                for q in (0.5, 0.9, 0.99)
+            ],
+            seconds.max().alias("max"),
+        )
+        .sort("model")
+    )
+
+
+def _runs(out_dir: Path) -> pl.DataFrame:
+    rows = manifest.scan(out_dir)
+    stored = pl.col("path").is_not_null()
+    new = stored & pl.col("stored_new").fill_null(False)
+    per_run = (
+        rows.group_by("run_id")
+        .agg(
+            pl.struct("model", "request_id").n_unique().alias("requests"),
+            pl.struct("model", "request_id")
+            .filter(pl.col("request_status") == manifest.OK)
+            .n_unique()
+            .alias("ok"),
+            stored.sum().alias("images"),
+            new.sum().alias("new_images"),
+            pl.col("bytes").filter(new).sum().alias("new_bytes"),
+        )
+        .collect()
+    )
+    records, _ = read_runs(out_dir)
+    known = pl.DataFrame(
+        {
+            "run_id": [r.run_id for r in records],
+            "started_at": [r.started_at for r in records],
+            "exit_code": [r.exit_code for r in records],
+        },
+        schema={
+            "run_id": pl.String,
+            "started_at": pl.Datetime("us", "UTC"),
+            "exit_code": pl.Int64,
+        },
+    )
+    return (
+        per_run.join(known, on="run_id", how="left")
+        .select(
+            "run_id",
+            "started_at",
+            "exit_code",
+            "requests",
+            "ok",
+            "images",
+            "new_images",
+            "new_bytes",
+        )
+        .sort("run_id")
+    )
+
+
+def _gallery(out_dir: Path, limit: int) -> tuple[str | None, pl.DataFrame, int]:
+    images = manifest.scan(out_dir).filter(
+        pl.col("path").is_not_null() & (pl.col("status") == manifest.OK)
+    )
+    run = images.select(pl.col("run_id").max()).collect().item()
+    columns = (
+        "path",
+        "model",
+        "request_id",
+        "image_index",
+        "prompt",
+        "has_nsfw_concept",
+        "bytes",
+        "width",
+        "height",
+    )
+    chosen = images.filter(pl.col("run_id") == run).sort(
+        "harvested_at", "request_id", "image_index"
+    )
+    total = chosen.select(pl.len()).collect().item()
+    return run, chosen.select(columns).head(limit).collect(), int(total)

@@ -1,0 +1,455 @@
+"""A ``Report`` as one self-contained HTML page: opens from disk, fetches nothing.
+
+Inline CSS, SVG charts drawn here (no script at all), and a gallery of the latest run's images
+embedded as ``data:`` URIs, scaled by CSS, with NSFW-flagged ones blurred (focus or click one
+to reveal it). Embedding is capped (``GalleryLimits``) so the page stays a sensible size; an
+image over the cap gets a labelled placeholder instead. Every string from the manifest is
+HTML-escaped: model names and prompts come from outside.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any, Final
+
+import polars as pl
+
+from harvester import manifest
+from harvester.console import size
+from harvester.errors import MEANINGS, OutputError
+from harvester.report import Report, display_runs
+
+MEDIA_TYPES: Final = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "gif": "image/gif",
+    "webp": "image/webp",
+    "avif": "image/avif",
+    "bmp": "image/bmp",
+}
+"""Stored extensions a browser shows; others (tiff, heic) get a placeholder."""
+STATUS_COLOURS: Final = {
+    manifest.OK: "#2e9d5b",
+    manifest.PENDING: "#e0a82e",
+    manifest.NOT_FOUND: "#9aa3ad",
+    manifest.FAILED: "#d64545",
+    manifest.ERROR: "#8c1c13",
+    manifest.INVALID: "#7d5ba6",
+}
+RUNS_SHOWN: Final = 60
+"""The per-run chart and table show the most recent runs only."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GalleryLimits:
+    images: int = 48
+    """Images embedded at most."""
+    image_bytes: int = 2_000_000
+    """A larger image gets a placeholder (the page embeds files as they are, unscaled)."""
+    total_bytes: int = 40_000_000
+    """Embedding stops once this many image bytes are in the page."""
+
+
+@dataclass(frozen=True, slots=True)
+class HtmlWritten:
+    path: Path
+    bytes: int
+    images_embedded: int
+    images_placeholder: int
+
+
+def write_html(report: Report, path: Path, *, limits: GalleryLimits | None = None) -> HtmlWritten:
+    """Render ``report`` into ``path`` (written atomically). Raises ``OutputError``."""
+    page, embedded, placeholders = render(report, limits=limits or GalleryLimits())
+    data = page.encode("utf-8")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return HtmlWritten(path, len(data), embedded, placeholders)
+
+
+def render(report: Report, *, limits: GalleryLimits) -> tuple[str, int, int]:
+    """The page, and how many gallery images were embedded / replaced by placeholders."""
+    gallery, embedded, placeholders = _gallery(report, limits)
+    body = "\n".join(
+        [
+            _header(report),
+            _status_section(report.by_status),
+            _nsfw_section(report.nsfw),
+            _inference_section(report.inference),
+            _runs_section(report.runs),
+            gallery,
+            "<footer>Made by <code>harvester report</code>. Tables describe the latest state "
+            "of each request (its rows from its most recent run); the per-run table counts "
+            "every run's own rows.</footer>",
+        ]
+    )
+    title = f"harvester report: {report.out_dir}"
+    page = (
+        f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"{body}\n</body>\n</html>\n"
+    )
+    return page, embedded, placeholders
+
+
+def _header(report: Report) -> str:
+    by_status = report.by_status
+    requests = report.requests
+    ok = int(by_status[manifest.OK].sum()) if by_status.height else 0
+    images = int(report.nsfw["images"].sum()) if report.nsfw.height else 0
+    flagged = int(report.nsfw["flagged"].sum()) if report.nsfw.height else 0
+    stored = report.runs["new_bytes"].sum() if report.runs.height else 0
+    cards = [
+        (f"{requests:,}", "requests"),
+        (f"{ok / requests:.1%}" if requests else "-", "ok"),
+        (f"{images:,}", "images stored"),
+        (size(int(stored or 0)), "on disk"),
+        (f"{flagged / images:.1%}" if images else "-", "NSFW-flagged"),
+        (f"{report.runs.height:,}", "runs"),
+    ]
+    last = report.runs.row(-1, named=True) if report.runs.height else None
+    last_line = ""
+    if last is not None:
+        code = last["exit_code"]
+        meaning = MEANINGS.get(code, "no run record") if code is not None else "no run record"
+        last_line = (
+            f"<p class=meta>Latest run <code>{escape(last['run_id'])}</code>: "
+            f"exit {'?' if code is None else code} ({escape(meaning)})</p>"
+        )
+    return (
+        f"<header><h1>harvester report</h1>"
+        f"<p class=meta><code>{escape(str(report.out_dir))}</code> · generated "
+        f"{report.generated_at:%Y-%m-%d %H:%M} UTC</p>{last_line}"
+        f'<div class="cards">'
+        + "".join(f"<div class=card><b>{v}</b><span>{escape(k)}</span></div>" for v, k in cards)
+        + "</div></header>"
+    )
+
+
+def _status_section(by_status: pl.DataFrame) -> str:
+    rows = [
+        (
+            str(r["model"]),
+            [(s, float(r[s]), STATUS_COLOURS[s]) for s in manifest.STATUSES],
+            f"{r['total']:,}",
+        )
+        for r in by_status.iter_rows(named=True)
+    ]
+    chart = _bars(rows)
+    legend = "".join(
+        f'<span><i style="background:{STATUS_COLOURS[s]}"></i>{s}</span>' for s in manifest.STATUSES
+    )
+    return _section(
+        "status",
+        "Requests by status and model",
+        "Latest state of every request; <code>ok</code> means every image is stored.",
+        f'<div class="legend">{legend}</div>{chart}',
+        _table(by_status),
+    )
+
+
+def _nsfw_section(nsfw: pl.DataFrame) -> str:
+    rows = [
+        (
+            str(r["model"]),
+            [("NSFW-flagged", float(r["rate"] or 0), "#c2410c")],
+            f"{r['rate'] or 0:.1%} of {r['images']:,}",
+        )
+        for r in nsfw.iter_rows(named=True)
+    ]
+    chart = _bars(rows)
+    shown = nsfw.with_columns(pl.format("{}%", (pl.col("rate") * 100).round(1)).alias("rate"))
+    return _section(
+        "nsfw",
+        "NSFW rate per model",
+        "Share of stored images the API flagged (<code>has_nsfw_concepts</code>); images "
+        "without a flag are counted as <i>unknown</i> and left out of the rate.",
+        chart,
+        _table(shown),
+    )
+
+
+def _inference_section(inference: pl.DataFrame) -> str:
+    rows = []
+    for r in inference.iter_rows(named=True):
+        p50, p90, p99 = (float(r[k] or 0) for k in ("p50", "p90", "p99"))
+        segments = [
+            ("p50", p50, "#1d4ed8"),
+            ("p50 to p90", max(p90 - p50, 0), "#60a5fa"),
+            ("p90 to p99", max(p99 - p90, 0), "#bfdbfe"),
+        ]
+        rows.append((str(r["model"]), segments, f"{p50:.2f} / {p90:.2f} / {p99:.2f} s"))
+    chart = _bars(rows, value_width=150)
+    return _section(
+        "inference",
+        "Inference time per model",
+        "Seconds the model ran (<code>timings.inference</code>), one value per request. "
+        "Dark: up to the median (p50); lighter: to p90; lightest: to p99.",
+        chart,
+        _table(inference, floats=3),
+    )
+
+
+def _runs_section(runs: pl.DataFrame) -> str:
+    recent = runs.tail(RUNS_SHOWN)
+    columns = [
+        (str(r["run_id"]), float(r["new_images"]), size(int(r["new_bytes"] or 0)))
+        for r in recent.iter_rows(named=True)
+    ]
+    note = (
+        f"The {RUNS_SHOWN} most recent of {runs.height:,} runs. "
+        if runs.height > RUNS_SHOWN
+        else ""
+    )
+    return _section(
+        "runs",
+        "Images and bytes per run",
+        f"{note}Columns: images a run stored that were not on disk before, under the run's "
+        "start (UTC); hover for its id and bytes. <code>images</code> also counts identical "
+        "bytes already stored.",
+        _columns(columns),
+        _table(display_runs(recent)),
+    )
+
+
+def _gallery(report: Report, limits: GalleryLimits) -> tuple[str, int, int]:
+    if report.gallery_run is None:
+        return _section("gallery", "Gallery", "No run has stored an image yet.", "", ""), 0, 0
+    tiles: list[str] = []
+    embedded = placeholders = total = 0
+    for row in report.gallery.head(limits.images).iter_rows(named=True):
+        path = report.out_dir / row["path"]
+        ext = path.suffix.lstrip(".").lower()
+        reason = None
+        if ext not in MEDIA_TYPES:
+            reason = f".{ext} files are not shown by browsers"
+        elif (row["bytes"] or 0) > limits.image_bytes:
+            reason = f"{size(row['bytes'])}: too large to embed"
+        elif total + (row["bytes"] or 0) > limits.total_bytes:
+            reason = "page size limit reached"
+        data = None
+        if reason is None:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                reason = f"cannot read: {exc.strerror or exc}"
+        tiles.append(_tile(row, ext, data, reason))
+        if data is None:
+            placeholders += 1
+        else:
+            embedded += 1
+            total += len(data)
+    shown = len(tiles)
+    intro = (
+        f"Run <code>{escape(report.gallery_run)}</code>, the latest that stored images: "
+        f"{shown:,} of its {report.gallery_total:,} images. NSFW-flagged images are blurred; "
+        "click one (or focus it with Tab) to reveal it."
+    )
+    return (
+        _section("gallery", "Gallery", intro, f'<div class="grid">{"".join(tiles)}</div>', ""),
+        embedded,
+        placeholders,
+    )
+
+
+def _tile(row: dict[str, Any], ext: str, data: bytes | None, reason: str | None) -> str:
+    nsfw = row["has_nsfw_concept"] is True
+    label = f"{row['model']} · {row['request_id']} #{row['image_index']}"
+    if data is not None:
+        uri = f"data:{MEDIA_TYPES[ext]};base64,{base64.b64encode(data).decode('ascii')}"
+        picture = f'<div class="pic"><img src="{uri}" alt="{escape(label)}"></div>'
+    else:
+        picture = (
+            f'<div class="pic placeholder">{escape(reason or "")}'
+            f"<code>{escape(str(row['path']))}</code></div>"
+        )
+    badge = '<span class="badge">NSFW</span>' if nsfw else ""
+    size_text = f"{row['width']}×{row['height']} · " if row["width"] and row["height"] else ""
+    return (
+        f'<figure class="tile{" nsfw" if nsfw else ""}" tabindex="0">{badge}{picture}'
+        f"<figcaption><b>{escape(str(row['model']))}</b>"
+        f"<span>{escape(size_text)}{escape(size(int(row['bytes'] or 0)))}</span>"
+        f"<q>{escape(str(row['prompt'] or ''))}</q></figcaption></figure>"
+    )
+
+
+def _section(anchor: str, title: str, intro: str, chart: str, table: str) -> str:
+    return (
+        f'<section id="{anchor}"><h2>{escape(title)}</h2><p class="intro">{intro}</p>'
+        f"{chart}{table}</section>"
+    )
+
+
+def _table(df: pl.DataFrame, *, floats: int = 2) -> str:
+    if df.height == 0:
+        return '<p class="empty">No data yet.</p>'
+    head = "".join(f"<th>{escape(c)}</th>" for c in df.columns)
+    numeric = {c for c, t in df.schema.items() if t.is_numeric()}
+    body = []
+    for row in df.iter_rows():
+        cells = []
+        for column, value in zip(df.columns, row, strict=True):
+            if value is None:
+                text = ""
+            elif isinstance(value, float):
+                text = f"{value:,.{floats}f}"
+            elif isinstance(value, int) and not isinstance(value, bool):
+                text = f"{value:,}"
+            else:
+                text = str(value)
+            cls = ' class="num"' if column in numeric else ""
+            cells.append(f"<td{cls}>{escape(text)}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+_Segment = tuple[str, float, str]
+"""(name, value, colour) of one piece of a bar."""
+_Bar = tuple[str, Sequence[_Segment], str]
+"""(label, segments, the text at the bar's end) of one bar."""
+
+
+def _bars(
+    rows: Sequence[_Bar],
+    *,
+    scale: float | None = None,
+    label_width: int = 230,
+    bar_width: int = 420,
+    value_width: int = 90,
+) -> str:
+    """Horizontal (stacked) bars, one per row, as inline SVG; ``scale`` is the value of a
+    full-width bar (default: the largest bar)."""
+    if not rows:
+        return ""
+    row_h, bar_h = 26, 18
+    largest = max(sum(v for _, v, _ in segs) for _, segs, _ in rows)
+    full = scale or largest or 1.0
+    width = label_width + bar_width + value_width
+    height = row_h * len(rows) + 4
+    parts = [
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'role="img">'
+    ]
+    for i, (label, segments, end) in enumerate(rows):
+        y = i * row_h + 4
+        short = label if len(label) <= 32 else label[:31] + "…"
+        parts.append(
+            f'<text x="{label_width - 8}" y="{y + bar_h - 5}" text-anchor="end">'
+            f"<title>{escape(label)}</title>{escape(short)}</text>"
+        )
+        x = float(label_width)
+        for name, value, colour in segments:
+            w = bar_width * value / full
+            if w > 0:
+                parts.append(
+                    f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" '
+                    f'fill="{colour}"><title>{escape(label)}: {escape(name)} '
+                    f"{value:,.4g}</title></rect>"
+                )
+            x += w
+        parts.append(
+            f'<text x="{x + 6:.1f}" y="{y + bar_h - 5}" class="value">{escape(end)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _columns(columns: Sequence[tuple[str, float, str]]) -> str:
+    """Vertical columns, one per run (run id, value, caption for the tooltip), as inline SVG;
+    each is labelled with its run's start, ``MM-DD HH:MM`` (UTC, from the id)."""
+    if not columns:
+        return ""
+    col_w = max(18, min(76, 760 // len(columns)))
+    upright = col_w >= 76
+    plot_h, top, bottom = 160, 22, 70
+    width = col_w * len(columns) + (20 if upright else 80)  # room for the last slanted label
+    height = top + plot_h + bottom
+    largest = max(v for _, v, _ in columns) or 1.0
+    parts = [
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'role="img">',
+        f'<line x1="10" y1="{top + plot_h}" x2="{10 + col_w * len(columns)}" '
+        f'y2="{top + plot_h}" stroke="#888"/>',
+    ]
+    for i, (run_id, value, caption) in enumerate(columns):
+        label = f"{run_id[4:6]}-{run_id[6:8]} {run_id[9:11]}:{run_id[11:13]}"
+        x = 10 + i * col_w
+        h = plot_h * value / largest
+        cx = x + col_w / 2
+        parts.append(
+            f'<rect x="{x + 3}" y="{top + plot_h - h:.1f}" width="{col_w - 6}" height="{h:.1f}" '
+            f'fill="#0f766e"><title>{escape(run_id)}: {value:,.0f} new images, '
+            f"{escape(caption)}</title></rect>"
+        )
+        if col_w >= 40 or len(columns) <= 12:
+            parts.append(
+                f'<text x="{cx:.1f}" y="{top + plot_h - h - 5:.1f}" text-anchor="middle" '
+                f'class="value">{value:,.0f}</text>'
+            )
+        if upright:
+            parts.append(
+                f'<text x="{cx:.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
+                f'class="tick">{escape(label)}</text>'
+            )
+        else:
+            parts.append(
+                f'<text transform="translate({cx - 3:.1f},{top + plot_h + 8}) rotate(60)" '
+                f'class="tick">{escape(label)}</text>'
+            )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+_CSS: Final = """
+:root { --fg: #1f2933; --muted: #616e7c; --line: #e4e7eb; --bg: #fff; --panel: #f5f7fa; }
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 1180px; padding: 24px; color: var(--fg); background: var(--bg);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+h1 { margin: 0 0 4px; font-size: 26px; } h2 { margin: 0 0 4px; font-size: 19px; }
+code { font: 12px ui-monospace, Menlo, Consolas, monospace; }
+.meta, .intro, footer { color: var(--muted); margin: 2px 0 10px; }
+section { margin: 28px 0; padding-top: 16px; border-top: 1px solid var(--line); }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; margin-top: 16px; }
+.card { background: var(--panel); border-radius: 8px; padding: 10px 16px; min-width: 130px; }
+.card b { display: block; font-size: 22px; } .card span { color: var(--muted); }
+table { border-collapse: collapse; margin-top: 12px; font-size: 13px; }
+th, td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: left; }
+th { background: var(--panel); font-weight: 600; } td.num { text-align: right;
+  font-variant-numeric: tabular-nums; }
+svg.chart { display: block; max-width: 100%; height: auto; margin-top: 8px; }
+svg.chart text { font: 12px system-ui, sans-serif; fill: var(--fg); }
+svg.chart text.value, svg.chart text.tick { fill: var(--muted); font-size: 11px; }
+.legend { display: flex; gap: 14px; font-size: 12px; color: var(--muted); }
+.legend i { display: inline-block; width: 10px; height: 10px; margin-right: 4px;
+  border-radius: 2px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 12px; }
+.tile { position: relative; margin: 0; background: var(--panel); border-radius: 8px;
+  overflow: hidden; outline: none; }
+.pic { aspect-ratio: 1; overflow: hidden; background: #d9dee4; }
+.pic img { display: block; width: 100%; height: 100%; object-fit: cover; font-size: 11px;
+  color: var(--muted); }
+.placeholder { display: flex; flex-direction: column; justify-content: center; gap: 6px;
+  padding: 10px; font-size: 12px; color: var(--muted); word-break: break-all; }
+.tile.nsfw img { filter: blur(18px) saturate(0.6); transform: scale(1.1); cursor: pointer; }
+.tile.nsfw:focus img { filter: none; transform: none; }
+.tile:focus { box-shadow: 0 0 0 2px #1d4ed8; }
+.badge { position: absolute; z-index: 1; top: 8px; left: 8px; background: #c2410c; color: #fff;
+  font-size: 11px; font-weight: 700; padding: 2px 6px; border-radius: 4px; }
+figcaption { padding: 6px 8px 8px; font-size: 12px; display: grid; gap: 2px; }
+figcaption b { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+figcaption span { color: var(--muted); }
+figcaption q { color: var(--muted); display: -webkit-box; -webkit-line-clamp: 2;
+  -webkit-box-orient: vertical; overflow: hidden; }
+footer { margin-top: 32px; font-size: 12px; }
+"""

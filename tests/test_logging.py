@@ -1,0 +1,171 @@
+"""What a run prints: JSON lines for aggregators, short plain output for cron, a bar on a TTY."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from harvester.cli import main
+from harvester.console import Console, Snapshot, duration, size
+from harvester.errors import ExitCode, UsageError
+from harvester.pipeline import RunStats
+from harvester.sandbox import Sandbox
+from tests.conftest import KEY, harvest_args, write_csv
+
+PAIRS = [
+    ("fal-ai/flux/dev", "log-0001"),
+    ("fal-ai/flux", "log-0002"),
+    ("fal-ai/flux/dev", "pending-log"),
+    ("fal-ai/flux/dev", "fail-log"),
+    ("fal-ai/flux/dev", "bad/id"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The CLI replaces the root handler; put the test runner's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def invoke(args: list[str], *, key: str = KEY) -> Result:
+    return CliRunner().invoke(main, args, env={"HARVESTER_API_KEY": key}, catch_exceptions=False)
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_json_lines_parse_and_all_carry_the_run_id(tmp_path: Path, sandbox: Sandbox) -> None:
+    csv = write_csv(tmp_path / "e.csv", PAIRS)
+    out = tmp_path / "out"
+
+    result = invoke(harvest_args(sandbox, out, csv, extra=["--log-format", "json", "-vv"]))
+
+    assert result.exit_code == ExitCode.INCOMPLETE
+    assert result.stdout == ""  # everything is on stderr, one object per line
+    lines = json_lines(result.stderr)
+    [record_file] = (out / "runs").glob("*.json")
+    run_id = record_file.stem
+    assert {line["run_id"] for line in lines} == {run_id}
+    for line in lines:
+        assert {"ts", "level", "run_id", "logger", "message"} <= line.keys()
+        datetime.fromisoformat(str(line["ts"]))
+    assert any(line["logger"] == "httpx" for line in lines)  # -vv: every request, as JSON
+    started = next(line for line in lines if line.get("event") == "started")
+    assert started["rows_in_input"] == len(PAIRS)
+    finished = lines[-1]
+    assert finished["event"] == "finished" and finished["level"] == "warning"
+    assert finished["exit_code"] == ExitCode.INCOMPLETE
+    assert finished["requests"] == {"ok": 2, "pending": 1, "failed": 1, "invalid": 1}
+    assert finished == {**finished, **json.loads(record_file.read_text())}
+    assert KEY not in result.stderr
+
+
+def test_json_error_line_for_a_rejected_key(tmp_path: Path, sandbox: Sandbox) -> None:
+    csv = write_csv(tmp_path / "e.csv", PAIRS[:2])
+    result = invoke(
+        harvest_args(sandbox, tmp_path / "out", csv, extra=["--log-format", "json"]),
+        key="wrong-key-5e6f",
+    )
+    assert result.exit_code == ExitCode.AUTH
+    last = json_lines(result.stderr)[-1]
+    assert last["level"] == "error" and last["exit_code"] == ExitCode.AUTH
+    assert "refused the key" in str(last["message"])
+    assert last["run_id"]
+    assert "wrong-key-5e6f" not in result.output
+
+
+def test_json_error_for_a_bad_job_file(tmp_path: Path) -> None:
+    job = tmp_path / "j.toml"
+    job.write_text('inputs = "a.csv"\nout = "o"\nrps = "fast"\n')
+    result = invoke(["run", str(job), "--log-format", "json"])
+    assert result.exit_code == ExitCode.CONFIG
+    [line] = json_lines(result.stderr)
+    assert line["exit_code"] == ExitCode.CONFIG
+    assert line["run_id"] is None  # no run was started
+    assert "j.toml:3: 'rps' must be a number" in str(line["message"])
+
+
+def test_text_output_off_a_terminal_is_a_few_lines(tmp_path: Path, sandbox: Sandbox) -> None:
+    csv = write_csv(tmp_path / "e.csv", [*PAIRS, *[("m/a", f"x/{i}") for i in range(50)]])
+
+    result = invoke(harvest_args(sandbox, tmp_path / "out", csv))
+
+    assert result.exit_code == ExitCode.INCOMPLETE
+    assert result.stdout.startswith("run ")  # the summary, and only the summary, on stdout
+    errors = result.stderr.splitlines()
+    assert "started: 55 rows in 1 input file" in errors[0]
+    skipped = [line for line in errors if "skipped:" in line]
+    assert len(skipped) == 20  # 51 bad rows, cut after 20
+    assert "further warnings like the one above are not shown" in errors[21]
+    assert len(errors) == 22
+    assert "\r" not in result.stderr  # no progress bar off a terminal
+
+
+def test_quiet_leaves_only_the_summary(tmp_path: Path, sandbox: Sandbox) -> None:
+    csv = write_csv(tmp_path / "e.csv", PAIRS)
+    result = invoke(harvest_args(sandbox, tmp_path / "out", csv, extra=["-q"]))
+    assert result.exit_code == ExitCode.INCOMPLETE
+    assert result.stderr == ""
+    assert "by status:" in result.stdout
+
+
+def test_verbose_shows_every_warning(tmp_path: Path, sandbox: Sandbox) -> None:
+    csv = write_csv(tmp_path / "e.csv", [("m/a", f"x/{i}") for i in range(30)])
+    result = invoke(harvest_args(sandbox, tmp_path / "out", csv, extra=["-v"]))
+    assert result.stderr.count("skipped:") == 30
+
+
+def stats(**counts: int) -> RunStats:
+    s = RunStats(run_id="r1", started_at=datetime.now(UTC), out_dir=Path("out"))
+    s.rows_in_input = counts.get("rows", 100)
+    s.requests["ok"] = counts.get("ok", 40)
+    s.duplicates = counts.get("duplicates", 10)
+    return s
+
+
+def test_progress_bar_on_a_terminal_steps_aside_for_log_lines() -> None:
+    stream = io.StringIO()
+    console = Console(log_format="text", verbosity=0, stream=stream, interactive=True)
+    console.redact(KEY)
+    console.tick(stats())
+    logging.getLogger("harvester").warning("a warning while the bar is drawn, key %s", KEY)
+    console.tick(stats(ok=90))
+    console.finished(stats(ok=90))
+
+    text = stream.getvalue()
+    assert "[##########--------------] 40/90 requests" in text
+    assert "\r\x1b[K" + "20" in text  # the bar is cleared before the log line
+    assert "key ***" in text and KEY not in text
+    assert text.endswith("\r\x1b[K")  # cleared at the end, the summary goes to stdout
+
+
+def test_json_console_masks_the_key_in_fields_too() -> None:
+    stream = io.StringIO()
+    console = Console(log_format="json", verbosity=0, run_id="r9", stream=stream)
+    console.redact(KEY)
+    logging.getLogger("harvester").warning("x", extra={"detail": f"Bearer {KEY}"})
+    console.failed(UsageError(f"bad {KEY}"))
+    lines = json_lines(stream.getvalue())
+    assert [line["run_id"] for line in lines] == ["r9", "r9"]
+    assert lines[0]["detail"] == "Bearer ***"
+    assert KEY not in stream.getvalue()
+
+
+def test_snapshot_counts_what_is_left_to_do() -> None:
+    snap = Snapshot.of(stats(rows=100, ok=40, duplicates=10))
+    assert (snap.done, snap.total) == (40, 90)
+    assert snap.eta is not None and snap.eta > 0
+    assert duration(42) == "42s" and duration(185) == "3m05s" and duration(3725) == "1h02m"
+    assert size(999) == "999 B" and size(1_234_567) == "1.2 MB"

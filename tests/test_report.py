@@ -1,0 +1,190 @@
+"""``harvester report``: the tables over the latest state, and the self-contained HTML page."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from harvester import manifest
+from harvester.errors import ExitCode, UsageError
+from harvester.report import build
+from harvester.report_html import GalleryLimits, render, write_html
+from harvester.sandbox import Sandbox
+from tests.conftest import harvest_args, run_cli, write_csv
+
+EVIL = "<script>alert(1)</script>"
+
+PAIRS = [
+    *[("fal-ai/flux/dev", f"rep-{i:03d}") for i in range(24)],
+    *[("fal-ai/flux", f"rep-{i:03d}") for i in range(24, 40)],
+    ("fal-ai/flux", "pending-rep"),
+    ("fal-ai/flux", "missing-rep"),
+    ("fal-ai/flux/dev", "fail-rep"),
+    ("fal-ai/flux/dev", "shortnsfw-rep"),
+    ("fal-ai/flux/dev", "inline-rep"),
+    (EVIL, "evil-rep"),
+]
+
+
+@pytest.fixture(scope="module")
+def harvested(tmp_path_factory: pytest.TempPathFactory, sandbox: Sandbox) -> Path:
+    """Two runs into one folder: the first, then a rerun that retries what is not ok."""
+    tmp = tmp_path_factory.mktemp("report")
+    csv = write_csv(tmp / "export.csv", PAIRS)
+    out = tmp / "out"
+    for _ in range(2):
+        assert run_cli(harvest_args(sandbox, out, csv)).exit_code == ExitCode.INCOMPLETE
+    return out
+
+
+def test_tables_describe_the_latest_state(harvested: Path) -> None:
+    report = build(harvested)
+
+    assert report.requests == len(PAIRS)
+    by_model = {r["model"]: r for r in report.by_status.iter_rows(named=True)}
+    assert by_model["fal-ai/flux"]["ok"] == 16
+    assert by_model["fal-ai/flux"]["pending"] == 1 and by_model["fal-ai/flux"]["not_found"] == 1
+    assert by_model["fal-ai/flux/dev"]["failed"] == 1
+    assert by_model["fal-ai/flux/dev"]["total"] == 24 + 3
+    assert sum(by_model[EVIL][s] for s in manifest.STATUSES) == by_model[EVIL]["total"] == 1
+
+    latest = manifest.latest(harvested).filter(pl.col("path").is_not_null()).collect()
+    for row in report.nsfw.iter_rows(named=True):
+        images = latest.filter(pl.col("model") == row["model"])
+        assert row["images"] == images.height
+        assert row["flagged"] == images["has_nsfw_concept"].sum()
+        assert row["unknown"] == images["has_nsfw_concept"].null_count()
+    dev = report.nsfw.filter(pl.col("model") == "fal-ai/flux/dev").row(0, named=True)
+    assert dev["unknown"] == 2  # shortnsfw- gives one flag for three images
+
+    for row in report.inference.iter_rows(named=True):
+        assert 0 < row["p50"] <= row["p90"] <= row["p99"] <= row["max"] <= 6.0
+
+
+def test_runs_table_counts_each_run_and_joins_its_record(harvested: Path) -> None:
+    runs = build(harvested).runs
+    assert runs.height == 2
+    first, second = runs.iter_rows(named=True)
+    assert first["run_id"] < second["run_id"]
+    assert first["exit_code"] == second["exit_code"] == ExitCode.INCOMPLETE
+    assert first["requests"] == len(PAIRS)
+    assert second["requests"] == 4  # the rerun retried only what was not ok
+    assert second["images"] == second["new_images"] == 0
+    assert first["new_bytes"] == sum(
+        f.stat().st_size for f in (harvested / "images").rglob("*") if f.is_file()
+    )
+
+
+def test_text_report_from_the_cli(harvested: Path) -> None:
+    result = run_cli(["report", str(harvested)])
+    assert result.exit_code == 0, result.output
+    for title in (
+        f"Requests by status and model (latest state of {len(PAIRS)} requests)",
+        "NSFW rate per model",
+        "Inference seconds per model",
+        "Images and bytes per run",
+    ):
+        assert title in result.output
+
+
+class Page(HTMLParser):
+    """Collects what the tests look at: tags, attributes, style text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.style = ""
+        self._in_style = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, {k: v or "" for k, v in attrs}))
+        self._in_style = tag == "style"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_style = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_style:
+            self.style += data
+
+    def find(self, tag: str) -> list[dict[str, str]]:
+        return [attrs for t, attrs in self.tags if t == tag]
+
+
+def test_html_page_is_self_contained_with_tables_charts_and_gallery(
+    harvested: Path, tmp_path: Path
+) -> None:
+    html_file = tmp_path / "report.html"
+
+    result = run_cli(["report", str(harvested), "--html", str(html_file)])
+
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"wrote {html_file} (")
+    text = html_file.read_text(encoding="utf-8")
+    page = Page()
+    page.feed(text)
+    assert len(page.find("table")) == 4
+    assert len(page.find("svg")) == 4
+    assert len(page.find("rect")) > 10
+    sections = {attrs.get("id") for attrs in page.find("section")}
+    assert {"status", "nsfw", "inference", "runs", "gallery"} <= sections
+    # the gallery: images embedded as data: URIs, NSFW ones marked and blurred by CSS
+    figures = page.find("figure")
+    images = page.find("img")
+    assert images and all(img["src"].startswith("data:image/") for img in images)
+    assert len(figures) == len(images)  # every sandbox image is small enough to embed
+    assert any("nsfw" in fig["class"].split() for fig in figures)
+    assert re.search(r"\.tile\.nsfw img\s*\{[^}]*filter:\s*blur\(", page.style)
+    # nothing to fetch: no script, no stylesheet link, no http(s) asset, no CSS url()
+    assert not page.find("script") and not page.find("link")
+    for _, attrs in page.tags:
+        for name in ("src", "href", "xlink:href", "srcset", "poster", "data"):
+            assert not attrs.get(name, "").startswith(("http:", "https:", "//")), attrs
+    assert "url(" not in page.style and "@import" not in page.style
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
+    # strings from the manifest are escaped
+    assert EVIL not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+
+
+def test_gallery_limits_give_placeholders(harvested: Path) -> None:
+    report = build(harvested, gallery_limit=10)
+    page, embedded, placeholders = render(
+        report, limits=GalleryLimits(images=10, image_bytes=4_000)
+    )
+    assert embedded + placeholders == 10
+    assert placeholders > 0 and "too large to embed" in page
+    _, embedded, placeholders = render(report, limits=GalleryLimits(images=5, total_bytes=1))
+    assert (embedded, placeholders) == (0, 5)
+    assert "page size limit reached" in render(report, limits=GalleryLimits(total_bytes=1))[0]
+
+
+def test_gallery_is_the_latest_run_that_stored_images(harvested: Path) -> None:
+    report = build(harvested)
+    first_run = report.runs["run_id"][0]
+    assert report.gallery_run == first_run  # the rerun stored nothing new
+    assert report.gallery_total == report.runs["images"][0]
+
+
+def test_report_of_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="nothing has been harvested"):
+        build(tmp_path)
+    result = run_cli(["report", str(tmp_path)])
+    assert result.exit_code == ExitCode.USAGE
+    assert "no manifest under" in result.output
+
+
+def test_html_write_failure_is_an_output_error(harvested: Path, tmp_path: Path) -> None:
+    result = run_cli(["report", str(harvested), "--html", str(tmp_path / "no" / "r.html")])
+    assert result.exit_code == ExitCode.OUTPUT
+    assert "cannot write" in result.output
+
+
+def test_write_html_reports_what_it_wrote(harvested: Path, tmp_path: Path) -> None:
+    written = write_html(build(harvested), tmp_path / "r.html", limits=GalleryLimits(images=3))
+    assert written.images_embedded == 3 and written.images_placeholder == 0
+    assert written.bytes == (tmp_path / "r.html").stat().st_size
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, no temp file left
