@@ -149,7 +149,11 @@ class RunStats:
     manifest_rows: int = 0
     manifest_parts: int = 0
     temp_files_cleaned: int = 0
+    lowest_rps: float = 0.0
+    """The rate limiter's lowest rate in the run (it halves on 429s)."""
     interrupted: bool = False
+    error: HarvesterError | None = None
+    """The run-level error that stopped the run (rejected key, unwritable folder), if any."""
     finished_at: datetime | None = None
     _t0: float = field(default_factory=time.monotonic)
 
@@ -164,6 +168,8 @@ class RunStats:
 
     @property
     def exit_code(self) -> ExitCode:
+        if self.error is not None:
+            return self.error.exit_code
         if self.interrupted:
             return ExitCode.INTERRUPTED
         if any(status != OK and n for status, n in self.requests.items()):
@@ -191,7 +197,8 @@ class RunStats:
             f"{self.images_failed:,} failed; {_size(self.bytes_new)} new on disk",
             f"  api:        {self.result_requests:,} result requests "
             f"({self.result_requests / self.elapsed:,.1f}/s), {self.retries:,} retries, "
-            f"{self.throttled:,} rate-limited (429)",
+            f"{self.throttled:,} rate-limited (429)"
+            + (f", rate cut to {self.lowest_rps:,.1f}/s at the lowest" if self.throttled else ""),
             f"  manifest:   {self.manifest_rows:,} rows in {self.manifest_parts} new part(s) "
             f"under {self.out_dir / 'manifest' / self.run_id}",
         ]
@@ -493,6 +500,7 @@ class _Run:
 
     def refresh(self) -> None:
         self.stats.throttled = self.limiter.throttled
+        self.stats.lowest_rps = self.limiter.lowest_rate
         self.stats.result_requests = self.limiter.acquired
         fetcher = getattr(self, "fetcher", None)
         store = getattr(self, "store", None)
@@ -533,11 +541,15 @@ def harvest(
             anyio.run(run.run, files, done, on_tick, tick)
         except KeyboardInterrupt:
             stats.interrupted = True
+        except HarvesterError as exc:
+            stats.error = exc
+            raise
         except BaseExceptionGroup as group:
             # Task groups wrap what their tasks raise; report our own error plainly.
             first = _first_harvester_error(group)
             if first is None:
                 raise
+            stats.error = first
             raise first from None
         finally:
             run.refresh()
