@@ -211,7 +211,11 @@ def verify_command(out_dir: Path) -> None:
     if not out_dir.is_dir():
         click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
         sys.exit(int(ExitCode.USAGE))
-    report = verify(out_dir)
+    try:
+        report = verify(out_dir)
+    except HarvesterError as exc:
+        _fail(exc)
+        return
     click.echo(report.summary())
     sys.exit(int(ExitCode.OK if report.ok else ExitCode.VERIFY))
 
