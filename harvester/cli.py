@@ -148,6 +148,13 @@ def main() -> None:
     show_default=True,
     help="Seconds to wait for a response or the next body bytes.",
 )
+@click.option(
+    "--flush-every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds between manifest writes: a crash loses at most this much finished work.",
+)
 @click.option("-v", "--verbose", count=True, help="More log lines (-vv: every HTTP request).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary.")
 def harvest_command(
@@ -164,6 +171,7 @@ def harvest_command(
     pending_wait: float,
     max_image_bytes: int,
     timeout: float,
+    flush_every: float,
     verbose: int,
     quiet: bool,
 ) -> None:
@@ -188,6 +196,7 @@ def harvest_command(
             pending_wait=pending_wait,
             max_image_bytes=max_image_bytes,
             read_timeout=timeout,
+            seconds_per_part=flush_every,
         )
         progress = Progress(sys.stderr, enabled=sys.stderr.isatty() and not quiet)
         try:
