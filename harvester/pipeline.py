@@ -94,8 +94,12 @@ class HarvestConfig:
 
     def validate(self) -> None:
         """Check option values and combinations before any file or network is touched."""
-        url = httpx.URL(self.base_url)
-        if url.scheme not in ("http", "https") or not url.host:
+        try:
+            url = httpx.URL(self.base_url)
+            host = url.host  # decoding an IDNA host can fail too
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise UsageError(f"--base-url {self.base_url!r} is not a valid URL ({exc})") from None
+        if url.scheme not in ("http", "https") or not host:
             raise UsageError(f"--base-url {self.base_url!r} must be an http:// or https:// URL")
         if url.query or url.fragment:
             raise UsageError(f"--base-url {self.base_url!r} must not have a query or fragment")

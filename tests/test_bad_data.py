@@ -113,3 +113,21 @@ def test_results_of_the_wrong_shape_are_clear_row_errors(tmp_path: Path, sandbox
     assert short["status"].to_list() == ["ok", "ok", "ok"]
     assert short["has_nsfw_concept"].to_list()[1:] == [None, None]
     assert set(short["error"]) == {"has_nsfw_concepts has 1 entries for 3 images"}
+
+
+@pytest.mark.parametrize(
+    ("base_url", "message"),
+    [
+        ("http://[::1", "is not a valid URL (Invalid port: ':1')"),
+        ("https://xn--/", "is not a valid URL (Malformed A-label"),
+        ("ftp://relay.test", "must be an http:// or https:// URL"),
+    ],
+)
+def test_a_malformed_base_url_is_a_usage_error(tmp_path: Path, base_url: str, message: str) -> None:
+    csv = tmp_path / "e.csv"
+    csv.write_text("model,request_id\nfal-ai/flux,a1\n")
+    result = run_cli(["harvest", str(csv), "--out", str(tmp_path / "out"), "--base-url", base_url])
+    assert result.exit_code == ExitCode.USAGE
+    assert result.output.startswith(f"harvester: error: --base-url {base_url!r} ")
+    assert message in result.output
+    assert not (tmp_path / "out").exists()
