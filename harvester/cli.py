@@ -140,6 +140,12 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             **default("timeout"),
         ),
         click.option(
+            "--flush-every",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds between manifest writes: a crash loses at most this much finished work.",
+            **default("flush_every"),
+        ),
+        click.option(
             "--log-format",
             type=click.Choice(LOG_FORMATS),
             help="text: a progress bar on a terminal, a few plain lines elsewhere (cron mail); "
@@ -331,7 +337,11 @@ def verify_command(out_dir: Path) -> None:
     if not out_dir.is_dir():
         click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
         sys.exit(int(ExitCode.USAGE))
-    report = verify(out_dir)
+    try:
+        report = verify(out_dir)
+    except HarvesterError as exc:
+        _fail(exc)
+        return
     click.echo(report.summary())
     sys.exit(int(ExitCode.OK if report.ok else ExitCode.VERIFY))
 
@@ -376,10 +386,26 @@ def verify_command(out_dir: Path) -> None:
 )
 @click.option(
     "--image-bytes",
-    type=click.IntRange(min=64),
+    type=click.IntRange(min=1_000),
     default=30_000,
     show_default=True,
     help="Approximate size of each synthetic image.",
+)
+@click.option(
+    "--slow",
+    "slow_seconds",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds a 'slow' fault delays its answer.",
+)
+@click.option(
+    "--retry-after",
+    "retry_after_seconds",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds the Retry-After of a '429ra' fault asks for.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="World seed.")
 def sandbox_command(
@@ -390,6 +416,8 @@ def sandbox_command(
     faults: str,
     latency_ms: float,
     image_bytes: int,
+    slow_seconds: float,
+    retry_after_seconds: float,
     seed: int,
 ) -> None:
     """Run a local fal-compatible API on 127.0.0.1 that serves synthetic results and images.
@@ -418,16 +446,21 @@ def sandbox_command(
             )
     except HarvesterError as exc:
         _fail(exc)
-    config = SandboxConfig(
-        port=port,
-        key=key,
-        auth_scheme=auth_scheme,
-        faults=fault_rates,
-        seed=seed,
-        image_bytes=image_bytes,
-        latency=latency_ms / 1000,
-        known_request_ids=known,
-    )
+    try:
+        config = SandboxConfig(
+            port=port,
+            key=key,
+            auth_scheme=auth_scheme,
+            faults=fault_rates,
+            seed=seed,
+            image_bytes=image_bytes,
+            latency=latency_ms / 1000,
+            slow_seconds=slow_seconds,
+            retry_after_seconds=retry_after_seconds,
+            known_request_ids=known,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
 
     def ready(sandbox: object) -> None:
         base = getattr(sandbox, "base_url", "")

@@ -40,16 +40,38 @@ class FetchOutcome:
 
 
 def _snippet(body: bytes, limit: int = 120) -> str:
-    text = body.decode("utf-8", "replace").strip()
+    text = body[: limit * 8].decode("utf-8", "replace").strip()
     text = " ".join(text.split())
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
-def transport_reason(exc: httpx.TransportError) -> str:
-    """A short, secret-free description of a transport failure."""
-    kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
+def request_error_reason(exc: httpx.RequestError) -> str:
+    """A short, secret-free description of a failed exchange (httpx never puts headers in
+    its messages)."""
+    if isinstance(exc, httpx.TimeoutException):
+        kind = "timed out"
+    elif isinstance(exc, httpx.DecodingError):
+        kind = "body cannot be decoded"
+    else:
+        kind = "connection failed"
     detail = str(exc).strip()
     return f"{kind} ({type(exc).__name__}{': ' + detail if detail else ''})"
+
+
+def secrets_of(authorization: str) -> tuple[str, ...]:
+    """The secret parts of an Authorization value: the key, and the secret of ``id:secret``."""
+    key = authorization.partition(" ")[2].strip()
+    parts = [key]
+    if ":" in key:
+        parts.append(key.split(":", 1)[1])
+    return tuple(p for p in parts if p)
+
+
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    """``text`` with every secret replaced by ``***``: for text an API or a CDN sent back."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 class ResultFetcher:
@@ -71,6 +93,7 @@ class ResultFetcher:
         self._policy = policy
         self._limiter = limiter
         self._rng = rng
+        self._secrets = secrets_of(authorization)
         self.retries = 0
 
     async def fetch(self, model: str, request_id: str) -> FetchOutcome:
@@ -80,8 +103,8 @@ class ResultFetcher:
             await self._limiter.acquire()
             try:
                 response = await self._client.get(url, headers=self._headers)
-            except httpx.TransportError as exc:
-                raise TransientError(transport_reason(exc)) from exc
+            except httpx.RequestError as exc:
+                raise TransientError(request_error_reason(exc)) from exc
             return self._classify(response, n)
 
         def count_retry(_: TransientError) -> None:
@@ -94,9 +117,17 @@ class ResultFetcher:
         return outcome
 
     def _classify(self, response: httpx.Response, attempt: int) -> FetchOutcome:
+        """One answer as an outcome; raises ``TransientError`` (retry) or ``AuthError``.
+
+        Text from the server (``detail``, a body snippet) goes through ``redact``: a relay
+        that echoes the key must not put it in the manifest or a message.
+        """
         status = response.status_code
         body = response.content
         detail = error_detail(body) if status != 200 or b'"detail"' in body[:200] else None
+        if detail is not None:
+            detail = redact(detail, self._secrets)
+        snippet = redact(_snippet(body), self._secrets)
         if detail is not None and IN_PROGRESS in detail.lower():
             self._limiter.on_success()
             return FetchOutcome(PENDING, status, attempt, detail)
@@ -106,12 +137,12 @@ class ResultFetcher:
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
             if status == 429:
                 self._limiter.on_throttled(retry_after)
-            reason = f"HTTP {status}: {detail or _snippet(body) or response.reason_phrase}"
+            reason = f"HTTP {status}: {detail or snippet or response.reason_phrase}"
             raise TransientError(reason, http_status=status, retry_after=retry_after)
         if status in (401, 403):
             raise AuthError(
                 f"the API at {self._base_url} refused the key (HTTP {status}: "
-                f"{detail or _snippet(body)}); check HARVESTER_API_KEY (or FAL_KEY) and "
+                f"{detail or snippet}); check HARVESTER_API_KEY (or FAL_KEY) and "
                 "--auth-scheme (bearer for relays, key for fal.ai itself)"
             )
         self._limiter.on_success()
@@ -129,10 +160,10 @@ class ResultFetcher:
         if status == 404:
             return FetchOutcome(NOT_FOUND, status, attempt, detail or "NOT_FOUND")
         if status >= 500 and detail is None:
-            raise TransientError(f"HTTP {status}: {_snippet(body)}", http_status=status)
+            raise TransientError(f"HTTP {status}: {snippet}", http_status=status)
         if status >= 400:
-            error_type = response.headers.get("x-fal-error-type")
-            text = detail or f"HTTP {status}: {_snippet(body)}"
+            error_type = redact(response.headers.get("x-fal-error-type", ""), self._secrets)
+            text = detail or f"HTTP {status}: {snippet}"
             return FetchOutcome(
                 FAILED, status, attempt, f"{error_type}: {text}" if error_type else text
             )

@@ -55,6 +55,8 @@ class Job:
     pending_wait: float = 0.0
     max_image_bytes: int = 64 * 1024 * 1024
     timeout: float = 60.0
+    flush_every: float = 30.0
+    """Seconds between manifest writes: a crash loses at most this much finished work."""
     log_format: str = "text"
     """``text`` or ``json`` (one object per line, for log aggregators)."""
     source: Path | None = field(default=None, compare=False)
@@ -76,6 +78,7 @@ class Job:
             pending_wait=self.pending_wait,
             max_image_bytes=self.max_image_bytes,
             read_timeout=self.timeout,
+            seconds_per_part=self.flush_every,
         )
 
 
@@ -121,6 +124,7 @@ _KEYS: Final[dict[str, _Key]] = {
     "pending-wait": _Key("number", 0),
     "max-image-bytes": _Key("integer", 1),
     "timeout": _Key("number", 0, above=True),
+    "flush-every": _Key("number", 0, above=True),
     "log-format": _Key("string", choices=LOG_FORMATS),
 }
 KEYS: Final = tuple(_KEYS)

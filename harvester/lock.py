@@ -17,12 +17,33 @@ from harvester.errors import LockedError, OutputError
 from harvester.layout import Layout
 
 
-@contextmanager
-def exclusive(layout: Layout) -> Iterator[None]:
+def _open(layout: Layout, *, read_only_ok: bool) -> tuple[int | None, bool]:
+    """The lock file's descriptor (None: no lock file and none can be made) and whether it
+    is writable."""
     try:
-        fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644), True
     except OSError as exc:
-        raise OutputError(f"cannot create lock file {layout.lock}: {exc.strerror or exc}") from exc
+        if not read_only_ok:
+            raise OutputError(
+                f"cannot create lock file {layout.lock}: {exc.strerror or exc}"
+            ) from exc
+    try:
+        return os.open(layout.lock, os.O_RDONLY), False
+    except OSError:
+        return None, False
+
+
+@contextmanager
+def exclusive(layout: Layout, *, read_only_ok: bool = False) -> Iterator[None]:
+    """Hold ``DIR/.lock``, or raise ``LockedError`` at once (never waits).
+
+    With ``read_only_ok`` (for checks that write nothing), a read-only folder is checked
+    without writing: no harvest can be running where the lock file cannot be created.
+    """
+    fd, writable = _open(layout, read_only_ok=read_only_ok)
+    if fd is None:
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -32,12 +53,14 @@ def exclusive(layout: Layout) -> Iterator[None]:
                 f"another harvest (pid {holder}) is already running on {layout.root}; "
                 "this run did nothing. Wait for it to finish, or stagger the cron schedules"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if writable:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
+            if writable:
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)
 

@@ -94,8 +94,12 @@ class HarvestConfig:
 
     def validate(self) -> None:
         """Check option values and combinations before any file or network is touched."""
-        url = httpx.URL(self.base_url)
-        if url.scheme not in ("http", "https") or not url.host:
+        try:
+            url = httpx.URL(self.base_url)
+            host = url.host  # decoding an IDNA host can fail too
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise UsageError(f"--base-url {self.base_url!r} is not a valid URL ({exc})") from None
+        if url.scheme not in ("http", "https") or not host:
             raise UsageError(f"--base-url {self.base_url!r} must be an http:// or https:// URL")
         if url.query or url.fragment:
             raise UsageError(f"--base-url {self.base_url!r} must not have a query or fragment")
@@ -149,6 +153,8 @@ class RunStats:
     manifest_rows: int = 0
     manifest_parts: int = 0
     temp_files_cleaned: int = 0
+    lowest_rps: float = 0.0
+    """The rate limiter's lowest rate in the run (it halves on 429s)."""
     interrupted: bool = False
     error: str | None = None
     """The run-level error that ended the run (a rejected key, an unwritable folder), if any."""
@@ -200,7 +206,8 @@ class RunStats:
             f"{self.images_failed:,} failed; {_size(self.bytes_new)} new on disk",
             f"  api:        {self.result_requests:,} result requests "
             f"({self.result_requests / self.elapsed:,.1f}/s), {self.retries:,} retries, "
-            f"{self.throttled:,} rate-limited (429)",
+            f"{self.throttled:,} rate-limited (429)"
+            + (f", rate cut to {self.lowest_rps:,.1f}/s at the lowest" if self.throttled else ""),
             f"  manifest:   {self.manifest_rows:,} rows in {self.manifest_parts} new part(s) "
             f"under {self.out_dir / 'manifest' / self.run_id}",
         ]
@@ -256,8 +263,9 @@ def _size(n: int) -> str:
 
 
 def new_run_id(now: datetime) -> str:
-    """Sortable and unique: ``20261124T031500Z-3f9a1c``."""
-    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    """Sortable and unique: ``20261124T031500.123Z-3f9a1c``. Runs on one folder are serialised
+    by its lock, so the milliseconds keep a later run's id above an earlier one's."""
+    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
 
 
 def _request_status(rows: Sequence[ManifestRow]) -> str:
@@ -503,6 +511,7 @@ class _Run:
 
     def refresh(self) -> None:
         self.stats.throttled = self.limiter.throttled
+        self.stats.lowest_rps = self.limiter.lowest_rate
         self.stats.result_requests = self.limiter.acquired
         fetcher = getattr(self, "fetcher", None)
         store = getattr(self, "store", None)
@@ -545,6 +554,9 @@ def harvest(
             anyio.run(run.run, files, done, on_tick, tick)
         except KeyboardInterrupt:
             stats.interrupted = True
+        except HarvesterError as exc:
+            stats.fail(exc)
+            raise
         except BaseExceptionGroup as group:
             # Task groups wrap what their tasks raise; report our own error plainly.
             first = _first_harvester_error(group)

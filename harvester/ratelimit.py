@@ -28,6 +28,8 @@ class RateLimiter:
         self.max_rps = max_rps
         self.min_rps = min(min_rps, max_rps)
         self.rate = max_rps
+        self.lowest_rate = max_rps
+        """The slowest the run went, for the summary."""
         self._step = max_rps / recovery_successes
         self._clock = clock
         self._next = clock()
@@ -53,6 +55,7 @@ class RateLimiter:
         if now - self._last_cut >= 1.0:
             self._last_cut = now
             self.rate = max(self.min_rps, self.rate / 2)
+            self.lowest_rate = min(self.lowest_rate, self.rate)
         if retry_after is not None and retry_after > 0:
             self._next = max(self._next, now + retry_after)
 

@@ -108,6 +108,11 @@ def _open(path: Path) -> TextIO:
             head = raw.read(8192)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputError(
+            f"{path} is UTF-16 text (a spreadsheet's 'Unicode text' export?); "
+            "save it as 'CSV UTF-8' and try again"
+        )
     if b"\x00" in head:
         raise InputError(f"{path} looks like a binary file, not a CSV export")
     return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
 import random
@@ -21,7 +22,7 @@ from urllib.parse import unquote_to_bytes
 import httpx
 
 from harvester.errors import OutputError
-from harvester.fetcher import transport_reason
+from harvester.fetcher import request_error_reason
 from harvester.layout import Layout
 from harvester.manifest import ERROR, FAILED
 from harvester.retry import (
@@ -123,13 +124,32 @@ class _Sink:
             raise OutputError(f"cannot write image data: {exc.strerror or exc}") from exc
 
     def discard(self) -> None:
-        self._fh.close()
-        self.path.unlink(missing_ok=True)
+        """Close and remove the temp file; never raises (it runs while handling an error)."""
+        # A full disk can fail the close's flush, and an unlink can fail too: what is left
+        # is in DIR/.tmp, which the next run empties.
+        with contextlib.suppress(OSError):
+            self._fh.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
 
 
 class _TooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"image is larger than the {limit:,}-byte limit (--max-image-bytes)")
+
+
+def _http_url(text: str | httpx.URL) -> httpx.URL | str:
+    """``text`` as an http(s) URL with a host, or the reason it is not one."""
+    try:
+        url = httpx.URL(text)
+        host = url.host  # decoding an IDNA host can fail too
+    except (httpx.InvalidURL, ValueError) as exc:  # IDNA errors are ValueErrors
+        return f"image URL is malformed ({exc})"
+    if url.scheme not in FOLLOWED_SCHEMES:
+        return f"unsupported image URL scheme {url.scheme or '(none)'!r}"
+    if not host:
+        return "image URL has no host"
+    return url
 
 
 class ImageStore:
@@ -181,25 +201,32 @@ class ImageStore:
         return outcome
 
     async def _download(self, url: str, attempt: int) -> StoredImage | ImageFailure:
-        current = httpx.URL(url)
+        current = _http_url(url)
         for _ in range(self._max_redirects + 1):
+            if isinstance(current, str):
+                return ImageFailure(FAILED, current, None, attempt)
             request = self._client.build_request("GET", current)
             request.headers.pop("Authorization", None)  # never, whatever the client defaults
             try:
                 response = await self._client.send(request, stream=True, follow_redirects=False)
-            except httpx.TransportError as exc:
-                raise TransientError(f"image download {transport_reason(exc)}") from exc
+            except (httpx.InvalidURL, httpx.RemoteProtocolError) as exc:
+                # httpx parses a redirect's Location even when not following it.
+                if isinstance(exc, httpx.InvalidURL) or "location header" in str(exc):
+                    return ImageFailure(
+                        FAILED,
+                        f"image URL redirects to a URL that cannot be followed ({exc})",
+                        None,
+                        attempt,
+                    )
+                raise TransientError(f"image download {request_error_reason(exc)}") from exc
+            except httpx.RequestError as exc:
+                raise TransientError(f"image download {request_error_reason(exc)}") from exc
             try:
                 status = response.status_code
                 if response.is_redirect:
-                    target = current.join(response.headers["location"])
-                    if target.scheme not in FOLLOWED_SCHEMES:
-                        return ImageFailure(
-                            FAILED,
-                            f"image URL redirects to an unsupported scheme {target.scheme!r}",
-                            status,
-                            attempt,
-                        )
+                    target = _redirect_target(current, response.headers["location"])
+                    if isinstance(target, str):
+                        return ImageFailure(FAILED, target, status, attempt)
                     current = target
                     continue
                 if status in (404, 410):
@@ -242,6 +269,11 @@ class ImageStore:
         except _TooLarge as exc:
             sink.discard()
             return ImageFailure(FAILED, str(exc), status, attempt)
+        except httpx.DecodingError as exc:
+            sink.discard()
+            raise TransientError(
+                f"image body cannot be decoded ({exc})", http_status=status
+            ) from exc
         except httpx.TransportError as exc:
             sink.discard()
             raise TransientError(
@@ -287,10 +319,13 @@ class ImageStore:
         sink = _Sink(self._layout, self._max_bytes)
         try:
             sink.write(data)
+            sink.close()
         except _TooLarge as exc:
             sink.discard()
             return ImageFailure(FAILED, str(exc), None, 1)
-        sink.close()
+        except BaseException:
+            sink.discard()
+            raise
         ext = sniff(sink.head)
         if ext is None:
             sink.discard()
@@ -312,3 +347,17 @@ class ImageStore:
             Path(sink.path).unlink(missing_ok=True)
             raise OutputError(f"cannot store image {relative}: {exc.strerror or exc}") from exc
         return StoredImage(sha, relative, sink.size, new, status, attempt)
+
+
+def _redirect_target(current: httpx.URL, location: str) -> httpx.URL | str:
+    """Where a redirect leads, or why it is not followed: only to http(s), never from https
+    down to plain http, and never to a malformed URL."""
+    try:
+        target = current.join(location)
+    except (httpx.InvalidURL, ValueError) as exc:
+        return f"image URL redirects to a malformed URL ({exc})"
+    if target.scheme not in FOLLOWED_SCHEMES:
+        return f"image URL redirects to an unsupported scheme {target.scheme!r}"
+    if current.scheme == "https" and target.scheme == "http":
+        return "image URL redirects from https to plain http; not followed"
+    return _http_url(target)

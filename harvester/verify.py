@@ -2,22 +2,24 @@
 
 Finds manifest rows whose file is missing, files whose bytes no longer match their name or
 the manifest's sha256 (corrupt), files under ``images/`` that no manifest row points at
-(orphans), and manifest parts that cannot be read.
+(orphans), and manifest parts that cannot be read. It holds the output folder's lock while it
+checks, so a harvest in progress cannot make its unfinished work look like orphans.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harvester import manifest
 from harvester.layout import Layout
+from harvester.lock import exclusive
 
 _NAME: Final = re.compile(r"([0-9a-f]{64})\.[a-z0-9]+")
 
@@ -31,6 +33,8 @@ class VerifyReport:
     corrupt: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     unreadable_parts: list[str] = field(default_factory=list)
+    unjudged: int = 0
+    """Files no readable part points at while some part is unreadable: maybe orphans."""
 
     @property
     def ok(self) -> bool:
@@ -52,6 +56,16 @@ class VerifyReport:
             lines += [f"  {label}: {item}" for item in items[:limit]]
             if len(items) > limit:
                 lines.append(f"  ... and {len(items) - limit:,} more {label} entries")
+        if self.unjudged:
+            lines.append(
+                f"  {self.unjudged:,} files are not referenced by any readable part; with "
+                "unreadable parts, whether they are orphans cannot be told"
+            )
+        if self.orphans:
+            lines.append(
+                "  orphans are usually left by a run killed before it wrote its rows: "
+                "harvesting the same inputs again records them"
+            )
         return "\n".join(lines)
 
 
@@ -60,47 +74,64 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def verify(out_dir: Path) -> VerifyReport:
-    layout = Layout(out_dir)
-    report = VerifyReport()
-    parts = sorted(layout.manifest.glob("*/*.parquet"))
-    for part in parts:
+def _read_parts(layout: Layout, report: VerifyReport) -> dict[str, set[str]]:
+    """``path -> {sha256}`` from every readable part; unreadable parts go into the report."""
+    referenced: dict[str, set[str]] = defaultdict(set)
+    for part in sorted(layout.manifest.rglob("*.parquet")):
         report.parts_checked += 1
         try:
-            pq.read_metadata(part)
-        except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError)
-            report.unreadable_parts.append(f"{part.relative_to(out_dir)}: {exc}")
-    referenced: dict[str, str] = {}
-    if parts and not report.unreadable_parts:
-        stored = (
-            manifest.scan(out_dir)
-            .filter(pl.col("path").is_not_null())
-            .select("path", "sha256")
-            .unique()
-            .collect()
-        )
-        referenced = dict(zip(stored["path"].to_list(), stored["sha256"].to_list(), strict=True))
-    for rel, sha in referenced.items():
-        path = out_dir / rel
-        if not path.is_file():
-            report.missing.append(rel)
+            table = pq.read_table(part)  # every page, not just the footer
+            paths = table.column("path").to_pylist()
+            shas = table.column("sha256").to_pylist()
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            report.unreadable_parts.append(f"{part.relative_to(layout.root)}: {exc}")
             continue
-        report.files_checked += 1
+        for path, sha in zip(paths, shas, strict=True):
+            if path is not None:
+                referenced[path].add(sha)
+    return referenced
+
+
+def _check(path: Path, rel: str, expected: str, report: VerifyReport) -> None:
+    """Hash one file; a mismatch with ``expected`` (or its own name) makes it corrupt."""
+    report.files_checked += 1
+    try:
         report.bytes_checked += path.stat().st_size
-        if _sha256(path) != sha or not path.name.startswith(sha):
-            report.corrupt.append(rel)
-    if layout.images.is_dir():
-        for path in layout.images.rglob("*"):
+        actual = _sha256(path)
+    except OSError as exc:
+        report.corrupt.append(f"{rel} (cannot be read: {exc.strerror or exc})")
+        return
+    if actual != expected or not path.name.startswith(actual):
+        report.corrupt.append(rel)
+
+
+def verify(out_dir: Path) -> VerifyReport:
+    """Check ``out_dir``; raises ``LockedError`` while a harvest runs on it."""
+    layout = Layout(out_dir)
+    report = VerifyReport()
+    with exclusive(layout, read_only_ok=True):
+        referenced = _read_parts(layout, report)
+        for rel, shas in sorted(referenced.items()):
+            path = out_dir / rel
             if not path.is_file():
-                continue
+                report.missing.append(rel)
+            elif len(shas) > 1:
+                report.corrupt.append(f"{rel} (manifest rows disagree on its sha256)")
+            else:
+                _check(path, rel, next(iter(shas)) or "", report)
+        if not layout.images.is_dir():
+            return report
+        for path in sorted(layout.images.rglob("*")):
             rel = path.relative_to(out_dir).as_posix()
-            if rel in referenced:
+            if rel in referenced or not path.is_file():
                 continue
             match = _NAME.fullmatch(path.name)
-            report.files_checked += 1
-            report.bytes_checked += path.stat().st_size
-            if match is None or _sha256(path) != match.group(1):
-                report.corrupt.append(rel)
+            before = len(report.corrupt)
+            _check(path, rel, match.group(1) if match else "", report)
+            if len(report.corrupt) > before:
+                continue
+            if report.unreadable_parts:
+                report.unjudged += 1
             else:
                 report.orphans.append(rel)
     return report

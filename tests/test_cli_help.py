@@ -56,7 +56,7 @@ def command_lines(text: str) -> list[str]:
     """Every ``harvester ...`` invocation in fenced code blocks and inline code spans."""
     lines: list[str] = []
     for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M):
-        for line in block.splitlines():
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():  # join continued lines
             found = re.search(r"(?:^\$ |bin/|^)(?:[A-Z_]+=\S+ )*(harvester [a-z].*)$", line)
             if found and not line.lstrip().startswith("#"):
                 lines.append(found.group(1))

@@ -18,9 +18,11 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harvester.cli import main
 from harvester.sandbox import (
     FaultRates,
     Sandbox,
@@ -526,9 +528,9 @@ def observe(client: httpx.Client, request_id: str) -> str:
             continue
         break
     if body is None:
-        return "pending" if pending else "failed"
-    if not isinstance(body["images"], list) or not isinstance(body["seed"], int | None):
-        return "failed"
+        return "pending" if pending else "error"
+    if not isinstance(body["images"], list) or not isinstance(body["seed"], int):
+        return "error"
     for image in body["images"]:
         if image["url"].startswith("data:"):
             continue
@@ -557,7 +559,7 @@ def test_expected_status_matches_what_is_served_under_faults() -> None:
         stats = sb.stats()
     expected = {request_id: expected_status(request_id, config) for request_id in ids}
     assert seen == expected
-    assert set(expected.values()) == {"ok", "not_found", "failed", "pending"}
+    assert set(expected.values()) == {"ok", "not_found", "failed", "error", "pending"}
     assert stats["faults_injected"] > 20 and stats["internal_errors"] == 0
 
 
@@ -689,3 +691,20 @@ def test_world_is_pure_and_matches_the_server(client: httpx.Client, sandbox: San
         assert content_type == image["content_type"]
     with pytest.raises(ValueError, match="not a media token"):
         world.image_for("../etc/passwd")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--key", ""], "key must not be empty"),
+        (["--image-bytes", "100"], "100 is not in the range x>=1000"),
+        (["--faults", "429=2"], "rate must be between 0 and 1"),
+        (["--faults", "mixed=0.9,reset=0.5"], "add up to"),
+        (["--slow", "-1"], "-1.0 is not in the range x>=0"),
+    ],
+)
+def test_sandbox_cli_turns_bad_options_into_usage_errors(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["sandbox", "--port", "0", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -6,7 +6,9 @@ Narrow unit tests over httpx.MockTransport; the real-HTTP paths are in test_harv
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
+import os
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harvester.errors import OutputError
 from harvester.layout import Layout
 from harvester.retry import RetryPolicy
 from harvester.store import ImageFailure, ImageStore, StoredImage, sniff
@@ -194,3 +197,96 @@ async def test_data_uris_and_other_schemes(tmp_path: Path) -> None:
     assert isinstance(ftp, ImageFailure)
     assert "only http, https and data" in ftp.error
     assert isinstance(bad, ImageFailure)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1/x.png", "image URL is malformed"),
+        ("https://xn--/a.png", "image URL is malformed"),
+        ("https:///x.png", "image URL has no host"),
+        ("file:///etc/passwd", "only http, https and data URLs are followed"),
+        ("javascript:alert(1)", "only http, https and data URLs are followed"),
+    ],
+)
+async def test_malformed_urls_are_rows_not_crashes(tmp_path: Path, url: str, message: str) -> None:
+    store, layout, client = make_store(tmp_path, lambda _: httpx.Response(200, content=PNG))
+    async with client:
+        got = await store.store(url)
+    assert isinstance(got, ImageFailure)
+    assert (got.status, got.attempts > 1) == ("failed", False)
+    assert message in got.error
+    assert list(layout.tmp.iterdir()) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("http://cdn.test/plain.png", "from https to plain http"),
+        ("data:image/png;base64,AAAA", "redirects to a URL that cannot be followed"),
+        ("file:///etc/passwd", "unsupported scheme 'file'"),
+        ("http://[::1/x.png", "redirects to a URL that cannot be followed"),
+    ],
+)
+async def test_redirects_never_change_to_another_scheme(
+    tmp_path: Path, location: str, message: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/start":
+            return httpx.Response(302, headers={"location": location})
+        return httpx.Response(200, content=PNG)
+
+    store, _, client = make_store(tmp_path, handler)
+    async with client:
+        got = await store.store("https://cdn.test/start")
+        upgraded = await store.store("http://cdn.test/start")  # http -> anything http(s) is fine
+    assert isinstance(got, ImageFailure)
+    assert got.status == "failed" and message in got.error
+    if location.startswith("http://cdn"):
+        assert isinstance(upgraded, StoredImage)
+
+
+@pytest.mark.anyio
+async def test_undecodable_body_is_retried_then_an_error(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"not gzip", headers={"content-encoding": "gzip"})
+
+    store, layout, client = make_store(tmp_path, handler)
+    async with client:
+        got = await store.store("https://cdn.test/x.png")
+    assert isinstance(got, ImageFailure)
+    assert got.status == "error" and "cannot be decoded" in got.error
+    assert got.attempts == 3
+    assert list(layout.tmp.iterdir()) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("url", ["https://cdn.test/x.png", "data:image/png;base64,"])
+async def test_disk_full_while_writing_is_an_output_error_leaving_nothing(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC at the write boundary: a clear OutputError, no temp file, nothing stored."""
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, path: Path, mode: str) -> None:
+            self._fh = real_open(path, mode)
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self) -> None:
+            self._fh.close()
+
+    monkeypatch.setattr("harvester.store.open", FullDisk, raising=False)
+    if url.startswith("data:"):
+        url += base64.b64encode(PNG).decode()
+    store, layout, client = make_store(tmp_path, lambda _: httpx.Response(200, content=PNG))
+    async with client:
+        with pytest.raises(OutputError) as info:
+            await store.store(url)
+    assert str(info.value) == "cannot write image data: No space left on device"
+    assert list(layout.tmp.iterdir()) == []
+    assert list(layout.images.rglob("*.*")) == []

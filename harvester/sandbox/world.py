@@ -79,10 +79,10 @@ EXPECTED: Final = {
     Behaviour.NOT_IMAGE: "failed",
     Behaviour.REDIRECT: "ok",
     Behaviour.BAD_REDIRECT: "failed",
-    Behaviour.BAD_JSON: "failed",
-    Behaviour.BAD_SHAPE: "failed",
+    Behaviour.BAD_JSON: "error",
+    Behaviour.BAD_SHAPE: "error",
     Behaviour.SHORT_NSFW: "ok",
-    Behaviour.NULL_SEED: "ok",
+    Behaviour.NULL_SEED: "error",
     Behaviour.BIG: "ok",
     Behaviour.ECHO: "ok",
     Behaviour.DUP: "ok",
@@ -170,16 +170,23 @@ def behaviour(request_id: str, config: SandboxConfig) -> Behaviour:
     return Behaviour.OK
 
 
-def expected_status(request_id: str, config: SandboxConfig) -> str:
+def expected_status(request_id: str, config: SandboxConfig, *, repolls: bool = True) -> str:
     """The final status a correct harvester records for ``request_id``.
 
-    One of ``"ok"``, ``"not_found"``, ``"failed"``, ``"pending"``. Transient faults do not
-    change it (a client that retries gets through). A ``pending_then_done`` id is ``"ok"``:
-    its third result fetch answers the result. ``"failed"`` covers every final non-ok answer
-    that is not a not-found: model errors, validation errors, expired or non-image media,
-    a redirect to ``ftp:``, and ``badjson-``/``badshape-`` bodies that never parse.
+    One of ``"ok"``, ``"not_found"``, ``"failed"``, ``"error"``, ``"pending"`` (the
+    manifest's vocabulary). Transient faults do not change it (a client that retries gets
+    through). A ``pending_then_done`` id is ``"ok"`` for a client that re-polls (its third
+    result fetch answers the result; ``harvester harvest --pending-wait``), and
+    ``"pending"`` with ``repolls=False`` (a first run without ``--pending-wait``).
+    ``"failed"`` is a final answer of the API or the CDN: model errors, validation errors,
+    expired or non-image media, a redirect to ``ftp:``.
+    ``"error"`` is a body no client can use: ``badjson-`` (never valid JSON), ``badshape-``
+    (images not a list, seed a string) and ``nullseed-`` (a null seed).
     """
-    return EXPECTED[behaviour(request_id, config)]
+    kind = behaviour(request_id, config)
+    if kind is Behaviour.FAULT_PENDING_THEN_DONE and not repolls:
+        return "pending"
+    return EXPECTED[kind]
 
 
 def json_reply(status: int, body: bytes, request_id: str | None = None) -> Reply:

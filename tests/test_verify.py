@@ -1,0 +1,103 @@
+"""``harvester verify``: missing, corrupt and orphaned files and unreadable parts -> exit 9."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from harvester.errors import ExitCode
+from harvester.layout import Layout
+from harvester.lock import exclusive
+from harvester.manifest import manifest_glob
+from harvester.sandbox import Sandbox
+from tests.conftest import harvest_args, run_cli, write_csv
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"orphan" * 10
+
+
+@pytest.fixture(scope="module")
+def harvested(tmp_path_factory: pytest.TempPathFactory, sandbox: Sandbox) -> Path:
+    """A small, healthy output folder, harvested once for the module."""
+    base = tmp_path_factory.mktemp("verify")
+    pairs = [("fal-ai/flux/dev", f"verify-{n:03d}") for n in range(8)]
+    csv = write_csv(base / "e.csv", [*pairs, ("fal-ai/flux", "expiredimg-v1")])
+    result = run_cli(harvest_args(sandbox, base / "out", csv))
+    assert result.exit_code == ExitCode.INCOMPLETE, result.output
+    return base / "out"
+
+
+@pytest.fixture
+def out(harvested: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "out"
+    shutil.copytree(harvested, copy)
+    return copy
+
+
+def stored_paths(out: Path) -> list[str]:
+    df = pl.read_parquet(manifest_glob(out))
+    return sorted(df["path"].drop_nulls().unique().to_list())
+
+
+def test_a_healthy_folder_passes(out: Path) -> None:
+    result = run_cli(["verify", str(out)])
+    assert result.exit_code == ExitCode.OK, result.output
+    files = len(stored_paths(out))
+    assert result.output.startswith(f"checked {files} image files (")
+    assert "0 missing, 0 corrupt, 0 orphans, 0 unreadable parts" in result.output
+
+
+def test_corrupt_missing_and_orphaned_files_are_reported(out: Path) -> None:
+    first, second, *_ = stored_paths(out)
+    (out / first).write_bytes(b"\x89PNG\r\n\x1a\n flipped bits")
+    (out / second).unlink()
+    sha = hashlib.sha256(PNG).hexdigest()
+    orphan = f"images/{sha[:2]}/{sha}.png"
+    (out / orphan).parent.mkdir(exist_ok=True)
+    (out / orphan).write_bytes(PNG)
+    misnamed = f"images/{'0' * 2}/{'0' * 64}.png"
+    (out / misnamed).parent.mkdir(exist_ok=True)
+    (out / misnamed).write_bytes(PNG)
+
+    result = run_cli(["verify", str(out)])
+
+    assert result.exit_code == ExitCode.VERIFY
+    assert "1 missing, 2 corrupt, 1 orphans, 0 unreadable parts" in result.output
+    assert f"  missing: {second}\n" in result.output
+    assert f"  corrupt: {first}\n" in result.output
+    assert f"  corrupt: {misnamed}\n" in result.output
+    assert f"  orphan: {orphan}\n" in result.output
+    assert "harvesting the same inputs again records them" in result.output
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_an_unreadable_part_is_reported_and_orphans_are_not_guessed(out: Path, damage: str) -> None:
+    part = next((out / "manifest").rglob("part-*.parquet"))
+    data = part.read_bytes()
+    part.write_bytes(b"not parquet at all" if damage == "garbage" else data[: len(data) // 2])
+
+    result = run_cli(["verify", str(out)])
+
+    assert result.exit_code == ExitCode.VERIFY
+    assert "0 missing, 0 corrupt, 0 orphans, 1 unreadable parts" in result.output
+    assert f"  unreadable part: {part.relative_to(out)}: " in result.output
+    assert "whether they are orphans cannot be told" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_verify_waits_for_no_harvest(out: Path) -> None:
+    """A harvest in progress has stored images whose rows are not written yet: verify refuses
+    rather than call them orphans."""
+    with exclusive(Layout(out)):
+        result = run_cli(["verify", str(out)])
+    assert result.exit_code == ExitCode.LOCKED
+    assert "another harvest (pid " in result.output
+
+
+def test_verify_needs_a_folder(tmp_path: Path) -> None:
+    result = run_cli(["verify", str(tmp_path / "nope")])
+    assert result.exit_code == ExitCode.USAGE
+    assert "is not a folder" in result.output
