@@ -45,7 +45,7 @@ def main() -> None:
     Exit codes: 0 all ok; 2 usage error; 3 finished but some requests not ok;
     4 key rejected; 5 another run holds the output folder; 6 bad input file;
     7 output folder not writable; 8 bad job file; 9 verify found problems; 10 (status) no
-    recent run; 130 interrupted.
+    recent run; 11 the API never answered; 130 interrupted.
     """
 
 
@@ -336,6 +336,13 @@ def verify_command(out_dir: Path) -> None:
 
     if not out_dir.is_dir():
         click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
+        sys.exit(int(ExitCode.USAGE))
+    if not (out_dir / "manifest").is_dir() and not (out_dir / "images").is_dir():
+        click.echo(
+            f"harvester: error: {out_dir} has no manifest/ or images/ folder: is it the --out "
+            "folder of a harvest?",
+            err=True,
+        )
         sys.exit(int(ExitCode.USAGE))
     try:
         report = verify(out_dir)

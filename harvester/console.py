@@ -24,6 +24,7 @@ from typing import Final, TextIO
 from harvester.errors import HarvesterError
 from harvester.jobs import LOG_FORMATS
 from harvester.pipeline import RunStats
+from harvester.redact import redact, secret_parts
 
 PROGRESS_EVERY: Final = 300.0
 """Seconds between progress lines when not on a terminal."""
@@ -155,10 +156,7 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only
         self.bar: Progress | None = None
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact(super().format(record), self.secrets)
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.bar is not None:
@@ -197,9 +195,11 @@ def setup_logging(
     root.setLevel(level)
     progress_log.setLevel(logging.WARNING if verbosity < 0 else logging.INFO)
     summary_log.setLevel(logging.INFO)
-    # httpx logs every request at INFO; that is noise below -vv.
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+    # httpx logs each request line at INFO: shown from -vv on. httpcore's DEBUG lines carry
+    # headers, and asyncio's are noise: never shown.
+    logging.getLogger("httpx").setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+    for name in ("httpcore", "asyncio", "aiohttp"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return handler
 
 
@@ -263,8 +263,7 @@ class Console:
 
     def redact(self, secret: str) -> None:
         """Mask ``secret`` in every line from now on."""
-        if secret:
-            self.handler.secrets.append(secret)
+        self.handler.secrets.extend(secret_parts(secret))
 
     def started(self, stats: RunStats) -> None:
         files = len(stats.inputs)
@@ -315,9 +314,7 @@ class Console:
                 "%s", exc, extra={"event": "error", "exit_code": int(exc.exit_code)}
             )
         else:
-            message = f"harvester: error: {exc}"
-            for secret in self.handler.secrets:
-                message = message.replace(secret, "***")
+            message = redact(f"harvester: error: {exc}", self.handler.secrets)
             print(message, file=self.stream, flush=True)
 
     def _clear(self) -> None:

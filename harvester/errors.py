@@ -36,6 +36,8 @@ class ExitCode(IntEnum):
     NO_RECENT_RUN = 10
     """``harvester status``: no run record in the folder, or the last run started longer ago
     than ``--max-age`` (cron or the timer did not run, or the run was killed outright)."""
+    UNREACHABLE = 11
+    """No request ever got an answer from the API (wrong --base-url, DNS, network down)."""
     INTERRUPTED = 130
     """Stopped by SIGINT or SIGTERM: finished rows are kept; the next run picks up the rest."""
 
@@ -78,6 +80,12 @@ class AuthError(HarvesterError):
     """The API refused the key: continuing would only record thousands of identical rows."""
 
     exit_code = ExitCode.AUTH
+
+
+class UnreachableError(HarvesterError):
+    """The API never answered: every attempt failed before an HTTP response."""
+
+    exit_code = ExitCode.UNREACHABLE
 
 
 class LockedError(HarvesterError):

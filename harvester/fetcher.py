@@ -6,15 +6,17 @@ rejected key, which raises ``AuthError`` and stops the run.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Final
 
 import httpx
 
-from harvester.errors import AuthError
+from harvester.errors import AuthError, UnreachableError
 from harvester.manifest import ERROR, FAILED, NOT_FOUND, OK, PENDING
 from harvester.ratelimit import RateLimiter
+from harvester.redact import redact, secret_parts
 from harvester.results import Result, ResultShapeError, error_detail, parse_result
 from harvester.retry import (
     RETRY_AFTER_STATUS,
@@ -26,6 +28,8 @@ from harvester.retry import (
     retrying,
 )
 from harvester.urls import result_url
+
+log = logging.getLogger("harvester")
 
 IN_PROGRESS: Final = "request is still in progress"
 
@@ -58,22 +62,6 @@ def request_error_reason(exc: httpx.RequestError) -> str:
     return f"{kind} ({type(exc).__name__}{': ' + detail if detail else ''})"
 
 
-def secrets_of(authorization: str) -> tuple[str, ...]:
-    """The secret parts of an Authorization value: the key, and the secret of ``id:secret``."""
-    key = authorization.partition(" ")[2].strip()
-    parts = [key]
-    if ":" in key:
-        parts.append(key.split(":", 1)[1])
-    return tuple(p for p in parts if p)
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """``text`` with every secret replaced by ``***``: for text an API or a CDN sent back."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
 class ResultFetcher:
     """Fetches results from ``{base_url}/{owner}/{app}/requests/{id}``."""
 
@@ -93,18 +81,27 @@ class ResultFetcher:
         self._policy = policy
         self._limiter = limiter
         self._rng = rng
-        self._secrets = secrets_of(authorization)
+        self._secrets = secret_parts(authorization.partition(" ")[2])
         self.retries = 0
+        self.sent = 0
+        """Attempts that reached the wire (a response or a transport error)."""
+        self.answered = 0
+        """Attempts that got an HTTP response: 0 means the API was never reached."""
 
     async def fetch(self, model: str, request_id: str) -> FetchOutcome:
         url = result_url(self._base_url, model, request_id)
 
         async def attempt(n: int) -> FetchOutcome:
             await self._limiter.acquire()
+            self.sent += 1
             try:
                 response = await self._client.get(url, headers=self._headers)
             except httpx.RequestError as exc:
-                raise TransientError(request_error_reason(exc)) from exc
+                reason = request_error_reason(exc)
+                if self.answered == 0 and self.sent == 1:
+                    log.warning("cannot reach %s yet: %s; retrying", self._base_url, reason)
+                raise TransientError(reason) from exc
+            self.answered += 1
             return self._classify(response, n)
 
         def count_retry(_: TransientError) -> None:
@@ -113,6 +110,13 @@ class ResultFetcher:
         try:
             outcome, _ = await retrying(self._policy, attempt, rng=self._rng, on_retry=count_retry)
         except RetriesExhausted as exc:
+            if self.answered == 0 and exc.last.http_status is None:
+                # Not one answer since the run began: the API is unreachable, not one request.
+                raise UnreachableError(
+                    f"cannot reach the API at {self._base_url}: {exc}; no request got an "
+                    "answer, so none was recorded. Check --base-url, DNS and the network, "
+                    "then run again"
+                ) from exc
             return FetchOutcome(ERROR, exc.last.http_status, exc.attempts, str(exc))
         return outcome
 

@@ -52,6 +52,8 @@ class Layout:
 
     def prepare(self) -> None:
         """Create the folders and check the root is writable, with a clear error if not."""
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"--out {self.root} is a file, not a folder; give a folder path")
         try:
             for folder in (self.root, self.images, self.manifest, self.runs, self.tmp):
                 folder.mkdir(parents=True, exist_ok=True)

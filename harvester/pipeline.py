@@ -301,7 +301,7 @@ class _Run:
         self.stats.manifest_parts = self.writer.parts_written
 
     def bad_row(self, bad: BadRow) -> ManifestRow:
-        log.warning("%s:%d: skipped: %s", bad.source, bad.line, bad.reason)
+        log.warning("%s:%d: invalid row: %s", bad.source, bad.line, bad.reason)
         self.stats.requests[INVALID] += 1
         return ManifestRow(
             run_id=self.stats.run_id,
@@ -512,9 +512,9 @@ class _Run:
     def refresh(self) -> None:
         self.stats.throttled = self.limiter.throttled
         self.stats.lowest_rps = self.limiter.lowest_rate
-        self.stats.result_requests = self.limiter.acquired
         fetcher = getattr(self, "fetcher", None)
         store = getattr(self, "store", None)
+        self.stats.result_requests = fetcher.sent if fetcher else 0
         self.stats.retries = (fetcher.retries if fetcher else 0) + (store.retries if store else 0)
 
 

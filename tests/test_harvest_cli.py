@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 
 import polars as pl
@@ -224,3 +225,41 @@ def test_thousand_requests_every_sha_matches(tmp_path: Path, sandbox: Sandbox) -
     assert_store_matches(out, df)
     verify = run_cli(["verify", str(out)])
     assert verify.exit_code == ExitCode.OK, verify.output
+
+
+def test_out_that_is_a_file_and_verify_of_a_foreign_folder(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    csv = write_csv(tmp_path / "e.csv", normal_pairs(1, "file"))
+    result = run_cli(harvest_args(sandbox, csv, csv))
+    assert result.exit_code == ExitCode.OUTPUT
+    assert "is a file, not a folder" in result.output
+    verify = run_cli(["verify", str(tmp_path)])
+    assert verify.exit_code == ExitCode.USAGE
+    assert "has no manifest/ or images/ folder" in verify.output
+
+
+def test_an_unreachable_api_stops_the_run_with_its_own_code(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    csv = write_csv(tmp_path / "e.csv", normal_pairs(100, "down"))
+    out = tmp_path / "out"
+    result = run_cli(
+        [
+            "harvest",
+            str(csv),
+            "--out",
+            str(out),
+            "--base-url",
+            f"http://127.0.0.1:{port}",
+            "--max-attempts",
+            "2",
+            "--retry-budget",
+            "5",
+        ]
+    )
+    assert result.exit_code == ExitCode.UNREACHABLE
+    assert f"cannot reach the API at http://127.0.0.1:{port}" in result.output
+    assert "Check --base-url" in result.output
+    assert not list((out / "manifest").rglob("*.parquet"))  # no pile of 'error' rows

@@ -17,7 +17,7 @@ from harvester.console import Console, Snapshot, duration, size
 from harvester.errors import ExitCode, UsageError
 from harvester.pipeline import RunStats
 from harvester.sandbox import Sandbox
-from tests.conftest import KEY, harvest_args, write_csv
+from tests.conftest import KEY, harvest_args, run_cli, write_csv
 
 PAIRS = [
     ("fal-ai/flux/dev", "log-0001"),
@@ -106,8 +106,8 @@ def test_text_output_off_a_terminal_is_a_few_lines(tmp_path: Path, sandbox: Sand
     assert result.stdout.startswith("run ")  # the summary, and only the summary, on stdout
     errors = result.stderr.splitlines()
     assert "started: 55 rows in 1 input file" in errors[0]
-    skipped = [line for line in errors if "skipped:" in line]
-    assert len(skipped) == 20  # 51 bad rows, cut after 20
+    invalid = [line for line in errors if "invalid row:" in line]
+    assert len(invalid) == 20  # 51 bad rows, cut after 20
     assert "further warnings like the one above are not shown" in errors[21]
     assert len(errors) == 22
     assert "\r" not in result.stderr  # no progress bar off a terminal
@@ -124,7 +124,7 @@ def test_quiet_leaves_only_the_summary(tmp_path: Path, sandbox: Sandbox) -> None
 def test_verbose_shows_every_warning(tmp_path: Path, sandbox: Sandbox) -> None:
     csv = write_csv(tmp_path / "e.csv", [("m/a", f"x/{i}") for i in range(30)])
     result = invoke(harvest_args(sandbox, tmp_path / "out", csv, extra=["-v"]))
-    assert result.stderr.count("skipped:") == 30
+    assert result.stderr.count("invalid row:") == 30
 
 
 def stats(**counts: int) -> RunStats:
@@ -169,3 +169,12 @@ def test_snapshot_counts_what_is_left_to_do() -> None:
     assert snap.eta is not None and snap.eta > 0
     assert duration(42) == "42s" and duration(185) == "3m05s" and duration(3725) == "1h02m"
     assert size(999) == "999 B" and size(1_234_567) == "1.2 MB"
+
+
+def test_vv_shows_request_lines_but_never_headers(tmp_path: Path, sandbox: Sandbox) -> None:
+    csv = write_csv(tmp_path / "e.csv", [("fal-ai/flux", "vv-1")])
+    result = run_cli(harvest_args(sandbox, tmp_path / "out", csv, extra=["-vv"]))
+    assert result.exit_code == 0, result.output
+    assert "HTTP Request: GET" in result.output
+    assert "headers" not in result.output.lower()
+    assert KEY not in result.output

@@ -33,7 +33,7 @@ def test_key_is_nowhere_at_debug_verbosity_under_faults(tmp_path: Path) -> None:
 
     output = result.stdout + result.stderr
     assert result.returncode == ExitCode.INCOMPLETE, output
-    assert "DEBUG" in output and "HTTP Request: GET" in output  # really -vv
+    assert "HTTP Request: GET" in output  # really -vv: every request line
     assert stats["faults_injected"] > 0 and stats["auth_leaks"] == 0
     assert KEY not in output
     files = [p for p in out.rglob("*") if p.is_file()]
