@@ -19,11 +19,11 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import httpx
@@ -39,6 +39,7 @@ from harvester.reader import BadRow, Pair
 from harvester.results import ImageRef
 from harvester.retry import RetryPolicy
 from harvester.store import ImageFailure, ImageStore, StoredImage
+from harvester.transport import open_client
 from harvester.urls import describe_url
 
 log = logging.getLogger("harvester")
@@ -250,13 +251,6 @@ def new_run_id(now: datetime) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def _request_status(rows: Sequence[ManifestRow]) -> str:
-    statuses = {row.status for row in rows}
-    if statuses == {OK}:
-        return OK
-    return ERROR if ERROR in statuses else FAILED
-
-
 class _Run:
     """One harvest's moving parts; ``harvest`` below is the public entry point."""
 
@@ -271,9 +265,13 @@ class _Run:
             rows_per_part=config.rows_per_part,
             seconds_per_part=config.seconds_per_part,
         )
-        self.fetch_slots = anyio.CapacityLimiter(config.concurrency)
-        self.download_slots = anyio.CapacityLimiter(config.image_concurrency)
-        self.backlog = anyio.Semaphore(config.concurrency + 2 * config.image_concurrency)
+        # fast_acquire: a free slot is taken without a trip through the event loop; these are
+        # acquired once or more per request.
+        self.fetch_slots = anyio.Semaphore(config.concurrency, fast_acquire=True)
+        self.download_slots = anyio.Semaphore(config.image_concurrency, fast_acquire=True)
+        self.backlog = anyio.Semaphore(
+            config.concurrency + 2 * config.image_concurrency, fast_acquire=True
+        )
         self.pending_waiters = anyio.Semaphore(MAX_PENDING_WAITERS)
         self.limiter = RateLimiter(config.rps)
 
@@ -363,24 +361,23 @@ class _Run:
     async def rows_for(
         self, pair: Pair, outcome: FetchOutcome, store: ImageStore
     ) -> list[ManifestRow]:
+        # Every row is built once, with all its fields (no chains of dataclasses.replace):
+        # this runs for every image of the run.
         result = outcome.result
-        head = ManifestRow(
-            run_id=self.stats.run_id,
-            harvested_at=datetime.now(UTC),
-            source_file=pair.source,
-            source_line=pair.line,
-            model=pair.model,
-            request_id=pair.request_id,
-            request_status=outcome.status,
-            status=outcome.status,
-            error=outcome.error,
-            http_status=outcome.http_status,
-            attempts=outcome.attempts,
-        )
+        head: dict[str, Any] = {
+            "run_id": self.stats.run_id,
+            "harvested_at": datetime.now(UTC),
+            "source_file": pair.source,
+            "source_line": pair.line,
+            "model": pair.model,
+            "request_id": pair.request_id,
+            "error": outcome.error,
+            "http_status": outcome.http_status,
+            "attempts": outcome.attempts,
+        }
         if result is None:
-            return [head]
-        head = replace(
-            head,
+            return [ManifestRow(request_status=outcome.status, status=outcome.status, **head)]
+        head.update(
             seed=result.seed,
             prompt=result.prompt,
             timings=result.timings,
@@ -388,7 +385,7 @@ class _Run:
             image_count=len(result.images),
         )
         if not result.images:
-            return [head]
+            return [ManifestRow(request_status=outcome.status, status=outcome.status, **head)]
 
         stored: list[StoredImage | ImageFailure | None] = [None] * len(result.images)
 
@@ -396,28 +393,35 @@ class _Run:
             async with self.download_slots:
                 stored[ref.index] = await store.store(ref.url)
 
-        async with anyio.create_task_group() as tg:
-            for ref in result.images:
-                tg.start_soon(download, ref)
+        if len(result.images) == 1:
+            await download(result.images[0])
+        else:
+            async with anyio.create_task_group() as tg:
+                for ref in result.images:
+                    tg.start_soon(download, ref)
 
-        rows = [
-            self.image_row(head, ref, got) for ref, got in zip(result.images, stored, strict=True)
+        fields = [
+            self.image_fields(head, ref, got)
+            for ref, got in zip(result.images, stored, strict=True)
         ]
-        status = _request_status(rows)
-        return [replace(row, request_status=status) for row in rows]
+        statuses = {f["status"] for f in fields}
+        status = OK if statuses == {OK} else ERROR if ERROR in statuses else FAILED
+        return [ManifestRow(request_status=status, **f) for f in fields]
 
-    def image_row(
-        self, head: ManifestRow, ref: ImageRef, got: StoredImage | ImageFailure | None
-    ) -> ManifestRow:
-        row = replace(
-            head,
-            image_index=ref.index,
-            image_url=describe_url(ref.url),
-            content_type=ref.content_type,
-            width=ref.width,
-            height=ref.height,
-            has_nsfw_concept=ref.has_nsfw_concept,
-        )
+    def image_fields(
+        self, head: dict[str, Any], ref: ImageRef, got: StoredImage | ImageFailure | None
+    ) -> dict[str, Any]:
+        """The fields of an image's row, but for ``request_status``."""
+        row = {
+            **head,
+            "status": OK,
+            "image_index": ref.index,
+            "image_url": describe_url(ref.url),
+            "content_type": ref.content_type,
+            "width": ref.width,
+            "height": ref.height,
+            "has_nsfw_concept": ref.has_nsfw_concept,
+        }
         if isinstance(got, StoredImage):
             if got.new:
                 self.stats.images_new += 1
@@ -425,14 +429,14 @@ class _Run:
             else:
                 self.stats.images_existing += 1
             self.stats.bytes_downloaded += got.bytes
-            return replace(
-                row, sha256=got.sha256, path=got.path, bytes=got.bytes, stored_new=got.new
-            )
+            row.update(sha256=got.sha256, path=got.path, bytes=got.bytes, stored_new=got.new)
+            return row
         assert got is not None, "every download task fills its slot"
         self.stats.images_failed += 1
-        return replace(
-            row, status=got.status, error=got.error, http_status=got.http_status or row.http_status
-        )
+        row.update(status=got.status, error=got.error)
+        if got.http_status:
+            row["http_status"] = got.http_status
+        return row
 
     async def run(
         self,
@@ -442,14 +446,10 @@ class _Run:
         tick: float,
     ) -> None:
         config = self.config
-        timeout = httpx.Timeout(config.read_timeout, connect=config.connect_timeout, pool=None)
-        slots = config.concurrency + config.image_concurrency
-        limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
-        async with httpx.AsyncClient(
-            timeout=timeout,
-            limits=limits,
-            follow_redirects=False,
-            headers={"User-Agent": "harvester"},
+        async with open_client(
+            max_connections=config.concurrency + config.image_concurrency,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
         ) as client:
             self.fetcher = ResultFetcher(
                 client,
@@ -530,7 +530,7 @@ def harvest(
         if on_start is not None:
             on_start(stats)
         try:
-            anyio.run(run.run, files, done, on_tick, tick)
+            anyio.run(run.run, files, done, on_tick, tick, backend_options={"use_uvloop": True})
         except KeyboardInterrupt:
             stats.interrupted = True
         except BaseExceptionGroup as group:
