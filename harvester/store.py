@@ -14,7 +14,6 @@ import hashlib
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Final
 from urllib.parse import unquote_to_bytes
 
@@ -35,6 +34,8 @@ from harvester.urls import describe_url
 
 FOLLOWED_SCHEMES: Final = frozenset({"http", "https"})
 SNIFF_BYTES: Final = 32
+SPILL_BYTES: Final = 1 << 20
+"""Image bodies up to this size are kept in memory until they are complete."""
 
 _MAGIC: Final = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -88,18 +89,28 @@ class ImageFailure:
 
 
 class _Sink:
-    """A temp file that hashes what is written to it and enforces the size limit."""
+    """Hashes what is written to it and enforces the size limit. A body up to ``spill_bytes``
+    stays in memory until it is complete, so a body that turns out cut short, too large or not
+    an image never creates a file, and a good one is written with one call; a larger body
+    spills to a temp file as it arrives."""
 
-    def __init__(self, layout: Layout, max_bytes: int) -> None:
+    def __init__(self, layout: Layout, max_bytes: int, spill_bytes: int = SPILL_BYTES) -> None:
+        self._layout = layout
         self.path = layout.temp_path(".part")
         self._max = max_bytes
+        self._spill = spill_bytes
         self._hash = hashlib.sha256()
+        self._chunks: list[bytes] = []
+        self._fh: BinaryIO | None = None
         self.size = 0
         self.head = b""
+
+    def _open(self) -> BinaryIO:
         try:
-            self._fh: BinaryIO = open(self.path, "wb")  # noqa: SIM115
+            # An explicit buffer size spares the isatty() probe of every new file.
+            return open(self.path, "wb", buffering=1 << 16)
         except OSError as exc:
-            raise OutputError(f"cannot write to {layout.tmp}: {exc.strerror or exc}") from exc
+            raise OutputError(f"cannot write to {self._layout.tmp}: {exc.strerror or exc}") from exc
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -108,23 +119,49 @@ class _Sink:
         if len(self.head) < SNIFF_BYTES:
             self.head += chunk[: SNIFF_BYTES - len(self.head)]
         self._hash.update(chunk)
+        if self._fh is None:
+            self._chunks.append(chunk)
+            if self.size <= self._spill:
+                return
+            self._fh = self._open()
+            chunks, self._chunks = self._chunks, []
+        else:
+            chunks = [chunk]
         try:
-            self._fh.write(chunk)
+            self._fh.writelines(chunks)
         except OSError as exc:
             raise OutputError(f"cannot write image data: {exc.strerror or exc}") from exc
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
-    def close(self) -> None:
+    def persist(self, final: str, folders: set[str]) -> bool:
+        """Move the bytes to ``final`` atomically (temp file, then rename); False, and nothing
+        written, if ``final`` exists already. ``folders`` remembers the shard folders made."""
+        if os.path.exists(final):
+            self.discard()
+            return False
         try:
+            if self._fh is None:
+                self._fh = self._open()
+                self._fh.write(b"".join(self._chunks))
+                self._chunks = []
             self._fh.close()
-        except OSError as exc:
-            raise OutputError(f"cannot write image data: {exc.strerror or exc}") from exc
+            folder = os.path.dirname(final)
+            if folder not in folders:
+                os.makedirs(folder, exist_ok=True)
+                folders.add(folder)
+            os.replace(self.path, final)
+        except OSError:
+            self.discard()
+            raise
+        return True
 
     def discard(self) -> None:
-        self._fh.close()
-        self.path.unlink(missing_ok=True)
+        self._chunks = []
+        if self._fh is not None:
+            self._fh.close()
+            self.path.unlink(missing_ok=True)
 
 
 class _TooLarge(Exception):
@@ -151,6 +188,7 @@ class ImageStore:
         self._rng = rng
         self._max_bytes = max_bytes
         self._max_redirects = max_redirects
+        self._folders: set[str] = set()
         self.retries = 0
 
     async def store(self, url: str) -> StoredImage | ImageFailure:
@@ -238,7 +276,6 @@ class ImageStore:
                     if sniff(sink.head) is None:  # don't download 64 MiB of HTML
                         sink.discard()
                         return self._not_an_image(sink.head, status, attempt)
-            sink.close()
         except _TooLarge as exc:
             sink.discard()
             return ImageFailure(FAILED, str(exc), status, attempt)
@@ -290,7 +327,6 @@ class ImageStore:
         except _TooLarge as exc:
             sink.discard()
             return ImageFailure(FAILED, str(exc), None, 1)
-        sink.close()
         ext = sniff(sink.head)
         if ext is None:
             sink.discard()
@@ -300,15 +336,9 @@ class ImageStore:
     def _commit(self, sink: _Sink, ext: str, status: int | None, attempt: int) -> StoredImage:
         sha = sink.hexdigest()
         relative = self._layout.image_relpath(sha, ext)
-        final = self._layout.root / relative
-        new = not final.exists()
+        final = os.path.join(self._layout.root, relative)
         try:
-            if new:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(sink.path, final)
-            else:
-                sink.path.unlink()
+            new = sink.persist(final, self._folders)
         except OSError as exc:
-            Path(sink.path).unlink(missing_ok=True)
             raise OutputError(f"cannot store image {relative}: {exc.strerror or exc}") from exc
         return StoredImage(sha, relative, sink.size, new, status, attempt)
