@@ -10,6 +10,7 @@ separate, so a result fetch never queues behind an image download.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -529,6 +530,9 @@ def harvest(
         run = _Run(config, stats, layout)
         if on_start is not None:
             on_start(stats)
+        # Everything allocated so far (modules, the done set) lives for the whole run: keep it
+        # out of the cyclic collector's scans, which otherwise revisit it again and again.
+        gc.freeze()
         try:
             anyio.run(run.run, files, done, on_tick, tick, backend_options={"use_uvloop": True})
         except KeyboardInterrupt:
@@ -540,6 +544,7 @@ def harvest(
                 raise
             raise first from None
         finally:
+            gc.unfreeze()
             run.refresh()
             stats.finished_at = datetime.now(UTC)
             try:
