@@ -72,8 +72,14 @@ def timed(args: Sequence[str], *, env: dict[str, str] | None = None, log: Path) 
     return Timed(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode)
 
 
+def clean(path: Path) -> None:
+    """Remove a previous output, and flush the file system, so no run pays for the last one."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
 def harvest(csv: Path, out: Path, base_url: str, extra: Sequence[str], *, log: Path) -> Timed:
-    shutil.rmtree(out, ignore_errors=True)
+    clean(out)
     env = {**os.environ, "HARVESTER_API_KEY": KEY}
     args = [*HARVESTER, "harvest", str(csv), "--out", str(out), "--base-url", base_url, "-q"]
     result = timed([*args, *extra], env=env, log=log)
@@ -94,7 +100,7 @@ def curl_config(w: world.World, dest: Path) -> Path:
 
 
 def curl(config: Path, dest: Path, *, log: Path) -> Timed:
-    shutil.rmtree(dest, ignore_errors=True)
+    clean(dest)
     args = [
         "curl", "--parallel", "--parallel-max", "64", "--create-dirs", "--fail",
         "--silent", "--show-error", "--config", str(config),
