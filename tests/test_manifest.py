@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
+import pytest
 
 from harvester import manifest
 from harvester.layout import Layout
@@ -70,3 +71,19 @@ def test_ok_pairs_of_an_empty_folder(tmp_path: Path) -> None:
 
 def test_row_fields_match_schema() -> None:
     assert [f.name for f in SCHEMA] == list(ManifestRow.__dataclass_fields__)
+
+
+@pytest.mark.anyio
+async def test_writer_flushes_in_a_thread_when_due_and_only_then(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "out")
+    layout.prepare()
+    writer = ManifestWriter(layout, "r1", rows_per_part=2, seconds_per_part=3600, autoflush=False)
+    writer.add([row("r1", "id-0")])
+    assert not writer.due
+    writer.add([row("r1", "id-1"), row("r1", "id-2")])  # no autoflush: the caller decides
+    assert writer.due and writer.parts_written == 0
+    await writer.flush_in_thread()
+    assert not writer.due
+    assert (writer.parts_written, writer.rows_written) == (1, 3)
+    written = pl.read_parquet(layout.manifest / "r1" / "part-00000.parquet")
+    assert written["request_id"].to_list() == ["id-0", "id-1", "id-2"]
