@@ -303,7 +303,7 @@ class _Run:
         )
 
     async def produce(
-        self, files: list[reader.InputFile], done: set[int], tg: anyio.abc.TaskGroup
+        self, files: list[reader.InputFile], done: reader.PairSet, tg: anyio.abc.TaskGroup
     ) -> None:
         counts = reader.ReadCounts()
         batches = reader.iter_items(files, done=done, counts=counts)
@@ -448,7 +448,7 @@ class _Run:
     async def run(
         self,
         files: list[reader.InputFile],
-        done: set[int],
+        done: reader.PairSet,
         on_tick: Callable[[RunStats], None] | None,
         tick: float,
     ) -> None:
@@ -532,7 +532,9 @@ def harvest(
     )
     with exclusive(layout):
         stats.temp_files_cleaned = layout.clean_temp()
-        done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir).iter_rows()}
+        done = reader.PairSet(
+            reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir).iter_rows()
+        )
         run = _Run(config, stats, layout)
         if on_start is not None:
             on_start(stats)
