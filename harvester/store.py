@@ -1,8 +1,9 @@
 """Download stage: stream each image into the content-addressed store.
 
-Bytes are hashed while they are written to a temp file inside the output folder, then the file
-is renamed atomically to ``images/<aa>/<sha256>.<ext>``; the extension comes from the bytes'
-magic number, never from the URL or the Content-Type. Identical bytes are stored once. No
+Bytes are hashed as they arrive and kept in memory (past 1 MiB they spill to a temp file);
+a complete body goes to a temp file inside the output folder, which is renamed atomically to
+``images/<aa>/<sha256>.<ext>``; the extension comes from the bytes' magic number, never from
+the URL or the Content-Type. Identical bytes are stored once. No
 Authorization header is ever sent here: image hosts are third-party CDNs.
 """
 
