@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= harvest-out
 
-.PHONY: install run report test lint typecheck check clean lock
+.PHONY: install run report test lint typecheck check clean lock bench
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -23,17 +23,31 @@ report: $(STAMP)  ## after `make run`: the report's tables, and $(OUT)/report.ht
 	@$(BIN)/harvester report $(OUT) --html $(OUT)/report.html
 
 test: $(STAMP)  ## lint, type-check and the whole test suite
-	$(BIN)/ruff check harvester tests
-	$(BIN)/ruff format --check harvester tests
+	$(BIN)/ruff check harvester tests bench
+	$(BIN)/ruff format --check harvester tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check harvester tests
-	$(BIN)/ruff format --check harvester tests
+	$(BIN)/ruff check harvester tests bench
+	$(BIN)/ruff format --check harvester tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# Not part of `make test`: about 15 minutes with the defaults. Knobs: BENCH_N (20000),
+# BENCH_RUNS (3), BENCH_ONLY (speed,memory,slow,rps), BENCH_OUT (bench-out); e.g.
+# `BENCH_N=2000 BENCH_ONLY=speed make bench` for a quick look.
+bench: $(STAMP)  ## harvester vs curl on loopback, memory, slow links, --rps (README: Performance)
+	@command -v nginx >/dev/null 2>&1 && test -e /usr/lib/nginx/modules/ngx_http_echo_module.so || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "bench: installing nginx and its echo module from Debian's packages"; \
+	      apt-get update -qq && apt-get install -y -qq nginx-light libnginx-mod-http-echo curl >/dev/null; \
+	    else \
+	      echo "bench: needs nginx and its echo module: as root, apt-get install nginx-light libnginx-mod-http-echo curl"; \
+	      exit 2; \
+	    fi; }
+	$(BIN)/python bench/run.py
 
 lock: $(STAMP)  ## re-pin requirements.lock from the current .venv
 	{ echo "# Every package the project installs, pinned: runtime and development tools."; \

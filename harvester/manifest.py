@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
+import anyio
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -118,7 +119,13 @@ def rows_to_table(rows: Sequence[ManifestRow]) -> pa.Table:
 
 
 class ManifestWriter:
-    """Buffers rows and writes them as immutable, atomically renamed part files."""
+    """Buffers rows and writes them as immutable, atomically renamed part files.
+
+    With ``autoflush`` (the default) ``add`` writes a part as soon as one is due. An event loop
+    passes ``autoflush=False`` and awaits ``flush_in_thread`` when ``due``: building, compressing
+    and fsyncing a part takes long enough (seconds, while images are being written) to stall
+    every request in flight if it ran on the loop.
+    """
 
     def __init__(
         self,
@@ -127,35 +134,67 @@ class ManifestWriter:
         *,
         rows_per_part: int = 5_000,
         seconds_per_part: float = 30.0,
+        autoflush: bool = True,
     ) -> None:
         self._layout = layout
         self._run_dir = layout.manifest / run_id
         self._rows_per_part = rows_per_part
         self._seconds_per_part = seconds_per_part
+        self._autoflush = autoflush
         self._buffer: list[ManifestRow] = []
         self._parts = 0
         self._last_flush = time.monotonic()
+        self._writing = False
         self.rows_written = 0
 
     @property
     def parts_written(self) -> int:
         return self._parts
 
+    @property
+    def due(self) -> bool:
+        """A part should be written: enough rows, or rows waiting for ``seconds_per_part``."""
+        if not self._buffer or self._writing:
+            return False
+        late = time.monotonic() - self._last_flush >= self._seconds_per_part
+        return late or len(self._buffer) >= self._rows_per_part
+
     def add(self, rows: Iterable[ManifestRow]) -> None:
         self._buffer.extend(rows)
-        due = time.monotonic() - self._last_flush >= self._seconds_per_part
-        if len(self._buffer) >= self._rows_per_part or (due and self._buffer):
+        if self._autoflush and self.due:
             self.flush()
 
     def flush(self) -> None:
         """Write buffered rows as the next part file (nothing if the buffer is empty)."""
-        self._last_flush = time.monotonic()
-        if not self._buffer:
+        rows = self._take()
+        try:
+            self._write_part(rows)
+        finally:
+            self._writing = False
+
+    async def flush_in_thread(self) -> None:
+        """``flush`` on a worker thread; rows added meanwhile go into the next part."""
+        if self._writing:
             return
-        table = rows_to_table(self._buffer)
+        rows = self._take()
+        try:
+            await anyio.to_thread.run_sync(self._write_part, rows)
+        finally:
+            self._writing = False
+
+    def _take(self) -> list[ManifestRow]:
+        rows, self._buffer = self._buffer, []
+        self._last_flush = time.monotonic()
+        self._writing = True
+        return rows
+
+    def _write_part(self, rows: list[ManifestRow]) -> None:
+        if not rows:
+            return
         final = self._run_dir / f"part-{self._parts:05d}.parquet"
         tmp = self._layout.temp_path(suffix=".parquet")
         try:
+            table = rows_to_table(rows)
             self._run_dir.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, tmp, compression="zstd")
             with open(tmp, "rb") as fh:
@@ -163,10 +202,10 @@ class ManifestWriter:
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
+            self._buffer[:0] = rows  # kept for the final flush to try again
             raise OutputError(f"cannot write manifest part {final}: {exc.strerror or exc}") from exc
         self._parts += 1
-        self.rows_written += len(self._buffer)
-        self._buffer.clear()
+        self.rows_written += len(rows)
 
 
 def manifest_glob(out_dir: Path) -> str:

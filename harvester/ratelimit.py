@@ -1,17 +1,33 @@
 """A rate limiter shared by every task of a run, that backs off when the API says 429.
 
-Requests are spaced at least ``1 / rate`` seconds apart (no bursts), so no one-second window
-ever sees more than ``max_rps`` starts. On a 429 the whole run slows down: the rate halves (at
-most once per second, so one burst of 429s counts once) and a ``Retry-After`` pauses every task.
-Each success then adds back a small step, so the rate climbs again once the 429s stop.
+Two rules, both on the limiter's clock. Requests start ``1 / rate`` seconds apart on a fixed
+schedule; a task woken late does not push the schedule back (the next turns catch up, within
+``CATCH_UP``), so late wake-ups do not lower the average rate. And no window of
+``window`` seconds (one second plus a small margin) ever holds more than ``max_rps`` starts,
+counting when each start really happened: when the event loop was busy and two starts came
+late and close together, the next one waits. The margin absorbs the moment between a start here
+and its arrival at the server, so the server, too, never sees more than ``max_rps`` requests
+begin within one second.
+
+On a 429 the whole run slows down: the rate halves (at most once per second, so one burst of
+429s counts once) and a ``Retry-After`` pauses every task. Each success then adds back a small
+step, so the rate climbs again once the 429s stop.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import Final
 
 import anyio
+
+WINDOW_MARGIN: Final = 0.02
+"""Seconds added to the one-second window: the slack for a start to reach the server."""
+CATCH_UP: Final = 0.1
+"""How far behind its schedule the limiter may fall (late wake-ups) and still catch up."""
 
 
 class RateLimiter:
@@ -21,6 +37,7 @@ class RateLimiter:
         *,
         min_rps: float = 0.5,
         recovery_successes: int = 100,
+        window: float = 1.0 + WINDOW_MARGIN,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_rps <= 0:
@@ -32,21 +49,30 @@ class RateLimiter:
         """The slowest the run went, for the summary."""
         self._step = max_rps / recovery_successes
         self._clock = clock
+        self._window = window
+        self._starts: deque[float] = deque(maxlen=max(1, math.floor(max_rps)))
+        """When the last ``floor(max_rps)`` starts really happened."""
         self._next = clock()
         self._last_cut = float("-inf")
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # FIFO: turns go in the order they were asked
         self.throttled = 0
         self.acquired = 0
 
     async def acquire(self) -> None:
-        """Wait for this task's turn."""
+        """Wait for this task's turn. Turns are handed out one at a time, in order."""
         async with self._lock:
             now = self._clock()
-            slot = max(now, self._next)
+            if self._next < now - CATCH_UP:
+                self._next = now  # idle for a while: start afresh, no burst to catch up
+            slot = self._next
+            starts = self._starts
+            if len(starts) == starts.maxlen:
+                slot = max(slot, starts[0] + self._window)
+            if slot > now:
+                await anyio.sleep(slot - now)
             self._next = slot + 1.0 / self.rate
+            starts.append(max(self._clock(), slot))
             self.acquired += 1
-        if slot > now:
-            await anyio.sleep(slot - now)
 
     def on_throttled(self, retry_after: float | None = None) -> None:
         """The API answered 429: slow every task down."""

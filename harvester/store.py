@@ -1,8 +1,9 @@
 """Download stage: stream each image into the content-addressed store.
 
-Bytes are hashed while they are written to a temp file inside the output folder, then the file
-is renamed atomically to ``images/<aa>/<sha256>.<ext>``; the extension comes from the bytes'
-magic number, never from the URL or the Content-Type. Identical bytes are stored once. No
+Bytes are hashed as they arrive and kept in memory (past 1 MiB they spill to a temp file);
+a complete body goes to a temp file inside the output folder, which is renamed atomically to
+``images/<aa>/<sha256>.<ext>``; the extension comes from the bytes' magic number, never from
+the URL or the Content-Type. Identical bytes are stored once. No
 Authorization header is ever sent here: image hosts are third-party CDNs.
 """
 
@@ -15,7 +16,6 @@ import hashlib
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Final
 from urllib.parse import unquote_to_bytes
 
@@ -36,6 +36,8 @@ from harvester.urls import describe_url
 
 FOLLOWED_SCHEMES: Final = frozenset({"http", "https"})
 SNIFF_BYTES: Final = 32
+SPILL_BYTES: Final = 1 << 20
+"""Image bodies up to this size are kept in memory until they are complete."""
 
 _MAGIC: Final = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -89,18 +91,28 @@ class ImageFailure:
 
 
 class _Sink:
-    """A temp file that hashes what is written to it and enforces the size limit."""
+    """Hashes what is written to it and enforces the size limit. A body up to ``spill_bytes``
+    stays in memory until it is complete, so a body that turns out cut short, too large or not
+    an image never creates a file, and a good one is written with one call; a larger body
+    spills to a temp file as it arrives."""
 
-    def __init__(self, layout: Layout, max_bytes: int) -> None:
+    def __init__(self, layout: Layout, max_bytes: int, spill_bytes: int = SPILL_BYTES) -> None:
+        self._layout = layout
         self.path = layout.temp_path(".part")
         self._max = max_bytes
+        self._spill = spill_bytes
         self._hash = hashlib.sha256()
+        self._chunks: list[bytes] = []
+        self._fh: BinaryIO | None = None
         self.size = 0
         self.head = b""
+
+    def _open(self) -> BinaryIO:
         try:
-            self._fh: BinaryIO = open(self.path, "wb")  # noqa: SIM115
+            # An explicit buffer size spares the isatty() probe of every new file.
+            return open(self.path, "wb", buffering=1 << 16)
         except OSError as exc:
-            raise OutputError(f"cannot write to {layout.tmp}: {exc.strerror or exc}") from exc
+            raise OutputError(f"cannot write to {self._layout.tmp}: {exc.strerror or exc}") from exc
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -109,26 +121,52 @@ class _Sink:
         if len(self.head) < SNIFF_BYTES:
             self.head += chunk[: SNIFF_BYTES - len(self.head)]
         self._hash.update(chunk)
+        if self._fh is None:
+            self._chunks.append(chunk)
+            if self.size <= self._spill:
+                return
+            self._fh = self._open()
+            chunks, self._chunks = self._chunks, []
+        else:
+            chunks = [chunk]
         try:
-            self._fh.write(chunk)
+            self._fh.writelines(chunks)
         except OSError as exc:
             raise OutputError(f"cannot write image data: {exc.strerror or exc}") from exc
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
-    def close(self) -> None:
+    def persist(self, final: str, folders: set[str]) -> bool:
+        """Move the bytes to ``final`` atomically (temp file, then rename); False, and nothing
+        written, if ``final`` exists already. ``folders`` remembers the shard folders made."""
+        if os.path.exists(final):
+            self.discard()
+            return False
         try:
+            if self._fh is None:
+                self._fh = self._open()
+                self._fh.write(b"".join(self._chunks))
+                self._chunks = []
             self._fh.close()
-        except OSError as exc:
-            raise OutputError(f"cannot write image data: {exc.strerror or exc}") from exc
+            folder = os.path.dirname(final)
+            if folder not in folders:
+                os.makedirs(folder, exist_ok=True)
+                folders.add(folder)
+            os.replace(self.path, final)
+        except OSError:
+            self.discard()
+            raise
+        return True
 
     def discard(self) -> None:
-        """Close and remove the temp file; never raises (it runs while handling an error)."""
-        # A full disk can fail the close's flush, and an unlink can fail too: what is left
-        # is in DIR/.tmp, which the next run empties.
-        with contextlib.suppress(OSError):
-            self._fh.close()
+        """Drop the bytes and remove the temp file; never raises (it runs while handling an
+        error). A full disk can fail the close's flush, and an unlink can fail too: what is
+        left is in DIR/.tmp, which the next run empties."""
+        self._chunks = []
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
         with contextlib.suppress(OSError):
             self.path.unlink(missing_ok=True)
 
@@ -152,6 +190,20 @@ def _http_url(text: str | httpx.URL) -> httpx.URL | str:
     return url
 
 
+def _redirect_target(current: httpx.URL, location: str) -> httpx.URL | str:
+    """Where a redirect leads, or why it is not followed: only to http(s), never from https
+    down to plain http, and never to a malformed URL."""
+    try:
+        target = current.join(location)
+    except (httpx.InvalidURL, ValueError) as exc:
+        return f"image URL redirects to a malformed URL ({exc})"
+    if target.scheme not in FOLLOWED_SCHEMES:
+        return f"image URL redirects to an unsupported scheme {target.scheme!r}"
+    if current.scheme == "https" and target.scheme == "http":
+        return "image URL redirects from https to plain http; not followed"
+    return _http_url(target)
+
+
 class ImageStore:
     """Stores images from http(s) and ``data:`` URLs; one instance per run."""
 
@@ -171,6 +223,7 @@ class ImageStore:
         self._rng = rng
         self._max_bytes = max_bytes
         self._max_redirects = max_redirects
+        self._folders: set[str] = set()
         self.retries = 0
 
     async def store(self, url: str) -> StoredImage | ImageFailure:
@@ -265,7 +318,6 @@ class ImageStore:
                     if sniff(sink.head) is None:  # don't download 64 MiB of HTML
                         sink.discard()
                         return self._not_an_image(sink.head, status, attempt)
-            sink.close()
         except _TooLarge as exc:
             sink.discard()
             return ImageFailure(FAILED, str(exc), status, attempt)
@@ -319,7 +371,6 @@ class ImageStore:
         sink = _Sink(self._layout, self._max_bytes)
         try:
             sink.write(data)
-            sink.close()
         except _TooLarge as exc:
             sink.discard()
             return ImageFailure(FAILED, str(exc), None, 1)
@@ -335,29 +386,9 @@ class ImageStore:
     def _commit(self, sink: _Sink, ext: str, status: int | None, attempt: int) -> StoredImage:
         sha = sink.hexdigest()
         relative = self._layout.image_relpath(sha, ext)
-        final = self._layout.root / relative
-        new = not final.exists()
+        final = os.path.join(self._layout.root, relative)
         try:
-            if new:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(sink.path, final)
-            else:
-                sink.path.unlink()
+            new = sink.persist(final, self._folders)
         except OSError as exc:
-            Path(sink.path).unlink(missing_ok=True)
             raise OutputError(f"cannot store image {relative}: {exc.strerror or exc}") from exc
         return StoredImage(sha, relative, sink.size, new, status, attempt)
-
-
-def _redirect_target(current: httpx.URL, location: str) -> httpx.URL | str:
-    """Where a redirect leads, or why it is not followed: only to http(s), never from https
-    down to plain http, and never to a malformed URL."""
-    try:
-        target = current.join(location)
-    except (httpx.InvalidURL, ValueError) as exc:
-        return f"image URL redirects to a malformed URL ({exc})"
-    if target.scheme not in FOLLOWED_SCHEMES:
-        return f"image URL redirects to an unsupported scheme {target.scheme!r}"
-    if current.scheme == "https" and target.scheme == "http":
-        return "image URL redirects from https to plain http; not followed"
-    return _http_url(target)

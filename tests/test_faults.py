@@ -74,12 +74,14 @@ def test_two_thousand_requests_under_twenty_percent_faults(tmp_path: Path) -> No
         assert served[f"fault_{kind}"] > 0, kind
     assert served["pending_served"] > 0
     assert stats.throttled == served["rate_limited"] > 0
-    assert stats.result_requests == served["result_requests"]
+    # aiohttp resends an idempotent GET once when a reused keep-alive connection is closed
+    # under it (RFC 9112 section 9.3.1), so only resets can make the server see more.
+    assert 0 <= served["result_requests"] - stats.result_requests <= served["fault_reset"]
     assert stats.retries > served["rate_limited"]
     assert served["auth_leaks"] == 0
     summary = stats.summary()
     assert f"{stats.throttled:,} rate-limited (429), rate cut to " in summary
-    assert f"{served['result_requests']:,} result requests (" in summary
+    assert f"{stats.result_requests:,} result requests (" in summary
 
     # Expired images are failed rows that keep the rest of their request.
     expired = state.filter(pl.col("error").str.contains("expired or was deleted"))

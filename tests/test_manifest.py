@@ -86,3 +86,19 @@ def test_an_unreadable_part_is_named_with_what_to_do(tmp_path: Path) -> None:
     assert manifest.unreadable_parts(tmp_path) == [junk]
     with pytest.raises(ManifestError, match=r"r2/part-00000.parquet.*move the unreadable part"):
         manifest.ok_pairs(tmp_path)
+
+
+@pytest.mark.anyio
+async def test_writer_flushes_in_a_thread_when_due_and_only_then(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "out")
+    layout.prepare()
+    writer = ManifestWriter(layout, "r1", rows_per_part=2, seconds_per_part=3600, autoflush=False)
+    writer.add([row("r1", "id-0")])
+    assert not writer.due
+    writer.add([row("r1", "id-1"), row("r1", "id-2")])  # no autoflush: the caller decides
+    assert writer.due and writer.parts_written == 0
+    await writer.flush_in_thread()
+    assert not writer.due
+    assert (writer.parts_written, writer.rows_written) == (1, 3)
+    written = pl.read_parquet(layout.manifest / "r1" / "part-00000.parquet")
+    assert written["request_id"].to_list() == ["id-0", "id-1", "id-2"]

@@ -1,0 +1,95 @@
+"""The measurement behind harvester/transport.py: the same harvest, in this process, over
+httpx's default transport (httpcore) and over the aiohttp transport, each on asyncio's own
+event loop and on uvloop, in alternating rounds against nginx on 127.0.0.1.
+
+    .venv/bin/python bench/transports.py [--n 2000] [--runs 3]
+
+Prints, per variant, the median wall time and CPU-seconds (user + system) of the harvest
+itself (imports excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import nginx
+import run
+
+from harvester import pipeline
+from harvester.transport import open_client
+
+
+def httpcore_client(
+    *, max_connections: int, connect_timeout: float, read_timeout: float
+) -> httpx.AsyncClient:
+    """The client as it was built before harvester/transport.py: httpx's own pool."""
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=None),
+        limits=limits,
+        follow_redirects=False,
+        headers={"User-Agent": "harvester"},
+    )
+
+
+VARIANTS: dict[str, tuple[Callable[..., httpx.AsyncClient], bool]] = {
+    "httpcore, asyncio": (httpcore_client, False),
+    "httpcore, uvloop": (httpcore_client, True),
+    "aiohttp, asyncio": (open_client, False),
+    "aiohttp, uvloop": (open_client, True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+    out = args.out.resolve()
+    w = run.build_world(out / f"world-{args.n}", args.n, 30_000)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
+    with nginx.serving(w.www, w.spec.port) as server:
+        for _ in range(args.runs):
+            for name, (make_client, uvloop) in VARIANTS.items():
+                pipeline.open_client = make_client  # type: ignore[assignment]
+                pipeline.EVENT_LOOP_OPTIONS = {"use_uvloop": uvloop}  # type: ignore[misc]
+                target = out / "transports-out"
+                run.clean(target)
+                config = pipeline.HarvestConfig(
+                    inputs=(w.csv,),
+                    out_dir=target,
+                    api_key="bench-key",
+                    base_url=server.base_url,
+                    rps=100_000.0,
+                )
+                before, started = os.times(), time.perf_counter()
+                stats = pipeline.harvest(config)
+                wall, after = time.perf_counter() - started, os.times()
+                cpu = (after.user + after.system) - (before.user + before.system)
+                assert stats.requests["ok"] == args.n, stats.summary()
+                results[name].append((wall, cpu))
+                print(f"  {name:18} wall {wall:6.2f} s  cpu {cpu:6.2f} s", flush=True)
+    shutil.rmtree(out / "transports-out", ignore_errors=True)
+    print(f"\n{args.n:,} requests, {w.images:,} images; medians of {args.runs} rounds")
+    for name, rows in results.items():
+        wall = statistics.median(r[0] for r in rows)
+        cpu = statistics.median(r[1] for r in rows)
+        print(f"  {name:18} wall {wall:6.2f} s  CPU {cpu:6.2f} s")
+
+
+if __name__ == "__main__":
+    main()

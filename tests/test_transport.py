@@ -1,0 +1,152 @@
+"""The aiohttp transport under httpx, against a real server on 127.0.0.1: what a caller sees
+for a whole body, a body cut short, a refused connection and a silent server."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from harvester.layout import Layout
+from harvester.retry import RetryPolicy
+from harvester.store import ImageFailure, ImageStore, StoredImage
+from harvester.transport import open_client
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
+
+
+class RawServer:
+    """Answers every connection with ``reply`` (raw bytes), then closes it."""
+
+    def __init__(self, reply: bytes, *, hold: float = 0.0) -> None:
+        self.reply = reply
+        self.hold = hold
+        self.requests: list[bytes] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen()
+        self._sock.settimeout(0.05)  # so the thread notices ``close`` soon
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                self.requests.append(conn.recv(65536))
+                if self.hold:
+                    self._stop.wait(self.hold)
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest) -> Iterator[RawServer]:
+    reply, hold = request.param
+    srv = RawServer(reply, hold=hold)
+    yield srv
+    srv.close()
+
+
+def _head(length: int) -> bytes:
+    return (
+        f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {length}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+
+
+WHOLE = (_head(len(PNG)) + PNG, 0.0)
+CUT = (_head(len(PNG)) + PNG[:1000], 0.0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("server", [WHOLE], indirect=True)
+async def test_streams_a_whole_body(server: RawServer) -> None:
+    async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+        request = client.build_request("GET", server.url + "/a.png")
+        response = await client.send(request, stream=True)
+        body = b"".join([chunk async for chunk in response.aiter_bytes()])
+        await response.aclose()
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    assert body == PNG
+    assert server.requests[0].startswith(b"GET /a.png HTTP/1.1\r\n")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("server", [CUT], indirect=True)
+async def test_a_body_cut_short_is_a_transport_error(server: RawServer) -> None:
+    async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+        response = await client.send(client.build_request("GET", server.url), stream=True)
+        with pytest.raises(httpx.TransportError):
+            async for _ in response.aiter_bytes():
+                pass
+        await response.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("server", [CUT], indirect=True)
+async def test_store_retries_a_cut_body_and_keeps_no_file(
+    server: RawServer, tmp_path: Path
+) -> None:
+    layout = Layout(tmp_path / "out")
+    layout.prepare()
+    policy = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.001)
+    async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+        store = ImageStore(client, layout, policy=policy, rng=random.Random(0))
+        got = await store.store(server.url + "/a.png")
+    assert isinstance(got, ImageFailure)
+    assert got.status == "error" and got.attempts == 2
+    assert "cut short" in got.error
+    assert store.retries == 1
+    assert not any(layout.images.rglob("*.*")) and not any(layout.tmp.iterdir())
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("server", [WHOLE], indirect=True)
+async def test_store_over_the_real_transport_sends_no_authorization(
+    server: RawServer, tmp_path: Path
+) -> None:
+    layout = Layout(tmp_path / "out")
+    layout.prepare()
+    async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+        client.headers["Authorization"] = "Bearer must-not-leak"
+        store = ImageStore(client, layout, policy=RetryPolicy(), rng=random.Random(0))
+        got = await store.store(server.url + "/a.png")
+    assert isinstance(got, StoredImage) and got.bytes == len(PNG)
+    assert b"authorization" not in server.requests[0].lower()
+
+
+@pytest.mark.anyio
+async def test_refused_connection_is_a_connect_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.get(f"http://127.0.0.1:{port}/")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("server", [(_head(3) + b"abc", 2.0)], indirect=True)
+async def test_silent_server_is_a_read_timeout(server: RawServer) -> None:
+    async with open_client(max_connections=4, connect_timeout=5, read_timeout=0.2) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.get(server.url)
