@@ -25,6 +25,7 @@ from harvester.errors import HarvesterError
 from harvester.jobs import LOG_FORMATS
 from harvester.pipeline import RunStats
 from harvester.redact import redact, secret_parts
+from harvester.units import size
 
 PROGRESS_EVERY: Final = 300.0
 """Seconds between progress lines when not on a terminal."""
@@ -91,16 +92,6 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def size(n: int) -> str:
-    """``812 B``, ``4.2 MB``: decimal units, as disks are sold."""
-    value, unit = float(n), "B"
-    for bigger in ("KB", "MB", "GB", "TB"):
-        if value < 1000:
-            break
-        value, unit = value / 1000, bigger
-    return f"{n:,} B" if unit == "B" else f"{value:,.1f} {unit}"
 
 
 class JsonFormatter(logging.Formatter):

@@ -41,6 +41,7 @@ from harvester.results import ImageRef
 from harvester.retry import RetryPolicy
 from harvester.store import ImageFailure, ImageStore, StoredImage
 from harvester.transport import open_client
+from harvester.units import size
 from harvester.urls import describe_url
 
 log = logging.getLogger("harvester")
@@ -208,7 +209,7 @@ class RunStats:
             f"  skipped:    {self.skipped_done:,} already ok in earlier runs, "
             f"{self.duplicates:,} duplicate rows",
             f"  images:     {self.images_new:,} new, {self.images_existing:,} already stored, "
-            f"{self.images_failed:,} failed; {_size(self.bytes_new)} new on disk",
+            f"{self.images_failed:,} failed; {size(self.bytes_new)} new on disk",
             f"  api:        {self.result_requests:,} result requests "
             f"({self.result_requests / self.elapsed:,.1f}/s), {self.retries:,} retries, "
             f"{self.throttled:,} rate-limited (429)"
@@ -256,15 +257,6 @@ class RunStats:
             "manifest_rows": self.manifest_rows,
             "manifest_parts": self.manifest_parts,
         }
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:,.1f} {unit}" if unit != "B" else f"{n:,} B"
-        value /= 1000
-    return f"{n:,} B"
 
 
 def new_run_id(now: datetime) -> str:

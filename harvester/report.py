@@ -16,9 +16,9 @@ from typing import Final
 import polars as pl
 
 from harvester import manifest
-from harvester.console import size
 from harvester.errors import UsageError
 from harvester.status import read_runs
+from harvester.units import size
 
 NO_MODEL: Final = "(no model)"
 """How a row without a model (an ``invalid`` CSV row) is labelled."""

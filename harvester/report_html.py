@@ -20,9 +20,9 @@ from typing import Any, Final
 import polars as pl
 
 from harvester import manifest
-from harvester.console import size
 from harvester.errors import MEANINGS, OutputError
 from harvester.report import Report, display_runs
+from harvester.units import size
 
 MEDIA_TYPES: Final = {
     "png": "image/png",

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from harvester import lock, manifest
-from harvester.console import duration, size
+from harvester.console import duration
 from harvester.errors import MEANINGS, ExitCode
 from harvester.layout import Layout
+from harvester.units import size
 
 RECENT: Final = 5
 """Earlier runs listed after the last one."""

@@ -1,0 +1,13 @@
+"""Human-readable quantities, shared by the summary, status and report."""
+
+from __future__ import annotations
+
+
+def size(n: int) -> str:
+    """``812 B``, ``4.2 MB``: decimal units, as disks are sold."""
+    value, unit = float(n), "B"
+    for bigger in ("KB", "MB", "GB", "TB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    return f"{n:,} B" if unit == "B" else f"{value:,.1f} {unit}"
