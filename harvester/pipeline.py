@@ -251,6 +251,7 @@ class RunStats:
             },
             "bytes_new": self.bytes_new,
             "bytes_downloaded": self.bytes_downloaded,
+            "temp_files_cleaned": self.temp_files_cleaned,
             "result_requests": self.result_requests,
             "retries": self.retries,
             "rate_limited": self.throttled,
@@ -331,28 +332,22 @@ class _Run:
                     await self.backlog.acquire()
                     tg.start_soon(self.process, item)
 
-    async def fetch(self, fetcher: ResultFetcher, pair: Pair) -> FetchOutcome:
+    async def fetch(self, pair: Pair) -> FetchOutcome:
         async with self.fetch_slots:
-            return await fetcher.fetch(pair.model, pair.request_id)
+            return await self.fetcher.fetch(pair.model, pair.request_id)
 
-    async def process(
-        self, pair: Pair, fetcher: ResultFetcher | None = None, store: ImageStore | None = None
-    ) -> None:
-        fetcher = fetcher or self.fetcher
-        store = store or self.store
+    async def process(self, pair: Pair) -> None:
         try:
-            outcome = await self.fetch(fetcher, pair)
+            outcome = await self.fetch(pair)
             if outcome.status == PENDING and self.config.pending_wait > 0:
-                outcome = await self.wait_pending(fetcher, pair, outcome)
-            rows = await self.rows_for(pair, outcome, store)
+                outcome = await self.wait_pending(pair, outcome)
+            rows = await self.rows_for(pair, outcome)
             self.stats.requests[rows[0].request_status] += 1
             await self.write(rows)
         finally:
             self.backlog.release()
 
-    async def wait_pending(
-        self, fetcher: ResultFetcher, pair: Pair, outcome: FetchOutcome
-    ) -> FetchOutcome:
+    async def wait_pending(self, pair: Pair, outcome: FetchOutcome) -> FetchOutcome:
         """Re-poll a pending request with backoff until it settles or ``pending_wait`` ends.
         Waiting requests give their backlog slot back, so they cannot stall the run."""
         try:
@@ -369,15 +364,13 @@ class _Run:
                     break
                 await anyio.sleep(wait)
                 delay = min(delay * 2, 30.0)
-                outcome = await self.fetch(fetcher, pair)
+                outcome = await self.fetch(pair)
         finally:
             self.pending_waiters.release()
             await self.backlog.acquire()
         return outcome
 
-    async def rows_for(
-        self, pair: Pair, outcome: FetchOutcome, store: ImageStore
-    ) -> list[ManifestRow]:
+    async def rows_for(self, pair: Pair, outcome: FetchOutcome) -> list[ManifestRow]:
         # Every row is built once, with all its fields (no chains of dataclasses.replace):
         # this runs for every image of the run.
         result = outcome.result
@@ -408,7 +401,7 @@ class _Run:
 
         async def download(ref: ImageRef) -> None:
             async with self.download_slots:
-                stored[ref.index] = await store.store(ref.url)
+                stored[ref.index] = await self.store.store(ref.url)
 
         if len(result.images) == 1:
             await download(result.images[0])

@@ -56,7 +56,6 @@ class RateLimiter:
         self._last_cut = float("-inf")
         self._lock = anyio.Lock(fast_acquire=True)  # FIFO: turns go in the order they were asked
         self.throttled = 0
-        self.acquired = 0
 
     async def acquire(self) -> None:
         """Wait for this task's turn. Turns are handed out one at a time, in order."""
@@ -72,7 +71,6 @@ class RateLimiter:
                 await anyio.sleep(slot - now)
             self._next = slot + 1.0 / self.rate
             starts.append(max(self._clock(), slot))
-            self.acquired += 1
 
     def on_throttled(self, retry_after: float | None = None) -> None:
         """The API answered 429: slow every task down."""
