@@ -26,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,30 +57,86 @@ RPS_TOLERANCE: Final = 0.05
 class Timed:
     wall: float
     cpu: float
-    """user + system seconds of the process (and its children)."""
+    """user + system seconds of the process and every process it waited for."""
     max_rss_mb: float
+    """The peak of the resident memory summed over the process and its children."""
     returncode: int
 
 
+def _tree_rss_bytes(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants, now (0 once it is gone)."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/statm") as fh:
+                total += int(fh.read().split()[1]) * PAGE
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fh:
+                    todo.extend(int(c) for c in fh.read().split())
+        except (OSError, ValueError):
+            continue  # it exited meanwhile
+    return total
+
+
+PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+RSS_SAMPLE_SECONDS: Final = 0.02
+
+
 def timed(args: Sequence[str], *, env: dict[str, str] | None = None, log: Path) -> Timed:
-    """Run a command, with its own rusage (wait4), not the bench's."""
+    """Run a command, with its own rusage (wait4), not the bench's. Its peak RSS is sampled
+    every 20 ms over its whole process tree (ru_maxrss is only the largest single process)."""
+    peak = 0
     with open(log, "wb") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(RSS_SAMPLE_SECONDS):
+                peak = max(peak, _tree_rss_bytes(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        done.set()
+        sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Timed(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode)
+    rss = max(peak, usage.ru_maxrss * 1024) / 1024 / 1024
+    return Timed(wall, usage.ru_utime + usage.ru_stime, rss, proc.returncode)
 
 
-def clean(path: Path) -> None:
-    """Remove a previous output, and flush the file system, so no run pays for the last one."""
-    shutil.rmtree(path, ignore_errors=True)
+def fresh(path: Path) -> Path:
+    """An output folder that does not exist yet, and every dirty page flushed first, so no run
+    pays for the previous one's writes. Nothing is deleted here: on ext4 a file created just
+    after thousands were deleted costs far more (the allocator steps over recently freed
+    inodes), which would make whichever program runs second look slower than it is."""
+    if path.exists():
+        raise SystemExit(f"bench: {path} exists; it should be a fresh folder")
     os.sync()
+    return path
+
+
+def clear_runs(out: Path, *, settle: bool = False) -> Path:
+    """Remove the outputs of earlier rounds (and of an interrupted bench); return the empty
+    folder for this section's. With ``settle``, wait a minute after a large delete (``fresh``
+    says why): only the speed section compares against curl."""
+    runs = out / "runs"
+    if runs.exists() and any(runs.iterdir()):
+        shutil.rmtree(runs)
+        os.sync()
+        if settle:
+            print("  (removed earlier outputs; waiting 60 s before timing)", flush=True)
+            time.sleep(60)
+    runs.mkdir(parents=True, exist_ok=True)
+    return runs
 
 
 def harvest(csv: Path, out: Path, base_url: str, extra: Sequence[str], *, log: Path) -> Timed:
-    clean(out)
+    fresh(out)
     env = {**os.environ, "HARVESTER_API_KEY": KEY}
     args = [*HARVESTER, "harvest", str(csv), "--out", str(out), "--base-url", base_url, "-q"]
     result = timed([*args, *extra], env=env, log=log)
@@ -89,8 +146,7 @@ def harvest(csv: Path, out: Path, base_url: str, extra: Sequence[str], *, log: P
     return result
 
 
-def curl_config(w: world.World, dest: Path) -> Path:
-    config = w.root / "curl.cfg"
+def curl_config(w: world.World, dest: Path, config: Path) -> Path:
     with open(w.urls) as urls, open(config, "w") as out:
         for line in urls:
             url = line.strip()
@@ -100,7 +156,7 @@ def curl_config(w: world.World, dest: Path) -> Path:
 
 
 def curl(config: Path, dest: Path, *, log: Path) -> Timed:
-    clean(dest)
+    fresh(dest)
     args = [
         "curl", "--parallel", "--parallel-max", "64", "--create-dirs", "--fail",
         "--silent", "--show-error", "--config", str(config),
@@ -180,15 +236,17 @@ class Report:
 def speed(args: argparse.Namespace, out: Path, report: Report) -> float:
     print(f"speed: {args.n:,} requests, {args.runs} rounds of curl then harvester", flush=True)
     w = build_world(out / f"world-{args.n}", args.n, 30_000)
-    config = curl_config(w, out / "curl-out")
+    folder = clear_runs(out, settle=True)
     curls: list[Timed] = []
     runs: list[Timed] = []
     with nginx.serving(w.www, w.spec.port) as server:
         for i in range(args.runs):
-            c = curl(config, out / "curl-out", log=out / "curl.log")
+            dest = folder / f"curl-{i + 1}"
+            config = curl_config(w, dest, folder / f"curl-{i + 1}.cfg")
+            c = curl(config, dest, log=out / "curl.log")
             h = harvest(
                 w.csv,
-                out / "harvest-out",
+                folder / f"harvest-{i + 1}",
                 server.base_url,
                 args.harvest_args,
                 log=out / "harvest.log",
@@ -200,8 +258,6 @@ def speed(args: argparse.Namespace, out: Path, report: Report) -> float:
                 f"ratio {h.wall / c.wall:4.2f}  cpu {h.cpu:6.1f} s  rss {h.max_rss_mb:5.0f} MB",
                 flush=True,
             )
-    shutil.rmtree(out / "curl-out", ignore_errors=True)
-    shutil.rmtree(out / "harvest-out", ignore_errors=True)
     curl_wall = statistics.median(c.wall for c in curls)
     harv_wall = statistics.median(h.wall for h in runs)
     ratio = statistics.median(h.wall / c.wall for h, c in zip(runs, curls, strict=True))
@@ -224,11 +280,11 @@ def memory(args: argparse.Namespace, out: Path, report: Report, base_rss: float 
     n = args.n * 10
     print(f"memory: {n:,} requests with tiny images, one harvest", flush=True)
     w = build_world(out / f"world-{n}-tiny", n, 200)
+    folder = clear_runs(out)
     with nginx.serving(w.www, w.spec.port) as server:
         h = harvest(
-            w.csv, out / "harvest-out", server.base_url, args.harvest_args, log=out / "harvest.log"
+            w.csv, folder / "harvest", server.base_url, args.harvest_args, log=out / "harvest.log"
         )
-    shutil.rmtree(out / "harvest-out", ignore_errors=True)
     print(f"  harvester {h.wall:.1f} s, cpu {h.cpu:.1f} s, rss {h.max_rss_mb:.0f} MB", flush=True)
     report.lines.append(f"memory: {n:,} requests, {w.images:,} tiny images")
     report.lines.append(
@@ -254,9 +310,9 @@ def slow(args: argparse.Namespace, out: Path, report: Report) -> None:
     access = out / "slow-access.log"
     access.unlink(missing_ok=True)
     extra = ["--concurrency", str(SLOW_CONCURRENCY), *args.slow_args]
+    folder = clear_runs(out)
     with nginx.serving(w.www, w.spec.port, delay=SLOW_LATENCY, access_log=access) as server:
-        h = harvest(csv, out / "harvest-out", server.base_url, extra, log=out / "harvest.log")
-    shutil.rmtree(out / "harvest-out", ignore_errors=True)
+        h = harvest(csv, folder / "harvest", server.base_url, extra, log=out / "harvest.log")
     starts = request_starts(access)
     rate = (len(starts) - 1) / max((starts[-1] - starts[0]) / 1000, 1e-9)
     share = rate / ideal
@@ -279,15 +335,15 @@ def rps(args: argparse.Namespace, out: Path, report: Report) -> None:
     csv = subset_csv(w, min(n, args.n), out / "rps.csv")
     access = out / "rps-access.log"
     access.unlink(missing_ok=True)
+    folder = clear_runs(out)
     with nginx.serving(w.www, w.spec.port, access_log=access) as server:
         harvest(
             csv,
-            out / "harvest-out",
+            folder / "harvest",
             server.base_url,
             ["--rps", f"{RPS:g}"],
             log=out / "harvest.log",
         )
-    shutil.rmtree(out / "harvest-out", ignore_errors=True)
     starts = request_starts(access)
     span = (starts[-1] - starts[0]) / 1000
     rate = (len(starts) - 1) / span
@@ -340,6 +396,7 @@ def main() -> None:
         slow(args, out, report)
     if "rps" in sections:
         rps(args, out, report)
+    shutil.rmtree(out / "runs", ignore_errors=True)
     print(f"\n== bench: {os.cpu_count()} cores; {' '.join(sys.argv[1:]) or 'defaults'} ==")
     print("\n".join(report.lines))
     print(

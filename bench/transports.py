@@ -62,13 +62,13 @@ def main() -> None:
     out = args.out.resolve()
     w = run.build_world(out / f"world-{args.n}", args.n, 30_000)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
+    folder = run.clear_runs(out, settle=True)
     with nginx.serving(w.www, w.spec.port) as server:
-        for _ in range(args.runs):
+        for i in range(args.runs):
             for name, (make_client, uvloop) in VARIANTS.items():
                 pipeline.open_client = make_client  # type: ignore[assignment]
                 pipeline.EVENT_LOOP_OPTIONS = {"use_uvloop": uvloop}  # type: ignore[misc]
-                target = out / "transports-out"
-                run.clean(target)
+                target = run.fresh(folder / f"{name}-{i + 1}")
                 config = pipeline.HarvestConfig(
                     inputs=(w.csv,),
                     out_dir=target,
@@ -83,7 +83,7 @@ def main() -> None:
                 assert stats.requests["ok"] == args.n, stats.summary()
                 results[name].append((wall, cpu))
                 print(f"  {name:18} wall {wall:6.2f} s  cpu {cpu:6.2f} s", flush=True)
-    shutil.rmtree(out / "transports-out", ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     print(f"\n{args.n:,} requests, {w.images:,} images; medians of {args.runs} rounds")
     for name, rows in results.items():
         wall = statistics.median(r[0] for r in rows)

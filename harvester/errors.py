@@ -38,6 +38,8 @@ class ExitCode(IntEnum):
     than ``--max-age`` (cron or the timer did not run, or the run was killed outright)."""
     UNREACHABLE = 11
     """No request ever got an answer from the API (wrong --base-url, DNS, network down)."""
+    WORKER = 12
+    """A worker process died (killed, out of memory): finished rows are kept; run again."""
     INTERRUPTED = 130
     """Stopped by SIGINT or SIGTERM: finished rows are kept; the next run picks up the rest."""
 
@@ -53,6 +55,8 @@ MEANINGS: Final[dict[int, str]] = {
     ExitCode.CONFIG: "the job file is invalid",
     ExitCode.VERIFY: "verify found missing, corrupt or orphaned files",
     ExitCode.NO_RECENT_RUN: "no recent run",
+    ExitCode.UNREACHABLE: "the API never answered; nothing was recorded",
+    ExitCode.WORKER: "a worker process died; finished rows are kept, run again",
     ExitCode.INTERRUPTED: "interrupted (SIGINT/SIGTERM); finished rows are kept",
 }
 """One line per exit code, for ``harvester status`` and the docs."""
@@ -110,3 +114,22 @@ class ConfigError(HarvesterError):
     """A job file has an unknown key, a wrong type or bad TOML."""
 
     exit_code = ExitCode.CONFIG
+
+
+class WorkerError(HarvesterError):
+    """A worker process of the run died or failed unexpectedly."""
+
+    exit_code = ExitCode.WORKER
+
+
+def first_harvester_error(group: BaseExceptionGroup[BaseException]) -> HarvesterError | None:
+    """The first of our own errors in a (nested) exception group: task groups wrap what their
+    tasks raise, and the CLI reports our errors plainly."""
+    for exc in group.exceptions:
+        if isinstance(exc, HarvesterError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = first_harvester_error(exc)
+            if found is not None:
+                return found
+    return None

@@ -14,7 +14,6 @@ from typing import Final
 import httpx
 
 from harvester.errors import AuthError, UnreachableError
-from harvester.manifest import ERROR, FAILED, NOT_FOUND, OK, PENDING
 from harvester.ratelimit import RateLimiter
 from harvester.redact import redact, secret_parts
 from harvester.results import Result, ResultShapeError, error_detail, parse_result
@@ -27,6 +26,7 @@ from harvester.retry import (
     parse_retry_after,
     retrying,
 )
+from harvester.rows import ERROR, FAILED, NOT_FOUND, OK, PENDING
 from harvester.urls import result_url
 
 log = logging.getLogger("harvester")

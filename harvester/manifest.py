@@ -12,8 +12,6 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Final
 
@@ -24,15 +22,16 @@ import pyarrow.parquet as pq
 
 from harvester.errors import ManifestError, OutputError
 from harvester.layout import Layout
-
-# The status vocabulary (README: "Statuses").
-OK: Final = "ok"
-PENDING: Final = "pending"
-NOT_FOUND: Final = "not_found"
-FAILED: Final = "failed"
-ERROR: Final = "error"
-INVALID: Final = "invalid"
-STATUSES: Final = (OK, PENDING, NOT_FOUND, FAILED, ERROR, INVALID)
+from harvester.rows import (
+    ERROR,
+    FAILED,
+    INVALID,
+    NOT_FOUND,
+    OK,
+    PENDING,
+    STATUSES,
+    ManifestRow,
+)
 
 SCHEMA: Final = pa.schema(
     [
@@ -74,38 +73,6 @@ type for a ``data:`` URI, never its payload.
 
 SCHEMA_POLARS: Final = pl.Schema(pl.from_arrow(SCHEMA.empty_table()).schema)  # type: ignore[union-attr]
 """``SCHEMA`` as polars sees it, for scans that must agree with the writer."""
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestRow:
-    """One manifest row; field names and order match ``SCHEMA``."""
-
-    run_id: str
-    harvested_at: datetime
-    source_file: str | None
-    source_line: int | None
-    model: str | None
-    request_id: str | None
-    request_status: str
-    status: str
-    error: str | None = None
-    http_status: int | None = None
-    attempts: int | None = None
-    seed: int | None = None
-    prompt: str | None = None
-    image_count: int | None = None
-    image_index: int | None = None
-    image_url: str | None = None
-    content_type: str | None = None
-    sha256: str | None = None
-    path: str | None = None
-    bytes: int | None = None
-    stored_new: bool | None = None
-    width: int | None = None
-    height: int | None = None
-    has_nsfw_concept: bool | None = None
-    timings: str | None = None
-    inference_seconds: float | None = None
 
 
 _FIELDS: Final = tuple(f.name for f in dataclasses.fields(ManifestRow))
@@ -260,3 +227,25 @@ def unreadable_parts(out_dir: Path) -> list[Path]:
         except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
             bad.append(part)
     return bad
+
+
+__all__ = [
+    "ERROR",
+    "FAILED",
+    "INVALID",
+    "NOT_FOUND",
+    "OK",
+    "PENDING",
+    "SCHEMA",
+    "SCHEMA_POLARS",
+    "STATUSES",
+    "ManifestRow",
+    "ManifestWriter",
+    "has_manifest",
+    "latest",
+    "manifest_glob",
+    "ok_pairs",
+    "rows_to_table",
+    "scan",
+    "unreadable_parts",
+]

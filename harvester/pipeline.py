@@ -14,7 +14,6 @@ import gc
 import json
 import logging
 import os
-import random
 import secrets
 import signal
 import threading
@@ -24,25 +23,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import anyio
+import anyio.abc
 import httpx
 
 from harvester import manifest, reader
-from harvester.errors import ExitCode, HarvesterError, OutputError, UsageError
-from harvester.fetcher import FetchOutcome, ResultFetcher
+from harvester.errors import (
+    ExitCode,
+    HarvesterError,
+    OutputError,
+    UsageError,
+    first_harvester_error,
+)
 from harvester.layout import Layout
 from harvester.lock import exclusive
-from harvester.manifest import ERROR, FAILED, INVALID, OK, PENDING, ManifestRow, ManifestWriter
-from harvester.ratelimit import RateLimiter
+from harvester.manifest import INVALID, OK, ManifestRow, ManifestWriter
 from harvester.reader import BadRow, Pair
-from harvester.results import ImageRef
 from harvester.retry import RetryPolicy
-from harvester.store import ImageFailure, ImageStore, StoredImage
-from harvester.transport import open_client
 from harvester.units import size
-from harvester.urls import describe_url
+from harvester.worker import EVENT_LOOP_OPTIONS, Lane, LaneSettings, WorkerProcess, run_local
 
 log = logging.getLogger("harvester")
 
@@ -50,10 +51,13 @@ DEFAULT_BASE_URL: Final = "https://queue.fal.run"
 FAL_QUEUE_HOST: Final = "queue.fal.run"
 AUTH_SCHEMES: Final = ("auto", "bearer", "key")
 KEY_ENV_VARS: Final = ("HARVESTER_API_KEY", "FAL_KEY")
-MAX_PENDING_WAITERS: Final = 10_000
-EVENT_LOOP_OPTIONS = {"use_uvloop": True}
-"""anyio's asyncio backend options: uvloop takes about a fifth less CPU per request
-(bench/transports.py measures it)."""
+PAIR_BUFFER: Final = 256
+"""Pairs read ahead of the lanes."""
+AUTO_WORKERS_MIN_RPS: Final = 200.0
+"""With ``workers`` unset, a run allowed at least this many requests per second gets one
+process per core (up to ``AUTO_WORKERS_MAX``): one process does about 600 requests a second on
+one core of the bench machine (README "Performance"), so below this one process is plenty."""
+AUTO_WORKERS_MAX: Final = 4
 
 
 def api_key_from_env(environ: dict[str, str] | os._Environ[str], name: str | None = None) -> str:
@@ -97,6 +101,45 @@ class HarvestConfig:
     seconds_per_part: float = 30.0
     seed: int | None = None
     """Seed for retry jitter (tests); None draws one."""
+    workers: int | None = None
+    """Processes that fetch and download (this one included); None: one per core, up to
+    ``AUTO_WORKERS_MAX``, when ``rps`` is at least ``AUTO_WORKERS_MIN_RPS``, else one."""
+
+    @property
+    def lanes(self) -> int:
+        """How many lanes the work is split into (each needs at least one fetch slot)."""
+        wanted = self.workers
+        if wanted is None:
+            cores = os.cpu_count() or 1
+            wanted = min(cores, AUTO_WORKERS_MAX) if self.rps >= AUTO_WORKERS_MIN_RPS else 1
+        return max(1, min(wanted, self.concurrency, self.image_concurrency))
+
+    def lane_settings(self, run_id: str, index: int) -> LaneSettings:
+        """Lane ``index``'s share: the concurrencies and ``rps`` split so that all lanes
+        together never exceed them."""
+        n = self.lanes
+
+        def share(total: int) -> int:
+            return total // n + (1 if index < total % n else 0)
+
+        return LaneSettings(
+            run_id=run_id,
+            out_dir=self.out_dir,
+            base_url=self.base_url,
+            authorization=self.authorization,
+            concurrency=share(self.concurrency),
+            image_concurrency=share(self.image_concurrency),
+            rps=self.rps / n,
+            retry=self.retry,
+            pending_wait=self.pending_wait,
+            max_image_bytes=self.max_image_bytes,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            seed=None if self.seed is None else self.seed + index,
+            log_levels={
+                name: logging.getLogger(name).getEffectiveLevel() for name in ("harvester", "httpx")
+            },
+        )
 
     def validate(self) -> None:
         """Check option values and combinations before any file or network is touched."""
@@ -116,6 +159,7 @@ class HarvestConfig:
         checks = (
             (self.concurrency >= 1, "--concurrency must be at least 1"),
             (self.image_concurrency >= 1, "--image-concurrency must be at least 1"),
+            (self.workers is None or self.workers >= 1, "--workers must be at least 1"),
             (self.rps > 0, "--rps must be greater than 0"),
             (self.retry.max_attempts >= 1, "--max-attempts must be at least 1"),
             (self.retry.budget > 0, "--retry-budget must be greater than 0"),
@@ -273,7 +317,6 @@ class _Run:
         self.config = config
         self.stats = stats
         self.layout = layout
-        self.rng = random.Random(config.seed)
         self.writer = ManifestWriter(
             layout,
             stats.run_id,
@@ -281,15 +324,10 @@ class _Run:
             seconds_per_part=config.seconds_per_part,
             autoflush=False,
         )
-        # fast_acquire: a free slot is taken without a trip through the event loop; these are
-        # acquired once or more per request.
-        self.fetch_slots = anyio.Semaphore(config.concurrency, fast_acquire=True)
-        self.download_slots = anyio.Semaphore(config.image_concurrency, fast_acquire=True)
-        self.backlog = anyio.Semaphore(
-            config.concurrency + 2 * config.image_concurrency, fast_acquire=True
-        )
-        self.pending_waiters = anyio.Semaphore(MAX_PENDING_WAITERS)
-        self.limiter = RateLimiter(config.rps)
+        self.local = Lane(config.lane_settings(stats.run_id, 0))
+        self.remotes = [
+            WorkerProcess(i, config.lane_settings(stats.run_id, i)) for i in range(1, config.lanes)
+        ]
 
     async def write(self, rows: list[ManifestRow]) -> None:
         self.writer.add(rows)
@@ -297,6 +335,25 @@ class _Run:
             await self.writer.flush_in_thread()
         self.stats.manifest_rows = self.writer.rows_written
         self.stats.manifest_parts = self.writer.parts_written
+
+    async def deliver(self, rows: list[ManifestRow]) -> None:
+        """The rows of one finished request, from any lane."""
+        stats = self.stats
+        stats.requests[rows[0].request_status] += 1
+        for row in rows:
+            if row.image_index is None:
+                continue
+            if row.sha256 is None:
+                stats.images_failed += 1
+                continue
+            size = row.bytes or 0
+            stats.bytes_downloaded += size
+            if row.stored_new:
+                stats.images_new += 1
+                stats.bytes_new += size
+            else:
+                stats.images_existing += 1
+        await self.write(rows)
 
     def bad_row(self, bad: BadRow) -> ManifestRow:
         log.warning("%s:%d: invalid row: %s", bad.source, bad.line, bad.reason)
@@ -314,139 +371,28 @@ class _Run:
         )
 
     async def produce(
-        self, files: list[reader.InputFile], done: reader.PairSet, tg: anyio.abc.TaskGroup
+        self,
+        files: list[reader.InputFile],
+        done: reader.PairSet,
+        pairs: anyio.abc.ObjectSendStream[Pair],
     ) -> None:
+        """Read the inputs in batches; every pair to be harvested goes to whichever lane
+        takes it first (a lane takes one when it has room)."""
         counts = reader.ReadCounts()
         batches = reader.iter_items(files, done=done, counts=counts)
-        while True:
-            batch = await anyio.to_thread.run_sync(next, batches, None)
-            self.stats.skipped_done = counts.already_done
-            self.stats.duplicates = counts.duplicates
-            if batch is None:
-                return
-            bad = [self.bad_row(item) for item in batch if isinstance(item, BadRow)]
-            if bad:
-                await self.write(bad)
-            for item in batch:
-                if isinstance(item, Pair):
-                    await self.backlog.acquire()
-                    tg.start_soon(self.process, item)
-
-    async def fetch(self, pair: Pair) -> FetchOutcome:
-        async with self.fetch_slots:
-            return await self.fetcher.fetch(pair.model, pair.request_id)
-
-    async def process(self, pair: Pair) -> None:
-        try:
-            outcome = await self.fetch(pair)
-            if outcome.status == PENDING and self.config.pending_wait > 0:
-                outcome = await self.wait_pending(pair, outcome)
-            rows = await self.rows_for(pair, outcome)
-            self.stats.requests[rows[0].request_status] += 1
-            await self.write(rows)
-        finally:
-            self.backlog.release()
-
-    async def wait_pending(self, pair: Pair, outcome: FetchOutcome) -> FetchOutcome:
-        """Re-poll a pending request with backoff until it settles or ``pending_wait`` ends.
-        Waiting requests give their backlog slot back, so they cannot stall the run."""
-        try:
-            self.pending_waiters.acquire_nowait()
-        except anyio.WouldBlock:
-            return outcome
-        self.backlog.release()
-        try:
-            deadline = time.monotonic() + self.config.pending_wait
-            delay = 1.0
-            while outcome.status == PENDING:
-                wait = min(delay * self.rng.uniform(0.75, 1.25), deadline - time.monotonic())
-                if wait <= 0:
-                    break
-                await anyio.sleep(wait)
-                delay = min(delay * 2, 30.0)
-                outcome = await self.fetch(pair)
-        finally:
-            self.pending_waiters.release()
-            await self.backlog.acquire()
-        return outcome
-
-    async def rows_for(self, pair: Pair, outcome: FetchOutcome) -> list[ManifestRow]:
-        # Every row is built once, with all its fields (no chains of dataclasses.replace):
-        # this runs for every image of the run.
-        result = outcome.result
-        head: dict[str, Any] = {
-            "run_id": self.stats.run_id,
-            "harvested_at": datetime.now(UTC),
-            "source_file": pair.source,
-            "source_line": pair.line,
-            "model": pair.model,
-            "request_id": pair.request_id,
-            "error": outcome.error,
-            "http_status": outcome.http_status,
-            "attempts": outcome.attempts,
-        }
-        if result is None:
-            return [ManifestRow(request_status=outcome.status, status=outcome.status, **head)]
-        head.update(
-            seed=result.seed,
-            prompt=result.prompt,
-            timings=result.timings,
-            inference_seconds=result.inference_seconds,
-            image_count=len(result.images),
-        )
-        if not result.images:
-            return [ManifestRow(request_status=outcome.status, status=outcome.status, **head)]
-
-        stored: list[StoredImage | ImageFailure | None] = [None] * len(result.images)
-
-        async def download(ref: ImageRef) -> None:
-            async with self.download_slots:
-                stored[ref.index] = await self.store.store(ref.url)
-
-        if len(result.images) == 1:
-            await download(result.images[0])
-        else:
-            async with anyio.create_task_group() as tg:
-                for ref in result.images:
-                    tg.start_soon(download, ref)
-
-        fields = [
-            self.image_fields(head, ref, got)
-            for ref, got in zip(result.images, stored, strict=True)
-        ]
-        statuses = {f["status"] for f in fields}
-        status = OK if statuses == {OK} else ERROR if ERROR in statuses else FAILED
-        return [ManifestRow(request_status=status, **f) for f in fields]
-
-    def image_fields(
-        self, head: dict[str, Any], ref: ImageRef, got: StoredImage | ImageFailure | None
-    ) -> dict[str, Any]:
-        """The fields of an image's row, but for ``request_status``."""
-        row = {
-            **head,
-            "status": OK,
-            "image_index": ref.index,
-            "image_url": describe_url(ref.url),
-            "content_type": ref.content_type,
-            "width": ref.width,
-            "height": ref.height,
-            "has_nsfw_concept": ref.has_nsfw_concept,
-        }
-        if isinstance(got, StoredImage):
-            if got.new:
-                self.stats.images_new += 1
-                self.stats.bytes_new += got.bytes
-            else:
-                self.stats.images_existing += 1
-            self.stats.bytes_downloaded += got.bytes
-            row.update(sha256=got.sha256, path=got.path, bytes=got.bytes, stored_new=got.new)
-            return row
-        assert got is not None, "every download task fills its slot"
-        self.stats.images_failed += 1
-        row.update(status=got.status, error=got.error)
-        if got.http_status:
-            row["http_status"] = got.http_status
-        return row
+        async with pairs:
+            while True:
+                batch = await anyio.to_thread.run_sync(next, batches, None)
+                self.stats.skipped_done = counts.already_done
+                self.stats.duplicates = counts.duplicates
+                if batch is None:
+                    return
+                bad = [self.bad_row(item) for item in batch if isinstance(item, BadRow)]
+                if bad:
+                    await self.write(bad)
+                for item in batch:
+                    if isinstance(item, Pair):
+                        await pairs.send(item)
 
     async def run(
         self,
@@ -455,35 +401,19 @@ class _Run:
         on_tick: Callable[[RunStats], None] | None,
         tick: float,
     ) -> None:
-        config = self.config
-        async with open_client(
-            max_connections=config.concurrency + config.image_concurrency,
-            connect_timeout=config.connect_timeout,
-            read_timeout=config.read_timeout,
-        ) as client:
-            self.fetcher = ResultFetcher(
-                client,
-                base_url=config.base_url,
-                authorization=config.authorization,
-                policy=config.retry,
-                limiter=self.limiter,
-                rng=self.rng,
-            )
-            self.store = ImageStore(
-                client,
-                self.layout,
-                policy=config.retry,
-                rng=self.rng,
-                max_bytes=config.max_image_bytes,
-            )
-            async with anyio.create_task_group() as tg:
-                if threading.current_thread() is threading.main_thread():
-                    tg.start_soon(self.watch_signals, tg.cancel_scope)
-                if on_tick is not None:
-                    tg.start_soon(self.ticker, on_tick, tick)
-                async with anyio.create_task_group() as work:
-                    await self.produce(files, done, work)
-                tg.cancel_scope.cancel()
+        async with anyio.create_task_group() as tg:
+            if threading.current_thread() is threading.main_thread():
+                tg.start_soon(self.watch_signals, tg.cancel_scope)
+            if on_tick is not None:
+                tg.start_soon(self.ticker, on_tick, tick)
+            send, receive = anyio.create_memory_object_stream[Pair](PAIR_BUFFER)
+            async with anyio.create_task_group() as work:
+                with receive:
+                    work.start_soon(run_local, self.local, receive.clone(), self.deliver)
+                    for remote in self.remotes:
+                        work.start_soon(remote.run, receive.clone(), self.deliver)
+                await self.produce(files, done, send)
+            tg.cancel_scope.cancel()
 
     async def watch_signals(self, scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -502,12 +432,11 @@ class _Run:
             await anyio.sleep(tick)
 
     def refresh(self) -> None:
-        self.stats.throttled = self.limiter.throttled
-        self.stats.lowest_rps = self.limiter.lowest_rate
-        fetcher = getattr(self, "fetcher", None)
-        store = getattr(self, "store", None)
-        self.stats.result_requests = fetcher.sent if fetcher else 0
-        self.stats.retries = (fetcher.retries if fetcher else 0) + (store.retries if store else 0)
+        counters = [self.local.counters(), *(r.counters for r in self.remotes)]
+        self.stats.result_requests = sum(c.sent for c in counters)
+        self.stats.retries = sum(c.retries for c in counters)
+        self.stats.throttled = sum(c.throttled for c in counters)
+        self.stats.lowest_rps = sum(c.lowest_rate for c in counters)
 
 
 def harvest(
@@ -556,7 +485,7 @@ def harvest(
             raise
         except BaseExceptionGroup as group:
             # Task groups wrap what their tasks raise; report our own error plainly.
-            first = _first_harvester_error(group)
+            first = first_harvester_error(group)
             if first is None:
                 raise
             stats.fail(first)
@@ -575,17 +504,6 @@ def harvest(
                 stats.manifest_parts = run.writer.parts_written
                 _write_record(layout, stats)
     return stats
-
-
-def _first_harvester_error(group: BaseExceptionGroup[BaseException]) -> HarvesterError | None:
-    for exc in group.exceptions:
-        if isinstance(exc, HarvesterError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first_harvester_error(exc)
-            if found is not None:
-                return found
-    return None
 
 
 def _write_record(layout: Layout, stats: RunStats) -> None:

@@ -24,7 +24,6 @@ import httpx
 from harvester.errors import OutputError
 from harvester.fetcher import request_error_reason
 from harvester.layout import Layout
-from harvester.manifest import ERROR, FAILED
 from harvester.retry import (
     RETRYABLE_STATUS,
     RetriesExhausted,
@@ -32,6 +31,7 @@ from harvester.retry import (
     TransientError,
     retrying,
 )
+from harvester.rows import ERROR, FAILED
 from harvester.urls import describe_url
 
 FOLLOWED_SCHEMES: Final = frozenset({"http", "https"})

@@ -1,0 +1,52 @@
+"""The manifest's row and status vocabulary, without pyarrow or polars.
+
+Worker processes build rows and import only this; ``harvester.manifest`` declares the Arrow
+schema the rows are written with, and checks that the two list the same columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+# The status vocabulary (README: "Statuses").
+OK: Final = "ok"
+PENDING: Final = "pending"
+NOT_FOUND: Final = "not_found"
+FAILED: Final = "failed"
+ERROR: Final = "error"
+INVALID: Final = "invalid"
+STATUSES: Final = (OK, PENDING, NOT_FOUND, FAILED, ERROR, INVALID)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRow:
+    """One manifest row; field names and order match ``SCHEMA``."""
+
+    run_id: str
+    harvested_at: datetime
+    source_file: str | None
+    source_line: int | None
+    model: str | None
+    request_id: str | None
+    request_status: str
+    status: str
+    error: str | None = None
+    http_status: int | None = None
+    attempts: int | None = None
+    seed: int | None = None
+    prompt: str | None = None
+    image_count: int | None = None
+    image_index: int | None = None
+    image_url: str | None = None
+    content_type: str | None = None
+    sha256: str | None = None
+    path: str | None = None
+    bytes: int | None = None
+    stored_new: bool | None = None
+    width: int | None = None
+    height: int | None = None
+    has_nsfw_concept: bool | None = None
+    timings: str | None = None
+    inference_seconds: float | None = None
