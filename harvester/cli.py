@@ -109,6 +109,14 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             **default("rps"),
         ),
         click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Processes that fetch and download, this one included. Default: one per "
+            "core (at most 4) when --rps is 200 or more, else 1"
+            + (" (or the job's 'workers')." if job else "."),
+        ),
+        click.option(
             "--max-attempts",
             type=click.IntRange(min=1),
             help="Attempts per request on transient errors (429, 5xx gateway, network).",

@@ -50,6 +50,8 @@ class Job:
     concurrency: int = 32
     image_concurrency: int = 32
     rps: float = 50.0
+    workers: int | None = None
+    """Processes that fetch and download; None: chosen from ``rps`` and the cores."""
     max_attempts: int = 8
     retry_budget: float = 300.0
     pending_wait: float = 0.0
@@ -74,6 +76,7 @@ class Job:
             concurrency=self.concurrency,
             image_concurrency=self.image_concurrency,
             rps=self.rps,
+            workers=self.workers,
             retry=RetryPolicy(max_attempts=self.max_attempts, budget=self.retry_budget),
             pending_wait=self.pending_wait,
             max_image_bytes=self.max_image_bytes,
@@ -119,6 +122,7 @@ _KEYS: Final[dict[str, _Key]] = {
     "concurrency": _Key("integer", 1),
     "image-concurrency": _Key("integer", 1),
     "rps": _Key("number", 0, above=True),
+    "workers": _Key("integer", 1),
     "max-attempts": _Key("integer", 1),
     "retry-budget": _Key("number", 0, above=True),
     "pending-wait": _Key("number", 0),

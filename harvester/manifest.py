@@ -11,17 +11,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
-import polars as pl
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from harvester.errors import ManifestError, OutputError
 from harvester.layout import Layout
+
+if TYPE_CHECKING:
+    import polars as pl
+
 from harvester.rows import (
     ERROR,
     FAILED,
@@ -71,8 +75,13 @@ result's ``timings`` object as JSON text, kept losslessly; ``image_url`` holds o
 type for a ``data:`` URI, never its payload.
 """
 
-SCHEMA_POLARS: Final = pl.Schema(pl.from_arrow(SCHEMA.empty_table()).schema)  # type: ignore[union-attr]
-"""``SCHEMA`` as polars sees it, for scans that must agree with the writer."""
+
+def polars_schema() -> pl.Schema:
+    """``SCHEMA`` as polars sees it, for scans that must agree with the writer. (polars is
+    imported only by what reads the manifest with it: a harvest never loads it.)"""
+    import polars as pl
+
+    return pl.Schema(pl.from_arrow(SCHEMA.empty_table()).schema)  # type: ignore[union-attr]
 
 
 _FIELDS: Final = tuple(f.name for f in dataclasses.fields(ManifestRow))
@@ -186,29 +195,34 @@ def has_manifest(out_dir: Path) -> bool:
 
 def scan(out_dir: Path) -> pl.LazyFrame:
     """Lazily read every manifest part under ``out_dir``."""
-    return pl.scan_parquet(manifest_glob(out_dir), schema=SCHEMA_POLARS)
+    import polars as pl
+
+    return pl.scan_parquet(manifest_glob(out_dir), schema=polars_schema())
 
 
 def latest(out_dir: Path) -> pl.LazyFrame:
     """The rows of each request's most recent run: the current state of every request."""
+    import polars as pl
+
     return scan(out_dir).filter(
         pl.col("run_id") == pl.col("run_id").max().over("model", "request_id")
     )
 
 
-def ok_pairs(out_dir: Path) -> pl.DataFrame:
-    """``(model, request_id)`` of every request already harvested ok, in any earlier run."""
-    if not has_manifest(out_dir):
-        return pl.DataFrame(schema={"model": pl.String, "request_id": pl.String})
+def ok_pairs(out_dir: Path) -> Iterator[tuple[str, str]]:
+    """``(model, request_id)`` of every ok row in any earlier run (a pair can repeat), read
+    in batches: memory stays flat however long the history."""
+    parts = sorted(str(p) for p in (out_dir / "manifest").glob("*/*.parquet"))
+    if not parts:
+        return
     try:
-        return (
-            scan(out_dir)
-            .filter(pl.col("request_status") == OK)
-            .select("model", "request_id")
-            .unique()
-            .collect()
+        dataset = ds.dataset(parts, schema=SCHEMA, format="parquet")
+        batches = dataset.to_batches(
+            columns=["model", "request_id"], filter=ds.field("request_status") == OK
         )
-    except (pl.exceptions.PolarsError, OSError) as exc:
+        for batch in batches:
+            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         bad = unreadable_parts(out_dir)
         where = ", ".join(str(p) for p in bad[:3]) or str(out_dir / "manifest")
         raise ManifestError(
@@ -237,7 +251,6 @@ __all__ = [
     "OK",
     "PENDING",
     "SCHEMA",
-    "SCHEMA_POLARS",
     "STATUSES",
     "ManifestRow",
     "ManifestWriter",
@@ -245,6 +258,7 @@ __all__ = [
     "latest",
     "manifest_glob",
     "ok_pairs",
+    "polars_schema",
     "rows_to_table",
     "scan",
     "unreadable_parts",

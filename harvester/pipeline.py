@@ -467,9 +467,7 @@ def harvest(
     )
     with exclusive(layout):
         stats.temp_files_cleaned = layout.clean_temp()
-        done = reader.PairSet(
-            reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir).iter_rows()
-        )
+        done = reader.PairSet(reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir))
         run = _Run(config, stats, layout)
         if on_start is not None:
             on_start(stats)

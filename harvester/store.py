@@ -13,6 +13,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import itertools
 import os
 import random
 from dataclasses import dataclass
@@ -90,6 +91,18 @@ class ImageFailure:
     attempts: int
 
 
+_names = itertools.count()
+"""Temp file names: this process's id and a counter are unique in DIR/.tmp, which every run
+empties before it starts (under the folder's lock)."""
+_CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class _Sink:
     """Hashes what is written to it and enforces the size limit. A body up to ``spill_bytes``
     stays in memory until it is complete, so a body that turns out cut short, too large or not
@@ -98,16 +111,19 @@ class _Sink:
 
     def __init__(self, layout: Layout, max_bytes: int, spill_bytes: int = SPILL_BYTES) -> None:
         self._layout = layout
-        self.path = layout.temp_path(".part")
+        self.path = f"{layout.tmp}/{os.getpid()}-{next(_names)}.part"
         self._max = max_bytes
         self._spill = spill_bytes
         self._hash = hashlib.sha256()
         self._chunks: list[bytes] = []
         self._fh: BinaryIO | None = None
+        self._written = False
+        """True once the temp file may exist."""
         self.size = 0
         self.head = b""
 
     def _open(self) -> BinaryIO:
+        self._written = True
         try:
             # An explicit buffer size spares the isatty() probe of every new file.
             return open(self.path, "wb", buffering=1 << 16)
@@ -145,10 +161,16 @@ class _Sink:
             return False
         try:
             if self._fh is None:
-                self._fh = self._open()
-                self._fh.write(b"".join(self._chunks))
+                # The whole body in one write, on a bare descriptor: no file object needed.
+                self._written = True
+                fd = os.open(self.path, _CREATE, 0o666)
+                try:
+                    _write_all(fd, b"".join(self._chunks))
+                finally:
+                    os.close(fd)
                 self._chunks = []
-            self._fh.close()
+            else:
+                self._fh.close()
             folder = os.path.dirname(final)
             if folder not in folders:
                 os.makedirs(folder, exist_ok=True)
@@ -167,8 +189,9 @@ class _Sink:
         if self._fh is not None:
             with contextlib.suppress(OSError):
                 self._fh.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink(missing_ok=True)
+        if self._written:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
 
 class _TooLarge(Exception):

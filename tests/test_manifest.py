@@ -61,13 +61,13 @@ def test_ok_pairs_and_latest_state(tmp_path: Path) -> None:
     second = ManifestWriter(layout, "20261102T000000Z-bbbbbb")
     second.add([row("20261102T000000Z-bbbbbb", "a", "ok")])
     second.flush()
-    assert sorted(manifest.ok_pairs(tmp_path)["request_id"]) == ["a", "b"]
+    assert sorted(r for _, r in manifest.ok_pairs(tmp_path)) == ["a", "b"]
     latest = manifest.latest(tmp_path).collect()
     assert dict(latest.select("request_id", "request_status").iter_rows()) == {"a": "ok", "b": "ok"}
 
 
 def test_ok_pairs_of_an_empty_folder(tmp_path: Path) -> None:
-    assert manifest.ok_pairs(tmp_path).height == 0
+    assert list(manifest.ok_pairs(tmp_path)) == []
 
 
 def test_row_fields_match_schema() -> None:
@@ -85,7 +85,7 @@ def test_an_unreadable_part_is_named_with_what_to_do(tmp_path: Path) -> None:
     junk.write_bytes(b"junk!")
     assert manifest.unreadable_parts(tmp_path) == [junk]
     with pytest.raises(ManifestError, match=r"r2/part-00000.parquet.*move the unreadable part"):
-        manifest.ok_pairs(tmp_path)
+        list(manifest.ok_pairs(tmp_path))
 
 
 @pytest.mark.anyio

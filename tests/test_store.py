@@ -283,7 +283,11 @@ async def test_disk_full_while_writing_is_an_output_error_leaving_nothing(
         def close(self) -> None:
             self._fh.close()
 
+    def full_disk(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr("harvester.store.open", FullDisk, raising=False)
+    monkeypatch.setattr("harvester.store._write_all", full_disk)
     if url.startswith("data:"):
         url += base64.b64encode(PNG).decode()
     store, layout, client = make_store(tmp_path, lambda _: httpx.Response(200, content=PNG))

@@ -1,0 +1,187 @@
+"""Worker processes (``--workers``): the same harvest as one process, the limits split so the
+lanes together keep them, and real processes killed: a worker (a clear error, finished rows
+kept) and the harvest itself (its workers die with it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from harvester.errors import ExitCode
+from harvester.manifest import manifest_glob
+from harvester.pipeline import HarvestConfig
+from harvester.sandbox import Sandbox
+from harvester.verify import verify
+from tests.conftest import KEY, harvest_args, run_cli, write_csv
+from tests.processes import (
+    SandboxProcess,
+    run_harvest,
+    run_records,
+    sandbox_process,
+    start_harvest,
+    wait_for_lock,
+)
+
+PAIRS = [("fal-ai/flux/dev", f"lane-{n:03d}") for n in range(120)] + [
+    ("fal-ai/flux", "missing-1"),
+    ("fal-ai/flux", "inline-1"),
+    ("fal-ai/flux", "dup-1"),
+    ("fal-ai/flux", "dup-2"),
+]
+
+
+def _state(out: Path) -> pl.DataFrame:
+    return (
+        pl.read_parquet(manifest_glob(out))
+        .select("model", "request_id", "image_index", "status", "sha256", "path", "seed")
+        .sort("request_id", "image_index")
+    )
+
+
+def test_workers_harvest_exactly_what_one_process_does(tmp_path: Path, sandbox: Sandbox) -> None:
+    csv = write_csv(tmp_path / "e.csv", PAIRS)
+    one, three = tmp_path / "one", tmp_path / "three"
+    first = run_cli(harvest_args(sandbox, one, csv, extra=["--workers", "1"]))
+    second = run_cli(harvest_args(sandbox, three, csv, extra=["--workers", "3"]))
+
+    assert first.exit_code == second.exit_code == ExitCode.INCOMPLETE  # missing-1
+    assert _state(one).equals(_state(three))
+    stored = {p.relative_to(one) for p in (one / "images").rglob("*.*")}
+    assert stored == {p.relative_to(three) for p in (three / "images").rglob("*.*")}
+    assert len(stored) > len(PAIRS)
+    for out in (one, three):
+        assert verify(out).ok
+    counts = [
+        {k: r[k] for k in ("requests", "images", "result_requests", "manifest_rows")}
+        for r in (*run_records(one), *run_records(three))
+    ]
+    assert counts[0] == counts[1]
+
+
+def test_lanes_split_the_limits_so_together_they_keep_them() -> None:
+    config = HarvestConfig(
+        inputs=(Path("x.csv"),),
+        out_dir=Path("out"),
+        api_key=KEY,
+        concurrency=7,
+        image_concurrency=5,
+        rps=50.0,
+        workers=3,
+    )
+    lanes = [config.lane_settings("r", i) for i in range(config.lanes)]
+    assert config.lanes == 3
+    assert sum(s.concurrency for s in lanes) == 7
+    assert sum(s.image_concurrency for s in lanes) == 5
+    assert sum(s.rps for s in lanes) == pytest.approx(50.0)
+    assert min(s.concurrency for s in lanes) >= 1
+    # No more lanes than slots; and by default one lane unless the run may go fast.
+    assert HarvestConfig(**{**_kw(config), "concurrency": 2}).lanes == 2
+    assert HarvestConfig(**{**_kw(config), "workers": None}).lanes == 1
+    fast = HarvestConfig(**{**_kw(config), "workers": None, "rps": 1000.0})
+    assert fast.lanes == min(os.cpu_count() or 1, 4, 5)
+
+
+def _kw(config: HarvestConfig) -> dict[str, object]:
+    return {f: getattr(config, f) for f in config.__dataclass_fields__}
+
+
+@pytest.fixture(scope="module")
+def slow_sandbox() -> Iterator[SandboxProcess]:
+    with sandbox_process("--latency-ms", "150", "--image-bytes", "4000") as running:
+        yield running
+
+
+def _workers_of(pid: int) -> list[int]:
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            children.extend(int(c) for c in fh.read().split())
+    return children
+
+
+def _wait_for_workers(process: subprocess.Popen[str], count: int) -> list[int]:
+    for _ in range(1000):
+        workers = _workers_of(process.pid)
+        if len(workers) >= count:
+            return workers
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    raise AssertionError("the harvest never started its workers")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+FLAGS = ("--workers", "2", "--rps", "1000", "--concurrency", "8", "--flush-every", "0.2")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+def test_a_killed_worker_is_a_clear_error_and_a_rerun_completes(
+    tmp_path: Path, slow_sandbox: SandboxProcess
+) -> None:
+    pairs = [("fal-ai/flux/dev", f"killw-{n:03d}") for n in range(300)]
+    csv = write_csv(tmp_path / "e.csv", pairs)
+    out = tmp_path / "out"
+    harvest = start_harvest(slow_sandbox.base_url, out, csv, extra=FLAGS)
+    wait_for_lock(out, harvest)
+    (worker,) = _wait_for_workers(harvest, 1)
+    time.sleep(1.0)  # some requests finished, most not
+    os.kill(worker, signal.SIGKILL)
+    stdout, stderr = harvest.communicate(timeout=60)
+
+    assert harvest.returncode == ExitCode.WORKER, stderr
+    assert "Traceback" not in stdout + stderr
+    assert stderr.endswith(
+        "harvester: error: worker process 1 stopped with exit code -9 (signal 9); the rows it "
+        "finished are kept, the requests it held are not recorded and the next run retries "
+        "them\n"
+    )
+    assert [r["exit_code"] for r in run_records(out)] == [ExitCode.WORKER]
+    kept = pl.read_parquet(manifest_glob(out)).height
+    assert 0 < kept < len(pairs)
+
+    rerun = run_harvest(slow_sandbox.base_url, out, csv, extra=(*FLAGS, "-q"))
+    assert rerun.returncode == ExitCode.OK, rerun.stderr
+    ok = pl.read_parquet(manifest_glob(out)).filter(pl.col("request_status") == "ok")
+    assert set(ok["request_id"]) == {r for _, r in pairs}
+    assert verify(out).ok
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+def test_workers_die_with_a_killed_harvest_and_a_rerun_completes(
+    tmp_path: Path, slow_sandbox: SandboxProcess
+) -> None:
+    pairs = [("fal-ai/flux/dev", f"killh-{n:03d}") for n in range(300)]
+    csv = write_csv(tmp_path / "e.csv", pairs)
+    out = tmp_path / "out"
+    harvest = start_harvest(slow_sandbox.base_url, out, csv, extra=FLAGS)
+    wait_for_lock(out, harvest)
+    (worker,) = _wait_for_workers(harvest, 1)
+    time.sleep(1.0)
+    os.kill(harvest.pid, signal.SIGKILL)
+    harvest.communicate(timeout=30)
+
+    for _ in range(500):  # PR_SET_PDEATHSIG: the kernel kills it with its parent
+        if not _alive(worker):
+            break
+        time.sleep(0.01)
+    assert not _alive(worker), "the worker outlived the harvest"
+
+    rerun = run_harvest(slow_sandbox.base_url, out, csv, extra=(*FLAGS, "-q"))
+    assert rerun.returncode == ExitCode.OK, rerun.stderr
+    ok = pl.read_parquet(manifest_glob(out)).filter(pl.col("request_status") == "ok")
+    assert set(ok["request_id"]) == {r for _, r in pairs}
+    assert verify(out).ok
+    assert list((out / ".tmp").iterdir()) == []
