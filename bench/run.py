@@ -379,7 +379,7 @@ def main() -> None:
     parser.add_argument(
         "--harvest-args", default="--concurrency 32 --image-concurrency 32 --rps 100000"
     )
-    parser.add_argument("--slow-args", default="--image-concurrency 256 --rps 100000")
+    parser.add_argument("--slow-args", default="--rps 100000")
     args = parser.parse_args()
     args.harvest_args = args.harvest_args.split()
     args.slow_args = args.slow_args.split()

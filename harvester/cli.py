@@ -99,8 +99,9 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
         click.option(
             "--image-concurrency",
             type=click.IntRange(min=1),
-            help="Image downloads in flight.",
-            **default("image_concurrency"),
+            default=None,
+            help="Image downloads in flight. Default: 2 x --concurrency"
+            + (" (or the job's 'image-concurrency')." if job else "."),
         ),
         click.option(
             "--rps",

@@ -48,7 +48,8 @@ class Job:
     key_env: str | None = None
     """The name of the environment variable that holds the API key (None: the usual ones)."""
     concurrency: int = 32
-    image_concurrency: int = 32
+    image_concurrency: int | None = None
+    """None: two per result fetch (``concurrency``)."""
     rps: float = 50.0
     workers: int | None = None
     """Processes that fetch and download; None: chosen from ``rps`` and the cores."""

@@ -19,6 +19,7 @@ to stop, and kills it) and dies with the harvest (PR_SET_PDEATHSIG on Linux).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -28,8 +29,8 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +62,7 @@ EVENT_LOOP_OPTIONS: Final = {"use_uvloop": True}
 BATCH_SECONDS: Final = 0.005
 """A worker gathers finished requests this long before sending them, one message per batch."""
 _HEADER: Final = struct.Struct("!I")
+GC_YOUNG_THRESHOLD: Final = 20_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -259,6 +261,23 @@ def image_fields(
     if got.http_status:
         row["http_status"] = got.http_status
     return row
+
+
+@contextmanager
+def quiet_gc() -> Iterator[None]:
+    """For the length of a run: everything allocated before it (modules, the done set) is
+    kept out of the cyclic collector's scans (``gc.freeze``), and the young generation is
+    collected less often. A request allocates thousands of short-lived objects that reference
+    counting frees; at the default threshold (700) the collector ran several times per request
+    and took about 6% of the run's CPU (perf, bench world)."""
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
 
 
 # --- The lanes, as the harvest drives them -------------------------------------------------
@@ -515,7 +534,8 @@ def main() -> None:
         sys.exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    anyio.run(_serve, int(sys.argv[1]), backend_options=EVENT_LOOP_OPTIONS)
+    with quiet_gc():
+        anyio.run(_serve, int(sys.argv[1]), backend_options=EVENT_LOOP_OPTIONS)
 
 
 if __name__ == "__main__":
