@@ -376,9 +376,7 @@ def main() -> None:
         "--slow-seconds", type=float, default=float(env("BENCH_SLOW_SECONDS", "20"))
     )
     parser.add_argument("--rps-seconds", type=float, default=float(env("BENCH_RPS_SECONDS", "60")))
-    parser.add_argument(
-        "--harvest-args", default="--concurrency 32 --image-concurrency 32 --rps 100000"
-    )
+    parser.add_argument("--harvest-args", default="--rps 100000")
     parser.add_argument("--slow-args", default="--rps 100000")
     args = parser.parse_args()
     args.harvest_args = args.harvest_args.split()

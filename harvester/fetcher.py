@@ -131,10 +131,13 @@ class ResultFetcher:
         detail = error_detail(body) if status != 200 or b'"detail"' in body[:200] else None
         if detail is not None:
             detail = redact(detail, self._secrets)
-        snippet = redact(_snippet(body), self._secrets)
         if detail is not None and IN_PROGRESS in detail.lower():
             self._limiter.on_success()
             return FetchOutcome(PENDING, status, attempt, detail)
+        if status == 200 and detail is None:  # the common case: a result
+            self._limiter.on_success()
+            return self._result(body, attempt)
+        snippet = redact(_snippet(body), self._secrets)
         if status in RETRYABLE_STATUS:
             retry_after = None
             if status in RETRY_AFTER_STATUS:
@@ -151,14 +154,7 @@ class ResultFetcher:
             )
         self._limiter.on_success()
         if status == 200:
-            try:
-                result = parse_result(body)
-            except ResultShapeError as exc:
-                return FetchOutcome(ERROR, status, attempt, f"result has the wrong shape: {exc}")
-            except ValueError as exc:
-                # Usually a body cut short on the wire: worth another attempt.
-                raise TransientError(str(exc), http_status=status) from exc
-            return FetchOutcome(OK, status, attempt, result.note, result)
+            return self._result(body, attempt)
         if status == 202:
             return FetchOutcome(PENDING, status, attempt, detail or "accepted, not finished")
         if status == 404:
@@ -172,3 +168,13 @@ class ResultFetcher:
                 FAILED, status, attempt, f"{error_type}: {text}" if error_type else text
             )
         return FetchOutcome(ERROR, status, attempt, f"unexpected HTTP {status} from the result API")
+
+    def _result(self, body: bytes, attempt: int) -> FetchOutcome:
+        try:
+            result = parse_result(body)
+        except ResultShapeError as exc:
+            return FetchOutcome(ERROR, 200, attempt, f"result has the wrong shape: {exc}")
+        except ValueError as exc:
+            # Usually a body cut short on the wire: worth another attempt.
+            raise TransientError(str(exc), http_status=200) from exc
+        return FetchOutcome(OK, 200, attempt, result.note, result)

@@ -109,9 +109,11 @@ class _Sink:
     an image never creates a file, and a good one is written with one call; a larger body
     spills to a temp file as it arrives."""
 
-    def __init__(self, layout: Layout, max_bytes: int, spill_bytes: int = SPILL_BYTES) -> None:
+    def __init__(
+        self, layout: Layout, tmp: str, max_bytes: int, spill_bytes: int = SPILL_BYTES
+    ) -> None:
         self._layout = layout
-        self.path = f"{layout.tmp}/{os.getpid()}-{next(_names)}.part"
+        self.path = f"{tmp}/{os.getpid()}-{next(_names)}.part"
         self._max = max_bytes
         self._spill = spill_bytes
         self._hash = hashlib.sha256()
@@ -247,6 +249,7 @@ class ImageStore:
         self._max_bytes = max_bytes
         self._max_redirects = max_redirects
         self._folders: set[str] = set()
+        self._tmp = str(layout.tmp)
         self.retries = 0
 
     async def store(self, url: str) -> StoredImage | ImageFailure:
@@ -331,10 +334,15 @@ class ImageStore:
         expected = int(declared) if declared and declared.isdigit() else None
         if expected is not None and expected > self._max_bytes:
             return ImageFailure(FAILED, str(_TooLarge(self._max_bytes)), status, attempt)
-        sink = _Sink(self._layout, self._max_bytes)
+        sink = _Sink(self._layout, self._tmp, self._max_bytes)
         sniffed = False
+        encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+        # Without a content-encoding the raw bytes are the body: skip httpx's decoder chain
+        # (unless the body was read already, as a mock transport's is).
+        raw = not encoded and not response.is_stream_consumed
+        chunks = response.aiter_raw() if raw else response.aiter_bytes()
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in chunks:
                 sink.write(chunk)
                 if not sniffed and len(sink.head) >= SNIFF_BYTES:
                     sniffed = True
@@ -358,7 +366,6 @@ class ImageStore:
             sink.discard()
             raise
         # Content-Length counts bytes on the wire; without a content-encoding that is our size.
-        encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
         received = response.num_bytes_downloaded if encoded else sink.size
         if expected is not None and received != expected:
             sink.discard()
@@ -391,7 +398,7 @@ class ImageStore:
             return ImageFailure(
                 FAILED, f"{describe_url(url)} URI is not valid base64 ({exc})", None, 1
             )
-        sink = _Sink(self._layout, self._max_bytes)
+        sink = _Sink(self._layout, self._tmp, self._max_bytes)
         try:
             sink.write(data)
         except _TooLarge as exc:
