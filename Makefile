@@ -36,7 +36,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Not part of `make test`: about 15 minutes with the defaults. Knobs: BENCH_N (20000),
-# BENCH_RUNS (3), BENCH_ONLY (speed,memory,slow,rps), BENCH_OUT (bench-out); e.g.
+# BENCH_RUNS (5), BENCH_ONLY (speed,memory,slow,rps), BENCH_OUT (bench-out); e.g.
 # `BENCH_N=2000 BENCH_ONLY=speed make bench` for a quick look.
 bench: $(STAMP)  ## harvester vs curl on loopback, memory, slow links, --rps (README: Performance)
 	@command -v nginx >/dev/null 2>&1 && test -e /usr/lib/nginx/modules/ngx_http_echo_module.so || \

@@ -369,7 +369,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     env = os.environ.get
     parser.add_argument("--n", type=int, default=int(env("BENCH_N", "20000")))
-    parser.add_argument("--runs", type=int, default=int(env("BENCH_RUNS", "3")))
+    parser.add_argument("--runs", type=int, default=int(env("BENCH_RUNS", "5")))
     parser.add_argument("--out", type=Path, default=Path(env("BENCH_OUT", "bench-out")))
     parser.add_argument("--only", default=env("BENCH_ONLY", "speed,memory,slow,rps"))
     parser.add_argument(

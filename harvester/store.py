@@ -23,7 +23,7 @@ from urllib.parse import unquote_to_bytes
 import httpx
 
 from harvester.errors import OutputError
-from harvester.fetcher import request_error_reason
+from harvester.fetcher import plain_headers, request_error_reason
 from harvester.layout import Layout
 from harvester.retry import (
     RETRYABLE_STATUS,
@@ -250,6 +250,8 @@ class ImageStore:
         self._max_redirects = max_redirects
         self._folders: set[str] = set()
         self._tmp = str(layout.tmp)
+        self._headers = plain_headers(client)
+        self._extensions = {"timeout": client.timeout.as_dict()}
         self.retries = 0
 
     async def store(self, url: str) -> StoredImage | ImageFailure:
@@ -284,8 +286,11 @@ class ImageStore:
         for _ in range(self._max_redirects + 1):
             if isinstance(current, str):
                 return ImageFailure(FAILED, current, None, attempt)
-            request = self._client.build_request("GET", current)
-            request.headers.pop("Authorization", None)  # never, whatever the client defaults
+            # Never an Authorization header, whatever the client's defaults: image hosts are
+            # third parties. (Built here rather than by build_request, which copies defaults.)
+            request = httpx.Request(
+                "GET", current, headers=self._headers, extensions=self._extensions
+            )
             try:
                 response = await self._client.send(request, stream=True, follow_redirects=False)
             except (httpx.InvalidURL, httpx.RemoteProtocolError) as exc:
