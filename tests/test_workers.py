@@ -22,6 +22,8 @@ from harvester.verify import verify
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import (
     SandboxProcess,
+    harvest_command,
+    harvester_env,
     run_harvest,
     run_records,
     sandbox_process,
@@ -185,3 +187,42 @@ def test_workers_die_with_a_killed_harvest_and_a_rerun_completes(
     assert set(ok["request_id"]) == {r for _, r in pairs}
     assert verify(out).ok
     assert list((out / ".tmp").iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_group_stops_the_harvest_and_its_workers(
+    tmp_path: Path, slow_sandbox: SandboxProcess, stop: signal.Signals
+) -> None:
+    """Ctrl-C reaches every process of the terminal's group, systemd's stop every process of
+    the unit: the harvest stops with 130 and keeps finished rows; its workers ignore the
+    signal themselves and are stopped by the harvest."""
+    pairs = [("fal-ai/flux/dev", f"sig{stop.value}-{n:03d}") for n in range(300)]
+    csv = write_csv(tmp_path / "e.csv", pairs)
+    out = tmp_path / "out"
+    harvest = subprocess.Popen(
+        harvest_command(slow_sandbox.base_url, out, csv, extra=FLAGS),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=harvester_env(),
+        start_new_session=True,  # its own process group, as a terminal or a unit gives it
+    )
+    wait_for_lock(out, harvest)
+    (worker,) = _wait_for_workers(harvest, 1)
+    time.sleep(1.0)
+    os.killpg(harvest.pid, stop)
+    stdout, stderr = harvest.communicate(timeout=60)
+
+    assert harvest.returncode == ExitCode.INTERRUPTED, stderr
+    assert "Traceback" not in stdout + stderr
+    assert "INTERRUPTED: finished rows are kept" in stdout + stderr
+    assert not _alive(worker)
+    [record] = run_records(out)
+    assert record["interrupted"] is True
+    kept = pl.read_parquet(manifest_glob(out)).height
+    assert kept > 0
+
+    rerun = run_harvest(slow_sandbox.base_url, out, csv, extra=(*FLAGS, "-q"))
+    assert rerun.returncode == ExitCode.OK, rerun.stderr
+    assert verify(out).ok
