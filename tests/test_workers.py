@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -27,7 +28,6 @@ from tests.processes import (
     run_harvest,
     run_records,
     sandbox_process,
-    start_harvest,
     wait_for_lock,
 )
 
@@ -127,81 +127,26 @@ def _alive(pid: int) -> bool:
 
 
 FLAGS = ("--workers", "2", "--rps", "1000", "--concurrency", "8", "--flush-every", "0.2")
+LINUX = pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
-def test_a_killed_worker_is_a_clear_error_and_a_rerun_completes(
-    tmp_path: Path, slow_sandbox: SandboxProcess
-) -> None:
-    pairs = [("fal-ai/flux/dev", f"killw-{n:03d}") for n in range(300)]
-    csv = write_csv(tmp_path / "e.csv", pairs)
-    out = tmp_path / "out"
-    harvest = start_harvest(slow_sandbox.base_url, out, csv, extra=FLAGS)
-    wait_for_lock(out, harvest)
-    (worker,) = _wait_for_workers(harvest, 1)
-    time.sleep(1.0)  # some requests finished, most not
-    os.kill(worker, signal.SIGKILL)
-    stdout, stderr = harvest.communicate(timeout=60)
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A harvest of 300 ids against the slow sandbox, a second into its run."""
 
-    assert harvest.returncode == ExitCode.WORKER, stderr
-    assert "Traceback" not in stdout + stderr
-    assert stderr.endswith(
-        "harvester: error: worker process 1 stopped with exit code -9 (signal 9); the rows it "
-        "finished are kept, the requests it held are not recorded and the next run retries "
-        "them\n"
-    )
-    assert [r["exit_code"] for r in run_records(out)] == [ExitCode.WORKER]
-    kept = pl.read_parquet(manifest_glob(out)).height
-    assert 0 < kept < len(pairs)
-
-    rerun = run_harvest(slow_sandbox.base_url, out, csv, extra=(*FLAGS, "-q"))
-    assert rerun.returncode == ExitCode.OK, rerun.stderr
-    ok = pl.read_parquet(manifest_glob(out)).filter(pl.col("request_status") == "ok")
-    assert set(ok["request_id"]) == {r for _, r in pairs}
-    assert verify(out).ok
+    pairs: list[tuple[str, str]]
+    csv: Path
+    out: Path
+    harvest: subprocess.Popen[str]
+    worker: int
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
-def test_workers_die_with_a_killed_harvest_and_a_rerun_completes(
-    tmp_path: Path, slow_sandbox: SandboxProcess
-) -> None:
-    pairs = [("fal-ai/flux/dev", f"killh-{n:03d}") for n in range(300)]
-    csv = write_csv(tmp_path / "e.csv", pairs)
-    out = tmp_path / "out"
-    harvest = start_harvest(slow_sandbox.base_url, out, csv, extra=FLAGS)
-    wait_for_lock(out, harvest)
-    (worker,) = _wait_for_workers(harvest, 1)
-    time.sleep(1.0)
-    os.kill(harvest.pid, signal.SIGKILL)
-    harvest.communicate(timeout=30)
-
-    for _ in range(500):  # PR_SET_PDEATHSIG: the kernel kills it with its parent
-        if not _alive(worker):
-            break
-        time.sleep(0.01)
-    assert not _alive(worker), "the worker outlived the harvest"
-
-    rerun = run_harvest(slow_sandbox.base_url, out, csv, extra=(*FLAGS, "-q"))
-    assert rerun.returncode == ExitCode.OK, rerun.stderr
-    ok = pl.read_parquet(manifest_glob(out)).filter(pl.col("request_status") == "ok")
-    assert set(ok["request_id"]) == {r for _, r in pairs}
-    assert verify(out).ok
-    assert list((out / ".tmp").iterdir()) == []
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_to_the_whole_group_stops_the_harvest_and_its_workers(
-    tmp_path: Path, slow_sandbox: SandboxProcess, stop: signal.Signals
-) -> None:
-    """Ctrl-C reaches every process of the terminal's group, systemd's stop every process of
-    the unit: the harvest stops with 130 and keeps finished rows; its workers ignore the
-    signal themselves and are stopped by the harvest."""
-    pairs = [("fal-ai/flux/dev", f"sig{stop.value}-{n:03d}") for n in range(300)]
+def _start(tmp_path: Path, sandbox: SandboxProcess, name: str) -> Running:
+    pairs = [("fal-ai/flux/dev", f"{name}-{n:03d}") for n in range(300)]
     csv = write_csv(tmp_path / "e.csv", pairs)
     out = tmp_path / "out"
     harvest = subprocess.Popen(
-        harvest_command(slow_sandbox.base_url, out, csv, extra=FLAGS),
+        harvest_command(sandbox.base_url, out, csv, extra=FLAGS),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -210,19 +155,73 @@ def test_a_signal_to_the_whole_group_stops_the_harvest_and_its_workers(
     )
     wait_for_lock(out, harvest)
     (worker,) = _wait_for_workers(harvest, 1)
-    time.sleep(1.0)
-    os.killpg(harvest.pid, stop)
-    stdout, stderr = harvest.communicate(timeout=60)
+    time.sleep(1.0)  # some requests finished, most not
+    return Running(pairs, csv, out, harvest, worker)
 
-    assert harvest.returncode == ExitCode.INTERRUPTED, stderr
+
+def _rerun_completes(sandbox: SandboxProcess, run: Running) -> None:
+    rerun = run_harvest(sandbox.base_url, run.out, run.csv, extra=(*FLAGS, "-q"))
+    assert rerun.returncode == ExitCode.OK, rerun.stderr
+    ok = pl.read_parquet(manifest_glob(run.out)).filter(pl.col("request_status") == "ok")
+    assert set(ok["request_id"]) == {r for _, r in run.pairs}
+    assert verify(run.out).ok
+    assert list((run.out / ".tmp").iterdir()) == []
+
+
+@LINUX
+def test_a_killed_worker_is_a_clear_error_and_a_rerun_completes(
+    tmp_path: Path, slow_sandbox: SandboxProcess
+) -> None:
+    run = _start(tmp_path, slow_sandbox, "killw")
+    os.kill(run.worker, signal.SIGKILL)
+    stdout, stderr = run.harvest.communicate(timeout=60)
+
+    assert run.harvest.returncode == ExitCode.WORKER, stderr
+    assert "Traceback" not in stdout + stderr
+    assert stderr.endswith(
+        "harvester: error: worker process 1 stopped with exit code -9 (signal 9); the rows it "
+        "finished are kept, the requests it held are not recorded and the next run retries "
+        "them\n"
+    )
+    assert [r["exit_code"] for r in run_records(run.out)] == [ExitCode.WORKER]
+    kept = pl.read_parquet(manifest_glob(run.out)).height
+    assert 0 < kept < len(run.pairs)
+    _rerun_completes(slow_sandbox, run)
+
+
+@LINUX
+def test_workers_die_with_a_killed_harvest_and_a_rerun_completes(
+    tmp_path: Path, slow_sandbox: SandboxProcess
+) -> None:
+    run = _start(tmp_path, slow_sandbox, "killh")
+    os.kill(run.harvest.pid, signal.SIGKILL)
+    run.harvest.communicate(timeout=30)
+
+    for _ in range(500):  # PR_SET_PDEATHSIG: the kernel kills it with its parent
+        if not _alive(run.worker):
+            break
+        time.sleep(0.01)
+    assert not _alive(run.worker), "the worker outlived the harvest"
+    _rerun_completes(slow_sandbox, run)
+
+
+@LINUX
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_group_stops_the_harvest_and_its_workers(
+    tmp_path: Path, slow_sandbox: SandboxProcess, stop: signal.Signals
+) -> None:
+    """Ctrl-C reaches every process of the terminal's group, systemd's stop every process of
+    the unit: the harvest stops with 130 and keeps finished rows; its workers ignore the
+    signal themselves and are stopped by the harvest."""
+    run = _start(tmp_path, slow_sandbox, f"sig{stop.value}")
+    os.killpg(run.harvest.pid, stop)
+    stdout, stderr = run.harvest.communicate(timeout=60)
+
+    assert run.harvest.returncode == ExitCode.INTERRUPTED, stderr
     assert "Traceback" not in stdout + stderr
     assert "INTERRUPTED: finished rows are kept" in stdout + stderr
-    assert not _alive(worker)
-    [record] = run_records(out)
+    assert not _alive(run.worker)
+    [record] = run_records(run.out)
     assert record["interrupted"] is True
-    kept = pl.read_parquet(manifest_glob(out)).height
-    assert kept > 0
-
-    rerun = run_harvest(slow_sandbox.base_url, out, csv, extra=(*FLAGS, "-q"))
-    assert rerun.returncode == ExitCode.OK, rerun.stderr
-    assert verify(out).ok
+    assert pl.read_parquet(manifest_glob(run.out)).height > 0
+    _rerun_completes(slow_sandbox, run)
