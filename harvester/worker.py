@@ -19,6 +19,7 @@ to stop, and kills it) and dies with the harvest (PR_SET_PDEATHSIG on Linux).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -361,6 +362,11 @@ async def run_local(lane: Lane, pairs: MemoryObjectReceiveStream[Pair], deliver:
         await serve_pairs(lane, mine, done, release=room.release)
 
 
+def worker_command(fd: int) -> list[str]:
+    """How a worker process is started: this Python, the socket's descriptor as argument."""
+    return [sys.executable, "-m", "harvester.worker", str(fd)]
+
+
 class WorkerProcess:
     """The harvest's end of one worker process."""
 
@@ -375,7 +381,7 @@ class WorkerProcess:
         ours, theirs = socket.socketpair()
         try:
             process = await anyio.open_process(
-                [sys.executable, "-m", "harvester.worker", str(theirs.fileno())],
+                worker_command(theirs.fileno()),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=None,  # a crash's traceback goes where the harvest's errors go
@@ -392,14 +398,21 @@ class WorkerProcess:
             ours.close()
             process.kill()
             raise
+        credit = anyio.Semaphore(self.settings.backlog, fast_acquire=True)
         try:
-            await _send(stream, self.settings)
-            credit = anyio.Semaphore(self.settings.backlog, fast_acquire=True)
+            with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                await _send(stream, self.settings)  # if it died already: its exit code, below
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._feed, stream, pairs, credit)
                 await self._collect(BufferedByteReceiveStream(stream), deliver, credit)
                 tg.cancel_scope.cancel()  # the worker is gone: stop feeding it
             code = await process.wait()
+            unanswered = self.settings.backlog - credit.value
+            if code == 0 and unanswered:
+                raise errors.WorkerError(
+                    f"worker process {self.index} ended with {unanswered} requests unanswered; "
+                    "they are not recorded and the next run retries them"
+                )
             if code != 0:
                 raise errors.WorkerError(
                     f"worker process {self.index} stopped with exit code {code}"
@@ -421,23 +434,32 @@ class WorkerProcess:
         pairs: MemoryObjectReceiveStream[Pair],
         credit: anyio.Semaphore,
     ) -> None:
-        """Pairs to the worker, as many as it has room for, in batches of what is ready."""
-        async with pairs:
-            async for pair in pairs:
-                await credit.acquire()
-                batch = [pair]
+        """Pairs to the worker, as many as it has room for (a pair is taken from the queue
+        only then), in batches of what is ready. Returns quietly if the worker is gone:
+        ``run`` reports how it ended."""
+        try:
+            async with pairs:
                 while True:
+                    await credit.acquire()
                     try:
-                        credit.acquire_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    try:
-                        batch.append(pairs.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        batch = [await pairs.receive()]
+                    except anyio.EndOfStream:
                         credit.release()
                         break
-                await _send(stream, batch)
-        await stream.send_eof()
+                    while True:
+                        try:
+                            credit.acquire_nowait()
+                        except anyio.WouldBlock:
+                            break
+                        try:
+                            batch.append(pairs.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            credit.release()
+                            break
+                    await _send(stream, batch)
+            await stream.send_eof()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return
 
     async def _collect(
         self, reader: BufferedByteReceiveStream, deliver: Deliver, credit: anyio.Semaphore

@@ -67,6 +67,22 @@ def test_workers_harvest_exactly_what_one_process_does(tmp_path: Path, sandbox: 
     assert counts[0] == counts[1]
 
 
+def test_a_worker_that_cannot_start_is_a_clear_error(
+    tmp_path: Path, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("harvester.worker.worker_command", lambda fd: ["sh", "-c", "exit 3"])
+    csv = write_csv(tmp_path / "e.csv", PAIRS)
+    result = run_cli(harvest_args(sandbox, tmp_path / "out", csv, extra=["--workers", "2"]))
+
+    assert result.exit_code == ExitCode.WORKER
+    assert "Traceback" not in result.output
+    assert result.output.endswith(
+        "harvester: error: worker process 1 stopped with exit code 3; the rows it finished "
+        "are kept, the requests it held are not recorded and the next run retries them\n"
+    )
+    assert [r["exit_code"] for r in run_records(tmp_path / "out")] == [ExitCode.WORKER]
+
+
 def test_lanes_split_the_limits_so_together_they_keep_them() -> None:
     config = HarvestConfig(
         inputs=(Path("x.csv"),),
