@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -63,10 +64,11 @@ download slots per fetch slot keep every fetch slot busy, on a slow link too (RE
 "Performance" has the measurements)."""
 PAIR_BUFFER: Final = 256
 """Pairs read ahead of the lanes."""
-AUTO_WORKERS_MIN_RPS: Final = 200.0
+AUTO_WORKERS_MIN_RPS: Final = 500.0
 """With ``workers`` unset, a run allowed at least this many requests per second gets one
-process per core (up to ``AUTO_WORKERS_MAX``): one process does about 600 requests a second on
-one core of the bench machine (README "Performance"), so below this one process is plenty."""
+process per core (up to ``AUTO_WORKERS_MAX``). One process does 600-800 requests a second on
+one core of the bench machine (README "Performance"), and two cost more CPU in all than one:
+below this, one process keeps up."""
 AUTO_WORKERS_MAX: Final = 4
 
 
@@ -122,7 +124,20 @@ class HarvestConfig:
         if wanted is None:
             cores = os.cpu_count() or 1
             wanted = min(cores, AUTO_WORKERS_MAX) if self.rps >= AUTO_WORKERS_MIN_RPS else 1
-        return max(1, min(wanted, self.concurrency, self.image_slots))
+        # Each lane needs a fetch slot, a download slot and a whole request per second of its
+        # own (see ``lane_rps``).
+        return max(1, min(wanted, self.concurrency, self.image_slots, math.floor(self.rps)))
+
+    def lane_rps(self, index: int) -> float:
+        """Lane ``index``'s share of ``rps``. A lane's limiter lets at most ``floor(its rate)``
+        requests start in any one-second window, so the shares are whole numbers that add up
+        to ``floor(rps)`` (then scaled by ``rps / floor(rps)``): the lanes' windows together
+        never hold more than ``rps`` starts, and their rates add up to ``rps``."""
+        n = self.lanes
+        if n == 1:
+            return self.rps
+        whole = math.floor(self.rps)
+        return (whole // n + (1 if index < whole % n else 0)) * self.rps / whole
 
     @property
     def image_slots(self) -> int:
@@ -146,7 +161,7 @@ class HarvestConfig:
             authorization=self.authorization,
             concurrency=share(self.concurrency),
             image_concurrency=share(self.image_slots),
-            rps=self.rps / n,
+            rps=self.lane_rps(index),
             retry=self.retry,
             pending_wait=self.pending_wait,
             max_image_bytes=self.max_image_bytes,

@@ -159,10 +159,17 @@ class Lane:
         async with self.fetch_slots:
             return await self._fetcher.fetch(pair.model, pair.request_id)
 
-    async def process(self, pair: Pair, release: Callable[[], object]) -> list[ManifestRow]:
-        """The rows of one request. ``release`` is called if the request stops counting
-        against the backlog (it waits for a pending result), at most once."""
+    async def process(
+        self,
+        pair: Pair,
+        release: Callable[[], object],
+        fetched: Callable[[], object] = lambda: None,
+    ) -> list[ManifestRow]:
+        """The rows of one request. ``fetched`` is called once its first result fetch has
+        an answer; ``release`` if it stops counting against the backlog (it waits for a
+        pending result), at most once."""
         outcome = await self.fetch(pair)
+        fetched()
         if outcome.status == PENDING and self.settings.pending_wait > 0:
             outcome = await self.wait_pending(pair, outcome, release)
         return await self.rows_for(pair, outcome)
@@ -294,7 +301,12 @@ Done = Callable[[list[ManifestRow], bool], Awaitable[None]]
 
 
 async def serve_pairs(
-    lane: Lane, pairs: MemoryObjectReceiveStream[Pair], done: Done, *, release: Callable[[], None]
+    lane: Lane,
+    pairs: MemoryObjectReceiveStream[Pair],
+    done: Done,
+    *,
+    release: Callable[[], None],
+    fetched: Callable[[], None],
 ) -> None:
     """Do every pair ``pairs`` yields, ``lane.settings.backlog`` at a time, then return.
 
@@ -307,7 +319,7 @@ async def serve_pairs(
     with pairs:
         async with anyio.create_task_group() as tg:
             for _ in range(lane.settings.backlog):
-                tg.start_soon(_consume, lane, pairs, done, release, tg)
+                tg.start_soon(_consume, lane, pairs, done, release, fetched, tg)
 
 
 async def _consume(
@@ -315,6 +327,7 @@ async def _consume(
     pairs: MemoryObjectReceiveStream[Pair],
     done: Done,
     release: Callable[[], None],
+    fetched: Callable[[], None],
     tg: anyio.abc.TaskGroup,
 ) -> None:
     async for pair in pairs:
@@ -324,9 +337,9 @@ async def _consume(
             nonlocal left
             left = True
             release()
-            tg.start_soon(_consume, lane, pairs, done, release, tg)
+            tg.start_soon(_consume, lane, pairs, done, release, fetched, tg)
 
-        rows = await lane.process(pair, leave)
+        rows = await lane.process(pair, leave, fetched)
         await done(rows, left)
         if left:
             return  # a new consumer took this one's place
@@ -340,6 +353,7 @@ async def run_local(lane: Lane, pairs: MemoryObjectReceiveStream[Pair], deliver:
     each lane must wait there once, not once per idle consumer, or lane 0 would take nearly
     every pair."""
     room = anyio.Semaphore(lane.settings.backlog, fast_acquire=True)
+    ahead = anyio.Semaphore(lane.settings.concurrency, fast_acquire=True)
 
     async def done(rows: list[ManifestRow], left: bool) -> None:
         await deliver(rows)
@@ -350,6 +364,7 @@ async def run_local(lane: Lane, pairs: MemoryObjectReceiveStream[Pair], deliver:
         with queue, pairs:
             while True:
                 await room.acquire()
+                await ahead.acquire()
                 try:
                     pair = await pairs.receive()
                 except anyio.EndOfStream:
@@ -359,7 +374,7 @@ async def run_local(lane: Lane, pairs: MemoryObjectReceiveStream[Pair], deliver:
     async with lane.opened(), anyio.create_task_group() as tg:
         queue, mine = anyio.create_memory_object_stream[Pair](math.inf)
         tg.start_soon(intake, queue)
-        await serve_pairs(lane, mine, done, release=room.release)
+        await serve_pairs(lane, mine, done, release=room.release, fetched=ahead.release)
 
 
 def worker_command(fd: int) -> list[str]:
@@ -402,9 +417,10 @@ class WorkerProcess:
         try:
             with contextlib.suppress(anyio.BrokenResourceError, OSError):
                 await _send(stream, self.settings)  # if it died already: its exit code, below
+            ahead = anyio.Semaphore(self.settings.concurrency, fast_acquire=True)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._feed, stream, pairs, credit)
-                await self._collect(BufferedByteReceiveStream(stream), deliver, credit)
+                tg.start_soon(self._feed, stream, pairs, credit, ahead)
+                await self._collect(BufferedByteReceiveStream(stream), deliver, credit, ahead)
                 tg.cancel_scope.cancel()  # the worker is gone: stop feeding it
             code = await process.wait()
             unanswered = self.settings.backlog - credit.value
@@ -433,18 +449,23 @@ class WorkerProcess:
         stream: anyio.abc.SocketStream,
         pairs: MemoryObjectReceiveStream[Pair],
         credit: anyio.Semaphore,
+        ahead: anyio.Semaphore,
     ) -> None:
         """Pairs to the worker, as many as it has room for (a pair is taken from the queue
-        only then), in batches of what is ready. Returns quietly if the worker is gone:
-        ``run`` reports how it ended."""
+        only then), in batches of what is ready. Room is a backlog slot (``credit``) and a
+        fetch slot (``ahead``): a lane never holds pairs it cannot start fetching, which
+        would leave them waiting behind its share of ``--rps`` while other lanes idle.
+        Returns quietly if the worker is gone: ``run`` reports how it ended."""
         try:
             async with pairs:
                 while True:
                     await credit.acquire()
+                    await ahead.acquire()
                     try:
                         batch = [await pairs.receive()]
                     except anyio.EndOfStream:
                         credit.release()
+                        ahead.release()
                         break
                     while True:
                         try:
@@ -452,9 +473,15 @@ class WorkerProcess:
                         except anyio.WouldBlock:
                             break
                         try:
+                            ahead.acquire_nowait()
+                        except anyio.WouldBlock:
+                            credit.release()
+                            break
+                        try:
                             batch.append(pairs.receive_nowait())
                         except (anyio.WouldBlock, anyio.EndOfStream):
                             credit.release()
+                            ahead.release()
                             break
                     await _send(stream, batch)
             await stream.send_eof()
@@ -462,7 +489,11 @@ class WorkerProcess:
             return
 
     async def _collect(
-        self, reader: BufferedByteReceiveStream, deliver: Deliver, credit: anyio.Semaphore
+        self,
+        reader: BufferedByteReceiveStream,
+        deliver: Deliver,
+        credit: anyio.Semaphore,
+        ahead: anyio.Semaphore,
     ) -> None:
         while True:
             try:
@@ -478,6 +509,9 @@ class WorkerProcess:
                         credit.release()
             elif kind == "released":
                 credit.release()
+            elif kind == "fetched":
+                for _ in range(message[1]):
+                    ahead.release()
             elif kind == "log":
                 _, name, level, text = message
                 logging.getLogger(name).log(level, "%s", text)
@@ -522,6 +556,9 @@ async def _serve(fd: int) -> None:
     outbox: list[tuple[Any, ...]] = []
     wake = anyio.Event()
     closing = False
+    answered = 0
+    """Requests whose first fetch was answered since the last message: the harvest sends
+    no more pairs than the lane has fetch slots for, and counts these back."""
 
     def post(message: tuple[Any, ...]) -> None:
         outbox.append(message)
@@ -536,7 +573,7 @@ async def _serve(fd: int) -> None:
 
     async def sender() -> None:
         """Sends what piled up every ``BATCH_SECONDS``; returns once closing and empty."""
-        nonlocal wake
+        nonlocal wake, answered
         while True:
             await wake.wait()
             if not closing:
@@ -544,6 +581,9 @@ async def _serve(fd: int) -> None:
             wake = anyio.Event()
             messages = outbox[:]
             outbox.clear()
+            if answered:
+                messages.append(("fetched", answered))
+                answered = 0
             if finished:
                 messages.append(("rows", finished[:], lane.counters()))
                 finished.clear()
@@ -554,6 +594,14 @@ async def _serve(fd: int) -> None:
 
     async def done(rows: list[ManifestRow], left: bool) -> None:
         finished.append((rows, left))
+        wake.set()
+
+    def released() -> None:
+        post(("released",))
+
+    def fetched() -> None:
+        nonlocal answered
+        answered += 1
         wake.set()
 
     async def receive(queue: MemoryObjectSendStream[Pair]) -> None:
@@ -574,7 +622,7 @@ async def _serve(fd: int) -> None:
             queue, pairs = anyio.create_memory_object_stream[Pair](math.inf)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(receive, queue)
-                await serve_pairs(lane, pairs, done, release=lambda: post(("released",)))
+                await serve_pairs(lane, pairs, done, release=released, fetched=fetched)
             closing = True  # every request is done: the sender sends the rest and returns
             wake.set()
     except errors.HarvesterError as exc:

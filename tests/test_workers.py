@@ -4,6 +4,7 @@ kept) and the harvest itself (its workers die with it)."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from harvester.errors import ExitCode
 from harvester.manifest import manifest_glob
 from harvester.pipeline import HarvestConfig
-from harvester.sandbox import Sandbox
+from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
 from harvester.verify import verify
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import (
@@ -99,11 +100,44 @@ def test_lanes_split_the_limits_so_together_they_keep_them() -> None:
     assert sum(s.image_concurrency for s in lanes) == 5
     assert sum(s.rps for s in lanes) == pytest.approx(50.0)
     assert min(s.concurrency for s in lanes) >= 1
+    # Each lane's limiter allows floor(its rate) starts in a one-second window: together,
+    # never more than floor(rps).
+    for rps, workers in [(10.0, 4), (10.5, 4), (7.0, 3), (1.0, 2), (0.5, 3), (100_000.0, 2)]:
+        split = HarvestConfig(**{**_kw(config), "rps": rps, "workers": workers})
+        shares = [split.lane_rps(i) for i in range(split.lanes)]
+        assert sum(shares) == pytest.approx(rps)
+        assert sum(math.floor(x) for x in shares) <= max(1, math.floor(rps))
+        assert all(x >= 1 for x in shares) or split.lanes == 1
     # No more lanes than slots; and by default one lane unless the run may go fast.
     assert HarvestConfig(**{**_kw(config), "concurrency": 2}).lanes == 2
     assert HarvestConfig(**{**_kw(config), "workers": None}).lanes == 1
+    assert HarvestConfig(**{**_kw(config), "workers": None, "rps": 400.0}).lanes == 1
     fast = HarvestConfig(**{**_kw(config), "workers": None, "rps": 1000.0})
     assert fast.lanes == min(os.cpu_count() or 1, 4, 5)
+
+
+@pytest.mark.parametrize(("rps", "workers"), [(6.0, 2), (5.0, 3), (2.5, 2)])
+def test_split_rate_limits_hold_at_the_server(tmp_path: Path, rps: float, workers: int) -> None:
+    """Seen from the server, the lanes together keep ``--rps``: never more than floor(rps)
+    requests start in any one-second window, and the rate is not lost to the split."""
+    pairs = [("fal-ai/flux", f"rate-{n:03d}") for n in range(int(rps * 4) + 1)]
+    csv = write_csv(tmp_path / "e.csv", pairs)
+    args = harvest_args_for(tmp_path / "out", csv)
+    with running_sandbox(SandboxConfig(key=KEY, image_bytes=2_000)) as sandbox:
+        extra = ["--rps", str(rps), "--workers", str(workers), "--concurrency", "8"]
+        result = run_cli([*args, "--base-url", sandbox.base_url, *extra])
+        starts = sandbox.result_starts()
+
+    assert result.exit_code == ExitCode.OK, result.output
+    assert len(starts) == len(pairs)
+    most = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
+    assert most <= int(rps)
+    rate = (len(starts) - 1) / (starts[-1] - starts[0])
+    assert rate >= int(rps) * 0.85
+
+
+def harvest_args_for(out: Path, csv: Path) -> list[str]:
+    return ["harvest", str(csv), "--out", str(out), "--retry-budget", "20", "-q"]
 
 
 def _kw(config: HarvestConfig) -> dict[str, object]:

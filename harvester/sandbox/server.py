@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from email.utils import formatdate
@@ -95,6 +96,11 @@ class Sandbox:
         """A consistent snapshot of the counters (safe from any thread)."""
         return self._counters.snapshot()
 
+    def result_starts(self) -> list[float]:
+        """When the last result requests arrived (``time.monotonic()``), oldest first: what
+        a rate limit looks like from the server."""
+        return list(self._counters.result_starts)
+
     def result_url(self, model: str, request_id: str) -> str:
         """The result URL of ``request_id`` for an ``owner/app`` (or ``workflows/...``) id."""
         return f"{self.base_url}/{model}/requests/{request_id}"
@@ -103,10 +109,15 @@ class Sandbox:
         return f"Sandbox({self.base_url!r})"
 
 
+RESULT_STARTS_KEPT: Final = 10_000
+
+
 class _Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(STAT_KEYS, 0)
+        self.result_starts: deque[float] = deque(maxlen=RESULT_STARTS_KEPT)
+        """``time.monotonic()`` when each recent result request arrived."""
 
     def add(self, key: str, amount: int = 1) -> None:
         with self._lock:
@@ -296,6 +307,7 @@ class _Server:
         return world.status_for(request_id, self.base_url, path, self.config, fetches=fetches)
 
     async def _result(self, request: Request, app: str, request_id: str) -> Reply:
+        self.counters.result_starts.append(time.monotonic())
         self.counters.add("result_requests")
         if not self._authorized(request):
             return self._unauthorized()
