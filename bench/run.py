@@ -43,6 +43,8 @@ HARVESTER: Final = [sys.executable, "-m", "harvester"]
 KEY: Final = "bench-key"
 
 # Issue 5's targets.
+TARGET_N: Final = 20_000
+"""The ratio and RSS targets are for this many requests."""
 MAX_RATIO: Final = 2.5
 MAX_RSS_MB: Final = 200.0
 MAX_RSS_GROWTH: Final = 1.2
@@ -268,11 +270,18 @@ def speed(args: argparse.Namespace, out: Path, report: Report) -> float:
         f"speed: {args.n:,} requests, {w.images:,} images, {mb:,.0f} MB; medians of {args.runs}"
     )
     report.lines.append(f"  harvester {harv_wall:.2f} s, curl {curl_wall:.2f} s")
-    report.check(
-        ratio <= MAX_RATIO, f"wall ratio harvester/curl {ratio:.2f} (target <= {MAX_RATIO})"
-    )
-    report.lines.append(f"  CPU per 1,000 requests: {cpu_per_k:.2f} s")
-    report.check(rss <= MAX_RSS_MB, f"peak RSS {rss:.0f} MB (target <= {MAX_RSS_MB:.0f} MB)")
+    ratio_text = f"wall ratio harvester/curl {ratio:.2f} (target <= {MAX_RATIO} at {TARGET_N:,})"
+    rss_text = f"peak RSS {rss:.0f} MB (target <= {MAX_RSS_MB:.0f} MB at {TARGET_N:,})"
+    if args.n == TARGET_N:
+        report.check(ratio <= MAX_RATIO, ratio_text)
+        report.lines.append(f"  CPU per 1,000 requests: {cpu_per_k:.2f} s")
+        report.check(rss <= MAX_RSS_MB, rss_text)
+    else:
+        # The targets are for 20,000 requests: with fewer, curl's per-request cost falls
+        # further than the harvester's, whose start-up weighs more.
+        report.lines.append(f"  [----] {ratio_text}: not checked at this N")
+        report.lines.append(f"  CPU per 1,000 requests: {cpu_per_k:.2f} s")
+        report.lines.append(f"  [----] {rss_text}: not checked at this N")
     return rss
 
 
@@ -395,7 +404,10 @@ def main() -> None:
     if "rps" in sections:
         rps(args, out, report)
     shutil.rmtree(out / "runs", ignore_errors=True)
-    print(f"\n== bench: {os.cpu_count()} cores; {' '.join(sys.argv[1:]) or 'defaults'} ==")
+    print(
+        f"\n== bench: {os.cpu_count()} cores; {' '.join(sys.argv[1:]) or 'defaults'}; "
+        f"harvester args {' '.join(args.harvest_args)} =="
+    )
     print("\n".join(report.lines))
     print(
         f"== {'all targets met' if not report.failed else f'{report.failed} target(s) missed'} =="

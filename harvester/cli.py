@@ -45,7 +45,7 @@ def main() -> None:
     Exit codes: 0 all ok; 2 usage error; 3 finished but some requests not ok;
     4 key rejected; 5 another run holds the output folder; 6 bad input file;
     7 output folder not writable; 8 bad job file; 9 verify found problems; 10 (status) no
-    recent run; 11 the API never answered; 130 interrupted.
+    recent run; 11 the API never answered; 12 a worker process died; 130 interrupted.
     """
 
 
@@ -114,7 +114,7 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             type=click.IntRange(min=1),
             default=None,
             help="Processes that fetch and download, this one included. Default: one per "
-            "core (at most 4) when --rps is 200 or more, else 1"
+            "core (at most 4) when --rps is 500 or more, else 1"
             + (" (or the job's 'workers')." if job else "."),
         ),
         click.option(

@@ -234,6 +234,8 @@ class RunStats:
     result_requests: int = 0
     manifest_rows: int = 0
     manifest_parts: int = 0
+    processes: int = 1
+    """Processes that fetched and downloaded (``--workers``, as the run resolved it)."""
     temp_files_cleaned: int = 0
     lowest_rps: float = 0.0
     """The rate limiter's lowest rate in the run (it halves on 429s)."""
@@ -280,7 +282,8 @@ class RunStats:
             or "none"
         )
         lines = [
-            f"run {self.run_id}: {done:,} requests in {self.elapsed:.1f} s ({rate:,.1f} req/s)",
+            f"run {self.run_id}: {done:,} requests in {self.elapsed:.1f} s ({rate:,.1f} req/s"
+            + (f", {self.processes} processes)" if self.processes > 1 else ")"),
             f"  by status:  {by_status}",
             f"  skipped:    {self.skipped_done:,} already ok in earlier runs, "
             f"{self.duplicates:,} duplicate rows",
@@ -333,6 +336,7 @@ class RunStats:
             "rate_limited": self.throttled,
             "manifest_rows": self.manifest_rows,
             "manifest_parts": self.manifest_parts,
+            "processes": self.processes,
         }
 
 
@@ -496,7 +500,15 @@ def harvest(
         out_dir=config.out_dir,
         inputs=files,
         rows_in_input=sum(f.rows for f in files),
+        processes=config.lanes,
     )
+    if config.workers is not None and config.lanes < config.workers:
+        log.info(
+            "using %d processes, not %d: each needs a fetch slot, a download slot and a whole "
+            "request per second of its own",
+            config.lanes,
+            config.workers,
+        )
     with exclusive(layout):
         stats.temp_files_cleaned = layout.clean_temp()
         done = reader.PairSet(reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir))

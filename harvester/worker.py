@@ -88,6 +88,14 @@ class LaneSettings:
     """Logger name -> the level the harvest shows; a worker forwards those records."""
 
     @property
+    def ahead(self) -> int:
+        """Requests the lane holds before their first fetch is answered: its fetch slots,
+        and as many again ready to start the moment one frees up. More would leave pairs
+        waiting behind this lane's share of ``--rps`` while other lanes idle; none ready
+        would cost a hand-over per fetch (on a slow link, a fifth of the rate)."""
+        return 2 * self.concurrency
+
+    @property
     def backlog(self) -> int:
         """Requests the lane holds at once, from taking the pair to handing back its rows."""
         return self.concurrency + 2 * self.image_concurrency
@@ -353,7 +361,7 @@ async def run_local(lane: Lane, pairs: MemoryObjectReceiveStream[Pair], deliver:
     each lane must wait there once, not once per idle consumer, or lane 0 would take nearly
     every pair."""
     room = anyio.Semaphore(lane.settings.backlog, fast_acquire=True)
-    ahead = anyio.Semaphore(lane.settings.concurrency, fast_acquire=True)
+    ahead = anyio.Semaphore(lane.settings.ahead, fast_acquire=True)
 
     async def done(rows: list[ManifestRow], left: bool) -> None:
         await deliver(rows)
@@ -417,7 +425,7 @@ class WorkerProcess:
         try:
             with contextlib.suppress(anyio.BrokenResourceError, OSError):
                 await _send(stream, self.settings)  # if it died already: its exit code, below
-            ahead = anyio.Semaphore(self.settings.concurrency, fast_acquire=True)
+            ahead = anyio.Semaphore(self.settings.ahead, fast_acquire=True)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._feed, stream, pairs, credit, ahead)
                 await self._collect(BufferedByteReceiveStream(stream), deliver, credit, ahead)
@@ -430,11 +438,15 @@ class WorkerProcess:
                     "they are not recorded and the next run retries them"
                 )
             if code != 0:
+                how = (
+                    f"was killed by signal {-code} ({signal.Signals(-code).name})"
+                    if code < 0 and -code in signal.valid_signals()
+                    else f"stopped with exit code {code}"
+                )
                 raise errors.WorkerError(
-                    f"worker process {self.index} stopped with exit code {code}"
-                    + (f" (signal {-code})" if code < 0 else "")
-                    + "; the rows it finished are kept, the requests it held are not "
-                    "recorded and the next run retries them"
+                    f"worker process {self.index} (pid {process.pid}) {how}; the rows "
+                    "finished so far are kept, requests still in flight are not recorded and "
+                    "the next run retries them"
                 )
         finally:
             with anyio.CancelScope(shield=True):
@@ -453,8 +465,7 @@ class WorkerProcess:
     ) -> None:
         """Pairs to the worker, as many as it has room for (a pair is taken from the queue
         only then), in batches of what is ready. Room is a backlog slot (``credit``) and a
-        fetch slot (``ahead``): a lane never holds pairs it cannot start fetching, which
-        would leave them waiting behind its share of ``--rps`` while other lanes idle.
+        place ahead (``ahead``, see ``LaneSettings.ahead``).
         Returns quietly if the worker is gone: ``run`` reports how it ended."""
         try:
             async with pairs:

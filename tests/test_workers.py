@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -77,9 +78,11 @@ def test_a_worker_that_cannot_start_is_a_clear_error(
 
     assert result.exit_code == ExitCode.WORKER
     assert "Traceback" not in result.output
-    assert result.output.endswith(
-        "harvester: error: worker process 1 stopped with exit code 3; the rows it finished "
-        "are kept, the requests it held are not recorded and the next run retries them\n"
+    assert re.search(
+        r"harvester: error: worker process 1 \(pid \d+\) stopped with exit code 3; the rows "
+        r"finished so far are kept, requests still in flight are not recorded and the next "
+        r"run retries them\n\Z",
+        result.output,
     )
     assert [r["exit_code"] for r in run_records(tmp_path / "out")] == [ExitCode.WORKER]
 
@@ -229,9 +232,9 @@ def test_a_killed_worker_is_a_clear_error_and_a_rerun_completes(
     assert run.harvest.returncode == ExitCode.WORKER, stderr
     assert "Traceback" not in stdout + stderr
     assert stderr.endswith(
-        "harvester: error: worker process 1 stopped with exit code -9 (signal 9); the rows it "
-        "finished are kept, the requests it held are not recorded and the next run retries "
-        "them\n"
+        f"harvester: error: worker process 1 (pid {run.worker}) was killed by signal 9 "
+        "(SIGKILL); the rows finished so far are kept, requests still in flight are not "
+        "recorded and the next run retries them\n"
     )
     assert [r["exit_code"] for r in run_records(run.out)] == [ExitCode.WORKER]
     kept = pl.read_parquet(manifest_glob(run.out)).height
