@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import nginx
 import run
 
-from harvester import pipeline
+from harvester import pipeline, transport
 from harvester.transport import open_client
 
 
@@ -66,7 +66,8 @@ def main() -> None:
     with nginx.serving(w.www, w.spec.port) as server:
         for i in range(args.runs):
             for name, (make_client, uvloop) in VARIANTS.items():
-                pipeline.open_client = make_client  # type: ignore[assignment]
+                # One lane, in this process, so that the patched client is the one used.
+                transport.open_client = make_client  # type: ignore[assignment]
                 pipeline.EVENT_LOOP_OPTIONS = {"use_uvloop": uvloop}  # type: ignore[misc]
                 target = run.fresh(folder / f"{name}-{i + 1}")
                 config = pipeline.HarvestConfig(
@@ -75,6 +76,7 @@ def main() -> None:
                     api_key="bench-key",
                     base_url=server.base_url,
                     rps=100_000.0,
+                    workers=1,
                 )
                 before, started = os.times(), time.perf_counter()
                 stats = pipeline.harvest(config)
