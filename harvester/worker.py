@@ -7,10 +7,12 @@ from the run's one queue as it has room. Lane 0 runs inside the harvest's own pr
 ``--workers N`` the other N-1 run in worker processes (``python -m harvester.worker``), which
 import neither polars nor pyarrow and talk to the harvest over a socket pair:
 
-    harvest -> worker   settings, then batches of pairs; end of stream when the input is done
+    harvest -> worker   settings, then batches of pairs, never more than the lane has room
+                        for; end of stream when the input is done
     worker -> harvest   batches of finished requests' rows (with the worker's counters),
-                        "released" for a request that left the backlog to wait while pending,
-                        log lines, and a run-level error if one ends the worker
+                        how many requests had their first fetch answered ("fetched": room
+                        for more), "released" for a request that left the backlog to wait
+                        while pending, log lines, and a run-level error if one ends the worker
 
 Only the harvest's process writes the manifest, the run record and the progress; a worker
 writes images and nothing else. A worker ignores SIGINT and SIGTERM (the harvest decides when
