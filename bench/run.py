@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import nginx
 import world
 
+from harvester.ratelimit import most_starts_in_window
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 HARVESTER: Final = [sys.executable, "-m", "harvester"]
 KEY: Final = "bench-key"
@@ -211,16 +213,6 @@ def request_starts(access_log: Path) -> list[int]:
     return sorted(starts)
 
 
-def max_in_window(starts: list[int], width_ms: int = 1000) -> int:
-    """The most requests that started within any window [t, t + width)."""
-    best = j = 0
-    for i, t in enumerate(starts):
-        while j < len(starts) and starts[j] < t + width_ms:
-            j += 1
-        best = max(best, j - i)
-    return best
-
-
 def mark(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -356,7 +348,7 @@ def rps(args: argparse.Namespace, out: Path, report: Report) -> None:
     starts = request_starts(access)
     span = (starts[-1] - starts[0]) / 1000
     rate = (len(starts) - 1) / span
-    worst = max_in_window(starts)
+    worst = most_starts_in_window(starts, 1000)  # milliseconds
     print(
         f"  {len(starts):,} result requests over {span:.1f} s: {rate:.2f}/s, "
         f"at most {worst} in any 1 s window",

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harvester.ratelimit import RateLimiter
+from harvester.ratelimit import RateLimiter, most_starts_in_window
 from harvester.retry import (
     MAX_RETRY_AFTER,
     RetriesExhausted,
@@ -141,16 +141,6 @@ async def test_limiter_spaces_slots_by_the_rate() -> None:
     assert limiter._next == pytest.approx(2.0)
 
 
-def _max_in_window(times: list[float], width: float = 1.0) -> int:
-    times = sorted(times)
-    best = j = 0
-    for i, t in enumerate(times):
-        while j < len(times) and times[j] < t + width:
-            j += 1
-        best = max(best, j - i)
-    return best
-
-
 @pytest.mark.anyio
 async def test_limiter_never_exceeds_the_rate_in_any_second_despite_late_wakeups(
     monkeypatch: pytest.MonkeyPatch,
@@ -172,6 +162,6 @@ async def test_limiter_never_exceeds_the_rate_in_any_second_despite_late_wakeups
             clock.now += 0.05  # and sometimes the loop is busy elsewhere
     # No one-second window holds more than 50 starts, even with 20 ms of slack for the trip
     # to the server; and the rate stays within 5% of 50.
-    assert _max_in_window(starts, 1.0 + 0.02) <= 50
+    assert most_starts_in_window(starts, 1.0 + 0.02) <= 50
     rate = (len(starts) - 1) / (starts[-1] - starts[0])
     assert 47.5 <= rate <= 50
