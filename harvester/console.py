@@ -189,7 +189,7 @@ def setup_logging(
     # httpx logs each request line at INFO: shown from -vv on. httpcore's DEBUG lines carry
     # headers, and asyncio's are noise: never shown.
     logging.getLogger("httpx").setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
-    for name in ("httpcore", "asyncio", "aiohttp"):
+    for name in ("httpcore", "asyncio"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return handler
 

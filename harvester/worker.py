@@ -133,7 +133,7 @@ class Lane:
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[Lane]:
-        from harvester.transport import open_client  # aiohttp: only where requests are made
+        from harvester.transport import open_client  # imported only where requests are made
 
         s = self.settings
         async with open_client(

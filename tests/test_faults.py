@@ -74,7 +74,7 @@ def test_two_thousand_requests_under_twenty_percent_faults(tmp_path: Path) -> No
         assert served[f"fault_{kind}"] > 0, kind
     assert served["pending_served"] > 0
     assert stats.throttled == served["rate_limited"] > 0
-    # aiohttp resends an idempotent GET once when a reused keep-alive connection is closed
+    # The transport resends a GET once when a reused keep-alive connection is closed
     # under it (RFC 9112 section 9.3.1), so only resets can make the server see more.
     assert 0 <= served["result_requests"] - stats.result_requests <= served["fault_reset"]
     assert stats.retries > served["rate_limited"]

@@ -1,5 +1,5 @@
-"""The aiohttp transport under httpx, against a real server on 127.0.0.1: what a caller sees
-for a whole body, a body cut short, a refused connection and a silent server."""
+"""The run's client (httpx over harvester/http1.py) against a real server on 127.0.0.1: what
+a caller sees for a whole body, a body cut short, a refused connection and a silent server."""
 
 from __future__ import annotations
 
