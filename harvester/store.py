@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -95,6 +96,51 @@ _names = itertools.count()
 """Temp file names: this process's id and a counter are unique in DIR/.tmp, which every run
 empties before it starts (under the folder's lock)."""
 _CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_ANONYMOUS: Final = os.O_WRONLY | getattr(os, "O_TMPFILE", 0) | os.O_CLOEXEC
+_NO_ANONYMOUS: Final = frozenset(
+    {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.EPERM, errno.EXDEV}
+)
+"""What ``open(O_TMPFILE)`` or linking through ``/proc/self/fd`` fail with where the file
+system, the kernel or the sandbox cannot do it (and not when the disk is full or read-only)."""
+
+
+class _Anonymous:
+    """Whether files without a name (Linux's ``O_TMPFILE``), linked into the store once
+    complete, work here. A complete image is then one file creation and one link: no temp
+    name to create, rename away and check for beforehand (the link itself fails if identical
+    bytes are stored already). Tried on first use; named temp files where they do not work."""
+
+    usable: bool = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+
+    @classmethod
+    def store(cls, tmp: str, data: bytes, final: str) -> bool | None:
+        """Put ``data`` at ``final``: True if stored, False if ``final`` existed, None if
+        anonymous files do not work here (and are not tried again)."""
+        try:
+            fd = os.open(tmp, _ANONYMOUS, 0o666)
+        except OSError as exc:
+            if exc.errno in _NO_ANONYMOUS:
+                cls.usable = False
+                return None
+            raise
+        try:
+            _write_all(fd, data)
+            try:
+                # linkat(2) with AT_SYMLINK_FOLLOW, the documented way to name an O_TMPFILE
+                # file. CPython calls plain link(2), which would link the /proc symlink
+                # itself (EXDEV), unless a dir_fd is given; the kernel ignores src_dir_fd
+                # for an absolute path, so the file's own descriptor serves.
+                os.link(f"/proc/self/fd/{fd}", final, src_dir_fd=fd, follow_symlinks=True)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno in _NO_ANONYMOUS and os.path.isdir(os.path.dirname(final)):
+                    cls.usable = False
+                    return None
+                raise
+        finally:
+            os.close(fd)
+        return True
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -113,6 +159,7 @@ class _Sink:
         self, layout: Layout, tmp: str, max_bytes: int, spill_bytes: int = SPILL_BYTES
     ) -> None:
         self._layout = layout
+        self._dir = tmp
         self.path = f"{tmp}/{os.getpid()}-{next(_names)}.part"
         self._max = max_bytes
         self._spill = spill_bytes
@@ -156,8 +203,28 @@ class _Sink:
         return self._hash.hexdigest()
 
     def persist(self, final: str, folders: set[str]) -> bool:
-        """Move the bytes to ``final`` atomically (temp file, then rename); False, and nothing
-        written, if ``final`` exists already. ``folders`` remembers the shard folders made."""
+        """Move the bytes to ``final`` atomically (the file appears complete or not at all);
+        False, and nothing written, if ``final`` exists already. ``folders`` remembers the
+        shard folders made."""
+        folder = os.path.dirname(final)
+        if folder not in folders:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError:
+                self.discard()
+                raise
+            folders.add(folder)
+        if self._fh is None and _Anonymous.usable:
+            data = b"".join(self._chunks)
+            self._chunks = []
+            try:
+                stored = _Anonymous.store(self._dir, data, final)
+            except OSError:
+                self.discard()
+                raise
+            if stored is not None:
+                return stored
+            self._chunks = [data]
         if os.path.exists(final):
             self.discard()
             return False
@@ -173,10 +240,6 @@ class _Sink:
                 self._chunks = []
             else:
                 self._fh.close()
-            folder = os.path.dirname(final)
-            if folder not in folders:
-                os.makedirs(folder, exist_ok=True)
-                folders.add(folder)
             os.replace(self.path, final)
         except OSError:
             self.discard()

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harvester import store as store_module
 from harvester.errors import OutputError
 from harvester.layout import Layout
 from harvester.retry import RetryPolicy
@@ -86,6 +87,49 @@ async def test_stores_by_sha_with_extension_from_bytes(tmp_path: Path) -> None:
     assert (layout.root / first.path).read_bytes() == JPEG
     assert seen_auth == [None, None]
     assert list(layout.tmp.iterdir()) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("way", ["anonymous", "named", "anonymous refused"])
+async def test_every_way_of_writing_stores_once_and_whole(
+    tmp_path: Path, way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux's unnamed files linked into place, named temp files renamed into place, and the
+    switch from the first to the second where the file system refuses unnamed files: the
+    same store, the same "new" answers, nothing left in .tmp."""
+    renames: list[str] = []
+    real_replace, real_open = os.replace, os.open
+
+    def replace(src: str, dst: str) -> None:
+        renames.append(dst)
+        real_replace(src, dst)
+
+    def refuse_unnamed(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "replace", replace)
+    if way == "named":
+        monkeypatch.setattr(store_module._Anonymous, "usable", False)
+    elif way == "anonymous refused":
+        monkeypatch.setattr(store_module._Anonymous, "usable", True)
+        monkeypatch.setattr(os, "open", refuse_unnamed)
+    elif not store_module._Anonymous.usable:
+        pytest.fail("this Linux machine should support O_TMPFILE on the test's file system")
+    store, layout, client = make_store(tmp_path, lambda r: httpx.Response(200, content=JPEG))
+    async with client:
+        got = [await store.store(f"https://cdn.test/{n}.jpg") for n in range(3)]
+    assert [g.new for g in got if isinstance(g, StoredImage)] == [True, False, False]
+    stored = layout.root / got[0].path  # type: ignore[union-attr]
+    assert stored.read_bytes() == JPEG
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stored.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert list(layout.images.rglob("*.*")) == [stored]
+    assert list(layout.tmp.iterdir()) == []
+    assert renames == ([] if way == "anonymous" else [str(stored)])
+    assert store_module._Anonymous.usable is (way == "anonymous")
 
 
 @pytest.mark.anyio
