@@ -27,11 +27,43 @@ from harvester.retry import (
     retrying,
 )
 from harvester.rows import ERROR, FAILED, NOT_FOUND, OK, PENDING
+from harvester.units import size
 from harvester.urls import result_url
 
 log = logging.getLogger("harvester")
 
 IN_PROGRESS: Final = "request is still in progress"
+
+MAX_RESULT_BYTES: Final = 64_000_000
+"""A result body larger than this is not read: a result is a small JSON document (one with
+four images inline as data URIs is a few MB), and a relay that streams without end must not
+take the run's memory with it."""
+
+
+class _ResultTooLarge(Exception):
+    def __init__(self, limit: int, announced: int | None) -> None:
+        said = f" (it announced {size(announced)})" if announced is not None else ""
+        super().__init__(
+            f"the result body is larger than {size(limit)}{said}; not read. "
+            "The relay answered with something that is not a result: check it with curl, "
+            "the next run asks again"
+        )
+
+
+async def read_body(response: httpx.Response, limit: int) -> bytes:
+    """The whole (decoded) body of a streamed response, or ``_ResultTooLarge`` as soon as it
+    is known to pass ``limit``: from Content-Length before reading, or while reading."""
+    announced = response.headers.get("content-length")
+    if announced is not None and announced.isdigit() and int(announced) > limit:
+        raise _ResultTooLarge(limit, int(announced))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise _ResultTooLarge(limit, None)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +113,10 @@ class ResultFetcher:
         policy: RetryPolicy,
         limiter: RateLimiter,
         rng: random.Random,
+        max_result_bytes: int = MAX_RESULT_BYTES,
     ) -> None:
         self._client = client
+        self._max_result_bytes = max_result_bytes
         self._base_url = base_url
         self._headers = {
             **plain_headers(client),
@@ -112,14 +146,22 @@ class ResultFetcher:
                 request = httpx.Request(
                     "GET", url, headers=self._headers, extensions=self._extensions
                 )
-                response = await self._client.send(request)
+                response = await self._client.send(request, stream=True)
+                try:
+                    body = await read_body(response, self._max_result_bytes)
+                finally:
+                    await response.aclose()
             except httpx.RequestError as exc:
                 reason = request_error_reason(exc)
                 if self.answered == 0 and self.sent == 1:
                     log.warning("cannot reach %s yet: %s; retrying", self._base_url, reason)
                 raise TransientError(reason) from exc
+            except _ResultTooLarge as exc:
+                self.answered += 1
+                self._limiter.on_success()
+                return FetchOutcome(ERROR, response.status_code, n, str(exc))
             self.answered += 1
-            return self._classify(response, n)
+            return self._classify(response, body, n)
 
         def count_retry(_: TransientError) -> None:
             self.retries += 1
@@ -137,14 +179,13 @@ class ResultFetcher:
             return FetchOutcome(ERROR, exc.last.http_status, exc.attempts, str(exc))
         return outcome
 
-    def _classify(self, response: httpx.Response, attempt: int) -> FetchOutcome:
+    def _classify(self, response: httpx.Response, body: bytes, attempt: int) -> FetchOutcome:
         """One answer as an outcome; raises ``TransientError`` (retry) or ``AuthError``.
 
         Text from the server (``detail``, a body snippet) goes through ``redact``: a relay
         that echoes the key must not put it in the manifest or a message.
         """
         status = response.status_code
-        body = response.content
         detail = error_detail(body) if status != 200 or b'"detail"' in body[:200] else None
         if detail is not None:
             detail = redact(detail, self._secrets)

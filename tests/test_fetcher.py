@@ -7,7 +7,7 @@ tests count what the retry policy asked for, they never time it.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from harvester.errors import AuthError
-from harvester.fetcher import FetchOutcome, ResultFetcher
+from harvester.fetcher import MAX_RESULT_BYTES, FetchOutcome, ResultFetcher
 from harvester.ratelimit import RateLimiter
 from harvester.retry import RetryPolicy
 
@@ -50,6 +50,7 @@ async def fetch(
     *,
     max_attempts: int = 3,
     limiter: RateLimiter | None = None,
+    max_result_bytes: int = MAX_RESULT_BYTES,
 ) -> tuple[FetchOutcome, ResultFetcher]:
     policy = RetryPolicy(max_attempts=max_attempts, base_delay=0.01, max_delay=0.05, budget=600)
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
@@ -60,6 +61,7 @@ async def fetch(
             policy=policy,
             limiter=limiter or RateLimiter(1000),
             rng=random.Random(0),
+            max_result_bytes=max_result_bytes,
         )
         outcome = await fetcher.fetch("fal-ai/flux/dev", "req-1")
     return outcome, fetcher
@@ -177,6 +179,49 @@ async def test_wrong_shape_is_an_error_row_not_a_retry(body: bytes, message: str
     assert (outcome.status, outcome.attempts) == ("error", 1)
     assert outcome.error == f"result has the wrong shape: {message}"
     assert fetcher.retries == 0
+
+
+def streamed(body: bytes, chunk: int = 1000) -> Handler:
+    """A 200 whose body comes in chunks with no Content-Length (chunked coding on the wire)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), chunk):
+            yield body[i : i + chunk]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=chunks())
+
+    return handler
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("handler", "announced"),
+    [
+        (answer(200, fixture("result_ok_multi_nsfw.json")), True),
+        (streamed(fixture("result_ok_multi_nsfw.json")), False),
+    ],
+    ids=["announced", "streamed"],
+)
+async def test_a_result_over_the_size_limit_is_an_error_row_not_read(
+    handler: Handler, announced: bool
+) -> None:
+    body = fixture("result_ok_multi_nsfw.json")
+    limit = len(body) - 1
+    outcome, fetcher = await fetch(handler, max_result_bytes=limit)
+    assert (outcome.status, outcome.http_status, outcome.attempts) == ("error", 200, 1)
+    said = f" (it announced {len(body):,} B)" if announced else ""
+    assert outcome.error == (
+        f"the result body is larger than {limit:,} B{said}; not read. The relay answered "
+        "with something that is not a result: check it with curl, the next run asks again"
+    )
+    assert outcome.result is None
+    assert fetcher.retries == 0
+
+    at_limit, _ = await fetch(handler, max_result_bytes=len(body))
+    assert at_limit.status == "ok"
+    assert at_limit.result is not None
+    assert len(at_limit.result.images) == 3
 
 
 # -- transient answers -------------------------------------------------------------------------

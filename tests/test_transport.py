@@ -1,5 +1,6 @@
 """The run's client (httpx over harvester/http1.py) against a real server on 127.0.0.1: what
-a caller sees for a whole body, a body cut short, a refused connection and a silent server."""
+a caller sees for a whole body, a body cut short, a refused connection, a silent server and a
+result over the size limit."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harvester.fetcher import ResultFetcher
 from harvester.layout import Layout
+from harvester.ratelimit import RateLimiter
 from harvester.retry import RetryPolicy
+from harvester.sandbox import Sandbox
 from harvester.store import ImageFailure, ImageStore, StoredImage
 from harvester.transport import open_client
+from tests.conftest import KEY
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 
@@ -150,3 +155,32 @@ async def test_silent_server_is_a_read_timeout(server: RawServer) -> None:
     async with open_client(max_connections=4, connect_timeout=5, read_timeout=0.2) as client:
         with pytest.raises(httpx.ReadTimeout):
             await client.get(server.url)
+
+
+@pytest.mark.anyio
+async def test_a_result_over_the_limit_is_dropped_and_the_connection_with_it(
+    sandbox: Sandbox,
+) -> None:
+    """Over real HTTP: an ``inline-`` result (its image as a data URI: 2.3 KB) is over a
+    1,000-byte limit, ordinary ones (about 450 bytes) are not; the connection left half-read
+    is not reused, so the next results on the same one-connection client are whole."""
+    async with open_client(max_connections=1, connect_timeout=5, read_timeout=5) as client:
+        fetcher = ResultFetcher(
+            client,
+            base_url=sandbox.base_url,
+            authorization=f"Bearer {KEY}",
+            policy=RetryPolicy(max_attempts=1),
+            limiter=RateLimiter(1000),
+            rng=random.Random(0),
+            max_result_bytes=1_000,
+        )
+        big = await fetcher.fetch("fal-ai/flux/dev", "inline-0001")
+        ok = [await fetcher.fetch("fal-ai/flux/dev", f"req-{i}") for i in range(3)]
+    assert (big.status, big.http_status, big.attempts) == ("error", 200, 1)
+    assert big.error == (
+        "the result body is larger than 1.0 KB (it announced 2.3 KB); not read. The relay "
+        "answered with something that is not a result: check it with curl, the next run asks "
+        "again"
+    )
+    assert [(o.status, o.http_status) for o in ok] == [("ok", 200)] * 3
+    assert all(o.result is not None and o.result.images for o in ok)
