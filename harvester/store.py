@@ -1,9 +1,10 @@
 """Download stage: stream each image into the content-addressed store.
 
 Bytes are hashed as they arrive and kept in memory (past 1 MiB they spill to a temp file);
-a complete body goes to a temp file inside the output folder, which is renamed atomically to
-``images/<aa>/<sha256>.<ext>``; the extension comes from the bytes' magic number, never from
-the URL or the Content-Type. Identical bytes are stored once. No
+a complete body goes to an unnamed (or temp) file inside the output folder, which is linked
+(or renamed) atomically to ``images/<aa>/<sha256>.<ext>``; the extension comes from the
+bytes' magic number, never from the URL or the Content-Type. Identical bytes are stored once;
+a file of the wrong size under an image's name (torn by a power loss) is replaced. No
 Authorization header is ever sent here: image hosts are third-party CDNs.
 """
 
@@ -143,6 +144,15 @@ class _Anonymous:
         return True
 
 
+def _is_whole(path: str, size: int) -> bool:
+    """``path`` exists with ``size`` bytes: since files are named by the hash of their bytes,
+    the image is there (a stat, only when a name is taken already)."""
+    try:
+        return os.stat(path).st_size == size
+    except FileNotFoundError:
+        return False
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -205,7 +215,11 @@ class _Sink:
     def persist(self, final: str, folders: set[str]) -> bool:
         """Move the bytes to ``final`` atomically (the file appears complete or not at all);
         False, and nothing written, if ``final`` exists already. ``folders`` remembers the
-        shard folders made."""
+        shard folders made.
+
+        A file at ``final`` of another size than these bytes is not the image: images are
+        not fsynced, so a power loss can leave one short under its name. It is replaced, and
+        this counts as new."""
         folder = os.path.dirname(final)
         if folder not in folders:
             try:
@@ -222,10 +236,10 @@ class _Sink:
             except OSError:
                 self.discard()
                 raise
-            if stored is not None:
-                return stored
-            self._chunks = [data]
-        if os.path.exists(final):
+            if stored:
+                return True
+            self._chunks = [data]  # the name was taken, or anonymous files are refused
+        if _is_whole(final, self.size):
             self.discard()
             return False
         try:

@@ -133,6 +133,43 @@ async def test_every_way_of_writing_stores_once_and_whole(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("way", ["anonymous", "named", "anonymous refused", "spilled"])
+async def test_a_torn_file_under_the_name_is_replaced(
+    tmp_path: Path, way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images are not fsynced, so after a power loss a file can sit under its sha256 name with
+    only part of its bytes. Whichever way the store writes, the next download of that image
+    replaces it (and says new); a whole file is still found and kept."""
+    real_open = os.open
+
+    def refuse_unnamed(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_open(path, flags, mode)
+
+    if way == "named":
+        monkeypatch.setattr(store_module._Anonymous, "usable", False)
+    elif way == "anonymous refused":
+        monkeypatch.setattr(store_module._Anonymous, "usable", True)
+        monkeypatch.setattr(os, "open", refuse_unnamed)
+    body = JPEG + bytes(range(256)) * 5_000 if way == "spilled" else JPEG  # 1.28 MB spills
+    sha = hashlib.sha256(body).hexdigest()
+    store, layout, client = make_store(tmp_path, lambda r: httpx.Response(200, content=body))
+    torn = layout.root / f"images/{sha[:2]}/{sha}.jpg"
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes(body[: len(body) // 2])
+    async with client:
+        got = [await store.store(f"https://cdn.test/{n}.jpg") for n in range(2)]
+    assert [(g.path, g.new) for g in got if isinstance(g, StoredImage)] == [
+        (f"images/{sha[:2]}/{sha}.jpg", True),
+        (f"images/{sha[:2]}/{sha}.jpg", False),
+    ]
+    assert torn.read_bytes() == body
+    assert list(layout.images.rglob("*.*")) == [torn]
+    assert list(layout.tmp.iterdir()) == []
+
+
+@pytest.mark.anyio
 async def test_redirects_are_followed_without_auth_and_never_to_other_schemes(
     tmp_path: Path,
 ) -> None:
