@@ -61,6 +61,13 @@ class VerifyReport:
                 f"  {self.unjudged:,} files are not referenced by any readable part; with "
                 "unreadable parts, whether they are orphans cannot be told"
             )
+        if self.missing or self.corrupt:
+            lines.append(
+                "  missing or corrupt files are usually a power loss (images are not fsynced) "
+                "or a hand edit: their manifest rows name the requests; harvest those into a "
+                "fresh folder (a CSV of model,request_id) to fetch them again while the API "
+                "still has them"
+            )
         if self.orphans:
             lines.append(
                 "  orphans are usually left by a run killed before it wrote its rows: "

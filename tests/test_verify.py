@@ -71,6 +71,7 @@ def test_corrupt_missing_and_orphaned_files_are_reported(out: Path) -> None:
     assert f"  corrupt: {misnamed}\n" in result.output
     assert f"  orphan: {orphan}\n" in result.output
     assert "harvesting the same inputs again records them" in result.output
+    assert "harvest those into a fresh folder (a CSV of model,request_id)" in result.output
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -85,6 +86,7 @@ def test_an_unreadable_part_is_reported_and_orphans_are_not_guessed(out: Path, d
     assert "0 missing, 0 corrupt, 0 orphans, 1 unreadable parts" in result.output
     assert f"  unreadable part: {part.relative_to(out)}: " in result.output
     assert "whether they are orphans cannot be told" in result.output
+    assert "missing or corrupt files are" not in result.output
     assert "Traceback" not in result.output
 
 
