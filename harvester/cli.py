@@ -42,10 +42,10 @@ def main() -> None:
                    jobs/sandbox.toml (see the README)
 
     \b
-    Exit codes: 0 all ok; 2 usage error; 3 finished but some requests not ok;
-    4 key rejected; 5 another run holds the output folder; 6 bad input file;
-    7 output folder not writable; 8 bad job file; 9 verify found problems; 10 (status) no
-    recent run; 11 the API never answered; 12 a worker process died; 130 interrupted.
+    Exit codes: 0 all ok; 1 unexpected error (a bug); 2 usage error; 3 finished but some
+    requests not ok; 4 key rejected; 5 another run holds the output folder; 6 bad input
+    file; 7 output folder not writable; 8 bad job file; 9 verify found problems; 10 (status)
+    no recent run; 11 the API never answered; 12 a worker process died; 130 interrupted.
     """
 
 

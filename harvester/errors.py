@@ -16,6 +16,9 @@ class ExitCode(IntEnum):
 
     OK = 0
     """Every request in the run is ok."""
+    BUG = 1
+    """An unexpected error, a bug in the harvester (Python's own code for an uncaught
+    exception): the traceback says where; finished rows are kept, the run record has it."""
     INCOMPLETE = 3
     """The run finished, but some requests are not ok (pending, not_found, failed, error,
     invalid): they are in the manifest and the next run retries them."""
@@ -46,6 +49,7 @@ class ExitCode(IntEnum):
 
 MEANINGS: Final[dict[int, str]] = {
     ExitCode.OK: "every request ok",
+    ExitCode.BUG: "an unexpected error (a bug): see the log's traceback; finished rows are kept",
     ExitCode.USAGE: "usage error: nothing was fetched",
     ExitCode.INCOMPLETE: "finished, but some requests are not ok; the next run retries them",
     ExitCode.AUTH: "the API refused the key; the run stopped early",

@@ -259,6 +259,14 @@ class RunStats:
         """Record the run-level error that ends the run, so the run record has its exit code."""
         self.error, self.error_code = str(exc), exc.exit_code
 
+    def crash(self, exc: BaseException) -> None:
+        """Record an unexpected error (a bug), so the run record does not say the run was ok;
+        from a task group's exceptions, the first one raised."""
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        self.error = f"unexpected error (a bug): {type(exc).__name__}: {exc}"
+        self.error_code = ExitCode.BUG
+
     @property
     def exit_code(self) -> ExitCode:
         if self.error_code is not None:
@@ -426,9 +434,15 @@ class _Run:
                 bad = [self.bad_row(item) for item in batch if isinstance(item, BadRow)]
                 if bad:
                     await self.write(bad)
-                for item in batch:
-                    if isinstance(item, Pair):
-                        await pairs.send(item)
+                try:
+                    for item in batch:
+                        if isinstance(item, Pair):
+                            await pairs.send(item)
+                except anyio.BrokenResourceError:
+                    # Every lane has stopped taking pairs: one of them failed (a rejected key,
+                    # a dead worker) and its error ends the run. Raising here instead would
+                    # cancel the lanes' clean-up and could hide that error.
+                    return
 
     async def run(
         self,
@@ -527,9 +541,13 @@ def harvest(
             # Task groups wrap what their tasks raise; report our own error plainly.
             first = first_harvester_error(group)
             if first is None:
+                stats.crash(group)
                 raise
             stats.fail(first)
             raise first from None
+        except Exception as exc:
+            stats.crash(exc)
+            raise
         finally:
             run.refresh()
             stats.finished_at = datetime.now(UTC)

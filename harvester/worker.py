@@ -136,11 +136,12 @@ class Lane:
         from harvester.transport import open_client  # imported only where requests are made
 
         s = self.settings
-        async with open_client(
+        client = open_client(
             max_connections=s.concurrency + s.image_concurrency,
             connect_timeout=s.connect_timeout,
             read_timeout=s.read_timeout,
-        ) as client:
+        )
+        try:
             self._fetcher = ResultFetcher(
                 client,
                 base_url=s.base_url,
@@ -153,6 +154,11 @@ class Lane:
                 client, self.layout, policy=s.retry, rng=self.rng, max_bytes=s.max_image_bytes
             )
             yield self
+        finally:
+            # Shielded: a cancellation arriving while the connections close must not replace
+            # the error that is ending the lane (a rejected key would become a silent stop).
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
 
     def counters(self) -> Counters:
         fetcher, store = self._fetcher, self._store

@@ -15,6 +15,7 @@ from harvester.lock import exclusive
 from harvester.manifest import SCHEMA, manifest_glob
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
+from tests.processes import run_records
 
 SPECIAL = [
     ("fal-ai/flux/dev", "pending-0001"),
@@ -157,17 +158,26 @@ def test_fal_key_is_the_fallback(tmp_path: Path, sandbox: Sandbox) -> None:
     assert result.exit_code == ExitCode.OK, result.output
 
 
-def test_rejected_key_stops_the_run_with_its_own_code(tmp_path: Path, sandbox: Sandbox) -> None:
-    csv = write_csv(tmp_path / "e.csv", normal_pairs(200, "badkey"))
+@pytest.mark.parametrize(
+    "extra",
+    [["--concurrency", "4"], ["--rps", "50"], ["--workers", "2", "--rps", "1000"]],
+    ids=["4 slots", "default rate", "2 processes"],
+)
+def test_rejected_key_stops_the_run_with_its_own_code(
+    tmp_path: Path, sandbox: Sandbox, extra: list[str]
+) -> None:
+    """More pairs than the run's queue holds, so the reader is still handing them out when
+    every lane stops on the 401: the key's error, not the closed queue, ends the run."""
+    csv = write_csv(tmp_path / "e.csv", normal_pairs(600, "badkey"))
     before = sandbox.stats()["unauthorized"]
-    result = run_cli(
-        harvest_args(sandbox, tmp_path / "out", csv, extra=["--concurrency", "4"]),
-        key="wrong-key-0000",
-    )
-    assert result.exit_code == ExitCode.AUTH
+    out = tmp_path / "out"
+    result = run_cli(harvest_args(sandbox, out, csv, extra=extra), key="wrong-key-0000")
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert result.exit_code == ExitCode.AUTH, result.output
     assert "refused the key (HTTP 401" in result.output
     assert "wrong-key-0000" not in result.output
-    assert sandbox.stats()["unauthorized"] - before < 20  # stopped early, not 200 times
+    assert sandbox.stats()["unauthorized"] - before < 100  # stopped early, not 600 times
+    assert [r["exit_code"] for r in run_records(out)] == [ExitCode.AUTH]
 
 
 def test_auth_scheme_key_sends_fal_style_header(tmp_path: Path) -> None:

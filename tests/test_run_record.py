@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from harvester.errors import ExitCode
 from harvester.sandbox import Sandbox
+from harvester.store import ImageFailure, ImageStore, StoredImage
 from tests.conftest import harvest_args, run_cli, write_csv
 
 
@@ -40,3 +43,32 @@ def test_record_of_a_finished_run_has_no_error(tmp_path: Path, sandbox: Sandbox)
     assert record["exit_code"] == ExitCode.INCOMPLETE
     assert record["error"] is None
     assert record["requests"] == {"ok": 1, "not_found": 1}
+
+
+def test_record_of_a_bug_has_exit_code_1_and_says_so(
+    tmp_path: Path, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception that is not ours (a bug) still shows as one, but the record and
+    ``status`` must not call the run ok."""
+    real_store = ImageStore.store
+    calls: list[str] = []
+
+    async def store(self: ImageStore, url: str) -> StoredImage | ImageFailure:
+        calls.append(url)
+        if len(calls) == 4:
+            raise RuntimeError("boom in the store")
+        return await real_store(self, url)
+
+    monkeypatch.setattr(ImageStore, "store", store)
+    csv = write_csv(tmp_path / "e.csv", [("fal-ai/flux", f"bug-{i}") for i in range(10)])
+    out = tmp_path / "out"
+
+    with pytest.raises(BaseExceptionGroup) as raised:  # a process would exit 1 with it
+        run_cli(harvest_args(sandbox, out, csv))
+
+    assert raised.group_contains(RuntimeError, match="boom in the store", depth=None)
+    [record] = read_records(out)
+    assert record["exit_code"] == ExitCode.BUG
+    assert record["error"] == "unexpected error (a bug): RuntimeError: boom in the store"
+    status = run_cli(["status", str(out)])
+    assert status.exit_code == ExitCode.BUG, status.output
