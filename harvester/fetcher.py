@@ -57,10 +57,10 @@ async def read_body(response: httpx.Response, limit: int) -> bytes:
     if announced is not None and announced.isdigit() and int(announced) > limit:
         raise _ResultTooLarge(limit, int(announced))
     chunks: list[bytes] = []
-    size = 0
+    total = 0
     async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > limit:
+        total += len(chunk)
+        if total > limit:
             raise _ResultTooLarge(limit, None)
         chunks.append(chunk)
     return b"".join(chunks)
