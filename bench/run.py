@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import nginx
 import world
 
-from harvester.ratelimit import most_starts_in_window
+from harvester.api.ratelimit import most_starts_in_window
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 HARVESTER: Final = [sys.executable, "-m", "harvester"]

@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import nginx
 import run
 
-from harvester import pipeline, transport
-from harvester.transport import KEEPALIVE_SECONDS, USER_AGENT, Client, open_client
+from harvester.api import transport
+from harvester.api.transport import KEEPALIVE_SECONDS, USER_AGENT, Client, open_client
+from harvester.run import pipeline
 
 
 @contextmanager

@@ -17,10 +17,10 @@ from typing import Any, Final, TypeVar
 import click
 
 from harvester import __version__
-from harvester.console import Console
 from harvester.errors import ExitCode, HarvesterError
-from harvester.jobs import LOG_FORMATS, Job, load_job
-from harvester.pipeline import AUTH_SCHEMES, api_key_from_env, harvest, new_run_id
+from harvester.jobs import Job, load_job
+from harvester.run.pipeline import AUTH_SCHEMES, api_key_from_env, harvest, new_run_id
+from harvester.views.console import LOG_FORMATS, Console
 
 
 def _fail(exc: HarvesterError, *, log_format: str = "text") -> None:
@@ -267,7 +267,7 @@ def status_command(
     early (see harvester -h); 10 if DIR has no run record, or the last is older than
     --max-age.
     """
-    from harvester.status import status
+    from harvester.views.status import status
 
     if not out_dir.is_dir():
         click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
@@ -310,8 +310,8 @@ def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -
     The HTML page opens from disk and fetches nothing: inline CSS and SVG charts, images
     embedded (NSFW-flagged ones blurred), each capped at 2 MB and 40 MB in all.
     """
-    from harvester.report import build
-    from harvester.report_html import GalleryLimits, write_html
+    from harvester.views.report import build
+    from harvester.views.report_html import GalleryLimits, write_html
 
     if not out_dir.is_dir():
         click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
@@ -341,7 +341,7 @@ def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -
 def verify_command(out_dir: Path) -> None:
     """Re-hash every stored image against the manifest; report missing, corrupt and orphaned
     files and unreadable manifest parts. Exits 9 if anything is wrong."""
-    from harvester.verify import verify
+    from harvester.views.verify import verify
 
     if not out_dir.is_dir():
         click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
@@ -443,7 +443,7 @@ def sandbox_command(
     inline-, expiredimg-, notimage-, redirect-, badjson-, badshape-, dup-; anything else is
     a normal result with 1-4 images.
     """
-    from harvester import reader
+    from harvester.run import reader
     from harvester.sandbox import FaultRates, SandboxConfig, serve_forever
 
     try:

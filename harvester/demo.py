@@ -14,8 +14,8 @@ from pathlib import Path
 
 import polars as pl
 
-from harvester import manifest
 from harvester.sandbox import SandboxConfig, running_sandbox
+from harvester.storage import manifest
 
 DEMO_KEY = "sandbox-key"
 

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
+from harvester.api.retry import RetryPolicy
 from harvester.errors import ConfigError, InputError
-from harvester.pipeline import AUTH_SCHEMES, DEFAULT_BASE_URL, HarvestConfig
-from harvester.retry import RetryPolicy
+from harvester.run.pipeline import AUTH_SCHEMES, DEFAULT_BASE_URL, HarvestConfig
+from harvester.views.console import LOG_FORMATS
 
-LOG_FORMATS: Final = ("text", "json")
 _GLOB_CHARS: Final = frozenset("*?[")
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 

@@ -11,3 +11,13 @@ def size(n: int) -> str:
             break
         value, unit = value / 1000, bigger
     return f"{n:,} B" if unit == "B" else f"{value:,.1f} {unit}"
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -12,9 +12,9 @@ import polars as pl
 import pytest
 
 from harvester.errors import ExitCode
-from harvester.manifest import manifest_glob
-from harvester.reader import MAX_LINE_CHARS
+from harvester.run.reader import MAX_LINE_CHARS
 from harvester.sandbox import Sandbox, expected_status
+from harvester.storage.manifest import manifest_glob
 from tests.conftest import harvest_args, run_cli
 
 PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from harvester.errors import ExitCode
-from harvester.manifest import OK, SCHEMA, manifest_glob
 from harvester.sandbox import FaultRates, SandboxConfig, expected_status
-from harvester.verify import verify
+from harvester.storage.manifest import OK, SCHEMA, manifest_glob
+from harvester.views.verify import verify
 from tests.conftest import write_csv
 from tests.processes import (
     SandboxProcess,

@@ -14,12 +14,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from harvester.api.retry import RetryPolicy
 from harvester.errors import ExitCode
-from harvester.manifest import latest
-from harvester.pipeline import HarvestConfig, harvest
-from harvester.retry import RetryPolicy
+from harvester.run.pipeline import HarvestConfig, harvest
 from harvester.sandbox import FaultRates, SandboxConfig, expected_status
-from harvester.verify import verify
+from harvester.storage.manifest import latest
+from harvester.views.verify import verify
 from tests.conftest import KEY, write_csv
 from tests.processes import sandbox_process
 

@@ -16,10 +16,10 @@ import anyio
 import httpx
 import pytest
 
+from harvester.api.fetcher import MAX_RESULT_BYTES, FetchOutcome, ResultFetcher
+from harvester.api.ratelimit import RateLimiter
+from harvester.api.retry import RetryPolicy
 from harvester.errors import AuthError
-from harvester.fetcher import MAX_RESULT_BYTES, FetchOutcome, ResultFetcher
-from harvester.ratelimit import RateLimiter
-from harvester.retry import RetryPolicy
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KEY = "sk-fetch-5d2c9a41e0"

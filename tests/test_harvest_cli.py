@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 
 from harvester.errors import ExitCode
-from harvester.layout import Layout
-from harvester.lock import exclusive
-from harvester.manifest import SCHEMA, manifest_glob
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
+from harvester.storage.layout import Layout
+from harvester.storage.lock import exclusive
+from harvester.storage.manifest import SCHEMA, manifest_glob
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import run_records
 

@@ -21,8 +21,8 @@ import anyio
 import httpx
 import pytest
 
-from harvester.http1 import HIGH_WATER, Http1Transport, _framing
-from harvester.transport import Client
+from harvester.api.http1 import HIGH_WATER, Http1Transport, _framing
+from harvester.api.transport import Client
 
 TLS = Path(__file__).parent / "fixtures" / "tls"
 

@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from harvester.errors import ExitCode, OutputError
-from harvester.layout import Layout
-from harvester.manifest import ManifestRow, ManifestWriter
 from harvester.sandbox import Sandbox
-from harvester.verify import verify
+from harvester.storage.layout import Layout
+from harvester.storage.manifest import ManifestRow, ManifestWriter
+from harvester.views.verify import verify
 from tests.conftest import harvest_args, run_cli, write_csv
 from tests.processes import harvest_command, harvester_env, run_harvest, run_records
 

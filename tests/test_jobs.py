@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from harvester.api.retry import RetryPolicy
 from harvester.errors import ConfigError, ExitCode
 from harvester.jobs import KEYS, Job, load_job
-from harvester.pipeline import HarvestConfig
-from harvester.retry import RetryPolicy
+from harvester.run.pipeline import HarvestConfig
 from harvester.sandbox import Sandbox
 from tests.conftest import KEY, run_cli, write_csv
 

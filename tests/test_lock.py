@@ -9,8 +9,8 @@ from pathlib import Path
 import polars as pl
 
 from harvester.errors import ExitCode
-from harvester.manifest import manifest_glob
-from harvester.verify import verify
+from harvester.storage.manifest import manifest_glob
+from harvester.views.verify import verify
 from tests.conftest import write_csv
 from tests.processes import run_harvest, run_records, sandbox_process, start_harvest, wait_for_lock
 

@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from harvester.cli import main
-from harvester.console import Console, Snapshot, duration
 from harvester.errors import ExitCode, UsageError
-from harvester.pipeline import RunStats
+from harvester.run.pipeline import RunStats
 from harvester.sandbox import Sandbox
 from harvester.units import size
+from harvester.views.console import Console, Snapshot, duration
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 
 PAIRS = [

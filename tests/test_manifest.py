@@ -9,10 +9,10 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from harvester import manifest
 from harvester.errors import ManifestError
-from harvester.layout import Layout
-from harvester.manifest import SCHEMA, ManifestRow, ManifestWriter
+from harvester.storage import manifest
+from harvester.storage.layout import Layout
+from harvester.storage.manifest import SCHEMA, ManifestRow, ManifestWriter
 
 NOW = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from harvester.api.fetcher import FetchOutcome, ResultFetcher
 from harvester.errors import AuthError, ExitCode
-from harvester.fetcher import FetchOutcome, ResultFetcher
-from harvester.manifest import manifest_glob
 from harvester.sandbox import FaultRates, SandboxConfig, running_sandbox
+from harvester.storage.manifest import manifest_glob
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import run_records
 

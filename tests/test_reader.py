@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harvester import reader
 from harvester.errors import InputError
-from harvester.reader import BadRow, Pair
+from harvester.run import reader
+from harvester.run.reader import BadRow, Pair
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_inputs"
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from harvester import manifest
 from harvester.errors import ExitCode, UsageError
-from harvester.report import build
-from harvester.report_html import GalleryLimits, render, write_html
 from harvester.sandbox import Sandbox
+from harvester.storage import manifest
+from harvester.views.report import build
+from harvester.views.report_html import GalleryLimits, render, write_html
 from tests.conftest import harvest_args, run_cli, write_csv
 
 EVIL = "<script>alert(1)</script>"

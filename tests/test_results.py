@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harvester.results import ResultShapeError, error_detail, parse_result
+from harvester.api.results import ResultShapeError, error_detail, parse_result
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harvester.ratelimit import RateLimiter, most_starts_in_window
-from harvester.retry import (
+from harvester.api.ratelimit import RateLimiter, most_starts_in_window
+from harvester.api.retry import (
     MAX_RETRY_AFTER,
     RetriesExhausted,
     RetryPolicy,
@@ -152,7 +152,7 @@ async def test_limiter_never_exceeds_the_rate_in_any_second_despite_late_wakeups
         # A busy event loop wakes one task in ten late, by up to 40 ms.
         clock.now += seconds + (rng.uniform(0, 0.04) if rng.random() < 0.1 else 0.0)
 
-    monkeypatch.setattr("harvester.ratelimit.anyio.sleep", late_sleep)
+    monkeypatch.setattr("harvester.api.ratelimit.anyio.sleep", late_sleep)
     limiter = RateLimiter(50, clock=clock)
     starts = []
     for _ in range(1_000):

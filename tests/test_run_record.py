@@ -9,7 +9,7 @@ import pytest
 
 from harvester.errors import ExitCode
 from harvester.sandbox import Sandbox
-from harvester.store import ImageFailure, ImageStore, StoredImage
+from harvester.storage.store import ImageFailure, ImageStore, StoredImage
 from tests.conftest import harvest_args, run_cli, write_csv
 
 

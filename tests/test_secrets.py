@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from harvester.console import setup_logging
 from harvester.errors import AuthError, ExitCode
-from harvester.pipeline import HarvestConfig, harvest
+from harvester.run.pipeline import HarvestConfig, harvest
 from harvester.sandbox import FaultRates, SandboxConfig, running_sandbox
+from harvester.views.console import setup_logging
 from tests.conftest import KEY, write_csv
 from tests.processes import run_harvest, run_records
 

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from harvester.errors import ExitCode
-from harvester.layout import Layout
-from harvester.lock import exclusive, holder
 from harvester.sandbox import Sandbox
-from harvester.status import status
+from harvester.storage.layout import Layout
+from harvester.storage.lock import exclusive, holder
+from harvester.views.status import status
 from tests.conftest import harvest_args, run_cli, write_csv
 
 T0 = datetime(2026, 11, 24, 3, 15, tzinfo=UTC)

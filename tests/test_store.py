@@ -18,11 +18,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harvester import store as store_module
+from harvester.api.retry import RetryPolicy
 from harvester.errors import OutputError
-from harvester.layout import Layout
-from harvester.retry import RetryPolicy
-from harvester.store import ImageFailure, ImageStore, StoredImage, sniff
+from harvester.storage import store as store_module
+from harvester.storage.layout import Layout
+from harvester.storage.store import ImageFailure, ImageStore, StoredImage, sniff
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
 JPEG = b"\xff\xd8\xff\xe0" + b"\x01" * 40 + b"\xff\xd9"
@@ -367,8 +367,8 @@ async def test_disk_full_while_writing_is_an_output_error_leaving_nothing(
     def full_disk(fd: int, data: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("harvester.store.open", FullDisk, raising=False)
-    monkeypatch.setattr("harvester.store._write_all", full_disk)
+    monkeypatch.setattr("harvester.storage.store.open", FullDisk, raising=False)
+    monkeypatch.setattr("harvester.storage.store._write_all", full_disk)
     if url.startswith("data:"):
         url += base64.b64encode(PNG).decode()
     store, layout, client = make_store(tmp_path, lambda _: httpx.Response(200, content=PNG))

@@ -13,13 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harvester.fetcher import ResultFetcher
-from harvester.layout import Layout
-from harvester.ratelimit import RateLimiter
-from harvester.retry import RetryPolicy
+from harvester.api.fetcher import ResultFetcher
+from harvester.api.ratelimit import RateLimiter
+from harvester.api.retry import RetryPolicy
+from harvester.api.transport import open_client
 from harvester.sandbox import Sandbox
-from harvester.store import ImageFailure, ImageStore, StoredImage
-from harvester.transport import open_client
+from harvester.storage.layout import Layout
+from harvester.storage.store import ImageFailure, ImageStore, StoredImage
 from tests.conftest import KEY
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harvester.urls import AppId, UnsafeIdError, check_segment, describe_url, result_url
+from harvester.api.urls import AppId, UnsafeIdError, check_segment, describe_url, result_url
 
 BASE = "https://relay.test/api"
 

@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 
 from harvester.errors import ExitCode
-from harvester.layout import Layout
-from harvester.lock import exclusive
-from harvester.manifest import manifest_glob
 from harvester.sandbox import Sandbox
+from harvester.storage.layout import Layout
+from harvester.storage.lock import exclusive
+from harvester.storage.manifest import manifest_glob
 from tests.conftest import harvest_args, run_cli, write_csv
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"orphan" * 10

@@ -17,12 +17,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from harvester.api.ratelimit import most_starts_in_window
 from harvester.errors import ExitCode
-from harvester.manifest import manifest_glob
-from harvester.pipeline import HarvestConfig
-from harvester.ratelimit import most_starts_in_window
+from harvester.run.pipeline import HarvestConfig
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
-from harvester.verify import verify
+from harvester.storage.manifest import manifest_glob
+from harvester.views.verify import verify
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import (
     SandboxProcess,
@@ -73,7 +73,7 @@ def test_workers_harvest_exactly_what_one_process_does(tmp_path: Path, sandbox: 
 def test_a_worker_that_cannot_start_is_a_clear_error(
     tmp_path: Path, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("harvester.worker.worker_command", lambda fd: ["sh", "-c", "exit 3"])
+    monkeypatch.setattr("harvester.run.worker.worker_command", lambda fd: ["sh", "-c", "exit 3"])
     csv = write_csv(tmp_path / "e.csv", PAIRS)
     result = run_cli(harvest_args(sandbox, tmp_path / "out", csv, extra=["--workers", "2"]))
 

@@ -3,7 +3,7 @@
 Every table but the per-run one describes the *latest state* of each request
 (``manifest.latest``: the rows of its most recent run), so a request retried five times counts
 once, as it stands now. The per-run table reads every row, and joins the run records for each
-run's start and exit code. ``harvester.report_html`` renders a ``Report`` as one HTML page.
+run's start and exit code. ``harvester.views.report_html`` renders a ``Report`` as one HTML page.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Final
 
 import polars as pl
 
-from harvester import manifest
 from harvester.errors import UsageError
-from harvester.status import read_runs
+from harvester.storage import manifest
 from harvester.units import size
+from harvester.views.status import read_runs
 
 NO_MODEL: Final = "(no model)"
 """How a row without a model (an ``invalid`` CSV row) is labelled."""

@@ -19,13 +19,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
 from harvester.errors import HarvesterError
-from harvester.jobs import LOG_FORMATS
-from harvester.pipeline import RunStats
 from harvester.redact import redact, secret_parts
-from harvester.units import size
+from harvester.units import duration, size
+
+if TYPE_CHECKING:  # the run layer is not loaded by views at run time
+    from harvester.run.pipeline import RunStats
+
+LOG_FORMATS: Final = ("text", "json")
 
 PROGRESS_EVERY: Final = 300.0
 """Seconds between progress lines when not on a terminal."""
@@ -82,16 +85,6 @@ class Snapshot:
             f"{self.done:,}/{self.total:,} requests  {self.images:,} images  "
             f"{size(self.bytes)}  {self.rate:,.1f}/s  ETA {eta}"
         )
-
-
-def duration(seconds: float) -> str:
-    """``42s``, ``3m05s``, ``1h02m``."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class JsonFormatter(logging.Formatter):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from harvester.errors import LockedError, OutputError
-from harvester.layout import Layout
+from harvester.storage.layout import Layout
 
 
 def _open(layout: Layout, *, read_only_ok: bool) -> tuple[int | None, bool]:

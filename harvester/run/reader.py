@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
 
+from harvester.api.urls import AppId, UnsafeIdError, check_segment
 from harvester.errors import InputError
-from harvester.urls import AppId, UnsafeIdError, check_segment
 
 MODEL: Final = "model"
 REQUEST_ID: Final = "request_id"

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import httpx
 
-from harvester.http1 import Http1Transport
+from harvester.api.http1 import Http1Transport
 
 USER_AGENT: Final = "harvester"
 _httpx_log: Final = logging.getLogger("httpx")

@@ -24,18 +24,18 @@ from urllib.parse import unquote_to_bytes
 
 import httpx
 
-from harvester.errors import OutputError
-from harvester.fetcher import plain_headers, request_error_reason
-from harvester.layout import Layout
-from harvester.retry import (
+from harvester.api.fetcher import plain_headers, request_error_reason
+from harvester.api.retry import (
     RETRYABLE_STATUS,
     RetriesExhausted,
     RetryPolicy,
     TransientError,
     retrying,
 )
-from harvester.rows import ERROR, FAILED
-from harvester.urls import describe_url
+from harvester.api.urls import describe_url
+from harvester.errors import OutputError
+from harvester.storage.layout import Layout
+from harvester.storage.rows import ERROR, FAILED
 
 FOLLOWED_SCHEMES: Final = frozenset({"http", "https"})
 SNIFF_BYTES: Final = 32

@@ -19,10 +19,10 @@ from typing import Any, Final
 
 import polars as pl
 
-from harvester import manifest
 from harvester.errors import MEANINGS, OutputError
-from harvester.report import Report, display_runs
+from harvester.storage import manifest
 from harvester.units import size
+from harvester.views.report import Report, display_runs
 
 MEDIA_TYPES: Final = {
     "png": "image/png",

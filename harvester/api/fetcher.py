@@ -13,11 +13,9 @@ from typing import Final
 
 import httpx
 
-from harvester.errors import AuthError, UnreachableError
-from harvester.ratelimit import RateLimiter
-from harvester.redact import redact, secret_parts
-from harvester.results import Result, ResultShapeError, error_detail, parse_result
-from harvester.retry import (
+from harvester.api.ratelimit import RateLimiter
+from harvester.api.results import Result, ResultShapeError, error_detail, parse_result
+from harvester.api.retry import (
     RETRY_AFTER_STATUS,
     RETRYABLE_STATUS,
     RetriesExhausted,
@@ -26,9 +24,11 @@ from harvester.retry import (
     parse_retry_after,
     retrying,
 )
-from harvester.rows import ERROR, FAILED, NOT_FOUND, OK, PENDING
+from harvester.api.urls import result_url
+from harvester.errors import AuthError, UnreachableError
+from harvester.redact import redact, secret_parts
+from harvester.storage.rows import ERROR, FAILED, NOT_FOUND, OK, PENDING
 from harvester.units import size
-from harvester.urls import result_url
 
 log = logging.getLogger("harvester")
 

@@ -15,11 +15,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from harvester import lock, manifest
-from harvester.console import duration
 from harvester.errors import MEANINGS, ExitCode
-from harvester.layout import Layout
-from harvester.units import size
+from harvester.storage import lock, manifest
+from harvester.storage.layout import Layout
+from harvester.units import duration, size
 
 RECENT: Final = 5
 """Earlier runs listed after the last one."""

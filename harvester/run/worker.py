@@ -4,7 +4,7 @@ its manifest rows.
 A harvest splits its work into lanes. Each lane has its own HTTP client, its own share of the
 concurrency and of ``--rps`` (so the lanes together never exceed either), and takes requests
 from the run's one queue as it has room. Lane 0 runs inside the harvest's own process; with
-``--workers N`` the other N-1 run in worker processes (``python -m harvester.worker``), which
+``--workers N`` the other N-1 run in worker processes (``python -m harvester.run.worker``), which
 import neither polars nor pyarrow and talk to the harvest over a socket pair:
 
     harvest -> worker   settings, then batches of pairs, never more than the lane has room
@@ -46,15 +46,15 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from harvester import errors
-from harvester.fetcher import FetchOutcome, ResultFetcher
-from harvester.layout import Layout
-from harvester.ratelimit import RateLimiter
-from harvester.reader import Pair
-from harvester.results import ImageRef
-from harvester.retry import RetryPolicy
-from harvester.rows import ERROR, FAILED, OK, PENDING, ManifestRow
-from harvester.store import ImageFailure, ImageStore, StoredImage
-from harvester.urls import describe_url
+from harvester.api.fetcher import FetchOutcome, ResultFetcher
+from harvester.api.ratelimit import RateLimiter
+from harvester.api.results import ImageRef
+from harvester.api.retry import RetryPolicy
+from harvester.api.urls import describe_url
+from harvester.run.reader import Pair
+from harvester.storage.layout import Layout
+from harvester.storage.rows import ERROR, FAILED, OK, PENDING, ManifestRow
+from harvester.storage.store import ImageFailure, ImageStore, StoredImage
 
 log = logging.getLogger("harvester")
 
@@ -133,7 +133,7 @@ class Lane:
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[Lane]:
-        from harvester.transport import open_client  # imported only where requests are made
+        from harvester.api.transport import open_client  # imported only where requests are made
 
         s = self.settings
         client = open_client(
@@ -395,7 +395,7 @@ async def run_local(lane: Lane, pairs: MemoryObjectReceiveStream[Pair], deliver:
 
 def worker_command(fd: int) -> list[str]:
     """How a worker process is started: this Python, the socket's descriptor as argument."""
-    return [sys.executable, "-m", "harvester.worker", str(fd)]
+    return [sys.executable, "-m", "harvester.run.worker", str(fd)]
 
 
 class WorkerProcess:
@@ -681,7 +681,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     # Run the imported module's main, not this copy's: what it pickles must name classes
-    # harvester.worker.*, which the harvest can load, not __main__.*.
-    from harvester.worker import main as worker_main
+    # harvester.run.worker.*, which the harvest can load, not __main__.*.
+    from harvester.run.worker import main as worker_main
 
     worker_main()

@@ -1,6 +1,6 @@
 """The manifest's row and status vocabulary, without pyarrow or polars.
 
-Worker processes build rows and import only this; ``harvester.manifest`` declares the Arrow
+Worker processes build rows and import only this; ``harvester.storage.manifest`` declares the Arrow
 schema the rows are written with, and checks that the two list the same columns.
 """
 

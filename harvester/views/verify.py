@@ -18,8 +18,8 @@ from typing import Final
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harvester.layout import Layout
-from harvester.lock import exclusive
+from harvester.storage.layout import Layout
+from harvester.storage.lock import exclusive
 
 _NAME: Final = re.compile(r"([0-9a-f]{64})\.[a-z0-9]+")
 

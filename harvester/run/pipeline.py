@@ -29,7 +29,7 @@ import anyio
 import anyio.abc
 import httpx
 
-from harvester import manifest, reader
+from harvester.api.retry import RetryPolicy
 from harvester.errors import (
     ExitCode,
     HarvesterError,
@@ -37,13 +37,9 @@ from harvester.errors import (
     UsageError,
     first_harvester_error,
 )
-from harvester.layout import Layout
-from harvester.lock import exclusive
-from harvester.manifest import INVALID, OK, ManifestRow, ManifestWriter
-from harvester.reader import BadRow, Pair
-from harvester.retry import RetryPolicy
-from harvester.units import size
-from harvester.worker import (
+from harvester.run import reader
+from harvester.run.reader import BadRow, Pair
+from harvester.run.worker import (
     EVENT_LOOP_OPTIONS,
     Lane,
     LaneSettings,
@@ -51,6 +47,11 @@ from harvester.worker import (
     quiet_gc,
     run_local,
 )
+from harvester.storage import manifest
+from harvester.storage.layout import Layout
+from harvester.storage.lock import exclusive
+from harvester.storage.manifest import INVALID, OK, ManifestRow, ManifestWriter
+from harvester.units import size
 
 log = logging.getLogger("harvester")
 

@@ -23,12 +23,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from harvester.errors import ManifestError, OutputError
-from harvester.layout import Layout
+from harvester.storage.layout import Layout
 
 if TYPE_CHECKING:
     import polars as pl
 
-from harvester.rows import (
+from harvester.storage.rows import (
     ERROR,
     FAILED,
     INVALID,

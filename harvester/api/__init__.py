@@ -1,0 +1,1 @@
+"""The API layer: the HTTP client, result URLs, result parsing, retry policy, rate limit."""

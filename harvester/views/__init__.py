@@ -1,0 +1,1 @@
+"""Views over an output folder: console, status, report, verify. They read storage only."""
