@@ -38,7 +38,7 @@ typecheck: $(STAMP)
 # Not part of `make test`: about 15 minutes with the defaults. Knobs: BENCH_N (20000),
 # BENCH_RUNS (5), BENCH_ONLY (speed,memory,slow,rps), BENCH_OUT (bench-out); e.g.
 # `BENCH_N=2000 BENCH_ONLY=speed make bench` for a quick look.
-bench: $(STAMP)  ## harvester vs curl on loopback, memory, slow links, --rps (README: Performance)
+bench: $(STAMP)  ## harvester vs curl on loopback, memory, slow links, --rps (docs/performance.md)
 	@command -v nginx >/dev/null 2>&1 && test -e /usr/lib/nginx/modules/ngx_http_echo_module.so || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	      echo "bench: installing nginx and its echo module from Debian's packages"; \

@@ -13,7 +13,9 @@ from click.testing import CliRunner
 from harvester.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-README = (REPO / "README.md").read_text(encoding="utf-8")
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = "\n".join(page.read_text(encoding="utf-8") for page in PAGES)
+"""The README and every page of docs/."""
 SHIPPED = ["jobs/harvester.cron", "jobs/harvester.service", "jobs/sandbox.toml"]
 COMMANDS: dict[str, click.Command] = dict(main.commands)  # type: ignore[attr-defined]
 _SHELL_STOPS = {"&&", "||", "|", ";", "&", ">", ">>", "2>&1"}
@@ -82,8 +84,8 @@ def check_command_line(line: str) -> None:
             raise AssertionError(f"{line!r}: harvester {words[1]} has no option {word!r}")
 
 
-def test_every_command_line_in_the_readme_exists() -> None:
-    lines = command_lines(README)
+def test_every_command_line_in_the_docs_exists() -> None:
+    lines = command_lines(DOCS)
     assert len(lines) > 15
     for line in lines:
         check_command_line(line)
@@ -104,12 +106,12 @@ def test_every_command_line_in_the_shipped_job_files_exists(path: str) -> None:
         check_command_line(line.split("  #")[0])
 
 
-def test_every_option_the_readme_names_exists() -> None:
+def test_every_option_the_docs_name_exists() -> None:
     every = set().union(*(option_names(c) for c in COMMANDS.values()))
-    named = re.findall(r"`(--?[a-z][a-z-]*)[ =`]", README)
+    named = re.findall(r"`(--?[a-z][a-z-]*)[ =`]", DOCS)
     assert len(set(named)) > 15
     missing = sorted({n for n in named if n not in every and not re.fullmatch(r"-v+", n)})
-    assert not missing, f"README names options no command has: {missing}"
+    assert not missing, f"the docs name options no command has: {missing}"
 
 
 def test_the_checker_catches_a_wrong_line() -> None:

@@ -199,8 +199,8 @@ def test_run_command_missing_job_file_exits_8(tmp_path: Path) -> None:
     assert "cannot read job file" in result.output
 
 
-def test_the_readme_job_example_loads(tmp_path: Path) -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    [block] = re.findall(r"^```toml\n(.*?)^```", readme, flags=re.S | re.M)
+def test_the_docs_job_example_loads(tmp_path: Path) -> None:
+    operations = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    [block] = re.findall(r"^```toml\n(.*?)^```", operations, flags=re.S | re.M)
     job = load_job(write_job(tmp_path / "nightly.toml", block))
     assert job == load_job(REPO / "jobs" / "nightly.toml")

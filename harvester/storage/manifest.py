@@ -192,7 +192,7 @@ def _give_back_memory() -> None:
     glibc's heap keep freed memory for reuse, and a harvest that writes a part every few
     seconds for hours then grows a little with every part. ``make bench``'s 200,000-request
     run peaked at 176-192 MB (up to 1.22x the 20,000 run) without this, 162-167 MB with it
-    (README, "Memory"). Costs 0.2-2.4 ms a part."""
+    (docs/performance.md). Costs 0.2-2.4 ms a part."""
     pa.default_memory_pool().release_unused()
     if _malloc_trim is not None:
         _malloc_trim(0)
