@@ -3,8 +3,9 @@
 One monitor, one OSD on ``memstore`` (objects live in the OSD's memory) and ``radosgw`` with
 the ``beast`` frontend, all state under one temp folder, all on free ports, cephx on (with
 authentication off the gateway loops on ``get_initial_auth_request returned -13``). The order
-is the one Ceph's own manual deployment guide gives: keys, monmap, monitor, ``osd new``, the
-OSD, the gateway's key, the gateway, then an S3 user made with ``radosgw-admin``. Every daemon
+follows Ceph's manual deployment guide: every key, the monmap, the monitor, ``osd new``, the
+OSD, the gateway, then an S3 user made with ``radosgw-admin``. Ready in 3-4 s on two busy
+cores, about 135 MB resident when idle (``python -m tests.s3gateway`` measures both). Every daemon
 runs in the foreground as a child of the test process, so stopping is a SIGTERM to each.
 
 Install the binaries (Debian) with::
@@ -15,7 +16,6 @@ Install the binaries (Debian) with::
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
 import signal
@@ -46,6 +46,14 @@ INSTALL_HINT: Final = (
 )
 REGION: Final = "us-east-1"
 """Signed into every request; the gateway's default zonegroup accepts any."""
+
+
+KEYS: Final = {
+    "client.admin": (("mon", "allow *"), ("osd", "allow *"), ("mgr", "allow *")),
+    "osd.0": (("mon", "allow profile osd"), ("osd", "allow *"), ("mgr", "allow profile osd")),
+    "client.rgw": (("mon", "allow rw"), ("osd", "allow rwx")),
+}
+"""The cephx keys the command line tools, the OSD and the gateway use, with their caps."""
 
 
 class GatewayError(RuntimeError):
@@ -132,6 +140,9 @@ osd pool default pg num = 8
 osd pool default pgp num = 8
 osd pool default pg autoscale mode = off
 mon warn on pool no redundancy = false
+# The gateway makes its pools one map change at a time, each waiting out the monitor's
+# propose interval (1 s by default): 13 s to ready at the default, 3-4 s at this.
+paxos propose interval = 0.05
 run dir = {root}/run
 log file = {root}/log/$name.log
 admin socket = {root}/run/$name.$pid.asok
@@ -198,10 +209,11 @@ class _Cluster:
         return "\n".join(lines)
 
     def stop(self) -> None:
+        """The gateway, then the OSD, then the monitor, each gone before the next is asked
+        (an OSD whose monitor is gone first waits seconds for it)."""
         for process in reversed(self.processes):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in reversed(self.processes):
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -235,18 +247,19 @@ def running_gateway(root: Path) -> Iterator[Gateway]:
     cluster = _Cluster(root)
     cluster.conf.write_text(_config(root, fsid=fsid, mon_port=mon_port, rgw_port=rgw_port))
     try:
+        # Every key is made here and given to the monitor at birth: no round trips later.
         mon_keyring = str(root / "mon.keyring")
-        admin_keyring = str(root / "client.admin.keyring")
         cluster.run(
             "ceph-authtool", "--create-keyring", mon_keyring, "--gen-key", "-n", "mon.",
             "--cap", "mon", "allow *",
         )  # fmt: skip
-        cluster.run(
-            "ceph-authtool", "--create-keyring", admin_keyring, "--gen-key", "-n",
-            "client.admin", "--cap", "mon", "allow *", "--cap", "osd", "allow *",
-            "--cap", "mgr", "allow *",
-        )  # fmt: skip
-        cluster.run("ceph-authtool", mon_keyring, "--import-keyring", admin_keyring)
+        for name, caps in KEYS.items():
+            keyring = str(root / f"{name}.keyring")
+            cap_args = [arg for service, cap in caps for arg in ("--cap", service, cap)]
+            cluster.run(
+                "ceph-authtool", "--create-keyring", keyring, "--gen-key", "-n", name, *cap_args
+            )
+            cluster.run("ceph-authtool", mon_keyring, "--import-keyring", keyring)
         monmap = str(root / "monmap")
         cluster.run(
             "monmaptool", "--create", "--addv", "a", f"[v2:127.0.0.1:{mon_port}]",
@@ -256,20 +269,11 @@ def running_gateway(root: Path) -> Iterator[Gateway]:
         cluster.start("ceph-mon", "-i", "a")
 
         osd_uuid = str(uuid.uuid4())
-        osd_id = cluster.run("ceph", "osd", "new", osd_uuid).strip()
+        osd_id = cluster.run("ceph", "osd", "new", osd_uuid, "0").strip()
         (root / "osd" / f"osd.{osd_id}").mkdir()
-        cluster.run(
-            "ceph", "auth", "get-or-create", f"osd.{osd_id}", "mon", "allow profile osd",
-            "osd", "allow *", "mgr", "allow profile osd", "-o", str(root / f"osd.{osd_id}.keyring"),
-        )  # fmt: skip
         cluster.run("ceph-osd", "-i", osd_id, "--mkfs", "--osd-uuid", osd_uuid)
         cluster.start("ceph-osd", "-i", osd_id)
-        _wait("the OSD", cluster, lambda: " 1 up" in cluster.run("ceph", "osd", "stat"))
-
-        cluster.run(
-            "ceph", "auth", "get-or-create", "client.rgw", "mon", "allow rw", "osd", "allow rwx",
-            "-o", str(root / "client.rgw.keyring"),
-        )  # fmt: skip
+        # The gateway waits for the OSD by itself (it makes its pools once one is up).
         cluster.start("radosgw", "-n", "client.rgw")
         endpoint = f"http://127.0.0.1:{rgw_port}"
 
@@ -313,8 +317,10 @@ if __name__ == "__main__":  # python -m tests.s3gateway: start, report, stop
     import tempfile
 
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="s3gw-") as tmp, running_gateway(Path(tmp)) as gw:
-        took = time.monotonic() - started
-        print(f"gateway at {gw.endpoint} ready in {took:.1f} s, {rss_bytes(gw.pids) >> 20} MiB")
-        gw.create_bucket("probe")
-        print("bucket created;", os.environ.get("KEEP", "stopping"))
+    with tempfile.TemporaryDirectory(prefix="s3gw-") as tmp:
+        with running_gateway(Path(tmp)) as gw:
+            took = time.monotonic() - started
+            print(f"ready in {took:.1f} s, {rss_bytes(gw.pids) >> 20} MiB resident", flush=True)
+            gw.create_bucket("probe")
+            stopping = time.monotonic()
+        print(f"stopped in {time.monotonic() - stopping:.1f} s")
