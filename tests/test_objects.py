@@ -164,7 +164,9 @@ def test_a_manifest_part_reads_back_with_polars(
 
 
 def test_the_lock_refuses_a_second_run_until_the_first_ends(store: Store) -> None:
-    with store.lock(owner="run-1"):
+    with store.lock(owner="run-1") as held:
+        held.check()
+        assert not held.lost
         with pytest.raises(LockedError, match="already running"), store.lock(owner="run-2"):
             pass
         holder = store.holder()
@@ -193,6 +195,8 @@ def test_a_lease_is_refused_while_live_and_taken_over_after_expiry(
     with pytest.raises(LockedError, match="taken over"):
         first.renew()
     assert first.lost
+    with pytest.raises(LockedError, match="stops writing"):
+        first.check()
     first.release()  # a lost lease is not released over its new holder
     holder = make_s3(s3_gateway, s3_bucket, tmp_path, clock).holder()
     assert holder is not None and holder.owner == "run-2"
@@ -265,3 +269,20 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
         open_store("s3://")
     with pytest.raises(OutputError, match="gs:// is not supported"):
         open_store("gs://bucket/x")
+
+
+@pytest.mark.s3
+def test_a_renewal_whose_answer_was_lost_is_not_a_lost_lease(
+    s3_gateway: Gateway, s3_bucket: str, tmp_path: Path
+) -> None:
+    clock = Clock()
+    lease = make_s3(s3_gateway, s3_bucket, tmp_path, clock).lease(owner="run-1")
+    lease.acquire()
+    clock.now += 20
+    assert lease._create(lease.generation + 1)  # stored, but say the answer timed out
+    lease.renew()  # the next tick finds its own generation there
+    assert not lease.lost
+    other = make_s3(s3_gateway, s3_bucket, tmp_path, clock).lease(owner="run-2")
+    other._create(lease.generation + 1)  # another run's generation is not ours
+    with pytest.raises(LockedError):
+        lease.renew()

@@ -20,6 +20,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -75,6 +76,18 @@ class Holder:
     """None for a folder: the kernel drops a flock when its process dies."""
 
 
+class Held(Protocol):
+    """What ``Store.lock`` yields: the run asks it before each write it must not make
+    once another run has taken the location over."""
+
+    @property
+    def lost(self) -> bool:
+        """True once another run holds the location (an S3 lease taken over after expiry)."""
+
+    def check(self) -> None:
+        """Raise ``LockedError`` if the lock was lost."""
+
+
 class Store(Protocol):
     """Everything a harvest writes and reads under its output location."""
 
@@ -108,8 +121,8 @@ class Store(Protocol):
     def delete(self, key: str) -> None:
         """Remove ``key``; nothing if it is not there."""
 
-    def lock(self, *, owner: str) -> AbstractContextManager[None]:
-        """Hold the location for one run, or raise ``LockedError`` at once."""
+    def lock(self, *, owner: str) -> AbstractContextManager[Held]:
+        """Hold the location for one run, or raise ``LockedError`` at once (never waits)."""
 
     def holder(self) -> Holder | None:
         """Who runs on this location now, or None."""
@@ -199,12 +212,22 @@ class LocalStore:
         except OSError as exc:
             raise OutputError(f"cannot delete {self._path(key)}: {exc.strerror or exc}") from exc
 
-    def lock(self, *, owner: str = "") -> AbstractContextManager[None]:
-        return folder_lock.exclusive(self.layout)
+    @contextmanager
+    def lock(self, *, owner: str = "") -> Iterator[Held]:
+        """Today's ``flock``: the kernel drops it when the process dies, so it is never lost."""
+        with folder_lock.exclusive(self.layout):
+            yield _Flock()
 
     def holder(self) -> Holder | None:
         pid = folder_lock.holder(self.layout)
         return None if pid is None else Holder(owner="", host=socket.gethostname(), pid=pid)
+
+
+class _Flock:
+    lost = False
+
+    def check(self) -> None:
+        return
 
 
 # --------------------------------------------------------------------------- an S3 prefix
@@ -277,7 +300,7 @@ class S3Store:
             config=config,  # type: ignore[arg-type]  # keys are S3Config's, built from env
             client_options={"allow_http": allow_http},
         )
-        self._temp = temp_dir or Path(tempfile.mkdtemp(prefix="harvester-spill-"))
+        self._temp = temp_dir
         self.lease_seconds = lease_seconds
         self.clock = clock
 
@@ -287,6 +310,9 @@ class S3Store:
 
     @property
     def temp_dir(self) -> Path:
+        """A private local folder, made on first use (``TMPDIR`` says where)."""
+        if self._temp is None:
+            self._temp = Path(tempfile.mkdtemp(prefix="harvester-spill-"))
         return self._temp
 
     def _url(self, key: str) -> str:
@@ -415,7 +441,8 @@ class S3Store:
         return Lease(self, owner=owner, seconds=self.lease_seconds, clock=self.clock)
 
     @contextmanager
-    def lock(self, *, owner: str = "") -> Iterator[None]:
+    def lock(self, *, owner: str = "") -> Iterator[Held]:
+        """A lease renewed by a background thread every third of ``lease_seconds``."""
         lease = self.lease(owner=owner)
         lease.acquire()
         stop = threading.Event()
@@ -424,7 +451,7 @@ class S3Store:
         )
         keeper.start()
         try:
-            yield
+            yield lease
         finally:
             stop.set()
             keeper.join()
@@ -461,9 +488,18 @@ class Lease:
         self._owner = owner
         self._seconds = seconds
         self._clock = clock
+        self._token = uuid.uuid4().hex
+        """Tells this lease's generations from another's (same owner, host and pid too)."""
         self.generation = 0
         """The generation this run created last (0: none)."""
         self.lost = False
+
+    def check(self) -> None:
+        if self.lost:
+            raise LockedError(
+                f"the lease on {self._store.location} was taken over while this run was "
+                f"stalled (longer than {self._seconds:.0f} s); this run stops writing"
+            )
 
     def _generations(self) -> list[int]:
         found = []
@@ -511,9 +547,15 @@ class Lease:
             "expires": expires,
             "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
             "released": released,
+            "token": self._token,
         }
         body = (json.dumps(record) + "\n").encode()
-        return self._store.put_new(self._key(generation), body)
+        if self._store.put_new(self._key(generation), body):
+            return True
+        # Taken, perhaps by this lease itself: a put the server stored but whose answer was
+        # lost (a timeout) is retried on the next tick and finds its own generation.
+        existing = self._read(generation)
+        return existing is not None and existing.get("token") == self._token
 
     def _prune(self, below: int) -> None:
         for generation in self._generations():
@@ -537,10 +579,7 @@ class Lease:
         nxt = self.generation + 1
         if not self._create(nxt) or self._generations()[-1] != nxt:
             self.lost = True
-            raise LockedError(
-                f"the lease on {self._store.location} was taken over while this run was "
-                f"stalled (longer than {self._seconds:.0f} s); this run stops writing"
-            )
+            self.check()
         self.generation = nxt
         self._prune(nxt)
 
