@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -279,11 +279,15 @@ class S3Store:
         temp_dir: Path | None = None,
         lease_seconds: float = LEASE_SECONDS,
         clock: Callable[[], float] = time.time,
+        give_up_after: float = 180.0,
     ) -> None:
+        """``give_up_after``: seconds a request is retried (5xx, dropped connections) before
+        its error is raised."""
         from obstore.store import S3Store as ObstoreS3
 
         self._where = S3Location.parse(location)
         env = dict(os.environ if env is None else env)
+        self._env = env
         config: dict[str, str] = {}
         for name in AWS_ENV:
             if env.get(name):
@@ -298,7 +302,11 @@ class S3Store:
             self._where.bucket,
             prefix=self._where.prefix or None,
             config=config,  # type: ignore[arg-type]  # keys are S3Config's, built from env
-            client_options={"allow_http": allow_http},
+            client_options={
+                "allow_http": allow_http,
+                "timeout": timedelta(seconds=min(give_up_after, 30.0)),
+            },
+            retry_config={"retry_timeout": timedelta(seconds=give_up_after)},
         )
         self._temp = temp_dir
         self.lease_seconds = lease_seconds
@@ -438,7 +446,17 @@ class S3Store:
             raise _s3_error("delete", self._url(key), exc) from exc
 
     def lease(self, *, owner: str) -> Lease:
-        return Lease(self, owner=owner, seconds=self.lease_seconds, clock=self.clock)
+        # Its own client, whose requests give up well within the lease: a renewal that hangs
+        # on a dead connection is retried at the next tick instead of outliving the lease.
+        store = S3Store(
+            self.location,
+            env=self._env,
+            temp_dir=self._temp,
+            lease_seconds=self.lease_seconds,
+            clock=self.clock,
+            give_up_after=self.lease_seconds / 6,
+        )
+        return Lease(store, owner=owner, seconds=self.lease_seconds, clock=self.clock)
 
     @contextmanager
     def lock(self, *, owner: str = "") -> Iterator[Held]:
