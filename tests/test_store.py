@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from harvester.api.retry import RetryPolicy
 from harvester.errors import OutputError
-from harvester.storage import store as store_module
+from harvester.storage import files as files_module
 from harvester.storage.layout import Layout
 from harvester.storage.store import ImageFailure, ImageStore, StoredImage, sniff
 
@@ -111,11 +111,11 @@ async def test_every_way_of_writing_stores_once_and_whole(
 
     monkeypatch.setattr(os, "replace", replace)
     if way == "named":
-        monkeypatch.setattr(store_module._Anonymous, "usable", False)
+        monkeypatch.setattr(files_module._Anonymous, "usable", False)
     elif way == "anonymous refused":
-        monkeypatch.setattr(store_module._Anonymous, "usable", True)
+        monkeypatch.setattr(files_module._Anonymous, "usable", True)
         monkeypatch.setattr(os, "open", refuse_unnamed)
-    elif not store_module._Anonymous.usable:
+    elif not files_module._Anonymous.usable:
         pytest.fail("this Linux machine should support O_TMPFILE on the test's file system")
     store, layout, client = make_store(tmp_path, lambda r: httpx.Response(200, content=JPEG))
     async with client:
@@ -129,7 +129,7 @@ async def test_every_way_of_writing_stores_once_and_whole(
     assert list(layout.images.rglob("*.*")) == [stored]
     assert list(layout.tmp.iterdir()) == []
     assert renames == ([] if way == "anonymous" else [str(stored)])
-    assert store_module._Anonymous.usable is (way == "anonymous")
+    assert files_module._Anonymous.usable is (way == "anonymous")
 
 
 @pytest.mark.anyio
@@ -148,9 +148,9 @@ async def test_a_torn_file_under_the_name_is_replaced(
         return real_open(path, flags, mode)
 
     if way == "named":
-        monkeypatch.setattr(store_module._Anonymous, "usable", False)
+        monkeypatch.setattr(files_module._Anonymous, "usable", False)
     elif way == "anonymous refused":
-        monkeypatch.setattr(store_module._Anonymous, "usable", True)
+        monkeypatch.setattr(files_module._Anonymous, "usable", True)
         monkeypatch.setattr(os, "open", refuse_unnamed)
     body = JPEG + bytes(range(256)) * 5_000 if way == "spilled" else JPEG  # 1.28 MB spills
     sha = hashlib.sha256(body).hexdigest()
@@ -368,7 +368,7 @@ async def test_disk_full_while_writing_is_an_output_error_leaving_nothing(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr("harvester.storage.store.open", FullDisk, raising=False)
-    monkeypatch.setattr("harvester.storage.store._write_all", full_disk)
+    monkeypatch.setattr("harvester.storage.files._write_all", full_disk)
     if url.startswith("data:"):
         url += base64.b64encode(PNG).decode()
     store, layout, client = make_store(tmp_path, lambda _: httpx.Response(200, content=PNG))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import errno
 import hashlib
 import itertools
 import os
@@ -34,6 +33,7 @@ from harvester.api.retry import (
 )
 from harvester.api.urls import describe_url
 from harvester.errors import OutputError
+from harvester.storage.files import persist_new
 from harvester.storage.layout import Layout
 from harvester.storage.rows import ERROR, FAILED
 
@@ -96,67 +96,6 @@ class ImageFailure:
 _names = itertools.count()
 """Temp file names: this process's id and a counter are unique in DIR/.tmp, which every run
 empties before it starts (under the folder's lock)."""
-_CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-_ANONYMOUS: Final = os.O_WRONLY | getattr(os, "O_TMPFILE", 0) | os.O_CLOEXEC
-_NO_ANONYMOUS: Final = frozenset(
-    {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.EPERM, errno.EXDEV}
-)
-"""What ``open(O_TMPFILE)`` or linking through ``/proc/self/fd`` fail with where the file
-system, the kernel or the sandbox cannot do it (and not when the disk is full or read-only)."""
-
-
-class _Anonymous:
-    """Whether files without a name (Linux's ``O_TMPFILE``), linked into the store once
-    complete, work here. A complete image is then one file creation and one link: no temp
-    name to create, rename away and check for beforehand (the link itself fails if identical
-    bytes are stored already). Tried on first use; named temp files where they do not work."""
-
-    usable: bool = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
-
-    @classmethod
-    def store(cls, tmp: str, data: bytes, final: str) -> bool | None:
-        """Put ``data`` at ``final``: True if stored, False if ``final`` existed, None if
-        anonymous files do not work here (and are not tried again)."""
-        try:
-            fd = os.open(tmp, _ANONYMOUS, 0o666)
-        except OSError as exc:
-            if exc.errno in _NO_ANONYMOUS:
-                cls.usable = False
-                return None
-            raise
-        try:
-            _write_all(fd, data)
-            try:
-                # linkat(2) with AT_SYMLINK_FOLLOW, the documented way to name an O_TMPFILE
-                # file. CPython calls plain link(2), which would link the /proc symlink
-                # itself (EXDEV), unless a dir_fd is given; the kernel ignores src_dir_fd
-                # for an absolute path, so the file's own descriptor serves.
-                os.link(f"/proc/self/fd/{fd}", final, src_dir_fd=fd, follow_symlinks=True)
-            except FileExistsError:
-                return False
-            except OSError as exc:
-                if exc.errno in _NO_ANONYMOUS and os.path.isdir(os.path.dirname(final)):
-                    cls.usable = False
-                    return None
-                raise
-        finally:
-            os.close(fd)
-        return True
-
-
-def _is_whole(path: str, size: int) -> bool:
-    """``path`` exists with ``size`` bytes: since files are named by the hash of their bytes,
-    the image is there (a stat, only when a name is taken already)."""
-    try:
-        return os.stat(path).st_size == size
-    except FileNotFoundError:
-        return False
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class _Sink:
@@ -228,37 +167,17 @@ class _Sink:
                 self.discard()
                 raise
             folders.add(folder)
-        if self._fh is None and _Anonymous.usable:
-            data = b"".join(self._chunks)
-            self._chunks = []
-            try:
-                stored = _Anonymous.store(self._dir, data, final)
-            except OSError:
-                self.discard()
-                raise
-            if stored:
-                return True
-            self._chunks = [data]  # the name was taken, or anonymous files are refused
-        if _is_whole(final, self.size):
-            self.discard()
-            return False
+        source: bytes | str
+        if self._fh is None:
+            source, self._chunks = b"".join(self._chunks), []
+        else:
+            self._fh.close()
+            source = self.path
         try:
-            if self._fh is None:
-                # The whole body in one write, on a bare descriptor: no file object needed.
-                self._written = True
-                fd = os.open(self.path, _CREATE, 0o666)
-                try:
-                    _write_all(fd, b"".join(self._chunks))
-                finally:
-                    os.close(fd)
-                self._chunks = []
-            else:
-                self._fh.close()
-            os.replace(self.path, final)
+            return persist_new(final, source, tmp_dir=self._dir)
         except OSError:
             self.discard()
             raise
-        return True
 
     def discard(self) -> None:
         """Drop the bytes and remove the temp file; never raises (it runs while handling an

@@ -1,0 +1,655 @@
+"""Where a harvest's output lives: a local folder or an S3 bucket, behind one small interface.
+
+Keys are relative paths with the same layout in both (``images/aa/<sha256>.<ext>``,
+``manifest/<run_id>/part-NNNNN.parquet``, ``runs/<run_id>.json``); ``open_store`` picks the
+backend from the location (``s3://bucket/prefix`` or a path). Every write is atomic: a reader
+never sees part of an object. ``put_new`` creates an object only if the key is free (images:
+the key names the bytes, so whoever writes first wins and the others learn it was stored);
+``put`` replaces a whole object (manifest parts, run records).
+
+The S3 backend is obstore (Rust ``object_store``, what polars itself uses for ``s3://``).
+Credentials, region and endpoint come only from the standard AWS environment variables and
+are never put into a message. obstore's exceptions become the harvester's here, and only here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol
+
+from harvester.errors import LockedError, OutputError
+from harvester.storage import lock as folder_lock
+from harvester.storage.files import persist_new
+from harvester.storage.layout import Layout
+
+if TYPE_CHECKING:
+    from obstore.store import S3Store as _ObstoreS3
+
+Source = bytes | Path
+"""What a put takes: bytes, or a complete local file in the store's ``temp_dir`` (consumed:
+moved or uploaded, then gone, whether the put succeeds or not)."""
+
+READ_CHUNK: Final = 1 << 20
+SINGLE_PUT_BYTES: Final = 16 << 20
+"""Objects up to this size go up in one conditional PUT (``If-None-Match: *``), read into
+memory; larger spill files go up in parts of ``PART_BYTES``, ``PART_CONCURRENCY`` at a time."""
+PART_BYTES: Final = 8 << 20
+PART_CONCURRENCY: Final = 2
+LEASE_SECONDS: Final = 60.0
+"""How long a lease on an S3 prefix lasts unless renewed (every third of it)."""
+AWS_ENV: Final = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    """Relative to the store's root: ``images/ab/ab12...ef.png``."""
+    size: int
+    modified: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a location's lock (what a lease object records)."""
+
+    owner: str
+    host: str
+    pid: int
+    expires_at: datetime | None = None
+    """None for a folder: the kernel drops a flock when its process dies."""
+
+
+class Held(Protocol):
+    """What ``Store.lock`` yields: the run asks it before each write it must not make
+    once another run has taken the location over."""
+
+    @property
+    def lost(self) -> bool:
+        """True once another run holds the location (an S3 lease taken over after expiry)."""
+
+    def check(self) -> None:
+        """Raise ``LockedError`` if the lock was lost."""
+
+
+class Store(Protocol):
+    """Everything a harvest writes and reads under its output location."""
+
+    @property
+    def location(self) -> str:
+        """For messages: the folder, or ``s3://bucket/prefix`` (never a credential)."""
+
+    @property
+    def temp_dir(self) -> Path:
+        """Where spill files and parts are written before a put (local disk)."""
+
+    def put_new(self, key: str, source: Source) -> bool:
+        """Create ``key`` unless it exists: True if created, False if it was there (its bytes
+        are kept). For keys that name their content (images)."""
+
+    async def put_new_async(self, key: str, source: Source) -> bool:
+        """``put_new`` for an event loop."""
+
+    def put(self, key: str, source: Source) -> None:
+        """Write the whole object at ``key``, replacing any: readers see the old or the new."""
+
+    def get(self, key: str) -> bytes:
+        """A small object's bytes; ``FileNotFoundError`` if there is none."""
+
+    def iter_bytes(self, key: str, *, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        """An object's bytes in chunks (memory stays bounded); ``FileNotFoundError``."""
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with the folder ``prefix`` (``manifest/``)."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; nothing if it is not there."""
+
+    def lock(self, *, owner: str) -> AbstractContextManager[Held]:
+        """Hold the location for one run, or raise ``LockedError`` at once (never waits)."""
+
+    def holder(self) -> Holder | None:
+        """Who runs on this location now, or None."""
+
+
+# --------------------------------------------------------------------------- a local folder
+
+
+class LocalStore:
+    """An output folder, exactly today's layout (``Layout``), lock (``flock`` on ``.lock``)
+    and atomic file puts (``files.persist_new``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.layout = Layout(root)
+        self._folders: set[str] = set()
+
+    @property
+    def location(self) -> str:
+        return str(self.layout.root)
+
+    @property
+    def temp_dir(self) -> Path:
+        return self.layout.tmp
+
+    def _path(self, key: str) -> Path:
+        return self.layout.root / key
+
+    def _folder_for(self, path: Path) -> None:
+        folder = str(path.parent)
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+
+    def put_new(self, key: str, source: Source) -> bool:
+        path = self._path(key)
+        try:
+            self._folder_for(path)
+            data = str(source) if isinstance(source, Path) else source
+            return persist_new(str(path), data, tmp_dir=str(self.layout.tmp))
+        except OSError as exc:
+            raise OutputError(f"cannot store {path}: {exc.strerror or exc}") from exc
+
+    async def put_new_async(self, key: str, source: Source) -> bool:
+        return self.put_new(key, source)  # a link or a rename: no reason to leave the loop
+
+    def put(self, key: str, source: Source) -> None:
+        path = self._path(key)
+        tmp = source if isinstance(source, Path) else self.layout.temp_path()
+        try:
+            self._folder_for(path)
+            if isinstance(source, bytes):
+                tmp.write_bytes(source)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def iter_bytes(self, key: str, *, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        with open(self._path(key), "rb") as fh:
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return
+        root = self.layout.root
+        for folder, dirs, files in os.walk(base):
+            dirs.sort()
+            for name in sorted(files):
+                path = Path(folder, name)
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                modified = datetime.fromtimestamp(stat.st_mtime, UTC)
+                yield ObjectInfo(path.relative_to(root).as_posix(), stat.st_size, modified)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot delete {self._path(key)}: {exc.strerror or exc}") from exc
+
+    @contextmanager
+    def lock(self, *, owner: str = "") -> Iterator[Held]:
+        """Today's ``flock``: the kernel drops it when the process dies, so it is never lost."""
+        with folder_lock.exclusive(self.layout):
+            yield _Flock()
+
+    def holder(self) -> Holder | None:
+        pid = folder_lock.holder(self.layout)
+        return None if pid is None else Holder(owner="", host=socket.gethostname(), pid=pid)
+
+
+class _Flock:
+    lost = False
+
+    def check(self) -> None:
+        return
+
+
+# --------------------------------------------------------------------------- an S3 prefix
+
+
+@dataclass(frozen=True, slots=True)
+class S3Location:
+    bucket: str
+    prefix: str
+    """Without leading or trailing slashes; may be empty."""
+
+    @classmethod
+    def parse(cls, location: str) -> S3Location:
+        rest = location.removeprefix("s3://")
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise OutputError(f"--out {location}: name a bucket, as in s3://bucket/prefix")
+        return cls(bucket, prefix.strip("/"))
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+def _s3_error(what: str, where: str, exc: Exception) -> OutputError:
+    """obstore's error as ours: the kind and the HTTP status, never the request's headers."""
+    from obstore import exceptions as obx
+
+    if isinstance(exc, obx.PermissionDeniedError | obx.UnauthenticatedError):
+        hint = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's policy"
+    elif isinstance(exc, FileNotFoundError):
+        hint = "check the bucket exists"
+    else:
+        hint = "check AWS_ENDPOINT_URL, AWS_REGION and the network"
+    # The first line names the operation and the HTTP status; the server's body after it can
+    # echo request details (an AWS SignatureDoesNotMatch body holds the access key id).
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    first = first.split(": <?xml", 1)[0]
+    return OutputError(f"cannot {what} {where}: {first[:300]}; {hint}")
+
+
+class S3Store:
+    """A prefix in an S3 bucket (any S3-compatible server: AWS, Ceph's gateway, ...)."""
+
+    def __init__(
+        self,
+        location: str,
+        *,
+        env: dict[str, str] | None = None,
+        temp_dir: Path | None = None,
+        lease_seconds: float = LEASE_SECONDS,
+        clock: Callable[[], float] = time.time,
+        give_up_after: float = 180.0,
+    ) -> None:
+        """``give_up_after``: seconds a request is retried (5xx, dropped connections) before
+        its error is raised."""
+        from obstore.store import S3Store as ObstoreS3
+
+        self._where = S3Location.parse(location)
+        env = dict(os.environ if env is None else env)
+        self._env = env
+        config: dict[str, str] = {}
+        for name in AWS_ENV:
+            if env.get(name):
+                config[name.lower().removeprefix("aws_")] = env[name]
+        endpoint = config.pop("endpoint_url", None)
+        if endpoint:
+            config["endpoint"] = endpoint
+        if "region" not in config and env.get("AWS_DEFAULT_REGION"):
+            config["region"] = env["AWS_DEFAULT_REGION"]
+        allow_http = bool(endpoint and endpoint.startswith("http://"))
+        self._store: _ObstoreS3 = ObstoreS3(
+            self._where.bucket,
+            prefix=self._where.prefix or None,
+            config=config,  # type: ignore[arg-type]  # keys are S3Config's, built from env
+            client_options={
+                "allow_http": allow_http,
+                "timeout": timedelta(seconds=min(give_up_after, 30.0)),
+            },
+            retry_config={"retry_timeout": timedelta(seconds=give_up_after)},
+        )
+        self._temp = temp_dir
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+
+    @property
+    def location(self) -> str:
+        return str(self._where)
+
+    @property
+    def temp_dir(self) -> Path:
+        """A private local folder, made on first use (``TMPDIR`` says where)."""
+        if self._temp is None:
+            self._temp = Path(tempfile.mkdtemp(prefix="harvester-spill-"))
+        return self._temp
+
+    def _url(self, key: str) -> str:
+        return f"{self._where}/{key}"
+
+    def _exists(self, key: str) -> bool:
+        import obstore
+
+        try:
+            obstore.head(self._store, key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def put_new(self, key: str, source: Source) -> bool:
+        import obstore
+        from obstore import exceptions as obx
+
+        try:
+            if isinstance(source, Path) and source.stat().st_size > SINGLE_PUT_BYTES:
+                return self._put_new_parts(key, source)
+            obstore.put(self._store, key, source, mode="create")
+        except obx.AlreadyExistsError:
+            return False
+        except (obx.BaseError, OSError) as exc:
+            raise _s3_error("store", self._url(key), exc) from exc
+        finally:
+            if isinstance(source, Path):
+                source.unlink(missing_ok=True)
+        return True
+
+    def _put_new_parts(self, key: str, path: Path) -> bool:
+        """A large spill file, uploaded in parts with bounded memory. S3 has no conditional
+        multipart write that Ceph's gateway honours (nor a conditional copy), so: a HEAD, then
+        the upload, which appears whole when it completes. Two runs racing on one image both
+        upload and both count it new; the bytes are the same, since the key is their hash."""
+        import obstore
+
+        if self._exists(key):
+            return False
+        obstore.put(
+            self._store,
+            key,
+            path,
+            use_multipart=True,
+            chunk_size=PART_BYTES,
+            max_concurrency=PART_CONCURRENCY,
+        )
+        return True
+
+    async def put_new_async(self, key: str, source: Source) -> bool:
+        import anyio
+        import obstore
+        from obstore import exceptions as obx
+
+        if isinstance(source, Path) and source.stat().st_size > SINGLE_PUT_BYTES:
+            return await anyio.to_thread.run_sync(self.put_new, key, source)
+        try:
+            await obstore.put_async(self._store, key, source, mode="create")
+        except obx.AlreadyExistsError:
+            return False
+        except (obx.BaseError, OSError) as exc:
+            raise _s3_error("store", self._url(key), exc) from exc
+        finally:
+            if isinstance(source, Path):
+                source.unlink(missing_ok=True)
+        return True
+
+    def put(self, key: str, source: Source) -> None:
+        import obstore
+        from obstore import exceptions as obx
+
+        try:
+            obstore.put(
+                self._store, key, source, chunk_size=PART_BYTES, max_concurrency=PART_CONCURRENCY
+            )
+        except (obx.BaseError, OSError) as exc:
+            raise _s3_error("write", self._url(key), exc) from exc
+        finally:
+            if isinstance(source, Path):
+                source.unlink(missing_ok=True)
+
+    def get(self, key: str) -> bytes:
+        import obstore
+        from obstore import exceptions as obx
+
+        try:
+            return bytes(obstore.get(self._store, key).bytes())
+        except obx.BaseError as exc:
+            raise _s3_error("read", self._url(key), exc) from exc
+
+    def iter_bytes(self, key: str, *, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        import obstore
+        from obstore import exceptions as obx
+
+        try:
+            yield from obstore.get(self._store, key).stream(min_chunk_size=chunk_size)
+        except obx.BaseError as exc:
+            raise _s3_error("read", self._url(key), exc) from exc
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        import obstore
+        from obstore import exceptions as obx
+
+        try:
+            for batch in obstore.list(self._store, prefix or None):
+                for meta in batch:
+                    yield ObjectInfo(meta["path"], meta["size"], meta["last_modified"])
+        except FileNotFoundError:  # the bucket itself
+            return
+        except obx.BaseError as exc:
+            raise _s3_error("list", self._url(prefix), exc) from exc
+
+    def delete(self, key: str) -> None:
+        import obstore
+        from obstore import exceptions as obx
+
+        try:
+            obstore.delete(self._store, key)
+        except FileNotFoundError:
+            return
+        except obx.BaseError as exc:
+            raise _s3_error("delete", self._url(key), exc) from exc
+
+    def lease(self, *, owner: str) -> Lease:
+        # Its own client, whose requests give up well within the lease: a renewal that hangs
+        # on a dead connection is retried at the next tick instead of outliving the lease.
+        store = S3Store(
+            self.location,
+            env=self._env,
+            temp_dir=self._temp,
+            lease_seconds=self.lease_seconds,
+            clock=self.clock,
+            give_up_after=self.lease_seconds / 6,
+        )
+        return Lease(store, owner=owner, seconds=self.lease_seconds, clock=self.clock)
+
+    @contextmanager
+    def lock(self, *, owner: str = "") -> Iterator[Held]:
+        """A lease renewed by a background thread every third of ``lease_seconds``."""
+        lease = self.lease(owner=owner)
+        lease.acquire()
+        stop = threading.Event()
+        keeper = threading.Thread(
+            target=lease.keep, args=(stop,), name="harvester-lease", daemon=True
+        )
+        keeper.start()
+        try:
+            yield lease
+        finally:
+            stop.set()
+            keeper.join()
+            lease.release()
+
+    def holder(self) -> Holder | None:
+        return self.lease(owner="").live_holder()
+
+
+# --------------------------------------------------------------------------- the S3 lease
+
+LEASE_PREFIX: Final = ".lock/"
+
+
+class Lease:
+    """A lock on an S3 prefix made of create-once objects, ``.lock/<generation>.json``.
+
+    S3 has no flock, and Ceph's gateway mishandles ``If-Match`` on PUT (it compares the
+    quoted ETag), so the lease uses only ``If-None-Match: *``. The newest generation says who
+    holds the prefix (owner, host, pid) and until when. To take a free or expired prefix, or
+    to renew, a run creates the next generation: of two runs trying at once, one creation
+    fails and that run is refused (or, renewing, learns it lost the lease). A run that
+    created an older number than the newest (it was hung while others moved on) sees the
+    newer one and gives up. Ending a run writes a released generation, so the next run need
+    not wait. A run killed outright holds the prefix until its lease expires (``seconds``);
+    a machine that hangs longer than that loses the lease, and finds out at its next renewal.
+    Expiry is judged by the acquirer's clock against the holder's: keep clocks in sync.
+    """
+
+    def __init__(
+        self, store: S3Store, *, owner: str, seconds: float, clock: Callable[[], float]
+    ) -> None:
+        self._store = store
+        self._owner = owner
+        self._seconds = seconds
+        self._clock = clock
+        self._token = uuid.uuid4().hex
+        """Tells this lease's generations from another's (same owner, host and pid too)."""
+        self.generation = 0
+        """The generation this run created last (0: none)."""
+        self.lost = False
+
+    def check(self) -> None:
+        if self.lost:
+            raise LockedError(
+                f"the lease on {self._store.location} was taken over while this run was "
+                f"stalled (longer than {self._seconds:.0f} s); this run stops writing"
+            )
+
+    def _generations(self) -> list[int]:
+        found = []
+        for info in self._store.list(LEASE_PREFIX):
+            name = info.key.rsplit("/", 1)[-1].removesuffix(".json")
+            if name.isdigit():
+                found.append(int(name))
+        return sorted(found)
+
+    @staticmethod
+    def _key(generation: int) -> str:
+        return f"{LEASE_PREFIX}{generation:012d}.json"
+
+    def _read(self, generation: int) -> dict[str, object] | None:
+        try:
+            record: dict[str, object] = json.loads(self._store.get(self._key(generation)))
+        except (OutputError, ValueError):
+            return None
+        return record
+
+    def live_holder(self) -> Holder | None:
+        """The holder of the newest generation, unless it was released or has expired."""
+        generations = self._generations()
+        if not generations:
+            return None
+        record = self._read(generations[-1])
+        if record is None or record.get("released"):
+            return None
+        expires = float(str(record.get("expires", 0)))
+        if expires <= self._clock():
+            return None
+        return Holder(
+            owner=str(record.get("owner", "")),
+            host=str(record.get("host", "")),
+            pid=int(str(record.get("pid", 0))),
+            expires_at=datetime.fromtimestamp(expires, UTC),
+        )
+
+    def _create(self, generation: int, *, released: bool = False) -> bool:
+        expires = self._clock() + (0 if released else self._seconds)
+        record = {
+            "owner": self._owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "expires": expires,
+            "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
+            "released": released,
+            "token": self._token,
+        }
+        body = (json.dumps(record) + "\n").encode()
+        if self._store.put_new(self._key(generation), body):
+            return True
+        # Taken, perhaps by this lease itself: a put the server stored but whose answer was
+        # lost (a timeout) is retried on the next tick and finds its own generation.
+        existing = self._read(generation)
+        return existing is not None and existing.get("token") == self._token
+
+    def _prune(self, below: int) -> None:
+        for generation in self._generations():
+            if generation < below:
+                self._store.delete(self._key(generation))
+
+    def acquire(self) -> None:
+        """Take the prefix, or raise ``LockedError`` (never waits)."""
+        holder = self.live_holder()
+        if holder is not None:
+            raise LockedError(self._locked_message(holder))
+        generations = self._generations()
+        nxt = (generations[-1] if generations else 0) + 1
+        if not self._create(nxt) or self._generations()[-1] != nxt:
+            raise LockedError(self._locked_message(self.live_holder()))
+        self.generation = nxt
+        self._prune(nxt)
+
+    def renew(self) -> None:
+        """Extend the lease by ``seconds`` from now; ``LockedError`` if it was taken over."""
+        nxt = self.generation + 1
+        if not self._create(nxt) or self._generations()[-1] != nxt:
+            self.lost = True
+            self.check()
+        self.generation = nxt
+        self._prune(nxt)
+
+    def release(self) -> None:
+        """Mark the prefix free (unless the lease was lost)."""
+        if self.lost or not self.generation:
+            return
+        nxt = self.generation + 1
+        if self._create(nxt, released=True):
+            self._prune(nxt)
+        self.generation = 0
+
+    def keep(self, stop: threading.Event) -> None:
+        """Renew every third of the lease until ``stop`` is set or the lease is lost."""
+        while not stop.wait(self._seconds / 3):
+            try:
+                self.renew()
+            except (LockedError, OutputError):
+                return  # ``lost`` says so; a failed renewal is retried on the next tick
+
+    def _locked_message(self, holder: Holder | None) -> str:
+        who = (
+            f"{holder.owner or 'a run'} on {holder.host}, pid {holder.pid}, lease until "
+            f"{holder.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+            if holder is not None and holder.expires_at is not None
+            else "another run"
+        )
+        return (
+            f"another harvest ({who}) is already running on {self._store.location}; this run "
+            "did nothing. Wait for it to finish (a killed run's lease expires after "
+            f"{self._seconds:.0f} s), or stagger the cron schedules"
+        )
+
+
+def open_store(location: str | Path, *, env: dict[str, str] | None = None) -> Store:
+    """The store for ``--out``: ``s3://bucket/prefix``, or a local folder."""
+    if isinstance(location, str) and location.startswith("s3://"):
+        return S3Store(location, env=env)
+    if isinstance(location, str) and "://" in location:
+        scheme = location.split("://", 1)[0]
+        raise OutputError(f"--out {location}: {scheme}:// is not supported; use s3:// or a path")
+    return LocalStore(Path(location))
+
+
+__all__ = [
+    "LEASE_SECONDS",
+    "Holder",
+    "Lease",
+    "LocalStore",
+    "ObjectInfo",
+    "S3Location",
+    "S3Store",
+    "Store",
+    "open_store",
+]
