@@ -201,7 +201,7 @@ class ResultFetcher:
             if status in RETRY_AFTER_STATUS:
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
             if status == 429:
-                self._limiter.on_throttled(retry_after)
+                self._limiter.on_throttled()
             reason = f"HTTP {status}: {detail or snippet or response.reason_phrase}"
             raise TransientError(reason, http_status=status, retry_after=retry_after)
         if status in (401, 403):
