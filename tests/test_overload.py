@@ -4,8 +4,10 @@ the rates themselves are measured in ``make bench`` (its ``overload`` section)."
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
+import anyio
 import httpx
 import polars as pl
 import pytest
@@ -14,6 +16,7 @@ from harvester.api.ratelimit import (
     K,
     RateLimiter,
     ThrottleWindow,
+    _Turns,
     most_starts_in_window,
     reject_share,
     throttled_rate,
@@ -133,6 +136,54 @@ async def test_a_429_never_pauses_the_other_requests() -> None:
     limiter.on_throttled()  # a Retry-After is the throttled request's own wait
     await limiter.acquire()
     assert clock.now < 0.01
+
+
+@pytest.mark.anyio
+async def test_repolls_take_their_turn_before_new_requests() -> None:
+    turns = _Turns()
+    order: list[str] = []
+
+    async def take(name: str, *, first: bool) -> None:
+        await turns.acquire(first=first)
+        order.append(name)
+        turns.release()
+
+    await turns.acquire(first=False)  # a turn in progress
+    async with anyio.create_task_group() as tg:
+        for name, first in (("new-1", False), ("new-2", False), ("repoll", True)):
+            tg.start_soon(partial(take, name, first=first))
+            await anyio.wait_all_tasks_blocked()
+        turns.release()
+    assert order == ["repoll", "new-1", "new-2"]
+    await turns.acquire(first=False)  # free again: taken at once
+    turns.release()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    turns = _Turns()
+    order: list[str] = []
+    scopes: dict[str, anyio.CancelScope] = {}
+
+    async def take(name: str) -> None:
+        with anyio.CancelScope() as scope:
+            scopes[name] = scope
+            await turns.acquire(first=False)
+            order.append(name)
+            turns.release()
+
+    await turns.acquire(first=False)
+    async with anyio.create_task_group() as tg:
+        for name in ("cancelled", "next"):
+            tg.start_soon(take, name)
+            await anyio.wait_all_tasks_blocked()
+        scopes["cancelled"].cancel()
+        await anyio.wait_all_tasks_blocked()
+        turns.release()
+    assert order == ["next"]
+    with anyio.fail_after(10):  # a turn handed to the cancelled waiter would hang here
+        await turns.acquire(first=False)
+    turns.release()
 
 
 # -- the sandbox's overload modes -------------------------------------------------------

@@ -134,11 +134,13 @@ class ResultFetcher:
         self.answered = 0
         """Attempts that got an HTTP response: 0 means the API was never reached."""
 
-    async def fetch(self, model: str, request_id: str) -> FetchOutcome:
+    async def fetch(self, model: str, request_id: str, *, repoll: bool = False) -> FetchOutcome:
+        """One result, retried under the policy; a ``repoll`` of a pending request takes its
+        turns at the rate limiter before new requests."""
         url = result_url(self._base_url, model, request_id)
 
         async def attempt(n: int) -> FetchOutcome:
-            await self._limiter.acquire()
+            await self._limiter.acquire(first=repoll)
             self.sent += 1
             try:
                 # Built here, not by client.get: its merging of URLs and headers took twice

@@ -97,6 +97,40 @@ class ThrottleWindow:
         return sum(b[1] for b in live), sum(b[2] for b in live), span
 
 
+class _Turns:
+    """A lock handed over in order of asking, re-polls first: a pending request's re-poll is
+    never stuck behind new requests, however slow the rate. No checkpoint when free."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._first: deque[anyio.Event] = deque()
+        self._rest: deque[anyio.Event] = deque()
+
+    async def acquire(self, *, first: bool) -> None:
+        if not self._held and not self._first and not self._rest:
+            self._held = True
+            return
+        event = anyio.Event()
+        queue = self._first if first else self._rest
+        queue.append(event)
+        try:
+            await event.wait()
+        except BaseException:  # cancelled: leave the queue, or pass on a turn handed over
+            if event.is_set():
+                self.release()
+            else:
+                queue.remove(event)
+            raise
+
+    def release(self) -> None:
+        """Hand the lock to the next waiter (it stays held), or free it."""
+        for queue in (self._first, self._rest):
+            if queue:
+                queue.popleft().set()
+                return
+        self._held = False
+
+
 class RateLimiter:
     def __init__(
         self,
@@ -122,12 +156,14 @@ class RateLimiter:
         """When the last ``floor(max_rps)`` starts really happened."""
         self._next = clock()
         self._last_cut = float("-inf")
-        self._lock = anyio.Lock(fast_acquire=True)  # FIFO: turns go in the order they were asked
+        self._turns = _Turns()
         self.throttled = 0
 
-    async def acquire(self) -> None:
-        """Wait for this task's turn. Turns are handed out one at a time, in order."""
-        async with self._lock:
+    async def acquire(self, *, first: bool = False) -> None:
+        """Wait for this task's turn. Turns are handed out one at a time, in order of asking;
+        ``first`` (re-polls of pending requests) go before the others."""
+        await self._turns.acquire(first=first)
+        try:
             now = self._clock()
             if self._next < now - CATCH_UP:
                 self._next = now  # idle for a while: start afresh, no burst to catch up
@@ -139,6 +175,8 @@ class RateLimiter:
                 await anyio.sleep(slot - now)
             self._next = slot + 1.0 / self.rate
             starts.append(max(self._clock(), slot))
+        finally:
+            self._turns.release()
 
     def on_throttled(self) -> None:
         """The API answered 429. Its ``Retry-After`` is that request's own wait (the retry
