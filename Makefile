@@ -36,9 +36,10 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Not part of `make test`: about 15 minutes with the defaults. Knobs: BENCH_N (20000),
-# BENCH_RUNS (5), BENCH_ONLY (speed,memory,slow,rps), BENCH_OUT (bench-out); e.g.
-# `BENCH_N=2000 BENCH_ONLY=speed make bench` for a quick look.
-bench: $(STAMP)  ## harvester vs curl on loopback, memory, slow links, --rps (docs/performance.md)
+# BENCH_RUNS (5), BENCH_ONLY (speed,memory,slow,rps,overload), BENCH_OUT (bench-out),
+# BENCH_OVERLOAD_N (2000); e.g. `BENCH_N=2000 BENCH_RUNS=1 BENCH_ONLY=speed make bench` for a
+# quick look. Outputs go to a tmpfs it mounts (as root; else /dev/shm).
+bench: $(STAMP)  ## harvester vs curl and plain.py on loopback, memory, slow links, --rps, overload
 	@command -v nginx >/dev/null 2>&1 && test -e /usr/lib/nginx/modules/ngx_http_echo_module.so || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	      echo "bench: installing nginx and its echo module from Debian's packages"; \

@@ -423,6 +423,27 @@ def verify_command(out_dir: Path) -> None:
     show_default=True,
     help="Seconds the Retry-After of a '429ra' fault asks for.",
 )
+@click.option(
+    "--throttle-share",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of request ids whose first --throttle-times result fetches answer 429 "
+    "(half of them with Retry-After).",
+)
+@click.option(
+    "--throttle-times",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="429s each throttled request id gets before its result.",
+)
+@click.option(
+    "--max-rps",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Answer 429 to result requests beyond this many accepted in the last second.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="World seed.")
 def sandbox_command(
     port: int,
@@ -434,6 +455,9 @@ def sandbox_command(
     image_bytes: int,
     slow_seconds: float,
     retry_after_seconds: float,
+    throttle_share: float,
+    throttle_times: int,
+    max_rps: float | None,
     seed: int,
 ) -> None:
     """Run a local fal-compatible API on 127.0.0.1 that serves synthetic results and images.
@@ -474,6 +498,9 @@ def sandbox_command(
             slow_seconds=slow_seconds,
             retry_after_seconds=retry_after_seconds,
             known_request_ids=known,
+            throttle_share=throttle_share,
+            throttle_times=throttle_times,
+            max_rps=max_rps,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -134,11 +134,13 @@ class ResultFetcher:
         self.answered = 0
         """Attempts that got an HTTP response: 0 means the API was never reached."""
 
-    async def fetch(self, model: str, request_id: str) -> FetchOutcome:
+    async def fetch(self, model: str, request_id: str, *, repoll: bool = False) -> FetchOutcome:
+        """One result, retried under the policy; a ``repoll`` of a pending request takes its
+        turns at the rate limiter before new requests."""
         url = result_url(self._base_url, model, request_id)
 
         async def attempt(n: int) -> FetchOutcome:
-            await self._limiter.acquire()
+            await self._limiter.acquire(first=repoll)
             self.sent += 1
             try:
                 # Built here, not by client.get: its merging of URLs and headers took twice
@@ -201,7 +203,7 @@ class ResultFetcher:
             if status in RETRY_AFTER_STATUS:
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
             if status == 429:
-                self._limiter.on_throttled(retry_after)
+                self._limiter.on_throttled()
             reason = f"HTTP {status}: {detail or snippet or response.reason_phrase}"
             raise TransientError(reason, http_status=status, retry_after=retry_after)
         if status in (401, 403):

@@ -238,8 +238,10 @@ class RunStats:
     processes: int = 1
     """Processes that fetched and downloaded (``--workers``, as the run resolved it)."""
     temp_files_cleaned: int = 0
+    rps: float = 0.0
+    """``--rps``: the rate the limiters start at and return to."""
     lowest_rps: float = 0.0
-    """The rate limiter's lowest rate in the run (it halves on 429s)."""
+    """The rate limiters' lowest rate in the run (they slow down when many answers are 429s)."""
     interrupted: bool = False
     error: str | None = None
     """The run-level error that ended the run (a rejected key, an unwritable folder), if any."""
@@ -301,7 +303,11 @@ class RunStats:
             f"  api:        {self.result_requests:,} result requests "
             f"({self.result_requests / self.elapsed:,.1f}/s), {self.retries:,} retries, "
             f"{self.throttled:,} rate-limited (429)"
-            + (f", rate cut to {self.lowest_rps:,.1f}/s at the lowest" if self.throttled else ""),
+            + (
+                f", rate cut to {self.lowest_rps:,.1f}/s at the lowest"
+                if self.lowest_rps < self.rps * 0.999  # lanes split --rps in float shares
+                else ""
+            ),
             f"  manifest:   {self.manifest_rows:,} rows in {self.manifest_parts} new part(s) "
             f"under {self.out_dir / 'manifest' / self.run_id}",
         ]
@@ -516,6 +522,8 @@ def harvest(
         inputs=files,
         rows_in_input=sum(f.rows for f in files),
         processes=config.lanes,
+        rps=config.rps,
+        lowest_rps=config.rps,
     )
     if config.workers is not None and config.lanes < config.workers:
         log.info(

@@ -126,6 +126,9 @@ class Lane:
         # acquired once or more per request.
         self.fetch_slots = anyio.Semaphore(settings.concurrency, fast_acquire=True)
         self.download_slots = anyio.Semaphore(settings.image_concurrency, fast_acquire=True)
+        self.repoll_slots = anyio.Semaphore(settings.concurrency, fast_acquire=True)
+        """Re-polls of pending requests have slots of their own, so new requests (however
+        slow the rate) cannot keep them past ``--pending-wait``."""
         self.pending_waiters = anyio.Semaphore(MAX_PENDING_WAITERS)
         self.limiter = RateLimiter(settings.rps)
         self._fetcher: ResultFetcher | None = None
@@ -170,10 +173,10 @@ class Lane:
             lowest_rate=self.limiter.lowest_rate,
         )
 
-    async def fetch(self, pair: Pair) -> FetchOutcome:
+    async def fetch(self, pair: Pair, *, repoll: bool = False) -> FetchOutcome:
         assert self._fetcher is not None, "use the lane inside opened()"
-        async with self.fetch_slots:
-            return await self._fetcher.fetch(pair.model, pair.request_id)
+        async with self.repoll_slots if repoll else self.fetch_slots:
+            return await self._fetcher.fetch(pair.model, pair.request_id, repoll=repoll)
 
     async def process(
         self,
@@ -209,7 +212,7 @@ class Lane:
                     break
                 await anyio.sleep(wait)
                 delay = min(delay * 2, 30.0)
-                outcome = await self.fetch(pair)
+                outcome = await self.fetch(pair, repoll=True)
         finally:
             self.pending_waiters.release()
         return outcome

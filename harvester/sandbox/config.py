@@ -174,6 +174,13 @@ class SandboxConfig:
     retry_after_seconds: float = 1.0
     known_request_ids: frozenset[str] | None = None
     """If set, only these ids exist; every other id answers 404 NOT_FOUND."""
+    throttle_share: float = 0.0
+    """Share (0..1) of request ids whose first ``throttle_times`` result fetches answer 429
+    (drawn once per id; half of them, also per id, carry ``Retry-After: 1``)."""
+    throttle_times: int = 2
+    max_rps: float | None = None
+    """If set, result requests beyond this many accepted in the last second (a sliding window
+    on the server's clock) answer 429, as a relay with a per-key rate limit does."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -189,3 +196,9 @@ class SandboxConfig:
         for name in ("latency", "slow_seconds", "retry_after_seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0")
+        if not 0.0 <= self.throttle_share <= 1.0:  # also rejects NaN
+            raise ValueError(f"throttle_share {self.throttle_share!r} is outside 0..1")
+        if self.throttle_times < 1:
+            raise ValueError(f"throttle_times {self.throttle_times} must be at least 1")
+        if self.max_rps is not None and not self.max_rps > 0:
+            raise ValueError(f"max_rps {self.max_rps!r} must be above 0")

@@ -58,6 +58,8 @@ STAT_KEYS: Final = (
     "auth_leaks",
     "unauthorized",
     "rate_limited",
+    "throttled_per_id",
+    "over_max_rps",
     "faults_injected",
     "pending_served",
     "not_found_served",
@@ -101,6 +103,10 @@ class Sandbox:
         a rate limit looks like from the server."""
         return list(self._counters.result_starts)
 
+    def accepted_starts(self) -> list[float]:
+        """When the last result requests that were not answered 429 arrived, oldest first."""
+        return list(self._counters.accepted_starts)
+
     def result_url(self, model: str, request_id: str) -> str:
         """The result URL of ``request_id`` for an ``owner/app`` (or ``workflows/...``) id."""
         return f"{self.base_url}/{model}/requests/{request_id}"
@@ -118,6 +124,8 @@ class _Counters:
         self._counts = dict.fromkeys(STAT_KEYS, 0)
         self.result_starts: deque[float] = deque(maxlen=RESULT_STARTS_KEPT)
         """``time.monotonic()`` when each recent result request arrived."""
+        self.accepted_starts: deque[float] = deque(maxlen=RESULT_STARTS_KEPT)
+        """The same, for those not answered 429."""
 
     def add(self, key: str, amount: int = 1) -> None:
         with self._lock:
@@ -137,6 +145,10 @@ class _Server:
         self._random = random.Random(config.seed)
         self._fetches: dict[str, int] = {}
         self._retry_after_count = 0
+        self._throttled: dict[str, int] = {}
+        """Per id: the 429s served so far by ``throttle_share``."""
+        self._accepted_window: deque[float] = deque()
+        """Arrival times of the result requests accepted within the last second (``max_rps``)."""
         accepted = {"any": ("bearer", "key"), "bearer": ("bearer",), "key": ("key",)}
         self._auth_ok = frozenset(
             f"{scheme} {config.key}" for scheme in accepted[config.auth_scheme]
@@ -307,10 +319,22 @@ class _Server:
         return world.status_for(request_id, self.base_url, path, self.config, fetches=fetches)
 
     async def _result(self, request: Request, app: str, request_id: str) -> Reply:
-        self.counters.result_starts.append(time.monotonic())
+        arrived = time.monotonic()
+        self.counters.result_starts.append(arrived)
+        reply = await self._answer_result(request, app, request_id, arrived)
+        if reply.status != 429:
+            self.counters.accepted_starts.append(arrived)
+        return reply
+
+    async def _answer_result(
+        self, request: Request, app: str, request_id: str, arrived: float
+    ) -> Reply:
         self.counters.add("result_requests")
         if not self._authorized(request):
             return self._unauthorized()
+        overload = self._overload(request_id, arrived)
+        if overload is not None:
+            return overload
         fault = self._draw(RESULT_FAULTS)
         if fault is not None:
             self.counters.add("faults_injected")
@@ -335,6 +359,38 @@ class _Server:
         elif kind not in (Behaviour.BAD_JSON, Behaviour.BAD_SHAPE):
             self.counters.add("result_ok")
         return reply
+
+    def _overload(self, request_id: str, now: float) -> Reply | None:
+        """A 429 from the overload modes (``throttle_share``, ``max_rps``), or None."""
+        config = self.config
+        if config.throttle_share and world.unit(config.seed, "throttle", request_id) < (
+            config.throttle_share
+        ):
+            with self._lock:
+                served = self._throttled.get(request_id, 0)
+                if served < config.throttle_times:
+                    self._throttled[request_id] = served + 1
+            if served < config.throttle_times:
+                self.counters.add("rate_limited")
+                self.counters.add("throttled_per_id")
+                reply = json_reply(429, RATE_LIMIT_BODY)
+                if world.unit(config.seed, "throttle-retry-after", request_id) < 0.5:
+                    seconds = f"{config.retry_after_seconds:g}"
+                    return reply._replace(headers=(*reply.headers, ("Retry-After", seconds)))
+                return reply
+        if config.max_rps is not None:
+            with self._lock:
+                window = self._accepted_window
+                while window and window[0] <= now - 1.0:
+                    window.popleft()
+                over = len(window) >= config.max_rps
+                if not over:
+                    window.append(now)
+            if over:
+                self.counters.add("rate_limited")
+                self.counters.add("over_max_rps")
+                return json_reply(429, RATE_LIMIT_BODY)
+        return None
 
     def _transient(self, fault: str) -> Reply:
         if fault == "reset":

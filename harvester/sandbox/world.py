@@ -149,7 +149,7 @@ def _digest(*parts: object) -> bytes:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
 
 
-def _unit(*parts: object) -> float:
+def unit(*parts: object) -> float:
     """A stable number in [0, 1) for ``parts``."""
     return int.from_bytes(_digest(*parts)[:8], "big") / 2**64
 
@@ -162,7 +162,7 @@ def behaviour(request_id: str, config: SandboxConfig) -> Behaviour:
     special = PREFIXES.get(head + dash)
     if special is not None:
         return special
-    draw = _unit(config.seed, "per-id-fault", request_id)
+    draw = unit(config.seed, "per-id-fault", request_id)
     for name, kind in _PER_ID_BEHAVIOURS.items():
         draw -= getattr(config.faults, name)
         if draw < 0:
