@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -67,6 +68,7 @@ SCHEMA: Final = pa.schema(
         pa.field("has_nsfw_concept", pa.bool_()),
         pa.field("timings", pa.string()),
         pa.field("inference_seconds", pa.float64()),
+        pa.field("altered", pa.bool_()),
     ]
 )
 """One row per image; a request without images (or that failed) has exactly one row.
@@ -74,7 +76,9 @@ SCHEMA: Final = pa.schema(
 ``status`` is the row's own outcome; ``request_status`` is the request's overall outcome
 (ok only when every row of the request is ok), repeated on each of its rows. ``timings`` is the
 result's ``timings`` object as JSON text, kept losslessly; ``image_url`` holds only the media
-type for a ``data:`` URI, never its payload.
+type for a ``data:`` URI, never its payload. ``altered`` is true when a stored text is not what
+the relay sent: text that is not valid Unicode (a lone surrogate) stored repaired with U+FFFD,
+and the like; ``error`` then says what was altered (null in parts written before the column).
 """
 
 
@@ -90,10 +94,43 @@ _FIELDS: Final = tuple(f.name for f in dataclasses.fields(ManifestRow))
 assert tuple(SCHEMA.names) == _FIELDS, "ManifestRow and SCHEMA must list the same columns"
 
 
+_TEXT_FIELDS: Final = tuple(f.name for f in SCHEMA if f.type == pa.string())
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+REPAIRED_NOTE: Final = "text that is not valid Unicode was repaired (U+FFFD) in"
+
+
 def rows_to_table(rows: Sequence[ManifestRow]) -> pa.Table:
-    """Build an Arrow table with ``SCHEMA`` from rows."""
+    """Build an Arrow table with ``SCHEMA`` from rows.
+
+    Text that cannot be encoded as UTF-8 (a lone surrogate a relay sent JSON-escaped) is
+    stored repaired, and the row says so: one bad string must not lose the whole part.
+    """
+    try:
+        return _table(rows)
+    except UnicodeEncodeError:
+        return _table([repaired(row) for row in rows])
+
+
+def _table(rows: Sequence[ManifestRow]) -> pa.Table:
     columns = {name: [getattr(row, name) for row in rows] for name in _FIELDS}
     return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def repaired(row: ManifestRow) -> ManifestRow:
+    """``row`` with every lone surrogate in its text replaced by U+FFFD, ``altered`` set and
+    a note in ``error`` naming the fields (the row itself if nothing needed it)."""
+    changes: dict[str, object] = {}
+    for name in _TEXT_FIELDS:
+        value = getattr(row, name)
+        if isinstance(value, str) and _SURROGATE.search(value):
+            changes[name] = _SURROGATE.sub("\ufffd", value)
+    if not changes:
+        return row
+    note = f"{REPAIRED_NOTE} {', '.join(changes)}"
+    error = changes.get("error", row.error)
+    changes["error"] = f"{error}; {note}" if error else note
+    changes["altered"] = True
+    return dataclasses.replace(row, **changes)  # type: ignore[arg-type]
 
 
 class ManifestWriter:
@@ -223,7 +260,8 @@ def scan(out_dir: Path) -> pl.LazyFrame:
     """Lazily read every manifest part under ``out_dir``."""
     import polars as pl
 
-    return pl.scan_parquet(manifest_glob(out_dir), schema=polars_schema())
+    # Parts written before a column was added lack it: read it as null there.
+    return pl.scan_parquet(manifest_glob(out_dir), schema=polars_schema(), missing_columns="insert")
 
 
 def latest(out_dir: Path) -> pl.LazyFrame:

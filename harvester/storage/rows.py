@@ -50,3 +50,6 @@ class ManifestRow:
     has_nsfw_concept: bool | None = None
     timings: str | None = None
     inference_seconds: float | None = None
+    altered: bool = False
+    """A stored text is not what the relay sent (repaired, truncated, nulled); ``error``
+    says which and why."""
