@@ -55,3 +55,34 @@ def test_a_lone_surrogate_is_stored_repaired_and_the_run_goes_on(tmp_path: Path)
         again = harvest(srv, out, csv, key=KEY)
         assert again.returncode == ExitCode.INCOMPLETE, again.stderr
         check_invariants(out, csv, again, key=KEY)
+
+
+def test_deeply_nested_json_is_a_row_error_not_the_end_of_the_run(tmp_path: Path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    with hostile_server({}) as srv:
+        srv.script.update(
+            {
+                "deep-result": Answer(deep),
+                "deep-404": Answer(deep, status=404, reason="Not Found"),
+                "deep-500": Answer(deep, status=500, reason="Oops"),
+                "deep-detail": Answer('{"detail": ' + deep + "}", status=400, reason="Bad"),
+                "deep-timings": Answer(result_body()[:-1] + ', "timings": {"a": ' + deep + "}}"),
+                "deep-ok-detail": Answer('{"detail": ' + deep + "}"),
+                "fine-2": Answer(result_body()),
+            }
+        )
+        csv = write_ids(tmp_path / "e.csv", list(srv.script))
+        out = tmp_path / "out"
+        run = harvest(srv, out, csv, key=KEY)
+        assert run.returncode == ExitCode.INCOMPLETE, run.stderr
+        df = check_invariants(out, csv, run, key=KEY)
+        for rid in srv.script:
+            [row] = rows(df, rid)
+            if rid == "fine-2":
+                assert row["status"] == "ok"
+                continue
+            assert row["status"] != "ok", rid
+            assert "nested too deeply" in str(row["error"]) or rid == "deep-404", (rid, row)
+        again = harvest(srv, out, csv, key=KEY)
+        assert again.returncode == ExitCode.INCOMPLETE, again.stderr
+        check_invariants(out, csv, again, key=KEY)

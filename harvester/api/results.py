@@ -15,6 +15,9 @@ INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
 
 
+TOO_DEEP: Final = "nested too deeply to read (a relay's answer is not a result)"
+
+
 class ResultShapeError(ValueError):
     """The result is JSON, but not of the documented shape."""
 
@@ -53,6 +56,15 @@ def _optional_int(item: dict[str, Any], key: str) -> int | None:
 
 def parse_result(body: bytes) -> Result:
     """Parse and check a 200 body; raises ``ResultShapeError`` (or ``ValueError`` for bad JSON)."""
+    try:
+        return _parse_result(body)
+    except RecursionError as exc:
+        # Thousands of nested brackets: json's decoder (or encoder) runs out of stack. The
+        # same answer comes every night, so it is the row's error, not a retry.
+        raise ResultShapeError(f"result is JSON {TOO_DEEP}") from exc
+
+
+def _parse_result(body: bytes) -> Result:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -122,6 +134,13 @@ def parse_result(body: bytes) -> Result:
 
 def error_detail(body: bytes) -> str | None:
     """The ``detail`` of an error body as text (a string, or validation errors joined), if any."""
+    try:
+        return _error_detail(body)
+    except RecursionError:
+        return f"the answer is JSON {TOO_DEEP}"
+
+
+def _error_detail(body: bytes) -> str | None:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
