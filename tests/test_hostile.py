@@ -86,3 +86,74 @@ def test_deeply_nested_json_is_a_row_error_not_the_end_of_the_run(tmp_path: Path
         again = harvest(srv, out, csv, key=KEY)
         assert again.returncode == ExitCode.INCOMPLETE, again.stderr
         check_invariants(out, csv, again, key=KEY)
+
+
+def test_the_key_stays_home_whatever_the_relay_echoes(tmp_path: Path) -> None:
+    cut = "e" * 105 + " " + KEY_SECRET + " " + KEY  # the 120-character cut lands in a secret
+    partial = [KEY_ID, KEY_SECRET, KEY_ID[:8], KEY_SECRET[:8]]
+    with hostile_server({}) as srv:
+        img = f"{srv.base_url}/img"
+        images = [
+            {"url": f"{img}/ok.png"},
+            {"url": f"{img}/a.png?key={KEY}"},
+            {"url": f"{img}/b.png?id={KEY_ID}"},
+            {"url": f"{img}/c.png?s=%39{KEY_SECRET[1:]}"},  # '9' percent-encoded
+        ]
+        srv.script.update(
+            {
+                "echo-502": Answer(b"", status=502, reason=f"Bad Gateway (Bearer {KEY})"),
+                "echo-503": Answer(b"", status=503, reason=f"Busy {KEY_ID}"),
+                "echo-400": Answer(cut, status=400, reason="Bad Request"),
+                "echo-detail": Answer(json.dumps({"detail": cut}), status=400, reason="Bad"),
+                "echo-prompt": Answer(result_body(prompt=f"a cat, key {KEY} id {KEY_ID}")),
+                "echo-url": Answer(result_body(images=images)),
+            }
+        )
+        csv = write_ids(tmp_path / "e.csv", list(srv.script))
+        out = tmp_path / "out"
+        run = harvest(srv, out, csv, key=KEY, extra=["--auth-scheme", "key"])
+        assert run.returncode == ExitCode.INCOMPLETE, run.stderr
+        df = check_invariants(out, csv, run, key=KEY, secrets=partial)
+        # No URL that carries the key, or a part of it, went out.
+        sent = b"".join(head.split(b"\r\n", 1)[0] for head in srv.seen).decode()
+        assert "/img/ok.png" in sent
+        assert "/img/a.png" not in sent and "/img/b.png" not in sent and "/img/c.png" not in sent
+        url_rows = rows(df, "echo-url")
+        assert [r["status"] for r in url_rows] == ["ok", "failed", "failed", "failed"]
+        for r in url_rows[1:]:
+            assert "contains the API key" in str(r["error"]), r
+        [prompt] = rows(df, "echo-prompt")
+        assert prompt["prompt"] == "a cat, key *** id ***" and prompt["altered"] is True
+        report = tmp_path / "report.html"
+        html = harvest_report(out, report)
+        for secret in [KEY, *partial]:
+            assert secret not in html
+
+        # A 401 whose detail echoes the key id: not in stderr, nor in the run record.
+        srv.script["echo-401"] = Answer(
+            json.dumps({"detail": f"Key {KEY_ID} is not valid"}), status=401, reason="No"
+        )
+        csv2 = write_ids(tmp_path / "e2.csv", ["echo-401"])
+        run = harvest(srv, tmp_path / "out2", csv2, key=KEY)
+        assert run.returncode == ExitCode.AUTH, run.stderr
+        assert "refused the key" in run.stderr
+        record = (tmp_path / "out2" / "runs").glob("*.json")
+        for text in [run.stdout, run.stderr, *(p.read_text() for p in record)]:
+            for secret in [KEY, *partial]:
+                assert secret not in text
+
+
+def harvest_report(out: Path, report: Path) -> str:
+    import subprocess
+    import sys
+
+    from tests.processes import harvester_env
+
+    subprocess.run(
+        [sys.executable, "-m", "harvester", "report", str(out), "--html", str(report)],
+        check=True,
+        capture_output=True,
+        env=harvester_env(None),
+        timeout=120,
+    )
+    return report.read_text()

@@ -10,6 +10,9 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import unquote
+
+from harvester.redact import contains_secret, redact
 
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
@@ -30,6 +33,8 @@ class ImageRef:
     width: int | None
     height: int | None
     has_nsfw_concept: bool | None
+    refused: str | None = None
+    """Why this image is not to be fetched (its row is ``failed`` with this reason)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,8 @@ class Result:
     images: tuple[ImageRef, ...]
     note: str | None = None
     """A non-fatal oddity worth recording (e.g. fewer NSFW flags than images)."""
+    altered: bool = False
+    """A stored text is not what the relay sent (the key masked, ...); ``note`` says which."""
 
 
 def _kind(value: object) -> str:
@@ -54,17 +61,28 @@ def _optional_int(item: dict[str, Any], key: str) -> int | None:
     return None
 
 
-def parse_result(body: bytes) -> Result:
-    """Parse and check a 200 body; raises ``ResultShapeError`` (or ``ValueError`` for bad JSON)."""
+KEY_IN_URL: Final = (
+    "the image URL contains the API key (or a part of it): not fetched, so the key is not "
+    "sent to the image host; the URL is stored with the key masked. Ask the relay's operator "
+    "why it puts the key in its URLs"
+)
+
+
+def parse_result(body: bytes, *, secrets: tuple[str, ...] = ()) -> Result:
+    """Parse and check a 200 body; raises ``ResultShapeError`` (or ``ValueError`` for bad JSON).
+
+    ``secrets`` (``redact.secret_parts`` of the key) are masked in every stored text, and an
+    image whose URL holds one is refused: a relay that echoes the key must not publish it.
+    """
     try:
-        return _parse_result(body)
+        return _parse_result(body, secrets)
     except RecursionError as exc:
         # Thousands of nested brackets: json's decoder (or encoder) runs out of stack. The
         # same answer comes every night, so it is the row's error, not a retry.
         raise ResultShapeError(f"result is JSON {TOO_DEEP}") from exc
 
 
-def _parse_result(body: bytes) -> Result:
+def _parse_result(body: bytes, secrets: tuple[str, ...]) -> Result:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -100,6 +118,15 @@ def _parse_result(body: bytes) -> Result:
         else None
     )
 
+    notes: list[str] = []
+    masked: list[str] = []
+
+    def mask(name: str, text: str) -> str:
+        clean = redact(text, secrets)
+        if clean != text and name not in masked:
+            masked.append(name)
+        return clean
+
     refs: list[ImageRef] = []
     for index, item in enumerate(images):
         if not isinstance(item, dict):
@@ -109,26 +136,41 @@ def _parse_result(body: bytes) -> Result:
             raise ResultShapeError(f"images[{index}].url is {_kind(url)}, expected a string")
         content_type = item.get("content_type")
         flag = flags[index] if index < len(flags) else None
+        refused = None
+        if secrets and contains_secret(url, secrets):
+            refused = KEY_IN_URL
+            url = redact(url, secrets)
+            if contains_secret(url, secrets):  # percent-encoded
+                url = redact(unquote(url), secrets)
         refs.append(
             ImageRef(
                 index=index,
                 url=url,
-                content_type=content_type if isinstance(content_type, str) else None,
+                refused=refused,
+                content_type=mask("content_type", content_type)
+                if isinstance(content_type, str)
+                else None,
                 width=_optional_int(item, "width"),
                 height=_optional_int(item, "height"),
                 has_nsfw_concept=flag if isinstance(flag, bool) else None,
             )
         )
-    note = None
     if len(flags) != len(refs):
-        note = f"has_nsfw_concepts has {len(flags)} entries for {len(refs)} images"
+        notes.append(f"has_nsfw_concepts has {len(flags)} entries for {len(refs)} images")
+    timings_text = None if timings is None else json.dumps(timings, ensure_ascii=False)
+    if secrets:
+        prompt = None if prompt is None else mask("prompt", prompt)
+        timings_text = None if timings_text is None else mask("timings", timings_text)
+    if masked:
+        notes.append(f"the API key was masked in {', '.join(masked)}")
     return Result(
         seed=seed,
         prompt=prompt,
-        timings=None if timings is None else json.dumps(timings, ensure_ascii=False),
+        timings=timings_text,
         inference_seconds=inference_seconds,
         images=tuple(refs),
-        note=note,
+        note="; ".join(notes) or None,
+        altered=bool(masked),
     )
 
 

@@ -237,6 +237,7 @@ class Lane:
             timings=result.timings,
             inference_seconds=result.inference_seconds,
             image_count=len(result.images),
+            altered=result.altered,
         )
         if not result.images:
             return [ManifestRow(request_status=outcome.status, status=outcome.status, **head)]
@@ -246,6 +247,9 @@ class Lane:
         assert store is not None, "use the lane inside opened()"
 
         async def download(ref: ImageRef) -> None:
+            if ref.refused is not None:
+                stored[ref.index] = ImageFailure(FAILED, ref.refused, None, 0)
+                return
             async with self.download_slots:
                 stored[ref.index] = await store.store(ref.url)
 
