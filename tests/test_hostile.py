@@ -157,3 +157,38 @@ def harvest_report(out: Path, report: Path) -> str:
         timeout=120,
     )
     return report.read_text()
+
+
+def test_seeds_of_any_size_are_kept_and_timings_are_valid_json(tmp_path: Path) -> None:
+    seeds = {
+        "seed-small": "7",
+        "seed-max": str(2**63 - 1),
+        "seed-2-63": str(2**63),
+        "seed-2-64-5": str(2**64 + 5),
+        "seed-1e30": str(10**30),
+        "seed-neg": str(-(2**63) - 1),
+        "seed-huge": "9" * 5000,  # past Python's 4,300-digit int parsing limit
+    }
+    with hostile_server({}) as srv:
+        for rid, seed in seeds.items():
+            srv.script[rid] = Answer('{"images": [], "prompt": "p", "seed": ' + seed + "}")
+        srv.script["inf-timings"] = Answer(
+            '{"images": [], "seed": 1, "timings": {"inference": 1e400, "x": NaN, "y": 0.5}}'
+        )
+        csv = write_ids(tmp_path / "e.csv", list(srv.script))
+        out = tmp_path / "out"
+        run = harvest(srv, out, csv, key=KEY)
+        assert run.returncode == ExitCode.OK, run.stderr
+        df = check_invariants(out, csv, run, key=KEY)
+        for rid, seed in seeds.items():
+            [row] = rows(df, rid)
+            assert row["status"] == "ok", row
+            assert row["seed_text"] == seed
+            fits = len(seed) < 30 and -(2**63) <= int(seed) < 2**63
+            assert row["seed"] == (int(seed) if fits else None)
+        [inf] = rows(df, "inf-timings")
+        assert json.loads(str(inf["timings"])) == {"inference": None, "x": None, "y": 0.5}
+        assert inf["inference_seconds"] is None and inf["altered"] is True
+        assert "non-finite numbers in timings stored as null" in str(inf["error"])
+        decoded = df["timings"].str.json_decode(pl.Struct({"inference": pl.Float64}))
+        assert decoded.len() == df.height

@@ -39,7 +39,10 @@ class ImageRef:
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    seed: int
+    seed: int | None
+    """The seed when it fits in 64 bits (the manifest's ``seed`` is int64), else None."""
+    seed_text: str
+    """The seed's exact decimal digits, whatever its size."""
     prompt: str | None
     timings: str | None
     inference_seconds: float | None
@@ -87,6 +90,10 @@ def _parse_result(body: bytes, secrets: tuple[str, ...]) -> Result:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"result is not valid JSON ({exc})") from exc
+    except ValueError:
+        # An integer of more than 4,300 digits (Python's limit on parsing them): kept as
+        # its digits, read again without the limit only for this rare body.
+        data = json.loads(body, parse_int=_integer)
     if not isinstance(data, dict):
         raise ResultShapeError(f"result is a JSON {_kind(data)}, expected an object")
 
@@ -94,10 +101,13 @@ def _parse_result(body: bytes, secrets: tuple[str, ...]) -> Result:
     if not isinstance(images, list):
         raise ResultShapeError(f"'images' is {_kind(images)}, expected a list")
     seed = data.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if isinstance(seed, _Digits):
+        seed_text, seed = str(seed), None
+    elif isinstance(seed, int) and not isinstance(seed, bool):
+        seed_text = str(seed)
+        seed = seed if INT64_MIN <= seed <= INT64_MAX else None
+    else:
         raise ResultShapeError(f"'seed' is {_kind(seed)}, expected an integer")
-    if not INT64_MIN <= seed <= INT64_MAX:
-        raise ResultShapeError(f"'seed' {seed} does not fit in 64 bits")
     prompt = data.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise ResultShapeError(f"'prompt' is {_kind(prompt)}, expected a string")
@@ -120,6 +130,7 @@ def _parse_result(body: bytes, secrets: tuple[str, ...]) -> Result:
 
     notes: list[str] = []
     masked: list[str] = []
+    altered = False
 
     def mask(name: str, text: str) -> str:
         clean = redact(text, secrets)
@@ -157,7 +168,14 @@ def _parse_result(body: bytes, secrets: tuple[str, ...]) -> Result:
         )
     if len(flags) != len(refs):
         notes.append(f"has_nsfw_concepts has {len(flags)} entries for {len(refs)} images")
-    timings_text = None if timings is None else json.dumps(timings, ensure_ascii=False)
+    timings_text = None
+    if timings is not None:
+        try:
+            timings_text = json.dumps(timings, ensure_ascii=False, allow_nan=False)
+        except ValueError:  # 1e400, NaN or Infinity: not JSON, and json_decode rejects it
+            timings_text = json.dumps(_finite(timings), ensure_ascii=False)
+            notes.append("non-finite numbers in timings stored as null")
+            altered = True
     if secrets:
         prompt = None if prompt is None else mask("prompt", prompt)
         timings_text = None if timings_text is None else mask("timings", timings_text)
@@ -165,13 +183,35 @@ def _parse_result(body: bytes, secrets: tuple[str, ...]) -> Result:
         notes.append(f"the API key was masked in {', '.join(masked)}")
     return Result(
         seed=seed,
+        seed_text=seed_text,
         prompt=prompt,
         timings=timings_text,
         inference_seconds=inference_seconds,
         images=tuple(refs),
         note="; ".join(notes) or None,
-        altered=bool(masked),
+        altered=altered or bool(masked),
     )
+
+
+class _Digits(str):
+    """A JSON integer too long for Python to parse, as its digits."""
+
+    __slots__ = ()
+
+
+def _integer(text: str) -> int | str:
+    return _Digits(text) if len(text) > 4000 else int(text)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def error_detail(body: bytes) -> str | None:

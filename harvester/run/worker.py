@@ -233,6 +233,7 @@ class Lane:
             return [ManifestRow(request_status=outcome.status, status=outcome.status, **head)]
         head.update(
             seed=result.seed,
+            seed_text=result.seed_text,
             prompt=result.prompt,
             timings=result.timings,
             inference_seconds=result.inference_seconds,

@@ -68,6 +68,7 @@ SCHEMA: Final = pa.schema(
         pa.field("has_nsfw_concept", pa.bool_()),
         pa.field("timings", pa.string()),
         pa.field("inference_seconds", pa.float64()),
+        pa.field("seed_text", pa.string()),
         pa.field("altered", pa.bool_()),
     ]
 )
@@ -75,10 +76,12 @@ SCHEMA: Final = pa.schema(
 
 ``status`` is the row's own outcome; ``request_status`` is the request's overall outcome
 (ok only when every row of the request is ok), repeated on each of its rows. ``timings`` is the
-result's ``timings`` object as JSON text, kept losslessly; ``image_url`` holds only the media
-type for a ``data:`` URI, never its payload. ``altered`` is true when a stored text is not what
-the relay sent: text that is not valid Unicode (a lone surrogate) stored repaired with U+FFFD,
-and the like; ``error`` then says what was altered (null in parts written before the column).
+result's ``timings`` object as JSON text (non-finite numbers as null); ``image_url`` holds only
+the media type for a ``data:`` URI, never its payload. ``seed`` is the result's seed when it
+fits in int64, else null; ``seed_text`` always holds its exact decimal digits (relays send
+seeds of 2^64 and more). ``altered`` is true when a stored text is not what the relay sent
+(text that is not valid Unicode stored with U+FFFD, the key masked, ...); ``error`` then says
+what was altered. Both are null in parts written before they existed.
 """
 
 
