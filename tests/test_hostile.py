@@ -192,3 +192,46 @@ def test_seeds_of_any_size_are_kept_and_timings_are_valid_json(tmp_path: Path) -
         assert "non-finite numbers in timings stored as null" in str(inf["error"])
         decoded = df["timings"].str.json_decode(pl.Struct({"inference": pl.Float64}))
         assert decoded.len() == df.height
+
+
+def test_sizes_are_capped_per_result_and_per_text(tmp_path: Path) -> None:
+    import base64
+
+    from harvester.api.results import MAX_IMAGES_PER_RESULT, MAX_TEXT_CHARS
+    from tests.hostile import IMAGE
+
+    data_uri = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+    many = MAX_IMAGES_PER_RESULT + 7
+    with hostile_server({}) as srv:
+        srv.script.update(
+            {
+                "many-images": Answer(result_body(images=[{"url": data_uri}] * many)),
+                "big-prompt": Answer(result_body(prompt="p" * 1_000_000)),
+                "big-detail": Answer(json.dumps({"detail": "d" * 1_000_000}), status=400),
+                "big-type": Answer(
+                    result_body(images=[{"url": data_uri, "content_type": "t" * 100_000}])
+                ),
+                "big-timings": Answer(result_body(timings={"x": "t" * 1_000_000})),
+            }
+        )
+        csv = write_ids(tmp_path / "e.csv", list(srv.script))
+        out = tmp_path / "out"
+        run = harvest(srv, out, csv, key=KEY)
+        assert run.returncode == ExitCode.INCOMPLETE, run.stderr
+        df = check_invariants(out, csv, run, key=KEY)
+    images = rows(df, "many-images")
+    assert len(images) == many
+    assert [r["status"] for r in images].count("ok") == MAX_IMAGES_PER_RESULT
+    rest = images[MAX_IMAGES_PER_RESULT:]
+    assert {r["status"] for r in rest} == {"failed"}
+    assert f"only the first {MAX_IMAGES_PER_RESULT:,} are fetched" in str(rest[0]["error"])
+    [prompt] = rows(df, "big-prompt")
+    assert prompt["status"] == "ok" and prompt["altered"] is True
+    assert prompt["prompt"] == "p" * MAX_TEXT_CHARS
+    assert "prompt truncated to 65,536 of 1,000,000 characters" in str(prompt["error"])
+    [detail] = rows(df, "big-detail")
+    assert detail["status"] == "failed" and len(str(detail["error"])) <= MAX_TEXT_CHARS + 100
+    [ctype] = rows(df, "big-type")
+    assert ctype["status"] == "ok" and len(str(ctype["content_type"])) <= MAX_TEXT_CHARS
+    [timings] = rows(df, "big-timings")
+    assert timings["timings"] is None and "timings" in str(timings["error"])

@@ -14,7 +14,13 @@ from typing import Final
 import httpx
 
 from harvester.api.ratelimit import RateLimiter
-from harvester.api.results import Result, ResultShapeError, error_detail, parse_result
+from harvester.api.results import (
+    MAX_TEXT_CHARS,
+    Result,
+    ResultShapeError,
+    error_detail,
+    parse_result,
+)
 from harvester.api.retry import (
     RETRY_AFTER_STATUS,
     RETRYABLE_STATUS,
@@ -190,7 +196,7 @@ class ResultFetcher:
         status = response.status_code
         detail = error_detail(body) if status != 200 or b'"detail"' in body[:200] else None
         if detail is not None:
-            detail = redact(detail, self._secrets)
+            detail = clip(detail, MAX_TEXT_CHARS, self._secrets)
         if detail is not None and IN_PROGRESS in detail.lower():
             self._limiter.on_success()
             return FetchOutcome(PENDING, status, attempt, detail)

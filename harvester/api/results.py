@@ -18,6 +18,12 @@ INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
 
 
+MAX_IMAGES_PER_RESULT: Final = 1_000
+"""Images fetched per result at most; the rest are failed rows with the reason. (One result
+with 100,000 images was fetched whole.)"""
+MAX_TEXT_CHARS: Final = 65_536
+"""A stored text (prompt, timings, content_type, an error's detail) is cut to this many
+characters; the row says so. (Forty results with 60 MB prompts took 8.1 GB.)"""
 TOO_DEEP: Final = "nested too deeply to read (a relay's answer is not a result)"
 
 
@@ -71,21 +77,29 @@ KEY_IN_URL: Final = (
 )
 
 
-def parse_result(body: bytes, *, secrets: tuple[str, ...] = ()) -> Result:
+def parse_result(
+    body: bytes,
+    *,
+    secrets: tuple[str, ...] = (),
+    max_images: int = MAX_IMAGES_PER_RESULT,
+    max_text: int = MAX_TEXT_CHARS,
+) -> Result:
     """Parse and check a 200 body; raises ``ResultShapeError`` (or ``ValueError`` for bad JSON).
 
     ``secrets`` (``redact.secret_parts`` of the key) are masked in every stored text, and an
     image whose URL holds one is refused: a relay that echoes the key must not publish it.
+    Images past ``max_images`` are refused, texts cut to ``max_text`` characters (``timings``,
+    which a cut would make invalid JSON, is then not stored); ``note`` says so.
     """
     try:
-        return _parse_result(body, secrets)
+        return _parse_result(body, secrets, max_images, max_text)
     except RecursionError as exc:
         # Thousands of nested brackets: json's decoder (or encoder) runs out of stack. The
         # same answer comes every night, so it is the row's error, not a retry.
         raise ResultShapeError(f"result is JSON {TOO_DEEP}") from exc
 
 
-def _parse_result(body: bytes, secrets: tuple[str, ...]) -> Result:
+def _parse_result(body: bytes, secrets: tuple[str, ...], max_images: int, max_text: int) -> Result:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -132,10 +146,17 @@ def _parse_result(body: bytes, secrets: tuple[str, ...]) -> Result:
     masked: list[str] = []
     altered = False
 
+    cut: dict[str, int] = {}
+
     def mask(name: str, text: str) -> str:
-        clean = redact(text, secrets)
+        """``text`` with the key masked, then cut to ``max_text`` characters (in that order:
+        a cut first could leave the head of the key that no longer matches it)."""
+        clean = redact(text, secrets) if secrets else text
         if clean != text and name not in masked:
             masked.append(name)
+        if len(clean) > max_text:
+            cut[name] = max(cut.get(name, 0), len(clean))
+            clean = clean[:max_text]
         return clean
 
     refs: list[ImageRef] = []
@@ -148,6 +169,14 @@ def _parse_result(body: bytes, secrets: tuple[str, ...]) -> Result:
         content_type = item.get("content_type")
         flag = flags[index] if index < len(flags) else None
         refused = None
+        if index >= max_images:
+            refused = (
+                f"the result has {len(images):,} images; only the first {max_images:,} are "
+                "fetched (the cap per result)"
+            )
+        elif len(url) > max_text and url[:5].lower() != "data:":
+            refused = f"the image URL is longer than {max_text:,} characters: not fetched"
+            url = url[:max_text]
         if secrets and contains_secret(url, secrets):
             refused = KEY_IN_URL
             url = redact(url, secrets)
@@ -176,11 +205,17 @@ def _parse_result(body: bytes, secrets: tuple[str, ...]) -> Result:
             timings_text = json.dumps(_finite(timings), ensure_ascii=False)
             notes.append("non-finite numbers in timings stored as null")
             altered = True
-    if secrets:
-        prompt = None if prompt is None else mask("prompt", prompt)
-        timings_text = None if timings_text is None else mask("timings", timings_text)
+    prompt = None if prompt is None else mask("prompt", prompt)
+    if timings_text is not None and len(timings_text) > max_text:
+        notes.append(f"timings of {len(timings_text):,} characters not stored (cap {max_text:,})")
+        timings_text, altered = None, True
+    elif timings_text is not None:
+        timings_text = mask("timings", timings_text)
     if masked:
         notes.append(f"the API key was masked in {', '.join(masked)}")
+    for name, length in cut.items():
+        notes.append(f"{name} truncated to {max_text:,} of {length:,} characters")
+    altered = altered or bool(masked) or bool(cut)
     return Result(
         seed=seed,
         seed_text=seed_text,
@@ -189,7 +224,7 @@ def _parse_result(body: bytes, secrets: tuple[str, ...]) -> Result:
         inference_seconds=inference_seconds,
         images=tuple(refs),
         note="; ".join(notes) or None,
-        altered=altered or bool(masked),
+        altered=altered,
     )
 
 

@@ -2,8 +2,9 @@
 
 The manifest is a dataset of immutable part files, ``DIR/manifest/<run_id>/part-NNNNN.parquet``.
 Each part is written to a temp file and renamed into place, so a reader (or a crash) never
-sees a half-written one; a run flushes a part every ``rows_per_part`` rows or
-``seconds_per_part`` seconds, so a crash loses a bounded amount of finished work.
+sees a half-written one; a run flushes a part every ``rows_per_part`` rows, ``bytes_per_part``
+bytes of text or ``seconds_per_part`` seconds, so a crash loses a bounded amount of finished
+work and memory stays bounded whatever the rows hold.
 """
 
 from __future__ import annotations
@@ -152,12 +153,15 @@ class ManifestWriter:
         *,
         rows_per_part: int = 5_000,
         seconds_per_part: float = 30.0,
+        bytes_per_part: int = 64_000_000,
         autoflush: bool = True,
     ) -> None:
         self._layout = layout
         self._run_dir = layout.manifest / run_id
         self._rows_per_part = rows_per_part
         self._seconds_per_part = seconds_per_part
+        self._bytes_per_part = bytes_per_part
+        self._bytes = 0
         self._autoflush = autoflush
         self._buffer: list[ManifestRow] = []
         self._parts = 0
@@ -175,10 +179,14 @@ class ManifestWriter:
         if not self._buffer or self._writing:
             return False
         late = time.monotonic() - self._last_flush >= self._seconds_per_part
-        return late or len(self._buffer) >= self._rows_per_part
+        full = self._bytes >= self._bytes_per_part
+        return late or full or len(self._buffer) >= self._rows_per_part
 
     def add(self, rows: Iterable[ManifestRow]) -> None:
+        start = len(self._buffer)
         self._buffer.extend(rows)
+        for row in self._buffer[start:]:
+            self._bytes += _text_size(row)
         if self._autoflush and self.due:
             self.flush()
 
@@ -202,6 +210,7 @@ class ManifestWriter:
 
     def _take(self) -> list[ManifestRow]:
         rows, self._buffer = self._buffer, []
+        self._bytes = 0
         self._last_flush = time.monotonic()
         self._writing = True
         return rows
@@ -221,10 +230,23 @@ class ManifestWriter:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             self._buffer[:0] = rows  # kept for the final flush to try again
+            self._bytes += sum(_text_size(row) for row in rows)
             raise OutputError(f"cannot write manifest part {final}: {exc.strerror or exc}") from exc
         self._parts += 1
         self.rows_written += len(rows)
         _give_back_memory()
+
+
+def _text_size(row: ManifestRow) -> int:
+    """About what a row's long texts take in a part being built (a few fixed-size columns
+    aside): rows with huge prompts must not wait for ``rows_per_part`` to be written."""
+    return (
+        len(row.prompt or "")
+        + len(row.timings or "")
+        + len(row.error or "")
+        + len(row.image_url or "")
+        + len(row.content_type or "")
+    )
 
 
 def _give_back_memory() -> None:
