@@ -235,3 +235,43 @@ def test_sizes_are_capped_per_result_and_per_text(tmp_path: Path) -> None:
     assert ctype["status"] == "ok" and len(str(ctype["content_type"])) <= MAX_TEXT_CHARS
     [timings] = rows(df, "big-timings")
     assert timings["timings"] is None and "timings" in str(timings["error"])
+
+
+def test_a_symlinked_tmp_is_refused_and_its_target_kept(tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tmp").symlink_to(target)
+    with hostile_server({"fine-3": Answer(result_body())}) as srv:
+        csv = write_ids(tmp_path / "e.csv", ["fine-3"])
+        run = harvest(srv, out, csv, key=KEY)
+    assert run.returncode == ExitCode.OUTPUT, run.stderr
+    assert f"{out / '.tmp'} is a symbolic link" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_the_report_never_follows_links_out_of_dir_and_caps_prompts(tmp_path: Path) -> None:
+    import base64
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"\x89PNG\r\n\x1a\n" + b"private bytes of someone else " * 20)
+    with hostile_server({}) as srv:
+        srv.script["img-1"] = Answer(
+            result_body(images=[{"url": f"{srv.base_url}/img/x.png"}], prompt="q" * 300_000)
+        )
+        csv = write_ids(tmp_path / "e.csv", ["img-1"])
+        out = tmp_path / "out"
+        run = harvest(srv, out, csv, key=KEY)
+        assert run.returncode == ExitCode.OK, run.stderr
+        df = check_invariants(out, csv, run, key=KEY)
+    [row] = rows(df, "img-1")
+    stored = out / str(row["path"])
+    stored.unlink()
+    stored.symlink_to(outside)
+    html = harvest_report(out, tmp_path / "report.html")
+    assert base64.b64encode(outside.read_bytes()).decode()[:40] not in html
+    assert "links out of the output folder" in html
+    assert "q" * 2_000 not in html and len(html) < 200_000
