@@ -275,3 +275,21 @@ def test_the_report_never_follows_links_out_of_dir_and_caps_prompts(tmp_path: Pa
     assert base64.b64encode(outside.read_bytes()).decode()[:40] not in html
     assert "links out of the output folder" in html
     assert "q" * 2_000 not in html and len(html) < 200_000
+
+
+def test_an_unterminated_quote_in_the_export_loses_no_other_row(tmp_path: Path) -> None:
+    ids = [f"q-{i:04d}" for i in range(300)]
+    csv = tmp_path / "e.csv"
+    lines = [f"fal-ai/flux,{rid}" for rid in ids]
+    lines[48] = 'fal-ai/flux,"q-broken'  # line 50 of the file; the quote is never closed
+    csv.write_text("model,request_id\n" + "\n".join(lines) + "\n")
+    with hostile_server({rid: Answer(result_body()) for rid in ids}) as srv:
+        run = harvest(srv, tmp_path / "out", csv, key=KEY)
+    assert run.returncode == ExitCode.INCOMPLETE, run.stderr
+    assert "Traceback" not in run.stderr
+    df = pl.read_parquet(str(tmp_path / "out" / "manifest" / "**" / "*.parquet"))
+    ok = set(df.filter(pl.col("status") == "ok")["request_id"])
+    assert ok == {rid for i, rid in enumerate(ids) if i != 48}
+    [bad] = df.filter(pl.col("status") == "invalid").to_dicts()
+    assert bad["source_line"] == 50
+    assert "opened on line 50 runs to line 301" in str(bad["error"])
