@@ -177,7 +177,8 @@ def _parse_result(body: bytes, secrets: tuple[str, ...], max_images: int, max_te
         elif len(url) > max_text and url[:5].lower() != "data:":
             refused = f"the image URL is longer than {max_text:,} characters: not fetched"
             url = url[:max_text]
-        if secrets and contains_secret(url, secrets):
+        # A data: URI goes to no host and only its media type is stored: not scanned (MBs).
+        if secrets and url[:5].lower() != "data:" and contains_secret(url, secrets):
             refused = KEY_IN_URL
             url = redact(url, secrets)
             if contains_secret(url, secrets):  # percent-encoded
