@@ -50,6 +50,20 @@ def test_writer_flushes_parts_by_rows_and_keeps_schema(tmp_path: Path) -> None:
     assert list(layout.tmp.iterdir()) == []
 
 
+def test_writer_flushes_parts_by_bytes_too(tmp_path: Path) -> None:
+    """Forty results with 60 MB prompts reached 8.1 GB before a part was due by rows."""
+    layout = Layout(tmp_path)
+    layout.prepare()
+    writer = ManifestWriter(
+        layout, "r1", rows_per_part=1000, seconds_per_part=3600, bytes_per_part=100_000
+    )
+    for i in range(6):
+        writer.add([row("r1", f"id-{i}", prompt="p" * 40_000)])
+    assert writer.parts_written == 2  # at 3 rows (120 KB), then again with the next 3
+    writer.flush()
+    assert pl.read_parquet(manifest.manifest_glob(tmp_path)).height == 6
+
+
 def test_ok_pairs_and_latest_state(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     layout.prepare()

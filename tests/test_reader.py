@@ -215,3 +215,56 @@ def test_pair_set_grows_and_keeps_zero_apart() -> None:
     many = [reader.pair_key("m/a", str(i)) for i in range(10_000)]
     pairs = reader.PairSet(many)
     assert len(pairs) == 10_000 and all(k in pairs for k in many)
+
+
+def test_an_unterminated_quote_past_the_field_limit_loses_one_line_only(tmp_path: Path) -> None:
+    """One stray quote in a 30,001-row export swallowed every row up to the field limit."""
+    ids = [f"req-{i:06d}" for i in range(30_000)]
+    lines = [f"fal-ai/flux,{rid}" for rid in ids]
+    lines[99] = 'fal-ai/flux,"req-broken'  # line 101 of the file
+    path = write(tmp_path, "model,request_id\n" + "\n".join(lines) + "\n")
+
+    found = items(path)
+
+    bad = [i for i in found if isinstance(i, BadRow)]
+    assert len(bad) == 1 and bad[0].line == 101
+    assert "unterminated quote" in bad[0].reason
+    end = int(bad[0].reason.split("runs to line ")[1].split(" ")[0])
+    assert end > 10_000  # the field limit stopped it, far away
+    assert f"lines 102-{end} are read again" in bad[0].reason
+    assert pairs(found) == [("fal-ai/flux", rid) for i, rid in enumerate(ids) if i != 99]
+    assert reader.inspect([path])[0].rows == 30_000
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ids=st.lists(
+        st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12),
+        min_size=1,
+        max_size=40,
+        unique=True,
+    ),
+    where=st.integers(min_value=0),
+    closing=st.booleans(),
+)
+def test_a_stray_quote_never_loses_another_row(
+    tmp_path: Path, ids: list[str], where: int, closing: bool
+) -> None:
+    """Wherever a row opens a quote it never closes (or closes on a later line), every other
+    row is still read, and the bad row names the lines it swallowed."""
+    broken = where % len(ids)
+    lines = [f"fal-ai/flux,{rid}" for rid in ids]
+    lines[broken] = 'fal-ai/flux,"stray'
+    if closing and broken + 2 < len(lines):
+        lines[broken + 2] = 'fal-ai/flux,x"y'  # a quote on a later line closes the field
+    path = write(tmp_path, "model,request_id\n" + "\n".join(lines) + "\n")
+
+    found = items(path)
+
+    kept = {
+        ("fal-ai/flux", rid) for i, rid in enumerate(ids) if i != broken and '"' not in lines[i]
+    }
+    assert kept <= set(pairs(found))
+    if broken + 1 < len(lines):  # a quote on the last line swallows nothing
+        [bad] = [i for i in found if isinstance(i, BadRow) and i.line == broken + 2]
+        assert "unterminated quote" in bad.reason and f"on line {broken + 2} runs" in bad.reason

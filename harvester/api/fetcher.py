@@ -14,7 +14,13 @@ from typing import Final
 import httpx
 
 from harvester.api.ratelimit import RateLimiter
-from harvester.api.results import Result, ResultShapeError, error_detail, parse_result
+from harvester.api.results import (
+    MAX_TEXT_CHARS,
+    Result,
+    ResultShapeError,
+    error_detail,
+    parse_result,
+)
 from harvester.api.retry import (
     RETRY_AFTER_STATUS,
     RETRYABLE_STATUS,
@@ -26,7 +32,7 @@ from harvester.api.retry import (
 )
 from harvester.api.urls import result_url
 from harvester.errors import AuthError, UnreachableError
-from harvester.redact import redact, secret_parts
+from harvester.redact import clip, redact, secret_parts
 from harvester.storage.rows import ERROR, FAILED, NOT_FOUND, OK, PENDING
 from harvester.units import size
 
@@ -75,10 +81,12 @@ class FetchOutcome:
     result: Result | None = None
 
 
-def _snippet(body: bytes, limit: int = 120) -> str:
-    text = body[: limit * 8].decode("utf-8", "replace").strip()
-    text = " ".join(text.split())
-    return text[:limit] + ("..." if len(text) > limit else "")
+def _snippet(body: bytes, secrets: tuple[str, ...], limit: int = 120) -> str:
+    """The head of a body as one line, redacted before it is cut (a cut first could leave
+    the head of a secret that no longer matches it)."""
+    window = limit * 8
+    text = " ".join(body[:window].decode("utf-8", "replace").split())
+    return clip(text, limit, secrets, cut=len(body) > window)
 
 
 def plain_headers(client: httpx.AsyncClient) -> dict[str, str]:
@@ -190,21 +198,22 @@ class ResultFetcher:
         status = response.status_code
         detail = error_detail(body) if status != 200 or b'"detail"' in body[:200] else None
         if detail is not None:
-            detail = redact(detail, self._secrets)
+            detail = clip(detail, MAX_TEXT_CHARS, self._secrets)
         if detail is not None and IN_PROGRESS in detail.lower():
             self._limiter.on_success()
             return FetchOutcome(PENDING, status, attempt, detail)
         if status == 200 and detail is None:  # the common case: a result
             self._limiter.on_success()
             return self._result(body, attempt)
-        snippet = redact(_snippet(body), self._secrets)
+        snippet = _snippet(body, self._secrets)
         if status in RETRYABLE_STATUS:
             retry_after = None
             if status in RETRY_AFTER_STATUS:
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
             if status == 429:
                 self._limiter.on_throttled()
-            reason = f"HTTP {status}: {detail or snippet or response.reason_phrase}"
+            phrase = clip(response.reason_phrase, 120, self._secrets)
+            reason = f"HTTP {status}: {detail or snippet or phrase}"
             raise TransientError(reason, http_status=status, retry_after=retry_after)
         if status in (401, 403):
             raise AuthError(
@@ -231,7 +240,7 @@ class ResultFetcher:
 
     def _result(self, body: bytes, attempt: int) -> FetchOutcome:
         try:
-            result = parse_result(body)
+            result = parse_result(body, secrets=self._secrets)
         except ResultShapeError as exc:
             return FetchOutcome(ERROR, 200, attempt, f"result has the wrong shape: {exc}")
         except ValueError as exc:

@@ -143,23 +143,47 @@ def _clean(value: str) -> str:
 class _Lines:
     """Feeds the csv module physical lines, cutting any line longer than ``MAX_LINE_CHARS``
     (the rest of it is skipped and its line number remembered) so one giant line cannot
-    exhaust memory."""
+    exhaust memory.
+
+    It keeps the lines of the record being parsed (at most the csv field limit's worth), so
+    that a record found to have swallowed the lines after it (an unterminated quote) can
+    have them read again."""
 
     def __init__(self, fh: TextIO) -> None:
         self._fh = fh
+        self._read = 0
         self.line_no = 0
         self.too_long: set[int] = set()
+        self.record: list[tuple[int, str]] = []
+        """``(line number, text)`` of each line of the record being parsed."""
+        self._again: list[tuple[int, str]] = []
+        """Lines to hand out again before reading on, the next one last."""
 
     def __iter__(self) -> Iterator[str]:
         return self
 
+    def next_record(self) -> None:
+        self.record = []
+
+    def read_again(self, lines: Sequence[tuple[int, str]]) -> None:
+        self._again.extend(reversed(lines))
+
     def __next__(self) -> str:
+        if self._again:
+            self.line_no, line = self._again.pop()
+        else:
+            line = self._physical()
+            self.line_no = self._read
+        self.record.append((self.line_no, line))
+        return line
+
+    def _physical(self) -> str:
         line = self._fh.readline(MAX_LINE_CHARS)
         if not line:
             raise StopIteration
-        self.line_no += 1
+        self._read += 1
         if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
-            self.too_long.add(self.line_no)
+            self.too_long.add(self._read)
             while True:
                 rest = self._fh.readline(MAX_LINE_CHARS)
                 if not rest or rest.endswith("\n"):
@@ -205,23 +229,70 @@ def _header(path: Path, rows: Iterator[list[str]]) -> tuple[int, int, tuple[str,
 
 
 def _records(path: Path) -> Iterator[tuple[int, list[str] | None, str | None]]:
-    """Yield ``(line, cells, problem)`` for every data row, the header first (line 0)."""
+    """Yield ``(line, cells, problem)`` for every data row, the header first.
+
+    A quote that is never closed makes the csv module read the lines after it as one field,
+    up to the field limit or the end of the file. A record spanning lines is taken as such a
+    swallow when the csv module gives up on it, when its model or request_id cell holds a
+    line break (neither ever does), or when it spans more than ``MAX_RECORD_LINES`` lines:
+    its first line is then the bad row, naming the lines swallowed, and the lines after it
+    are read again. A quoted cell of another column may hold a few line breaks.
+    """
     with _open(path) as fh:
         lines = _Lines(fh)
         reader = csv.reader(lines)
+        key_columns: tuple[int, ...] | None = None
         while True:
+            lines.next_record()
             try:
                 cells = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
-                yield lines.line_no, None, f"unparseable CSV row: {exc}"
+                if len(lines.record) > 1:
+                    yield _swallowed(lines, str(exc))
+                else:
+                    yield lines.line_no, None, f"unparseable CSV row: {exc}"
                 continue
             line = lines.line_no
             if line in lines.too_long:
                 yield line, None, f"line longer than {MAX_LINE_CHARS} characters"
                 continue
+            if key_columns is None:
+                if any(cell.strip() for cell in cells):
+                    names = [_normalise_header(c) for c in cells]
+                    key_columns = tuple(i for i, n in enumerate(names) if n in (MODEL, REQUEST_ID))
+            elif len(lines.record) > 1:
+                why = _why_swallowed(cells, key_columns, len(lines.record))
+                if why is not None:
+                    yield _swallowed(lines, why)
+                    continue
             yield line, cells, None
+
+
+MAX_RECORD_LINES: Final = 100
+"""A record of more lines is an unterminated quote, not a multi-line cell."""
+
+
+def _why_swallowed(cells: list[str], key_columns: tuple[int, ...], span: int) -> str | None:
+    for i in key_columns:
+        if i < len(cells) and ("\n" in cells[i] or "\r" in cells[i]):
+            return "a model or request_id cell spans lines"
+    if span > MAX_RECORD_LINES:
+        return f"one record of more than {MAX_RECORD_LINES} lines"
+    return None
+
+
+def _swallowed(lines: _Lines, why: str) -> tuple[int, None, str]:
+    """The bad row for an unterminated quote; the lines after its first are read again."""
+    first, last = lines.record[0][0], lines.record[-1][0]
+    lines.read_again(lines.record[1:])
+    return (
+        first,
+        None,
+        f"unterminated quote: the quoted field opened on line {first} runs to line {last} "
+        f"({why}); line {first} is skipped, lines {first + 1}-{last} are read again",
+    )
 
 
 def inspect(paths: Sequence[Path]) -> list[InputFile]:

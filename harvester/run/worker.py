@@ -236,10 +236,12 @@ class Lane:
             return [ManifestRow(request_status=outcome.status, status=outcome.status, **head)]
         head.update(
             seed=result.seed,
+            seed_text=result.seed_text,
             prompt=result.prompt,
             timings=result.timings,
             inference_seconds=result.inference_seconds,
             image_count=len(result.images),
+            altered=result.altered,
         )
         if not result.images:
             return [ManifestRow(request_status=outcome.status, status=outcome.status, **head)]
@@ -249,6 +251,9 @@ class Lane:
         assert store is not None, "use the lane inside opened()"
 
         async def download(ref: ImageRef) -> None:
+            if ref.refused is not None:
+                stored[ref.index] = ImageFailure(FAILED, ref.refused, None, 0)
+                return
             async with self.download_slots:
                 stored[ref.index] = await store.store(ref.url)
 

@@ -194,6 +194,9 @@ class _Server:
             OSError,
         ):
             return  # the client went away
+        except Exception:  # a bug on one connection must not end the whole sandbox
+            logger.exception("sandbox bug on a connection; closed it")
+            self.counters.add("internal_errors")
 
     async def _requests(self, stream: SocketStream) -> None:
         """Answer requests on one connection until either side closes it."""

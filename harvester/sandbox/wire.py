@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 MAX_HEAD_BYTES: Final = 16_384
 """Request line plus headers; a larger head is answered 431 and the connection closed."""
@@ -106,6 +106,17 @@ def http_date() -> str:
     return _formatted_date(int(time.time()))
 
 
+_HEADER_SAFE: Final = "".join(chr(c) for c in range(0x20, 0x7F))
+
+
+def _header_value(value: str) -> str:
+    """``value`` as a header may carry it: printable ASCII as it is, anything else (a request
+    id with a check mark, CR LF, NUL) percent-encoded, never a crash nor a second header."""
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe=_HEADER_SAFE)
+
+
 def response_head(
     status: int,
     headers: tuple[tuple[str, str], ...],
@@ -117,7 +128,7 @@ def response_head(
     """Status line and headers, ending with the blank line; always with Content-Length."""
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Date: {http_date()}"]
     lines.append("Server: harvester-sandbox")
-    lines.extend(f"{name}: {value}" for name, value in headers)
+    lines.extend(f"{name}: {_header_value(value)}" for name, value in headers)
     lines.append(f"Content-Length: {content_length}")
     if not keep_alive:
         lines.append("Connection: close")

@@ -54,6 +54,7 @@ class Layout:
         """Create the folders and check the root is writable, with a clear error if not."""
         if self.root.exists() and not self.root.is_dir():
             raise OutputError(f"--out {self.root} is a file, not a folder; give a folder path")
+        self._refuse_linked_temp()
         try:
             for folder in (self.root, self.images, self.manifest, self.runs, self.tmp):
                 folder.mkdir(parents=True, exist_ok=True)
@@ -66,8 +67,18 @@ class Layout:
                 "check it exists, is writable by this user and has free space"
             ) from exc
 
+    def _refuse_linked_temp(self) -> None:
+        """DIR/.tmp is emptied at every run: as a link, it would empty whatever it points to."""
+        if self.tmp.is_symlink():
+            raise OutputError(
+                f"{self.tmp} is a symbolic link; the harvester empties that folder at the start "
+                "of every run, so it must be a real folder inside the output folder. Remove the "
+                "link (not its target) and run again"
+            )
+
     def clean_temp(self) -> int:
         """Remove temp files a dead run left behind; returns how many. Call with the lock held."""
+        self._refuse_linked_temp()
         removed = 0
         if not self.tmp.is_dir():
             return 0

@@ -2,8 +2,9 @@
 
 The manifest is a dataset of immutable part files, ``DIR/manifest/<run_id>/part-NNNNN.parquet``.
 Each part is written to a temp file and renamed into place, so a reader (or a crash) never
-sees a half-written one; a run flushes a part every ``rows_per_part`` rows or
-``seconds_per_part`` seconds, so a crash loses a bounded amount of finished work.
+sees a half-written one; a run flushes a part every ``rows_per_part`` rows, ``bytes_per_part``
+bytes of text or ``seconds_per_part`` seconds, so a crash loses a bounded amount of finished
+work and memory stays bounded whatever the rows hold.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -67,14 +69,20 @@ SCHEMA: Final = pa.schema(
         pa.field("has_nsfw_concept", pa.bool_()),
         pa.field("timings", pa.string()),
         pa.field("inference_seconds", pa.float64()),
+        pa.field("seed_text", pa.string()),
+        pa.field("altered", pa.bool_()),
     ]
 )
 """One row per image; a request without images (or that failed) has exactly one row.
 
 ``status`` is the row's own outcome; ``request_status`` is the request's overall outcome
 (ok only when every row of the request is ok), repeated on each of its rows. ``timings`` is the
-result's ``timings`` object as JSON text, kept losslessly; ``image_url`` holds only the media
-type for a ``data:`` URI, never its payload.
+result's ``timings`` object as JSON text (non-finite numbers as null); ``image_url`` holds only
+the media type for a ``data:`` URI, never its payload. ``seed`` is the result's seed when it
+fits in int64, else null; ``seed_text`` always holds its exact decimal digits (relays send
+seeds of 2^64 and more). ``altered`` is true when a stored text is not what the relay sent
+(text that is not valid Unicode stored with U+FFFD, the key masked, ...); ``error`` then says
+what was altered. Both are null in parts written before they existed.
 """
 
 
@@ -90,10 +98,43 @@ _FIELDS: Final = tuple(f.name for f in dataclasses.fields(ManifestRow))
 assert tuple(SCHEMA.names) == _FIELDS, "ManifestRow and SCHEMA must list the same columns"
 
 
+_TEXT_FIELDS: Final = tuple(f.name for f in SCHEMA if f.type == pa.string())
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+REPAIRED_NOTE: Final = "text that is not valid Unicode was repaired (U+FFFD) in"
+
+
 def rows_to_table(rows: Sequence[ManifestRow]) -> pa.Table:
-    """Build an Arrow table with ``SCHEMA`` from rows."""
+    """Build an Arrow table with ``SCHEMA`` from rows.
+
+    Text that cannot be encoded as UTF-8 (a lone surrogate a relay sent JSON-escaped) is
+    stored repaired, and the row says so: one bad string must not lose the whole part.
+    """
+    try:
+        return _table(rows)
+    except UnicodeEncodeError:
+        return _table([repaired(row) for row in rows])
+
+
+def _table(rows: Sequence[ManifestRow]) -> pa.Table:
     columns = {name: [getattr(row, name) for row in rows] for name in _FIELDS}
     return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def repaired(row: ManifestRow) -> ManifestRow:
+    """``row`` with every lone surrogate in its text replaced by U+FFFD, ``altered`` set and
+    a note in ``error`` naming the fields (the row itself if nothing needed it)."""
+    changes: dict[str, object] = {}
+    for name in _TEXT_FIELDS:
+        value = getattr(row, name)
+        if isinstance(value, str) and _SURROGATE.search(value):
+            changes[name] = _SURROGATE.sub("\ufffd", value)
+    if not changes:
+        return row
+    note = f"{REPAIRED_NOTE} {', '.join(changes)}"
+    error = changes.get("error", row.error)
+    changes["error"] = f"{error}; {note}" if error else note
+    changes["altered"] = True
+    return dataclasses.replace(row, **changes)  # type: ignore[arg-type]
 
 
 class ManifestWriter:
@@ -112,12 +153,15 @@ class ManifestWriter:
         *,
         rows_per_part: int = 5_000,
         seconds_per_part: float = 30.0,
+        bytes_per_part: int = 64_000_000,
         autoflush: bool = True,
     ) -> None:
         self._layout = layout
         self._run_dir = layout.manifest / run_id
         self._rows_per_part = rows_per_part
         self._seconds_per_part = seconds_per_part
+        self._bytes_per_part = bytes_per_part
+        self._bytes = 0
         self._autoflush = autoflush
         self._buffer: list[ManifestRow] = []
         self._parts = 0
@@ -135,10 +179,14 @@ class ManifestWriter:
         if not self._buffer or self._writing:
             return False
         late = time.monotonic() - self._last_flush >= self._seconds_per_part
-        return late or len(self._buffer) >= self._rows_per_part
+        full = self._bytes >= self._bytes_per_part
+        return late or full or len(self._buffer) >= self._rows_per_part
 
     def add(self, rows: Iterable[ManifestRow]) -> None:
+        start = len(self._buffer)
         self._buffer.extend(rows)
+        for row in self._buffer[start:]:
+            self._bytes += _text_size(row)
         if self._autoflush and self.due:
             self.flush()
 
@@ -162,6 +210,7 @@ class ManifestWriter:
 
     def _take(self) -> list[ManifestRow]:
         rows, self._buffer = self._buffer, []
+        self._bytes = 0
         self._last_flush = time.monotonic()
         self._writing = True
         return rows
@@ -181,10 +230,23 @@ class ManifestWriter:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             self._buffer[:0] = rows  # kept for the final flush to try again
+            self._bytes += sum(_text_size(row) for row in rows)
             raise OutputError(f"cannot write manifest part {final}: {exc.strerror or exc}") from exc
         self._parts += 1
         self.rows_written += len(rows)
         _give_back_memory()
+
+
+def _text_size(row: ManifestRow) -> int:
+    """About what a row's long texts take in a part being built (a few fixed-size columns
+    aside): rows with huge prompts must not wait for ``rows_per_part`` to be written."""
+    return (
+        len(row.prompt or "")
+        + len(row.timings or "")
+        + len(row.error or "")
+        + len(row.image_url or "")
+        + len(row.content_type or "")
+    )
 
 
 def _give_back_memory() -> None:
@@ -223,7 +285,8 @@ def scan(out_dir: Path) -> pl.LazyFrame:
     """Lazily read every manifest part under ``out_dir``."""
     import polars as pl
 
-    return pl.scan_parquet(manifest_glob(out_dir), schema=polars_schema())
+    # Parts written before a column was added lack it: read it as null there.
+    return pl.scan_parquet(manifest_glob(out_dir), schema=polars_schema(), missing_columns="insert")
 
 
 def latest(out_dir: Path) -> pl.LazyFrame:

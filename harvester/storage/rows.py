@@ -50,3 +50,7 @@ class ManifestRow:
     has_nsfw_concept: bool | None = None
     timings: str | None = None
     inference_seconds: float | None = None
+    seed_text: str | None = None
+    altered: bool = False
+    """A stored text is not what the relay sent (repaired, truncated, nulled); ``error``
+    says which and why."""

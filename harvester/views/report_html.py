@@ -42,6 +42,8 @@ STATUS_COLOURS: Final = {
     manifest.INVALID: "#7d5ba6",
 }
 RUNS_SHOWN: Final = 60
+PROMPT_CHARS: Final = 1_000
+"""A tile's caption shows this much of the prompt (20 MB prompts made a 210 MB page)."""
 """The per-run chart and table show the most recent runs only."""
 
 
@@ -228,6 +230,7 @@ def _gallery(report: Report, limits: GalleryLimits) -> tuple[str, int, int]:
         return _section("gallery", "Gallery", "No run has stored an image yet.", "", ""), 0, 0
     tiles: list[str] = []
     embedded = placeholders = total = 0
+    root = report.out_dir.resolve()
     for row in report.gallery.head(limits.images).iter_rows(named=True):
         path = report.out_dir / row["path"]
         ext = path.suffix.lstrip(".").lower()
@@ -238,6 +241,8 @@ def _gallery(report: Report, limits: GalleryLimits) -> tuple[str, int, int]:
             reason = f"{size(row['bytes'])}: too large to embed"
         elif total + (row["bytes"] or 0) > limits.total_bytes:
             reason = "page size limit reached"
+        elif not _inside(path, root):
+            reason = "links out of the output folder: not embedded"
         data = None
         if reason is None:
             try:
@@ -263,6 +268,22 @@ def _gallery(report: Report, limits: GalleryLimits) -> tuple[str, int, int]:
     )
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, every link followed, is still inside ``root`` (a link under images/,
+    or a path in the manifest, must not put another file's bytes in the page)."""
+    try:
+        return path.resolve(strict=True).is_relative_to(root)
+    except (OSError, RuntimeError):  # missing, or a loop of links
+        return False
+
+
+def _caption(prompt: str | None) -> str:
+    text = prompt or ""
+    if len(text) > PROMPT_CHARS:
+        text = text[:PROMPT_CHARS] + f"… ({len(text):,} characters)"
+    return escape(text)
+
+
 def _tile(row: dict[str, Any], ext: str, data: bytes | None, reason: str | None) -> str:
     nsfw = row["has_nsfw_concept"] is True
     label = f"{row['model']} · {row['request_id']} #{row['image_index']}"
@@ -280,7 +301,7 @@ def _tile(row: dict[str, Any], ext: str, data: bytes | None, reason: str | None)
         f'<figure class="tile{" nsfw" if nsfw else ""}" tabindex="0">{badge}{picture}'
         f"<figcaption><b>{escape(str(row['model']))}</b>"
         f"<span>{escape(size_text)}{escape(size(int(row['bytes'] or 0)))}</span>"
-        f"<q>{escape(str(row['prompt'] or ''))}</q></figcaption></figure>"
+        f"<q>{_caption(row['prompt'])}</q></figcaption></figure>"
     )
 
 
