@@ -75,8 +75,18 @@ def test_harvest_end_to_end(tmp_path: Path, sandbox: Sandbox) -> None:
         assert df.filter(pl.col("request_id") == rid).height == 1
     assert_store_matches(out, df)
     # extension from the bytes, not the URL: mislabel- serves JPEG bytes under a .png URL
-    mislabel = df.filter(pl.col("request_id") == "mislabel-0001")["path"].to_list()
-    assert mislabel and all(p.endswith(".jpg") for p in mislabel)
+    mislabel = df.filter(pl.col("request_id") == "mislabel-0001")
+    assert mislabel.height and all(p.endswith(".jpg") for p in mislabel["path"])
+    # what the file's header says sits next to what the API declared: the mislabel shows
+    assert set(mislabel.select("content_type", "image_format").iter_rows()) == {
+        ("image/png", "jpeg")
+    }
+    stored = df.filter(pl.col("path").is_not_null())
+    assert stored["image_format"].null_count() == 0
+    declared = stored.filter(pl.col("width").is_not_null())
+    assert declared.height > 30
+    assert declared["width"].to_list() == declared["image_width"].to_list()
+    assert declared["height"].to_list() == declared["image_height"].to_list()
     # data: URIs are stored, and only their media type is kept
     inline = df.filter(pl.col("request_id") == "inline-0001").row(0, named=True)
     assert inline["image_url"] == "data:image/png" and inline["path"].endswith(".png")

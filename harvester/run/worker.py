@@ -281,6 +281,9 @@ def image_fields(
     }
     if isinstance(got, StoredImage):
         row.update(sha256=got.sha256, path=got.path, bytes=got.bytes, stored_new=got.new)
+        if got.info is not None:
+            info = got.info
+            row.update(image_format=info.format, image_width=info.width, image_height=info.height)
         return row
     assert got is not None, "every download task fills its slot"
     row.update(status=got.status, error=got.error)

@@ -64,6 +64,9 @@ SCHEMA: Final = pa.schema(
         pa.field("stored_new", pa.bool_()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("image_format", pa.string()),
+        pa.field("image_width", pa.int32()),
+        pa.field("image_height", pa.int32()),
         pa.field("has_nsfw_concept", pa.bool_()),
         pa.field("timings", pa.string()),
         pa.field("inference_seconds", pa.float64()),
@@ -74,7 +77,9 @@ SCHEMA: Final = pa.schema(
 ``status`` is the row's own outcome; ``request_status`` is the request's overall outcome
 (ok only when every row of the request is ok), repeated on each of its rows. ``timings`` is the
 result's ``timings`` object as JSON text, kept losslessly; ``image_url`` holds only the media
-type for a ``data:`` URI, never its payload.
+type for a ``data:`` URI, never its payload. ``content_type``, ``width`` and ``height`` are what
+the API declared; ``image_format``, ``image_width`` and ``image_height`` what the stored file's
+header says (empty in parts written before they were recorded).
 """
 
 
