@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +20,8 @@ import click
 from harvester import __version__
 from harvester.errors import ExitCode, HarvesterError
 from harvester.jobs import Job, load_job
-from harvester.run.pipeline import AUTH_SCHEMES, api_key_from_env, harvest, new_run_id
+from harvester.run.pipeline import AUTH_SCHEMES, RunStats, api_key_from_env, harvest, new_run_id
+from harvester.views import metrics
 from harvester.views.console import LOG_FORMATS, Console
 
 
@@ -163,6 +165,14 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             **default("log_format"),
         ),
         click.option(
+            "--metrics-file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help="At the end of the run, write its figures here in Prometheus' text format "
+            "(for node_exporter's textfile collector; docs/metrics.md)"
+            + (". Default: the job's 'metrics-file'." if job else "."),
+        ),
+        click.option(
             "-v", "--verbose", count=True, help="More log lines (-vv: every HTTP request)."
         ),
         click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary."),
@@ -220,6 +230,13 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     """Run ``job`` with the console set up for where it runs; exits with the run's code."""
     run_id = new_run_id(datetime.now(UTC))
     console = Console(log_format=job.log_format, verbosity=-1 if quiet else verbose, run_id=run_id)
+    started = time.time()
+    try:
+        if job.metrics_file is not None:
+            metrics.check_writable(job.metrics_file)
+    except HarvesterError as exc:
+        console.failed(exc)
+        sys.exit(int(exc.exit_code))
     try:
         api_key = api_key_from_env(os.environ, job.key_env)
         console.redact(api_key)
@@ -227,9 +244,46 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
         stats = harvest(config, on_start=console.started, on_tick=console.tick, run_id=run_id)
     except HarvesterError as exc:
         console.failed(exc)
+        figures = metrics.RunFigures(
+            out_dir=str(job.out),
+            exit_code=int(exc.exit_code),
+            started_at=started,
+            finished_at=time.time(),
+        )
+        _write_metrics(job, figures, console)
         sys.exit(int(exc.exit_code))
     console.finished(stats)
+    _write_metrics(job, _figures(stats), console)
     sys.exit(int(stats.exit_code))
+
+
+def _figures(stats: RunStats) -> metrics.RunFigures:
+    return metrics.RunFigures(
+        out_dir=str(stats.out_dir),
+        exit_code=int(stats.exit_code),
+        started_at=stats.started_at.timestamp(),
+        finished_at=stats.started_at.timestamp() + stats.elapsed,
+        requests=dict(stats.requests),
+        skipped=stats.skipped_done,
+        images_new=stats.images_new,
+        images_existing=stats.images_existing,
+        images_failed=stats.images_failed,
+        bytes_downloaded=stats.bytes_downloaded,
+        bytes_new=stats.bytes_new,
+        throttled=stats.throttled,
+        retries=stats.retries,
+    )
+
+
+def _write_metrics(job: Job, figures: metrics.RunFigures, console: Console) -> None:
+    """The run's metrics, if asked for; a failure to write them is reported, and the run's
+    own exit code stands (the figures are in the run record too)."""
+    if job.metrics_file is None:
+        return
+    try:
+        metrics.write_metrics(job.metrics_file, figures)
+    except HarvesterError as exc:
+        console.failed(exc)
 
 
 @main.command("status", short_help="Did the last run work? Its record, exit code and meaning.")

@@ -62,6 +62,8 @@ class Job:
     """Seconds between manifest writes: a crash loses at most this much finished work."""
     log_format: str = "text"
     """``text`` or ``json`` (one object per line, for log aggregators)."""
+    metrics_file: Path | None = None
+    """Where to write the run's figures for node_exporter's textfile collector (None: nowhere)."""
     source: Path | None = field(default=None, compare=False)
     """The job file this came from, if any."""
 
@@ -131,6 +133,7 @@ _KEYS: Final[dict[str, _Key]] = {
     "timeout": _Key("number", 0, above=True),
     "flush-every": _Key("number", 0, above=True),
     "log-format": _Key("string", choices=LOG_FORMATS),
+    "metrics-file": _Key("string"),
 }
 KEYS: Final = tuple(_KEYS)
 """Every key a job file may hold, in the order the docs list them."""
@@ -164,8 +167,9 @@ def load_job(path: Path, overrides: Mapping[str, object] | None = None) -> Job:
     base = path.resolve().parent
     if "inputs" in values:
         values["inputs"] = tuple(_resolve(base, p) for p in values["inputs"])
-    if "out" in values:
-        values["out"] = Path(_resolve(base, values["out"]))
+    for key in ("out", "metrics_file"):
+        if key in values:
+            values[key] = Path(_resolve(base, values[key]))
     values.update(overrides or {})
     for required, what in (("inputs", "CSV exports to read"), ("out", "the output folder")):
         if required not in values:
