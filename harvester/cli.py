@@ -165,6 +165,18 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             **default("log_format"),
         ),
         click.option(
+            "--model-column",
+            metavar="NAME",
+            help="The exports' column holding the model (e.g. endpoint_id, app).",
+            **default("model_column"),
+        ),
+        click.option(
+            "--id-column",
+            metavar="NAME",
+            help="The exports' column holding the request id (e.g. id, request).",
+            **default("id_column"),
+        ),
+        click.option(
             "--metrics-file",
             type=click.Path(path_type=Path, dir_okay=False),
             default=None,
@@ -192,10 +204,11 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
 def harvest_command(inputs: tuple[str, ...], verbose: int, quiet: bool, **options: Any) -> None:
     """Fetch every result listed in the CSV exports, store its images, write the manifest.
 
-    Each INPUT.csv needs 'model' and 'request_id' columns; a glob (quoted, so the shell
-    leaves it alone) reads every file it matches. All the files make one run, and a pair
-    listed in several is harvested once. Requests already ok in OUT are skipped; everything
-    else is (re)tried. The API key comes from the environment, never from an option.
+    Each INPUT.csv needs 'model' and 'request_id' columns (or the ones --model-column and
+    --id-column name); a glob (quoted, so the shell leaves it alone) reads every file it
+    matches. All the files make one run, and a pair listed in several is harvested once.
+    Requests already ok in OUT are skipped; everything else is (re)tried. The API key comes
+    from the environment, never from an option.
     """
     _execute(Job(inputs=inputs, **options), verbose=verbose, quiet=quiet)
 

@@ -218,6 +218,44 @@ def test_missing_columns_is_a_clear_input_error(tmp_path: Path, sandbox: Sandbox
     assert "has no 'model' or 'request_id' column (columns found: 'endpoint', 'id')" in (
         result.output
     )
+    assert "name the columns to read with --model-column endpoint and --id-column id" in (
+        result.output
+    )
+
+
+@pytest.mark.parametrize(
+    ("header", "options"),
+    [
+        ("endpoint_id,id", ["--model-column", "endpoint_id", "--id-column", "id"]),
+        ("App, Request ", ["--model-column", "app", "--id-column", "REQUEST"]),
+    ],
+)
+def test_columns_named_otherwise_are_read_with_the_column_options(
+    tmp_path: Path, sandbox: Sandbox, header: str, options: list[str]
+) -> None:
+    pairs = normal_pairs(3, "cols")
+    csv = write_csv(tmp_path / "export.csv", pairs, header=header)
+    refused = run_cli(harvest_args(sandbox, tmp_path / "out", csv))
+    assert refused.exit_code == ExitCode.INPUT
+    assert "--model-column" in refused.output and "--id-column" in refused.output
+    result = run_cli(harvest_args(sandbox, tmp_path / "out", csv, extra=options))
+    assert result.exit_code == ExitCode.OK, result.output
+    df = read_manifest(tmp_path / "out")
+    assert set(df.select("model", "request_id").iter_rows()) == set(pairs)
+
+
+def test_job_file_names_the_columns(tmp_path: Path, sandbox: Sandbox) -> None:
+    csv = write_csv(tmp_path / "export.csv", normal_pairs(2, "jobcols"), header="app,request")
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'inputs = ["export.csv"]\nout = "out"\nbase-url = "{sandbox.base_url}"\n'
+        'model-column = "app"\nid-column = "request"\n',
+        encoding="utf-8",
+    )
+    result = run_cli(["run", str(job)])
+    assert result.exit_code == ExitCode.OK, result.output
+    assert read_manifest(tmp_path / "out").height >= 2
+    assert csv.exists()
 
 
 def test_overlapping_run_exits_with_locked_code(tmp_path: Path, sandbox: Sandbox) -> None:

@@ -117,6 +117,8 @@ class HarvestConfig:
     workers: int | None = None
     """Processes that fetch and download (this one included); None: one per core, up to
     ``AUTO_WORKERS_MAX``, when ``rps`` is at least ``AUTO_WORKERS_MIN_RPS``, else one."""
+    columns: reader.Columns = field(default_factory=reader.Columns)
+    """The exports' model and request id columns (``model``, ``request_id``)."""
 
     @property
     def lanes(self) -> int:
@@ -505,7 +507,7 @@ def harvest(
     a fresh ``new_run_id``), so a caller can tag its log lines before the run starts.
     """
     config.validate()
-    files = reader.inspect(config.inputs)
+    files = reader.inspect(config.inputs, columns=config.columns)
     layout = Layout(config.out_dir)
     layout.prepare()
     started = datetime.now(UTC)
