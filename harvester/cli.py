@@ -550,7 +550,7 @@ def sandbox_command(
         click.echo(f"sandbox listening on {base} (key: {key}); stop with Ctrl-C", err=True)
         click.echo(
             f"try: HARVESTER_API_KEY={key} harvester harvest sample_inputs/*.csv "
-            f"--base-url {base} --out harvest-out",
+            f"--base-url {base} --out sandbox-out",
             err=True,
         )
 

@@ -31,7 +31,7 @@ def test_shipped_jobs_load() -> None:
     assert nightly.key_env == "FAL_KEY"
     sandbox = load_job(REPO / "jobs" / "sandbox.toml")
     assert sandbox.inputs == (str(REPO / "sample_inputs" / "*.csv"),)
-    assert sandbox.out == REPO / "harvest-out"
+    assert sandbox.out == REPO / "sandbox-out"  # not make run's harvest-out
 
 
 def test_nightly_job_sets_every_key() -> None:
