@@ -294,7 +294,7 @@ def test_media_prefixes(client: httpx.Client, sandbox: Sandbox) -> None:
 
 
 def test_unknown_media_and_routes_answer_404_json(client: httpx.Client) -> None:
-    for path in ("/media/nope.png", "/media/00000000-0000000000000000-pp0-30000.jpeg", "/x"):
+    for path in ("/media/nope.png", "/media/00000000-0000000000000000-pp-64x48-30000.jpeg", "/x"):
         response = client.get(path)
         assert response.status_code == 404 and "detail" in response.json()
     assert client.get("/fal-ai/flux/dev/requests/abc").status_code == 404

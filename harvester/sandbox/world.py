@@ -15,6 +15,7 @@ import base64
 import functools
 import hashlib
 import json
+import math
 import random
 import re
 from enum import StrEnum
@@ -134,19 +135,30 @@ PROMPTS: Final = (
     "portrait of an astronaut, oil painting, dramatic lighting",
 )
 SIZES: Final = ((1024, 768), (1024, 1024), (768, 1024), (1344, 768), (512, 512))
-"""The width and height a result declares, and its images have."""
+"""The width and height a result declares, and its images have, at the default image size."""
+FULL_SIZE_BYTES: Final = 30_000
+"""At ``--image-bytes`` below this, pictures shrink (by the square root of the ratio): a test's
+1,000-byte images are about 190 pixels wide, so thousands of them are drawn in moments."""
 INLINE_SIZE: Final = (64, 48)
-DIMENSIONS: Final = (*SIZES, INLINE_SIZE)
+MAX_SIDE: Final = 4096
+
+
+def scaled(width: int, height: int, image_bytes: int) -> tuple[int, int]:
+    """``SIZES``' width and height for images of about ``image_bytes``."""
+    factor = min(1.0, math.sqrt(image_bytes / FULL_SIZE_BYTES))
+    return max(16, round(width * factor)), max(16, round(height * factor))
+
 
 _FORMAT_LETTERS: Final = {"p": "png", "j": "jpeg", "w": "webp"}
 _LETTER_OF: Final = {fmt: letter for letter, fmt in _FORMAT_LETTERS.items()}
 _TOKEN: Final = re.compile(
-    r"([0-9a-f]{8})-([0-9a-f]{16})-([pjw])([pjw])([0-9])-([0-9]{1,8})(?:-([xhrb]))?"
+    r"([0-9a-f]{8})-([0-9a-f]{16})-([pjw])([pjw])-([0-9]{1,4})x([0-9]{1,4})-([0-9]{1,8})"
+    r"(?:-([xhrb]))?"
 )
-"""``uid-cid-RLD-size[-mode]``: uid makes the URL unique, cid (content id), the real format R,
-the dimensions D (an index into ``DIMENSIONS``) and size fix the bytes, L is the labelled format
-(URL extension and Content-Type), and mode is x (expired: 404), h (HTML instead of an image),
-r (redirect), b (redirect to ftp:)."""
+"""``uid-cid-RL-WxH-size[-mode]``: uid makes the URL unique, cid (content id), the real format
+R, the width W and height H and size fix the bytes, L is the labelled format (URL extension and
+Content-Type), and mode is x (expired: 404), h (HTML instead of an image), r (redirect),
+b (redirect to ftp:)."""
 
 
 def _digest(*parts: object) -> bytes:
@@ -257,9 +269,15 @@ def status_for(
 
 
 def _token(
-    uid: bytes, cid: bytes, real: str, label: str, dims: int, size: int, mode: str = ""
+    uid: bytes,
+    cid: bytes,
+    real: str,
+    label: str,
+    dims: tuple[int, int],
+    size: int,
+    mode: str = "",
 ) -> str:
-    letters = f"{_LETTER_OF[real]}{_LETTER_OF[label]}{dims}"
+    letters = f"{_LETTER_OF[real]}{_LETTER_OF[label]}-{dims[0]}x{dims[1]}"
     token = f"{uid[:4].hex()}-{cid[:8].hex()}-{letters}-{size}"
     return f"{token}-{mode}" if mode else token
 
@@ -287,7 +305,7 @@ def _result_body(
     count = rng.randint(1, 4)
     seed = rng.randint(2**53 + 1, 2**63 - 1) if rng.random() < 0.2 else rng.randint(0, 2**32 - 1)
     prompt = rng.choice(PROMPTS)
-    dims = rng.randrange(len(SIZES))
+    dims = scaled(*rng.choice(SIZES), config.image_bytes)
     if kind is Behaviour.SHORT_NSFW:
         count = 3
     elif kind is Behaviour.BIG:
@@ -303,14 +321,14 @@ def _result_body(
         cid = _digest(config.seed, "image", request_id, index)
         if kind is Behaviour.DUP:  # the same bytes behind every dup- id's URL
             real, label, size = "png", "png", config.image_bytes
-            cid, dims = _digest(config.seed, "dup"), 0
+            cid, dims = _digest(config.seed, "dup"), scaled(*SIZES[0], config.image_bytes)
         elif kind is Behaviour.MISLABEL:
             real, label = "jpeg", "png"
         elif kind is Behaviour.BIG:
             real, label, size = "png", "png", BIG_IMAGE_BYTES
         uid = _digest(config.seed, "uid", request_id, index)
         token = _token(uid, cid, real, label, dims, size, _MODES.get(kind, ""))
-        width, height = DIMENSIONS[dims]
+        width, height = dims
         image: dict[str, Any] = {
             "url": media_url(base_url, token),
             "content_type": CONTENT_TYPES[label],
@@ -367,12 +385,12 @@ class Token(NamedTuple):
         match = _TOKEN.fullmatch(token)
         if match is None:
             raise ValueError(f"not a media token: {token!r}")
-        uid, cid, real, label, dims, size, mode = match.groups()
+        uid, cid, real, label, wide, high, size, mode = match.groups()
         if not 100 <= int(size) <= MAX_IMAGE_BYTES:
             raise ValueError(f"media token {token!r} asks for {size} bytes")
-        if int(dims) >= len(DIMENSIONS):
-            raise ValueError(f"media token {token!r} asks for unknown dimensions")
-        width, height = DIMENSIONS[int(dims)]
+        width, height = int(wide), int(high)
+        if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+            raise ValueError(f"media token {token!r} asks for {width}x{height} pixels")
         real, label = _FORMAT_LETTERS[real], _FORMAT_LETTERS[label]
         return cls(uid, cid, real, label, int(size), mode or "", width, height)
 
@@ -422,7 +440,7 @@ def media_for(token: str, ext: str, base_url: str) -> Reply:
         return Reply(302, (("Location", BAD_REDIRECT_TARGET),), b"")
     if parsed.mode == "r":
         uid = _digest("redirected", parsed.uid)
-        dims = DIMENSIONS.index((parsed.width, parsed.height))
+        dims = (parsed.width, parsed.height)
         cid = bytes.fromhex(parsed.cid)
         target = _token(uid, cid, parsed.real, parsed.label, dims, parsed.size)
         url = media_url(base_url, target)
