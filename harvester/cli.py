@@ -20,6 +20,7 @@ import click
 from harvester import __version__
 from harvester.errors import ExitCode, HarvesterError
 from harvester.jobs import Job, load_job
+from harvester.redact import printable
 from harvester.run.pipeline import AUTH_SCHEMES, RunStats, api_key_from_env, harvest, new_run_id
 from harvester.views import metrics
 from harvester.views.console import LOG_FORMATS, Console
@@ -344,7 +345,7 @@ def status_command(
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     elif not (quiet and result.exit_code == 0):
-        click.echo(result.text())
+        click.echo(printable(result.text(), newlines=True))
     sys.exit(result.exit_code)
 
 
@@ -386,7 +387,7 @@ def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -
     try:
         report = build(out_dir, gallery_limit=gallery_images)
         if html_file is None:
-            click.echo(report.text())
+            click.echo(printable(report.text(), newlines=True))
             return
         written = write_html(report, html_file, limits=GalleryLimits(images=gallery_images))
     except HarvesterError as exc:
@@ -425,7 +426,7 @@ def verify_command(out_dir: Path) -> None:
     except HarvesterError as exc:
         _fail(exc)
         return
-    click.echo(report.summary())
+    click.echo(printable(report.summary(), newlines=True))
     sys.exit(int(ExitCode.OK if report.ok else ExitCode.VERIFY))
 
 

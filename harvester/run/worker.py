@@ -113,6 +113,10 @@ class Counters:
     retries: int = 0
     throttled: int = 0
     lowest_rate: float = 0.0
+    waiting: int = 0
+    """Requests waiting for a pending result now (``--pending-wait``)."""
+    waiting_until: float = 0.0
+    """Unix time the last of them stops waiting."""
 
 
 class Lane:
@@ -127,6 +131,8 @@ class Lane:
         self.fetch_slots = anyio.Semaphore(settings.concurrency, fast_acquire=True)
         self.download_slots = anyio.Semaphore(settings.image_concurrency, fast_acquire=True)
         self.pending_waiters = anyio.Semaphore(MAX_PENDING_WAITERS)
+        self.waiting = 0
+        self.waiting_until = 0.0
         self.limiter = RateLimiter(settings.rps)
         self._fetcher: ResultFetcher | None = None
         self._store: ImageStore | None = None
@@ -168,6 +174,8 @@ class Lane:
             retries=(fetcher.retries if fetcher else 0) + (store.retries if store else 0),
             throttled=self.limiter.throttled,
             lowest_rate=self.limiter.lowest_rate,
+            waiting=self.waiting,
+            waiting_until=self.waiting_until,
         )
 
     async def fetch(self, pair: Pair) -> FetchOutcome:
@@ -200,6 +208,8 @@ class Lane:
         except anyio.WouldBlock:
             return outcome
         release()
+        self.waiting += 1
+        self.waiting_until = max(self.waiting_until, time.time() + self.settings.pending_wait)
         try:
             deadline = time.monotonic() + self.settings.pending_wait
             delay = 1.0
@@ -212,6 +222,7 @@ class Lane:
                 outcome = await self.fetch(pair)
         finally:
             self.pending_waiters.release()
+            self.waiting -= 1
         return outcome
 
     async def rows_for(self, pair: Pair, outcome: FetchOutcome) -> list[ManifestRow]:
