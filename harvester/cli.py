@@ -378,6 +378,7 @@ def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -
     The HTML page opens from disk and fetches nothing: inline CSS and SVG charts, images
     embedded (NSFW-flagged ones blurred), each capped at 2 MB and 40 MB in all.
     """
+    from harvester.views import thumbnails
     from harvester.views.report import build
     from harvester.views.report_html import GalleryLimits, write_html
 
@@ -396,11 +397,13 @@ def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -
     click.echo(
         f"wrote {written.path} ({written.bytes / 1e6:,.1f} MB): {report.requests:,} requests, "
         f"{written.images_embedded} images embedded"
+        + (" as thumbnails" if written.thumbnails else "")
         + (
             f", {written.images_placeholder} shown as placeholders"
             if written.images_placeholder
             else ""
         )
+        + ("" if written.thumbnails else f" (for thumbnails: {thumbnails.INSTALL_HINT})")
     )
 
 
