@@ -87,7 +87,7 @@ class Report:
 def _shown(runs: int) -> str:
     if runs > RUNS_SHOWN:
         return f"the {RUNS_SHOWN} most recent of {runs:,}"
-    return f"all {runs:,}"
+    return "the only one" if runs == 1 else f"all {runs:,}"
 
 
 def display_runs(runs: pl.DataFrame) -> pl.DataFrame:

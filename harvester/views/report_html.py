@@ -222,7 +222,7 @@ def _runs_section(runs: pl.DataFrame) -> str:
     shown = (
         f"The {RUNS_SHOWN} most recent of {runs.height:,} runs"
         if runs.height > RUNS_SHOWN
-        else f"All {runs.height:,} run{'' if runs.height == 1 else 's'}"
+        else ("1 run" if runs.height == 1 else f"All {runs.height:,} runs")
     )
     charts = (
         '<div class="charts">'
