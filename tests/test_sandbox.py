@@ -721,3 +721,20 @@ def test_sandbox_cli_turns_bad_options_into_usage_errors(args: list[str], messag
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_without_pillow_jpeg_and_webp_fall_back_to_sniffable_framing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pillow is the optional sandbox extra: without it the sandbox still serves every
+    format (PNG still decodes; JPEG and WebP are framing around noise)."""
+    from harvester.sandbox.images import make_jpeg, make_png, make_webp
+    from harvester.views import thumbnails
+
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    assert not thumbnails.available()
+    jpeg = make_jpeg(b"s", 5_000, width=64, height=48)
+    webp = make_webp(b"s", 5_000, width=64, height=48)
+    assert jpeg.startswith(b"\xff\xd8\xff") and jpeg.endswith(b"\xff\xd9")
+    assert webp[:4] == b"RIFF" and webp[8:16] == b"WEBPVP8 "
+    assert_valid_png(make_png(b"s", 5_000, width=64, height=48))
