@@ -2,15 +2,27 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+# The stamp names the interpreter's version: after a switch of Python (PYTHON=python3.12, or
+# the system's python3 upgraded) the stamp is missing and the venv is rebuilt.
+PYVER  := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+STAMP  := $(VENV)/.installed-stamp-py$(PYVER)
 OUT    ?= harvest-out
+VERSION_OF = $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null
 
 .PHONY: install run report test lint typecheck check clean lock bench
 
 $(STAMP): pyproject.toml requirements.lock
+	@test -n "$(PYVER)" || { echo "make: $(PYTHON) not found; install Python 3.11 or newer, or run make PYTHON=/path/to/python3"; exit 2; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "make: harvester needs Python 3.11 or newer; $(PYTHON) is $(PYVER). Run make PYTHON=python3.11 (or newer)"; exit 2; }
+	@if [ -e $(VENV) ] && [ "$$($(call VERSION_OF,$(BIN)/python))" != "$(PYVER)" ]; then \
+	  echo "make: $(VENV) was made with another Python ($$($(call VERSION_OF,$(BIN)/python) || echo 'gone')); rebuilding it with $(PYTHON) $(PYVER)"; \
+	  rm -rf $(VENV); \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	rm -f $(VENV)/.installed-stamp*
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv with the pinned runtime and dev tools
@@ -56,4 +68,4 @@ lock: $(STAMP)  ## re-pin requirements.lock from the current .venv
 	  $(BIN)/python -m pip freeze --exclude-editable; } > requirements.lock
 
 clean:
-	rm -rf $(VENV) $(OUT) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(OUT) sandbox-out .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +20,9 @@ import click
 from harvester import __version__
 from harvester.errors import ExitCode, HarvesterError
 from harvester.jobs import Job, load_job
-from harvester.run.pipeline import AUTH_SCHEMES, api_key_from_env, harvest, new_run_id
+from harvester.redact import printable
+from harvester.run.pipeline import AUTH_SCHEMES, RunStats, api_key_from_env, harvest, new_run_id
+from harvester.views import metrics
 from harvester.views.console import LOG_FORMATS, Console
 
 
@@ -163,6 +166,26 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             **default("log_format"),
         ),
         click.option(
+            "--model-column",
+            metavar="NAME",
+            help="The exports' column holding the model (e.g. endpoint_id, app).",
+            **default("model_column"),
+        ),
+        click.option(
+            "--id-column",
+            metavar="NAME",
+            help="The exports' column holding the request id (e.g. id, request).",
+            **default("id_column"),
+        ),
+        click.option(
+            "--metrics-file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help="At the end of the run, write its figures here in Prometheus' text format "
+            "(for node_exporter's textfile collector; docs/metrics.md)"
+            + (". Default: the job's 'metrics-file'." if job else "."),
+        ),
+        click.option(
             "-v", "--verbose", count=True, help="More log lines (-vv: every HTTP request)."
         ),
         click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary."),
@@ -182,10 +205,11 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
 def harvest_command(inputs: tuple[str, ...], verbose: int, quiet: bool, **options: Any) -> None:
     """Fetch every result listed in the CSV exports, store its images, write the manifest.
 
-    Each INPUT.csv needs 'model' and 'request_id' columns; a glob (quoted, so the shell
-    leaves it alone) reads every file it matches. All the files make one run, and a pair
-    listed in several is harvested once. Requests already ok in OUT are skipped; everything
-    else is (re)tried. The API key comes from the environment, never from an option.
+    Each INPUT.csv needs 'model' and 'request_id' columns (or the ones --model-column and
+    --id-column name); a glob (quoted, so the shell leaves it alone) reads every file it
+    matches. All the files make one run, and a pair listed in several is harvested once.
+    Requests already ok in OUT are skipped; everything else is (re)tried. The API key comes
+    from the environment, never from an option.
     """
     _execute(Job(inputs=inputs, **options), verbose=verbose, quiet=quiet)
 
@@ -220,6 +244,13 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     """Run ``job`` with the console set up for where it runs; exits with the run's code."""
     run_id = new_run_id(datetime.now(UTC))
     console = Console(log_format=job.log_format, verbosity=-1 if quiet else verbose, run_id=run_id)
+    started = time.time()
+    try:
+        if job.metrics_file is not None:
+            metrics.check_writable(job.metrics_file)
+    except HarvesterError as exc:
+        console.failed(exc)
+        sys.exit(int(exc.exit_code))
     try:
         api_key = api_key_from_env(os.environ, job.key_env)
         console.redact(api_key)
@@ -227,9 +258,46 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
         stats = harvest(config, on_start=console.started, on_tick=console.tick, run_id=run_id)
     except HarvesterError as exc:
         console.failed(exc)
+        figures = metrics.RunFigures(
+            out_dir=str(job.out),
+            exit_code=int(exc.exit_code),
+            started_at=started,
+            finished_at=time.time(),
+        )
+        _write_metrics(job, figures, console)
         sys.exit(int(exc.exit_code))
     console.finished(stats)
+    _write_metrics(job, _figures(stats), console)
     sys.exit(int(stats.exit_code))
+
+
+def _figures(stats: RunStats) -> metrics.RunFigures:
+    return metrics.RunFigures(
+        out_dir=str(stats.out_dir),
+        exit_code=int(stats.exit_code),
+        started_at=stats.started_at.timestamp(),
+        finished_at=stats.started_at.timestamp() + stats.elapsed,
+        requests=dict(stats.requests),
+        skipped=stats.skipped_done,
+        images_new=stats.images_new,
+        images_existing=stats.images_existing,
+        images_failed=stats.images_failed,
+        bytes_downloaded=stats.bytes_downloaded,
+        bytes_new=stats.bytes_new,
+        throttled=stats.throttled,
+        retries=stats.retries,
+    )
+
+
+def _write_metrics(job: Job, figures: metrics.RunFigures, console: Console) -> None:
+    """The run's metrics, if asked for; a failure to write them is reported, and the run's
+    own exit code stands (the figures are in the run record too)."""
+    if job.metrics_file is None:
+        return
+    try:
+        metrics.write_metrics(job.metrics_file, figures)
+    except HarvesterError as exc:
+        console.failed(exc)
 
 
 @main.command("status", short_help="Did the last run work? Its record, exit code and meaning.")
@@ -277,7 +345,7 @@ def status_command(
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     elif not (quiet and result.exit_code == 0):
-        click.echo(result.text())
+        click.echo(printable(result.text(), newlines=True))
     sys.exit(result.exit_code)
 
 
@@ -310,6 +378,7 @@ def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -
     The HTML page opens from disk and fetches nothing: inline CSS and SVG charts, images
     embedded (NSFW-flagged ones blurred), each capped at 2 MB and 40 MB in all.
     """
+    from harvester.views import thumbnails
     from harvester.views.report import build
     from harvester.views.report_html import GalleryLimits, write_html
 
@@ -319,7 +388,7 @@ def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -
     try:
         report = build(out_dir, gallery_limit=gallery_images)
         if html_file is None:
-            click.echo(report.text())
+            click.echo(printable(report.text(), newlines=True))
             return
         written = write_html(report, html_file, limits=GalleryLimits(images=gallery_images))
     except HarvesterError as exc:
@@ -328,11 +397,13 @@ def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -
     click.echo(
         f"wrote {written.path} ({written.bytes / 1e6:,.1f} MB): {report.requests:,} requests, "
         f"{written.images_embedded} images embedded"
+        + (" as thumbnails" if written.thumbnails else "")
         + (
             f", {written.images_placeholder} shown as placeholders"
             if written.images_placeholder
             else ""
         )
+        + ("" if written.thumbnails else f" (for thumbnails: {thumbnails.INSTALL_HINT})")
     )
 
 
@@ -358,7 +429,7 @@ def verify_command(out_dir: Path) -> None:
     except HarvesterError as exc:
         _fail(exc)
         return
-    click.echo(report.summary())
+    click.echo(printable(report.summary(), newlines=True))
     sys.exit(int(ExitCode.OK if report.ok else ExitCode.VERIFY))
 
 
@@ -510,7 +581,7 @@ def sandbox_command(
         click.echo(f"sandbox listening on {base} (key: {key}); stop with Ctrl-C", err=True)
         click.echo(
             f"try: HARVESTER_API_KEY={key} harvester harvest sample_inputs/*.csv "
-            f"--base-url {base} --out harvest-out",
+            f"--base-url {base} --out sandbox-out",
             err=True,
         )
 

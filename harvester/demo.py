@@ -14,10 +14,17 @@ from pathlib import Path
 
 import polars as pl
 
+from harvester.redact import printable
 from harvester.sandbox import SandboxConfig, running_sandbox
 from harvester.storage import manifest
 
 DEMO_KEY = "sandbox-key"
+
+
+def _table(frame: pl.DataFrame) -> None:
+    """Print a table; ids from the exports may hold control characters (messy.csv:14 rings
+    the bell): they are escaped, as in every message that carries input data."""
+    print(printable(str(frame), newlines=True))
 
 
 def _show(out: Path) -> None:
@@ -31,20 +38,21 @@ def _show(out: Path) -> None:
         .collect()
     )
     print("\nThe current state of every request (README: 'Reading the manifest'):")
-    print(
+    _table(
         state.group_by("request_status")
         .agg(pl.len().alias("requests"), pl.col("images").sum())
         .sort("request_status")
     )
     print("\nA few image rows:")
-    print(
+    _table(
         latest.filter(pl.col("path").is_not_null())
         .select("model", "seed", "has_nsfw_concept", "inference_seconds", "path")
         .head(5)
         .collect()
     )
     print("\nRows that are not ok, and why:")
-    print(latest.filter(pl.col("status") != "ok").select("request_id", "status", "error").collect())
+    not_ok = latest.filter(pl.col("status") != "ok")
+    _table(not_ok.select("request_id", "status", "error").collect())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from typing import Any, Final
 from harvester.api.retry import RetryPolicy
 from harvester.errors import ConfigError, InputError
 from harvester.run.pipeline import AUTH_SCHEMES, DEFAULT_BASE_URL, HarvestConfig
+from harvester.run.reader import Columns
 from harvester.views.console import LOG_FORMATS
 
 _GLOB_CHARS: Final = frozenset("*?[")
@@ -62,6 +63,12 @@ class Job:
     """Seconds between manifest writes: a crash loses at most this much finished work."""
     log_format: str = "text"
     """``text`` or ``json`` (one object per line, for log aggregators)."""
+    model_column: str = "model"
+    """The exports' column with the model (``endpoint_id``, ``app``, ... in some exports)."""
+    id_column: str = "request_id"
+    """The exports' column with the request id."""
+    metrics_file: Path | None = None
+    """Where to write the run's figures for node_exporter's textfile collector (None: nowhere)."""
     source: Path | None = field(default=None, compare=False)
     """The job file this came from, if any."""
 
@@ -83,6 +90,7 @@ class Job:
             max_image_bytes=self.max_image_bytes,
             read_timeout=self.timeout,
             seconds_per_part=self.flush_every,
+            columns=Columns(model=self.model_column, request_id=self.id_column),
         )
 
 
@@ -131,6 +139,9 @@ _KEYS: Final[dict[str, _Key]] = {
     "timeout": _Key("number", 0, above=True),
     "flush-every": _Key("number", 0, above=True),
     "log-format": _Key("string", choices=LOG_FORMATS),
+    "model-column": _Key("string"),
+    "id-column": _Key("string"),
+    "metrics-file": _Key("string"),
 }
 KEYS: Final = tuple(_KEYS)
 """Every key a job file may hold, in the order the docs list them."""
@@ -164,8 +175,9 @@ def load_job(path: Path, overrides: Mapping[str, object] | None = None) -> Job:
     base = path.resolve().parent
     if "inputs" in values:
         values["inputs"] = tuple(_resolve(base, p) for p in values["inputs"])
-    if "out" in values:
-        values["out"] = Path(_resolve(base, values["out"]))
+    for key in ("out", "metrics_file"):
+        if key in values:
+            values[key] = Path(_resolve(base, values[key]))
     values.update(overrides or {})
     for required, what in (("inputs", "CSV exports to read"), ("out", "the output folder")):
         if required not in values:

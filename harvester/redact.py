@@ -1,11 +1,13 @@
-"""Keeping the API key out of everything the harvester prints or stores.
+"""Keeping the API key, and raw control characters, out of everything the harvester prints.
 
 No code path formats the key into a message; this is the second line of defence, for text
 that comes from elsewhere (an API's error detail, a library's exception) on its way out.
+``printable`` escapes the control characters input data may hold.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Final
 from urllib.parse import unquote
@@ -50,3 +52,16 @@ def clip(text: str, limit: int, secrets: Sequence[str], *, cut: bool = False) ->
     if len(text) > limit or cut:
         return text[:limit] + "..."
     return text
+
+
+_CONTROL: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # tab and line feed pass
+_CONTROL_OR_NEWLINE: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # tab passes
+
+
+def printable(text: str, *, newlines: bool = False) -> str:
+    """``text`` safe for a terminal: control characters (C0 but tab and, with ``newlines``,
+    line feed; DEL; C1) become ``\\x07``-style escapes, so input data cannot ring the bell,
+    move the cursor, recolour the screen or forge a log line. Every message that may carry
+    input data (file names, ids, an API's error text) goes through this on its way out."""
+    pattern = _CONTROL if newlines else _CONTROL_OR_NEWLINE
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

@@ -75,8 +75,18 @@ def test_harvest_end_to_end(tmp_path: Path, sandbox: Sandbox) -> None:
         assert df.filter(pl.col("request_id") == rid).height == 1
     assert_store_matches(out, df)
     # extension from the bytes, not the URL: mislabel- serves JPEG bytes under a .png URL
-    mislabel = df.filter(pl.col("request_id") == "mislabel-0001")["path"].to_list()
-    assert mislabel and all(p.endswith(".jpg") for p in mislabel)
+    mislabel = df.filter(pl.col("request_id") == "mislabel-0001")
+    assert mislabel.height and all(p.endswith(".jpg") for p in mislabel["path"])
+    # what the file's header says sits next to what the API declared: the mislabel shows
+    assert set(mislabel.select("content_type", "image_format").iter_rows()) == {
+        ("image/png", "jpeg")
+    }
+    stored = df.filter(pl.col("path").is_not_null())
+    assert stored["image_format"].null_count() == 0
+    declared = stored.filter(pl.col("width").is_not_null())
+    assert declared.height > 30
+    assert declared["width"].to_list() == declared["image_width"].to_list()
+    assert declared["height"].to_list() == declared["image_height"].to_list()
     # data: URIs are stored, and only their media type is kept
     inline = df.filter(pl.col("request_id") == "inline-0001").row(0, named=True)
     assert inline["image_url"] == "data:image/png" and inline["path"].endswith(".png")
@@ -208,6 +218,44 @@ def test_missing_columns_is_a_clear_input_error(tmp_path: Path, sandbox: Sandbox
     assert "has no 'model' or 'request_id' column (columns found: 'endpoint', 'id')" in (
         result.output
     )
+    assert "name the columns to read with --model-column endpoint and --id-column id" in (
+        result.output
+    )
+
+
+@pytest.mark.parametrize(
+    ("header", "options"),
+    [
+        ("endpoint_id,id", ["--model-column", "endpoint_id", "--id-column", "id"]),
+        ("App, Request ", ["--model-column", "app", "--id-column", "REQUEST"]),
+    ],
+)
+def test_columns_named_otherwise_are_read_with_the_column_options(
+    tmp_path: Path, sandbox: Sandbox, header: str, options: list[str]
+) -> None:
+    pairs = normal_pairs(3, "cols")
+    csv = write_csv(tmp_path / "export.csv", pairs, header=header)
+    refused = run_cli(harvest_args(sandbox, tmp_path / "out", csv))
+    assert refused.exit_code == ExitCode.INPUT
+    assert "--model-column" in refused.output and "--id-column" in refused.output
+    result = run_cli(harvest_args(sandbox, tmp_path / "out", csv, extra=options))
+    assert result.exit_code == ExitCode.OK, result.output
+    df = read_manifest(tmp_path / "out")
+    assert set(df.select("model", "request_id").iter_rows()) == set(pairs)
+
+
+def test_job_file_names_the_columns(tmp_path: Path, sandbox: Sandbox) -> None:
+    csv = write_csv(tmp_path / "export.csv", normal_pairs(2, "jobcols"), header="app,request")
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'inputs = ["export.csv"]\nout = "out"\nbase-url = "{sandbox.base_url}"\n'
+        'model-column = "app"\nid-column = "request"\n',
+        encoding="utf-8",
+    )
+    result = run_cli(["run", str(job)])
+    assert result.exit_code == ExitCode.OK, result.output
+    assert read_manifest(tmp_path / "out").height >= 2
+    assert csv.exists()
 
 
 def test_overlapping_run_exits_with_locked_code(tmp_path: Path, sandbox: Sandbox) -> None:

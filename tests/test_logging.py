@@ -179,3 +179,96 @@ def test_vv_shows_request_lines_but_never_headers(tmp_path: Path, sandbox: Sandb
     assert "HTTP Request: GET" in result.output
     assert "headers" not in result.output.lower()
     assert KEY not in result.output
+
+
+def snapshot(**fields: object) -> Snapshot:
+    values: dict[str, object] = {
+        "done": 1_234,
+        "total": 20_000,
+        "images": 2_160,
+        "bytes": 61_000_000,
+        "rate": 48.7,
+        "eta": 345.0,
+    }
+    values.update(fields)
+    return Snapshot(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("columns", [12, 20, 30, 40, 50, 60, 80, 100, 120, 200])
+def test_progress_line_fits_the_terminal_and_never_cuts_rate_or_eta(columns: int) -> None:
+    for snap in (snapshot(), snapshot(throttled=37, retries=41)):
+        line = snap.line(columns)
+        assert len(line) <= columns - 1
+        if columns > len("48.7/s  ETA 5m45s"):
+            assert line.endswith("48.7/s  ETA 5m45s"), line
+    wide = snapshot(throttled=37, retries=1).line(200)
+    assert "37 x 429" in wide and "1 retry" in wide and "1,234/20,000 requests" in wide
+    assert "37 x 429" in snapshot(throttled=37).line(60)  # 429s outlast images and bytes
+
+
+def test_progress_says_what_it_waits_for_when_only_pending_requests_remain() -> None:
+    until = datetime(2026, 12, 1, 6, 40).timestamp()
+    snap = snapshot(done=19_998, eta=0.4, waiting=2, waiting_until=until)
+    assert snap.line(100).endswith("waiting on 2 pending until 06:40")
+    assert "ETA" not in snap.line(100) and "ETA" not in snap.text()
+    assert snap.fields()["eta_seconds"] is None
+    # pending requests waiting while others are still to do: the rate and ETA stay
+    assert snapshot(waiting=2).line(100).endswith("ETA 5m45s")
+
+
+def test_a_run_reports_requests_waiting_on_pending_results(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Lane counters carry the waiting requests to the stats the console reads."""
+    from harvester.run.pipeline import HarvestConfig, harvest
+
+    csv = write_csv(tmp_path / "e.csv", [("fal-ai/flux", "pending-wait-1"), ("fal-ai/flux", "x1")])
+    seen: list[Snapshot] = []
+    stats = harvest(
+        HarvestConfig(
+            inputs=(csv,),
+            out_dir=tmp_path / "out",
+            api_key=KEY,
+            base_url=sandbox.base_url,
+            pending_wait=4,
+            seed=1,
+        ),
+        on_tick=lambda s: seen.append(Snapshot.of(s)),
+        tick=0.2,
+    )
+    assert stats.requests["pending"] == 1
+    waiting = [s for s in seen if s.only_waiting]
+    assert waiting, "the run spent four seconds waiting on one pending request"
+    assert waiting[-1].waiting == 1 and waiting[-1].waiting_until is not None
+    assert "waiting on 1 pending until " in waiting[-1].line(100)
+
+
+def test_control_characters_from_input_never_reach_the_terminal(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    console = Console(log_format="text", verbosity=0, stream=stream, interactive=False)
+    logging.getLogger("harvester").warning("messy.csv:14: id %r", "x\x07\x1b[31m\r\nFAKE")
+    logging.getLogger("harvester").warning("plain %s", "bell\x07 and \x9b csi")
+    console.failed(UsageError("bad\x07file\x1b]0;title\x07.csv"))
+    text = stream.getvalue()
+    assert not any(c in text for c in "\x07\x1b\r\x9b")
+    assert "bell\\x07 and \\x9b csi" in text and "bad\\x07file\\x1b]0;title\\x07.csv" in text
+    assert len(text.splitlines()) == 3  # no forged line
+
+
+def test_singular_and_plural() -> None:
+    from harvester.units import plural
+
+    assert (plural(1, "row"), plural(2, "row"), plural(1_000, "row")) == (
+        "1 row",
+        "2 rows",
+        "1,000 rows",
+    )
+    assert (plural(1, "retry", "retries"), plural(0, "retry", "retries")) == (
+        "1 retry",
+        "0 retries",
+    )
+    one = stats(rows=1, ok=1, duplicates=0)
+    one.result_requests = 1
+    summary = one.summary()
+    assert "1 request in" in summary and "1 result request (" in summary
+    assert "0 duplicate rows" in summary and "new parts" in summary

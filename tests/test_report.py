@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import re
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
 import polars as pl
 import pytest
+from PIL import Image
 
 from harvester.errors import ExitCode, UsageError
 from harvester.sandbox import Sandbox
 from harvester.storage import manifest
-from harvester.views.report import build
+from harvester.views.report import Report, build
 from harvester.views.report_html import GalleryLimits, render, write_html
 from tests.conftest import harvest_args, run_cli, write_csv
 
@@ -124,11 +128,12 @@ def test_html_page_is_self_contained_with_tables_charts_and_gallery(
 
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"wrote {html_file} (")
+    assert "images embedded as thumbnails" in result.output
     text = html_file.read_text(encoding="utf-8")
     page = Page()
     page.feed(text)
     assert len(page.find("table")) == 4
-    assert len(page.find("svg")) == 4
+    assert len(page.find("svg")) == 5  # status, nsfw, inference, runs' images and bytes
     assert len(page.find("rect")) > 10
     sections = {attrs.get("id") for attrs in page.find("section")}
     assert {"status", "nsfw", "inference", "runs", "gallery"} <= sections
@@ -152,11 +157,11 @@ def test_html_page_is_self_contained_with_tables_charts_and_gallery(
 
 def test_gallery_limits_give_placeholders(harvested: Path) -> None:
     report = build(harvested, gallery_limit=10)
-    page, embedded, placeholders = render(
-        report, limits=GalleryLimits(images=10, image_bytes=4_000)
-    )
+    files = GalleryLimits(images=10, image_bytes=4_000, use_thumbnails=False)
+    page, embedded, placeholders = render(report, limits=files)
     assert embedded + placeholders == 10
     assert placeholders > 0 and "too large to embed" in page
+    assert "pip install &#x27;harvester[thumbnails]&#x27;" in page  # how to get thumbnails
     _, embedded, placeholders = render(report, limits=GalleryLimits(images=5, total_bytes=1))
     assert (embedded, placeholders) == (0, 5)
     assert "page size limit reached" in render(report, limits=GalleryLimits(total_bytes=1))[0]
@@ -188,3 +193,104 @@ def test_write_html_reports_what_it_wrote(harvested: Path, tmp_path: Path) -> No
     assert written.images_embedded == 3 and written.images_placeholder == 0
     assert written.bytes == (tmp_path / "r.html").stat().st_size
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically, no temp file left
+
+
+def test_gallery_holds_thumbnails_of_real_images(harvested: Path) -> None:
+    """Each tile is a JPEG of at most 320 pixels a side, decoded from the stored image."""
+    report = build(harvested)
+    page, embedded, placeholders = render(report, limits=GalleryLimits())
+    assert embedded == report.gallery.height and placeholders == 0
+    uris = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
+    assert len(uris) == embedded
+    for uri in uris:
+        with Image.open(io.BytesIO(base64.b64decode(uri))) as thumb:
+            thumb.load()
+            assert max(thumb.size) <= 320 and thumb.format == "JPEG"
+    assert "Thumbnails of at most 320 pixels" in page
+
+
+def test_large_real_images_keep_the_page_small(tmp_path: Path) -> None:
+    """Twelve 2048x1536 photos-like files of over a MB each: thumbnails, a page well under."""
+    out = tmp_path / "out"
+    rows = []
+    for n in range(12):
+        noise = Image.effect_noise((2048, 1536), 64 + n).convert("RGB")
+        data = io.BytesIO()
+        noise.save(data, "PNG", compress_level=1)
+        stored = out / "images" / f"{n:02d}.png"
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_bytes(data.getvalue())
+        rows.append((f"images/{n:02d}.png", len(data.getvalue())))
+    assert all(size > 1_000_000 for _, size in rows)
+    from harvester.views.report_html import _gallery
+
+    html, embedded, _ = _gallery(build_fake(out, rows), GalleryLimits())
+    assert embedded == 12
+    assert len(html) < 1_000_000  # the files alone weigh over 12 MB
+
+
+def build_fake(out: Path, rows: list[tuple[str, int]]) -> Report:
+    gallery = pl.DataFrame(
+        {
+            "path": [p for p, _ in rows],
+            "model": ["m"] * len(rows),
+            "request_id": [f"r{n}" for n in range(len(rows))],
+            "image_index": [0] * len(rows),
+            "prompt": ["p"] * len(rows),
+            "has_nsfw_concept": [False] * len(rows),
+            "bytes": [b for _, b in rows],
+            "width": [2048] * len(rows),
+            "height": [1536] * len(rows),
+        }
+    )
+    empty = pl.DataFrame()
+    return Report(
+        out_dir=out,
+        generated_at=datetime.now(UTC),
+        by_status=empty,
+        nsfw=empty,
+        inference=empty,
+        runs=pl.DataFrame(
+            schema={
+                "run_id": pl.String,
+                "started_at": pl.Datetime("us", "UTC"),
+                "exit_code": pl.Int64,
+                "requests": pl.UInt32,
+                "ok": pl.UInt32,
+                "images": pl.UInt32,
+                "new_images": pl.UInt32,
+                "new_bytes": pl.Int64,
+            }
+        ),
+        gallery_run="20261201T000000.000Z-abcdef",
+        gallery=gallery,
+        gallery_total=len(rows),
+    )
+
+
+def test_runs_newest_first_the_last_thirty_with_the_total_and_an_axis() -> None:
+    from harvester.views.report import display_runs
+    from harvester.views.report_html import _runs_section, nice_ticks
+
+    runs = pl.DataFrame(
+        {
+            "run_id": [
+                f"2026{11 + n // 30:02d}{n % 30 + 1:02d}T060000.000Z-{n:06x}" for n in range(45)
+            ],
+            "started_at": [datetime(2026, 11, 1, 6, tzinfo=UTC)] * 45,
+            "exit_code": [0] * 45,
+            "requests": [100] * 45,
+            "ok": [100] * 45,
+            "images": [170] * 45,
+            "new_images": list(range(45)),
+            "new_bytes": [n * 1_000_000 for n in range(45)],
+        }
+    )
+    shown = display_runs(runs)
+    assert shown.height == 30 and shown["new_images"].to_list() == list(range(44, 14, -1))
+    html = _runs_section(runs)
+    assert "The 30 most recent of 45 runs" in html and "newest first" in html
+    assert ">40.0 MB</text>" in html and ">60.0 MB</text>" in html  # the bytes axis
+    assert "New bytes on disk" in html and "New images" in html
+    assert nice_ticks(44) == [0, 20, 40, 60]
+    assert nice_ticks(0) == [0.0, 1.0] and nice_ticks(7)[-1] >= 7

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import signal
 import socket
@@ -21,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 
 from harvester.cli import main
 from harvester.sandbox import (
@@ -93,8 +95,9 @@ def assert_valid_png(data: bytes) -> None:
     assert pos == len(data)
     assert list(chunks)[:: len(chunks) - 1] == [b"IHDR", b"IEND"]
     width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, colour) == (8, 2)
-    assert len(zlib.decompress(idat)) == height * (1 + 3 * width)
+    assert (depth, colour) == (8, 3)  # 8-bit palette
+    assert len(chunks[b"PLTE"]) == 3 * 256
+    assert len(zlib.decompress(idat)) == height * (1 + width)
 
 
 # -- results -------------------------------------------------------------------------------
@@ -137,7 +140,10 @@ def test_model_spellings_and_namespaces_reach_the_same_result(client: httpx.Clie
 
 
 def test_images_are_valid_and_deterministic(client: httpx.Client) -> None:
+    """Every image decodes (Pillow), at the width and height its result declares, in the
+    format its magic number says, and no two images are the same picture."""
     kinds: dict[bytes, int] = {}
+    pictures: set[bytes] = set()
     for n in range(30):
         for image in result(client, f"img-{n}").json()["images"]:
             first = media(image["url"])
@@ -152,9 +158,16 @@ def test_images_are_valid_and_deterministic(client: httpx.Client) -> None:
                 assert first.content.endswith(b"\xff\xd9")
             else:
                 data = first.content
-                assert data[:4] == b"RIFF" and data[8:16] == b"WEBPVP8 "
+                assert data[:4] == b"RIFF" and data[8:16] in (b"WEBPVP8 ", b"WEBPVP8X")
                 assert struct.unpack("<I", data[4:8])[0] == len(data) - 8
+            Image.open(io.BytesIO(first.content)).verify()
+            with Image.open(io.BytesIO(first.content)) as picture:
+                picture.load()
+                assert picture.format == {b"\x89PN": "PNG", b"RIF": "WEBP"}.get(magic, "JPEG")
+                assert picture.size == (image["width"], image["height"])
+                pictures.add(picture.convert("RGB").resize((32, 32)).tobytes())
     assert set(kinds) == {b"\x89PN", b"\xff\xd8\xff", b"RIF"}
+    assert len(pictures) == sum(kinds.values())
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes() -> None:
@@ -281,7 +294,7 @@ def test_media_prefixes(client: httpx.Client, sandbox: Sandbox) -> None:
 
 
 def test_unknown_media_and_routes_answer_404_json(client: httpx.Client) -> None:
-    for path in ("/media/nope.png", "/media/00000000-0000000000000000-pp-30000.jpeg", "/x"):
+    for path in ("/media/nope.png", "/media/00000000-0000000000000000-pp-64x48-30000.jpeg", "/x"):
         response = client.get(path)
         assert response.status_code == 404 and "detail" in response.json()
     assert client.get("/fal-ai/flux/dev/requests/abc").status_code == 404
@@ -708,3 +721,20 @@ def test_sandbox_cli_turns_bad_options_into_usage_errors(args: list[str], messag
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_without_pillow_jpeg_and_webp_fall_back_to_sniffable_framing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pillow is the optional sandbox extra: without it the sandbox still serves every
+    format (PNG still decodes; JPEG and WebP are framing around noise)."""
+    from harvester.sandbox.images import make_jpeg, make_png, make_webp
+    from harvester.views import thumbnails
+
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    assert not thumbnails.available()
+    jpeg = make_jpeg(b"s", 5_000, width=64, height=48)
+    webp = make_webp(b"s", 5_000, width=64, height=48)
+    assert jpeg.startswith(b"\xff\xd8\xff") and jpeg.endswith(b"\xff\xd9")
+    assert webp[:4] == b"RIFF" and webp[8:16] == b"WEBPVP8 "
+    assert_valid_png(make_png(b"s", 5_000, width=64, height=48))

@@ -51,7 +51,7 @@ from harvester.storage import manifest
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
 from harvester.storage.manifest import INVALID, OK, ManifestRow, ManifestWriter
-from harvester.units import size
+from harvester.units import plural, size
 
 log = logging.getLogger("harvester")
 
@@ -117,6 +117,8 @@ class HarvestConfig:
     workers: int | None = None
     """Processes that fetch and download (this one included); None: one per core, up to
     ``AUTO_WORKERS_MAX``, when ``rps`` is at least ``AUTO_WORKERS_MIN_RPS``, else one."""
+    columns: reader.Columns = field(default_factory=reader.Columns)
+    """The exports' model and request id columns (``model``, ``request_id``)."""
 
     @property
     def lanes(self) -> int:
@@ -242,6 +244,10 @@ class RunStats:
     """``--rps``: the rate the limiters start at and return to."""
     lowest_rps: float = 0.0
     """The rate limiters' lowest rate in the run (they slow down when many answers are 429s)."""
+    waiting_pending: int = 0
+    """Requests waiting for a pending result now (``--pending-wait``)."""
+    waiting_until: float | None = None
+    """Unix time the last of them stops waiting."""
     interrupted: bool = False
     error: str | None = None
     """The run-level error that ended the run (a rejected key, an unwritable folder), if any."""
@@ -293,22 +299,25 @@ class RunStats:
             or "none"
         )
         lines = [
-            f"run {self.run_id}: {done:,} requests in {self.elapsed:.1f} s ({rate:,.1f} req/s"
+            f"run {self.run_id}: {plural(done, 'request')} in {self.elapsed:.1f} s "
+            f"({rate:,.1f} req/s"
             + (f", {self.processes} processes)" if self.processes > 1 else ")"),
             f"  by status:  {by_status}",
             f"  skipped:    {self.skipped_done:,} already ok in earlier runs, "
-            f"{self.duplicates:,} duplicate rows",
+            f"{plural(self.duplicates, 'duplicate row')}",
             f"  images:     {self.images_new:,} new, {self.images_existing:,} already stored, "
             f"{self.images_failed:,} failed; {size(self.bytes_new)} new on disk",
-            f"  api:        {self.result_requests:,} result requests "
-            f"({self.result_requests / self.elapsed:,.1f}/s), {self.retries:,} retries, "
+            f"  api:        {plural(self.result_requests, 'result request')} "
+            f"({self.result_requests / self.elapsed:,.1f}/s), "
+            f"{plural(self.retries, 'retry', 'retries')}, "
             f"{self.throttled:,} rate-limited (429)"
             + (
                 f", rate cut to {self.lowest_rps:,.1f}/s at the lowest"
                 if self.lowest_rps < self.rps * 0.999  # lanes split --rps in float shares
                 else ""
             ),
-            f"  manifest:   {self.manifest_rows:,} rows in {self.manifest_parts} new part(s) "
+            f"  manifest:   {plural(self.manifest_rows, 'row')} in "
+            f"{plural(self.manifest_parts, 'new part')} "
             f"under {self.out_dir / 'manifest' / self.run_id}",
         ]
         if self.interrupted:
@@ -494,6 +503,8 @@ class _Run:
         self.stats.retries = sum(c.retries for c in counters)
         self.stats.throttled = sum(c.throttled for c in counters)
         self.stats.lowest_rps = sum(c.lowest_rate for c in counters)
+        self.stats.waiting_pending = sum(c.waiting for c in counters)
+        self.stats.waiting_until = max(c.waiting_until for c in counters) or None
 
 
 def harvest(
@@ -511,7 +522,7 @@ def harvest(
     a fresh ``new_run_id``), so a caller can tag its log lines before the run starts.
     """
     config.validate()
-    files = reader.inspect(config.inputs)
+    files = reader.inspect(config.inputs, columns=config.columns)
     layout = Layout(config.out_dir)
     layout.prepare()
     started = datetime.now(UTC)

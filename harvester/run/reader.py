@@ -49,6 +49,27 @@ class BadRow:
     request_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Columns:
+    """The header names of the model and request id columns (matched without case or
+    surrounding spaces): exports that call them ``endpoint_id,id`` or ``app,request`` are
+    read with ``--model-column`` / ``--id-column``."""
+
+    model: str = MODEL
+    request_id: str = REQUEST_ID
+
+    def normalised(self) -> Columns:
+        model, request_id = _normalise_header(self.model), _normalise_header(self.request_id)
+        return Columns(model=model, request_id=request_id)
+
+
+_ALIASES: Final = {
+    "model": ("endpoint_id", "endpoint", "app", "app_id", "model_id", "application"),
+    "request_id": ("id", "request", "requestid", "request-id", "req_id"),
+}
+"""Names other exports use, for the hint when a file lacks the columns asked for."""
+
+
 @dataclass(frozen=True, slots=True)
 class InputFile:
     """What ``inspect`` learnt about one export."""
@@ -58,6 +79,8 @@ class InputFile:
     size: int
     rows: int
     columns: tuple[str, ...]
+    names: Columns = Columns()
+    """The columns read as model and request id."""
 
 
 def pair_key(model: str, request_id: str) -> int:
@@ -208,24 +231,37 @@ def _open(path: Path) -> TextIO:
     return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
-def _header(path: Path, rows: Iterator[list[str]]) -> tuple[int, int, tuple[str, ...]]:
+def _header(
+    path: Path, rows: Iterator[list[str]], wanted: Columns = Columns()
+) -> tuple[int, int, tuple[str, ...]]:
+    want = wanted.normalised()
     for cells in rows:
         if not any(cell.strip() for cell in cells):
             continue
         names = tuple(_normalise_header(_clean(c)) for c in cells)
-        missing = [c for c in (MODEL, REQUEST_ID) if c not in names]
+        options = {
+            "model": (want.model, "--model-column"),
+            "request_id": (want.request_id, "--id-column"),
+        }
+        missing = {role: spec for role, spec in options.items() if spec[0] not in names}
         if missing:
             found = ", ".join(repr(n) for n in names) or "none"
             hint = ""
             if len(names) == 1 and any(sep in names[0] for sep in ";\t|"):
                 hint = " (is it separated by something other than commas? exports must be CSV)"
+            fixes = []
+            for role, (_, option) in missing.items():
+                alias = next((a for a in _ALIASES[role] if a in names), None)
+                fixes.append(f"{option} {alias or 'NAME'}")
             raise InputError(
-                f"{path} has no {' or '.join(repr(m) for m in missing)} column "
-                f"(columns found: {found}){hint}; an export needs a header row with "
-                f"'{MODEL}' and '{REQUEST_ID}'"
+                f"{path} has no {' or '.join(repr(n) for n, _ in missing.values())} column "
+                f"(columns found: {found}){hint}; name the columns to read with "
+                f"{' and '.join(fixes)} (job-file keys model-column, id-column)"
             )
-        return names.index(MODEL), names.index(REQUEST_ID), names
-    raise InputError(f"{path} is empty: expected a header row with '{MODEL}' and '{REQUEST_ID}'")
+        return names.index(want.model), names.index(want.request_id), names
+    raise InputError(
+        f"{path} is empty: expected a header row with '{want.model}' and '{want.request_id}'"
+    )
 
 
 def _records(path: Path) -> Iterator[tuple[int, list[str] | None, str | None]]:
@@ -295,8 +331,9 @@ def _swallowed(lines: _Lines, why: str) -> tuple[int, None, str]:
     )
 
 
-def inspect(paths: Sequence[Path]) -> list[InputFile]:
-    """Check every export before the run starts; raises ``InputError`` for an unusable file."""
+def inspect(paths: Sequence[Path], *, columns: Columns = Columns()) -> list[InputFile]:
+    """Check every export before the run starts; raises ``InputError`` for an unusable file.
+    ``columns`` names the model and request id columns."""
     if not paths:
         raise InputError("no input files given")
     found: list[InputFile] = []
@@ -314,7 +351,7 @@ def inspect(paths: Sequence[Path]) -> list[InputFile]:
             raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
         records = _records(path)
         header_cells = (cells for _, cells, _ in records if cells is not None)
-        _, _, columns = _header(path, header_cells)
+        _, _, names = _header(path, header_cells, columns)
         rows = sum(1 for _, cells, problem in records if problem or (cells and any(cells)))
         found.append(
             InputFile(
@@ -322,7 +359,8 @@ def inspect(paths: Sequence[Path]) -> list[InputFile]:
                 sha256=sha.hexdigest(),
                 size=path.stat().st_size,
                 rows=rows,
-                columns=columns,
+                columns=names,
+                names=columns,
             )
         )
     return found
@@ -379,7 +417,7 @@ def iter_items(
             elif cells is None or not any(c.strip() for c in cells):
                 continue
             elif model_at < 0:
-                model_at, request_at, _ = _header(f.path, iter([cells]))
+                model_at, request_at, _ = _header(f.path, iter([cells]), f.names)
                 continue
             else:
                 model = _clean(cells[model_at]).strip() if model_at < len(cells) else ""

@@ -113,6 +113,10 @@ class Counters:
     retries: int = 0
     throttled: int = 0
     lowest_rate: float = 0.0
+    waiting: int = 0
+    """Requests waiting for a pending result now (``--pending-wait``)."""
+    waiting_until: float = 0.0
+    """Unix time the last of them stops waiting."""
 
 
 class Lane:
@@ -130,6 +134,8 @@ class Lane:
         """Re-polls of pending requests have slots of their own, so new requests (however
         slow the rate) cannot keep them past ``--pending-wait``."""
         self.pending_waiters = anyio.Semaphore(MAX_PENDING_WAITERS)
+        self.waiting = 0
+        self.waiting_until = 0.0
         self.limiter = RateLimiter(settings.rps)
         self._fetcher: ResultFetcher | None = None
         self._store: ImageStore | None = None
@@ -171,6 +177,8 @@ class Lane:
             retries=(fetcher.retries if fetcher else 0) + (store.retries if store else 0),
             throttled=self.limiter.throttled,
             lowest_rate=self.limiter.lowest_rate,
+            waiting=self.waiting,
+            waiting_until=self.waiting_until,
         )
 
     async def fetch(self, pair: Pair, *, repoll: bool = False) -> FetchOutcome:
@@ -203,6 +211,8 @@ class Lane:
         except anyio.WouldBlock:
             return outcome
         release()
+        self.waiting += 1
+        self.waiting_until = max(self.waiting_until, time.time() + self.settings.pending_wait)
         try:
             deadline = time.monotonic() + self.settings.pending_wait
             delay = 1.0
@@ -215,6 +225,7 @@ class Lane:
                 outcome = await self.fetch(pair, repoll=True)
         finally:
             self.pending_waiters.release()
+            self.waiting -= 1
         return outcome
 
     async def rows_for(self, pair: Pair, outcome: FetchOutcome) -> list[ManifestRow]:
@@ -289,6 +300,9 @@ def image_fields(
     }
     if isinstance(got, StoredImage):
         row.update(sha256=got.sha256, path=got.path, bytes=got.bytes, stored_new=got.new)
+        if got.info is not None:
+            info = got.info
+            row.update(image_format=info.format, image_width=info.width, image_height=info.height)
         return row
     assert got is not None, "every download task fills its slot"
     row.update(status=got.status, error=got.error)

@@ -1,12 +1,21 @@
-"""Synthetic image files: right magic numbers, random (incompressible) content, deterministic.
+"""Synthetic images that decode: a gradient and a few shapes drawn from a seed, deterministic.
 
-The PNG is a genuinely valid file (any decoder opens it). JPEG and WEBP have correct headers
-and framing (SOI ... EOI; RIFF/WEBP with a ``VP8 `` chunk) but random payloads: enough for a
-client that sniffs magic numbers, not for a decoder.
+Every file is a real picture at the width and height asked for, in its real format, so a demo's
+gallery shows pictures and a decoder opens every file. The picture is drawn once as an 8-bit
+palette raster (a diagonal gradient between two colours, then discs and bars), which costs a
+slice assignment per row and shape. PNG is written with zlib alone. JPEG and WebP are encoded
+with Pillow (the ``sandbox`` extra, part of ``dev``); without it they fall back to files with
+the right framing but noise for a payload, which a client that sniffs magic numbers still takes.
+
+Files are padded to about the byte size asked for with noise in a place every decoder skips
+(a private PNG chunk, JPEG comment segments, an unknown WebP chunk), so the sandbox's byte
+sizes, the bench's figures and the size tests do not depend on how well a picture compresses.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import random
 import struct
 import zlib
@@ -17,12 +26,48 @@ PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC: Final = b"\xff\xd8\xff"
 WEBP_MAGIC: Final = b"RIFF"
 
-_PNG_WIDTH: Final = 96
-"""Pixels per row of the synthetic PNG; the height follows from the wanted size."""
+_GRADIENT: Final = 200
+"""Palette entries 0..199 are the background's gradient; 200.. are the shapes' colours."""
+_SHAPES: Final = 6
 
 
 def _noise(seed: bytes, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
+
+
+def _colour(rng: random.Random) -> tuple[int, int, int]:
+    return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+
+
+def _picture(seed: bytes, width: int, height: int) -> tuple[bytes, bytes]:
+    """``(palette, raster)``: 256 RGB entries and ``height`` rows of ``width`` indices."""
+    rng = random.Random(seed)
+    start, end = _colour(rng), _colour(rng)
+    palette = bytearray()
+    for i in range(_GRADIENT):
+        mix = i / (_GRADIENT - 1)
+        palette += bytes(round(a + (b - a) * mix) for a, b in zip(start, end, strict=True))
+    for _ in range(256 - _GRADIENT):
+        palette += bytes(_colour(rng))
+    span = width + height
+    ramp = bytes(i * _GRADIENT // span for i in range(span))
+    rows = [bytearray(ramp[y : y + width]) for y in range(height)]
+    unit = min(width, height)
+    for shape in range(_SHAPES):
+        index = _GRADIENT + shape
+        cx, cy = rng.randrange(width), rng.randrange(height)
+        radius = rng.randint(unit // 12, unit // 4)
+        if rng.random() < 0.6:  # a disc
+            for y in range(max(0, cy - radius), min(height, cy + radius)):
+                half = int(math.sqrt(radius * radius - (y - cy) ** 2))
+                left, right = max(0, cx - half), min(width, cx + half)
+                rows[y][left:right] = bytes([index]) * (right - left)
+        else:  # a bar
+            top, bottom = max(0, cy - radius // 3), min(height, cy + radius // 3)
+            left, right = max(0, cx - radius), min(width, cx + radius)
+            for y in range(top, bottom):
+                rows[y][left:right] = bytes([index]) * (right - left)
+    return bytes(palette), b"".join(rows)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -30,27 +75,84 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
-def make_png(seed: bytes, size: int) -> bytes:
-    """An RGB PNG of random pixels, about ``size`` bytes in all."""
-    stride = _PNG_WIDTH * 3
-    height = max(1, size // (stride + 1))
-    noise = _noise(seed, stride * height)
-    raw = b"".join(
-        b"\x00" + noise[row * stride : (row + 1) * stride]  # filter type 0 (None) per row
-        for row in range(height)
+def make_png(seed: bytes, size: int, *, width: int = 512, height: int = 512) -> bytes:
+    """A palette PNG of ``width`` x ``height`` pixels, padded to about ``size`` bytes."""
+    palette, raster = _picture(seed, width, height)
+    rows = b"".join(
+        b"\x00" + raster[y * width : (y + 1) * width]  # filter type 0 (None) per row
+        for y in range(height)
     )
-    ihdr = struct.pack(">IIBBBBB", _PNG_WIDTH, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (
-        PNG_MAGIC
-        + _png_chunk(b"IHDR", ihdr)
-        # Level 0 (stored blocks) is still valid zlib; random pixels would not compress anyway.
-        + _png_chunk(b"IDAT", zlib.compress(raw, 0))
-        + _png_chunk(b"IEND", b"")
-    )
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8-bit palette
+    head = PNG_MAGIC + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"PLTE", palette)
+    body = head + _png_chunk(b"IDAT", zlib.compress(rows, 1))
+    missing = size - len(body) - 12 - 12  # the padding chunk's and IEND's framing
+    if missing > 0:
+        body += _png_chunk(b"haRv", _noise(seed, missing))  # ancillary, private: skipped
+    return body + _png_chunk(b"IEND", b"")
 
 
-def make_jpeg(seed: bytes, size: int) -> bytes:
-    """JFIF framing (SOI, APP0, comment segments of noise, EOI), about ``size`` bytes."""
+def _pillow_encode(seed: bytes, fmt: str, width: int, height: int) -> bytes | None:
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    palette, raster = _picture(seed, width, height)
+    image = Image.frombytes("P", (width, height), raster)
+    image.putpalette(palette)
+    out = io.BytesIO()
+    if fmt == "jpeg":
+        image.convert("RGB").save(out, "JPEG", quality=80)
+    else:
+        image.convert("RGB").save(out, "WEBP", quality=70, method=0)
+    return out.getvalue()
+
+
+def _pad_jpeg(data: bytes, seed: bytes, size: int) -> bytes:
+    """Comment segments of noise, put just before the scan (after the frame header)."""
+    missing = size - len(data)
+    if missing <= 4:
+        return data
+    at = 2
+    while data[at + 1] != 0xDA:  # walk the segments up to Start Of Scan
+        at += 2 + struct.unpack(">H", data[at + 2 : at + 4])[0]
+    noise = _noise(seed, missing)
+    parts = []
+    for start in range(0, len(noise), 65_000):  # a segment holds at most 65533 bytes
+        piece = noise[start : start + 65_000]
+        parts.append(b"\xff\xfe" + struct.pack(">H", len(piece) + 2) + piece)
+    return data[:at] + b"".join(parts) + data[at:]
+
+
+def _pad_webp(data: bytes, seed: bytes, size: int, width: int, height: int) -> bytes:
+    """The simple file made extended (a ``VP8X`` header) with an unknown chunk of noise."""
+    missing = size - len(data) - 18 - 8  # the VP8X chunk, the padding chunk's header
+    if missing <= 0 or data[12:16] != b"VP8 ":
+        return data
+    vp8x = b"VP8X" + struct.pack("<I", 10) + b"\x00\x00\x00\x00"
+    vp8x += (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    missing -= missing % 2  # RIFF chunks are of even length here
+    body = b"WEBP" + vp8x + data[12:] + b"HARV" + struct.pack("<I", missing) + _noise(seed, missing)
+    return WEBP_MAGIC + struct.pack("<I", len(body)) + body
+
+
+def make_jpeg(seed: bytes, size: int, *, width: int = 512, height: int = 512) -> bytes:
+    """A JPEG of ``width`` x ``height`` (framing and noise without Pillow), about ``size``."""
+    data = _pillow_encode(seed, "jpeg", width, height)
+    if data is None:
+        return _framed_jpeg(seed, size)
+    return _pad_jpeg(data, seed, size)
+
+
+def make_webp(seed: bytes, size: int, *, width: int = 512, height: int = 512) -> bytes:
+    """A lossy WebP of ``width`` x ``height`` (a noise frame without Pillow), about ``size``."""
+    data = _pillow_encode(seed, "webp", width, height)
+    if data is None:
+        return _framed_webp(seed, size, width=width, height=height)
+    return _pad_webp(data, seed, size, width, height)
+
+
+def _framed_jpeg(seed: bytes, size: int) -> bytes:
+    """JFIF framing (SOI, APP0, comment segments of noise, EOI): sniffable, not decodable."""
     app0 = b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
     parts = [b"\xff\xd8", b"\xff\xe0" + struct.pack(">H", len(app0) + 2) + app0]
     noise = _noise(seed, max(0, size - 24))
@@ -61,8 +163,8 @@ def make_jpeg(seed: bytes, size: int) -> bytes:
     return b"".join(parts)
 
 
-def make_webp(seed: bytes, size: int, *, width: int = 512, height: int = 512) -> bytes:
-    """RIFF/WEBP with one lossy ``VP8 `` chunk whose frame payload is noise."""
+def _framed_webp(seed: bytes, size: int, *, width: int, height: int) -> bytes:
+    """RIFF/WEBP with one ``VP8 `` chunk whose frame payload is noise: sniffable only."""
     frame_tag = b"\x10\x02\x00"  # key frame, version 0, shown; partition size is not checked
     header = frame_tag + b"\x9d\x01\x2a" + struct.pack("<HH", width, height)
     payload = header + _noise(seed, max(0, size - 30))
@@ -73,7 +175,7 @@ def make_webp(seed: bytes, size: int, *, width: int = 512, height: int = 512) ->
     return WEBP_MAGIC + struct.pack("<I", len(body)) + body
 
 
-MAKERS: Final[dict[str, Callable[[bytes, int], bytes]]] = {
+MAKERS: Final[dict[str, Callable[..., bytes]]] = {  # (seed, size, *, width, height)
     "png": make_png,
     "jpeg": make_jpeg,
     "webp": make_webp,

@@ -15,6 +15,7 @@ import base64
 import functools
 import hashlib
 import json
+import math
 import random
 import re
 from enum import StrEnum
@@ -134,15 +135,30 @@ PROMPTS: Final = (
     "portrait of an astronaut, oil painting, dramatic lighting",
 )
 SIZES: Final = ((1024, 768), (1024, 1024), (768, 1024), (1344, 768), (512, 512))
+"""The width and height a result declares, and its images have, at the default image size."""
+FULL_SIZE_BYTES: Final = 30_000
+"""At ``--image-bytes`` below this, pictures shrink (by the square root of the ratio): a test's
+1,000-byte images are about 190 pixels wide, so thousands of them are drawn in moments."""
+INLINE_SIZE: Final = (64, 48)
+MAX_SIDE: Final = 4096
+
+
+def scaled(width: int, height: int, image_bytes: int) -> tuple[int, int]:
+    """``SIZES``' width and height for images of about ``image_bytes``."""
+    factor = min(1.0, math.sqrt(image_bytes / FULL_SIZE_BYTES))
+    return max(16, round(width * factor)), max(16, round(height * factor))
+
 
 _FORMAT_LETTERS: Final = {"p": "png", "j": "jpeg", "w": "webp"}
 _LETTER_OF: Final = {fmt: letter for letter, fmt in _FORMAT_LETTERS.items()}
 _TOKEN: Final = re.compile(
-    r"([0-9a-f]{8})-([0-9a-f]{16})-([pjw])([pjw])-([0-9]{1,8})(?:-([xhrb]))?"
+    r"([0-9a-f]{8})-([0-9a-f]{16})-([pjw])([pjw])-([0-9]{1,4})x([0-9]{1,4})-([0-9]{1,8})"
+    r"(?:-([xhrb]))?"
 )
-"""``uid-cid-RL-size[-mode]``: uid makes the URL unique, cid (content id), the real format R
-and size fix the bytes, L is the labelled format (URL extension and Content-Type), and mode is
-x (expired: 404), h (HTML instead of an image), r (redirect), b (redirect to ftp:)."""
+"""``uid-cid-RL-WxH-size[-mode]``: uid makes the URL unique, cid (content id), the real format
+R, the width W and height H and size fix the bytes, L is the labelled format (URL extension and
+Content-Type), and mode is x (expired: 404), h (HTML instead of an image), r (redirect),
+b (redirect to ftp:)."""
 
 
 def _digest(*parts: object) -> bytes:
@@ -252,8 +268,17 @@ def status_for(
     return json_reply(200, json.dumps(body).encode(), request_id)
 
 
-def _token(uid: bytes, cid: bytes, real: str, label: str, size: int, mode: str = "") -> str:
-    token = f"{uid[:4].hex()}-{cid[:8].hex()}-{_LETTER_OF[real]}{_LETTER_OF[label]}-{size}"
+def _token(
+    uid: bytes,
+    cid: bytes,
+    real: str,
+    label: str,
+    dims: tuple[int, int],
+    size: int,
+    mode: str = "",
+) -> str:
+    letters = f"{_LETTER_OF[real]}{_LETTER_OF[label]}-{dims[0]}x{dims[1]}"
+    token = f"{uid[:4].hex()}-{cid[:8].hex()}-{letters}-{size}"
     return f"{token}-{mode}" if mode else token
 
 
@@ -280,7 +305,7 @@ def _result_body(
     count = rng.randint(1, 4)
     seed = rng.randint(2**53 + 1, 2**63 - 1) if rng.random() < 0.2 else rng.randint(0, 2**32 - 1)
     prompt = rng.choice(PROMPTS)
-    width, height = rng.choice(SIZES)
+    dims = scaled(*rng.choice(SIZES), config.image_bytes)
     if kind is Behaviour.SHORT_NSFW:
         count = 3
     elif kind is Behaviour.BIG:
@@ -294,21 +319,23 @@ def _result_body(
         label = real if rng.random() >= 0.05 else rng.choice(("png", "jpeg", "webp"))
         size = round(config.image_bytes * rng.uniform(0.8, 1.2))
         cid = _digest(config.seed, "image", request_id, index)
-        if kind is Behaviour.DUP:
+        if kind is Behaviour.DUP:  # the same bytes behind every dup- id's URL
             real, label, size = "png", "png", config.image_bytes
-            cid = _digest(config.seed, "dup")
+            cid, dims = _digest(config.seed, "dup"), scaled(*SIZES[0], config.image_bytes)
         elif kind is Behaviour.MISLABEL:
             real, label = "jpeg", "png"
         elif kind is Behaviour.BIG:
             real, label, size = "png", "png", BIG_IMAGE_BYTES
         uid = _digest(config.seed, "uid", request_id, index)
-        token = _token(uid, cid, real, label, size, _MODES.get(kind, ""))
+        token = _token(uid, cid, real, label, dims, size, _MODES.get(kind, ""))
+        width, height = dims
         image: dict[str, Any] = {
             "url": media_url(base_url, token),
             "content_type": CONTENT_TYPES[label],
         }
         if kind is Behaviour.INLINE:
-            data = make_png(cid, 1_500)
+            width, height = INLINE_SIZE
+            data = make_png(cid, 1_500, width=width, height=height)
             image["url"] = "data:image/png;base64," + base64.b64encode(data).decode()
             image["content_type"] = "image/png"
         if kind is Behaviour.ECHO:
@@ -350,16 +377,22 @@ class Token(NamedTuple):
     label: str
     size: int
     mode: str
+    width: int
+    height: int
 
     @classmethod
     def parse(cls, token: str) -> Token:
         match = _TOKEN.fullmatch(token)
         if match is None:
             raise ValueError(f"not a media token: {token!r}")
-        uid, cid, real, label, size, mode = match.groups()
+        uid, cid, real, label, wide, high, size, mode = match.groups()
         if not 100 <= int(size) <= MAX_IMAGE_BYTES:
             raise ValueError(f"media token {token!r} asks for {size} bytes")
-        return cls(uid, cid, _FORMAT_LETTERS[real], _FORMAT_LETTERS[label], int(size), mode or "")
+        width, height = int(wide), int(high)
+        if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+            raise ValueError(f"media token {token!r} asks for {width}x{height} pixels")
+        real, label = _FORMAT_LETTERS[real], _FORMAT_LETTERS[label]
+        return cls(uid, cid, real, label, int(size), mode or "", width, height)
 
 
 def image_for(token: str) -> tuple[bytes, str]:
@@ -369,19 +402,19 @@ def image_for(token: str) -> tuple[bytes, str]:
     them (``dup-`` ids). Raises ``ValueError`` for a token this world never hands out.
     """
     parsed = Token.parse(token)
-    data = _render(parsed.real, parsed.cid, parsed.size)
+    data = _render(parsed.real, parsed.cid, parsed.size, parsed.width, parsed.height)
     return data, CONTENT_TYPES[parsed.label]
 
 
-def _render(fmt: str, cid: str, size: int) -> bytes:
+def _render(fmt: str, cid: str, size: int, width: int, height: int) -> bytes:
     if size > 1_000_000:  # big images are rare: don't let them crowd the cache
-        return MAKERS[fmt](bytes.fromhex(cid), size)
-    return _render_cached(fmt, cid, size)
+        return MAKERS[fmt](bytes.fromhex(cid), size, width=width, height=height)
+    return _render_cached(fmt, cid, size, width, height)
 
 
 @functools.lru_cache(maxsize=256)
-def _render_cached(fmt: str, cid: str, size: int) -> bytes:
-    return MAKERS[fmt](bytes.fromhex(cid), size)
+def _render_cached(fmt: str, cid: str, size: int, width: int, height: int) -> bytes:
+    return MAKERS[fmt](bytes.fromhex(cid), size, width=width, height=height)
 
 
 NOT_IMAGE_BODY: Final = (
@@ -407,7 +440,9 @@ def media_for(token: str, ext: str, base_url: str) -> Reply:
         return Reply(302, (("Location", BAD_REDIRECT_TARGET),), b"")
     if parsed.mode == "r":
         uid = _digest("redirected", parsed.uid)
-        target = _token(uid, bytes.fromhex(parsed.cid), parsed.real, parsed.label, parsed.size)
+        dims = (parsed.width, parsed.height)
+        cid = bytes.fromhex(parsed.cid)
+        target = _token(uid, cid, parsed.real, parsed.label, dims, parsed.size)
         url = media_url(base_url, target)
         if int(parsed.uid, 16) % 2:  # half the redirects are relative, half absolute
             url = url.removeprefix(base_url)

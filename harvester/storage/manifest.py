@@ -66,6 +66,9 @@ SCHEMA: Final = pa.schema(
         pa.field("stored_new", pa.bool_()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("image_format", pa.string()),
+        pa.field("image_width", pa.int32()),
+        pa.field("image_height", pa.int32()),
         pa.field("has_nsfw_concept", pa.bool_()),
         pa.field("timings", pa.string()),
         pa.field("inference_seconds", pa.float64()),
@@ -83,6 +86,9 @@ fits in int64, else null; ``seed_text`` always holds its exact decimal digits (r
 seeds of 2^64 and more). ``altered`` is true when a stored text is not what the relay sent
 (text that is not valid Unicode stored with U+FFFD, the key masked, ...); ``error`` then says
 what was altered. Both are null in parts written before they existed.
+``content_type``, ``width`` and ``height`` are what the API declared; ``image_format``,
+``image_width`` and ``image_height`` what the stored file's header says (empty in parts written
+before they were recorded).
 """
 
 

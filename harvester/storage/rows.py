@@ -47,6 +47,11 @@ class ManifestRow:
     stored_new: bool | None = None
     width: int | None = None
     height: int | None = None
+    image_format: str | None = None
+    """What the stored file's header says (png, jpeg, webp, gif, bmp), next to content_type."""
+    image_width: int | None = None
+    image_height: int | None = None
+    """The stored file's own size, next to the declared width and height."""
     has_nsfw_concept: bool | None = None
     timings: str | None = None
     inference_seconds: float | None = None

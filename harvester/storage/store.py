@@ -34,6 +34,7 @@ from harvester.api.retry import (
 from harvester.api.urls import describe_url
 from harvester.errors import OutputError
 from harvester.storage.files import persist_new
+from harvester.storage.imageinfo import HEADER_BYTES, ImageInfo, read_info
 from harvester.storage.layout import Layout
 from harvester.storage.rows import ERROR, FAILED
 
@@ -83,6 +84,8 @@ class StoredImage:
     """True if this download put the file in the store; False if identical bytes were there."""
     http_status: int | None
     attempts: int
+    info: ImageInfo | None = None
+    """The format, width and height its header states (None if not read)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +135,8 @@ class _Sink:
         self.size += len(chunk)
         if self.size > self._max:
             raise _TooLarge(self._max)
-        if len(self.head) < SNIFF_BYTES:
-            self.head += chunk[: SNIFF_BYTES - len(self.head)]
+        if len(self.head) < HEADER_BYTES:
+            self.head += chunk[: HEADER_BYTES - len(self.head)]
         self._hash.update(chunk)
         if self._fh is None:
             self._chunks.append(chunk)
@@ -422,4 +425,5 @@ class ImageStore:
             new = sink.persist(final, self._folders)
         except OSError as exc:
             raise OutputError(f"cannot store image {relative}: {exc.strerror or exc}") from exc
-        return StoredImage(sha, relative, sink.size, new, status, attempt)
+        info = read_info(sink.head)
+        return StoredImage(sha, relative, sink.size, new, status, attempt, info)

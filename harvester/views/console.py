@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final, TextIO
 
 from harvester.errors import HarvesterError
-from harvester.redact import redact, secret_parts
-from harvester.units import duration, size
+from harvester.redact import printable, redact, secret_parts
+from harvester.units import duration, plural, size
 
 if TYPE_CHECKING:  # the run layer is not loaded by views at run time
     from harvester.run.pipeline import RunStats
@@ -43,7 +43,7 @@ summary_log = logging.getLogger("harvester.summary")
 _RECORD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Snapshot:
     """Where a run stands, for progress lines."""
 
@@ -53,6 +53,12 @@ class Snapshot:
     bytes: int
     rate: float
     eta: float | None
+    throttled: int = 0
+    retries: int = 0
+    waiting: int = 0
+    """Requests waiting for a pending result; when they are all that is left, the line says
+    so instead of a falling rate and an ETA of 0s."""
+    waiting_until: float | None = None
 
     @classmethod
     def of(cls, stats: RunStats) -> Snapshot:
@@ -67,7 +73,15 @@ class Snapshot:
             bytes=stats.bytes_downloaded,
             rate=rate,
             eta=eta,
+            throttled=stats.throttled,
+            retries=stats.retries,
+            waiting=stats.waiting_pending,
+            waiting_until=stats.waiting_until,
         )
+
+    @property
+    def only_waiting(self) -> bool:
+        return 0 < self.total - self.done <= self.waiting
 
     def fields(self) -> dict[str, object]:
         return {
@@ -76,15 +90,61 @@ class Snapshot:
             "images": self.images,
             "bytes": self.bytes,
             "rate": round(self.rate, 2),
-            "eta_seconds": None if self.eta is None else round(self.eta),
+            "eta_seconds": None if self.eta is None or self.only_waiting else round(self.eta),
+            "rate_limited": self.throttled,
+            "retries": self.retries,
+            "waiting_pending": self.waiting,
         }
 
-    def text(self) -> str:
+    def tail(self) -> str:
+        """The part that is never cut: the rate and ETA, or what the run is waiting for."""
+        if self.only_waiting:
+            until = ""
+            if self.waiting_until is not None:
+                until = " until " + datetime.fromtimestamp(self.waiting_until).strftime("%H:%M")
+            return f"waiting on {self.waiting:,} pending{until}"
         eta = "--" if self.eta is None else duration(self.eta)
-        return (
-            f"{self.done:,}/{self.total:,} requests  {self.images:,} images  "
-            f"{size(self.bytes)}  {self.rate:,.1f}/s  ETA {eta}"
-        )
+        return f"{self.rate:,.1f}/s  ETA {eta}"
+
+    def parts(self) -> tuple[str, list[str], list[str]]:
+        """``(counts, trouble, extras)``: what the line shows besides ``tail``, most needed
+        first (trouble is the 429s and retries so far, shown as they happen)."""
+        counts = f"{self.done:,}/{plural(self.total, 'request')}"
+        trouble = []
+        if self.throttled:
+            trouble.append(f"{self.throttled:,} x 429")
+        if self.retries:
+            trouble.append(plural(self.retries, "retry", "retries"))
+        extras = [plural(self.images, "image"), size(self.bytes)]
+        return counts, trouble, extras
+
+    def text(self) -> str:
+        counts, trouble, extras = self.parts()
+        return "  ".join([counts, *extras, *trouble, self.tail()])
+
+    def line(self, columns: int, *, bar_width: int = 24) -> str:
+        """The progress bar's line in at most ``columns - 1`` characters: the bar narrows and
+        the extras go before the tail (rate and ETA, or the wait) is ever cut."""
+        counts, trouble, extras = self.parts()
+        tail = self.tail()
+        room = max(columns - 1, 1)
+
+        def bar(width: int) -> str:
+            filled = min(width, width * self.done // max(self.total, 1))
+            return "[" + "#" * filled + "-" * (width - filled) + "] "
+
+        for head, pieces in (
+            (bar(bar_width), [counts, *extras, *trouble, tail]),
+            (bar(10), [counts, *extras, *trouble, tail]),
+            (bar(10), [counts, *trouble, tail]),
+            ("", [counts, *trouble, tail]),
+            ("", [counts, tail]),
+            ("", [tail]),
+        ):
+            candidate = head + "  ".join(pieces)
+            if len(candidate) <= room:
+                return candidate
+        return tail[:room]
 
 
 class JsonFormatter(logging.Formatter):
@@ -140,6 +200,12 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only
         self.bar: Progress | None = None
 
     def format(self, record: logging.LogRecord) -> str:
+        # The message may carry input data (file names, ids, an API's words): its control
+        # characters are escaped here, for every line; a traceback keeps its line breaks.
+        message = record.getMessage()
+        safe = printable(message)
+        if safe != message:
+            record = logging.makeLogRecord({**vars(record), "msg": safe, "args": None})
         return redact(super().format(record), self.secrets)
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -197,12 +263,9 @@ class Progress:
         self._drawn = False
 
     def tick(self, stats: RunStats) -> None:
-        snap = Snapshot.of(stats)
-        filled = min(self.WIDTH, self.WIDTH * snap.done // max(snap.total, 1))
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        line = f"[{bar}] {snap.text()}"
         columns = shutil.get_terminal_size((100, 24)).columns
-        self._stream.write("\r\x1b[K" + line[: max(columns - 1, 10)])
+        line = Snapshot.of(stats).line(columns, bar_width=self.WIDTH)
+        self._stream.write("\r\x1b[K" + line)
         self._stream.flush()
         self._drawn = True
 
@@ -250,13 +313,11 @@ class Console:
         self.handler.secrets.extend(secret_parts(secret))
 
     def started(self, stats: RunStats) -> None:
-        files = len(stats.inputs)
         progress_log.info(
-            "run %s started: %s rows in %d input file%s, into %s",
+            "run %s started: %s in %s, into %s",
             stats.run_id,
-            f"{stats.rows_in_input:,}",
-            files,
-            "" if files == 1 else "s",
+            plural(stats.rows_in_input, "row"),
+            plural(len(stats.inputs), "input file"),
             stats.out_dir,
             extra={
                 "event": "started",
@@ -289,7 +350,8 @@ class Console:
                 extra={"event": "finished", **stats.record()},
             )
         else:
-            print(stats.summary(), file=self.out, flush=True)
+            summary = redact(printable(stats.summary(), newlines=True), self.handler.secrets)
+            print(summary, file=self.out, flush=True)
 
     def failed(self, exc: HarvesterError) -> None:
         self._clear()
@@ -298,7 +360,7 @@ class Console:
                 "%s", exc, extra={"event": "error", "exit_code": int(exc.exit_code)}
             )
         else:
-            message = redact(f"harvester: error: {exc}", self.handler.secrets)
+            message = redact(printable(f"harvester: error: {exc}"), self.handler.secrets)
             print(message, file=self.stream, flush=True)
 
     def _clear(self) -> None:

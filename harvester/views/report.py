@@ -22,6 +22,8 @@ from harvester.views.status import read_runs
 
 NO_MODEL: Final = "(no model)"
 """How a row without a model (an ``invalid`` CSV row) is labelled."""
+RUNS_SHOWN: Final = 30
+"""The per-run tables and chart show the most recent runs only (and how many there are)."""
 GALLERY_LIMIT: Final = 48
 """Images of the latest run listed for the gallery."""
 
@@ -63,7 +65,10 @@ class Report:
                 self.nsfw.with_columns(_percent("rate")),
             ),
             ("Inference seconds per model (latest state)", self.inference),
-            ("Images and bytes per run", display_runs(self.runs)),
+            (
+                f"Images and bytes per run ({_shown(self.runs.height)}, newest first)",
+                display_runs(self.runs),
+            ),
         ]
         with pl.Config(
             tbl_hide_dataframe_shape=True,
@@ -79,11 +84,22 @@ class Report:
         return "\n".join(parts)
 
 
+def _shown(runs: int) -> str:
+    if runs > RUNS_SHOWN:
+        return f"the {RUNS_SHOWN} most recent of {runs:,}"
+    return "the only one" if runs == 1 else f"all {runs:,}"
+
+
 def display_runs(runs: pl.DataFrame) -> pl.DataFrame:
-    """``runs`` for people: start time to the minute, bytes in MB."""
-    return runs.with_columns(
-        pl.col("started_at").dt.strftime("%Y-%m-%d %H:%M UTC"),
-        pl.col("new_bytes").map_elements(size, return_dtype=pl.String),
+    """``runs`` for people: the ``RUNS_SHOWN`` most recent, newest first, start time to the
+    minute, bytes in MB."""
+    return (
+        runs.tail(RUNS_SHOWN)
+        .reverse()
+        .with_columns(
+            pl.col("started_at").dt.strftime("%Y-%m-%d %H:%M UTC"),
+            pl.col("new_bytes").map_elements(size, return_dtype=pl.String),
+        )
     )
 
 

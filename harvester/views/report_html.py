@@ -1,17 +1,20 @@
 """A ``Report`` as one self-contained HTML page: opens from disk, fetches nothing.
 
 Inline CSS, SVG charts drawn here (no script at all), and a gallery of the latest run's images
-embedded as ``data:`` URIs, scaled by CSS, with NSFW-flagged ones blurred (focus or click one
-to reveal it). Embedding is capped (``GalleryLimits``) so the page stays a sensible size; an
-image over the cap gets a labelled placeholder instead. Every string from the manifest is
-HTML-escaped: model names and prompts come from outside.
+embedded as ``data:`` URIs, with NSFW-flagged ones blurred (focus or click one to reveal it).
+With Pillow (the ``thumbnails`` extra) each image is a thumbnail of a few hundred pixels, so
+a gallery of real 1-4 MB results stays a page of a few MB; without it the stored files are
+embedded as they are, capped (``GalleryLimits``), and the page says how to get thumbnails.
+An image over a cap, or that cannot be decoded, gets a labelled placeholder instead. Every
+string from the manifest is HTML-escaped: model names and prompts come from outside.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -22,7 +25,8 @@ import polars as pl
 from harvester.errors import MEANINGS, OutputError
 from harvester.storage import manifest
 from harvester.units import size
-from harvester.views.report import Report, display_runs
+from harvester.views import thumbnails
+from harvester.views.report import RUNS_SHOWN, Report, display_runs
 
 MEDIA_TYPES: Final = {
     "png": "image/png",
@@ -41,10 +45,8 @@ STATUS_COLOURS: Final = {
     manifest.ERROR: "#8c1c13",
     manifest.INVALID: "#7d5ba6",
 }
-RUNS_SHOWN: Final = 60
 PROMPT_CHARS: Final = 1_000
 """A tile's caption shows this much of the prompt (20 MB prompts made a 210 MB page)."""
-"""The per-run chart and table show the most recent runs only."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,9 +54,12 @@ class GalleryLimits:
     images: int = 48
     """Images embedded at most."""
     image_bytes: int = 2_000_000
-    """A larger image gets a placeholder (the page embeds files as they are, unscaled)."""
+    """Without thumbnails: a larger image gets a placeholder (files are embedded unscaled)."""
     total_bytes: int = 40_000_000
     """Embedding stops once this many image bytes are in the page."""
+    use_thumbnails: bool | None = None
+    """Embed thumbnails (needs Pillow); None: when Pillow is installed."""
+    thumbnail_pixels: int = thumbnails.THUMBNAIL_PIXELS
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +68,14 @@ class HtmlWritten:
     bytes: int
     images_embedded: int
     images_placeholder: int
+    thumbnails: bool
+    """True if the gallery holds thumbnails, False if the stored files themselves."""
 
 
 def write_html(report: Report, path: Path, *, limits: GalleryLimits | None = None) -> HtmlWritten:
     """Render ``report`` into ``path`` (written atomically). Raises ``OutputError``."""
-    page, embedded, placeholders = render(report, limits=limits or GalleryLimits())
+    limits = limits or GalleryLimits()
+    page, embedded, placeholders = render(report, limits=limits)
     data = page.encode("utf-8")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -76,7 +84,12 @@ def write_html(report: Report, path: Path, *, limits: GalleryLimits | None = Non
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return HtmlWritten(path, len(data), embedded, placeholders)
+    return HtmlWritten(path, len(data), embedded, placeholders, _use_thumbnails(limits))
+
+
+def _use_thumbnails(limits: GalleryLimits) -> bool:
+    wanted = limits.use_thumbnails
+    return thumbnails.available() if wanted is None else wanted
 
 
 def render(report: Report, *, limits: GalleryLimits) -> tuple[str, int, int]:
@@ -205,23 +218,29 @@ def _inference_section(inference: pl.DataFrame) -> str:
 
 def _runs_section(runs: pl.DataFrame) -> str:
     recent = runs.tail(RUNS_SHOWN)
-    columns = [
-        (str(r["run_id"]), float(r["new_images"]), size(int(r["new_bytes"] or 0)))
-        for r in recent.iter_rows(named=True)
-    ]
-    note = (
-        f"The {RUNS_SHOWN} most recent of {runs.height:,} runs. "
+    rows = list(recent.iter_rows(named=True))
+    images = [(str(r["run_id"]), float(r["new_images"] or 0)) for r in rows]
+    stored = [(str(r["run_id"]), float(r["new_bytes"] or 0)) for r in rows]
+    shown = (
+        f"The {RUNS_SHOWN} most recent of {runs.height:,} runs"
         if runs.height > RUNS_SHOWN
-        else ""
+        else ("1 run" if runs.height == 1 else f"All {runs.height:,} runs")
+    )
+    charts = (
+        '<div class="charts">'
+        f"<div><h3>New images</h3>{_columns(images, unit=lambda v: f'{v:,.0f}')}</div>"
+        f"<div><h3>New bytes on disk</h3>{_columns(stored, unit=lambda v: size(int(v)))}</div>"
+        "</div>"
     )
     return _section(
         "runs",
         "Images and bytes per run",
-        f"{note}Columns: images a run stored that were not on disk before, under the run's "
-        "start (UTC); hover for its id and bytes. <code>images</code> also counts identical "
+        f"{shown}; the table lists the newest first. Charts: images a run stored that were not "
+        "on disk before, and their bytes, under the run's start (UTC), oldest on the left; "
+        "hover for the run's id. <code>images</code> in the table also counts identical "
         "bytes already stored.",
-        _columns(columns),
-        _table(display_runs(recent)),
+        charts,
+        _table(display_runs(runs)),
     )
 
 
@@ -231,24 +250,36 @@ def _gallery(report: Report, limits: GalleryLimits) -> tuple[str, int, int]:
     tiles: list[str] = []
     embedded = placeholders = total = 0
     root = report.out_dir.resolve()
+    thumbs = _use_thumbnails(limits)
     for row in report.gallery.head(limits.images).iter_rows(named=True):
         path = report.out_dir / row["path"]
         ext = path.suffix.lstrip(".").lower()
         reason = None
-        if ext not in MEDIA_TYPES:
-            reason = f".{ext} files are not shown by browsers"
-        elif (row["bytes"] or 0) > limits.image_bytes:
-            reason = f"{size(row['bytes'])}: too large to embed"
-        elif total + (row["bytes"] or 0) > limits.total_bytes:
-            reason = "page size limit reached"
-        elif not _inside(path, root):
-            reason = "links out of the output folder: not embedded"
         data = None
-        if reason is None:
+        if not _inside(path, root):
+            reason = "links out of the output folder: not embedded"
+        elif thumbs:
             try:
-                data = path.read_bytes()
+                data = thumbnails.thumbnail(path, pixels=limits.thumbnail_pixels)
+            except thumbnails.ThumbnailError as exc:
+                reason = str(exc)
             except OSError as exc:
                 reason = f"cannot read: {exc.strerror or exc}"
+            if data is not None and total + len(data) > limits.total_bytes:
+                data, reason = None, "page size limit reached"
+            ext = "jpg"
+        else:
+            if ext not in MEDIA_TYPES:
+                reason = f".{ext} files are not shown by browsers"
+            elif (row["bytes"] or 0) > limits.image_bytes:
+                reason = f"{size(row['bytes'])}: too large to embed without thumbnails"
+            elif total + (row["bytes"] or 0) > limits.total_bytes:
+                reason = "page size limit reached"
+            if reason is None:
+                try:
+                    data = path.read_bytes()
+                except OSError as exc:
+                    reason = f"cannot read: {exc.strerror or exc}"
         tiles.append(_tile(row, ext, data, reason))
         if data is None:
             placeholders += 1
@@ -256,10 +287,17 @@ def _gallery(report: Report, limits: GalleryLimits) -> tuple[str, int, int]:
             embedded += 1
             total += len(data)
     shown = len(tiles)
+    how = (
+        f"Thumbnails of at most {limits.thumbnail_pixels} pixels a side. "
+        if thumbs
+        else "The stored files themselves, each up to "
+        f"{size(limits.image_bytes)}: for thumbnails, which keep the page small whatever the "
+        f"images weigh, <code>{escape(thumbnails.INSTALL_HINT)}</code>. "
+    )
     intro = (
         f"Run <code>{escape(report.gallery_run)}</code>, the latest that stored images: "
-        f"{shown:,} of its {report.gallery_total:,} images. NSFW-flagged images are blurred; "
-        "click one (or focus it with Tab) to reveal it."
+        f"{shown:,} of its {report.gallery_total:,} images. {how}NSFW-flagged images are "
+        "blurred; click one (or focus it with Tab) to reveal it."
     )
     return (
         _section("gallery", "Gallery", intro, f'<div class="grid">{"".join(tiles)}</div>', ""),
@@ -386,38 +424,54 @@ def _bars(
     return "".join(parts)
 
 
-def _columns(columns: Sequence[tuple[str, float, str]]) -> str:
-    """Vertical columns, one per run (run id, value, caption for the tooltip), as inline SVG;
-    each is labelled with its run's start, ``MM-DD HH:MM`` (UTC, from the id)."""
+def nice_ticks(largest: float, *, count: int = 4) -> list[float]:
+    """Round axis values from 0 to at least ``largest``: 0, 250, 500, ... or 0, 2, 4, ..."""
+    if largest <= 0:
+        return [0.0, 1.0]
+    raw = largest / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    return [step * i for i in range(math.ceil(largest / step - 1e-9) + 1)]
+
+
+def _columns(columns: Sequence[tuple[str, float]], *, unit: Callable[[float], str]) -> str:
+    """Vertical columns, one per run (run id, value), as inline SVG with a value axis on the
+    left (``unit`` formats its ticks); each is labelled with its run's start, ``MM-DD HH:MM``
+    (UTC, from the id)."""
     if not columns:
         return ""
-    col_w = max(18, min(76, 760 // len(columns)))
-    upright = col_w >= 76
+    ticks = nice_ticks(max(v for _, v in columns))
+    left = 14 + 7 * max(len(unit(t)) for t in ticks)
+    col_w = max(14, min(60, 460 // len(columns)))
+    upright = col_w >= 60
     plot_h, top, bottom = 160, 22, 70
-    width = col_w * len(columns) + (20 if upright else 80)  # room for the last slanted label
+    width = left + col_w * len(columns) + (20 if upright else 80)  # room for a slanted label
     height = top + plot_h + bottom
-    largest = max(v for _, v, _ in columns) or 1.0
+    scale = ticks[-1] or 1.0
     parts = [
         f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         f'role="img">',
-        f'<line x1="10" y1="{top + plot_h}" x2="{10 + col_w * len(columns)}" '
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#888"/>',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + col_w * len(columns)}" '
         f'y2="{top + plot_h}" stroke="#888"/>',
     ]
-    for i, (run_id, value, caption) in enumerate(columns):
+    for tick in ticks:
+        y = top + plot_h - plot_h * tick / scale
+        parts.append(
+            f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left + col_w * len(columns)}" '
+            f'y2="{y:.1f}" stroke="#e4e7eb"/>'
+            f'<text x="{left - 7}" y="{y + 4:.1f}" text-anchor="end" class="tick">'
+            f"{escape(unit(tick))}</text>"
+        )
+    for i, (run_id, value) in enumerate(columns):
         label = f"{run_id[4:6]}-{run_id[6:8]} {run_id[9:11]}:{run_id[11:13]}"
-        x = 10 + i * col_w
-        h = plot_h * value / largest
+        x = left + i * col_w
+        h = plot_h * value / scale
         cx = x + col_w / 2
         parts.append(
-            f'<rect x="{x + 3}" y="{top + plot_h - h:.1f}" width="{col_w - 6}" height="{h:.1f}" '
-            f'fill="#0f766e"><title>{escape(run_id)}: {value:,.0f} new images, '
-            f"{escape(caption)}</title></rect>"
+            f'<rect x="{x + 2}" y="{top + plot_h - h:.1f}" width="{col_w - 4}" height="{h:.1f}" '
+            f'fill="#0f766e"><title>{escape(run_id)}: {escape(unit(value))}</title></rect>'
         )
-        if col_w >= 40 or len(columns) <= 12:
-            parts.append(
-                f'<text x="{cx:.1f}" y="{top + plot_h - h - 5:.1f}" text-anchor="middle" '
-                f'class="value">{value:,.0f}</text>'
-            )
         if upright:
             parts.append(
                 f'<text x="{cx:.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
@@ -454,6 +508,8 @@ svg.chart text.value, svg.chart text.tick { fill: var(--muted); font-size: 11px;
 .legend { display: flex; gap: 14px; font-size: 12px; color: var(--muted); }
 .legend i { display: inline-block; width: 10px; height: 10px; margin-right: 4px;
   border-radius: 2px; }
+.charts { display: flex; flex-wrap: wrap; gap: 24px; }
+.charts h3 { margin: 8px 0 0; font-size: 14px; font-weight: 600; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 12px; }
 .tile { position: relative; margin: 0; background: var(--panel); border-radius: 8px;
   overflow: hidden; outline: none; }

@@ -1,0 +1,169 @@
+"""A run's figures in the Prometheus text format, for node_exporter's textfile collector.
+
+``harvester harvest --metrics-file /var/lib/node_exporter/textfile/harvester.prom`` rewrites the
+file at the end of every run, atomically (a temp file in the same folder, then a rename), so
+the collector never reads half a file. Every sample carries ``out`` (the output folder), so
+several jobs can write files side by side. docs/metrics.md lists the names and an alert rule.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from harvester.errors import OutputError
+from harvester.storage.rows import STATUSES
+
+LAST_SUCCESS: Final = "harvester_last_success_timestamp_seconds"
+_PREVIOUS: Final = re.compile(rf"^{LAST_SUCCESS}(?:{{[^}}]*}})? ([0-9.eE+]+)$", re.M)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFigures:
+    """What one run did, as the metrics report it."""
+
+    out_dir: str
+    exit_code: int
+    started_at: float
+    """Unix time."""
+    finished_at: float
+    requests: Mapping[str, int] = field(default_factory=dict)
+    """Requests finished in this run, by status."""
+    skipped: int = 0
+    """Requests already ok in earlier runs, not fetched again."""
+    images_new: int = 0
+    images_existing: int = 0
+    images_failed: int = 0
+    bytes_downloaded: int = 0
+    bytes_new: int = 0
+    throttled: int = 0
+    """429 answers."""
+    retries: int = 0
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render(figures: RunFigures, *, last_success: float | None) -> str:
+    """The exposition text; ``last_success`` is the Unix time of the last run that exited 0."""
+    out = f'out="{_escape(figures.out_dir)}"'
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{{{out}{labels}}} {value}" for labels, value in samples)
+
+    metric(
+        "harvester_run_requests",
+        "gauge",
+        "Requests the last run finished, by final status.",
+        [(f',status="{s}"', figures.requests.get(s, 0)) for s in STATUSES],  # zeros too
+    )
+    metric(
+        "harvester_run_skipped_requests",
+        "gauge",
+        "Requests the last run skipped because an earlier run had them ok.",
+        [("", figures.skipped)],
+    )
+    metric(
+        "harvester_run_images",
+        "gauge",
+        "Images of the last run: new in the store, already stored, or failed.",
+        [
+            (',outcome="new"', figures.images_new),
+            (',outcome="existing"', figures.images_existing),
+            (',outcome="failed"', figures.images_failed),
+        ],
+    )
+    metric(
+        "harvester_run_downloaded_bytes",
+        "gauge",
+        "Image bytes the last run downloaded.",
+        [("", figures.bytes_downloaded)],
+    )
+    metric(
+        "harvester_run_stored_bytes",
+        "gauge",
+        "Image bytes the last run added to the store (new files only).",
+        [("", figures.bytes_new)],
+    )
+    metric(
+        "harvester_run_rate_limited_responses",
+        "gauge",
+        "429 answers the last run received.",
+        [("", figures.throttled)],
+    )
+    metric("harvester_run_retries", "gauge", "Retries in the last run.", [("", figures.retries)])
+    metric(
+        "harvester_run_duration_seconds",
+        "gauge",
+        "How long the last run took.",
+        [("", round(figures.finished_at - figures.started_at, 3))],
+    )
+    metric(
+        "harvester_run_exit_code",
+        "gauge",
+        "The last run's exit code (0 all ok, 3 some requests not ok; see harvester --help).",
+        [("", figures.exit_code)],
+    )
+    metric(
+        "harvester_run_end_timestamp_seconds",
+        "gauge",
+        "When the last run ended, in Unix time.",
+        [("", round(figures.finished_at, 3))],
+    )
+    if last_success is not None:
+        metric(
+            LAST_SUCCESS,
+            "gauge",
+            "When a run last exited 0 (every request ok), in Unix time.",
+            [("", round(last_success, 3))],
+        )
+    return "\n".join(lines) + "\n"
+
+
+def previous_success(path: Path) -> float | None:
+    """The last-success time the file at ``path`` holds (from an earlier run), if any."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    match = _PREVIOUS.search(text)
+    return float(match.group(1)) if match else None
+
+
+def write_metrics(path: Path, figures: RunFigures) -> None:
+    """Replace ``path`` with the run's metrics, atomically; ``OutputError`` if it cannot."""
+    last = figures.finished_at if figures.exit_code == 0 else previous_success(path)
+    text = render(figures, last_success=last)
+    folder = path.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write metrics file {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # the collector runs as another user
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write metrics file {path}: {exc.strerror or exc}") from exc
+
+
+def check_writable(path: Path) -> None:
+    """Before a run: ``OutputError`` if the metrics file's folder is missing or not writable."""
+    folder = path.parent
+    if path.is_dir():
+        raise OutputError(f"--metrics-file {path} is a folder; name a file in it")
+    if not folder.is_dir():
+        raise OutputError(f"--metrics-file: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"--metrics-file: folder {folder} is not writable by this user")
