@@ -224,7 +224,13 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
         api_key = api_key_from_env(os.environ, job.key_env)
         console.redact(api_key)
         config = job.harvest_config(api_key)
-        stats = harvest(config, on_start=console.started, on_tick=console.tick, run_id=run_id)
+        stats = harvest(
+            config,
+            on_start=console.started,
+            on_tick=console.tick,
+            run_id=run_id,
+            log_format=job.log_format,
+        )
     except HarvesterError as exc:
         console.failed(exc)
         sys.exit(int(exc.exit_code))

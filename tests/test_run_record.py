@@ -64,7 +64,7 @@ def test_record_of_a_bug_has_exit_code_1_and_says_so(
     out = tmp_path / "out"
 
     with pytest.raises(BaseExceptionGroup) as raised:  # a process would exit 1 with it
-        run_cli(harvest_args(sandbox, out, csv))
+        run_cli(harvest_args(sandbox, out, csv, extra=["--workers", "1"]))
 
     assert raised.group_contains(RuntimeError, match="boom in the store", depth=None)
     [record] = read_records(out)

@@ -286,7 +286,7 @@ class Console:
                 "run %s finished: exit %d",
                 stats.run_id,
                 int(stats.exit_code),
-                extra={"event": "finished", **stats.record()},
+                extra={"event": "finished", **stats.record().to_json()},
             )
         else:
             print(stats.summary(), file=self.out, flush=True)
