@@ -148,8 +148,8 @@ class RunRecord:
                 InputRecord(
                     path=str(i["path"]),
                     sha256=str(i["sha256"]),
-                    bytes=int(i["bytes"]),
-                    rows=int(i["rows"]),
+                    bytes=int(i.get("bytes") or 0),
+                    rows=int(i.get("rows") or 0),
                 )
                 for i in data.get("inputs") or ()
             ),
