@@ -17,10 +17,13 @@ from typing import Any, Final, TypeVar
 import click
 
 from harvester import __version__
+from harvester.defaults import AUTH_SCHEMES
 from harvester.errors import ExitCode, HarvesterError
 from harvester.jobs import Job, load_job
-from harvester.run.pipeline import AUTH_SCHEMES, api_key_from_env, harvest, new_run_id
 from harvester.views.console import LOG_FORMATS, Console
+
+# The run layer (and with it httpx, anyio, pyarrow) is imported only inside the commands that
+# harvest: ``harvester status`` and the other views never load it.
 
 
 def _fail(exc: HarvesterError, *, log_format: str = "text") -> None:
@@ -218,6 +221,8 @@ def run_command(
 
 def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     """Run ``job`` with the console set up for where it runs; exits with the run's code."""
+    from harvester.run.pipeline import api_key_from_env, harvest, new_run_id
+
     run_id = new_run_id(datetime.now(UTC))
     console = Console(log_format=job.log_format, verbosity=-1 if quiet else verbose, run_id=run_id)
     try:

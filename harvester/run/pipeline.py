@@ -35,6 +35,7 @@ import httpx
 
 from harvester import errors
 from harvester.api.retry import RetryPolicy
+from harvester.defaults import AUTH_SCHEMES, DEFAULT_BASE_URL, FAL_QUEUE_HOST
 from harvester.errors import (
     ExitCode,
     HarvesterError,
@@ -65,9 +66,6 @@ from harvester.units import size
 
 log = logging.getLogger("harvester")
 
-DEFAULT_BASE_URL: Final = "https://queue.fal.run"
-FAL_QUEUE_HOST: Final = "queue.fal.run"
-AUTH_SCHEMES: Final = ("auto", "bearer", "key")
 KEY_ENV_VARS: Final = ("HARVESTER_API_KEY", "FAL_KEY")
 IMAGE_SLOTS_PER_FETCH: Final = 2
 """A result has 1.75 images on average, and an image takes about as long as a result: two
@@ -735,4 +733,12 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-__all__ = ["HarvestConfig", "HarvesterError", "RunStats", "api_key_from_env", "harvest"]
+__all__ = [
+    "AUTH_SCHEMES",
+    "DEFAULT_BASE_URL",
+    "HarvestConfig",
+    "HarvesterError",
+    "RunStats",
+    "api_key_from_env",
+    "harvest",
+]

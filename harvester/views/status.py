@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from harvester.errors import MEANINGS, ExitCode
-from harvester.storage import lock, manifest, runs
+from harvester.storage import lock, runs
 from harvester.storage.layout import Layout
+from harvester.storage.rows import STATUSES
 from harvester.storage.runs import RunRecord
 from harvester.units import duration, size
 
@@ -178,7 +179,7 @@ class Status:
 
     def _details(self, last: RunRecord) -> list[tuple[str, str]]:
         requests = last.requests
-        by_status = ", ".join(f"{s} {requests[s]:,}" for s in manifest.STATUSES if requests.get(s))
+        by_status = ", ".join(f"{s} {requests[s]:,}" for s in STATUSES if requests.get(s))
         details = [
             ("started:", _when(last.started_at, self.checked_at)),
             (
