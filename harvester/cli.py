@@ -48,7 +48,9 @@ def main() -> None:
     Exit codes: 0 all ok; 1 unexpected error (a bug); 2 usage error; 3 finished but some
     requests not ok; 4 key rejected; 5 another run holds the output folder; 6 bad input
     file; 7 output folder not writable; 8 bad job file; 9 verify found problems; 10 (status)
-    no recent run; 11 the API never answered; 12 a worker process died; 130 interrupted.
+    no recent run, or the last one crashed; 11 the API never answered; 12 a shard's process
+    died; 13 (almost) nothing ok (at least 10 requests tried and under 5% ok, or the share
+    not ok over 3x the last 7 runs' median and 50 points above it); 130 interrupted.
     """
 
 
@@ -257,7 +259,7 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     "--incomplete-ok",
     is_flag=True,
     help="Exit 0, not 3, when the last run finished with some requests not ok (expired or "
-    "invalid ids that every run reports again).",
+    "invalid ids that every run reports again). Never for 13: (almost) nothing ok.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option(
@@ -274,9 +276,9 @@ def status_command(
 
     \b
     Exits with the last run's own exit code: 0 every request ok, 3 finished but some
-    requests not ok (retried next run; 0 with --incomplete-ok), 4/7/130 the run stopped
-    early (see harvester -h); 10 if DIR has no run record, or the last is older than
-    --max-age.
+    requests not ok (retried next run; 0 with --incomplete-ok), 13 (almost) nothing ok,
+    4/7/130 the run stopped early (see harvester -h); 10 if DIR has no run record, the last
+    is older than --max-age, or it crashed (its record says running, its process is gone).
     """
     from harvester.views.status import status
 
