@@ -26,7 +26,7 @@ from harvester.redact import redact, secret_parts
 from harvester.units import duration, size
 
 if TYPE_CHECKING:  # the run layer is not loaded by views at run time
-    from harvester.run.pipeline import RunStats
+    from harvester.run.stats import RunStats
 
 LOG_FORMATS: Final = ("text", "json")
 
