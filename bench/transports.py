@@ -33,7 +33,7 @@ import run
 
 from harvester.api import transport
 from harvester.api.transport import KEEPALIVE_SECONDS, USER_AGENT, Client, open_client
-from harvester.run import pipeline
+from harvester.run import pipeline, shard
 
 
 @contextmanager
@@ -191,9 +191,9 @@ def main() -> None:
     with nginx.serving(w.www, w.spec.port) as server:
         for i in range(args.runs):
             for name, (make_client, uvloop) in VARIANTS.items():
-                # One lane, in this process, so that the patched client is the one used.
+                # One shard, in this process, so that the patched client is the one used.
                 transport.open_client = make_client  # type: ignore[assignment]
-                pipeline.EVENT_LOOP_OPTIONS = {"use_uvloop": uvloop}  # type: ignore[misc]
+                shard.EVENT_LOOP_OPTIONS = {"use_uvloop": uvloop}  # type: ignore[misc]
                 target = run.fresh(folder / f"{name}-{i + 1}")
                 config = pipeline.HarvestConfig(
                     inputs=(w.csv,),

@@ -13,17 +13,22 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 
 from harvester import __version__
+from harvester.defaults import AUTH_SCHEMES
 from harvester.errors import ExitCode, HarvesterError
 from harvester.jobs import Job, load_job
 from harvester.redact import printable
-from harvester.run.pipeline import AUTH_SCHEMES, RunStats, api_key_from_env, harvest, new_run_id
 from harvester.views import metrics
 from harvester.views.console import LOG_FORMATS, Console
+
+# The run layer (and with it httpx, anyio, pyarrow) is imported only inside the commands that
+# harvest: ``harvester status`` and the other views never load it.
+if TYPE_CHECKING:
+    from harvester.run.stats import RunStats
 
 
 def _fail(exc: HarvesterError, *, log_format: str = "text") -> None:
@@ -48,7 +53,9 @@ def main() -> None:
     Exit codes: 0 all ok; 1 unexpected error (a bug); 2 usage error; 3 finished but some
     requests not ok; 4 key rejected; 5 another run holds the output folder; 6 bad input
     file; 7 output folder not writable; 8 bad job file; 9 verify found problems; 10 (status)
-    no recent run; 11 the API never answered; 12 a worker process died; 130 interrupted.
+    no recent run, or the last one crashed; 11 the API never answered; 12 a shard's process
+    died; 13 (almost) nothing ok (at least 10 requests tried and under 5% ok, or the share
+    not ok over 3x the last 7 runs' median and 50 points above it); 130 interrupted.
     """
 
 
@@ -242,6 +249,8 @@ def run_command(
 
 def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     """Run ``job`` with the console set up for where it runs; exits with the run's code."""
+    from harvester.run.pipeline import api_key_from_env, harvest, new_run_id
+
     run_id = new_run_id(datetime.now(UTC))
     console = Console(log_format=job.log_format, verbosity=-1 if quiet else verbose, run_id=run_id)
     started = time.time()
@@ -255,7 +264,13 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
         api_key = api_key_from_env(os.environ, job.key_env)
         console.redact(api_key)
         config = job.harvest_config(api_key)
-        stats = harvest(config, on_start=console.started, on_tick=console.tick, run_id=run_id)
+        stats = harvest(
+            config,
+            on_start=console.started,
+            on_tick=console.tick,
+            run_id=run_id,
+            log_format=job.log_format,
+        )
     except HarvesterError as exc:
         console.failed(exc)
         figures = metrics.RunFigures(
@@ -314,7 +329,7 @@ def _write_metrics(job: Job, figures: metrics.RunFigures, console: Console) -> N
     "--incomplete-ok",
     is_flag=True,
     help="Exit 0, not 3, when the last run finished with some requests not ok (expired or "
-    "invalid ids that every run reports again).",
+    "invalid ids that every run reports again). Never for 13: (almost) nothing ok.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option(
@@ -331,9 +346,9 @@ def status_command(
 
     \b
     Exits with the last run's own exit code: 0 every request ok, 3 finished but some
-    requests not ok (retried next run; 0 with --incomplete-ok), 4/7/130 the run stopped
-    early (see harvester -h); 10 if DIR has no run record, or the last is older than
-    --max-age.
+    requests not ok (retried next run; 0 with --incomplete-ok), 13 (almost) nothing ok,
+    4/7/130 the run stopped early (see harvester -h); 10 if DIR has no run record, the last
+    is older than --max-age, or it crashed (its record says running, its process is gone).
     """
     from harvester.views.status import status
 

@@ -42,7 +42,12 @@ class ExitCode(IntEnum):
     UNREACHABLE = 11
     """No request ever got an answer from the API (wrong --base-url, DNS, network down)."""
     WORKER = 12
-    """A worker process died (killed, out of memory): finished rows are kept; run again."""
+    """A shard's process died (killed, out of memory): finished rows are kept; run again."""
+    NOTHING_OK = 13
+    """The run finished, but (almost) nothing in it was ok: at least 10 requests tried and
+    under 5% ok, or the share not ok jumped far above the last runs' (more than 3x their
+    median and more than 50 points above it). A wrong --base-url, a dead relay, a wrong
+    account: never counted as ok by ``status --incomplete-ok`` or the systemd unit."""
     INTERRUPTED = 130
     """Stopped by SIGINT or SIGTERM: finished rows are kept; the next run picks up the rest."""
 
@@ -60,7 +65,8 @@ MEANINGS: Final[dict[int, str]] = {
     ExitCode.VERIFY: "verify found missing, corrupt or orphaned files",
     ExitCode.NO_RECENT_RUN: "no recent run",
     ExitCode.UNREACHABLE: "the API never answered; nothing was recorded",
-    ExitCode.WORKER: "a worker process died; finished rows are kept, run again",
+    ExitCode.WORKER: "a shard's process died; finished rows are kept, run again",
+    ExitCode.NOTHING_OK: "(almost) no request was ok: check --base-url, the key and the inputs",
     ExitCode.INTERRUPTED: "interrupted (SIGINT/SIGTERM); finished rows are kept",
 }
 """One line per exit code, for ``harvester status`` and the docs."""

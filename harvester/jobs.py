@@ -25,13 +25,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from harvester.api.retry import RetryPolicy
+from harvester.defaults import AUTH_SCHEMES, DEFAULT_BASE_URL
 from harvester.errors import ConfigError, InputError
-from harvester.run.pipeline import AUTH_SCHEMES, DEFAULT_BASE_URL, HarvestConfig
-from harvester.run.reader import Columns
 from harvester.views.console import LOG_FORMATS
+
+if TYPE_CHECKING:  # the run layer is loaded only by the commands that run a harvest
+    from harvester.run.pipeline import HarvestConfig
 
 _GLOB_CHARS: Final = frozenset("*?[")
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -75,6 +76,10 @@ class Job:
     def harvest_config(self, api_key: str) -> HarvestConfig:
         """The library's run configuration; expands ``inputs`` (``InputError`` if a pattern
         matches nothing)."""
+        from harvester.api.retry import RetryPolicy
+        from harvester.run.pipeline import HarvestConfig
+        from harvester.run.reader import Columns
+
         return HarvestConfig(
             inputs=expand_inputs(self.inputs),
             out_dir=self.out,

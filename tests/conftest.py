@@ -89,5 +89,9 @@ def harvest_args(
         "1000",
         "--retry-budget",
         "20",
+        # One shard, in the test's own process (so log lines and patches reach it); tests of
+        # several processes pass --workers N in ``extra`` (the last value counts).
+        "--workers",
+        "1",
         *extra,
     ]

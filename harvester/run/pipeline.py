@@ -1,70 +1,73 @@
-"""The harvest: read -> fetch -> store -> write, wired with bounded concurrency.
+"""The harvest, as its driver runs it: read the inputs, split them into shards, run the
+shards, add up their counters, write the run record.
 
-    producer (reader)  --backlog slots-->  one task per request:
-        fetch (``fetch_slots``, shared rate limiter)  ->  images (``download_slots``)  ->  manifest
+    driver: CSV exports -> unique pairs not yet ok -> one file of pairs per shard
+            (``shard_of``: a stable hash of the pair)
+    shards: run_shard(spec) each, in this process (one) or a local process pool (several):
+            fetch -> images -> manifest parts of their own -> counters
+    driver: RunStats from the counters -> summary, run record (exit code and reason)
 
-A request holds a backlog slot from the moment it is read until its rows are written, so the
-number of requests in memory is bounded whatever the input size. Fetch and download slots are
-separate, so a result fetch never queues behind an image download.
+The run record is written when the run starts (state ``running``) and completed when it
+ends, whatever ends it; a record left ``running`` tells ``status`` the run crashed.
 """
 
 from __future__ import annotations
 
-import json
+import concurrent.futures
 import logging
 import math
 import os
 import secrets
 import signal
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Final, TextIO
 
 import anyio
-import anyio.abc
 import httpx
 
+from harvester import errors
 from harvester.api.retry import RetryPolicy
+from harvester.defaults import AUTH_SCHEMES, DEFAULT_BASE_URL, FAL_QUEUE_HOST
 from harvester.errors import (
     ExitCode,
     HarvesterError,
     OutputError,
     UsageError,
+    WorkerError,
     first_harvester_error,
 )
-from harvester.run import reader
+from harvester.run import distributor, reader
 from harvester.run.reader import BadRow, Pair
-from harvester.run.worker import (
-    EVENT_LOOP_OPTIONS,
-    Lane,
-    LaneSettings,
-    WorkerProcess,
-    quiet_gc,
-    run_local,
+from harvester.run.request import LaneSettings
+from harvester.run.shard import (
+    ShardResult,
+    ShardSpec,
+    read_progress,
+    run_shard,
+    shard_of,
+    stop_path,
+    work_dir,
+    write_pairs,
 )
-from harvester.storage import manifest
+from harvester.run.stats import RunStats, baseline_not_ok
+from harvester.storage import manifest, runs
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
-from harvester.storage.manifest import INVALID, OK, ManifestRow, ManifestWriter
-from harvester.units import plural, size
+from harvester.storage.manifest import INVALID, ManifestRow, ManifestWriter
 
 log = logging.getLogger("harvester")
 
-DEFAULT_BASE_URL: Final = "https://queue.fal.run"
-FAL_QUEUE_HOST: Final = "queue.fal.run"
-AUTH_SCHEMES: Final = ("auto", "bearer", "key")
 KEY_ENV_VARS: Final = ("HARVESTER_API_KEY", "FAL_KEY")
 IMAGE_SLOTS_PER_FETCH: Final = 2
 """A result has 1.75 images on average, and an image takes about as long as a result: two
 download slots per fetch slot keep every fetch slot busy, on a slow link too (README
 "Performance" has the measurements)."""
-PAIR_BUFFER: Final = 256
-"""Pairs read ahead of the lanes."""
 AUTO_WORKERS_MIN_RPS: Final = 500.0
 """With ``workers`` unset, a run allowed at least this many requests per second gets one
 process per core (up to ``AUTO_WORKERS_MAX``). One process does 600-800 requests a second on
@@ -122,7 +125,8 @@ class HarvestConfig:
 
     @property
     def lanes(self) -> int:
-        """How many lanes the work is split into (each needs at least one fetch slot)."""
+        """How many shards the work is split into, each run by its own process (each needs
+        at least one fetch slot)."""
         wanted = self.workers
         if wanted is None:
             cores = os.cpu_count() or 1
@@ -132,10 +136,10 @@ class HarvestConfig:
         return max(1, min(wanted, self.concurrency, self.image_slots, math.floor(self.rps)))
 
     def lane_rps(self, index: int) -> float:
-        """Lane ``index``'s share of ``rps``. A lane's limiter lets at most ``floor(its rate)``
-        requests start in any one-second window, so the shares are whole numbers that add up
-        to ``floor(rps)`` (then scaled by ``rps / floor(rps)``): the lanes' windows together
-        never hold more than ``rps`` starts, and their rates add up to ``rps``."""
+        """Shard ``index``'s share of ``rps``. A shard's limiter lets at most ``floor(its
+        rate)`` requests start in any one-second window, so the shares are whole numbers that
+        add up to ``floor(rps)`` (then scaled by ``rps / floor(rps)``): the shards' windows
+        together never hold more than ``rps`` starts, and their rates add up to ``rps``."""
         n = self.lanes
         if n == 1:
             return self.rps
@@ -150,7 +154,7 @@ class HarvestConfig:
         return IMAGE_SLOTS_PER_FETCH * self.concurrency
 
     def lane_settings(self, run_id: str, index: int) -> LaneSettings:
-        """Lane ``index``'s share: the concurrencies and ``rps`` split so that all lanes
+        """Shard ``index``'s share: the concurrencies and ``rps`` split so that all shards
         together never exceed them."""
         n = self.lanes
 
@@ -171,9 +175,6 @@ class HarvestConfig:
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
             seed=None if self.seed is None else self.seed + index,
-            log_levels={
-                name: logging.getLogger(name).getEffectiveLevel() for name in ("harvester", "httpx")
-            },
         )
 
     def validate(self) -> None:
@@ -215,155 +216,6 @@ class HarvestConfig:
         return f"{'Key' if scheme == 'key' else 'Bearer'} {self.api_key}"
 
 
-@dataclass(slots=True)
-class RunStats:
-    """Live counters of a run; the CLI draws progress and the summary from them."""
-
-    run_id: str
-    started_at: datetime
-    out_dir: Path
-    inputs: list[reader.InputFile] = field(default_factory=list)
-    rows_in_input: int = 0
-    skipped_done: int = 0
-    duplicates: int = 0
-    requests: Counter[str] = field(default_factory=Counter)
-    images_new: int = 0
-    images_existing: int = 0
-    images_failed: int = 0
-    bytes_new: int = 0
-    bytes_downloaded: int = 0
-    throttled: int = 0
-    retries: int = 0
-    result_requests: int = 0
-    manifest_rows: int = 0
-    manifest_parts: int = 0
-    processes: int = 1
-    """Processes that fetched and downloaded (``--workers``, as the run resolved it)."""
-    temp_files_cleaned: int = 0
-    rps: float = 0.0
-    """``--rps``: the rate the limiters start at and return to."""
-    lowest_rps: float = 0.0
-    """The rate limiters' lowest rate in the run (they slow down when many answers are 429s)."""
-    waiting_pending: int = 0
-    """Requests waiting for a pending result now (``--pending-wait``)."""
-    waiting_until: float | None = None
-    """Unix time the last of them stops waiting."""
-    interrupted: bool = False
-    error: str | None = None
-    """The run-level error that ended the run (a rejected key, an unwritable folder), if any."""
-    error_code: ExitCode | None = None
-    finished_at: datetime | None = None
-    _t0: float = field(default_factory=time.monotonic)
-
-    @property
-    def done(self) -> int:
-        return sum(self.requests.values())
-
-    @property
-    def elapsed(self) -> float:
-        end = self.finished_at.timestamp() if self.finished_at else time.time()
-        return max(end - self.started_at.timestamp(), 1e-9)
-
-    def fail(self, exc: HarvesterError) -> None:
-        """Record the run-level error that ends the run, so the run record has its exit code."""
-        self.error, self.error_code = str(exc), exc.exit_code
-
-    def crash(self, exc: BaseException) -> None:
-        """Record an unexpected error (a bug), so the run record does not say the run was ok;
-        from a task group's exceptions, the first one raised."""
-        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
-        self.error = f"unexpected error (a bug): {type(exc).__name__}: {exc}"
-        self.error_code = ExitCode.BUG
-
-    @property
-    def exit_code(self) -> ExitCode:
-        if self.error_code is not None:
-            return self.error_code
-        if self.interrupted:
-            return ExitCode.INTERRUPTED
-        if any(status != OK and n for status, n in self.requests.items()):
-            return ExitCode.INCOMPLETE
-        return ExitCode.OK
-
-    def summary(self) -> str:
-        """The one-screen end-of-run summary."""
-        done = self.done
-        rate = done / self.elapsed
-        by_status = (
-            ", ".join(
-                f"{status} {self.requests[status]:,}"
-                for status in manifest.STATUSES
-                if self.requests[status]
-            )
-            or "none"
-        )
-        lines = [
-            f"run {self.run_id}: {plural(done, 'request')} in {self.elapsed:.1f} s "
-            f"({rate:,.1f} req/s"
-            + (f", {self.processes} processes)" if self.processes > 1 else ")"),
-            f"  by status:  {by_status}",
-            f"  skipped:    {self.skipped_done:,} already ok in earlier runs, "
-            f"{plural(self.duplicates, 'duplicate row')}",
-            f"  images:     {self.images_new:,} new, {self.images_existing:,} already stored, "
-            f"{self.images_failed:,} failed; {size(self.bytes_new)} new on disk",
-            f"  api:        {plural(self.result_requests, 'result request')} "
-            f"({self.result_requests / self.elapsed:,.1f}/s), "
-            f"{plural(self.retries, 'retry', 'retries')}, "
-            f"{self.throttled:,} rate-limited (429)"
-            + (
-                f", rate cut to {self.lowest_rps:,.1f}/s at the lowest"
-                if self.lowest_rps < self.rps * 0.999  # lanes split --rps in float shares
-                else ""
-            ),
-            f"  manifest:   {plural(self.manifest_rows, 'row')} in "
-            f"{plural(self.manifest_parts, 'new part')} "
-            f"under {self.out_dir / 'manifest' / self.run_id}",
-        ]
-        if self.interrupted:
-            lines.append("  INTERRUPTED: finished rows are kept; run again to pick up the rest")
-        elif self.exit_code == ExitCode.INCOMPLETE:
-            lines.append(
-                f"  not all ok: exit {int(ExitCode.INCOMPLETE)}; the next run retries every "
-                "request that is not ok"
-            )
-        return "\n".join(lines)
-
-    def record(self) -> dict[str, object]:
-        """The machine-readable run record (``DIR/runs/<run_id>.json``)."""
-        return {
-            "run_id": self.run_id,
-            "started_at": self.started_at.isoformat(),
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-            "elapsed_seconds": round(self.elapsed, 3),
-            "exit_code": int(self.exit_code),
-            "interrupted": self.interrupted,
-            "error": self.error,
-            "inputs": [
-                {"path": str(f.path), "sha256": f.sha256, "bytes": f.size, "rows": f.rows}
-                for f in self.inputs
-            ],
-            "rows_in_input": self.rows_in_input,
-            "skipped_already_ok": self.skipped_done,
-            "duplicate_rows": self.duplicates,
-            "requests": dict(self.requests),
-            "images": {
-                "new": self.images_new,
-                "already_stored": self.images_existing,
-                "failed": self.images_failed,
-            },
-            "bytes_new": self.bytes_new,
-            "bytes_downloaded": self.bytes_downloaded,
-            "temp_files_cleaned": self.temp_files_cleaned,
-            "result_requests": self.result_requests,
-            "retries": self.retries,
-            "rate_limited": self.throttled,
-            "manifest_rows": self.manifest_rows,
-            "manifest_parts": self.manifest_parts,
-            "processes": self.processes,
-        }
-
-
 def new_run_id(now: datetime) -> str:
     """Sortable and unique: ``20261124T031500.123Z-3f9a1c``. Runs on one folder are serialised
     by its lock, so the milliseconds keep a later run's id above an earlier one's."""
@@ -371,7 +223,7 @@ def new_run_id(now: datetime) -> str:
 
 
 class _Run:
-    """One harvest's moving parts; ``harvest`` below is the public entry point."""
+    """One harvest's driver; ``harvest`` below is the public entry point."""
 
     def __init__(self, config: HarvestConfig, stats: RunStats, layout: Layout) -> None:
         self.config = config
@@ -382,42 +234,16 @@ class _Run:
             stats.run_id,
             rows_per_part=config.rows_per_part,
             seconds_per_part=config.seconds_per_part,
-            autoflush=False,
         )
-        self.local = Lane(config.lane_settings(stats.run_id, 0))
-        self.remotes = [
-            WorkerProcess(i, config.lane_settings(stats.run_id, i)) for i in range(1, config.lanes)
-        ]
-
-    async def write(self, rows: list[ManifestRow]) -> None:
-        self.writer.add(rows)
-        if self.writer.due:
-            await self.writer.flush_in_thread()
-        self.stats.manifest_rows = self.writer.rows_written
-        self.stats.manifest_parts = self.writer.parts_written
-
-    async def deliver(self, rows: list[ManifestRow]) -> None:
-        """The rows of one finished request, from any lane."""
-        stats = self.stats
-        stats.requests[rows[0].request_status] += 1
-        for row in rows:
-            if row.image_index is None:
-                continue
-            if row.sha256 is None:
-                stats.images_failed += 1
-                continue
-            size = row.bytes or 0
-            stats.bytes_downloaded += size
-            if row.stored_new:
-                stats.images_new += 1
-                stats.bytes_new += size
-            else:
-                stats.images_existing += 1
-        await self.write(rows)
+        """The driver's own part: invalid input rows."""
+        self.invalid = 0
+        self.specs: list[ShardSpec] = []
+        self.results: dict[int, ShardResult] = {}
+        self.dead: list[str] = []
 
     def bad_row(self, bad: BadRow) -> ManifestRow:
         log.warning("%s:%d: invalid row: %s", bad.source, bad.line, bad.reason)
-        self.stats.requests[INVALID] += 1
+        self.invalid += 1
         return ManifestRow(
             run_id=self.stats.run_id,
             harvested_at=datetime.now(UTC),
@@ -430,81 +256,177 @@ class _Run:
             error=f"{bad.source}:{bad.line}: {bad.reason}",
         )
 
-    async def produce(
-        self,
-        files: list[reader.InputFile],
-        done: reader.PairSet,
-        pairs: anyio.abc.ObjectSendStream[Pair],
-    ) -> None:
-        """Read the inputs in batches; every pair to be harvested goes to whichever lane
-        takes it first (a lane takes one when it has room)."""
+    def split(self, files: list[reader.InputFile], done: reader.PairSet) -> None:
+        """Read the inputs once: invalid rows into the manifest, every pair to harvest into
+        its shard's file (memory stays flat: only the duplicates' digests are kept)."""
+        config, run_id = self.config, self.stats.run_id
+        folder = work_dir(config.out_dir, run_id)
+        count = config.lanes
         counts = reader.ReadCounts()
-        batches = reader.iter_items(files, done=done, counts=counts)
-        async with pairs:
-            while True:
-                batch = await anyio.to_thread.run_sync(next, batches, None)
-                self.stats.skipped_done = counts.already_done
-                self.stats.duplicates = counts.duplicates
-                if batch is None:
-                    return
-                bad = [self.bad_row(item) for item in batch if isinstance(item, BadRow)]
-                if bad:
-                    await self.write(bad)
-                try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with ExitStack() as stack:
+                outs: list[TextIO] = []
+                for index in range(count):
+                    path = folder / f"shard-{index:04d}.pairs.jsonl"
+                    outs.append(stack.enter_context(path.open("w", encoding="utf-8")))
+                    self.specs.append(
+                        ShardSpec(
+                            run_id=run_id,
+                            index=index,
+                            count=count,
+                            pairs_path=path,
+                            lane=config.lane_settings(run_id, index),
+                            rows_per_part=config.rows_per_part,
+                            seconds_per_part=config.seconds_per_part,
+                        )
+                    )
+                for batch in reader.iter_items(files, done=done, counts=counts):
+                    bad = [self.bad_row(item) for item in batch if isinstance(item, BadRow)]
+                    if bad:
+                        self.writer.add(bad)
                     for item in batch:
                         if isinstance(item, Pair):
-                            await pairs.send(item)
-                except anyio.BrokenResourceError:
-                    # Every lane has stopped taking pairs: one of them failed (a rejected key,
-                    # a dead worker) and its error ends the run. Raising here instead would
-                    # cancel the lanes' clean-up and could hide that error.
-                    return
+                            write_pairs(outs[shard_of(item.model, item.request_id, count)], item)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write the run's shard files under {folder}: {exc.strerror or exc}"
+            ) from exc
+        finally:
+            self.stats.skipped_done = counts.already_done
+            self.stats.duplicates = counts.duplicates
+            self.refresh()
 
-    async def run(
+    def stop(self) -> None:
+        """Ask every shard to stop (they keep what they finished)."""
+        try:
+            stop_path(self.config.out_dir, self.stats.run_id).touch()
+        except OSError as exc:
+            log.warning("cannot ask the shards to stop: %s", exc)
+
+    def refresh(self) -> list[ShardResult]:
+        """The counters of every shard (its result, else its last progress) into the stats."""
+        stats = self.stats
+        seen = [self.results.get(s.index) or read_progress(s) for s in self.specs]
+        shards = [r for r in seen if r is not None]
+        stats.requests = Counter({INVALID: self.invalid} if self.invalid else {})
+        stats.images_new = stats.images_existing = stats.images_failed = 0
+        stats.bytes_new = stats.bytes_downloaded = 0
+        stats.result_requests = stats.retries = stats.throttled = 0
+        stats.lowest_rps = 0.0
+        stats.waiting_pending, stats.waiting_until = 0, None
+        stats.manifest_rows, stats.manifest_parts = (
+            self.writer.rows_written,
+            self.writer.parts_written,
+        )
+        for result in shards:
+            stats.add(result)
+        return shards
+
+    def run_inline(self, on_tick: Callable[[RunStats], None] | None, tick: float) -> None:
+        """One shard, in this process (on a thread: this one watches signals and ticks)."""
+        (spec,) = self.specs
+
+        def wait() -> None:
+            self.results[spec.index] = run_shard(spec)
+
+        anyio.run(self.drive, wait, on_tick, tick)
+
+    def run_pool(
+        self, on_tick: Callable[[RunStats], None] | None, tick: float, log_format: str
+    ) -> None:
+        """Several shards, each in a process of a local pool."""
+        setup = distributor.ChildLogging(
+            levels={n: logging.getLogger(n).getEffectiveLevel() for n in ("harvester", "httpx")},
+            json_run_id=self.stats.run_id if log_format == "json" else None,
+            secrets=(self.config.api_key,),
+        )
+        with distributor.local_pool(len(self.specs), setup) as pool:
+            futures = {pool.submit(run_shard, spec): spec for spec in self.specs}
+
+            def wait() -> None:
+                concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+                if any(f.done() and f.exception() is not None for f in futures):
+                    self.stop()  # one shard is gone: the others stop and keep their rows
+                concurrent.futures.wait(futures)
+
+            anyio.run(self.drive, wait, on_tick, tick)
+        # The pool has shut down: every process has ended, and written what it would.
+        bug: BaseException | None = None
+        for future, spec in futures.items():
+            exc = future.exception()
+            if exc is None:
+                self.results[spec.index] = future.result()
+                continue
+            if not isinstance(exc, concurrent.futures.process.BrokenProcessPool):
+                bug = bug or exc
+                continue
+            progress = read_progress(spec)
+            if progress is not None:
+                self.results[spec.index] = progress
+            if progress is None or not progress.finished:
+                pid = f"pid {progress.pid}" if progress else "pid unknown"
+                self.dead.append(f"shard {spec.index} of {spec.count} ({pid})")
+        if bug is not None:
+            raise bug
+        if self.dead:
+            raise WorkerError(
+                f"the process of {', '.join(self.dead)} died (killed, or out of memory); the "
+                "rows finished so far are kept, requests still in flight are not recorded and "
+                "the next run retries them"
+            )
+
+    async def drive(
         self,
-        files: list[reader.InputFile],
-        done: reader.PairSet,
+        wait: Callable[[], None],
         on_tick: Callable[[RunStats], None] | None,
         tick: float,
     ) -> None:
         async with anyio.create_task_group() as tg:
             if threading.current_thread() is threading.main_thread():
-                tg.start_soon(self.watch_signals, tg.cancel_scope)
-            if on_tick is not None:
-                tg.start_soon(self.ticker, on_tick, tick)
-            send, receive = anyio.create_memory_object_stream[Pair](PAIR_BUFFER)
-            async with anyio.create_task_group() as work:
-                with receive:
-                    work.start_soon(run_local, self.local, receive.clone(), self.deliver)
-                    for remote in self.remotes:
-                        work.start_soon(remote.run, receive.clone(), self.deliver)
-                await self.produce(files, done, send)
+                tg.start_soon(self.watch_signals)
+            tg.start_soon(self.ticker, on_tick, tick)
+            await anyio.to_thread.run_sync(wait)
             tg.cancel_scope.cancel()
 
-    async def watch_signals(self, scope: anyio.CancelScope) -> None:
+    async def watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 log.warning(
                     "received %s: stopping; finished rows are kept", signal.Signals(signum).name
                 )
                 self.stats.interrupted = True
-                scope.cancel()
-                return
+                self.stop()
 
-    async def ticker(self, on_tick: Callable[[RunStats], None], tick: float) -> None:
+    async def ticker(self, on_tick: Callable[[RunStats], None] | None, tick: float) -> None:
+        stopped = False
         while True:
-            self.refresh()
-            on_tick(self.stats)
+            shards = self.refresh()
+            if not stopped and any(r.error_code is not None for r in shards):
+                stopped = True
+                self.stop()  # a run-level error in one shard (a rejected key) ends them all
+            if on_tick is not None:
+                on_tick(self.stats)
             await anyio.sleep(tick)
 
-    def refresh(self) -> None:
-        counters = [self.local.counters(), *(r.counters for r in self.remotes)]
-        self.stats.result_requests = sum(c.sent for c in counters)
-        self.stats.retries = sum(c.retries for c in counters)
-        self.stats.throttled = sum(c.throttled for c in counters)
-        self.stats.lowest_rps = sum(c.lowest_rate for c in counters)
-        self.stats.waiting_pending = sum(c.waiting for c in counters)
-        self.stats.waiting_until = max(c.waiting_until for c in counters) or None
+    def finish(self) -> None:
+        """Raise the first shard's run-level error (a rejected key, an unreachable API), as
+        the CLI reports it."""
+        for index in sorted(self.results):
+            result = self.results[index]
+            if result.error is not None and result.error_code is not None:
+                cls = getattr(errors, result.error_type or "", None)
+                if not (isinstance(cls, type) and issubclass(cls, HarvesterError)):
+                    cls = HarvesterError
+                exc = cls(result.error)
+                exc.exit_code = ExitCode(result.error_code)
+                raise exc
+
+    def flush(self) -> None:
+        try:
+            self.writer.flush()
+        finally:
+            self.refresh()
 
 
 def harvest(
@@ -514,12 +436,14 @@ def harvest(
     on_tick: Callable[[RunStats], None] | None = None,
     tick: float = 0.5,
     run_id: str | None = None,
+    log_format: str = "text",
 ) -> RunStats:
     """Run one harvest to the end and return its stats (``stats.exit_code`` says how it went).
 
     Raises ``HarvesterError`` subclasses for run-level problems: bad options, unusable input,
     a rejected key, a locked or unwritable output folder. ``run_id`` names the run (default:
-    a fresh ``new_run_id``), so a caller can tag its log lines before the run starts.
+    a fresh ``new_run_id``), so a caller can tag its log lines before the run starts;
+    ``log_format`` (text or json) is how shards in other processes write their log lines.
     """
     config.validate()
     files = reader.inspect(config.inputs, columns=config.columns)
@@ -535,6 +459,7 @@ def harvest(
         processes=config.lanes,
         rps=config.rps,
         lowest_rps=config.rps,
+        shards=config.lanes,
     )
     if config.workers is not None and config.lanes < config.workers:
         log.info(
@@ -545,13 +470,21 @@ def harvest(
         )
     with exclusive(layout):
         stats.temp_files_cleaned = layout.clean_temp()
-        done = reader.PairSet(reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir))
+        stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.out_dir)[0])
+        runs.write(layout, stats.record(running=True))
         run = _Run(config, stats, layout)
-        if on_start is not None:
-            on_start(stats)
         try:
-            with quiet_gc():
-                anyio.run(run.run, files, done, on_tick, tick, backend_options=EVENT_LOOP_OPTIONS)
+            done = reader.PairSet(
+                reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir)
+            )
+            if on_start is not None:
+                on_start(stats)
+            run.split(files, done)
+            if len(run.specs) == 1:
+                run.run_inline(on_tick, tick)
+            else:
+                run.run_pool(on_tick, tick, log_format)
+            run.finish()
         except KeyboardInterrupt:
             stats.interrupted = True
         except HarvesterError as exc:
@@ -565,34 +498,34 @@ def harvest(
                 raise
             stats.fail(first)
             raise first from None
-        except Exception as exc:
+        except BaseException as exc:
             stats.crash(exc)
             raise
         finally:
-            run.refresh()
             stats.finished_at = datetime.now(UTC)
             try:
-                run.writer.flush()
+                run.flush()
             except OutputError as exc:
                 stats.fail(exc)
                 raise
             finally:
-                stats.manifest_rows = run.writer.rows_written
-                stats.manifest_parts = run.writer.parts_written
-                _write_record(layout, stats)
+                runs.write(layout, stats.record())
+                _remove(work_dir(config.out_dir, stats.run_id))
     return stats
 
 
-def _write_record(layout: Layout, stats: RunStats) -> None:
-    path = layout.runs / f"{stats.run_id}.json"
-    tmp = layout.temp_path(".json")
-    try:
-        layout.runs.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(stats.record(), indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write run record {path}: {exc.strerror or exc}") from exc
+def _remove(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 
 
-__all__ = ["HarvestConfig", "HarvesterError", "RunStats", "api_key_from_env", "harvest"]
+__all__ = [
+    "AUTH_SCHEMES",
+    "DEFAULT_BASE_URL",
+    "HarvestConfig",
+    "HarvesterError",
+    "RunStats",
+    "api_key_from_env",
+    "harvest",
+]

@@ -1,6 +1,8 @@
 """Write stage: the Parquet manifest, its one declared schema, and reading state back.
 
-The manifest is a dataset of immutable part files, ``DIR/manifest/<run_id>/part-NNNNN.parquet``.
+The manifest is a dataset of immutable part files, ``DIR/manifest/<run_id>/*.parquet``: each
+shard of a run writes ``shard-SSSS-part-NNNNN.parquet``, the run itself (invalid input rows)
+``part-NNNNN.parquet``.
 Each part is written to a temp file and renamed into place, so a reader (or a crash) never
 sees a half-written one; a run flushes a part every ``rows_per_part`` rows, ``bytes_per_part``
 bytes of text or ``seconds_per_part`` seconds, so a crash loses a bounded amount of finished
@@ -161,8 +163,10 @@ class ManifestWriter:
         seconds_per_part: float = 30.0,
         bytes_per_part: int = 64_000_000,
         autoflush: bool = True,
+        prefix: str = "part",
     ) -> None:
         self._layout = layout
+        self._prefix = prefix
         self._run_dir = layout.manifest / run_id
         self._rows_per_part = rows_per_part
         self._seconds_per_part = seconds_per_part
@@ -224,7 +228,7 @@ class ManifestWriter:
     def _write_part(self, rows: list[ManifestRow]) -> None:
         if not rows:
             return
-        final = self._run_dir / f"part-{self._parts:05d}.parquet"
+        final = self._run_dir / f"{self._prefix}-{self._parts:05d}.parquet"
         tmp = self._layout.temp_path(suffix=".parquet")
         try:
             table = rows_to_table(rows)

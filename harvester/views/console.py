@@ -26,7 +26,7 @@ from harvester.redact import printable, redact, secret_parts
 from harvester.units import duration, plural, size
 
 if TYPE_CHECKING:  # the run layer is not loaded by views at run time
-    from harvester.run.pipeline import RunStats
+    from harvester.run.stats import RunStats
 
 LOG_FORMATS: Final = ("text", "json")
 
@@ -347,7 +347,7 @@ class Console:
                 "run %s finished: exit %d",
                 stats.run_id,
                 int(stats.exit_code),
-                extra={"event": "finished", **stats.record()},
+                extra={"event": "finished", **stats.record().to_json()},
             )
         else:
             summary = redact(printable(stats.summary(), newlines=True), self.handler.secrets)

@@ -1,68 +1,40 @@
 """``harvester status DIR``: did the last run work? Read from the run records in ``DIR/runs``.
 
-Each harvest writes ``DIR/runs/<run_id>.json`` when it ends (``RunStats.record``). The status
-is the latest record, whether a harvest is running now (the lock's pid), and, with
-``max_age``, whether the last run is recent enough: a run that never started (cron off, timer
-disabled) or was killed outright (SIGKILL, out of memory) leaves no new record, and only its
-age gives it away.
+Each harvest writes ``DIR/runs/<run_id>.json`` when it starts (state ``running``) and again
+when it ends (``harvester.storage.runs``). The status is the latest record: finished (its
+exit code), still running (its process holds the folder's lock), or crashed (the record says
+running, but its process on this host is gone and the lock is free: killed outright, out of
+memory). With ``max_age``, the last run must also be recent enough: a run that never started
+(cron off, timer disabled) leaves no new record, and only its age gives it away.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
 from harvester.errors import MEANINGS, ExitCode
-from harvester.storage import lock, manifest
+from harvester.storage import lock, runs
 from harvester.storage.layout import Layout
+from harvester.storage.rows import STATUSES
+from harvester.storage.runs import RunRecord
 from harvester.units import duration, size
 
 RECENT: Final = 5
 """Earlier runs listed after the last one."""
 
 
-@dataclass(frozen=True, slots=True)
-class RunRecord:
-    """The fields of a run record that status shows; ``data`` is the whole record."""
-
-    run_id: str
-    started_at: datetime
-    finished_at: datetime | None
-    exit_code: int
-    data: dict[str, Any] = field(repr=False)
-
-    @classmethod
-    def parse(cls, data: dict[str, Any]) -> RunRecord:
-        """Raises KeyError, TypeError or ValueError for a record that is not one."""
-        finished = data.get("finished_at")
-        return cls(
-            run_id=str(data["run_id"]),
-            started_at=datetime.fromisoformat(data["started_at"]),
-            finished_at=datetime.fromisoformat(finished) if finished else None,
-            exit_code=int(data["exit_code"]),
-            data=data,
-        )
-
-    @property
-    def meaning(self) -> str:
-        return MEANINGS.get(self.exit_code, "unknown exit code")
-
-
 def read_runs(out_dir: Path) -> tuple[list[RunRecord], list[str]]:
     """Every run record under ``out_dir``, oldest first, and the names of unreadable ones."""
-    records: list[RunRecord] = []
-    unreadable: list[str] = []
-    runs = Layout(out_dir).runs
-    for path in sorted(runs.glob("*.json")) if runs.is_dir() else []:
-        try:
-            records.append(RunRecord.parse(json.loads(path.read_text(encoding="utf-8"))))
-        except (OSError, ValueError, KeyError, TypeError):
-            unreadable.append(path.name)
-    records.sort(key=lambda r: r.run_id)
-    return records, unreadable
+    return runs.read_all(out_dir)
+
+
+def meaning(record: RunRecord) -> str:
+    if record.exit_code is None:
+        return "still running, or crashed"
+    return MEANINGS.get(record.exit_code, "unknown exit code")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,39 +43,78 @@ class Status:
     runs: list[RunRecord]
     unreadable: list[str]
     running_pid: int | None
+    """The pid holding the folder's lock (a harvest running now), if any."""
     running_since: datetime | None
     checked_at: datetime
     max_age: timedelta | None = None
     incomplete_ok: bool = False
     """Count a last run that exited 3 (finished, some requests not ok) as ok: exit 0."""
+    host: str = ""
+    """This host's name (a record's pid is checked only on the host that wrote it)."""
+
+    def is_running(self, record: RunRecord) -> bool:
+        """The record's run is still going: its process holds the lock, or it ran on another
+        host (whose processes cannot be checked from here)."""
+        if not record.running:
+            return False
+        if record.host and record.host != self.host:
+            return True
+        return self.running_pid is not None and self.running_pid == record.pid
+
+    def crashed(self, record: RunRecord) -> bool:
+        """The record says running, but its process on this host is gone (or holds no lock)."""
+        return record.running and not self.is_running(record)
+
+    @property
+    def latest(self) -> RunRecord | None:
+        return self.runs[-1] if self.runs else None
 
     @property
     def last(self) -> RunRecord | None:
-        return self.runs[-1] if self.runs else None
+        """The run judged: the latest that is not still running (finished or crashed)."""
+        ended = [r for r in self.runs if not self.is_running(r)]
+        return ended[-1] if ended else None
+
+    @property
+    def current(self) -> RunRecord | None:
+        """The run going on now, if its record is the latest."""
+        latest = self.latest
+        return latest if latest is not None and self.is_running(latest) else None
 
     @property
     def stale(self) -> bool:
         """No run record, or (with ``max_age``) the last run started too long ago."""
         if self.last is None:
-            return True
+            return self.current is None
         return self.max_age is not None and self.checked_at - self.last.started_at > self.max_age
 
     @property
     def exit_code(self) -> int:
-        """0: the last run was all ok; its own exit code if not; 10 if there is no recent run."""
-        if self.last is None or self.stale:
+        """0: the last run was all ok; its own exit code if not; 10 if there is no recent run
+        or the last one crashed (its record never got an exit code)."""
+        last = self.last
+        if last is None:
+            return int(ExitCode.OK if self.current is not None else ExitCode.NO_RECENT_RUN)
+        if self.stale or self.crashed(last) or last.exit_code is None:
             return int(ExitCode.NO_RECENT_RUN)
-        if self.incomplete_ok and self.last.exit_code == ExitCode.INCOMPLETE:
+        if self.incomplete_ok and last.exit_code == ExitCode.INCOMPLETE:
             return int(ExitCode.OK)
-        return self.last.exit_code
+        return last.exit_code
 
     @property
     def verdict(self) -> str:
-        if self.last is None:
-            return "no run"
+        last = self.last
+        if last is None:
+            return "running" if self.current is not None else "no run"
         if self.stale:
             return "stale"
-        return {0: "ok", int(ExitCode.INCOMPLETE): "incomplete"}.get(self.last.exit_code, "failed")
+        if self.crashed(last):
+            return "crashed"
+        return {
+            0: "ok",
+            int(ExitCode.INCOMPLETE): "incomplete",
+            int(ExitCode.NOTHING_OK): "nothing ok",
+        }.get(last.exit_code or 0, "failed")
 
     def text(self) -> str:
         """What ``harvester status`` prints: the verdict first, then the last run's details."""
@@ -111,25 +122,41 @@ class Status:
         last = self.last
         if last is not None:
             lines += [f"  {label:<10}{value}" for label, value in self._details(last)]
-        if self.running_pid is not None:
+        current = self.current
+        if current is not None:
+            lines.append(
+                f"  {'now:':<10}run {current.run_id} is running (pid {current.pid}"
+                + (f" on {current.host}" if current.host else "")
+                + f") since {_when(current.started_at, self.checked_at)}"
+            )
+        elif self.running_pid is not None:
             since = (
                 f" since {_when(self.running_since, self.checked_at)}" if self.running_since else ""
             )
             lines.append(f"  {'now:':<10}a harvest is running (pid {self.running_pid}){since}")
         else:
             lines.append(f"  {'now:':<10}no harvest running")
-        earlier = self.runs[-RECENT - 1 : -1][::-1]
+        earlier = [r for r in self.runs if r is not last and r is not current][-RECENT:][::-1]
         if earlier:
             lines.append(
-                f"  {'earlier:':<10}" + ", ".join(f"{r.run_id} exit {r.exit_code}" for r in earlier)
+                f"  {'earlier:':<10}" + ", ".join(f"{r.run_id} {self._ended(r)}" for r in earlier)
             )
         if self.unreadable:
             lines.append(f"  {'unreadable:':<10} {', '.join(self.unreadable)}")
         return "\n".join(lines)
 
+    def _ended(self, record: RunRecord) -> str:
+        if self.crashed(record):
+            return "crashed"
+        if record.exit_code is None:
+            return "running"
+        return f"exit {record.exit_code}"
+
     def _headline(self) -> str:
         last = self.last
         if last is None:
+            if self.current is not None:
+                return f"the first run here ({self.current.run_id}) is still running"
             return (
                 f"no run record in {Layout(self.out_dir).runs}; has a harvest ever finished here?"
             )
@@ -140,68 +167,81 @@ class Status:
                 f"the last run ({last.run_id}) started {age} ago, longer than --max-age "
                 f"{duration(self.max_age.total_seconds())}: did cron or the timer run?"
             )
-        return f"last run {last.run_id} exited {last.exit_code}: {last.meaning}"
+        if self.crashed(last):
+            where = f"pid {last.pid}" + (f" on {last.host}" if last.host else "")
+            return (
+                f"the last run {last.run_id} ({where}) crashed: its record says running, but "
+                "its process is gone and the folder is unlocked (killed outright, out of "
+                "memory, power cut); rows it finished are in the manifest, the next run "
+                f"retries the rest (exit {int(ExitCode.NO_RECENT_RUN)})"
+            )
+        return f"last run {last.run_id} exited {last.exit_code}: {meaning(last)}"
 
     def _details(self, last: RunRecord) -> list[tuple[str, str]]:
-        data = last.data
-        requests = data.get("requests") or {}
-        by_status = ", ".join(f"{s} {requests[s]:,}" for s in manifest.STATUSES if requests.get(s))
-        images = data.get("images") or {}
-        inputs = data.get("inputs") or []
+        requests = last.requests
+        by_status = ", ".join(f"{s} {requests[s]:,}" for s in STATUSES if requests.get(s))
         details = [
             ("started:", _when(last.started_at, self.checked_at)),
             (
                 "finished:",
-                f"{_when(last.finished_at, self.checked_at)}, took "
-                f"{duration(float(data.get('elapsed_seconds') or 0))}"
+                f"{_when(last.finished_at, self.checked_at)}, took {duration(last.elapsed_seconds)}"
                 if last.finished_at
                 else "no (the record has no end time)",
             ),
-            ("inputs:", _inputs(inputs)),
+            ("inputs:", _inputs(last)),
             (
                 "requests:",
-                f"{by_status or 'none'}; {data.get('skipped_already_ok', 0):,} already ok "
-                f"before, {data.get('duplicate_rows', 0):,} duplicate rows",
+                f"{by_status or 'none'}; {last.skipped_already_ok:,} already ok "
+                f"before, {last.duplicate_rows:,} duplicate rows",
             ),
             (
                 "images:",
-                f"{images.get('new', 0):,} new, {images.get('already_stored', 0):,} already "
-                f"stored, {images.get('failed', 0):,} failed; "
-                f"{size(int(data.get('bytes_new') or 0))} new",
+                f"{last.images_new:,} new, {last.images_already_stored:,} already "
+                f"stored, {last.images_failed:,} failed; {size(last.bytes_new)} new",
             ),
             (
                 "api:",
-                f"{data.get('result_requests', 0):,} result requests, "
-                f"{data.get('retries', 0):,} retries, "
-                f"{data.get('rate_limited', 0):,} rate-limited (429)",
+                f"{last.result_requests:,} result requests, {last.retries:,} retries, "
+                f"{last.rate_limited:,} rate-limited (429)",
             ),
         ]
-        if data.get("error"):
-            details.append(("error:", str(data["error"])))
+        if last.error:
+            details.append(("error:", last.error))
         return details
 
     def to_json(self) -> dict[str, Any]:
         last = self.last
+        current = self.current
         return {
             "out_dir": str(self.out_dir),
             "checked_at": self.checked_at.isoformat(),
             "verdict": self.verdict,
             "exit_code": self.exit_code,
-            "meaning": MEANINGS.get(last.exit_code) if last else None,
+            "meaning": meaning(last) if last and not self.crashed(last) else None,
             "running": None
-            if self.running_pid is None
+            if self.running_pid is None and current is None
             else {
-                "pid": self.running_pid,
-                "since": self.running_since.isoformat() if self.running_since else None,
+                "pid": current.pid if current else self.running_pid,
+                "run_id": current.run_id if current else None,
+                "since": (
+                    current.started_at.isoformat()
+                    if current
+                    else self.running_since.isoformat()
+                    if self.running_since
+                    else None
+                ),
             },
-            "last_run": last.data if last else None,
+            "last_run": last.to_json() if last else None,
             "earlier_runs": [
                 {
                     "run_id": r.run_id,
                     "started_at": r.started_at.isoformat(),
                     "exit_code": r.exit_code,
+                    "crashed": self.crashed(r),
                 }
-                for r in self.runs[-RECENT - 1 : -1][::-1]
+                for r in [r for r in self.runs if r is not last and r is not current][-RECENT:][
+                    ::-1
+                ]
             ],
             "unreadable_records": self.unreadable,
         }
@@ -216,7 +256,7 @@ def status(
 ) -> Status:
     """The status of the output folder ``out_dir``."""
     layout = Layout(out_dir)
-    runs, unreadable = read_runs(out_dir)
+    records, unreadable = read_runs(out_dir)
     pid = lock.holder(layout)
     since = None
     if pid is not None:
@@ -226,18 +266,20 @@ def status(
             since = None
     return Status(
         out_dir=out_dir,
-        runs=runs,
+        runs=records,
         unreadable=unreadable,
         running_pid=pid,
         running_since=since,
         checked_at=now or datetime.now(UTC),
         max_age=max_age,
         incomplete_ok=incomplete_ok,
+        host=runs.this_host(),
     )
 
 
-def _inputs(inputs: list[dict[str, Any]], shown: int = 4) -> str:
-    names = [f"{Path(i['path']).name} (sha256 {str(i['sha256'])[:12]})" for i in inputs[:shown]]
+def _inputs(record: RunRecord, shown: int = 4) -> str:
+    inputs = record.inputs
+    names = [f"{Path(i.path).name} (sha256 {i.sha256[:12]})" for i in inputs[:shown]]
     more = f", and {len(inputs) - shown} more" if len(inputs) > shown else ""
     return f"{len(inputs)} file{'' if len(inputs) == 1 else 's'}: {', '.join(names)}{more}"
 

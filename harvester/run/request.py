@@ -1,0 +1,319 @@
+"""The work of one request: fetch its result, store its images, build its manifest rows.
+
+A ``Lane`` does requests with its own HTTP client and its own share of the concurrency and
+of ``--rps``; ``serve_pairs`` runs a fixed pool of tasks that feed it. A shard
+(``harvester.run.shard``) runs one lane over its pairs.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from harvester.api.fetcher import FetchOutcome, ResultFetcher
+from harvester.api.ratelimit import RateLimiter
+from harvester.api.results import ImageRef
+from harvester.api.retry import RetryPolicy
+from harvester.api.urls import describe_url
+from harvester.run.reader import Pair
+from harvester.storage.layout import Layout
+from harvester.storage.rows import ERROR, FAILED, OK, PENDING, ManifestRow
+from harvester.storage.store import ImageFailure, ImageStore, StoredImage
+
+MAX_PENDING_WAITERS: Final = 10_000
+"""Requests of one lane that may wait for a pending result at once (each holds only a pair)."""
+EVENT_LOOP_OPTIONS: Final = {"use_uvloop": True}
+"""anyio's asyncio backend options: uvloop takes about a fifth less CPU per request
+(bench/transports.py measures it)."""
+GC_YOUNG_THRESHOLD: Final = 20_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaneSettings:
+    """What a lane needs to know (part of a shard's spec, so picklable)."""
+
+    run_id: str
+    out_dir: Path
+    base_url: str
+    authorization: str = field(repr=False)
+    concurrency: int
+    image_concurrency: int
+    rps: float
+    retry: RetryPolicy
+    pending_wait: float
+    max_image_bytes: int
+    connect_timeout: float
+    read_timeout: float
+    seed: int | None
+
+    @property
+    def backlog(self) -> int:
+        """Requests the lane holds at once, from taking the pair to handing back its rows."""
+        return self.concurrency + 2 * self.image_concurrency
+
+
+@dataclass(slots=True)
+class Counters:
+    """A lane's running totals."""
+
+    sent: int = 0
+    """Result requests that reached the wire."""
+    answered: int = 0
+    retries: int = 0
+    throttled: int = 0
+    lowest_rate: float = 0.0
+    waiting: int = 0
+    """Requests waiting for a pending result now (``--pending-wait``)."""
+    waiting_until: float = 0.0
+    """Unix time the last of them stops waiting."""
+
+
+class Lane:
+    """Does requests: one instance per lane, used inside ``opened()``."""
+
+    def __init__(self, settings: LaneSettings) -> None:
+        self.settings = settings
+        self.rng = random.Random(settings.seed)
+        self.layout = Layout(settings.out_dir)
+        # fast_acquire: a free slot is taken without a trip through the event loop; these are
+        # acquired once or more per request.
+        self.fetch_slots = anyio.Semaphore(settings.concurrency, fast_acquire=True)
+        self.download_slots = anyio.Semaphore(settings.image_concurrency, fast_acquire=True)
+        self.repoll_slots = anyio.Semaphore(settings.concurrency, fast_acquire=True)
+        """Re-polls of pending requests have slots of their own, so new requests (however
+        slow the rate) cannot keep them past ``--pending-wait``."""
+        self.pending_waiters = anyio.Semaphore(MAX_PENDING_WAITERS)
+        self.waiting = 0
+        self.waiting_until = 0.0
+        self.limiter = RateLimiter(settings.rps)
+        self._fetcher: ResultFetcher | None = None
+        self._store: ImageStore | None = None
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[Lane]:
+        from harvester.api.transport import open_client  # imported only where requests are made
+
+        s = self.settings
+        client = open_client(
+            max_connections=s.concurrency + s.image_concurrency,
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+        )
+        try:
+            self._fetcher = ResultFetcher(
+                client,
+                base_url=s.base_url,
+                authorization=s.authorization,
+                policy=s.retry,
+                limiter=self.limiter,
+                rng=self.rng,
+            )
+            self._store = ImageStore(
+                client, self.layout, policy=s.retry, rng=self.rng, max_bytes=s.max_image_bytes
+            )
+            yield self
+        finally:
+            # Shielded: a cancellation arriving while the connections close must not replace
+            # the error that is ending the lane (a rejected key would become a silent stop).
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+
+    def counters(self) -> Counters:
+        fetcher, store = self._fetcher, self._store
+        return Counters(
+            sent=fetcher.sent if fetcher else 0,
+            answered=fetcher.answered if fetcher else 0,
+            retries=(fetcher.retries if fetcher else 0) + (store.retries if store else 0),
+            throttled=self.limiter.throttled,
+            lowest_rate=self.limiter.lowest_rate,
+            waiting=self.waiting,
+            waiting_until=self.waiting_until,
+        )
+
+    async def fetch(self, pair: Pair, *, repoll: bool = False) -> FetchOutcome:
+        assert self._fetcher is not None, "use the lane inside opened()"
+        async with self.repoll_slots if repoll else self.fetch_slots:
+            return await self._fetcher.fetch(pair.model, pair.request_id, repoll=repoll)
+
+    async def process(self, pair: Pair, release: Callable[[], object]) -> list[ManifestRow]:
+        """The rows of one request. ``release`` is called if it stops counting against the
+        backlog (it waits for a pending result), at most once."""
+        outcome = await self.fetch(pair)
+        if outcome.status == PENDING and self.settings.pending_wait > 0:
+            outcome = await self.wait_pending(pair, outcome, release)
+        return await self.rows_for(pair, outcome)
+
+    async def wait_pending(
+        self, pair: Pair, outcome: FetchOutcome, release: Callable[[], object]
+    ) -> FetchOutcome:
+        """Re-poll a pending request with backoff until it settles or ``pending_wait`` ends.
+        Waiting requests give their backlog slot back, so they cannot stall the run."""
+        try:
+            self.pending_waiters.acquire_nowait()
+        except anyio.WouldBlock:
+            return outcome
+        release()
+        self.waiting += 1
+        self.waiting_until = max(self.waiting_until, time.time() + self.settings.pending_wait)
+        try:
+            deadline = time.monotonic() + self.settings.pending_wait
+            delay = 1.0
+            while outcome.status == PENDING:
+                wait = min(delay * self.rng.uniform(0.75, 1.25), deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                await anyio.sleep(wait)
+                delay = min(delay * 2, 30.0)
+                outcome = await self.fetch(pair, repoll=True)
+        finally:
+            self.pending_waiters.release()
+            self.waiting -= 1
+        return outcome
+
+    async def rows_for(self, pair: Pair, outcome: FetchOutcome) -> list[ManifestRow]:
+        # Every row is built once, with all its fields (no chains of dataclasses.replace):
+        # this runs for every image of the run.
+        result = outcome.result
+        head: dict[str, Any] = {
+            "run_id": self.settings.run_id,
+            "harvested_at": datetime.now(UTC),
+            "source_file": pair.source,
+            "source_line": pair.line,
+            "model": pair.model,
+            "request_id": pair.request_id,
+            "error": outcome.error,
+            "http_status": outcome.http_status,
+            "attempts": outcome.attempts,
+        }
+        if result is None:
+            return [ManifestRow(request_status=outcome.status, status=outcome.status, **head)]
+        head.update(
+            seed=result.seed,
+            seed_text=result.seed_text,
+            prompt=result.prompt,
+            timings=result.timings,
+            inference_seconds=result.inference_seconds,
+            image_count=len(result.images),
+            altered=result.altered,
+        )
+        if not result.images:
+            return [ManifestRow(request_status=outcome.status, status=outcome.status, **head)]
+
+        stored: list[StoredImage | ImageFailure | None] = [None] * len(result.images)
+        store = self._store
+        assert store is not None, "use the lane inside opened()"
+
+        async def download(ref: ImageRef) -> None:
+            if ref.refused is not None:
+                stored[ref.index] = ImageFailure(FAILED, ref.refused, None, 0)
+                return
+            async with self.download_slots:
+                stored[ref.index] = await store.store(ref.url)
+
+        if len(result.images) == 1:
+            await download(result.images[0])
+        else:
+            async with anyio.create_task_group() as tg:
+                for ref in result.images[1:]:
+                    tg.start_soon(download, ref)
+                await download(result.images[0])  # this task does one of them
+
+        fields = [
+            image_fields(head, ref, got) for ref, got in zip(result.images, stored, strict=True)
+        ]
+        statuses = {f["status"] for f in fields}
+        status = OK if statuses == {OK} else ERROR if ERROR in statuses else FAILED
+        return [ManifestRow(request_status=status, **f) for f in fields]
+
+
+def image_fields(
+    head: dict[str, Any], ref: ImageRef, got: StoredImage | ImageFailure | None
+) -> dict[str, Any]:
+    """The fields of an image's row, but for ``request_status``."""
+    row = {
+        **head,
+        "status": OK,
+        "image_index": ref.index,
+        "image_url": describe_url(ref.url),
+        "content_type": ref.content_type,
+        "width": ref.width,
+        "height": ref.height,
+        "has_nsfw_concept": ref.has_nsfw_concept,
+    }
+    if isinstance(got, StoredImage):
+        row.update(sha256=got.sha256, path=got.path, bytes=got.bytes, stored_new=got.new)
+        if got.info is not None:
+            info = got.info
+            row.update(image_format=info.format, image_width=info.width, image_height=info.height)
+        return row
+    assert got is not None, "every download task fills its slot"
+    row.update(status=got.status, error=got.error)
+    if got.http_status:
+        row["http_status"] = got.http_status
+    return row
+
+
+@contextmanager
+def quiet_gc() -> Iterator[None]:
+    """For the length of a run: everything allocated before it (modules, the done set) is
+    kept out of the cyclic collector's scans (``gc.freeze``), and the young generation is
+    collected less often. A request allocates thousands of short-lived objects that reference
+    counting frees; at the default threshold (700) the collector ran several times per request
+    and took about 6% of the run's CPU (perf, bench world)."""
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
+Done = Callable[[list[ManifestRow]], Awaitable[None]]
+"""Called with each finished request's rows."""
+
+
+async def serve_pairs(lane: Lane, pairs: MemoryObjectReceiveStream[Pair], done: Done) -> None:
+    """Do every pair ``pairs`` yields, ``lane.settings.backlog`` at a time, then return.
+
+    A fixed pool of consumer tasks, not a task per request: spawning and scoping a task per
+    request took about 4% of a run's CPU (py-spy, bench world). A request that waits for a
+    pending result leaves the pool (a new consumer takes its place), so waiting requests
+    never hold up the rest.
+    """
+    with pairs:
+        async with anyio.create_task_group() as tg:
+            for _ in range(lane.settings.backlog):
+                tg.start_soon(_consume, lane, pairs, done, tg)
+
+
+async def _consume(
+    lane: Lane,
+    pairs: MemoryObjectReceiveStream[Pair],
+    done: Done,
+    tg: anyio.abc.TaskGroup,
+) -> None:
+    async for pair in pairs:
+        left = False
+
+        def leave() -> None:
+            nonlocal left
+            left = True
+            tg.start_soon(_consume, lane, pairs, done, tg)
+
+        rows = await lane.process(pair, leave)
+        await done(rows)
+        if left:
+            return  # a new consumer took this one's place

@@ -1,0 +1,285 @@
+"""A shard: a self-contained, picklable unit of a run that one function runs to the end.
+
+A run's pairs are split by a stable hash of the pair (``shard_of``) into shards. A shard has
+its pairs (a file under the output folder), its share of ``--rps`` and of both concurrencies,
+and the output location; ``run_shard`` does its requests with one lane on its own event loop,
+writes its own manifest parts (``manifest/<run_id>/shard-SSSS-part-NNNNN.parquet``) and
+returns its counters. Nothing per row leaves the shard, so any process (the harvest's own, a
+local pool's, a cluster engine's) can run it given the output folder.
+
+While it runs, a shard writes its counters to ``.tmp/<run_id>/shard-SSSS.progress.json`` every
+``PROGRESS_SECONDS`` (the harvest shows them, and keeps them if the shard's process dies), and
+stops, keeping what it finished, when ``.tmp/<run_id>/stop`` appears.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import anyio
+import anyio.abc
+
+from harvester.errors import HarvesterError, OutputError, first_harvester_error
+from harvester.run.reader import Pair, pair_key
+from harvester.run.request import EVENT_LOOP_OPTIONS, Lane, LaneSettings, quiet_gc, serve_pairs
+from harvester.storage.layout import Layout
+from harvester.storage.manifest import ManifestWriter
+from harvester.storage.rows import ManifestRow
+
+log = logging.getLogger("harvester")
+
+PROGRESS_SECONDS: Final = 0.5
+PAIR_BUFFER: Final = 256
+"""Pairs read ahead of the lane."""
+BATCH: Final = 1_000
+"""Pairs read from the shard's file at a time."""
+
+
+def shard_of(model: str, request_id: str, count: int) -> int:
+    """The shard of a pair: blake2b of the pair (``pair_key``), stable across processes,
+    machines and Python versions (unlike ``hash``)."""
+    return pair_key(model, request_id) % count
+
+
+def work_dir(out_dir: Path, run_id: str) -> Path:
+    """Where a run's shards keep their pairs, progress and the stop flag."""
+    return Layout(out_dir).tmp / run_id
+
+
+def stop_path(out_dir: Path, run_id: str) -> Path:
+    return work_dir(out_dir, run_id) / "stop"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardSpec:
+    """Everything a shard needs; picklable."""
+
+    run_id: str
+    index: int
+    count: int
+    pairs_path: Path
+    """One JSON array ``[model, request_id, source, line]`` per line."""
+    lane: LaneSettings
+    """Its share of ``--rps`` and the concurrencies, the API settings and ``out_dir``."""
+    rows_per_part: int = 5_000
+    seconds_per_part: float = 30.0
+
+    @property
+    def out_dir(self) -> Path:
+        return self.lane.out_dir
+
+    @property
+    def progress_path(self) -> Path:
+        return work_dir(self.out_dir, self.run_id) / f"shard-{self.index:04d}.progress.json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardResult:
+    """A shard's counters: at the end (what ``run_shard`` returns), or so far (its progress
+    file). ``finished`` is false until the shard has written everything it will write."""
+
+    index: int
+    pid: int = 0
+    requests: Mapping[str, int] = field(default_factory=dict)
+    images_new: int = 0
+    images_existing: int = 0
+    images_failed: int = 0
+    bytes_new: int = 0
+    bytes_downloaded: int = 0
+    result_requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    lowest_rps: float = 0.0
+    waiting: int = 0
+    """Requests waiting for a pending result now."""
+    waiting_until: float = 0.0
+    manifest_rows: int = 0
+    manifest_parts: int = 0
+    interrupted: bool = False
+    error: str | None = None
+    error_code: int | None = None
+    error_type: str | None = None
+    """The name of the ``harvester.errors`` class of ``error``."""
+    finished: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["requests"] = dict(self.requests)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ShardResult:
+        return cls(**{**data, "requests": dict(data.get("requests") or {})})
+
+
+def write_pairs(out: TextIO, pair: Pair) -> None:
+    out.write(json.dumps([pair.model, pair.request_id, pair.source, pair.line]) + "\n")
+
+
+def read_pairs(path: Path) -> Iterator[list[Pair]]:
+    """A shard's pairs, ``BATCH`` at a time."""
+    with path.open(encoding="utf-8") as fh:
+        batch: list[Pair] = []
+        for line in fh:
+            model, request_id, source, number = json.loads(line)
+            batch.append(Pair(model=model, request_id=request_id, source=source, line=number))
+            if len(batch) >= BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def read_progress(spec: ShardSpec) -> ShardResult | None:
+    try:
+        return ShardResult.from_json(json.loads(spec.progress_path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+class _Shard:
+    def __init__(self, spec: ShardSpec) -> None:
+        self.spec = spec
+        self.layout = Layout(spec.out_dir)
+        self.lane = Lane(spec.lane)
+        self.writer = ManifestWriter(
+            self.layout,
+            spec.run_id,
+            rows_per_part=spec.rows_per_part,
+            seconds_per_part=spec.seconds_per_part,
+            autoflush=False,
+            prefix=f"shard-{spec.index:04d}-part",
+        )
+        self.requests: Counter[str] = Counter()
+        self.images = Counter[str]()
+        self.interrupted = False
+        self.error: str | None = None
+        self.error_code: int | None = None
+        self.error_type: str | None = None
+        self.stop = stop_path(spec.out_dir, spec.run_id)
+
+    def result(self, *, finished: bool = False) -> ShardResult:
+        c = self.lane.counters()
+        return ShardResult(
+            index=self.spec.index,
+            pid=os.getpid(),
+            requests=dict(self.requests),
+            images_new=self.images["new"],
+            images_existing=self.images["existing"],
+            images_failed=self.images["failed"],
+            bytes_new=self.images["bytes_new"],
+            bytes_downloaded=self.images["bytes"],
+            result_requests=c.sent,
+            retries=c.retries,
+            throttled=c.throttled,
+            lowest_rps=c.lowest_rate,
+            waiting=c.waiting,
+            waiting_until=c.waiting_until,
+            manifest_rows=self.writer.rows_written,
+            manifest_parts=self.writer.parts_written,
+            interrupted=self.interrupted,
+            error=self.error,
+            error_code=self.error_code,
+            error_type=self.error_type,
+            finished=finished,
+        )
+
+    def report(self, *, finished: bool = False) -> ShardResult:
+        """Write the counters to the progress file (atomically); never fails the shard."""
+        result = self.result(finished=finished)
+        path = self.spec.progress_path
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_text(json.dumps(result.to_json()), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("cannot write progress %s: %s", path, exc)
+        return result
+
+    def fail(self, exc: HarvesterError) -> None:
+        if self.error is None:
+            self.error, self.error_code = str(exc), int(exc.exit_code)
+            self.error_type = type(exc).__name__
+
+    async def done(self, rows: list[ManifestRow]) -> None:
+        self.requests[rows[0].request_status] += 1
+        for row in rows:
+            if row.image_index is None:
+                continue
+            if row.sha256 is None:
+                self.images["failed"] += 1
+                continue
+            size = row.bytes or 0
+            self.images["bytes"] += size
+            if row.stored_new:
+                self.images["new"] += 1
+                self.images["bytes_new"] += size
+            else:
+                self.images["existing"] += 1
+        self.writer.add(rows)
+        if self.writer.due:
+            await self.writer.flush_in_thread()
+
+    async def feed(self, send: anyio.abc.ObjectSendStream[Pair]) -> None:
+        batches = read_pairs(self.spec.pairs_path)
+        async with send:
+            while True:
+                batch = await anyio.to_thread.run_sync(next, batches, None)
+                if batch is None:
+                    return
+                try:
+                    for pair in batch:
+                        await send.send(pair)
+                except anyio.BrokenResourceError:
+                    return  # the lane stopped (a run-level error ends it)
+
+    async def watch(self, scope: anyio.CancelScope) -> None:
+        while True:
+            await anyio.sleep(PROGRESS_SECONDS)
+            if self.stop.exists():
+                self.interrupted = True
+                scope.cancel()
+                return
+            self.report()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.watch, tg.cancel_scope)
+            send, receive = anyio.create_memory_object_stream[Pair](PAIR_BUFFER)
+            async with self.lane.opened(), anyio.create_task_group() as work:
+                work.start_soon(self.feed, send)
+                await serve_pairs(self.lane, receive, self.done)
+            tg.cancel_scope.cancel()
+
+
+def run_shard(spec: ShardSpec) -> ShardResult:
+    """Run one shard to the end (or until its stop flag appears) and return its counters.
+
+    A run-level error (a rejected key, an unreachable API) ends the shard and is in the
+    result; a bug is raised, after the rows finished so far are written."""
+    shard = _Shard(spec)
+    try:
+        with quiet_gc():
+            anyio.run(shard.run, backend_options=EVENT_LOOP_OPTIONS)
+    except HarvesterError as exc:
+        shard.fail(exc)
+    except BaseExceptionGroup as group:
+        first = first_harvester_error(group)
+        if first is None:
+            raise
+        shard.fail(first)
+    finally:
+        try:
+            shard.writer.flush()
+        except OutputError as exc:
+            shard.fail(exc)
+        shard.report(finished=True)
+    return shard.result(finished=True)

@@ -1,0 +1,87 @@
+"""The layers hold at run time: ``harvester status`` reads JSON records and loads neither an
+HTTP library nor the run or API layers (``python -X importtime`` lists every import)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from harvester.errors import ExitCode
+from harvester.storage import runs
+from harvester.storage.layout import Layout
+from harvester.storage.runs import RunRecord
+from tests.processes import harvester_env
+
+FORBIDDEN = ("httpx", "aiohttp", "anyio", "harvester.run", "harvester.api")
+
+
+def imported_by(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "harvester", *args],
+        capture_output=True,
+        text=True,
+        env=harvester_env(),
+        timeout=120,
+        check=False,
+    )
+    modules = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    return result, modules
+
+
+def test_status_imports_neither_http_nor_the_run_layer(tmp_path: Path) -> None:
+    started = datetime(2026, 11, 24, 3, 15, tzinfo=UTC)
+    record = RunRecord(
+        run_id="20261124T031500.000Z-abc123",
+        state=runs.FINISHED,
+        started_at=started,
+        finished_at=started,
+        exit_code=0,
+        requests={"ok": 3},
+    )
+    runs.write(Layout(tmp_path), record)
+
+    result, modules = imported_by("status", str(tmp_path))
+
+    assert result.returncode == ExitCode.OK, result.stderr
+    assert result.stdout.startswith("OK: last run 20261124T031500.000Z-abc123 exited 0")
+    assert "harvester.views.status" in modules  # the check sees what it should
+    assert "harvester.storage.runs" in modules
+    loaded = sorted(m for m in modules if m.startswith(FORBIDDEN))
+    assert loaded == []
+
+
+def test_harvest_does_import_the_run_layer() -> None:
+    """The other side of the check above: the same listing does show the run layer when a
+    command needs it (here ``harvest`` fails on a missing file after loading it)."""
+    result, modules = imported_by("harvest", "no-such-file.csv", "--out", "x")
+
+    assert result.returncode == ExitCode.INPUT, result.stderr
+    assert "harvester.run.pipeline" in modules
+    assert "httpx" in modules
+
+
+def test_a_run_record_reads_back_as_written(tmp_path: Path) -> None:
+    started = datetime(2026, 11, 24, 3, 15, tzinfo=UTC)
+    record = RunRecord(
+        run_id="r1",
+        pid=42,
+        host="h",
+        started_at=started,
+        requests={"ok": 3, "not_found": 1},
+        images_new=2,
+        inputs=(runs.InputRecord(path="a.csv", sha256="ab" * 32, bytes=10, rows=4),),
+    )
+    layout = Layout(tmp_path)
+    runs.write(layout, record)
+    [back], unreadable = runs.read_all(tmp_path)
+    assert unreadable == []
+    assert back == record
+    assert back.running and back.exit_code is None
+    assert back.not_ok_share == 0.25
+    assert list((tmp_path / ".tmp").iterdir()) == []  # written through a temp file, renamed
