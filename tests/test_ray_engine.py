@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -79,6 +81,24 @@ def test_inline_engine_reports_what_raised() -> None:
     assert failures[1].error == "ValueError: bad spec 3"
 
 
+def test_without_ray_the_engine_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harvester.run.engine.ray import RayEngine
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets when it is absent
+    with pytest.raises(UsageError, match=r"pip install 'harvester\[ray\]'"):
+        RayEngine(address="127.0.0.1:6379")
+
+
+def test_the_cli_s_process_does_not_load_ray() -> None:
+    """The engines module and the base install never import Ray on their own."""
+    code = "import sys, harvester.run.engine, harvester.cli; print('ray' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.ray
 def test_ray_engine_needs_an_address(monkeypatch: pytest.MonkeyPatch) -> None:
     import_ray()
     from harvester.run.engine.ray import RayEngine
