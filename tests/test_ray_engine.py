@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -96,6 +97,16 @@ def test_the_cli_s_process_does_not_load_ray() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "False"
+
+
+def test_a_wrong_address_is_a_usage_error_at_once() -> None:
+    from harvester.run.engine.ray import RayEngine
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(UsageError, match=rf"cannot reach the Ray head node at 127.0.0.1:{port}"):
+        RayEngine(address=f"127.0.0.1:{port}").connect()
 
 
 @pytest.mark.ray

@@ -18,6 +18,7 @@ engine is made, and says how to install it when it is missing.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
@@ -54,6 +55,26 @@ def cluster_address(address: str | None) -> str:
     return chosen
 
 
+PROBE_TIMEOUT: Final = 10.0
+"""Seconds to wait for the head node to accept a connection before Ray is asked to join it."""
+
+
+def probe_head(address: str, *, timeout: float = PROBE_TIMEOUT) -> None:
+    """A UsageError, at once, when nothing listens at ``host:port``: Ray itself keeps retrying
+    a wrong address for minutes. Other forms (``ray://``, ``auto``) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot reach the Ray head node at {address} ({exc.strerror or exc}): check "
+            "RAY_ADDRESS or --ray-address (host:port of the head's GCS, 6379 by default) "
+            "and that `ray start --head` runs there"
+        ) from exc
+
+
 class RayEngine:
     """Runs specs as Ray tasks on the cluster at ``address`` (default: ``RAY_ADDRESS``).
 
@@ -79,6 +100,8 @@ class RayEngine:
         ray = self._ray
         if ray.is_initialized():
             return
+        if self.address != LOCAL:
+            probe_head(self.address)
         try:
             ray.init(address=None if self.address == LOCAL else self.address)
         except ConnectionError as exc:
