@@ -160,6 +160,7 @@ class _Clock(BaseHTTPRequestHandler):
 
     arrivals: list[float]
     lock: threading.Lock
+    protocol_version = "HTTP/1.1"  # keep-alive: no new connection (and thread) per request
 
     def do_GET(self) -> None:
         with self.lock:
