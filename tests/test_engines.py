@@ -57,6 +57,5 @@ def test_a_killed_process_s_spec_runs_again_and_one_that_keeps_dying_is_reported
     )
     assert sorted(got) == [0, 2, 4, 5, 6]  # each exactly once
     assert failures == [Failure(specs[-1], "its worker process died", ExitCode.WORKER)]
-    # At most the first run and two retries. A broken pool charges a run to every spec that
-    # was in it (concurrent.futures does not say whose process died), so it may have run less.
-    assert 1 <= int((tmp_path / "8.runs").read_text()) <= 3
+    # Three deaths alone (the first run and two retries), after perhaps one in a shared pool.
+    assert 3 <= int((tmp_path / "8.runs").read_text()) <= 4

@@ -3,10 +3,10 @@
 The same contract as every engine (``harvester.run.engine.Engine``): a bounded number of specs
 in flight, each result handed to ``on_result`` in this process as it arrives, a spec that
 raised returned as a failure. A worker process that dies (killed, out of memory) breaks the
-whole pool in ``concurrent.futures``: the pool is made anew and the specs that were in it run
-again, each at most ``max_retries`` times, after which they are failures with exit code WORKER.
-(``concurrent.futures`` does not say whose process died: a broken pool charges a run to every
-spec that was in it.)
+whole pool in ``concurrent.futures``, which does not say whose process it was: the pool is made
+anew and the specs that were in it run again one at a time, so that a death is then the dead
+spec's own. A spec whose process dies alone more than ``max_retries`` times is a failure with
+exit code WORKER; the others finish as usual.
 Processes start with ``spawn``: the parent runs threads, and a forked copy of them is unsafe.
 """
 
@@ -41,20 +41,22 @@ class LocalEngine:
     ) -> list[Failure[S]]:
         todo: Iterator[S] = iter(specs)
         exhausted = False
-        again: list[tuple[S, int]] = []
-        """Specs whose process died, with how many times they have run."""
+        suspects: list[tuple[S, int]] = []
+        """Specs that were in a pool when it broke, with how often their process died alone."""
         in_flight: dict[Future[R], tuple[S, int]] = {}
         failures: list[Failure[S]] = []
 
-        def settle(future: Future[R], spec: S, runs: int) -> bool:
+        def settle(future: Future[R], spec: S, deaths: int, *, alone: bool) -> bool:
             """Hand on one finished spec; False when its pool broke under it."""
             try:
                 result = future.result()
             except BrokenProcessPool:
-                if runs > max_retries:
+                if alone:  # in a shared pool, whose process died is unknown
+                    deaths += 1
+                if deaths > max_retries:
                     failures.append(Failure(spec, "its worker process died", ExitCode.WORKER))
                 else:
-                    again.append((spec, runs))
+                    suspects.append((spec, deaths))
                 return False
             except Exception as exc:  # noqa: BLE001 - a shard's failure is reported, not raised
                 failures.append(failure_of(spec, exc))
@@ -65,26 +67,29 @@ class LocalEngine:
         pool = self._pool()
         try:
             while True:
-                while len(in_flight) < self.max_in_flight and (again or not exhausted):
-                    if again:
-                        spec, runs = again.pop()
+                # Suspects run one at a time, so that a death is the dead spec's own.
+                limit = 1 if suspects else self.max_in_flight
+                while len(in_flight) < limit and (suspects or not exhausted):
+                    if suspects:
+                        spec, deaths = suspects.pop()
                     else:
                         try:
-                            spec, runs = next(todo), 0
+                            spec, deaths = next(todo), 0
                         except StopIteration:
                             exhausted = True
                             break
-                    in_flight[pool.submit(fn, spec)] = (spec, runs + 1)
+                    in_flight[pool.submit(fn, spec)] = (spec, deaths)
                 if not in_flight:
                     return failures
+                alone = len(in_flight) == 1
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                intact = [settle(future, *in_flight.pop(future)) for future in done]
+                intact = [settle(f, *in_flight.pop(f), alone=alone) for f in done]
                 if not all(intact):
                     # The pool is broken: everything still in it ends the same way. Settle it
-                    # all, then start a fresh pool for the specs to run again.
+                    # all, then start a fresh pool for the suspects.
                     wait(in_flight)
-                    for future, (spec, runs) in in_flight.items():
-                        settle(future, spec, runs)
+                    for future, (spec, deaths) in in_flight.items():
+                        settle(future, spec, deaths, alone=False)
                     in_flight.clear()
                     pool.shutdown(wait=True, cancel_futures=True)
                     pool = self._pool()
