@@ -1,0 +1,195 @@
+"""One ``--rps`` for a whole cluster: a limiter actor hands out start times, and each shard's
+process keeps to them.
+
+The promise is the one a single machine keeps (``harvester.api.ratelimit``): no window of one
+second holds more than ``rps`` request starts, whichever node starts them, counted on the API
+server's clock. A schedule alone does not keep it: a start that wakes late lands close to the
+next one, and one window holds ``rps + 1`` (seen with two actors at 100/s). So there are two
+rules, one on each side:
+
+* **The actor** (:class:`RateLimiterActor`, one per run, on the driver's node) hands out start
+  times ("slots") ``1 / rate`` apart, and never a slot less than ``window + late`` after the
+  slot ``floor(rps)`` before it.
+* **Each worker** (:class:`ClusterPermits`) starts a request in ``[slot, slot + late]`` or not
+  at all: a slot it reaches later than that is dropped and it takes another.
+
+Then any ``floor(rps) + 1`` real starts are at least ``window`` (one second plus the margin for
+the trip to the server) apart, across the cluster: the promise holds. The price is the
+margins: at full speed the cluster starts ``rps / (window + late)`` per second (about 93% of
+``rps`` with the defaults). Slots are wall-clock times (``time.time``): the nodes'
+clocks must agree to well within the margin, as NTP keeps them.
+
+A worker takes slots in small leases (one actor call per lease, not per request), growing the
+lease while it uses every slot and shrinking it when slots expire unused. A 429 slows the whole
+cluster: the worker tells the actor, which halves the rate (at most once a second) and pauses
+every slot after ``Retry-After``; successes, reported with the next lease, bring it back.
+
+The actor is a plain class here, made a Ray actor by ``harvester.run.engine.ray``; nothing in
+this module imports Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol
+
+import anyio
+
+CLUSTER_MARGIN: Final = 0.05
+"""Seconds added to the one-second window across a cluster: more than one machine's
+``WINDOW_MARGIN``, for the jitter between a start on one node and its arrival at the server,
+beside another node's (measured at 100/s on two nodes of a busy machine: with 0.02, one window
+held 101 starts at the server)."""
+LATE: Final = 0.03
+"""Seconds after its slot that a worker may still start a request; later, the slot is dropped."""
+MAX_LEASE: Final = 16
+"""The most slots one lease hands a worker."""
+
+
+class RateLimiterActor:
+    """The cluster's one schedule of request starts. Ray runs its calls one at a time."""
+
+    def __init__(
+        self,
+        max_rps: float,
+        *,
+        min_rps: float = 0.5,
+        recovery_successes: int = 100,
+        window: float = 1.0 + CLUSTER_MARGIN,
+        late: float = LATE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_rps <= 0:
+            raise ValueError("max_rps must be positive")
+        self.max_rps = max_rps
+        self.min_rps = min(min_rps, max_rps)
+        self.rate = max_rps
+        self.lowest_rate = max_rps
+        self.throttled = 0
+        self.handed_out = 0
+        self._step = max_rps / recovery_successes
+        self._gap = window + late
+        """The least time between a slot and the one ``floor(max_rps)`` before it."""
+        self._clock = clock
+        self._slots: deque[float] = deque(maxlen=max(1, math.floor(max_rps)))
+        self._next = clock()
+        self._last_cut = float("-inf")
+
+    def lease(self, n: int, *, successes: int = 0, not_before: float = 0.0) -> list[float]:
+        """``n`` start times, in order, none before ``not_before`` or now. ``successes``: how
+        many requests answered without a 429 since the worker's last lease."""
+        if successes > 0:
+            self.rate = min(self.max_rps, self.rate + self._step * successes)
+        slots = self._slots
+        out: list[float] = []
+        for _ in range(max(1, n)):
+            slot = max(self._next, self._clock(), not_before)
+            if len(slots) == slots.maxlen:
+                slot = max(slot, slots[0] + self._gap)
+            slots.append(slot)
+            out.append(slot)
+            self._next = slot + 1.0 / self.rate
+        self.handed_out += len(out)
+        return out
+
+    def on_throttled(self, retry_after: float | None = None) -> None:
+        """A worker got a 429: slow the whole cluster down."""
+        self.throttled += 1
+        now = self._clock()
+        if now - self._last_cut >= 1.0:
+            self._last_cut = now
+            self.rate = max(self.min_rps, self.rate / 2)
+            self.lowest_rate = min(self.lowest_rate, self.rate)
+        if retry_after is not None and retry_after > 0:
+            self._next = max(self._next, now + retry_after)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "rate": self.rate,
+            "lowest_rate": self.lowest_rate,
+            "throttled": self.throttled,
+            "handed_out": self.handed_out,
+        }
+
+
+class LeaseCall(Protocol):
+    """How a worker asks the actor for a lease: with Ray, ``actor.lease.remote`` (whose answer
+    is awaitable), in unit tests a plain coroutine."""
+
+    def __call__(self, n: int, *, successes: int, not_before: float) -> Awaitable[list[float]]: ...
+
+
+class PermitSource(Protocol):
+    """What ``harvester.api.ratelimit.RateLimiter`` awaits before each start, beyond its own
+    rules, when a run's rate is shared with other processes."""
+
+    async def acquire(self) -> None: ...
+    def on_throttled(self, retry_after: float | None) -> None: ...
+    def on_success(self) -> None: ...
+
+
+class ClusterPermits:
+    """A shard process's side of the cluster limiter: ``await permits.acquire()`` returns when
+    this process may start one request, inside its slot."""
+
+    def __init__(
+        self,
+        lease: LeaseCall,
+        throttled: Callable[[float | None], object],
+        *,
+        late: float = LATE,
+        max_lease: int = MAX_LEASE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._lease = lease
+        self._throttled = throttled
+        self._late = late
+        self._max_lease = max(1, max_lease)
+        self._clock = clock
+        self._slots: deque[float] = deque()
+        self._size = 1
+        self._lock = anyio.Lock()
+        self._successes = 0
+        self._round_trip = 0.0
+        self.started = 0
+        self.dropped = 0
+        """Slots reached too late (or left over when a lease was not used up), never started."""
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                slot = await self._take()
+                wait = slot - self._clock()
+                if wait > 0:
+                    await anyio.sleep(wait)
+                if self._clock() <= slot + self._late:
+                    self.started += 1
+                    return
+                self.dropped += 1
+                self._size = max(1, self._size // 2)
+
+    async def _take(self) -> float:
+        now = self._clock()
+        while self._slots and self._slots[0] + self._late < now:
+            self._slots.popleft()  # expired while no request wanted it
+            self.dropped += 1
+            self._size = max(1, self._size // 2)
+        if not self._slots:
+            successes, self._successes = self._successes, 0
+            slots = await self._lease(
+                self._size, successes=successes, not_before=now + 2 * self._round_trip
+            )
+            self._round_trip = self._clock() - now
+            self._slots.extend(slots)
+            self._size = min(self._max_lease, self._size * 2)
+        return self._slots.popleft()
+
+    def on_throttled(self, retry_after: float | None) -> None:
+        self._slots.clear()  # the actor pauses the schedule: slots already leased would not
+        self._throttled(retry_after)
+
+    def on_success(self) -> None:
+        self._successes += 1

@@ -1,0 +1,207 @@
+"""The Ray engine: a run's shards as Ray tasks on a cluster, and the run's one rate limiter as a
+Ray actor.
+
+Each spec becomes one task (``fn`` is pickled once, by reference: the workers import it from
+their own harvester install). At most ``max_in_flight`` tasks are submitted at a time, so the
+specs' iterable is consumed as fast as the cluster works and no faster, and results are handed
+to ``on_result`` in the driver as they finish (``ray.wait``). Tasks are spread over the nodes:
+a harvest is bound by each machine's network, not its CPU.
+
+Retries are Ray's own: a task whose worker process or node dies runs again elsewhere, at most
+``max_retries`` times (``retry_exceptions=False``: a shard that raised would raise again).
+What still fails comes back as a :class:`~harvester.run.engine.Failure`.
+
+Ray is an optional extra (``pip install 'harvester[ray]'``): this module imports it when an
+engine is made, and says how to install it when it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final
+
+from harvester.errors import ExitCode, UsageError
+from harvester.run.engine import DEFAULT_MAX_RETRIES, Failure, R, S, failure_of
+from harvester.run.engine.limiter import ClusterPermits, RateLimiterActor
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+INSTALL_HINT: Final = "pip install 'harvester[ray]'"
+LOCAL: Final = "local"
+"""The address that starts a Ray of this machine's own for the run (``ray.init()``)."""
+
+
+def import_ray() -> ModuleType:
+    """Ray, or a UsageError that says how to get it."""
+    try:
+        import ray  # an optional extra, imported only when asked for
+    except ImportError as exc:
+        raise UsageError(f"the ray engine needs Ray, an optional extra: {INSTALL_HINT}") from exc
+    return ray
+
+
+def cluster_address(address: str | None) -> str:
+    """The cluster to connect to: ``address``, else ``RAY_ADDRESS``, else a UsageError."""
+    chosen = address or os.environ.get("RAY_ADDRESS", "")
+    if not chosen:
+        raise UsageError(
+            "the ray engine needs a cluster: set RAY_ADDRESS or --ray-address "
+            f"(host:port of the head node, or {LOCAL!r} to start Ray on this machine only)"
+        )
+    return chosen
+
+
+PROBE_TIMEOUT: Final = 10.0
+"""Seconds to wait for the head node to accept a connection before Ray is asked to join it."""
+
+
+def probe_head(address: str, *, timeout: float = PROBE_TIMEOUT) -> None:
+    """A UsageError, at once, when nothing listens at ``host:port``: Ray itself keeps retrying
+    a wrong address for minutes. Other forms (``ray://``, ``auto``) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot reach the Ray head node at {address} ({exc.strerror or exc}): check "
+            "RAY_ADDRESS or --ray-address (host:port of the head's GCS, 6379 by default) "
+            "and that `ray start --head` runs there"
+        ) from exc
+
+
+class RayEngine:
+    """Runs specs as Ray tasks on the cluster at ``address`` (default: ``RAY_ADDRESS``).
+
+    Connects on first use, unless this process is already connected; ``close()`` disconnects
+    only what it connected."""
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        max_in_flight: int | None = None,
+        num_cpus: float = 1.0,
+    ) -> None:
+        self._ray = import_ray()
+        self.address = cluster_address(address)
+        self.max_in_flight = max_in_flight
+        """Tasks submitted and not yet finished; default: twice the cluster's CPUs."""
+        self.num_cpus = num_cpus
+        """CPUs a task holds on its node (a shard is mostly waiting on the network)."""
+        self._connected_here = False
+
+    def connect(self) -> None:
+        ray = self._ray
+        if ray.is_initialized():
+            return
+        if self.address != LOCAL:
+            probe_head(self.address)
+        try:
+            ray.init(address=None if self.address == LOCAL else self.address)
+        except ConnectionError as exc:
+            raise UsageError(
+                f"cannot connect to the Ray cluster at {self.address}: {exc}; "
+                "check RAY_ADDRESS or --ray-address and that the head node is up"
+            ) from exc
+        self._connected_here = True
+
+    def close(self) -> None:
+        if self._connected_here:
+            self._ray.shutdown()
+            self._connected_here = False
+
+    def __enter__(self) -> RayEngine:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def run(
+        self,
+        fn: Callable[[S], R],
+        specs: Iterable[S],
+        *,
+        on_result: Callable[[S, R], None],
+        max_retries: int = DEFAULT_MAX_RETRIES,
+    ) -> list[Failure[S]]:
+        self.connect()
+        ray = self._ray
+        task = ray.remote(fn).options(
+            max_retries=max_retries,
+            retry_exceptions=False,
+            num_cpus=self.num_cpus,
+            scheduling_strategy="SPREAD",
+        )
+        limit = self.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        todo: Iterator[S] = iter(specs)
+        in_flight: dict[Any, S] = {}
+        failures: list[Failure[S]] = []
+        try:
+            for spec in todo:
+                in_flight[task.remote(spec)] = spec
+                if len(in_flight) >= limit:
+                    self._finish_one(in_flight, on_result, failures)
+            while in_flight:
+                self._finish_one(in_flight, on_result, failures)
+        finally:
+            for ref in in_flight:  # only when the driver itself stops early (a bug, Ctrl-C)
+                ray.cancel(ref, force=True)
+        return failures
+
+    def _finish_one(
+        self,
+        in_flight: dict[Any, S],
+        on_result: Callable[[S, R], None],
+        failures: list[Failure[S]],
+    ) -> None:
+        ray = self._ray
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in done:
+            spec = in_flight.pop(ref)
+            try:
+                result: R = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:  # the shard function raised
+                failures.append(failure_of(spec, exc.cause))
+                continue
+            except ray.exceptions.RayError as exc:  # its worker or node died, past the retries
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                failures.append(
+                    Failure(
+                        spec=spec,
+                        error=f"{type(exc).__name__}: {first_line}",
+                        exit_code=ExitCode.WORKER,
+                    )
+                )
+                continue
+            on_result(spec, result)
+
+    def start_limiter(self, max_rps: float) -> ActorHandle[RateLimiterActor]:
+        """The run's cluster-wide rate limiter, on this (the driver's) node, holding no CPU.
+        It is not restarted if it dies: a new one would not know the slots already given."""
+        self.connect()
+        ray = self._ray
+        from ray.util.scheduling_strategies import (  # the optional extra
+            NodeAffinitySchedulingStrategy,
+        )
+
+        here = ray.get_runtime_context().get_node_id()
+        actor_class = ray.remote(RateLimiterActor)
+        handle: ActorHandle[RateLimiterActor] = actor_class.options(
+            num_cpus=0,
+            max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+        ).remote(max_rps)
+        return handle
+
+
+def cluster_permits(limiter: ActorHandle[RateLimiterActor]) -> ClusterPermits:
+    """The worker side of the limiter: made inside a shard's task from the actor's handle (a
+    handle pickles into the shard's spec)."""
+    return ClusterPermits(limiter.lease.remote, limiter.on_throttled.remote)
