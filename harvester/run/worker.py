@@ -4,7 +4,7 @@ its manifest rows.
 A harvest splits its work into lanes. Each lane has its own HTTP client, its own share of the
 concurrency and of ``--rps`` (so the lanes together never exceed either), and takes requests
 from the run's one queue as it has room. Lane 0 runs inside the harvest's own process; with
-``--workers N`` the other N-1 run in worker processes (``python -m harvester.run.worker``), which
+``--workers N`` the other N-1 run in worker processes (``harvester.run.worker.main``), which
 import neither polars nor pyarrow and talk to the harvest over a socket pair:
 
     harvest -> worker   settings, then batches of pairs, never more than the lane has room
@@ -51,10 +51,11 @@ from harvester.api.ratelimit import RateLimiter
 from harvester.api.results import ImageRef
 from harvester.api.retry import RetryPolicy
 from harvester.api.urls import describe_url
+from harvester.run.download import ImageDownloader
 from harvester.run.reader import Pair
 from harvester.storage.layout import Layout
 from harvester.storage.rows import ERROR, FAILED, OK, PENDING, ManifestRow
-from harvester.storage.store import ImageFailure, ImageStore, StoredImage
+from harvester.storage.store import ImageFailure, StoredImage
 
 log = logging.getLogger("harvester")
 
@@ -129,7 +130,7 @@ class Lane:
         self.pending_waiters = anyio.Semaphore(MAX_PENDING_WAITERS)
         self.limiter = RateLimiter(settings.rps)
         self._fetcher: ResultFetcher | None = None
-        self._store: ImageStore | None = None
+        self._store: ImageDownloader | None = None
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[Lane]:
@@ -150,7 +151,7 @@ class Lane:
                 limiter=self.limiter,
                 rng=self.rng,
             )
-            self._store = ImageStore(
+            self._store = ImageDownloader(
                 client, self.layout, policy=s.retry, rng=self.rng, max_bytes=s.max_image_bytes
             )
             yield self
@@ -393,9 +394,18 @@ async def run_local(lane: Lane, pairs: MemoryObjectReceiveStream[Pair], deliver:
         await serve_pairs(lane, mine, done, release=room.release, fetched=ahead.release)
 
 
+_WORKER_MAIN: Final = (
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "from harvester.run.worker import main; main()"
+)
+"""A worker ignores SIGINT and SIGTERM from its first line on: a Ctrl-C that reaches it while
+it is still importing (aiohttp, httpx: a second on a busy machine) must not print a traceback."""
+
+
 def worker_command(fd: int) -> list[str]:
     """How a worker process is started: this Python, the socket's descriptor as argument."""
-    return [sys.executable, "-m", "harvester.run.worker", str(fd)]
+    return [sys.executable, "-c", _WORKER_MAIN, str(fd)]
 
 
 class WorkerProcess:
