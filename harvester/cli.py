@@ -145,7 +145,10 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
         click.option(
             "--timeout",
             type=click.FloatRange(min=0, min_open=True),
-            help="Seconds to wait for a response or the next body bytes.",
+            help=(
+                "Seconds to wait for a response or the next body bytes; one attempt takes "
+                "at most 4x this (at least 30 s)."
+            ),
             **default("timeout"),
         ),
         click.option(

@@ -76,6 +76,8 @@ def serving(handler: Handler, *, tls: bool = False) -> Iterator[HostileServer]:
                     return
         except (ConnectionError, ssl.SSLError, ValueError):
             return
+        except asyncio.CancelledError:  # the server stops: an endless handler ends here
+            return
         finally:
             writer.close()
 

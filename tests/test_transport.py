@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import random
 import resource
@@ -26,7 +27,7 @@ import pytest
 
 from harvester.api.fetcher import ResultFetcher
 from harvester.api.ratelimit import RateLimiter
-from harvester.api.retry import RetryPolicy
+from harvester.api.retry import RetryPolicy, attempt_seconds
 from harvester.api.transport import DECODED_CHUNK, decoded_chunks, open_client
 from harvester.errors import ExitCode, UnreachableError
 from harvester.run.download import ImageDownloader
@@ -35,7 +36,7 @@ from harvester.storage.layout import Layout
 from harvester.storage.manifest import manifest_glob
 from harvester.storage.store import ImageFailure, StoredImage
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
-from tests.hostile import CERT, Exchange, response, serving
+from tests.hostile import CERT, Exchange, Handler, response, serving
 from tests.processes import harvester_env
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
@@ -545,3 +546,69 @@ def test_an_unresolvable_host_prints_its_message_and_nothing_else(tmp_path: Path
     assert "never retrieved" not in done.stderr
     assert "Traceback" not in done.stderr
     assert "aiohttp" not in done.stderr.replace("aiohttp.", "")
+
+
+async def _trickle(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+    """A PNG (or a result) that announces 1,000 bytes and sends one every 0.2 s, forever."""
+    if exchange.target.endswith("/ok"):
+        await _serve_result(exchange, writer)
+        return
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    for byte in itertools.cycle(RESULT_PNG if exchange.target.endswith(".png") else b"{"):
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+
+async def _endless_continue(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+    if exchange.target.endswith("/ok"):
+        await _serve_result(exchange, writer)
+        return
+    while True:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("handler", [_trickle, _endless_continue])
+async def test_a_trickle_or_endless_100_continue_ends_at_the_attempt_deadline(
+    handler: Handler, tmp_path: Path
+) -> None:
+    """Each read comes well within the 5 s read timeout, so only the deadline on the whole
+    attempt (1 s here; 4 read timeouts by default) can end them: both become error rows after
+    their attempts, and nothing is left in the store's temp folder. (The relay answered an
+    earlier request: a first request that never ends says the API cannot be reached.)"""
+    layout = Layout(tmp_path / "out")
+    layout.prepare()
+    policy = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.001)
+    with serving(handler) as server:
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            fetcher = ResultFetcher(
+                client,
+                base_url=server.url,
+                authorization=f"Bearer {KEY}",
+                policy=policy,
+                limiter=RateLimiter(1000),
+                rng=random.Random(0),
+                total_seconds=1.0,
+            )
+            assert (await fetcher.fetch("fal-ai/flux/dev", "ok")).status == "ok"
+            result = await fetcher.fetch("fal-ai/flux/dev", "req-1")
+            downloader = ImageDownloader(
+                client, layout, policy=policy, rng=random.Random(0), total_seconds=1.0
+            )
+            image = await downloader.store(server.url + "/slow.png")
+    assert (result.status, result.attempts) == ("error", 2)
+    assert result.error == "timed out (no whole answer within 1 s) (gave up after 2 attempts)"
+    assert isinstance(image, ImageFailure) and (image.status, image.attempts) == ("error", 2)
+    assert image.error == (
+        "image download: image download timed out (not whole within 1 s) (gave up after 2 attempts)"
+    )
+    assert not any(layout.tmp.iterdir())
+
+
+def test_the_attempt_deadline_is_four_read_timeouts_and_at_least_30_s() -> None:
+    assert attempt_seconds(5) == 30.0
+    assert attempt_seconds(60) == 240.0
+    assert attempt_seconds(None) == 240.0

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Final
 
+import anyio
 import httpx
 
 from harvester.api.ratelimit import RateLimiter
@@ -21,6 +22,7 @@ from harvester.api.retry import (
     RetriesExhausted,
     RetryPolicy,
     TransientError,
+    attempt_seconds,
     parse_retry_after,
     retrying,
 )
@@ -139,8 +141,11 @@ class ResultFetcher:
         limiter: RateLimiter,
         rng: random.Random,
         max_result_bytes: int = MAX_RESULT_BYTES,
+        total_seconds: float | None = None,
     ) -> None:
         self._client = client
+        self._total = total_seconds or attempt_seconds(client.timeout.read)
+        """The most one attempt may take, redirects and the whole body included."""
         self._max_result_bytes = max_result_bytes
         self._base_url = base_url
         self._origin = httpx.URL(base_url)
@@ -164,7 +169,11 @@ class ResultFetcher:
             await self._limiter.acquire()
             self.sent += 1
             try:
-                response, body = await self._get(url)
+                with anyio.fail_after(self._total):
+                    response, body = await self._get(url)
+            except TimeoutError as exc:
+                reason = f"timed out (no whole answer within {self._total:g} s)"
+                raise TransientError(reason) from exc
             except CertificateError as exc:
                 reason = f"cannot verify the server: {exc}"
                 if self.answered == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import anyio
 import httpx
 
 from harvester.api.fetcher import plain_headers, request_error_reason
@@ -18,6 +19,7 @@ from harvester.api.retry import (
     RetriesExhausted,
     RetryPolicy,
     TransientError,
+    attempt_seconds,
     retrying,
 )
 from harvester.api.transport import CertificateError, decoded_chunks
@@ -46,8 +48,11 @@ class ImageDownloader:
         rng: random.Random,
         max_bytes: int = 64 * 1024 * 1024,
         max_redirects: int = 5,
+        total_seconds: float | None = None,
     ) -> None:
         self._client = client
+        self._total = total_seconds or attempt_seconds(client.timeout.read)
+        """The most one attempt may take, redirects and the whole body included."""
         self._store = ContentStore(layout, max_bytes=max_bytes)
         self._policy = policy
         self._rng = rng
@@ -76,13 +81,22 @@ class ImageDownloader:
         try:
             outcome, _ = await retrying(
                 self._policy,
-                lambda n: self._download(url, n),
+                lambda n: self._bounded(url, n),
                 rng=self._rng,
                 on_retry=count_retry,
             )
         except RetriesExhausted as exc:
             return ImageFailure(ERROR, f"image download: {exc}", exc.last.http_status, exc.attempts)
         return outcome
+
+    async def _bounded(self, url: str, attempt: int) -> StoredImage | ImageFailure:
+        try:
+            with anyio.fail_after(self._total):
+                return await self._download(url, attempt)
+        except TimeoutError as exc:
+            raise TransientError(
+                f"image download timed out (not whole within {self._total:g} s)"
+            ) from exc
 
     async def _download(self, url: str, attempt: int) -> StoredImage | ImageFailure:
         current = http_url(url)
