@@ -143,6 +143,13 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             **default("max_image_bytes"),
         ),
         click.option(
+            "--allow-private-images",
+            is_flag=True,
+            help="Fetch images from loopback, link-local and private addresses too (refused "
+            "unless the API itself is on one).",
+            **({"default": None} if job else {"default": False}),
+        ),
+        click.option(
             "--timeout",
             type=click.FloatRange(min=0, min_open=True),
             help=(

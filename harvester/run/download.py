@@ -4,11 +4,23 @@ Redirects are followed hop by hop (at most ``max_redirects``, only to http(s), n
 https down to http); transient failures are retried under the run's policy; the body is
 decoded in bounded pieces and counted against ``--max-image-bytes`` while it arrives. No
 Authorization header is ever sent here: image hosts are third-party CDNs.
+
+Image hosts are third parties too: an image URL (or a redirect) that resolves to a loopback,
+link-local, private or otherwise non-public address is refused (a relay must not make the
+harvester fetch from the machine's own network), unless the API itself is on such an
+address (a relay inside one's network, or the sandbox) or ``--allow-private-images`` says so.
+The check resolves the host before each hop; the connection resolves it again (a DNS answer
+that changes in between is not caught).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 import httpx
@@ -35,6 +47,23 @@ from harvester.storage.store import (
     sniff,
 )
 
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+"""Host and port -> the addresses a connection would use."""
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def is_public(address: str) -> bool:
+    """An address on the public internet: not loopback, link-local, private, unspecified,
+    shared, reserved or multicast (an IPv4-mapped IPv6 address is judged as its IPv4)."""
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
 
 class ImageDownloader:
     """Stores images from http(s) and ``data:`` URLs; one instance per run."""
@@ -49,8 +78,16 @@ class ImageDownloader:
         max_bytes: int = 64 * 1024 * 1024,
         max_redirects: int = 5,
         total_seconds: float | None = None,
+        refuse_private: bool = False,
+        api_url: str | None = None,
+        resolve: Resolve = resolve_host,
     ) -> None:
         self._client = client
+        self._refuse_private = refuse_private
+        """True: non-public image addresses are refused (unless the API's own is one)."""
+        self._api_url = api_url
+        self._resolve = resolve
+        self._resolved: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._total = total_seconds or attempt_seconds(client.timeout.read)
         """The most one attempt may take, redirects and the whole body included."""
         self._store = ContentStore(layout, max_bytes=max_bytes)
@@ -103,6 +140,9 @@ class ImageDownloader:
         for _ in range(self._max_redirects + 1):
             if isinstance(current, str):
                 return ImageFailure(FAILED, current, None, attempt)
+            refusal = await self._refusal(current)
+            if refusal is not None:
+                return ImageFailure(FAILED, refusal, None, attempt)
             # Never an Authorization header, whatever the client's defaults: image hosts are
             # third parties. (Built here rather than by build_request, which copies defaults.)
             request = httpx.Request(
@@ -152,6 +192,49 @@ class ImageDownloader:
         return ImageFailure(
             FAILED, f"image URL redirected more than {self._max_redirects} times", None, attempt
         )
+
+    async def _refusal(self, url: httpx.URL) -> str | None:
+        """Why ``url`` is not fetched (its host resolves to a non-public address), or None."""
+        if not self._refuse_private:
+            return None
+        if self._api_url is not None:
+            api, self._api_url = httpx.URL(self._api_url), None
+            if not await self._all_public(api):
+                # The API is local by the user's choice: its images are local too.
+                self._refuse_private = False
+                return None
+        try:
+            addresses = await self._addresses(url)
+        except OSError:
+            return None  # the connection fails the same way and says why
+        private = [a for a in addresses if not is_public(a)]
+        if not private:
+            return None
+        return (
+            f"image URL host {url.host} resolves to a non-public address ({private[0]}); "
+            "not fetched. If the images really live on your own network, run with "
+            "--allow-private-images (job file: allow-private-images = true)"
+        )
+
+    async def _addresses(self, url: httpx.URL) -> list[str]:
+        """The host's addresses, remembered for a minute (a CDN serves many images)."""
+        port = url.port or (443 if url.scheme == "https" else 80)
+        now = time.monotonic()
+        known = self._resolved.get((url.host, port))
+        if known is not None and known[0] > now:
+            return known[1]
+        addresses = await self._resolve(url.host, port)
+        if len(self._resolved) >= 1024:
+            self._resolved.clear()
+        self._resolved[(url.host, port)] = (now + 60.0, addresses)
+        return addresses
+
+    async def _all_public(self, url: httpx.URL) -> bool:
+        try:
+            addresses = await self._addresses(url)
+        except OSError:
+            return True  # unresolvable here: nothing says it is local
+        return all(is_public(a) for a in addresses)
 
     async def _receive(self, response: httpx.Response, attempt: int) -> StoredImage | ImageFailure:
         status = response.status_code

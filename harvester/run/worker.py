@@ -84,6 +84,7 @@ class LaneSettings:
     retry: RetryPolicy
     pending_wait: float
     max_image_bytes: int
+    allow_private_images: bool
     connect_timeout: float
     read_timeout: float
     seed: int | None
@@ -152,7 +153,13 @@ class Lane:
                 rng=self.rng,
             )
             self._store = ImageDownloader(
-                client, self.layout, policy=s.retry, rng=self.rng, max_bytes=s.max_image_bytes
+                client,
+                self.layout,
+                policy=s.retry,
+                rng=self.rng,
+                max_bytes=s.max_image_bytes,
+                refuse_private=not s.allow_private_images,
+                api_url=s.base_url,
             )
             yield self
         finally:
