@@ -25,10 +25,11 @@ import httpx
 import polars as pl
 import pytest
 
+from harvester.api.body import DECODED_CHUNK, decoded_chunks
 from harvester.api.fetcher import ResultFetcher
 from harvester.api.ratelimit import RateLimiter
 from harvester.api.retry import RetryPolicy, attempt_seconds
-from harvester.api.transport import DECODED_CHUNK, decoded_chunks, open_client
+from harvester.api.transport import open_client
 from harvester.errors import ExitCode, UnreachableError
 from harvester.run.download import ImageDownloader
 from harvester.sandbox import Sandbox

@@ -14,6 +14,7 @@ from typing import Final
 import anyio
 import httpx
 
+from harvester.api.body import CertificateError, decoded_chunks
 from harvester.api.ratelimit import RateLimiter
 from harvester.api.results import Result, ResultShapeError, error_detail, parse_result
 from harvester.api.retry import (
@@ -26,7 +27,6 @@ from harvester.api.retry import (
     parse_retry_after,
     retrying,
 )
-from harvester.api.transport import CertificateError, decoded_chunks
 from harvester.api.urls import redirect_target, result_url, same_origin
 from harvester.errors import AuthError, UnreachableError
 from harvester.redact import redact, secret_parts

@@ -8,8 +8,8 @@ them, TLS verified against certifi or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` (http
 Why not httpx's own transport: ``bench/transports.py`` (docs/performance.md has the figures).
 
 Redirects are never followed here (the caller decides, hop by hop), bodies are never decoded
-here: ``decoded_chunks`` decodes them in bounded pieces, so a size limit applies to decoded
-bytes while decoding; no cookies are kept.
+here (``harvester/api/body.py`` decodes them in bounded pieces); no cookies are kept. Only the
+code that opens a client imports this module: aiohttp takes a while to import.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import functools
 import logging
 import os
 import ssl
-import zlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -28,17 +27,13 @@ import httpx
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
+from harvester.api.body import CertificateError
+
 USER_AGENT: Final = "harvester"
 _httpx_log: Final = logging.getLogger("httpx")
 KEEPALIVE_SECONDS: Final = 30.0
 """Idle connections are closed after this long (servers close theirs after 60-75 s, CDNs
 sooner)."""
-DECODED_CHUNK: Final = 1 << 16
-"""Decoding a compressed body yields at most this many bytes at a time, whatever the ratio."""
-
-
-class CertificateError(httpx.ConnectError):
-    """The server's TLS certificate did not verify: final, another attempt gets the same."""
 
 
 @contextmanager
@@ -299,74 +294,11 @@ def open_client(
     )
 
 
-def _encodings(response: httpx.Response) -> list[str]:
-    header = response.headers.get("content-encoding", "")
-    return [
-        e.strip().lower() for e in header.split(",") if e.strip().lower() not in ("", "identity")
-    ]
-
-
-async def _inflate(chunks: AsyncIterator[bytes], encoding: str) -> AsyncIterator[bytes]:
-    """One content-coding undone, at most ``DECODED_CHUNK`` bytes at a time."""
-    if encoding in ("gzip", "x-gzip"):
-        decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
-    elif encoding == "deflate":
-        decoder = zlib.decompressobj(zlib.MAX_WBITS)  # zlib-wrapped; raw deflate is a fallback
-    else:
-        raise httpx.DecodingError(f"unsupported content-encoding {encoding!r}")
-    first = True
-    async for chunk in chunks:
-        data = chunk
-        while data:
-            try:
-                out = decoder.decompress(data, DECODED_CHUNK)
-            except zlib.error as exc:
-                if first and encoding == "deflate":
-                    decoder = zlib.decompressobj(-zlib.MAX_WBITS)
-                    first = False
-                    continue
-                raise httpx.DecodingError(f"{encoding} body cannot be decoded ({exc})") from exc
-            first = False
-            data = decoder.unconsumed_tail
-            if out:
-                yield out
-            if decoder.eof:
-                data = b""
-            elif not data and len(out) == DECODED_CHUNK:
-                data = b""
-                while True:  # output may be pending inside the decoder with no input left
-                    more = decoder.decompress(b"", DECODED_CHUNK)
-                    if more:
-                        yield more
-                    if len(more) < DECODED_CHUNK:
-                        break
-    if not decoder.eof and not first:
-        raise httpx.DecodingError(f"{encoding} body ends before its end of stream")
-
-
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    if body:
-        yield body
-
-
-def decoded_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
-    """A streamed response's body, its content-codings (gzip, deflate, in any number)
-    undone in pieces of at most ``DECODED_CHUNK`` bytes: a caller that counts what it gets
-    stops at its limit however well the body compresses. Raises ``httpx.DecodingError``."""
-    if response.is_stream_consumed:  # read already (a mock transport's): httpx decoded it
-        return _once(response.content)
-    chunks: AsyncIterator[bytes] = response.aiter_raw()
-    for encoding in reversed(_encodings(response)):
-        chunks = _inflate(chunks, encoding)
-    return chunks
-
-
 __all__ = [
     "KEEPALIVE_SECONDS",
     "USER_AGENT",
     "AiohttpTransport",
     "CertificateError",
     "Client",
-    "decoded_chunks",
     "open_client",
 ]

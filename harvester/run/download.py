@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import httpx
 
+from harvester.api.body import CertificateError, decoded_chunks
 from harvester.api.fetcher import plain_headers, request_error_reason
 from harvester.api.retry import (
     RETRYABLE_STATUS,
@@ -34,7 +35,6 @@ from harvester.api.retry import (
     attempt_seconds,
     retrying,
 )
-from harvester.api.transport import CertificateError, decoded_chunks
 from harvester.api.urls import FOLLOWED_SCHEMES, http_url, redirect_target
 from harvester.storage.layout import Layout
 from harvester.storage.rows import ERROR, FAILED
