@@ -153,9 +153,19 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             **default("max_image_bytes"),
         ),
         click.option(
+            "--allow-private-images",
+            is_flag=True,
+            help="Fetch images from loopback, link-local and private addresses too (refused "
+            "unless the API itself is on one).",
+            **({"default": None} if job else {"default": False}),
+        ),
+        click.option(
             "--timeout",
             type=click.FloatRange(min=0, min_open=True),
-            help="Seconds to wait for a response or the next body bytes.",
+            help=(
+                "Seconds to wait for a response or the next body bytes; one attempt takes "
+                "at most 4x this (at least 30 s)."
+            ),
             **default("timeout"),
         ),
         click.option(

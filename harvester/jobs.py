@@ -59,6 +59,7 @@ class Job:
     retry_budget: float = 300.0
     pending_wait: float = 0.0
     max_image_bytes: int = 64 * 1024 * 1024
+    allow_private_images: bool = False
     timeout: float = 60.0
     flush_every: float = 30.0
     """Seconds between manifest writes: a crash loses at most this much finished work."""
@@ -93,6 +94,7 @@ class Job:
             retry=RetryPolicy(max_attempts=self.max_attempts, budget=self.retry_budget),
             pending_wait=self.pending_wait,
             max_image_bytes=self.max_image_bytes,
+            allow_private_images=self.allow_private_images,
             read_timeout=self.timeout,
             seconds_per_part=self.flush_every,
             columns=Columns(model=self.model_column, request_id=self.id_column),
@@ -120,7 +122,8 @@ class _Key:
     """What one job-file key accepts."""
 
     kind: str
-    """``strings`` (a string or a list of them), ``string``, ``integer`` or ``number``."""
+    """``strings`` (a string or a list of them), ``string``, ``boolean``, ``integer`` or
+    ``number``."""
     minimum: float | None = None
     above: bool = False
     """True: the value must be greater than ``minimum``, not equal to it."""
@@ -141,6 +144,7 @@ _KEYS: Final[dict[str, _Key]] = {
     "retry-budget": _Key("number", 0, above=True),
     "pending-wait": _Key("number", 0),
     "max-image-bytes": _Key("integer", 1),
+    "allow-private-images": _Key("boolean"),
     "timeout": _Key("number", 0, above=True),
     "flush-every": _Key("number", 0, above=True),
     "log-format": _Key("string", choices=LOG_FORMATS),
@@ -230,6 +234,10 @@ def _check(where: str, key: str, value: object) -> object:
             raise ConfigError(f"{where}: 'base-url' must start with http:// or https://")
         if spec.choices and value not in spec.choices:
             raise ConfigError(f"{where}: {key!r} must be one of {', '.join(spec.choices)}")
+        return value
+    if spec.kind == "boolean":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key!r} must be true or false, not {_describe(value)}")
         return value
     allowed = int if spec.kind == "integer" else int | float
     if not isinstance(value, allowed) or isinstance(value, bool):

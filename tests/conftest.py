@@ -18,13 +18,17 @@ KEY = "sk-test-3b1f0d9c7e5a"
 """The sandbox key in tests: distinctive, so a leak into any output is easy to find."""
 
 _ENV_PREFIXES = ("HARVESTER_", "FAL_", "AWS_")
+_ENV_NAMES = frozenset(
+    {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+)
+"""Proxies and trust stores change where requests go: the tests set them where they mean to."""
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The developer's own shell must not change a result."""
     for name in list(os.environ):
-        if name.startswith(_ENV_PREFIXES):
+        if name.startswith(_ENV_PREFIXES) or name.upper() in _ENV_NAMES:
             monkeypatch.delenv(name)
 
 

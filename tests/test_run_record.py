@@ -10,9 +10,10 @@ import polars as pl
 import pytest
 
 from harvester.errors import ExitCode
+from harvester.run.download import ImageDownloader
 from harvester.sandbox import Sandbox
 from harvester.storage.manifest import manifest_glob
-from harvester.storage.store import ImageFailure, ImageStore, StoredImage
+from harvester.storage.store import ImageFailure, StoredImage
 from tests.conftest import harvest_args, run_cli, write_csv
 from tests.processes import (
     kill_after,
@@ -60,16 +61,16 @@ def test_record_of_a_bug_has_exit_code_1_and_says_so(
 ) -> None:
     """An exception that is not ours (a bug) still shows as one, but the record and
     ``status`` must not call the run ok."""
-    real_store = ImageStore.store
+    real_store = ImageDownloader.store
     calls: list[str] = []
 
-    async def store(self: ImageStore, url: str) -> StoredImage | ImageFailure:
+    async def store(self: ImageDownloader, url: str) -> StoredImage | ImageFailure:
         calls.append(url)
         if len(calls) == 4:
             raise RuntimeError("boom in the store")
         return await real_store(self, url)
 
-    monkeypatch.setattr(ImageStore, "store", store)
+    monkeypatch.setattr(ImageDownloader, "store", store)
     csv = write_csv(tmp_path / "e.csv", [("fal-ai/flux", f"bug-{i}") for i in range(10)])
     out = tmp_path / "out"
 

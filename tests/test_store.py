@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 
 from harvester.api.retry import RetryPolicy
 from harvester.errors import OutputError
+from harvester.run.download import ImageDownloader
 from harvester.storage import files as files_module
 from harvester.storage.layout import Layout
-from harvester.storage.store import ImageFailure, ImageStore, StoredImage, sniff
+from harvester.storage.store import ImageFailure, StoredImage, sniff
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
 JPEG = b"\xff\xd8\xff\xe0" + b"\x01" * 40 + b"\xff\xd9"
@@ -55,7 +56,7 @@ def test_hash_to_path(data: bytes) -> None:
 
 def make_store(
     tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response], **kwargs: int
-) -> tuple[ImageStore, Layout, httpx.AsyncClient]:
+) -> tuple[ImageDownloader, Layout, httpx.AsyncClient]:
     layout = Layout(tmp_path / "out")
     layout.prepare()
     # A client *with* a default Authorization header: the store must still never send it.
@@ -63,7 +64,7 @@ def make_store(
         transport=httpx.MockTransport(handler), headers={"Authorization": "Bearer secret-key"}
     )
     policy = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.001)
-    store = ImageStore(client, layout, policy=policy, rng=random.Random(0), **kwargs)
+    store = ImageDownloader(client, layout, policy=policy, rng=random.Random(0), **kwargs)
     return store, layout, client
 
 

@@ -1,26 +1,44 @@
-"""The run's client (httpx over harvester/http1.py) against a real server on 127.0.0.1: what
-a caller sees for a whole body, a body cut short, a refused connection, a silent server and a
-result over the size limit."""
+"""The run's client (httpx over aiohttp's connections) against real servers on 127.0.0.1: what
+a caller sees for a whole body, a body cut short, a refused connection, a silent server, a
+result over the size limit, broken answers, a forward proxy (tinyproxy), TLS, redirects and a
+compression bomb."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import itertools
+import json
 import random
+import resource
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import httpx
+import polars as pl
 import pytest
 
+from harvester.api.body import DECODED_CHUNK, decoded_chunks
 from harvester.api.fetcher import ResultFetcher
 from harvester.api.ratelimit import RateLimiter
-from harvester.api.retry import RetryPolicy
+from harvester.api.retry import RetryPolicy, attempt_seconds
 from harvester.api.transport import open_client
+from harvester.errors import ExitCode, UnreachableError
+from harvester.run.download import ImageDownloader
 from harvester.sandbox import Sandbox
 from harvester.storage.layout import Layout
-from harvester.storage.store import ImageFailure, ImageStore, StoredImage
-from tests.conftest import KEY
+from harvester.storage.manifest import manifest_glob
+from harvester.storage.store import ImageFailure, StoredImage
+from tests.conftest import KEY, harvest_args, run_cli, write_csv
+from tests.hostile_http import CERT, Exchange, Handler, response, serving
+from tests.processes import harvester_env
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 
@@ -115,7 +133,7 @@ async def test_store_retries_a_cut_body_and_keeps_no_file(
     layout.prepare()
     policy = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.001)
     async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
-        store = ImageStore(client, layout, policy=policy, rng=random.Random(0))
+        store = ImageDownloader(client, layout, policy=policy, rng=random.Random(0))
         got = await store.store(server.url + "/a.png")
     assert isinstance(got, ImageFailure)
     assert got.status == "error" and got.attempts == 2
@@ -133,7 +151,7 @@ async def test_store_over_the_real_transport_sends_no_authorization(
     layout.prepare()
     async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
         client.headers["Authorization"] = "Bearer must-not-leak"
-        store = ImageStore(client, layout, policy=RetryPolicy(), rng=random.Random(0))
+        store = ImageDownloader(client, layout, policy=RetryPolicy(), rng=random.Random(0))
         got = await store.store(server.url + "/a.png")
     assert isinstance(got, StoredImage) and got.bytes == len(PNG)
     assert b"authorization" not in server.requests[0].lower()
@@ -184,3 +202,414 @@ async def test_a_result_over_the_limit_is_dropped_and_the_connection_with_it(
     )
     assert [(o.status, o.http_status) for o in ok] == [("ok", 200)] * 3
     assert all(o.result is not None and o.result.images for o in ok)
+
+
+# --- The aiohttp layer under httpx: keep-alive, errors, proxies, TLS, redirects, bombs ---
+
+RESULT_PNG = b"\x89PNG\r\n\x1a\n" + b"\x07" * 64
+
+
+def _result_json() -> bytes:
+    uri = "data:image/png;base64," + base64.b64encode(RESULT_PNG).decode()
+    return json.dumps({"images": [{"url": uri}], "prompt": "p", "seed": 1}).encode()
+
+
+async def _serve_result(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+    writer.write(response(200, _result_json(), {"Content-Type": "application/json"}))
+
+
+@pytest.mark.anyio
+async def test_keeps_a_connection_alive_between_requests() -> None:
+    with serving(_serve_result) as server:
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            for _ in range(3):
+                got = await client.get(server.url + "/x")
+                assert got.status_code == 200 and got.content == _result_json()
+    assert server.connections == 1 and len(server.seen) == 3
+
+
+GARBAGE = [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x39\r\n" + b"a" * 57 + b"\r\n0\r\n\r\n",
+    b"NOT HTTP AT ALL\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\nabc",
+    b"",
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("reply", GARBAGE)
+async def test_broken_answers_are_httpx_transport_errors(reply: bytes) -> None:
+    """Whatever the server sends, the caller sees an httpx error, never one of aiohttp's."""
+
+    async def garbage(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+        writer.write(reply)
+        writer.close()
+
+    with serving(garbage) as server:
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            with pytest.raises(httpx.TransportError) as caught:
+                await client.get(server.url)
+    assert not isinstance(caught.value, aiohttp.ClientError)
+
+
+@pytest.fixture
+def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.fixture(scope="module")
+def tinyproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """Debian's tinyproxy on a free port of 127.0.0.1; yields its URL and its log file."""
+    binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+    folder = tmp_path_factory.mktemp("tinyproxy")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = folder / "tinyproxy.log"
+    config = folder / "tinyproxy.conf"
+    config.write_text(
+        f"Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 30\nMaxClients 50\n"
+        f'LogLevel Connect\nLogFile "{log}"\nPidFile "{folder}/tinyproxy.pid"\n'
+    )
+    stderr = open(folder / "stderr", "wb")  # noqa: SIM115 (closed in finally)
+    process = subprocess.Popen([binary, "-d", "-c", str(config)], stderr=stderr)
+    try:
+        for _ in range(200):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if process.poll() is not None:
+                raise RuntimeError(f"tinyproxy did not start: {(folder / 'stderr').read_text()}")
+            threading.Event().wait(0.05)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        process.terminate()
+        process.wait(10)
+        stderr.close()
+
+
+def _proxied_lines(log: Path, port: int) -> list[str]:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [line for line in text.splitlines() if f"GET http://127.0.0.1:{port}/" in line]
+
+
+@pytest.mark.usefixtures("_no_proxy_env")
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"])
+def test_a_harvest_goes_through_the_proxy_the_environment_names(
+    variable: str, tinyproxy: tuple[str, Path], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    proxy, log = tinyproxy
+    port = httpx.URL(sandbox.base_url).port
+    assert port is not None
+    before = len(_proxied_lines(log, port))
+    csv = write_csv(
+        tmp_path / "in.csv", [("fal-ai/flux/dev", f"req-{variable}-{i}") for i in range(3)]
+    )
+    result = run_cli(harvest_args(sandbox, tmp_path / "out", csv), env={variable: proxy})
+    assert result.exit_code == 0, result.output
+    # Three results and their images, each one a line in the proxy's log.
+    assert len(_proxied_lines(log, port)) - before >= 6
+
+
+@pytest.mark.usefixtures("_no_proxy_env")
+@pytest.mark.parametrize("variable", ["NO_PROXY", "no_proxy"])
+def test_no_proxy_sends_a_harvest_past_the_proxy(
+    variable: str, tinyproxy: tuple[str, Path], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    proxy, log = tinyproxy
+    port = httpx.URL(sandbox.base_url).port
+    assert port is not None
+    before = len(_proxied_lines(log, port))
+    csv = write_csv(tmp_path / "in.csv", [("fal-ai/flux/dev", "req-np-1")])
+    env = {"HTTP_PROXY": proxy, variable: "127.0.0.1"}
+    result = run_cli(harvest_args(sandbox, tmp_path / "out", csv), env=env)
+    assert result.exit_code == 0, result.output
+    assert len(_proxied_lines(log, port)) == before
+
+
+def _fetcher(client: httpx.AsyncClient, base_url: str, **kwargs: int) -> ResultFetcher:
+    return ResultFetcher(
+        client,
+        base_url=base_url,
+        authorization=f"Bearer {KEY}",
+        policy=RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.001),
+        limiter=RateLimiter(1000),
+        rng=random.Random(0),
+        **kwargs,
+    )
+
+
+@pytest.mark.anyio
+async def test_an_unverified_certificate_is_final_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The test server's certificate is in no trust store: one attempt, no retries, a message
+    that says "certificate" (not a DNS or connection problem)."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with serving(_serve_result, tls=True) as server:
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            fetcher = _fetcher(client, server.url)
+            with pytest.raises(UnreachableError, match="certificate") as caught:
+                await fetcher.fetch("fal-ai/flux/dev", "req-1")
+            downloader = ImageDownloader(
+                client, _layout(server.url), policy=RetryPolicy(), rng=random.Random(0)
+            )
+            image = await downloader.store(server.url + "/a.png")
+    assert "cannot verify" in str(caught.value)
+    assert fetcher.sent == 1 and fetcher.retries == 0
+    assert isinstance(image, ImageFailure) and "certificate" in image.error
+    assert image.attempts == 1 and downloader.retries == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "SSL_CERT_DIR"])
+async def test_ssl_cert_file_and_dir_are_trusted(
+    variable: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    if variable == "SSL_CERT_FILE":
+        monkeypatch.setenv(variable, str(CERT))
+    else:  # a CA folder as OpenSSL reads it: certificates named by their subject hash
+        subject_hash = subprocess.run(
+            ["openssl", "x509", "-hash", "-noout", "-in", str(CERT)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        (tmp_path / f"{subject_hash}.0").write_bytes(CERT.read_bytes())
+        monkeypatch.setenv(variable, str(tmp_path))
+    with serving(_serve_result, tls=True) as server:
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            outcome = await _fetcher(client, server.url).fetch("fal-ai/flux/dev", "req-1")
+    assert outcome.status == "ok", outcome.error
+
+
+def _layout(_: str) -> Layout:
+    folder = Path(tempfile.mkdtemp(prefix="harvester-test-"))
+    layout = Layout(folder / "out")
+    layout.prepare()
+    return layout
+
+
+@pytest.mark.anyio
+async def test_result_redirects_are_followed_and_the_key_stays_with_its_origin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A relay that moved: /old on the base URL -> /new on the same origin (the key goes
+    along) -> http to https on another origin (the moved relay: no key) -> the result."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(CERT))
+    with serving(_serve_result, tls=True) as moved:
+
+        async def relay(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+            if exchange.target.startswith("/old/"):
+                location = exchange.target.replace("/old/", "/new/", 1)  # relative, same origin
+                writer.write(response(301, headers={"Location": location}))
+            else:
+                writer.write(response(308, headers={"Location": moved.url + exchange.target}))
+
+        with serving(relay) as old:
+            async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as c:
+                outcome = await _fetcher(c, old.url + "/old").fetch("fal-ai/flux/dev", "req-9")
+    assert outcome.status == "ok", outcome.error
+    assert [e.target for e in old.seen] == [
+        "/old/fal-ai/flux/requests/req-9",
+        "/new/fal-ai/flux/requests/req-9",
+    ]
+    assert all(e.headers.get("authorization") == f"Bearer {KEY}" for e in old.seen)
+    assert [e.target for e in moved.seen] == ["/new/fal-ai/flux/requests/req-9"]
+    assert "authorization" not in moved.seen[0].headers
+
+
+@pytest.mark.anyio
+async def test_a_result_redirect_loop_and_a_downgrade_are_error_rows() -> None:
+    async def loop(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+        if "down" in exchange.target:
+            writer.write(response(302, headers={"Location": "ftp://127.0.0.1/x"}))
+        else:
+            writer.write(response(302, headers={"Location": exchange.target}))
+
+    with serving(loop) as server:
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            fetcher = _fetcher(client, server.url)
+            looped = await fetcher.fetch("fal-ai/flux/dev", "req-1")
+            ftp = await fetcher.fetch("fal-ai/flux/dev", "down-1")
+    assert (looped.status, looped.error) == ("error", "result URL redirected more than 5 times")
+    assert ftp.status == "error" and ftp.error is not None and "unsupported scheme" in ftp.error
+
+
+def test_a_harvest_whose_result_urls_redirect_to_https_ends_ok(
+    sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(CERT))
+    with serving(_serve_result, tls=True) as moved:
+
+        async def relay(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+            writer.write(response(301, headers={"Location": moved.url + exchange.target}))
+
+        with serving(relay) as old:
+            csv = write_csv(tmp_path / "in.csv", [("fal-ai/flux/dev", f"r-{i}") for i in range(4)])
+            args = harvest_args(sandbox, tmp_path / "out", csv)
+            args[args.index("--base-url") + 1] = old.url
+            result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    rows = pl.read_parquet(manifest_glob(tmp_path / "out"))
+    assert rows["status"].to_list() == ["ok"] * 4
+    assert not any("authorization" in e.headers for e in moved.seen)
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+async def _serve_bomb(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+    """1 GiB of zeros in under 2 KB (fixtures/README.md), after a PNG signature for images."""
+    name = "bomb-png-1gib.gz.gz" if exchange.target.endswith(".png") else "bomb-1gib.gz.gz"
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip, gzip"}
+    writer.write(response(200, (FIXTURES / name).read_bytes(), headers))
+
+
+@pytest.mark.anyio
+async def test_a_compression_bomb_stops_at_the_limit(tmp_path: Path) -> None:
+    """A result and an image that each decode to 1 GiB: both are error rows at their limits,
+    and decoding never holds more than a limit's worth."""
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    layout = Layout(tmp_path / "out")
+    layout.prepare()
+    with serving(_serve_bomb) as server:
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            result = await _fetcher(client, server.url, max_result_bytes=1_000_000).fetch(
+                "fal-ai/flux/dev", "req-1"
+            )
+            downloader = ImageDownloader(
+                client, layout, policy=RetryPolicy(), rng=random.Random(0), max_bytes=1_000_000
+            )
+            image = await downloader.store(server.url + "/bomb.png")
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    assert result.status == "error" and result.error is not None
+    assert result.error.startswith("the result body is larger than 1.0 MB; not read")
+    assert isinstance(image, ImageFailure) and image.status == "failed"
+    assert "larger than the 1,000,000-byte limit" in image.error
+    assert grown_kib < 200_000  # far below the 1 GiB inside
+    assert not any(layout.tmp.iterdir())
+
+
+@pytest.mark.anyio
+async def test_decoded_chunks_are_bounded_whatever_the_ratio() -> None:
+    with serving(_serve_bomb) as server:
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            response_ = await client.send(client.build_request("GET", server.url), stream=True)
+            sizes = []
+            async for chunk in decoded_chunks(response_):
+                sizes.append(len(chunk))
+                if len(sizes) == 100:
+                    break
+            await response_.aclose()
+    assert max(sizes) <= DECODED_CHUNK and sum(sizes) > 0
+
+
+def test_an_unresolvable_host_prints_its_message_and_nothing_else(tmp_path: Path) -> None:
+    """40 rows against a host that does not resolve: the run ends with the real message, and
+    no "Future exception was never retrieved" (or any traceback) before it."""
+    csv = write_csv(tmp_path / "in.csv", [("fal-ai/flux/dev", f"req-{i}") for i in range(40)])
+    env = harvester_env()
+    for name in PROXY_VARIABLES:
+        env.pop(name, None)
+        env.pop(name.lower(), None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harvester",
+            "harvest",
+            str(csv),
+            "--out",
+            str(tmp_path / "out"),
+            "--base-url",
+            "http://nonexistent.invalid",
+            "--retry-budget",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == ExitCode.UNREACHABLE, done.stderr
+    assert "cannot reach the API at http://nonexistent.invalid" in done.stderr
+    assert "never retrieved" not in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "aiohttp" not in done.stderr.replace("aiohttp.", "")
+
+
+async def _trickle(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+    """A PNG (or a result) that announces 1,000 bytes and sends one every 0.2 s, forever."""
+    if exchange.target.endswith("/ok"):
+        await _serve_result(exchange, writer)
+        return
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    for byte in itertools.cycle(RESULT_PNG if exchange.target.endswith(".png") else b"{"):
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+
+async def _endless_continue(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+    if exchange.target.endswith("/ok"):
+        await _serve_result(exchange, writer)
+        return
+    while True:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("handler", [_trickle, _endless_continue])
+async def test_a_trickle_or_endless_100_continue_ends_at_the_attempt_deadline(
+    handler: Handler, tmp_path: Path
+) -> None:
+    """Each read comes well within the 5 s read timeout, so only the deadline on the whole
+    attempt (1 s here; 4 read timeouts by default) can end them: both become error rows after
+    their attempts, and nothing is left in the store's temp folder. (The relay answered an
+    earlier request: a first request that never ends says the API cannot be reached.)"""
+    layout = Layout(tmp_path / "out")
+    layout.prepare()
+    policy = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.001)
+    with serving(handler) as server:
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            fetcher = ResultFetcher(
+                client,
+                base_url=server.url,
+                authorization=f"Bearer {KEY}",
+                policy=policy,
+                limiter=RateLimiter(1000),
+                rng=random.Random(0),
+                total_seconds=1.0,
+            )
+            assert (await fetcher.fetch("fal-ai/flux/dev", "ok")).status == "ok"
+            result = await fetcher.fetch("fal-ai/flux/dev", "req-1")
+            downloader = ImageDownloader(
+                client, layout, policy=policy, rng=random.Random(0), total_seconds=1.0
+            )
+            image = await downloader.store(server.url + "/slow.png")
+    assert (result.status, result.attempts) == ("error", 2)
+    assert result.error == "timed out (no whole answer within 1 s) (gave up after 2 attempts)"
+    assert isinstance(image, ImageFailure) and (image.status, image.attempts) == ("error", 2)
+    assert image.error == (
+        "image download: image download timed out (not whole within 1 s) (gave up after 2 attempts)"
+    )
+    assert not any(layout.tmp.iterdir())
+
+
+def test_the_attempt_deadline_is_four_read_timeouts_and_at_least_30_s() -> None:
+    assert attempt_seconds(5) == 30.0
+    assert attempt_seconds(60) == 240.0
+    assert attempt_seconds(None) == 240.0

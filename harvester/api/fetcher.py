@@ -11,8 +11,10 @@ import random
 from dataclasses import dataclass
 from typing import Final
 
+import anyio
 import httpx
 
+from harvester.api.body import CertificateError, decoded_chunks
 from harvester.api.ratelimit import RateLimiter
 from harvester.api.results import (
     MAX_TEXT_CHARS,
@@ -27,10 +29,11 @@ from harvester.api.retry import (
     RetriesExhausted,
     RetryPolicy,
     TransientError,
+    attempt_seconds,
     parse_retry_after,
     retrying,
 )
-from harvester.api.urls import result_url
+from harvester.api.urls import redirect_target, result_url, same_origin
 from harvester.errors import AuthError, UnreachableError
 from harvester.redact import clip, redact, secret_parts
 from harvester.storage.rows import ERROR, FAILED, NOT_FOUND, OK, PENDING
@@ -40,6 +43,8 @@ log = logging.getLogger("harvester")
 
 IN_PROGRESS: Final = "request is still in progress"
 
+MAX_REDIRECTS: Final = 5
+"""Redirects followed per result request (as for images)."""
 MAX_RESULT_BYTES: Final = 64_000_000
 """A result body larger than this is not read: a result is a small JSON document (one with
 four images inline as data URIs is a few MB), and a relay that streams without end must not
@@ -47,6 +52,8 @@ take the run's memory with it."""
 
 
 class _ResultTooLarge(Exception):
+    status: int | None = None
+
     def __init__(self, limit: int, announced: int | None) -> None:
         said = f" (it announced {size(announced)})" if announced is not None else ""
         super().__init__(
@@ -58,13 +65,14 @@ class _ResultTooLarge(Exception):
 
 async def read_body(response: httpx.Response, limit: int) -> bytes:
     """The whole (decoded) body of a streamed response, or ``_ResultTooLarge`` as soon as it
-    is known to pass ``limit``: from Content-Length before reading, or while reading."""
+    is known to pass ``limit``: from Content-Length before reading, or while reading and
+    decoding (a compression bomb stops at the limit)."""
     announced = response.headers.get("content-length")
     if announced is not None and announced.isdigit() and int(announced) > limit:
         raise _ResultTooLarge(limit, int(announced))
     chunks: list[bytes] = []
     total = 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in decoded_chunks(response):
         total += len(chunk)
         if total > limit:
             raise _ResultTooLarge(limit, None)
@@ -109,6 +117,25 @@ def request_error_reason(exc: httpx.RequestError) -> str:
     return f"{kind} ({type(exc).__name__}{': ' + detail if detail else ''})"
 
 
+class _Redirected(Exception):
+    """A redirect the fetcher does not follow; the reason is the row's error."""
+
+    def __init__(self, reason: str, status: int | None) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def _upgrade(base: httpx.URL, url: httpx.URL) -> bool:
+    """``url`` is ``base``'s host over https, both on their default ports (httpx's rule)."""
+    return (
+        base.scheme == "http"
+        and url.scheme == "https"
+        and base.host == url.host
+        and base.port in (None, 80)
+        and url.port in (None, 443)
+    )
+
+
 class ResultFetcher:
     """Fetches results from ``{base_url}/{owner}/{app}/requests/{id}``."""
 
@@ -122,15 +149,16 @@ class ResultFetcher:
         limiter: RateLimiter,
         rng: random.Random,
         max_result_bytes: int = MAX_RESULT_BYTES,
+        total_seconds: float | None = None,
     ) -> None:
         self._client = client
+        self._total = total_seconds or attempt_seconds(client.timeout.read)
+        """The most one attempt may take, redirects and the whole body included."""
         self._max_result_bytes = max_result_bytes
         self._base_url = base_url
-        self._headers = {
-            **plain_headers(client),
-            "Authorization": authorization,
-            "Accept": "application/json",
-        }
+        self._origin = httpx.URL(base_url)
+        self._plain = {**plain_headers(client), "Accept": "application/json"}
+        self._headers = {**self._plain, "Authorization": authorization}
         self._extensions = {"timeout": client.timeout.as_dict()}
         self._policy = policy
         self._limiter = limiter
@@ -151,25 +179,32 @@ class ResultFetcher:
             await self._limiter.acquire(first=repoll)
             self.sent += 1
             try:
-                # Built here, not by client.get: its merging of URLs and headers took twice
-                # as long as parsing the URL itself, for every request.
-                request = httpx.Request(
-                    "GET", url, headers=self._headers, extensions=self._extensions
-                )
-                response = await self._client.send(request, stream=True)
-                try:
-                    body = await read_body(response, self._max_result_bytes)
-                finally:
-                    await response.aclose()
+                with anyio.fail_after(self._total):
+                    response, body = await self._get(url)
+            except TimeoutError as exc:
+                reason = f"timed out (no whole answer within {self._total:g} s)"
+                raise TransientError(reason) from exc
+            except CertificateError as exc:
+                reason = f"cannot verify the server: {exc}"
+                if self.answered == 0:
+                    # Final for the whole run: every request meets the same certificate.
+                    raise UnreachableError(
+                        f"cannot reach the API at {self._base_url}: {reason}"
+                    ) from exc
+                return FetchOutcome(ERROR, None, n, reason)
             except httpx.RequestError as exc:
                 reason = request_error_reason(exc)
                 if self.answered == 0 and self.sent == 1:
                     log.warning("cannot reach %s yet: %s; retrying", self._base_url, reason)
                 raise TransientError(reason) from exc
+            except _Redirected as exc:
+                self.answered += 1
+                self._limiter.on_success()
+                return FetchOutcome(ERROR, exc.status, n, str(exc))
             except _ResultTooLarge as exc:
                 self.answered += 1
                 self._limiter.on_success()
-                return FetchOutcome(ERROR, response.status_code, n, str(exc))
+                return FetchOutcome(ERROR, exc.status, n, str(exc))
             self.answered += 1
             return self._classify(response, body, n)
 
@@ -188,6 +223,41 @@ class ResultFetcher:
                 ) from exc
             return FetchOutcome(ERROR, exc.last.http_status, exc.attempts, str(exc))
         return outcome
+
+    async def _get(self, url: str) -> tuple[httpx.Response, bytes]:
+        """One GET of ``url``, its redirects followed (at most ``MAX_REDIRECTS``, never from
+        https down to http); the key goes only to the origin of ``--base-url`` (or its https
+        upgrade), never to another origin a redirect leads to."""
+        current: httpx.URL = httpx.URL(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            trusted = same_origin(current, self._origin) or _upgrade(self._origin, current)
+            # Built here, not by client.get: its merging of URLs and headers took twice as
+            # long as parsing the URL itself, for every request.
+            request = httpx.Request(
+                "GET",
+                current,
+                headers=self._headers if trusted else self._plain,
+                extensions=self._extensions,
+            )
+            response = await self._client.send(request, stream=True)
+            try:
+                if response.is_redirect:
+                    target = redirect_target(
+                        current, response.headers["location"], what="result URL"
+                    )
+                    if isinstance(target, str):
+                        raise _Redirected(target, response.status_code)
+                    current = target
+                    continue
+                try:
+                    body = await read_body(response, self._max_result_bytes)
+                except _ResultTooLarge as exc:
+                    exc.status = response.status_code
+                    raise
+                return response, body
+            finally:
+                await response.aclose()
+        raise _Redirected(f"result URL redirected more than {MAX_REDIRECTS} times", None)
 
     def _classify(self, response: httpx.Response, body: bytes, attempt: int) -> FetchOutcome:
         """One answer as an outcome; raises ``TransientError`` (retry) or ``AuthError``.

@@ -25,6 +25,14 @@ MAX_RETRY_AFTER: Final = 300.0
 T = TypeVar("T")
 
 
+def attempt_seconds(read_timeout: float | None) -> float:
+    """The most one attempt (a request, its redirects and its whole body) may take: the read
+    timeout bounds each wait, this bounds their sum, so a server that trickles a byte at a
+    time or sends ``100 Continue`` without end cannot hold a request for long. Four read
+    timeouts, at least 30 s (a 64 MiB image at 2 MB/s)."""
+    return max(30.0, 4 * (read_timeout or 60.0))
+
+
 class TransientError(Exception):
     """One attempt failed in a way another attempt may fix."""
 

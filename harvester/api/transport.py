@@ -1,25 +1,174 @@
-"""The run's HTTP client: httpx's ``AsyncClient`` over harvester's own HTTP/1.1 transport.
+"""The run's HTTP client: httpx's ``AsyncClient`` over aiohttp's connection pool.
 
-The code is written against ``httpx.AsyncClient``; only the transport underneath is not
-httpx's (``harvester/http1.py`` says why, README "Performance" has the measurements). Redirects
-are never followed by the transport (httpx, or the caller, decides), bodies are never decoded
-there (httpx does that) and no cookies are kept.
+The code is written against ``httpx.AsyncClient``; the connections under it are an aiohttp
+``TCPConnector``'s (maintained, HTTP/1.1 keep-alive, proxies, TLS). This module is the glue:
+one httpx transport per aiohttp session, aiohttp's errors raised as the httpx error each one
+means (none of aiohttp's escapes), proxies from the environment mounted the way httpx mounts
+them, TLS verified against certifi or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` (httpx's own rule).
+Why not httpx's own transport: ``bench/transports.py`` (docs/performance.md has the figures).
+
+Redirects are never followed here (the caller decides, hop by hop), bodies are never decoded
+here (``harvester/api/body.py`` decodes them in bounded pieces); no cookies are kept. Only the
+code that opens a client imports this module: aiohttp takes a while to import.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
+import aiohttp
 import httpx
+from aiohttp.http_exceptions import HttpProcessingError
+from yarl import URL
 
-from harvester.api.http1 import Http1Transport
+from harvester.api.body import CertificateError
 
 USER_AGENT: Final = "harvester"
 _httpx_log: Final = logging.getLogger("httpx")
 KEEPALIVE_SECONDS: Final = 30.0
 """Idle connections are closed after this long (servers close theirs after 60-75 s, CDNs
-sooner; a request on a connection the server just closed is sent once more, anew)."""
+sooner)."""
+
+
+@contextmanager
+def _translated(request: httpx.Request) -> Iterator[None]:
+    """Raise aiohttp's (and the socket's) errors as the httpx ``TransportError`` each means."""
+    try:
+        yield
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise CertificateError(
+            f"TLS certificate of {exc.host}:{exc.port} did not verify ({exc.certificate_error}); "
+            "if the server is yours, point SSL_CERT_FILE or SSL_CERT_DIR at its CA",
+            request=request,
+        ) from exc
+    except aiohttp.ClientConnectorSSLError as exc:
+        raise httpx.ConnectError(f"TLS handshake failed ({exc})", request=request) from exc
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise httpx.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise httpx.ReadTimeout(str(exc) or "read timed out", request=request) from exc
+    except (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError) as exc:
+        raise httpx.ProxyError(str(exc), request=request) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise httpx.ConnectError(str(exc), request=request) from exc
+    except aiohttp.ClientPayloadError as exc:
+        # A body cut short: fewer bytes than Content-Length, or a broken chunked encoding.
+        raise httpx.ReadError(str(exc), request=request) from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError) as exc:
+        raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from exc
+    except HttpProcessingError as exc:
+        raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from exc
+    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+        raise httpx.UnsupportedProtocol(str(exc), request=request) from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise httpx.NetworkError(str(exc) or type(exc).__name__, request=request) from exc
+
+
+@functools.lru_cache(maxsize=16)
+def _client_timeout(
+    pool: float | None, connect: float | None, read: float | None
+) -> aiohttp.ClientTimeout:
+    """aiohttp's timeouts for httpx's (a run uses one or two distinct ones)."""
+    return aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body, streamed from aiohttp in whatever pieces arrived."""
+
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _translated(self._request):
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+
+    async def aclose(self) -> None:
+        # A fully read body gives the connection back to the pool; anything else closes it.
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """An httpx transport whose connections are an aiohttp ``TCPConnector``'s (HTTP/1.1),
+    direct or through ``proxy``."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext,
+        limits: httpx.Limits,
+        proxy: httpx.Proxy | None = None,
+    ) -> None:
+        self._ssl = ssl_context
+        self._limits = limits
+        self._proxy = str(proxy.url) if proxy is not None else None
+        self._proxy_auth = (
+            aiohttp.BasicAuth(*proxy.auth) if proxy is not None and proxy.auth else None
+        )
+        self._proxy_headers = dict(proxy.headers) if proxy is not None else None
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        # Created on first use: aiohttp binds the session to the running event loop.
+        connector = aiohttp.TCPConnector(
+            limit=self._limits.max_connections or 0,
+            limit_per_host=0,
+            keepalive_timeout=self._limits.keepalive_expiry or KEEPALIVE_SECONDS,
+            ttl_dns_cache=300,
+            ssl=self._ssl,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            timeout=aiohttp.ClientTimeout(total=None),
+            trust_env=False,  # httpx chose the proxy (or none) for this transport already
+        )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session or self._open()
+        timeout = request.extensions.get("timeout", {})
+        with _translated(request):
+            response = await session.request(
+                request.method,
+                URL(str(request.url), encoded=True),
+                headers=request.headers.multi_items(),
+                data=request.content or None,
+                allow_redirects=False,
+                proxy=self._proxy,
+                proxy_auth=self._proxy_auth,
+                proxy_headers=self._proxy_headers,
+                timeout=_client_timeout(
+                    timeout.get("pool"), timeout.get("connect"), timeout.get("read")
+                ),
+            )
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.raw_headers,
+            stream=_Body(response, request),
+            request=request,
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
+            },
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
 
 
 class _NoCookies(httpx.Cookies):
@@ -31,21 +180,43 @@ class _NoCookies(httpx.Cookies):
 
 
 class Client(httpx.AsyncClient):
-    """``httpx.AsyncClient`` without a cookie jar, whose ``send`` goes straight to its
-    transport.
+    """``httpx.AsyncClient`` over ``AiohttpTransport`` (proxies from the environment mounted
+    as httpx mounts them), without a cookie jar, whose ``send`` goes straight to the
+    transport for the URL.
 
     The harvester uses none of what ``AsyncClient.send`` wraps around the transport: no auth
-    flows (the key is a plain header), no redirects followed by the client (the image store
-    follows them itself, checking each hop), no event hooks, no cookies. Skipping those layers
-    takes about a tenth off the CPU of a request; anything that asks for them gets httpx's own
-    ``send``.
+    flows (the key is a plain header), no redirects followed by the client (the fetcher and
+    the download stage follow them themselves, checking each hop), no event hooks, no
+    cookies. Anything that asks for them gets httpx's own ``send``.
     """
 
     _no_cookies: Final = _NoCookies()
 
-    def __init__(self, *, transport: httpx.AsyncBaseTransport, **kwargs: Any) -> None:
-        super().__init__(transport=transport, **kwargs)
-        self._direct = transport
+    def _init_transport(  # type: ignore[override]
+        self,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: Any = None,
+        trust_env: bool = True,
+        limits: httpx.Limits = httpx.Limits(),  # noqa: B008 (httpx's own default)
+        transport: httpx.AsyncBaseTransport | None = None,
+        **_: Any,
+    ) -> httpx.AsyncBaseTransport:
+        if transport is not None:
+            return transport
+        return AiohttpTransport(ssl_context=_ssl_context(verify, trust_env), limits=limits)
+
+    def _init_proxy_transport(  # type: ignore[override]
+        self,
+        proxy: httpx.Proxy,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: Any = None,
+        trust_env: bool = True,
+        limits: httpx.Limits = httpx.Limits(),  # noqa: B008 (httpx's own default)
+        **_: Any,
+    ) -> httpx.AsyncBaseTransport:
+        return AiohttpTransport(
+            ssl_context=_ssl_context(verify, trust_env), limits=limits, proxy=proxy
+        )
 
     async def send(
         self,
@@ -63,7 +234,7 @@ class Client(httpx.AsyncClient):
             )
         if self.is_closed:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
-        response = await self._direct.handle_async_request(request)
+        response = await self._transport_for_url(request.url).handle_async_request(request)
         response.request = request
         if _httpx_log.isEnabledFor(logging.INFO):
             _httpx_log.info(
@@ -91,15 +262,43 @@ class Client(httpx.AsyncClient):
         raise TypeError("this client keeps no cookies")
 
 
+_ssl_contexts: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+
+
+def _ssl_context(verify: ssl.SSLContext | str | bool, trust_env: bool) -> ssl.SSLContext:
+    """httpx's TLS context (certifi, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` from the
+    environment), made once per process and trust setting: loading a CA bundle takes tens of
+    milliseconds."""
+    if not isinstance(verify, bool) or verify is False or not trust_env:
+        return httpx.create_ssl_context(verify=verify, trust_env=trust_env)
+    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    if key not in _ssl_contexts:
+        _ssl_contexts[key] = httpx.create_ssl_context(verify=True, trust_env=True)
+    return _ssl_contexts[key]
+
+
 def open_client(
     *, max_connections: int, connect_timeout: float, read_timeout: float
 ) -> httpx.AsyncClient:
-    """The one client of a run: no redirects followed, no pool timeout (slots bound the work)."""
+    """The one client of a run: no redirects followed, no pool timeout (slots bound the work);
+    proxies from ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY``."""
     return Client(
-        transport=Http1Transport(
-            max_connections=max_connections, keepalive_seconds=KEEPALIVE_SECONDS
-        ),
         timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=None),
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=KEEPALIVE_SECONDS,
+        ),
         follow_redirects=False,
         headers={"User-Agent": USER_AGENT},
     )
+
+
+__all__ = [
+    "KEEPALIVE_SECONDS",
+    "USER_AGENT",
+    "AiohttpTransport",
+    "CertificateError",
+    "Client",
+    "open_client",
+]

@@ -1,9 +1,9 @@
-"""Result URLs: which part of a model id goes into ``{base}/{owner}/{app}/requests/{id}``.
+"""Result URLs (which part of a model id goes into ``{base}/{owner}/{app}/requests/{id}``.
 
 fal's official clients (Python ``AppId.from_endpoint_id``, JS ``parseEndpointId``) submit to the
 full model path but read status and results at the first two segments only, after an optional
 ``workflows/`` or ``comfy/`` namespace. ``fal-ai/flux/dev`` and ``fal-ai/flux`` therefore share
-the result URL ``fal-ai/flux/requests/{id}``.
+the result URL ``fal-ai/flux/requests/{id}``) and the rules for following a redirect.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+import httpx
+
 NAMESPACES: Final = frozenset({"workflows", "comfy"})
+FOLLOWED_SCHEMES: Final = frozenset({"http", "https"})
 
 # A safe path segment: RFC 3986 pchars that need no escaping (so the id travels exactly as given),
 # which excludes '/', '\\', '?', '#', '%', spaces and control characters; '.' and '..' are refused
@@ -82,3 +85,45 @@ def describe_url(url: str) -> str:
         media_type = url[5:].split(",", 1)[0].split(";", 1)[0]
         return f"data:{media_type or 'text/plain'}"
     return url
+
+
+def http_url(text: str | httpx.URL, *, what: str = "image URL") -> httpx.URL | str:
+    """``text`` as an http(s) URL with a host, or the reason it is not one."""
+    try:
+        url = httpx.URL(text)
+        host = url.host  # decoding an IDNA host can fail too
+    except (httpx.InvalidURL, ValueError) as exc:  # IDNA errors are ValueErrors
+        return f"{what} is malformed ({exc})"
+    if url.scheme not in FOLLOWED_SCHEMES:
+        return f"unsupported {what} scheme {url.scheme or '(none)'!r}"
+    if not host:
+        return f"{what} has no host"
+    return url
+
+
+def redirect_target(
+    current: httpx.URL, location: str, *, what: str = "image URL"
+) -> httpx.URL | str:
+    """Where a redirect leads, or why it is not followed: only to http(s), never from https
+    down to plain http, and never to a malformed URL."""
+    try:
+        target = current.join(location)
+    except (httpx.InvalidURL, ValueError) as exc:
+        return f"{what} redirects to a malformed URL ({exc})"
+    if target.scheme not in FOLLOWED_SCHEMES:
+        return f"{what} redirects to an unsupported scheme {target.scheme!r}"
+    if current.scheme == "https" and target.scheme == "http":
+        return f"{what} redirects from https to plain http; not followed"
+    return http_url(target, what=what)
+
+
+def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    """Scheme, host and port (the default port of the scheme when none is given) all equal."""
+    return (a.scheme, a.host, a.port or _DEFAULT_PORTS.get(a.scheme)) == (
+        b.scheme,
+        b.host,
+        b.port or _DEFAULT_PORTS.get(b.scheme),
+    )
+
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}

@@ -111,6 +111,9 @@ class HarvestConfig:
     pending_wait: float = 0.0
     """Seconds to keep re-polling requests that are still in progress, within this run."""
     max_image_bytes: int = 64 * 1024 * 1024
+    allow_private_images: bool = False
+    """Fetch images from loopback, link-local and private addresses too (they are refused
+    unless the API base URL is on such an address itself)."""
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     rows_per_part: int = 5_000
@@ -172,6 +175,7 @@ class HarvestConfig:
             retry=self.retry,
             pending_wait=self.pending_wait,
             max_image_bytes=self.max_image_bytes,
+            allow_private_images=self.allow_private_images,
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
             seed=None if self.seed is None else self.seed + index,

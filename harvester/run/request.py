@@ -26,10 +26,11 @@ from harvester.api.ratelimit import RateLimiter
 from harvester.api.results import ImageRef
 from harvester.api.retry import RetryPolicy
 from harvester.api.urls import describe_url
+from harvester.run.download import ImageDownloader
 from harvester.run.reader import Pair
 from harvester.storage.layout import Layout
 from harvester.storage.rows import ERROR, FAILED, OK, PENDING, ManifestRow
-from harvester.storage.store import ImageFailure, ImageStore, StoredImage
+from harvester.storage.store import ImageFailure, StoredImage
 
 MAX_PENDING_WAITERS: Final = 10_000
 """Requests of one lane that may wait for a pending result at once (each holds only a pair)."""
@@ -53,6 +54,7 @@ class LaneSettings:
     retry: RetryPolicy
     pending_wait: float
     max_image_bytes: int
+    allow_private_images: bool
     connect_timeout: float
     read_timeout: float
     seed: int | None
@@ -98,7 +100,7 @@ class Lane:
         self.waiting_until = 0.0
         self.limiter = RateLimiter(settings.rps)
         self._fetcher: ResultFetcher | None = None
-        self._store: ImageStore | None = None
+        self._store: ImageDownloader | None = None
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[Lane]:
@@ -119,8 +121,14 @@ class Lane:
                 limiter=self.limiter,
                 rng=self.rng,
             )
-            self._store = ImageStore(
-                client, self.layout, policy=s.retry, rng=self.rng, max_bytes=s.max_image_bytes
+            self._store = ImageDownloader(
+                client,
+                self.layout,
+                policy=s.retry,
+                rng=self.rng,
+                max_bytes=s.max_image_bytes,
+                refuse_private=not s.allow_private_images,
+                api_url=s.base_url,
             )
             yield self
         finally:

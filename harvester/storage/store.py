@@ -1,11 +1,11 @@
-"""Download stage: stream each image into the content-addressed store.
+"""The content-addressed image store: where downloaded (or ``data:``) bytes land.
 
 Bytes are hashed as they arrive and kept in memory (past 1 MiB they spill to a temp file);
 a complete body goes to an unnamed (or temp) file inside the output folder, which is linked
 (or renamed) atomically to ``images/<aa>/<sha256>.<ext>``; the extension comes from the
 bytes' magic number, never from the URL or the Content-Type. Identical bytes are stored once;
-a file of the wrong size under an image's name (torn by a power loss) is replaced. No
-Authorization header is ever sent here: image hosts are third-party CDNs.
+a file of the wrong size under an image's name (torn by a power loss) is replaced. Nothing
+here speaks HTTP: ``harvester/run/download.py`` streams responses into a ``Sink``.
 """
 
 from __future__ import annotations
@@ -16,29 +16,16 @@ import contextlib
 import hashlib
 import itertools
 import os
-import random
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 from urllib.parse import unquote_to_bytes
 
-import httpx
-
-from harvester.api.fetcher import plain_headers, request_error_reason
-from harvester.api.retry import (
-    RETRYABLE_STATUS,
-    RetriesExhausted,
-    RetryPolicy,
-    TransientError,
-    retrying,
-)
-from harvester.api.urls import describe_url
 from harvester.errors import OutputError
 from harvester.storage.files import persist_new
 from harvester.storage.imageinfo import HEADER_BYTES, ImageInfo, read_info
 from harvester.storage.layout import Layout
-from harvester.storage.rows import ERROR, FAILED
+from harvester.storage.rows import FAILED
 
-FOLLOWED_SCHEMES: Final = frozenset({"http", "https"})
 SNIFF_BYTES: Final = 32
 SPILL_BYTES: Final = 1 << 20
 """Image bodies up to this size are kept in memory until they are complete."""
@@ -101,7 +88,7 @@ _names = itertools.count()
 empties before it starts (under the folder's lock)."""
 
 
-class _Sink:
+class Sink:
     """Hashes what is written to it and enforces the size limit. A body up to ``spill_bytes``
     stays in memory until it is complete, so a body that turns out cut short, too large or not
     an image never creates a file, and a good one is written with one call; a larger body
@@ -134,7 +121,7 @@ class _Sink:
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self._max:
-            raise _TooLarge(self._max)
+            raise TooLarge(self._max)
         if len(self.head) < HEADER_BYTES:
             self.head += chunk[: HEADER_BYTES - len(self.head)]
         self._hash.update(chunk)
@@ -195,204 +182,36 @@ class _Sink:
                 os.unlink(self.path)
 
 
-class _TooLarge(Exception):
+class TooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"image is larger than the {limit:,}-byte limit (--max-image-bytes)")
 
 
-def _http_url(text: str | httpx.URL) -> httpx.URL | str:
-    """``text`` as an http(s) URL with a host, or the reason it is not one."""
-    try:
-        url = httpx.URL(text)
-        host = url.host  # decoding an IDNA host can fail too
-    except (httpx.InvalidURL, ValueError) as exc:  # IDNA errors are ValueErrors
-        return f"image URL is malformed ({exc})"
-    if url.scheme not in FOLLOWED_SCHEMES:
-        return f"unsupported image URL scheme {url.scheme or '(none)'!r}"
-    if not host:
-        return "image URL has no host"
-    return url
+class ContentStore:
+    """Stores bytes under the hash of their content; one instance per run."""
 
-
-def _redirect_target(current: httpx.URL, location: str) -> httpx.URL | str:
-    """Where a redirect leads, or why it is not followed: only to http(s), never from https
-    down to plain http, and never to a malformed URL."""
-    try:
-        target = current.join(location)
-    except (httpx.InvalidURL, ValueError) as exc:
-        return f"image URL redirects to a malformed URL ({exc})"
-    if target.scheme not in FOLLOWED_SCHEMES:
-        return f"image URL redirects to an unsupported scheme {target.scheme!r}"
-    if current.scheme == "https" and target.scheme == "http":
-        return "image URL redirects from https to plain http; not followed"
-    return _http_url(target)
-
-
-class ImageStore:
-    """Stores images from http(s) and ``data:`` URLs; one instance per run."""
-
-    def __init__(
-        self,
-        client: httpx.AsyncClient,
-        layout: Layout,
-        *,
-        policy: RetryPolicy,
-        rng: random.Random,
-        max_bytes: int = 64 * 1024 * 1024,
-        max_redirects: int = 5,
-    ) -> None:
-        self._client = client
+    def __init__(self, layout: Layout, *, max_bytes: int = 64 * 1024 * 1024) -> None:
         self._layout = layout
-        self._policy = policy
-        self._rng = rng
-        self._max_bytes = max_bytes
-        self._max_redirects = max_redirects
+        self.max_bytes = max_bytes
         self._folders: set[str] = set()
         self._tmp = str(layout.tmp)
-        self._headers = plain_headers(client)
-        self._extensions = {"timeout": client.timeout.as_dict()}
-        self.retries = 0
 
-    async def store(self, url: str) -> StoredImage | ImageFailure:
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme == "data":
-            return self._store_data_uri(url)
-        if scheme not in FOLLOWED_SCHEMES:
-            return ImageFailure(
-                FAILED,
-                f"unsupported image URL scheme {scheme or '(none)'!r}: "
-                "only http, https and data URLs are followed",
-                None,
-                0,
-            )
+    def sink(self) -> Sink:
+        """A new sink for one image's bytes, holding the size limit."""
+        return Sink(self._layout, self._tmp, self.max_bytes)
 
-        def count_retry(_: TransientError) -> None:
-            self.retries += 1
-
-        try:
-            outcome, _ = await retrying(
-                self._policy,
-                lambda n: self._download(url, n),
-                rng=self._rng,
-                on_retry=count_retry,
-            )
-        except RetriesExhausted as exc:
-            return ImageFailure(ERROR, f"image download: {exc}", exc.last.http_status, exc.attempts)
-        return outcome
-
-    async def _download(self, url: str, attempt: int) -> StoredImage | ImageFailure:
-        current = _http_url(url)
-        for _ in range(self._max_redirects + 1):
-            if isinstance(current, str):
-                return ImageFailure(FAILED, current, None, attempt)
-            # Never an Authorization header, whatever the client's defaults: image hosts are
-            # third parties. (Built here rather than by build_request, which copies defaults.)
-            request = httpx.Request(
-                "GET", current, headers=self._headers, extensions=self._extensions
-            )
-            try:
-                response = await self._client.send(request, stream=True, follow_redirects=False)
-            except (httpx.InvalidURL, httpx.RemoteProtocolError) as exc:
-                # httpx parses a redirect's Location even when not following it.
-                if isinstance(exc, httpx.InvalidURL) or "location header" in str(exc):
-                    return ImageFailure(
-                        FAILED,
-                        f"image URL redirects to a URL that cannot be followed ({exc})",
-                        None,
-                        attempt,
-                    )
-                raise TransientError(f"image download {request_error_reason(exc)}") from exc
-            except httpx.RequestError as exc:
-                raise TransientError(f"image download {request_error_reason(exc)}") from exc
-            try:
-                status = response.status_code
-                if response.is_redirect:
-                    target = _redirect_target(current, response.headers["location"])
-                    if isinstance(target, str):
-                        return ImageFailure(FAILED, target, status, attempt)
-                    current = target
-                    continue
-                if status in (404, 410):
-                    return ImageFailure(
-                        FAILED,
-                        f"image URL answered HTTP {status}: the media has expired or was deleted",
-                        status,
-                        attempt,
-                    )
-                if status in RETRYABLE_STATUS or status >= 500:
-                    raise TransientError(f"image download: HTTP {status}", http_status=status)
-                if status != 200:
-                    return ImageFailure(
-                        FAILED, f"image URL answered HTTP {status}", status, attempt
-                    )
-                return await self._receive(response, attempt)
-            finally:
-                await response.aclose()
-        return ImageFailure(
-            FAILED, f"image URL redirected more than {self._max_redirects} times", None, attempt
-        )
-
-    async def _receive(self, response: httpx.Response, attempt: int) -> StoredImage | ImageFailure:
-        status = response.status_code
-        declared = response.headers.get("content-length")
-        expected = int(declared) if declared and declared.isdigit() else None
-        if expected is not None and expected > self._max_bytes:
-            return ImageFailure(FAILED, str(_TooLarge(self._max_bytes)), status, attempt)
-        sink = _Sink(self._layout, self._tmp, self._max_bytes)
-        sniffed = False
-        encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
-        # Without a content-encoding the raw bytes are the body: skip httpx's decoder chain
-        # (unless the body was read already, as a mock transport's is).
-        raw = not encoded and not response.is_stream_consumed
-        chunks = response.aiter_raw() if raw else response.aiter_bytes()
-        try:
-            async for chunk in chunks:
-                sink.write(chunk)
-                if not sniffed and len(sink.head) >= SNIFF_BYTES:
-                    sniffed = True
-                    if sniff(sink.head) is None:  # don't download 64 MiB of HTML
-                        sink.discard()
-                        return self._not_an_image(sink.head, status, attempt)
-        except _TooLarge as exc:
-            sink.discard()
-            return ImageFailure(FAILED, str(exc), status, attempt)
-        except httpx.DecodingError as exc:
-            sink.discard()
-            raise TransientError(
-                f"image body cannot be decoded ({exc})", http_status=status
-            ) from exc
-        except httpx.TransportError as exc:
-            sink.discard()
-            raise TransientError(
-                f"image body cut short ({type(exc).__name__})", http_status=status
-            ) from exc
-        except BaseException:
-            sink.discard()
-            raise
-        # Content-Length counts bytes on the wire; without a content-encoding that is our size.
-        received = response.num_bytes_downloaded if encoded else sink.size
-        if expected is not None and received != expected:
-            sink.discard()
-            raise TransientError(
-                f"image body cut short: {received} of {expected} bytes", http_status=status
-            )
-        ext = sniff(sink.head)
-        if ext is None:
-            sink.discard()
-            return self._not_an_image(sink.head, status, attempt)
-        return self._commit(sink, ext, status, attempt)
-
-    def _not_an_image(self, head: bytes, status: int | None, attempt: int) -> ImageFailure:
+    def not_an_image(self, head: bytes, status: int | None, attempt: int) -> ImageFailure:
         return ImageFailure(
             FAILED, f"body is not an image (starts with {head[:16]!r})", status, attempt
         )
 
-    def _store_data_uri(self, url: str) -> StoredImage | ImageFailure:
+    def store_data_uri(self, url: str) -> StoredImage | ImageFailure:
         header, sep, payload = url.partition(",")
+        media_type = header[5:].split(";", 1)[0]
         if not sep:
             return ImageFailure(FAILED, "malformed data: URI (no comma)", None, 1)
-        if len(payload) * 3 // 4 > self._max_bytes:
-            return ImageFailure(FAILED, str(_TooLarge(self._max_bytes)), None, 1)
+        if len(payload) * 3 // 4 > self.max_bytes:
+            return ImageFailure(FAILED, str(TooLarge(self.max_bytes)), None, 1)
         try:
             if header.lower().endswith(";base64"):
                 data = base64.b64decode(payload, validate=False)
@@ -400,12 +219,15 @@ class ImageStore:
                 data = unquote_to_bytes(payload)
         except (binascii.Error, ValueError) as exc:
             return ImageFailure(
-                FAILED, f"{describe_url(url)} URI is not valid base64 ({exc})", None, 1
+                FAILED,
+                f"data:{media_type or 'text/plain'} URI is not valid base64 ({exc})",
+                None,
+                1,
             )
-        sink = _Sink(self._layout, self._tmp, self._max_bytes)
+        sink = self.sink()
         try:
             sink.write(data)
-        except _TooLarge as exc:
+        except TooLarge as exc:
             sink.discard()
             return ImageFailure(FAILED, str(exc), None, 1)
         except BaseException:
@@ -414,10 +236,10 @@ class ImageStore:
         ext = sniff(sink.head)
         if ext is None:
             sink.discard()
-            return self._not_an_image(sink.head, None, 1)
-        return self._commit(sink, ext, None, 1)
+            return self.not_an_image(sink.head, None, 1)
+        return self.commit(sink, ext, None, 1)
 
-    def _commit(self, sink: _Sink, ext: str, status: int | None, attempt: int) -> StoredImage:
+    def commit(self, sink: Sink, ext: str, status: int | None, attempt: int) -> StoredImage:
         sha = sink.hexdigest()
         relative = self._layout.image_relpath(sha, ext)
         final = os.path.join(self._layout.root, relative)
