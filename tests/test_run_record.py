@@ -102,7 +102,13 @@ def test_a_sigkilled_harvest_leaves_a_record_status_calls_crashed(tmp_path: Path
                 break
             time.sleep(0.01)
         running = run_cli(["status", str(out), "--json"])
-        assert kill_after(harvest, out, 1.0), "the harvest ended before it could be killed"
+        # Kill once a manifest part is written (however busy the machine), with 200 requests
+        # at 100 ms each and 4 in flight still to go.
+        for _ in range(3000):
+            if list((out / "manifest").glob("*/*.parquet")):
+                break
+            time.sleep(0.01)
+        assert kill_after(harvest, out, 0.0), "the harvest ended before it could be killed"
 
         [record] = read_records(out)
         assert record["state"] == "running"
