@@ -362,6 +362,34 @@ def verify_command(out_dir: Path) -> None:
     sys.exit(int(ExitCode.OK if report.ok else ExitCode.VERIFY))
 
 
+@main.command("compact", short_help="Merge the manifest's parts; rewrite the current-state table.")
+@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
+def compact_command(out_dir: Path) -> None:
+    """Merge every run's manifest parts into a few large ones and rewrite the current-state
+    table (DIR/current/), so the latest state reads fast however many runs there were.
+
+    No row and no history is lost: every row keeps its run_id. It is atomic: a reader
+    during a compaction, and one after a compaction was killed, sees each row once; the
+    next compaction finishes what a killed one left. Holds DIR's lock (exit 5 while a
+    harvest runs). Job files run it after each harvest with 'compact = true'.
+    """
+    from harvester.storage.compact import compact
+
+    if not (out_dir / "manifest").is_dir():
+        click.echo(
+            f"harvester: error: {out_dir} has no manifest/ folder: is it the --out folder of "
+            "a harvest?",
+            err=True,
+        )
+        sys.exit(int(ExitCode.USAGE))
+    try:
+        stats = compact(out_dir)
+    except HarvesterError as exc:
+        _fail(exc)
+        return
+    click.echo(stats.summary())
+
+
 @main.command("sandbox")
 @click.option(
     "--port",
