@@ -155,6 +155,26 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             **default("flush_every"),
         ),
         click.option(
+            "--give-up-after",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="DAYS",
+            help="A request not ok this many days after it was first seen gets the final "
+            "status 'expired' and is no longer fetched.",
+            **default("give_up_after"),
+        ),
+        click.option(
+            "--retry-expired",
+            is_flag=True,
+            default=None if job else False,
+            help="Fetch 'expired' requests of these exports again (and give up on none this run).",
+        ),
+        click.option(
+            "--compact/--no-compact",
+            default=None if job else False,
+            help="Run 'harvester compact' on the output folder after the harvest"
+            + (" (job key 'compact')." if job else "."),
+        ),
+        click.option(
             "--log-format",
             type=click.Choice(LOG_FORMATS),
             help="text: a progress bar on a terminal, a few plain lines elsewhere (cron mail); "
@@ -229,6 +249,16 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
         console.failed(exc)
         sys.exit(int(exc.exit_code))
     console.finished(stats)
+    if job.compact and stats.exit_code in (ExitCode.OK, ExitCode.INCOMPLETE):
+        from harvester.storage.compact import compact
+
+        try:
+            compacted = compact(job.out)
+        except HarvesterError as exc:
+            console.failed(exc)
+            sys.exit(int(exc.exit_code))
+        if not quiet:
+            click.echo(compacted.summary())
     sys.exit(int(stats.exit_code))
 
 

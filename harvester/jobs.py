@@ -62,6 +62,12 @@ class Job:
     """Seconds between manifest writes: a crash loses at most this much finished work."""
     log_format: str = "text"
     """``text`` or ``json`` (one object per line, for log aggregators)."""
+    give_up_after: float = 7.0
+    """Days after its first row a request never ok gets a final ``expired`` row."""
+    retry_expired: bool = False
+    """Fetch ``expired`` requests again this run (and give up on none)."""
+    compact: bool = False
+    """Run ``harvester compact`` on ``out`` after a harvest that finished (exit 0 or 3)."""
     source: Path | None = field(default=None, compare=False)
     """The job file this came from, if any."""
 
@@ -83,6 +89,8 @@ class Job:
             max_image_bytes=self.max_image_bytes,
             read_timeout=self.timeout,
             seconds_per_part=self.flush_every,
+            give_up_after=self.give_up_after,
+            retry_expired=self.retry_expired,
         )
 
 
@@ -107,7 +115,8 @@ class _Key:
     """What one job-file key accepts."""
 
     kind: str
-    """``strings`` (a string or a list of them), ``string``, ``integer`` or ``number``."""
+    """``strings`` (a string or a list of them), ``string``, ``integer``, ``number`` or
+    ``boolean``."""
     minimum: float | None = None
     above: bool = False
     """True: the value must be greater than ``minimum``, not equal to it."""
@@ -131,6 +140,9 @@ _KEYS: Final[dict[str, _Key]] = {
     "timeout": _Key("number", 0, above=True),
     "flush-every": _Key("number", 0, above=True),
     "log-format": _Key("string", choices=LOG_FORMATS),
+    "give-up-after": _Key("number", 0, above=True),
+    "retry-expired": _Key("boolean"),
+    "compact": _Key("boolean"),
 }
 KEYS: Final = tuple(_KEYS)
 """Every key a job file may hold, in the order the docs list them."""
@@ -213,6 +225,10 @@ def _check(where: str, key: str, value: object) -> object:
             raise ConfigError(f"{where}: 'base-url' must start with http:// or https://")
         if spec.choices and value not in spec.choices:
             raise ConfigError(f"{where}: {key!r} must be one of {', '.join(spec.choices)}")
+        return value
+    if spec.kind == "boolean":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key!r} must be true or false, not {_describe(value)}")
         return value
     allowed = int if spec.kind == "integer" else int | float
     if not isinstance(value, allowed) or isinstance(value, bool):

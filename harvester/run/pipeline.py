@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
@@ -50,7 +50,7 @@ from harvester.run.worker import (
 from harvester.storage import manifest
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
-from harvester.storage.manifest import INVALID, OK, ManifestRow, ManifestWriter
+from harvester.storage.manifest import EXPIRED, INVALID, OK, ManifestRow, ManifestWriter
 from harvester.units import size
 
 log = logging.getLogger("harvester")
@@ -117,6 +117,11 @@ class HarvestConfig:
     workers: int | None = None
     """Processes that fetch and download (this one included); None: one per core, up to
     ``AUTO_WORKERS_MAX``, when ``rps`` is at least ``AUTO_WORKERS_MIN_RPS``, else one."""
+    give_up_after: float = 7.0
+    """Days: a request never ok this long after its first row gets a final ``expired`` row
+    and is no longer fetched."""
+    retry_expired: bool = False
+    """Fetch given-up (``expired``) requests again, and give up on none in this run."""
 
     @property
     def lanes(self) -> int:
@@ -198,6 +203,7 @@ class HarvestConfig:
             (self.retry.budget > 0, "--retry-budget must be greater than 0"),
             (self.pending_wait >= 0, "--pending-wait must not be negative"),
             (self.max_image_bytes >= 1, "--max-image-bytes must be at least 1"),
+            (self.give_up_after > 0, "--give-up-after must be greater than 0 days"),
         )
         for ok, message in checks:
             if not ok:
@@ -296,7 +302,7 @@ class RunStats:
             f"run {self.run_id}: {done:,} requests in {self.elapsed:.1f} s ({rate:,.1f} req/s"
             + (f", {self.processes} processes)" if self.processes > 1 else ")"),
             f"  by status:  {by_status}",
-            f"  skipped:    {self.skipped_done:,} already ok in earlier runs, "
+            f"  skipped:    {self.skipped_done:,} already ok in earlier runs (or expired), "
             f"{self.duplicates:,} duplicate rows",
             f"  images:     {self.images_new:,} new, {self.images_existing:,} already stored, "
             f"{self.images_failed:,} failed; {size(self.bytes_new)} new on disk",
@@ -375,6 +381,8 @@ class _Run:
             seconds_per_part=config.seconds_per_part,
             autoflush=False,
         )
+        self.expire = reader.PairSet()
+        """Pairs given up on in this run: written as ``expired`` rows, never fetched."""
         self.local = Lane(config.lane_settings(stats.run_id, 0))
         self.remotes = [
             WorkerProcess(i, config.lane_settings(stats.run_id, i)) for i in range(1, config.lanes)
@@ -421,6 +429,22 @@ class _Run:
             error=f"{bad.source}:{bad.line}: {bad.reason}",
         )
 
+    def expired_row(self, pair: Pair) -> ManifestRow:
+        self.stats.requests[EXPIRED] += 1
+        days = self.config.give_up_after
+        return ManifestRow(
+            run_id=self.stats.run_id,
+            harvested_at=datetime.now(UTC),
+            source_file=pair.source,
+            source_line=pair.line,
+            model=pair.model,
+            request_id=pair.request_id,
+            request_status=EXPIRED,
+            status=EXPIRED,
+            error=f"given up: not ok in the {days:g} days since first seen (--give-up-after); "
+            "not fetched again unless a run is given --retry-expired",
+        )
+
     async def produce(
         self,
         files: list[reader.InputFile],
@@ -439,11 +463,19 @@ class _Run:
                 if batch is None:
                     return
                 bad = [self.bad_row(item) for item in batch if isinstance(item, BadRow)]
-                if bad:
-                    await self.write(bad)
+                expired = [
+                    self.expired_row(item)
+                    for item in batch
+                    if isinstance(item, Pair)
+                    and reader.pair_key(item.model, item.request_id) in self.expire
+                ]
+                if bad or expired:
+                    await self.write(bad + expired)
                 try:
                     for item in batch:
-                        if isinstance(item, Pair):
+                        if isinstance(item, Pair) and not (
+                            expired and reader.pair_key(item.model, item.request_id) in self.expire
+                        ):
                             await pairs.send(item)
                 except anyio.BrokenResourceError:
                     # Every lane has stopped taking pairs: one of them failed (a rejected key,
@@ -536,6 +568,8 @@ def harvest(
         stats.temp_files_cleaned = layout.clean_temp()
         done = reader.PairSet(reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir))
         run = _Run(config, stats, layout)
+        if not config.retry_expired:
+            _give_up(config, started, done, run.expire)
         if on_start is not None:
             on_start(stats)
         try:
@@ -570,6 +604,20 @@ def harvest(
                 stats.manifest_parts = run.writer.parts_written
                 _write_record(layout, stats)
     return stats
+
+
+def _give_up(
+    config: HarvestConfig, now: datetime, done: reader.PairSet, expire: reader.PairSet
+) -> None:
+    """Add to ``done`` the pairs given up on in earlier runs (skipped like ok ones) and to
+    ``expire`` those never ok ``give_up_after`` days after their first row."""
+    cutoff = now - timedelta(days=config.give_up_after)
+    for aged in manifest.aged_pairs(config.out_dir, first_seen_before=cutoff):
+        key = reader.pair_key(aged.model, aged.request_id)
+        if aged.expired:
+            done.add(key)
+        elif key not in done:
+            expire.add(key)
 
 
 def _write_record(layout: Layout, stats: RunStats) -> None:

@@ -40,6 +40,7 @@ STATUS_COLOURS: Final = {
     manifest.FAILED: "#d64545",
     manifest.ERROR: "#8c1c13",
     manifest.INVALID: "#7d5ba6",
+    manifest.EXPIRED: "#5b6470",
 }
 RUNS_SHOWN: Final = 60
 PROMPT_CHARS: Final = 1_000
