@@ -443,11 +443,13 @@ class AgedPair:
 
 
 def aged_pairs(out_dir: Path, *, first_seen_before: datetime) -> Iterator[AgedPair]:
-    """Pairs with a row harvested before ``first_seen_before`` or an ``expired`` row (a pair
-    can repeat), read in batches like ``ok_pairs``. A harvest gives up on those of them that
+    """Pairs with a row not ok harvested before ``first_seen_before``, or an ``expired`` row
+    (a pair can repeat), read in batches like ``ok_pairs``. A harvest gives up on those of them that
     were never ok (``--give-up-after``)."""
     cutoff = pa.scalar(first_seen_before, type=SCHEMA.field("harvested_at").type)
-    where = (ds.field("harvested_at") < cutoff) | (ds.field("request_status") == EXPIRED)
+    # Ok rows are left out: a pair ever ok is skipped anyway, and it keeps this pass short.
+    aged = (ds.field("harvested_at") < cutoff) & (ds.field("request_status") != OK)
+    where = aged | (ds.field("request_status") == EXPIRED)
     for batch in _batches(out_dir, ["model", "request_id", "request_status"], where):
         for model, request_id, status in zip(
             batch.column(0).to_pylist(),
