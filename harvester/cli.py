@@ -38,6 +38,7 @@ def main() -> None:
     Every night:   harvester run jobs/nightly.toml      (key from the environment)
     Next morning:  harvester status DIR                 (exit 0: it worked)
     Any time:      harvester report DIR --html report.html
+    After a year:  harvester compact DIR   (or compact = true in the job file)
     Try it:        harvester sandbox, then HARVESTER_API_KEY=sandbox-key harvester run
                    jobs/sandbox.toml (see the README)
 
