@@ -466,7 +466,8 @@ class _Run:
                 expired = [
                     self.expired_row(item)
                     for item in batch
-                    if isinstance(item, Pair)
+                    if self.expire
+                    and isinstance(item, Pair)
                     and reader.pair_key(item.model, item.request_id) in self.expire
                 ]
                 if bad or expired:
