@@ -6,7 +6,7 @@ Every output (curl's, the plain script's, the harvester's, and their logs) goes 
 bench mounts over ``bench-out/runs`` (as root; otherwise a folder under /dev/shm, with a note),
 so that the disk's cost of creating files right after deleting thousands decides no ratio.
 
-Sections (all by default; ``--only speed,memory,slow,rps,overload`` picks some):
+Sections (all by default; ``--only speed,memory,slow,rps,overload,compact`` picks some):
 
 speed   a world of N requests with 1-4 images of ~30 KB, served by nginx on 127.0.0.1. Each
         round times ``curl --parallel --parallel-max 64`` downloading every result and image
@@ -26,6 +26,9 @@ overload  the sandbox (in this process, its clock) in two modes: 10% of request 
         ``--rps 50 --pending-wait 15``: the rate must stay at 80% of --rps and the run end
         with every pair ok; then a sandbox that answers 429 above X accepted requests a
         second, at ``--rps 50``: the accepted rate must settle between 0.8X and X.
+compact the latest-state query over 365 nightly runs of N requests (parts generated with the
+        manifest's schema, no HTTP), before and after ``harvester compact``: after, at most 2x
+        the same query over one night (bench/compaction.py).
 
 Worlds are cached under the output folder (``bench-out/``) and reused by later runs.
 """
@@ -48,6 +51,7 @@ from typing import Final
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import compaction
 import nginx
 import world
 
@@ -568,7 +572,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=int(env("BENCH_N", "20000")))
     parser.add_argument("--runs", type=int, default=int(env("BENCH_RUNS", "5")))
     parser.add_argument("--out", type=Path, default=Path(env("BENCH_OUT", "bench-out")))
-    parser.add_argument("--only", default=env("BENCH_ONLY", "speed,memory,slow,rps,overload"))
+    parser.add_argument(
+        "--only", default=env("BENCH_ONLY", "speed,memory,slow,rps,overload,compact")
+    )
+    parser.add_argument("--nights", type=int, default=int(env("BENCH_NIGHTS", "365")))
     parser.add_argument(
         "--slow-seconds", type=float, default=float(env("BENCH_SLOW_SECONDS", "20"))
     )
@@ -585,7 +592,7 @@ def main() -> None:
     sections = set(args.only.split(","))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if sections - {"overload"}:
+    if sections - {"overload", "compact"}:
         nginx.require_nginx(echo="slow" in sections)
 
     report = Report(lines=[])
@@ -599,6 +606,12 @@ def main() -> None:
             rps(args, out, report)
         if "overload" in sections:
             overload(args, out, report)
+        if "compact" in sections:
+            lines, met = compaction.run(
+                clear_runs(out), n=args.n, nights=args.nights, runs=args.runs
+            )
+            report.lines.extend(lines[:1])
+            report.check(met, "\n    ".join(lines[1:]) + f" (target <= {compaction.MAX_RATIO:g}x)")
     print(
         f"\n== bench: {os.cpu_count()} cores; {' '.join(sys.argv[1:]) or 'defaults'}; "
         f"harvester args {' '.join(args.harvest_args)} =="

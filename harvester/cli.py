@@ -46,6 +46,7 @@ def main() -> None:
     Every night:   harvester run jobs/nightly.toml      (key from the environment)
     Next morning:  harvester status DIR                 (exit 0: it worked)
     Any time:      harvester report DIR --html report.html
+    After a year:  harvester compact DIR   (or compact = true in the job file)
     Try it:        harvester sandbox, then HARVESTER_API_KEY=sandbox-key harvester run
                    jobs/sandbox.toml (see the README)
 
@@ -175,6 +176,26 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             **default("flush_every"),
         ),
         click.option(
+            "--give-up-after",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="DAYS",
+            help="A request not ok this many days after it was first seen gets the final "
+            "status 'expired' and is no longer fetched.",
+            **default("give_up_after"),
+        ),
+        click.option(
+            "--retry-expired",
+            is_flag=True,
+            default=None if job else False,
+            help="Fetch 'expired' requests of these exports again (and give up on none this run).",
+        ),
+        click.option(
+            "--compact/--no-compact",
+            default=None if job else False,
+            help="Run 'harvester compact' on the output folder after the harvest"
+            + (" (job key 'compact')." if job else "."),
+        ),
+        click.option(
             "--log-format",
             type=click.Choice(LOG_FORMATS),
             help="text: a progress bar on a terminal, a few plain lines elsewhere (cron mail); "
@@ -293,6 +314,16 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
         sys.exit(int(exc.exit_code))
     console.finished(stats)
     _write_metrics(job, _figures(stats), console)
+    if job.compact and stats.exit_code in (ExitCode.OK, ExitCode.INCOMPLETE):
+        from harvester.storage.compact import compact
+
+        try:
+            compacted = compact(job.out)
+        except HarvesterError as exc:
+            console.failed(exc)
+            sys.exit(int(exc.exit_code))
+        if not quiet:
+            click.echo(compacted.summary())
     sys.exit(int(stats.exit_code))
 
 
@@ -456,6 +487,34 @@ def verify_command(out_dir: Path) -> None:
         return
     click.echo(printable(report.summary(), newlines=True))
     sys.exit(int(ExitCode.OK if report.ok else ExitCode.VERIFY))
+
+
+@main.command("compact", short_help="Merge the manifest's parts; rewrite the current-state table.")
+@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
+def compact_command(out_dir: Path) -> None:
+    """Merge every run's manifest parts into a few large ones and rewrite the current-state
+    table (DIR/current/), so the latest state reads fast however many runs there were.
+
+    No row and no history is lost: every row keeps its run_id. It is atomic: a reader
+    during a compaction, and one after a compaction was killed, sees each row once; the
+    next compaction finishes what a killed one left. Holds DIR's lock (exit 5 while a
+    harvest runs). Job files run it after each harvest with 'compact = true'.
+    """
+    from harvester.storage.compact import compact
+
+    if not (out_dir / "manifest").is_dir():
+        click.echo(
+            f"harvester: error: {out_dir} has no manifest/ folder: is it the --out folder of "
+            "a harvest?",
+            err=True,
+        )
+        sys.exit(int(ExitCode.USAGE))
+    try:
+        stats = compact(out_dir)
+    except HarvesterError as exc:
+        _fail(exc)
+        return
+    click.echo(stats.summary())
 
 
 @main.command("sandbox")

@@ -71,6 +71,12 @@ class Job:
     """The exports' column with the request id."""
     metrics_file: Path | None = None
     """Where to write the run's figures for node_exporter's textfile collector (None: nowhere)."""
+    give_up_after: float = 7.0
+    """Days after its first row a request never ok gets a final ``expired`` row."""
+    retry_expired: bool = False
+    """Fetch ``expired`` requests again this run (and give up on none)."""
+    compact: bool = False
+    """Run ``harvester compact`` on ``out`` after a harvest that finished (exit 0 or 3)."""
     source: Path | None = field(default=None, compare=False)
     """The job file this came from, if any."""
 
@@ -98,6 +104,8 @@ class Job:
             read_timeout=self.timeout,
             seconds_per_part=self.flush_every,
             columns=Columns(model=self.model_column, request_id=self.id_column),
+            give_up_after=self.give_up_after,
+            retry_expired=self.retry_expired,
         )
 
 
@@ -122,8 +130,8 @@ class _Key:
     """What one job-file key accepts."""
 
     kind: str
-    """``strings`` (a string or a list of them), ``string``, ``boolean``, ``integer`` or
-    ``number``."""
+    """``strings`` (a string or a list of them), ``string``, ``integer``, ``number`` or
+    ``boolean``."""
     minimum: float | None = None
     above: bool = False
     """True: the value must be greater than ``minimum``, not equal to it."""
@@ -151,6 +159,9 @@ _KEYS: Final[dict[str, _Key]] = {
     "model-column": _Key("string"),
     "id-column": _Key("string"),
     "metrics-file": _Key("string"),
+    "give-up-after": _Key("number", 0, above=True),
+    "retry-expired": _Key("boolean"),
+    "compact": _Key("boolean"),
 }
 KEYS: Final = tuple(_KEYS)
 """Every key a job file may hold, in the order the docs list them."""

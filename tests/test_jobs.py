@@ -106,6 +106,14 @@ def test_overrides_replace_file_values_and_can_supply_missing_keys(tmp_path: Pat
             'inputs = "a.csv"\nout = "o"\n\n[harvest]\nrps = 3\n',
             "j.toml:4: unknown key 'harvest'",
         ),
+        (
+            'inputs = "a.csv"\nout = "o"\ncompact = "yes"\n',
+            "j.toml:3: 'compact' must be true or false, not a string ('yes')",
+        ),
+        (
+            'inputs = "a.csv"\nout = "o"\ngive-up-after = 0\n',
+            "j.toml:3: 'give-up-after' must be greater than 0, not 0",
+        ),
         ('inputs = "a.csv"\n', "j.toml: missing key 'out' (the output folder)"),
         ('inputs = "a.csv"\nout = \n', "j.toml: not valid TOML: Invalid value (at line 2"),
     ],
@@ -133,6 +141,8 @@ def test_job_defaults_match_the_library_defaults() -> None:
     job = Job(inputs=(), out=Path())
     library = HarvestConfig(inputs=(), out_dir=Path(), api_key="k")
     for name in ("base_url", "auth_scheme", "concurrency", "image_concurrency", "rps"):
+        assert getattr(job, name) == getattr(library, name), name
+    for name in ("give_up_after", "retry_expired"):
         assert getattr(job, name) == getattr(library, name), name
     assert (job.pending_wait, job.max_image_bytes) == (
         library.pending_wait,

@@ -193,6 +193,36 @@ def test_runnable_block(
     assert files_outside_the_output(checkout) == before, f"{page.name}: wrote into the checkout"
 
 
+MANIFEST_RECIPES = [
+    pytest.param(body, id=f"manifest.md:{n}")
+    for n, (lang, body, runnable) in enumerate(fenced_blocks(REPO / "docs" / "manifest.md"))
+    if runnable and lang == "python"
+]
+
+
+@pytest.fixture(scope="module")
+def compacted_run(made_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``made_run`` after ``harvester compact harvest-out``, and one more run since."""
+    root = tmp_path_factory.mktemp("compacted") / "checkout"
+    shutil.copytree(made_run, root)
+    with contextlib.chdir(root):
+        result = run_cli(["compact", "harvest-out"])
+        assert result.exit_code == 0, result.output
+    assert [p.name for p in (root / "harvest-out" / "manifest").iterdir()] == ["_compacted-000001"]
+    return root
+
+
+@pytest.mark.parametrize("body", MANIFEST_RECIPES)
+def test_manifest_recipes_read_a_compacted_manifest(
+    body: str, compacted_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(compacted_run)
+    namespace: dict[str, object] = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(body, "manifest.md", "exec"), namespace)  # noqa: S102 - our own docs
+    check_recipe(namespace)
+
+
 def check_recipe(namespace: dict[str, object]) -> None:
     if "per_night" in namespace:
         assert namespace["per_night"].height > 0  # type: ignore[attr-defined]

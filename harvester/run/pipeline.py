@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, TextIO
 
@@ -59,7 +59,7 @@ from harvester.run.stats import RunStats, baseline_not_ok
 from harvester.storage import manifest, runs
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
-from harvester.storage.manifest import INVALID, ManifestRow, ManifestWriter
+from harvester.storage.manifest import EXPIRED, INVALID, ManifestRow, ManifestWriter
 
 log = logging.getLogger("harvester")
 
@@ -123,6 +123,11 @@ class HarvestConfig:
     workers: int | None = None
     """Processes that fetch and download (this one included); None: one per core, up to
     ``AUTO_WORKERS_MAX``, when ``rps`` is at least ``AUTO_WORKERS_MIN_RPS``, else one."""
+    give_up_after: float = 7.0
+    """Days: a request never ok this long after its first row gets a final ``expired`` row
+    and is no longer fetched."""
+    retry_expired: bool = False
+    """Fetch given-up (``expired``) requests again, and give up on none in this run."""
     columns: reader.Columns = field(default_factory=reader.Columns)
     """The exports' model and request id columns (``model``, ``request_id``)."""
 
@@ -205,6 +210,7 @@ class HarvestConfig:
             (self.retry.budget > 0, "--retry-budget must be greater than 0"),
             (self.pending_wait >= 0, "--pending-wait must not be negative"),
             (self.max_image_bytes >= 1, "--max-image-bytes must be at least 1"),
+            (self.give_up_after > 0, "--give-up-after must be greater than 0 days"),
         )
         for ok, message in checks:
             if not ok:
@@ -241,6 +247,9 @@ class _Run:
         )
         """The driver's own part: invalid input rows."""
         self.invalid = 0
+        self.expired = 0
+        self.expire = reader.PairSet()
+        """Pairs given up on in this run: written as ``expired`` rows, never fetched."""
         self.specs: list[ShardSpec] = []
         self.results: dict[int, ShardResult] = {}
         self.dead: list[str] = []
@@ -258,6 +267,22 @@ class _Run:
             request_status=INVALID,
             status=INVALID,
             error=f"{bad.source}:{bad.line}: {bad.reason}",
+        )
+
+    def expired_row(self, pair: Pair) -> ManifestRow:
+        self.expired += 1
+        days = self.config.give_up_after
+        return ManifestRow(
+            run_id=self.stats.run_id,
+            harvested_at=datetime.now(UTC),
+            source_file=pair.source,
+            source_line=pair.line,
+            model=pair.model,
+            request_id=pair.request_id,
+            request_status=EXPIRED,
+            status=EXPIRED,
+            error=f"given up: not ok in the {days:g} days since first seen (--give-up-after); "
+            "not fetched again unless a run is given --retry-expired",
         )
 
     def split(self, files: list[reader.InputFile], done: reader.PairSet) -> None:
@@ -290,7 +315,14 @@ class _Run:
                     if bad:
                         self.writer.add(bad)
                     for item in batch:
-                        if isinstance(item, Pair):
+                        if not isinstance(item, Pair):
+                            continue
+                        if (
+                            self.expire
+                            and reader.pair_key(item.model, item.request_id) in self.expire
+                        ):
+                            self.writer.add([self.expired_row(item)])
+                        else:
                             write_pairs(outs[shard_of(item.model, item.request_id, count)], item)
         except OSError as exc:
             raise OutputError(
@@ -313,7 +345,9 @@ class _Run:
         stats = self.stats
         seen = [self.results.get(s.index) or read_progress(s) for s in self.specs]
         shards = [r for r in seen if r is not None]
-        stats.requests = Counter({INVALID: self.invalid} if self.invalid else {})
+        stats.requests = Counter(
+            {status: n for status, n in ((INVALID, self.invalid), (EXPIRED, self.expired)) if n}
+        )
         stats.images_new = stats.images_existing = stats.images_failed = 0
         stats.bytes_new = stats.bytes_downloaded = 0
         stats.result_requests = stats.retries = stats.throttled = 0
@@ -481,6 +515,8 @@ def harvest(
             done = reader.PairSet(
                 reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir)
             )
+            if not config.retry_expired:
+                _give_up(config, started, done, run.expire)
             if on_start is not None:
                 on_start(stats)
             run.split(files, done)
@@ -522,6 +558,20 @@ def _remove(folder: Path) -> None:
     import shutil
 
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def _give_up(
+    config: HarvestConfig, now: datetime, done: reader.PairSet, expire: reader.PairSet
+) -> None:
+    """Add to ``done`` the pairs given up on in earlier runs (skipped like ok ones) and to
+    ``expire`` those never ok ``give_up_after`` days after their first row."""
+    cutoff = now - timedelta(days=config.give_up_after)
+    for aged in manifest.aged_pairs(config.out_dir, first_seen_before=cutoff):
+        key = reader.pair_key(aged.model, aged.request_id)
+        if aged.expired:
+            done.add(key)
+        elif key not in done:
+            expire.add(key)
 
 
 __all__ = [

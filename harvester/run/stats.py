@@ -178,7 +178,7 @@ class RunStats:
             f"({rate:,.1f} req/s"
             + (f", {self.processes} processes)" if self.processes > 1 else ")"),
             f"  by status:  {by_status}",
-            f"  skipped:    {self.skipped_done:,} already ok in earlier runs, "
+            f"  skipped:    {self.skipped_done:,} already ok in earlier runs (or expired), "
             f"{plural(self.duplicates, 'duplicate row')}",
             f"  images:     {self.images_new:,} new, {self.images_existing:,} already stored, "
             f"{self.images_failed:,} failed; {size(self.bytes_new)} new on disk",

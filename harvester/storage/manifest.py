@@ -3,6 +3,11 @@
 The manifest is a dataset of immutable part files, ``DIR/manifest/<run_id>/*.parquet``: each
 shard of a run writes ``shard-SSSS-part-NNNNN.parquet``, the run itself (invalid input rows)
 ``part-NNNNN.parquet``.
+Once ``harvester compact`` has run, one generation of merged parts
+``DIR/manifest/_compacted-NNNNNN/`` replaces the run folders its ``generation.json`` lists
+(``harvester.storage.compact``; docs/manifest.md "Compaction"). Readers here use ``parts``,
+which skips what the newest generation replaces.
+
 Each part is written to a temp file and renamed into place, so a reader (or a crash) never
 sees a half-written one; a run flushes a part every ``rows_per_part`` rows, ``bytes_per_part``
 bytes of text or ``seconds_per_part`` seconds, so a crash loses a bounded amount of finished
@@ -13,11 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -34,6 +41,7 @@ if TYPE_CHECKING:
 
 from harvester.storage.rows import (
     ERROR,
+    EXPIRED,
     FAILED,
     INVALID,
     NOT_FOUND,
@@ -283,7 +291,8 @@ _malloc_trim: Final = _libc_malloc_trim()
 
 
 def manifest_glob(out_dir: Path) -> str:
-    """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(DIR))``."""
+    """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(DIR))``. Exact
+    whenever no compaction is under way (``parts`` is exact always)."""
     return str(out_dir / "manifest" / "**" / "*.parquet")
 
 
@@ -291,50 +300,181 @@ def has_manifest(out_dir: Path) -> bool:
     return any((out_dir / "manifest").glob("*/*.parquet"))
 
 
-def scan(out_dir: Path) -> pl.LazyFrame:
-    """Lazily read every manifest part under ``out_dir``."""
-    import polars as pl
-
-    # Parts written before a column was added lack it: read it as null there.
-    return pl.scan_parquet(manifest_glob(out_dir), schema=polars_schema(), missing_columns="insert")
+GENERATION_PREFIX: Final = "_compacted-"
+GENERATION_FILE: Final = "generation.json"
+CURRENT_FOLDER: Final = "current"
 
 
-def latest(out_dir: Path) -> pl.LazyFrame:
-    """The rows of each request's most recent run: the current state of every request."""
-    import polars as pl
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Generation:
+    """The committed result of the latest compaction: merged parts in ``folder`` that hold
+    every row of the run folders (and older generations) named in ``replaces``."""
 
-    return scan(out_dir).filter(
-        pl.col("run_id") == pl.col("run_id").max().over("model", "request_id")
+    number: int
+    folder: Path
+    replaces: frozenset[str]
+    current: Path | None
+    """The current-state table as of this generation (None if it was never written)."""
+
+    @property
+    def parts(self) -> list[Path]:
+        return sorted(self.folder.glob("*.parquet"))
+
+
+def generation(out_dir: Path) -> Generation | None:
+    """The newest committed generation under ``DIR/manifest``, if any. A generation folder
+    only ever appears whole (it is built elsewhere and renamed in), ``generation.json`` in it."""
+    manifest_dir = out_dir / "manifest"
+    if not manifest_dir.is_dir():
+        return None
+    numbers = sorted(
+        (int(p.name.removeprefix(GENERATION_PREFIX)), p)
+        for p in manifest_dir.glob(f"{GENERATION_PREFIX}*")
+        if p.name.removeprefix(GENERATION_PREFIX).isdigit()
+    )
+    if not numbers:
+        return None
+    number, folder = numbers[-1]
+    try:
+        record = json.loads((folder / GENERATION_FILE).read_text())
+        replaces = frozenset(str(name) for name in record["replaces"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ManifestError(
+            f"cannot read {folder / GENERATION_FILE}: {exc}; the manifest's newest compacted "
+            f"generation has no valid record. Move {folder} out of the manifest folder and run "
+            "'harvester compact' again"
+        ) from exc
+    current = out_dir / CURRENT_FOLDER / f"current-{number:06d}.parquet"
+    return Generation(
+        number=number,
+        folder=folder,
+        replaces=replaces,
+        current=current if current.is_file() else None,
     )
 
 
-def ok_pairs(out_dir: Path) -> Iterator[tuple[str, str]]:
-    """``(model, request_id)`` of every ok row in any earlier run (a pair can repeat), read
-    in batches: memory stays flat however long the history."""
-    parts = sorted(str(p) for p in (out_dir / "manifest").glob("*/*.parquet"))
-    if not parts:
+def run_folders(out_dir: Path, gen: Generation | None) -> list[Path]:
+    """Run folders under ``DIR/manifest`` that ``gen`` does not replace, oldest first."""
+    manifest_dir = out_dir / "manifest"
+    if not manifest_dir.is_dir():
+        return []
+    covered = gen.replaces if gen is not None else frozenset()
+    return sorted(
+        p
+        for p in manifest_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(("_", ".")) and p.name not in covered
+    )
+
+
+def parts(out_dir: Path) -> list[Path]:
+    """Every live part file: the newest generation's, then those of the run folders it does
+    not replace. Each manifest row is in exactly one of them, during a compaction too."""
+    gen = generation(out_dir)
+    found = gen.parts if gen is not None else []
+    for folder in run_folders(out_dir, gen):
+        found.extend(sorted(folder.glob("*.parquet")))
+    return found
+
+
+def _scan_files(files: Sequence[Path]) -> pl.LazyFrame:
+    import polars as pl
+
+    if not files:
+        return pl.LazyFrame(schema=polars_schema())
+    # Parts written before a column was added lack it: read it as null there.
+    return pl.scan_parquet(
+        [str(f) for f in files], schema=polars_schema(), missing_columns="insert"
+    )
+
+
+def scan(out_dir: Path) -> pl.LazyFrame:
+    """Lazily read every manifest row under ``out_dir`` (each once)."""
+    return _scan_files(parts(out_dir))
+
+
+def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
+    import polars as pl
+
+    return rows.filter(pl.col("run_id") == pl.col("run_id").max().over("model", "request_id"))
+
+
+def latest(out_dir: Path) -> pl.LazyFrame:
+    """The rows of each request's most recent run: the current state of every request.
+
+    After a compaction this reads the current-state table (already one request's latest rows
+    each) plus the parts of the runs since, not the whole history.
+    """
+    import polars as pl
+
+    gen = generation(out_dir)
+    if gen is None or gen.current is None:
+        return _latest_of(scan(out_dir))
+    newer = [p for folder in run_folders(out_dir, gen) for p in sorted(folder.glob("*.parquet"))]
+    state = _scan_files([gen.current])
+    if not newer:
+        return state
+    return _latest_of(pl.concat([state, _scan_files(newer)]))
+
+
+def _batches(out_dir: Path, columns: list[str], where: ds.Expression) -> Iterator[pa.RecordBatch]:
+    """``columns`` of the live rows matching ``where``, batch by batch (memory stays flat
+    however long the history); an unreadable part is a ``ManifestError`` saying what to do."""
+    files = [str(p) for p in parts(out_dir)]
+    if not files:
         return
     try:
-        dataset = ds.dataset(parts, schema=SCHEMA, format="parquet")
-        batches = dataset.to_batches(
-            columns=["model", "request_id"], filter=ds.field("request_status") == OK
-        )
-        for batch in batches:
-            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
+        dataset = ds.dataset(files, schema=SCHEMA, format="parquet")
+        yield from dataset.to_batches(columns=columns, filter=where)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         bad = unreadable_parts(out_dir)
-        where = ", ".join(str(p) for p in bad[:3]) or str(out_dir / "manifest")
+        where_bad = ", ".join(str(p) for p in bad[:3]) or str(out_dir / "manifest")
         raise ManifestError(
-            f"cannot read the existing manifest ({where}): {exc}; run 'harvester verify "
+            f"cannot read the existing manifest ({where_bad}): {exc}; run 'harvester verify "
             f"{out_dir}', then move the unreadable part file(s) out of the manifest folder "
             "(their requests are harvested again)"
         ) from exc
 
 
+def ok_pairs(out_dir: Path) -> Iterator[tuple[str, str]]:
+    """``(model, request_id)`` of every ok row in any earlier run (a pair can repeat), read
+    in batches: memory stays flat however long the history."""
+    for batch in _batches(out_dir, ["model", "request_id"], ds.field("request_status") == OK):
+        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgedPair:
+    """A pair first seen before the give-up cutoff (``expired``: it already has an
+    ``expired`` row), from ``aged_pairs``."""
+
+    model: str
+    request_id: str
+    expired: bool
+
+
+def aged_pairs(out_dir: Path, *, first_seen_before: datetime) -> Iterator[AgedPair]:
+    """Pairs with a row not ok harvested before ``first_seen_before``, or an ``expired`` row
+    (a pair can repeat), read in batches like ``ok_pairs``. A harvest gives up on those of them that
+    were never ok (``--give-up-after``)."""
+    cutoff = pa.scalar(first_seen_before, type=SCHEMA.field("harvested_at").type)
+    # Ok rows are left out: a pair ever ok is skipped anyway, and it keeps this pass short.
+    aged = (ds.field("harvested_at") < cutoff) & (ds.field("request_status") != OK)
+    where = aged | (ds.field("request_status") == EXPIRED)
+    for batch in _batches(out_dir, ["model", "request_id", "request_status"], where):
+        for model, request_id, status in zip(
+            batch.column(0).to_pylist(),
+            batch.column(1).to_pylist(),
+            batch.column(2).to_pylist(),
+            strict=True,
+        ):
+            if model is not None and request_id is not None:
+                yield AgedPair(model, request_id, status == EXPIRED)
+
+
 def unreadable_parts(out_dir: Path) -> list[Path]:
     """Manifest part files whose Parquet footer cannot be read."""
     bad = []
-    for part in sorted((out_dir / "manifest").glob("*/*.parquet")):
+    for part in parts(out_dir):
         try:
             pq.read_metadata(part)
         except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
@@ -344,6 +484,7 @@ def unreadable_parts(out_dir: Path) -> list[Path]:
 
 __all__ = [
     "ERROR",
+    "EXPIRED",
     "FAILED",
     "INVALID",
     "NOT_FOUND",
@@ -351,14 +492,20 @@ __all__ = [
     "PENDING",
     "SCHEMA",
     "STATUSES",
+    "AgedPair",
+    "Generation",
     "ManifestRow",
     "ManifestWriter",
+    "aged_pairs",
+    "generation",
     "has_manifest",
     "latest",
     "manifest_glob",
     "ok_pairs",
+    "parts",
     "polars_schema",
     "rows_to_table",
+    "run_folders",
     "scan",
     "unreadable_parts",
 ]

@@ -17,7 +17,9 @@ NOT_FOUND: Final = "not_found"
 FAILED: Final = "failed"
 ERROR: Final = "error"
 INVALID: Final = "invalid"
-STATUSES: Final = (OK, PENDING, NOT_FOUND, FAILED, ERROR, INVALID)
+EXPIRED: Final = "expired"
+"""Given up: not ok for ``--give-up-after`` days since first seen; no longer fetched."""
+STATUSES: Final = (OK, PENDING, NOT_FOUND, FAILED, ERROR, INVALID, EXPIRED)
 
 
 @dataclass(frozen=True, slots=True)

@@ -239,6 +239,8 @@ def _gallery(out_dir: Path, limit: int) -> tuple[str | None, pl.DataFrame, int]:
         "width",
         "height",
     )
+    if run is None:  # no stored image yet (every request expired or failed, say)
+        return None, images.select(columns).head(0).collect(), 0
     chosen = images.filter(pl.col("run_id") == run).sort(
         "harvested_at", "request_id", "image_index"
     )

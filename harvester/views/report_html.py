@@ -44,6 +44,7 @@ STATUS_COLOURS: Final = {
     manifest.FAILED: "#d64545",
     manifest.ERROR: "#8c1c13",
     manifest.INVALID: "#7d5ba6",
+    manifest.EXPIRED: "#5b6470",
 }
 PROMPT_CHARS: Final = 1_000
 """A tile's caption shows this much of the prompt (20 MB prompts made a 210 MB page)."""
