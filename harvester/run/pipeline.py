@@ -60,6 +60,7 @@ from harvester.storage import manifest, runs
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
 from harvester.storage.manifest import INVALID, ManifestRow, ManifestWriter
+from harvester.storage.objects import Store, open_store
 
 log = logging.getLogger("harvester")
 
@@ -97,6 +98,11 @@ def api_key_from_env(environ: dict[str, str] | os._Environ[str], name: str | Non
 class HarvestConfig:
     inputs: tuple[Path, ...]
     out_dir: Path
+    """The output folder; with ``out_url``, a local folder for the run's temp files only
+    (shard files, progress, spill files, parts being built; ``objects.scratch_dir``)."""
+    out_url: str | None = None
+    """``s3://bucket/prefix``: images, manifest and run records go there (credentials from
+    the AWS environment variables)."""
     api_key: str = field(repr=False)
     base_url: str = DEFAULT_BASE_URL
     auth_scheme: str = "auto"
@@ -179,6 +185,7 @@ class HarvestConfig:
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
             seed=None if self.seed is None else self.seed + index,
+            out_url=self.out_url,
         )
 
     def validate(self) -> None:
@@ -213,6 +220,11 @@ class HarvestConfig:
             raise UsageError("give at least one CSV export to harvest")
 
     @property
+    def location(self) -> Path | str:
+        """Where the output lives: ``out_url``, else ``out_dir``."""
+        return self.out_url or self.out_dir
+
+    @property
     def authorization(self) -> str:
         scheme = self.auth_scheme
         if scheme == "auto":
@@ -229,13 +241,16 @@ def new_run_id(now: datetime) -> str:
 class _Run:
     """One harvest's driver; ``harvest`` below is the public entry point."""
 
-    def __init__(self, config: HarvestConfig, stats: RunStats, layout: Layout) -> None:
+    def __init__(
+        self, config: HarvestConfig, stats: RunStats, layout: Layout, remote: Store | None
+    ) -> None:
         self.config = config
         self.stats = stats
         self.layout = layout
         self.writer = ManifestWriter(
             layout,
             stats.run_id,
+            remote=remote,
             rows_per_part=config.rows_per_part,
             seconds_per_part=config.seconds_per_part,
         )
@@ -453,11 +468,12 @@ def harvest(
     files = reader.inspect(config.inputs, columns=config.columns)
     layout = Layout(config.out_dir)
     layout.prepare()
+    remote = None if config.out_url is None else open_store(config.out_url, temp_dir=layout.tmp)
     started = datetime.now(UTC)
     stats = RunStats(
         run_id=run_id or new_run_id(started),
         started_at=started,
-        out_dir=config.out_dir,
+        out_dir=config.location,
         inputs=files,
         rows_in_input=sum(f.rows for f in files),
         processes=config.lanes,
@@ -472,14 +488,17 @@ def harvest(
             config.lanes,
             config.workers,
         )
-    with exclusive(layout):
+    with ExitStack() as held:
+        if remote is not None:  # the lease first: it says who runs on the prefix
+            held.enter_context(remote.lock(owner=f"harvester run {stats.run_id}"))
+        held.enter_context(exclusive(layout))
         stats.temp_files_cleaned = layout.clean_temp()
-        stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.out_dir)[0])
-        runs.write(layout, stats.record(running=True))
-        run = _Run(config, stats, layout)
+        stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.location)[0])
+        runs.write(layout, stats.record(running=True), remote=remote)
+        run = _Run(config, stats, layout, remote)
         try:
             done = reader.PairSet(
-                reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir)
+                reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.location)
             )
             if on_start is not None:
                 on_start(stats)
@@ -513,7 +532,7 @@ def harvest(
                 stats.fail(exc)
                 raise
             finally:
-                runs.write(layout, stats.record())
+                runs.write(layout, stats.record(), remote=remote)
                 _remove(work_dir(config.out_dir, stats.run_id))
     return stats
 

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from harvester.errors import ManifestError, OutputError
 from harvester.storage.layout import Layout
+from harvester.storage.objects import Location, Store, is_remote, open_store, storage_options
 
 if TYPE_CHECKING:
     import polars as pl
@@ -164,8 +165,13 @@ class ManifestWriter:
         bytes_per_part: int = 64_000_000,
         autoflush: bool = True,
         prefix: str = "part",
+        remote: Store | None = None,
     ) -> None:
+        """``remote``: an S3 store each part goes to as one whole object (built in
+        ``layout.tmp`` first, a local folder)."""
         self._layout = layout
+        self._remote = remote
+        self._run_id = run_id
         self._prefix = prefix
         self._run_dir = layout.manifest / run_id
         self._rows_per_part = rows_per_part
@@ -228,6 +234,9 @@ class ManifestWriter:
     def _write_part(self, rows: list[ManifestRow]) -> None:
         if not rows:
             return
+        if self._remote is not None:
+            self._put_part(self._remote, rows)
+            return
         final = self._run_dir / f"{self._prefix}-{self._parts:05d}.parquet"
         tmp = self._layout.temp_path(suffix=".parquet")
         try:
@@ -242,6 +251,24 @@ class ManifestWriter:
             self._buffer[:0] = rows  # kept for the final flush to try again
             self._bytes += sum(_text_size(row) for row in rows)
             raise OutputError(f"cannot write manifest part {final}: {exc.strerror or exc}") from exc
+        self._parts += 1
+        self.rows_written += len(rows)
+        _give_back_memory()
+
+    def _put_part(self, remote: Store, rows: list[ManifestRow]) -> None:
+        key = f"manifest/{self._run_id}/{self._prefix}-{self._parts:05d}.parquet"
+        tmp = self._layout.temp_path(suffix=".parquet")
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(rows_to_table(rows), tmp, compression="zstd")
+            remote.put(key, tmp)  # one whole object; the temp file is consumed
+        except (OSError, OutputError) as exc:
+            tmp.unlink(missing_ok=True)
+            self._buffer[:0] = rows  # kept for the final flush to try again
+            self._bytes += sum(_text_size(row) for row in rows)
+            if isinstance(exc, OutputError):
+                raise
+            raise OutputError(f"cannot write manifest part {key}: {exc.strerror or exc}") from exc
         self._parts += 1
         self.rows_written += len(rows)
         _give_back_memory()
@@ -282,24 +309,41 @@ def _libc_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim: Final = _libc_malloc_trim()
 
 
-def manifest_glob(out_dir: Path) -> str:
-    """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(DIR))``."""
-    return str(out_dir / "manifest" / "**" / "*.parquet")
+def manifest_glob(out_dir: Location) -> str:
+    """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(DIR))``
+    (``s3://bucket/prefix/manifest/**/*.parquet`` for an S3 location)."""
+    if is_remote(out_dir):
+        return f"{str(out_dir).rstrip('/')}/manifest/**/*.parquet"
+    return str(Path(out_dir) / "manifest" / "**" / "*.parquet")
 
 
-def has_manifest(out_dir: Path) -> bool:
-    return any((out_dir / "manifest").glob("*/*.parquet"))
+def _remote_parts(out_dir: str) -> list[str]:
+    """The keys of an S3 location's manifest parts, sorted."""
+    store = open_store(out_dir)
+    return sorted(i.key for i in store.list("manifest/") if i.key.endswith(".parquet"))
 
 
-def scan(out_dir: Path) -> pl.LazyFrame:
-    """Lazily read every manifest part under ``out_dir``."""
+def has_manifest(out_dir: Location) -> bool:
+    if isinstance(out_dir, str) and is_remote(out_dir):
+        return bool(_remote_parts(out_dir))
+    return any((Path(out_dir) / "manifest").glob("*/*.parquet"))
+
+
+def scan(out_dir: Location) -> pl.LazyFrame:
+    """Lazily read every manifest part under ``out_dir`` (a folder, or ``s3://``: the
+    credentials come from the AWS environment variables)."""
     import polars as pl
 
     # Parts written before a column was added lack it: read it as null there.
-    return pl.scan_parquet(manifest_glob(out_dir), schema=polars_schema(), missing_columns="insert")
+    return pl.scan_parquet(
+        manifest_glob(out_dir),
+        schema=polars_schema(),
+        missing_columns="insert",
+        storage_options=storage_options() if is_remote(out_dir) else None,
+    )
 
 
-def latest(out_dir: Path) -> pl.LazyFrame:
+def latest(out_dir: Location) -> pl.LazyFrame:
     """The rows of each request's most recent run: the current state of every request."""
     import polars as pl
 
@@ -308,9 +352,13 @@ def latest(out_dir: Path) -> pl.LazyFrame:
     )
 
 
-def ok_pairs(out_dir: Path) -> Iterator[tuple[str, str]]:
+def ok_pairs(out_dir: Location) -> Iterator[tuple[str, str]]:
     """``(model, request_id)`` of every ok row in any earlier run (a pair can repeat), read
     in batches: memory stays flat however long the history."""
+    if isinstance(out_dir, str) and is_remote(out_dir):
+        yield from _remote_ok_pairs(out_dir)
+        return
+    out_dir = Path(out_dir)
     parts = sorted(str(p) for p in (out_dir / "manifest").glob("*/*.parquet"))
     if not parts:
         return
@@ -329,6 +377,25 @@ def ok_pairs(out_dir: Path) -> Iterator[tuple[str, str]]:
             f"{out_dir}', then move the unreadable part file(s) out of the manifest folder "
             "(their requests are harvested again)"
         ) from exc
+
+
+def _remote_ok_pairs(out_dir: str) -> Iterator[tuple[str, str]]:
+    """``ok_pairs`` of an S3 location: one part at a time (a part is a few MB at most)."""
+    store = open_store(out_dir)
+    for key in _remote_parts(out_dir):
+        try:
+            table = pq.read_table(
+                pa.BufferReader(store.get(key)),
+                columns=["model", "request_id", "request_status"],
+                filters=ds.field("request_status") == OK,
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ManifestError(
+                f"cannot read the existing manifest ({out_dir}/{key}): {exc}; run 'harvester "
+                f"verify {out_dir}', then delete or move that part (its requests are "
+                "harvested again)"
+            ) from exc
+        yield from zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
 
 
 def unreadable_parts(out_dir: Path) -> list[Path]:
