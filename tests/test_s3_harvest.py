@@ -9,9 +9,12 @@ output.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,14 +98,19 @@ def latest_state(gateway: Gateway, location: str) -> pl.DataFrame:
 
 
 def test_harvest_into_s3_rerun_status_report_verify(
-    tmp_path: Path, sandbox: Sandbox, s3_gateway: Gateway, s3_bucket: str
+    tmp_path: Path,
+    sandbox: Sandbox,
+    s3_gateway: Gateway,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     location = f"s3://{s3_bucket}/night"
     wanted = pairs("s3a", 40)
     csv = write_csv(tmp_path / "in.csv", wanted)
     env = s3_gateway.env()
 
-    first = run_cli(cli_args(sandbox.base_url, location, csv), env=env)
+    # Two shard processes: each opens its own S3 client from the location.
+    first = run_cli(cli_args(sandbox.base_url, location, csv, "--workers", "2"), env=env)
 
     assert first.exit_code == ExitCode.OK, first.output
     manifest = check_every_row(s3_gateway, location)
@@ -142,6 +150,22 @@ def test_harvest_into_s3_rerun_status_report_verify(
     for result in (first, rerun, status, report, verify):
         for secret in (s3_gateway.secret_key, s3_gateway.access_key, KEY):
             assert secret not in result.output
+
+    recipe = docs_s3_recipe().replace("s3://harvest/night", location)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(recipe, "docs/manifest.md", "exec"), {})  # noqa: S102 - the docs' block
+    assert re.search(rf"│ ok\s+┆ {manifest.height}\s+│", printed.getvalue()), printed.getvalue()
+
+
+def docs_s3_recipe() -> str:
+    """The runnable python block of docs/manifest.md that reads ``s3://``."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "manifest.md").read_text()
+    blocks = re.findall(r"^<!-- runnable -->\n```python\n(.*?)^```", text, flags=re.S | re.M)
+    (recipe,) = [b for b in blocks if "s3://harvest/night" in b]
+    return str(recipe)
 
 
 def test_verify_on_s3_finds_a_corrupt_object(
@@ -335,3 +359,62 @@ def test_kill_9_then_rerun_loses_nothing(
     scratch = [p for p in tmp_path.glob("harvester-*/.tmp/*")]
     assert scratch == []
     assert obstore  # the client the harvester uses, also what the test reads with
+
+
+def test_a_job_file_names_an_s3_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harvester.jobs import load_job
+
+    job_file = tmp_path / "nightly.toml"
+    job_file.write_text('inputs = ["exports/*.csv"]\nout = "s3://harvest/night"\n')
+    (tmp_path / "exports").mkdir()
+    write_csv(tmp_path / "exports" / "a.csv", [("fal-ai/flux", "r1")])
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+
+    config = load_job(job_file).harvest_config("key")
+
+    assert config.out_url == "s3://harvest/night"
+    assert config.location == "s3://harvest/night"
+    assert config.out_dir.parent == tmp_path / "tmp"  # the local scratch, under TMPDIR
+    assert config.out_dir.name.startswith("harvester-")
+    overridden = load_job(job_file, {"out": Path("local-out")}).harvest_config("key")
+    assert overridden.out_url is None
+    assert overridden.out_dir == Path("local-out")
+
+
+@pytest.mark.slow
+def test_a_run_whose_lease_is_taken_over_stops_with_exit_5(
+    tmp_path: Path, slow_sandbox: SandboxProcess, s3_gateway: Gateway, s3_bucket: str
+) -> None:
+    """What a hung machine finds when it wakes: another run took the prefix over; at its
+    next renewal (every 20 s) the run stops writing and exits 5."""
+    location = f"s3://{s3_bucket}/night"
+    csv = write_csv(tmp_path / "in.csv", pairs("s3t", 3000))
+    env = {**harvester_env(), **s3_gateway.env(), "TMPDIR": str(tmp_path)}
+    store = s3_store(s3_gateway, location)
+    harvest = subprocess.Popen(
+        [*command(slow_sandbox.base_url, location, csv), "--rps", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        for _ in range(6000):  # until the run holds the lease
+            holder = store.holder()
+            if holder is not None and holder.pid == harvest.pid:
+                break
+            assert harvest.poll() is None, harvest.communicate()
+            time.sleep(0.05)
+        while True:  # another run takes the prefix over: the next generation of the lease
+            newest = max(int(i.key.rsplit("/", 1)[-1].split(".")[0]) for i in store.list(".lock/"))
+            record = {"owner": "elsewhere", "host": "other", "pid": 1, "expires": 4e9}
+            if store.put_new(f".lock/{newest + 1:012d}.json", json.dumps(record).encode()):
+                break
+        _, stderr = harvest.communicate(timeout=180)
+    finally:
+        if harvest.poll() is None:
+            harvest.kill()
+            harvest.communicate()
+
+    assert harvest.returncode == ExitCode.LOCKED, stderr
+    assert "was taken over while this run was stalled" in stderr

@@ -37,6 +37,7 @@ from harvester.defaults import AUTH_SCHEMES, DEFAULT_BASE_URL, FAL_QUEUE_HOST
 from harvester.errors import (
     ExitCode,
     HarvesterError,
+    LockedError,
     OutputError,
     UsageError,
     WorkerError,
@@ -60,7 +61,7 @@ from harvester.storage import manifest, runs
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
 from harvester.storage.manifest import INVALID, ManifestRow, ManifestWriter
-from harvester.storage.objects import Store, open_store
+from harvester.storage.objects import Held, Store, open_store
 
 log = logging.getLogger("harvester")
 
@@ -259,6 +260,9 @@ class _Run:
         self.specs: list[ShardSpec] = []
         self.results: dict[int, ShardResult] = {}
         self.dead: list[str] = []
+        self.lease: Held | None = None
+        """An S3 prefix's lease: lost (taken over after a stall), the shards are stopped."""
+        self.lease_lost: LockedError | None = None
 
     def bad_row(self, bad: BadRow) -> ManifestRow:
         log.warning("%s:%d: invalid row: %s", bad.source, bad.line, bad.reason)
@@ -424,13 +428,22 @@ class _Run:
             if not stopped and any(r.error_code is not None for r in shards):
                 stopped = True
                 self.stop()  # a run-level error in one shard (a rejected key) ends them all
+            if not stopped and self.lease is not None and self.lease.lost:
+                stopped = True
+                try:
+                    self.lease.check()
+                except LockedError as exc:
+                    self.lease_lost = exc
+                self.stop()  # another run owns the prefix now: write nothing more
             if on_tick is not None:
                 on_tick(self.stats)
             await anyio.sleep(tick)
 
     def finish(self) -> None:
         """Raise the first shard's run-level error (a rejected key, an unreachable API), as
-        the CLI reports it."""
+        the CLI reports it, or the loss of the lease."""
+        if self.lease_lost is not None:
+            raise self.lease_lost
         for index in sorted(self.results):
             result = self.results[index]
             if result.error is not None and result.error_code is not None:
@@ -489,13 +502,15 @@ def harvest(
             config.workers,
         )
     with ExitStack() as held:
+        lease = None
         if remote is not None:  # the lease first: it says who runs on the prefix
-            held.enter_context(remote.lock(owner=f"harvester run {stats.run_id}"))
+            lease = held.enter_context(remote.lock(owner=f"harvester run {stats.run_id}"))
         held.enter_context(exclusive(layout))
         stats.temp_files_cleaned = layout.clean_temp()
         stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.location)[0])
         runs.write(layout, stats.record(running=True), remote=remote)
         run = _Run(config, stats, layout, remote)
+        run.lease = lease
         try:
             done = reader.PairSet(
                 reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.location)
