@@ -4,9 +4,9 @@ The manifest is a dataset of immutable part files, ``DIR/manifest/<run_id>/*.par
 shard of a run writes ``shard-SSSS-part-NNNNN.parquet``, the run itself (invalid input rows)
 ``part-NNNNN.parquet``.
 Each part is written to a temp file and renamed into place (on ``s3://``: put as one whole
-object), so a reader (or a crash) never sees a half-written one; a run flushes a part every ``rows_per_part`` rows, ``bytes_per_part``
-bytes of text or ``seconds_per_part`` seconds, so a crash loses a bounded amount of finished
-work and memory stays bounded whatever the rows hold.
+object), so a reader (or a crash) never sees a half-written one; a run flushes a part every
+``rows_per_part`` rows, ``bytes_per_part`` bytes of text or ``seconds_per_part`` seconds, so
+a crash loses a bounded amount of finished work and memory stays bounded whatever the rows hold.
 """
 
 from __future__ import annotations
