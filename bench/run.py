@@ -6,7 +6,7 @@ Every output (curl's, the plain script's, the harvester's, and their logs) goes 
 bench mounts over ``bench-out/runs`` (as root; otherwise a folder under /dev/shm, with a note),
 so that the disk's cost of creating files right after deleting thousands decides no ratio.
 
-Sections (all by default; ``--only speed,memory,slow,rps,overload,compact`` picks some):
+Sections (all by default; ``--only speed,memory,s3,slow,rps,overload,compact`` picks some):
 
 speed   a world of N requests with 1-4 images of ~30 KB, served by nginx on 127.0.0.1. Each
         round times ``curl --parallel --parallel-max 64`` downloading every result and image
@@ -17,6 +17,9 @@ speed   a world of N requests with 1-4 images of ~30 KB, served by nginx on 127.
         1,000 requests and its peak RSS.
 memory  the harvester once on a world of 10x N requests with tiny images: its peak RSS must
         stay within 1.2x of the speed section's median.
+s3      the speed world harvested once into a folder and once into Ceph's S3 gateway on
+        127.0.0.1 (``--out s3://bench/night``, the gateway started as the tests start it):
+        wall and CPU side by side; nothing checked against a target.
 slow    nginx adds 200 ms to every response; ``--concurrency 64`` should reach 90% of the ideal
         64 / 0.2 s = 320 results/s, measured from the server's access log.
 rps     ``--rps 50`` for a minute; the rate and every one-second window come from the
@@ -50,6 +53,7 @@ from pathlib import Path
 from typing import Final
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.s3gateway
 
 import compaction
 import nginx
@@ -210,11 +214,20 @@ def scratch(out: Path) -> Iterator[Path]:
 
 
 def harvest(
-    csv: Path, out: Path, base_url: str, extra: Sequence[str], *, log: Path, check: bool = True
+    csv: Path,
+    out: Path | str,
+    base_url: str,
+    extra: Sequence[str],
+    *,
+    log: Path,
+    check: bool = True,
+    env_extra: dict[str, str] | None = None,
 ) -> Timed:
-    """Run a harvest; unless ``check`` is off, any exit but 0 (every pair ok) ends the bench."""
-    fresh(out)
-    env = {**os.environ, "HARVESTER_API_KEY": KEY}
+    """Run a harvest; unless ``check`` is off, any exit but 0 (every pair ok) ends the bench.
+    ``out`` is a fresh folder, or an ``s3://`` location (``env_extra``: its AWS variables)."""
+    if isinstance(out, Path):
+        fresh(out)
+    env = {**os.environ, "HARVESTER_API_KEY": KEY, **(env_extra or {})}
     args = [*HARVESTER, "harvest", str(csv), "--out", str(out), "--base-url", base_url, "-q"]
     result = timed([*args, *extra], env=env, log=log)
     if check and result.returncode != 0:
@@ -407,6 +420,44 @@ def memory(args: argparse.Namespace, out: Path, report: Report, base_rss: float 
     )
 
 
+def s3(args: argparse.Namespace, out: Path, report: Report) -> None:
+    """The speed world harvested into a folder, then into Ceph's S3 gateway on 127.0.0.1
+    (tests/s3gateway.py starts it), one run each: wall and CPU side by side."""
+    from tests import s3gateway
+
+    print(f"s3: {args.n:,} requests into a folder, then into Ceph's S3 gateway", flush=True)
+    if s3gateway.missing_binaries():
+        raise SystemExit(f"bench: the s3 section needs {s3gateway.INSTALL_HINT}")
+    w = build_world(out / f"world-{args.n}", args.n, 30_000)
+    folder = clear_runs(out)
+    device = max(1 << 30, 2 * w.image_bytes_total)
+    with (
+        nginx.serving(w.www, w.spec.port) as server,
+        s3gateway.running_gateway(folder / "ceph", device_bytes=device) as gateway,
+    ):
+        gateway.create_bucket("bench")
+        local = harvest(
+            w.csv, folder / "harvest", server.base_url, args.harvest_args, log=folder / "local.log"
+        )
+        remote = harvest(
+            w.csv,
+            "s3://bench/night",
+            server.base_url,
+            args.harvest_args,
+            log=folder / "s3.log",
+            env_extra={**gateway.env(), "TMPDIR": str(folder)},
+        )
+    mb = w.image_bytes_total / 1e6
+    report.lines.append(f"s3: {args.n:,} requests, {w.images:,} images, {mb:,.0f} MB; one run each")
+    for name, t in (("folder", local), ("s3 (Ceph gateway)", remote)):
+        report.lines.append(
+            f"  {name:<18} wall {t.wall:7.2f} s  CPU {t.cpu:7.1f} s "
+            f"({t.cpu / args.n * 1000:.2f} CPU-s per 1,000 requests)  "
+            f"peak RSS {t.max_rss_mb:.0f} MB"
+        )
+    report.lines.append(f"  s3 / folder: wall {remote.wall / local.wall:.2f}x")
+
+
 def slow(args: argparse.Namespace, out: Path, report: Report) -> None:
     ideal = SLOW_CONCURRENCY / SLOW_LATENCY
     n = int(ideal * args.slow_seconds)
@@ -573,7 +624,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=int(env("BENCH_RUNS", "5")))
     parser.add_argument("--out", type=Path, default=Path(env("BENCH_OUT", "bench-out")))
     parser.add_argument(
-        "--only", default=env("BENCH_ONLY", "speed,memory,slow,rps,overload,compact")
+        "--only", default=env("BENCH_ONLY", "speed,memory,s3,slow,rps,overload,compact")
     )
     parser.add_argument("--nights", type=int, default=int(env("BENCH_NIGHTS", "365")))
     parser.add_argument(
@@ -600,6 +651,8 @@ def main() -> None:
         base_rss = speed(args, out, report) if "speed" in sections else None
         if "memory" in sections:
             memory(args, out, report, base_rss)
+        if "s3" in sections:
+            s3(args, out, report)
         if "slow" in sections:
             slow(args, out, report)
         if "rps" in sections:

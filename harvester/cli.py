@@ -22,6 +22,7 @@ from harvester.defaults import AUTH_SCHEMES
 from harvester.errors import ExitCode, HarvesterError
 from harvester.jobs import Job, load_job
 from harvester.redact import printable
+from harvester.storage.objects import as_location
 from harvester.views import metrics
 from harvester.views.console import LOG_FORMATS, Console
 
@@ -64,6 +65,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 _DEFAULTS: Final = Job(inputs=(), out=Path())
 
 
+def _location(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    """``--out``/``DIR``: ``s3://...`` stays text, anything else is a path."""
+    return None if value is None else as_location(value)
+
+
+def _check_folder(out_dir: Path | str) -> None:
+    """Exit 2 if a local DIR is not a folder (an s3:// location is checked when read)."""
+    if isinstance(out_dir, Path) and not out_dir.is_dir():
+        click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
+        sys.exit(int(ExitCode.USAGE))
+
+
 def _harvest_options(*, job: bool) -> Callable[[F], F]:
     """The options ``harvest`` and ``run`` share. For ``run`` each defaults to None, meaning
     "as the job file says" (and the job file's own default after that)."""
@@ -76,9 +89,11 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
     options = [
         click.option(
             "--out",
-            type=click.Path(path_type=Path),
+            metavar="DIR|s3://BUCKET/PREFIX",
+            callback=_location,
             required=not job,
-            help="Output folder: images/, manifest/ and runs/ live here."
+            help="Output folder, or s3://bucket/prefix (credentials from AWS_* environment "
+            "variables): images/, manifest/ and runs/ live there."
             + (" Default: the job's 'out'." if job else ""),
         ),
         click.option(
@@ -317,6 +332,9 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     if job.compact and stats.exit_code in (ExitCode.OK, ExitCode.INCOMPLETE):
         from harvester.storage.compact import compact
 
+        if not isinstance(job.out, Path):  # s3://: compaction is for folders only
+            click.echo("compact = true: skipped, compaction is for folders, not s3://", err=True)
+            sys.exit(int(stats.exit_code))
         try:
             compacted = compact(job.out)
         except HarvesterError as exc:
@@ -357,7 +375,7 @@ def _write_metrics(job: Job, figures: metrics.RunFigures, console: Console) -> N
 
 
 @main.command("status", short_help="Did the last run work? Its record, exit code and meaning.")
-@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("out_dir", metavar="DIR", callback=_location)
 @click.option(
     "--max-age",
     type=click.FloatRange(min=0, min_open=True),
@@ -380,7 +398,7 @@ def _write_metrics(job: Job, figures: metrics.RunFigures, console: Console) -> N
     help="Print nothing when the exit code is 0, so cron mails only when something is wrong.",
 )
 def status_command(
-    out_dir: Path, max_age: float | None, incomplete_ok: bool, as_json: bool, quiet: bool
+    out_dir: Path | str, max_age: float | None, incomplete_ok: bool, as_json: bool, quiet: bool
 ) -> None:
     """Did the last run work? Shows the last run record in DIR/runs (start, end, exit code and
     its meaning, inputs, counts by status, 429s, bytes) and whether a harvest is running now.
@@ -393,11 +411,13 @@ def status_command(
     """
     from harvester.views.status import status
 
-    if not out_dir.is_dir():
-        click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
-        sys.exit(int(ExitCode.USAGE))
+    _check_folder(out_dir)
     age = timedelta(hours=max_age) if max_age is not None else None
-    result = status(out_dir, max_age=age, incomplete_ok=incomplete_ok)
+    try:
+        result = status(out_dir, max_age=age, incomplete_ok=incomplete_ok)
+    except HarvesterError as exc:  # an s3:// location that cannot be read
+        _fail(exc)
+        return
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     elif not (quiet and result.exit_code == 0):
@@ -408,7 +428,7 @@ def status_command(
 @main.command(
     "report", short_help="Tables of what the harvest holds; --html for a page with charts."
 )
-@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("out_dir", metavar="DIR", callback=_location)
 @click.option(
     "--html",
     "html_file",
@@ -426,7 +446,7 @@ def status_command(
     show_default=True,
     help="Images of the latest run embedded in the HTML gallery at most.",
 )
-def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -> None:
+def report_command(out_dir: Path | str, html_file: Path | None, gallery_images: int) -> None:
     """What the harvest holds: requests by status and model, NSFW rate per model, inference-time
     percentiles per model (all over the latest state of every request), and images and bytes
     per run.
@@ -438,8 +458,13 @@ def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -
     from harvester.views.report import build
     from harvester.views.report_html import GalleryLimits, write_html
 
-    if not out_dir.is_dir():
-        click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
+    _check_folder(out_dir)
+    if isinstance(out_dir, str) and html_file is not None:
+        click.echo(
+            "harvester: error: --html embeds image files from a folder; on s3:// print the "
+            "tables (leave out --html), or report on a local copy",
+            err=True,
+        )
         sys.exit(int(ExitCode.USAGE))
     try:
         report = build(out_dir, gallery_limit=gallery_images)
@@ -464,16 +489,16 @@ def report_command(out_dir: Path, html_file: Path | None, gallery_images: int) -
 
 
 @main.command("verify", short_help="Re-hash every stored image against the manifest.")
-@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
-def verify_command(out_dir: Path) -> None:
+@click.argument("out_dir", metavar="DIR", callback=_location)
+def verify_command(out_dir: Path | str) -> None:
     """Re-hash every stored image against the manifest; report missing, corrupt and orphaned
     files and unreadable manifest parts. Exits 9 if anything is wrong."""
     from harvester.views.verify import verify
 
-    if not out_dir.is_dir():
-        click.echo(f"harvester: error: {out_dir} is not a folder", err=True)
-        sys.exit(int(ExitCode.USAGE))
-    if not (out_dir / "manifest").is_dir() and not (out_dir / "images").is_dir():
+    _check_folder(out_dir)
+    if isinstance(out_dir, Path) and not any(
+        (out_dir / name).is_dir() for name in ("manifest", "images")
+    ):
         click.echo(
             f"harvester: error: {out_dir} has no manifest/ or images/ folder: is it the --out "
             "folder of a harvest?",

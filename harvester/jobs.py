@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from harvester.defaults import AUTH_SCHEMES, DEFAULT_BASE_URL
 from harvester.errors import ConfigError, InputError
+from harvester.storage.objects import is_remote, scratch_dir
 from harvester.views.console import LOG_FORMATS
 
 if TYPE_CHECKING:  # the run layer is loaded only by the commands that run a harvest
@@ -44,7 +45,8 @@ class Job:
 
     inputs: tuple[str, ...]
     """CSV exports: paths or glob patterns (``**`` matches folders recursively)."""
-    out: Path
+    out: Path | str
+    """The output folder, or ``s3://bucket/prefix``."""
     base_url: str = DEFAULT_BASE_URL
     auth_scheme: str = "auto"
     key_env: str | None = None
@@ -89,7 +91,8 @@ class Job:
 
         return HarvestConfig(
             inputs=expand_inputs(self.inputs),
-            out_dir=self.out,
+            out_dir=scratch_dir(self.out) if isinstance(self.out, str) else self.out,
+            out_url=self.out if isinstance(self.out, str) else None,
             api_key=api_key,
             base_url=self.base_url,
             auth_scheme=self.auth_scheme,
@@ -196,7 +199,7 @@ def load_job(path: Path, overrides: Mapping[str, object] | None = None) -> Job:
     if "inputs" in values:
         values["inputs"] = tuple(_resolve(base, p) for p in values["inputs"])
     for key in ("out", "metrics_file"):
-        if key in values:
+        if key in values and not is_remote(values[key]):
             values[key] = Path(_resolve(base, values[key]))
     values.update(overrides or {})
     for required, what in (("inputs", "CSV exports to read"), ("out", "the output folder")):

@@ -117,7 +117,9 @@ def free_port() -> int:
         return port
 
 
-def _config(root: Path, *, fsid: str, mon_port: int, rgw_port: int) -> str:
+def _config(
+    root: Path, *, fsid: str, mon_port: int, rgw_port: int, device_bytes: int = 1 << 30
+) -> str:
     return f"""\
 [global]
 fsid = {fsid}
@@ -130,7 +132,7 @@ auth cluster required = cephx
 auth service required = cephx
 auth client required = cephx
 osd objectstore = memstore
-memstore device bytes = {1 << 30}
+memstore device bytes = {device_bytes}
 osd pool default size = 1
 osd pool default min size = 1
 mon allow pool size one = true
@@ -234,9 +236,9 @@ def _wait(what: str, cluster: _Cluster, ready: object, *, timeout: float = 90) -
 
 
 @contextlib.contextmanager
-def running_gateway(root: Path) -> Iterator[Gateway]:
+def running_gateway(root: Path, *, device_bytes: int = 1 << 30) -> Iterator[Gateway]:
     """Start a monitor, an OSD and the gateway with all state under ``root``; stop them all
-    on exit (also when starting fails)."""
+    on exit (also when starting fails). ``device_bytes``: what the OSD's memory store holds."""
     missing = missing_binaries()
     if missing:
         raise GatewayError(f"{', '.join(missing)} not found: {INSTALL_HINT}")
@@ -245,7 +247,9 @@ def running_gateway(root: Path) -> Iterator[Gateway]:
     mon_port, rgw_port = free_port(), free_port()
     fsid = str(uuid.uuid4())
     cluster = _Cluster(root)
-    cluster.conf.write_text(_config(root, fsid=fsid, mon_port=mon_port, rgw_port=rgw_port))
+    cluster.conf.write_text(
+        _config(root, fsid=fsid, mon_port=mon_port, rgw_port=rgw_port, device_bytes=device_bytes)
+    )
     try:
         # Every key is made here and given to the monitor at birth: no round trips later.
         mon_keyring = str(root / "mon.keyring")

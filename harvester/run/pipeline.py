@@ -37,6 +37,7 @@ from harvester.defaults import AUTH_SCHEMES, DEFAULT_BASE_URL, FAL_QUEUE_HOST
 from harvester.errors import (
     ExitCode,
     HarvesterError,
+    LockedError,
     OutputError,
     UsageError,
     WorkerError,
@@ -60,6 +61,7 @@ from harvester.storage import manifest, runs
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
 from harvester.storage.manifest import EXPIRED, INVALID, ManifestRow, ManifestWriter
+from harvester.storage.objects import Held, Store, open_store
 
 log = logging.getLogger("harvester")
 
@@ -97,6 +99,11 @@ def api_key_from_env(environ: dict[str, str] | os._Environ[str], name: str | Non
 class HarvestConfig:
     inputs: tuple[Path, ...]
     out_dir: Path
+    """The output folder; with ``out_url``, a local folder for the run's temp files only
+    (shard files, progress, spill files, parts being built; ``objects.scratch_dir``)."""
+    out_url: str | None = None
+    """``s3://bucket/prefix``: images, manifest and run records go there (credentials from
+    the AWS environment variables)."""
     api_key: str = field(repr=False)
     base_url: str = DEFAULT_BASE_URL
     auth_scheme: str = "auto"
@@ -184,6 +191,7 @@ class HarvestConfig:
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
             seed=None if self.seed is None else self.seed + index,
+            out_url=self.out_url,
         )
 
     def validate(self) -> None:
@@ -219,6 +227,11 @@ class HarvestConfig:
             raise UsageError("give at least one CSV export to harvest")
 
     @property
+    def location(self) -> Path | str:
+        """Where the output lives: ``out_url``, else ``out_dir``."""
+        return self.out_url or self.out_dir
+
+    @property
     def authorization(self) -> str:
         scheme = self.auth_scheme
         if scheme == "auto":
@@ -235,13 +248,16 @@ def new_run_id(now: datetime) -> str:
 class _Run:
     """One harvest's driver; ``harvest`` below is the public entry point."""
 
-    def __init__(self, config: HarvestConfig, stats: RunStats, layout: Layout) -> None:
+    def __init__(
+        self, config: HarvestConfig, stats: RunStats, layout: Layout, remote: Store | None
+    ) -> None:
         self.config = config
         self.stats = stats
         self.layout = layout
         self.writer = ManifestWriter(
             layout,
             stats.run_id,
+            remote=remote,
             rows_per_part=config.rows_per_part,
             seconds_per_part=config.seconds_per_part,
         )
@@ -253,6 +269,9 @@ class _Run:
         self.specs: list[ShardSpec] = []
         self.results: dict[int, ShardResult] = {}
         self.dead: list[str] = []
+        self.lease: Held | None = None
+        """An S3 prefix's lease: lost (taken over after a stall), the shards are stopped."""
+        self.lease_lost: LockedError | None = None
 
     def bad_row(self, bad: BadRow) -> ManifestRow:
         log.warning("%s:%d: invalid row: %s", bad.source, bad.line, bad.reason)
@@ -443,13 +462,22 @@ class _Run:
             if not stopped and any(r.error_code is not None for r in shards):
                 stopped = True
                 self.stop()  # a run-level error in one shard (a rejected key) ends them all
+            if not stopped and self.lease is not None and self.lease.lost:
+                stopped = True
+                try:
+                    self.lease.check()
+                except LockedError as exc:
+                    self.lease_lost = exc
+                self.stop()  # another run owns the prefix now: write nothing more
             if on_tick is not None:
                 on_tick(self.stats)
             await anyio.sleep(tick)
 
     def finish(self) -> None:
         """Raise the first shard's run-level error (a rejected key, an unreachable API), as
-        the CLI reports it."""
+        the CLI reports it, or the loss of the lease."""
+        if self.lease_lost is not None:
+            raise self.lease_lost
         for index in sorted(self.results):
             result = self.results[index]
             if result.error is not None and result.error_code is not None:
@@ -487,11 +515,12 @@ def harvest(
     files = reader.inspect(config.inputs, columns=config.columns)
     layout = Layout(config.out_dir)
     layout.prepare()
+    remote = None if config.out_url is None else open_store(config.out_url, temp_dir=layout.tmp)
     started = datetime.now(UTC)
     stats = RunStats(
         run_id=run_id or new_run_id(started),
         started_at=started,
-        out_dir=config.out_dir,
+        out_dir=config.location,
         inputs=files,
         rows_in_input=sum(f.rows for f in files),
         processes=config.lanes,
@@ -506,14 +535,19 @@ def harvest(
             config.lanes,
             config.workers,
         )
-    with exclusive(layout):
+    with ExitStack() as held:
+        lease = None
+        if remote is not None:  # the lease first: it says who runs on the prefix
+            lease = held.enter_context(remote.lock(owner=f"harvester run {stats.run_id}"))
+        held.enter_context(exclusive(layout))
         stats.temp_files_cleaned = layout.clean_temp()
-        stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.out_dir)[0])
-        runs.write(layout, stats.record(running=True))
-        run = _Run(config, stats, layout)
+        stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.location)[0])
+        runs.write(layout, stats.record(running=True), remote=remote)
+        run = _Run(config, stats, layout, remote)
+        run.lease = lease
         try:
             done = reader.PairSet(
-                reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir)
+                reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.location)
             )
             if not config.retry_expired:
                 _give_up(config, started, done, run.expire)
@@ -549,7 +583,7 @@ def harvest(
                 stats.fail(exc)
                 raise
             finally:
-                runs.write(layout, stats.record())
+                runs.write(layout, stats.record(), remote=remote)
                 _remove(work_dir(config.out_dir, stats.run_id))
     return stats
 
@@ -566,7 +600,7 @@ def _give_up(
     """Add to ``done`` the pairs given up on in earlier runs (skipped like ok ones) and to
     ``expire`` those never ok ``give_up_after`` days after their first row."""
     cutoff = now - timedelta(days=config.give_up_after)
-    for aged in manifest.aged_pairs(config.out_dir, first_seen_before=cutoff):
+    for aged in manifest.aged_pairs(config.location, first_seen_before=cutoff):
         key = reader.pair_key(aged.model, aged.request_id)
         if aged.expired:
             done.add(key)

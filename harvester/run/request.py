@@ -29,6 +29,7 @@ from harvester.api.urls import describe_url
 from harvester.run.download import ImageDownloader
 from harvester.run.reader import Pair
 from harvester.storage.layout import Layout
+from harvester.storage.objects import Store
 from harvester.storage.rows import ERROR, FAILED, OK, PENDING, ManifestRow
 from harvester.storage.store import ImageFailure, StoredImage
 
@@ -46,6 +47,7 @@ class LaneSettings:
 
     run_id: str
     out_dir: Path
+    """The output folder; with ``out_url``, the local folder for temp files only."""
     base_url: str
     authorization: str = field(repr=False)
     concurrency: int
@@ -58,6 +60,8 @@ class LaneSettings:
     connect_timeout: float
     read_timeout: float
     seed: int | None
+    out_url: str | None = None
+    """``s3://bucket/prefix`` when the output is in S3 (each process opens its own client)."""
 
     @property
     def backlog(self) -> int:
@@ -84,8 +88,10 @@ class Counters:
 class Lane:
     """Does requests: one instance per lane, used inside ``opened()``."""
 
-    def __init__(self, settings: LaneSettings) -> None:
+    def __init__(self, settings: LaneSettings, *, remote: Store | None = None) -> None:
+        """``remote``: the S3 store images go to (``settings.out_url``'s)."""
         self.settings = settings
+        self.remote = remote
         self.rng = random.Random(settings.seed)
         self.layout = Layout(settings.out_dir)
         # fast_acquire: a free slot is taken without a trip through the event loop; these are
@@ -129,6 +135,7 @@ class Lane:
                 max_bytes=s.max_image_bytes,
                 refuse_private=not s.allow_private_images,
                 api_url=s.base_url,
+                remote=self.remote,
             )
             yield self
         finally:

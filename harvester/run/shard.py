@@ -32,6 +32,7 @@ from harvester.run.reader import Pair, pair_key
 from harvester.run.request import EVENT_LOOP_OPTIONS, Lane, LaneSettings, quiet_gc, serve_pairs
 from harvester.storage.layout import Layout
 from harvester.storage.manifest import ManifestWriter
+from harvester.storage.objects import open_store
 from harvester.storage.rows import ManifestRow
 
 log = logging.getLogger("harvester")
@@ -149,10 +150,17 @@ class _Shard:
     def __init__(self, spec: ShardSpec) -> None:
         self.spec = spec
         self.layout = Layout(spec.out_dir)
-        self.lane = Lane(spec.lane)
+        # An S3 output is opened here, in the shard's process: obstore's clients don't pickle.
+        self.remote = (
+            None
+            if spec.lane.out_url is None
+            else open_store(spec.lane.out_url, temp_dir=self.layout.tmp)
+        )
+        self.lane = Lane(spec.lane, remote=self.remote)
         self.writer = ManifestWriter(
             self.layout,
             spec.run_id,
+            remote=self.remote,
             rows_per_part=spec.rows_per_part,
             seconds_per_part=spec.seconds_per_part,
             autoflush=False,

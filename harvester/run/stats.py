@@ -40,7 +40,8 @@ class RunStats:
 
     run_id: str
     started_at: datetime
-    out_dir: Path
+    out_dir: Path | str
+    """The output folder, or ``s3://bucket/prefix``."""
     inputs: list[reader.InputFile] = field(default_factory=list)
     rows_in_input: int = 0
     skipped_done: int = 0
@@ -193,7 +194,7 @@ class RunStats:
             ),
             f"  manifest:   {plural(self.manifest_rows, 'row')} in "
             f"{plural(self.manifest_parts, 'new part')} "
-            f"under {self.out_dir / 'manifest' / self.run_id}",
+            f"under {self.out_dir}/manifest/{self.run_id}",
         ]
         code = self.exit_code
         if self.interrupted:

@@ -8,10 +8,10 @@ Once ``harvester compact`` has run, one generation of merged parts
 (``harvester.storage.compact``; docs/manifest.md "Compaction"). Readers here use ``parts``,
 which skips what the newest generation replaces.
 
-Each part is written to a temp file and renamed into place, so a reader (or a crash) never
-sees a half-written one; a run flushes a part every ``rows_per_part`` rows, ``bytes_per_part``
-bytes of text or ``seconds_per_part`` seconds, so a crash loses a bounded amount of finished
-work and memory stays bounded whatever the rows hold.
+Each part is written to a temp file and renamed into place (on ``s3://``: put as one whole
+object), so a reader (or a crash) never sees a half-written one; a run flushes a part every
+``rows_per_part`` rows, ``bytes_per_part`` bytes of text or ``seconds_per_part`` seconds, so
+a crash loses a bounded amount of finished work and memory stays bounded whatever the rows hold.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from harvester.errors import ManifestError, OutputError
 from harvester.storage.layout import Layout
+from harvester.storage.objects import Location, Store, is_remote, open_store, storage_options
 
 if TYPE_CHECKING:
     import polars as pl
@@ -172,8 +173,13 @@ class ManifestWriter:
         bytes_per_part: int = 64_000_000,
         autoflush: bool = True,
         prefix: str = "part",
+        remote: Store | None = None,
     ) -> None:
+        """``remote``: an S3 store each part goes to as one whole object (built in
+        ``layout.tmp`` first, a local folder)."""
         self._layout = layout
+        self._remote = remote
+        self._run_id = run_id
         self._prefix = prefix
         self._run_dir = layout.manifest / run_id
         self._rows_per_part = rows_per_part
@@ -236,6 +242,9 @@ class ManifestWriter:
     def _write_part(self, rows: list[ManifestRow]) -> None:
         if not rows:
             return
+        if self._remote is not None:
+            self._put_part(self._remote, rows)
+            return
         final = self._run_dir / f"{self._prefix}-{self._parts:05d}.parquet"
         tmp = self._layout.temp_path(suffix=".parquet")
         try:
@@ -250,6 +259,24 @@ class ManifestWriter:
             self._buffer[:0] = rows  # kept for the final flush to try again
             self._bytes += sum(_text_size(row) for row in rows)
             raise OutputError(f"cannot write manifest part {final}: {exc.strerror or exc}") from exc
+        self._parts += 1
+        self.rows_written += len(rows)
+        _give_back_memory()
+
+    def _put_part(self, remote: Store, rows: list[ManifestRow]) -> None:
+        key = f"manifest/{self._run_id}/{self._prefix}-{self._parts:05d}.parquet"
+        tmp = self._layout.temp_path(suffix=".parquet")
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(rows_to_table(rows), tmp, compression="zstd")
+            remote.put(key, tmp)  # one whole object; the temp file is consumed
+        except (OSError, OutputError) as exc:
+            tmp.unlink(missing_ok=True)
+            self._buffer[:0] = rows  # kept for the final flush to try again
+            self._bytes += sum(_text_size(row) for row in rows)
+            if isinstance(exc, OutputError):
+                raise
+            raise OutputError(f"cannot write manifest part {key}: {exc.strerror or exc}") from exc
         self._parts += 1
         self.rows_written += len(rows)
         _give_back_memory()
@@ -290,14 +317,44 @@ def _libc_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim: Final = _libc_malloc_trim()
 
 
-def manifest_glob(out_dir: Path) -> str:
-    """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(DIR))``. Exact
-    whenever no compaction is under way (``parts`` is exact always)."""
-    return str(out_dir / "manifest" / "**" / "*.parquet")
+def manifest_glob(out_dir: Location) -> str:
+    """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(DIR))``
+    (``s3://bucket/prefix/manifest/**/*.parquet`` for an S3 location). Exact whenever no
+    compaction is under way (``parts`` is exact always)."""
+    if is_remote(out_dir):
+        return f"{str(out_dir).rstrip('/')}/manifest/**/*.parquet"
+    return str(Path(out_dir) / "manifest" / "**" / "*.parquet")
 
 
-def has_manifest(out_dir: Path) -> bool:
-    return any((out_dir / "manifest").glob("*/*.parquet"))
+def _remote_parts(out_dir: str) -> list[str]:
+    """The keys of an S3 location's manifest parts, sorted."""
+    store = open_store(out_dir)
+    return sorted(i.key for i in store.list("manifest/") if i.key.endswith(".parquet"))
+
+
+def _remote_ok_pairs(out_dir: str) -> Iterator[tuple[str, str]]:
+    """``ok_pairs`` of an S3 location: one part at a time (a part is a few MB at most)."""
+    store = open_store(out_dir)
+    for key in _remote_parts(out_dir):
+        try:
+            table = pq.read_table(
+                pa.BufferReader(store.get(key)),
+                columns=["model", "request_id", "request_status"],
+                filters=ds.field("request_status") == OK,
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ManifestError(
+                f"cannot read the existing manifest ({out_dir}/{key}): {exc}; run 'harvester "
+                f"verify {out_dir}', then delete or move that part (its requests are "
+                "harvested again)"
+            ) from exc
+        yield from zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
+
+
+def has_manifest(out_dir: Location) -> bool:
+    if is_remote(out_dir):
+        return bool(_remote_parts(str(out_dir)))
+    return any((Path(out_dir) / "manifest").glob("*/*.parquet"))
 
 
 GENERATION_PREFIX: Final = "_compacted-"
@@ -387,9 +444,20 @@ def _scan_files(files: Sequence[Path]) -> pl.LazyFrame:
     )
 
 
-def scan(out_dir: Path) -> pl.LazyFrame:
-    """Lazily read every manifest row under ``out_dir`` (each once)."""
-    return _scan_files(parts(out_dir))
+def scan(out_dir: Location) -> pl.LazyFrame:
+    """Lazily read every manifest row under ``out_dir`` (each once): a folder, or ``s3://``
+    (credentials from the AWS environment variables; compaction is for folders only)."""
+    if is_remote(out_dir):
+        import polars as pl
+
+        # Parts written before a column was added lack it: read it as null there.
+        return pl.scan_parquet(
+            manifest_glob(out_dir),
+            schema=polars_schema(),
+            missing_columns="insert",
+            storage_options=storage_options(),
+        )
+    return _scan_files(parts(Path(out_dir)))
 
 
 def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
@@ -398,7 +466,7 @@ def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
     return rows.filter(pl.col("run_id") == pl.col("run_id").max().over("model", "request_id"))
 
 
-def latest(out_dir: Path) -> pl.LazyFrame:
+def latest(out_dir: Location) -> pl.LazyFrame:
     """The rows of each request's most recent run: the current state of every request.
 
     After a compaction this reads the current-state table (already one request's latest rows
@@ -406,6 +474,9 @@ def latest(out_dir: Path) -> pl.LazyFrame:
     """
     import polars as pl
 
+    if is_remote(out_dir):
+        return _latest_of(scan(out_dir))
+    out_dir = Path(out_dir)
     gen = generation(out_dir)
     if gen is None or gen.current is None:
         return _latest_of(scan(out_dir))
@@ -435,10 +506,13 @@ def _batches(out_dir: Path, columns: list[str], where: ds.Expression) -> Iterato
         ) from exc
 
 
-def ok_pairs(out_dir: Path) -> Iterator[tuple[str, str]]:
+def ok_pairs(out_dir: Location) -> Iterator[tuple[str, str]]:
     """``(model, request_id)`` of every ok row in any earlier run (a pair can repeat), read
     in batches: memory stays flat however long the history."""
-    for batch in _batches(out_dir, ["model", "request_id"], ds.field("request_status") == OK):
+    if is_remote(out_dir):
+        yield from _remote_ok_pairs(str(out_dir))
+        return
+    for batch in _batches(Path(out_dir), ["model", "request_id"], ds.field("request_status") == OK):
         yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
 
 
@@ -452,10 +526,13 @@ class AgedPair:
     expired: bool
 
 
-def aged_pairs(out_dir: Path, *, first_seen_before: datetime) -> Iterator[AgedPair]:
+def aged_pairs(out_dir: Location, *, first_seen_before: datetime) -> Iterator[AgedPair]:
     """Pairs with a row not ok harvested before ``first_seen_before``, or an ``expired`` row
-    (a pair can repeat), read in batches like ``ok_pairs``. A harvest gives up on those of them that
-    were never ok (``--give-up-after``)."""
+    (a pair can repeat), read in batches like ``ok_pairs``. A harvest gives up on those of them
+    that were never ok (``--give-up-after``). Folders only: on ``s3://`` none (yet)."""
+    if is_remote(out_dir):
+        return
+    out_dir = Path(out_dir)
     cutoff = pa.scalar(first_seen_before, type=SCHEMA.field("harvested_at").type)
     # Ok rows are left out: a pair ever ok is skipped anyway, and it keeps this pass short.
     aged = (ds.field("harvested_at") < cutoff) & (ds.field("request_status") != OK)

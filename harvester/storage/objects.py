@@ -14,6 +14,7 @@ are never put into a message. obstore's exceptions become the harvester's here, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -632,10 +633,48 @@ class Lease:
         )
 
 
-def open_store(location: str | Path, *, env: dict[str, str] | None = None) -> Store:
-    """The store for ``--out``: ``s3://bucket/prefix``, or a local folder."""
+Location = Path | str
+"""Where a harvest's output lives: a local folder (a ``Path``), or ``s3://bucket/prefix``."""
+
+
+def is_remote(location: Location) -> bool:
+    """True for an ``s3://`` location (the only remote kind)."""
+    return isinstance(location, str) and location.startswith("s3://")
+
+
+def as_location(text: str) -> Location:
+    """``--out``'s text as a location: ``s3://...`` stays a string, anything else is a path."""
+    return text if text.startswith("s3://") else Path(text)
+
+
+def scratch_dir(location: str, *, env: dict[str, str] | None = None) -> Path:
+    """The local folder for the temp files of runs on an S3 location: under ``TMPDIR``, one
+    per location (so a run empties what a killed run on the same location left behind)."""
+    env = dict(os.environ if env is None else env)
+    base = env.get("TMPDIR") or tempfile.gettempdir()
+    digest = hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:12]
+    return Path(base) / f"harvester-{digest}"
+
+
+def storage_options(env: dict[str, str] | None = None) -> dict[str, str]:
+    """polars' ``storage_options`` for ``s3://`` from the AWS environment variables (what
+    ``pl.scan_parquet("s3://...", storage_options=...)`` needs for an endpoint of its own)."""
+    env = dict(os.environ if env is None else env)
+    options = {name.lower(): env[name] for name in AWS_ENV if env.get(name)}
+    if "aws_region" not in options and env.get("AWS_DEFAULT_REGION"):
+        options["aws_region"] = env["AWS_DEFAULT_REGION"]
+    if options.get("aws_endpoint_url", "").startswith("http://"):
+        options["aws_allow_http"] = "true"
+    return options
+
+
+def open_store(
+    location: Location, *, env: dict[str, str] | None = None, temp_dir: Path | None = None
+) -> Store:
+    """The store for ``--out``: ``s3://bucket/prefix``, or a local folder. ``temp_dir``: where
+    an S3 store spills (default: a private folder under ``TMPDIR``)."""
     if isinstance(location, str) and location.startswith("s3://"):
-        return S3Store(location, env=env)
+        return S3Store(location, env=env, temp_dir=temp_dir)
     if isinstance(location, str) and "://" in location:
         scheme = location.split("://", 1)[0]
         raise OutputError(f"--out {location}: {scheme}:// is not supported; use s3:// or a path")
@@ -647,9 +686,14 @@ __all__ = [
     "Holder",
     "Lease",
     "LocalStore",
+    "Location",
     "ObjectInfo",
     "S3Location",
     "S3Store",
     "Store",
+    "as_location",
+    "is_remote",
     "open_store",
+    "scratch_dir",
+    "storage_options",
 ]

@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from harvester.errors import OutputError
 from harvester.storage.layout import Layout
+from harvester.storage.objects import Location, Store, is_remote, open_store
 
 RUNNING: Final = "running"
 FINISHED: Final = "finished"
@@ -177,8 +178,13 @@ def record_path(layout: Layout, run_id: str) -> Path:
     return layout.runs / f"{run_id}.json"
 
 
-def write(layout: Layout, record: RunRecord) -> None:
-    """Write (or replace) ``record`` atomically: a temp file renamed into place."""
+def write(layout: Layout, record: RunRecord, *, remote: Store | None = None) -> None:
+    """Write (or replace) ``record`` atomically: a temp file renamed into place (or, with
+    ``remote``, one whole object ``runs/<run_id>.json`` there)."""
+    if remote is not None:
+        body = json.dumps(record.to_json(), indent=2) + "\n"
+        remote.put(f"runs/{record.run_id}.json", body.encode())
+        return
     path = record_path(layout, record.run_id)
     tmp = layout.temp_path(".json")
     try:
@@ -191,10 +197,23 @@ def write(layout: Layout, record: RunRecord) -> None:
         raise OutputError(f"cannot write run record {path}: {exc.strerror or exc}") from exc
 
 
-def read_all(out_dir: Path) -> tuple[list[RunRecord], list[str]]:
+def read_all(out_dir: Location) -> tuple[list[RunRecord], list[str]]:
     """Every run record under ``out_dir``, oldest first, and the names of unreadable ones."""
     records: list[RunRecord] = []
     unreadable: list[str] = []
+    if isinstance(out_dir, str) and is_remote(out_dir):
+        store = open_store(out_dir)
+        for info in store.list("runs/"):
+            name = info.key.rsplit("/", 1)[-1]
+            if not name.endswith(".json"):
+                continue
+            try:
+                records.append(RunRecord.from_json(json.loads(store.get(info.key))))
+            except (OutputError, ValueError, KeyError, TypeError, AttributeError):
+                unreadable.append(name)
+        records.sort(key=lambda r: r.run_id)
+        return records, unreadable
+    out_dir = Path(out_dir)
     runs = Layout(out_dir).runs
     for path in sorted(runs.glob("*.json")) if runs.is_dir() else []:
         try:

@@ -17,7 +17,8 @@ import hashlib
 import itertools
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Final
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Final
 from urllib.parse import unquote_to_bytes
 
 from harvester.errors import OutputError
@@ -25,6 +26,9 @@ from harvester.storage.files import persist_new
 from harvester.storage.imageinfo import HEADER_BYTES, ImageInfo, read_info
 from harvester.storage.layout import Layout
 from harvester.storage.rows import FAILED
+
+if TYPE_CHECKING:
+    from harvester.storage.objects import Store
 
 SNIFF_BYTES: Final = 32
 SPILL_BYTES: Final = 1 << 20
@@ -169,6 +173,15 @@ class Sink:
             self.discard()
             raise
 
+    def take(self) -> bytes | Path:
+        """The complete bytes for an object store's put: in memory, or the closed spill file
+        (which the put consumes)."""
+        if self._fh is None:
+            data, self._chunks = b"".join(self._chunks), []
+            return data
+        self._fh.close()
+        return Path(self.path)
+
     def discard(self) -> None:
         """Drop the bytes and remove the temp file; never raises (it runs while handling an
         error). A full disk can fail the close's flush, and an unlink can fail too: what is
@@ -188,10 +201,16 @@ class TooLarge(Exception):
 
 
 class ContentStore:
-    """Stores bytes under the hash of their content; one instance per run."""
+    """Stores bytes under the hash of their content; one instance per run.
 
-    def __init__(self, layout: Layout, *, max_bytes: int = 64 * 1024 * 1024) -> None:
+    With ``remote`` (an S3 store) the complete bytes go up as one create-once object
+    (``commit_remote``); spill files still go to ``layout.tmp``, a local folder."""
+
+    def __init__(
+        self, layout: Layout, *, max_bytes: int = 64 * 1024 * 1024, remote: Store | None = None
+    ) -> None:
         self._layout = layout
+        self.remote = remote
         self.max_bytes = max_bytes
         self._folders: set[str] = set()
         self._tmp = str(layout.tmp)
@@ -206,6 +225,18 @@ class ContentStore:
         )
 
     def store_data_uri(self, url: str) -> StoredImage | ImageFailure:
+        decoded = self._data_sink(url)
+        if isinstance(decoded, ImageFailure):
+            return decoded
+        return self.commit(*decoded, None, 1)
+
+    async def store_data_uri_remote(self, url: str) -> StoredImage | ImageFailure:
+        decoded = self._data_sink(url)
+        if isinstance(decoded, ImageFailure):
+            return decoded
+        return await self.commit_remote(*decoded, None, 1)
+
+    def _data_sink(self, url: str) -> tuple[Sink, str] | ImageFailure:
         header, sep, payload = url.partition(",")
         media_type = header[5:].split(";", 1)[0]
         if not sep:
@@ -237,7 +268,7 @@ class ContentStore:
         if ext is None:
             sink.discard()
             return self.not_an_image(sink.head, None, 1)
-        return self.commit(sink, ext, None, 1)
+        return sink, ext
 
     def commit(self, sink: Sink, ext: str, status: int | None, attempt: int) -> StoredImage:
         sha = sink.hexdigest()
@@ -247,5 +278,21 @@ class ContentStore:
             new = sink.persist(final, self._folders)
         except OSError as exc:
             raise OutputError(f"cannot store image {relative}: {exc.strerror or exc}") from exc
+        info = read_info(sink.head)
+        return StoredImage(sha, relative, sink.size, new, status, attempt, info)
+
+    async def commit_remote(
+        self, sink: Sink, ext: str, status: int | None, attempt: int
+    ) -> StoredImage:
+        """``commit`` into ``remote``: a create-once put of the complete bytes (a spill file
+        goes up in parts, then appears whole), so no object ever holds part of an image."""
+        assert self.remote is not None, "commit_remote needs a remote store"
+        sha = sink.hexdigest()
+        relative = self._layout.image_relpath(sha, ext)
+        try:
+            new = await self.remote.put_new_async(relative, sink.take())
+        except BaseException:
+            sink.discard()
+            raise
         info = read_info(sink.head)
         return StoredImage(sha, relative, sink.size, new, status, attempt, info)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Final
 
 import polars as pl
 
 from harvester.errors import UsageError
 from harvester.storage import manifest
+from harvester.storage.objects import Location
 from harvester.units import size
 from harvester.views.status import read_runs
 
@@ -30,7 +30,7 @@ GALLERY_LIMIT: Final = 48
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    out_dir: Path
+    out_dir: Location
     generated_at: datetime
     by_status: pl.DataFrame
     """One row per model: requests per status (``manifest.STATUSES`` columns) and ``total``."""
@@ -107,11 +107,11 @@ def _percent(column: str) -> pl.Expr:
     return pl.format("{}%", (pl.col(column) * 100).round(1)).alias(column)
 
 
-def build(out_dir: Path, *, gallery_limit: int = GALLERY_LIMIT) -> Report:
+def build(out_dir: Location, *, gallery_limit: int = GALLERY_LIMIT) -> Report:
     """Compute every table of the report for the output folder ``out_dir``."""
     if not manifest.has_manifest(out_dir):
         raise UsageError(
-            f"no manifest under {out_dir / 'manifest'}: nothing has been harvested into "
+            f"no manifest under {out_dir}/manifest: nothing has been harvested into "
             f"{out_dir} yet (check the folder, or run a harvest first)"
         )
     latest = manifest.latest(out_dir).with_columns(pl.col("model").fill_null(NO_MODEL)).collect()
@@ -176,7 +176,7 @@ def _inference(requests: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _runs(out_dir: Path) -> pl.DataFrame:
+def _runs(out_dir: Location) -> pl.DataFrame:
     rows = manifest.scan(out_dir)
     stored = pl.col("path").is_not_null()
     new = stored & pl.col("stored_new").fill_null(False)
@@ -223,7 +223,7 @@ def _runs(out_dir: Path) -> pl.DataFrame:
     )
 
 
-def _gallery(out_dir: Path, limit: int) -> tuple[str | None, pl.DataFrame, int]:
+def _gallery(out_dir: Location, limit: int) -> tuple[str | None, pl.DataFrame, int]:
     images = manifest.scan(out_dir).filter(
         pl.col("path").is_not_null() & (pl.col("status") == manifest.OK)
     )

@@ -250,10 +250,11 @@ def _gallery(report: Report, limits: GalleryLimits) -> tuple[str, int, int]:
         return _section("gallery", "Gallery", "No run has stored an image yet.", "", ""), 0, 0
     tiles: list[str] = []
     embedded = placeholders = total = 0
-    root = report.out_dir.resolve()
+    folder = Path(report.out_dir)  # the CLI refuses --html on s3://
+    root = folder.resolve()
     thumbs = _use_thumbnails(limits)
     for row in report.gallery.head(limits.images).iter_rows(named=True):
-        path = report.out_dir / row["path"]
+        path = folder / row["path"]
         ext = path.suffix.lstrip(".").lower()
         reason = None
         data = None

@@ -18,6 +18,7 @@ from typing import Any, Final
 from harvester.errors import MEANINGS, ExitCode
 from harvester.storage import lock, runs
 from harvester.storage.layout import Layout
+from harvester.storage.objects import Location, is_remote, open_store
 from harvester.storage.rows import STATUSES
 from harvester.storage.runs import RunRecord
 from harvester.units import duration, size
@@ -26,7 +27,7 @@ RECENT: Final = 5
 """Earlier runs listed after the last one."""
 
 
-def read_runs(out_dir: Path) -> tuple[list[RunRecord], list[str]]:
+def read_runs(out_dir: Location) -> tuple[list[RunRecord], list[str]]:
     """Every run record under ``out_dir``, oldest first, and the names of unreadable ones."""
     return runs.read_all(out_dir)
 
@@ -39,7 +40,7 @@ def meaning(record: RunRecord) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    out_dir: Path
+    out_dir: Location
     runs: list[RunRecord]
     unreadable: list[str]
     running_pid: int | None
@@ -50,13 +51,18 @@ class Status:
     incomplete_ok: bool = False
     """Count a last run that exited 3 (finished, some requests not ok) as ok: exit 0."""
     host: str = ""
-    """This host's name (a record's pid is checked only on the host that wrote it)."""
+    """This host's name (a record's pid is checked only on the host that wrote it); for an
+    S3 location, the host of the lease's holder."""
+    remote: bool = False
+    """An S3 location: a run is running only while its lease is live (any host)."""
 
     def is_running(self, record: RunRecord) -> bool:
         """The record's run is still going: its process holds the lock, or it ran on another
         host (whose processes cannot be checked from here)."""
         if not record.running:
             return False
+        if self.remote:
+            return self.running_pid == record.pid and record.host == self.host
         if record.host and record.host != self.host:
             return True
         return self.running_pid is not None and self.running_pid == record.pid
@@ -157,9 +163,7 @@ class Status:
         if last is None:
             if self.current is not None:
                 return f"the first run here ({self.current.run_id}) is still running"
-            return (
-                f"no run record in {Layout(self.out_dir).runs}; has a harvest ever finished here?"
-            )
+            return f"no run record in {self.out_dir}/runs; has a harvest ever finished here?"
         age = duration((self.checked_at - last.started_at).total_seconds())
         if self.stale:
             assert self.max_age is not None
@@ -248,17 +252,48 @@ class Status:
 
 
 def status(
-    out_dir: Path,
+    out_dir: Location,
     *,
     max_age: timedelta | None = None,
     incomplete_ok: bool = False,
     now: datetime | None = None,
 ) -> Status:
-    """The status of the output folder ``out_dir``."""
-    layout = Layout(out_dir)
+    """The status of the output folder ``out_dir`` (or ``s3://bucket/prefix``: a run is
+    running there while its lease is live)."""
     records, unreadable = read_runs(out_dir)
-    pid = lock.holder(layout)
     since = None
+    if isinstance(out_dir, str) and is_remote(out_dir):
+        holder = open_store(out_dir).holder()
+        pid = None if holder is None else holder.pid
+        running = [r for r in records if r.running]
+        if holder is not None and running:  # the lease's holder is on this host or another
+            last = running[-1]
+            return Status(
+                out_dir=out_dir,
+                runs=records,
+                unreadable=unreadable,
+                running_pid=pid,
+                running_since=last.started_at,
+                checked_at=now or datetime.now(UTC),
+                max_age=max_age,
+                incomplete_ok=incomplete_ok,
+                host=holder.host,
+                remote=True,
+            )
+        return Status(
+            out_dir=out_dir,
+            runs=records,
+            unreadable=unreadable,
+            running_pid=pid,
+            running_since=None,
+            checked_at=now or datetime.now(UTC),
+            max_age=max_age,
+            incomplete_ok=incomplete_ok,
+            host=runs.this_host(),
+            remote=True,
+        )
+    layout = Layout(Path(out_dir))
+    pid = lock.holder(layout)
     if pid is not None:
         try:
             since = datetime.fromtimestamp(layout.lock.stat().st_mtime, UTC)

@@ -18,8 +18,10 @@ from typing import Final
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from harvester.errors import OutputError
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
+from harvester.storage.objects import Location, Store, open_store
 
 _NAME: Final = re.compile(r"([0-9a-f]{64})\.[a-z0-9]+")
 
@@ -112,8 +114,74 @@ def _check(path: Path, rel: str, expected: str, report: VerifyReport) -> None:
         report.corrupt.append(rel)
 
 
-def verify(out_dir: Path) -> VerifyReport:
-    """Check ``out_dir``; raises ``LockedError`` while a harvest runs on it."""
+def _remote_parts(store: Store, report: VerifyReport) -> dict[str, set[str]]:
+    """``_read_parts`` for an S3 location: one part in memory at a time."""
+    referenced: dict[str, set[str]] = defaultdict(set)
+    for info in store.list("manifest/"):
+        if not info.key.endswith(".parquet"):
+            continue
+        report.parts_checked += 1
+        try:
+            table = pq.read_table(pa.BufferReader(store.get(info.key)), columns=["path", "sha256"])
+            paths = table.column("path").to_pylist()
+            shas = table.column("sha256").to_pylist()
+        except (OutputError, OSError, pa.ArrowException, KeyError) as exc:
+            report.unreadable_parts.append(f"{info.key}: {exc}")
+            continue
+        for path, sha in zip(paths, shas, strict=True):
+            if path is not None:
+                referenced[path].add(sha)
+    return referenced
+
+
+def _remote_check(store: Store, key: str, expected: str, report: VerifyReport) -> None:
+    """``_check`` for an object: hashed as it streams in (memory stays bounded)."""
+    report.files_checked += 1
+    digest = hashlib.sha256()
+    try:
+        for chunk in store.iter_bytes(key):
+            digest.update(chunk)
+            report.bytes_checked += len(chunk)
+    except OutputError as exc:
+        report.corrupt.append(f"{key} (cannot be read: {exc})")
+        return
+    actual = digest.hexdigest()
+    if actual != expected or not key.rsplit("/", 1)[-1].startswith(actual):
+        report.corrupt.append(key)
+
+
+def verify_remote(location: str) -> VerifyReport:
+    """``verify`` for ``s3://bucket/prefix``: holds the prefix's lease while it checks."""
+    store = open_store(location)
+    report = VerifyReport()
+    with store.lock(owner="harvester verify"):
+        referenced = _remote_parts(store, report)
+        stored = {info.key for info in store.list("images/")}
+        for rel, shas in sorted(referenced.items()):
+            if rel not in stored:
+                report.missing.append(rel)
+            elif len(shas) > 1:
+                report.corrupt.append(f"{rel} (manifest rows disagree on its sha256)")
+            else:
+                _remote_check(store, rel, next(iter(shas)) or "", report)
+        for key in sorted(stored - referenced.keys()):
+            match = _NAME.fullmatch(key.rsplit("/", 1)[-1])
+            before = len(report.corrupt)
+            _remote_check(store, key, match.group(1) if match else "", report)
+            if len(report.corrupt) > before:
+                continue
+            if report.unreadable_parts:
+                report.unjudged += 1
+            else:
+                report.orphans.append(key)
+    return report
+
+
+def verify(out_dir: Location) -> VerifyReport:
+    """Check ``out_dir`` (a folder, or ``s3://bucket/prefix``); raises ``LockedError``
+    while a harvest runs on it."""
+    if isinstance(out_dir, str):
+        return verify_remote(out_dir)
     layout = Layout(out_dir)
     report = VerifyReport()
     with exclusive(layout, read_only_ok=True):
