@@ -71,6 +71,12 @@ class Job:
     """The exports' column with the request id."""
     metrics_file: Path | None = None
     """Where to write the run's figures for node_exporter's textfile collector (None: nowhere)."""
+    engine: str = "local"
+    """``local`` (this machine's processes) or ``ray`` (a Ray cluster; docs/cluster.md)."""
+    ray_address: str | None = None
+    """The Ray head's ``host:port``; None: ``RAY_ADDRESS``."""
+    shared_fs: bool = False
+    """``out`` is on a file system every node of the cluster mounts at the same path."""
     source: Path | None = field(default=None, compare=False)
     """The job file this came from, if any."""
 
@@ -98,6 +104,9 @@ class Job:
             read_timeout=self.timeout,
             seconds_per_part=self.flush_every,
             columns=Columns(model=self.model_column, request_id=self.id_column),
+            engine=self.engine,
+            ray_address=self.ray_address,
+            shared_fs=self.shared_fs,
         )
 
 
@@ -151,6 +160,9 @@ _KEYS: Final[dict[str, _Key]] = {
     "model-column": _Key("string"),
     "id-column": _Key("string"),
     "metrics-file": _Key("string"),
+    "engine": _Key("string", choices=("local", "ray")),
+    "ray-address": _Key("string"),
+    "shared-fs": _Key("boolean"),
 }
 KEYS: Final = tuple(_KEYS)
 """Every key a job file may hold, in the order the docs list them."""

@@ -53,7 +53,7 @@ def import_ray() -> Any:
     return ray
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RayCluster:
     cluster: Any
     """The ``ray.cluster_utils.Cluster``."""
@@ -61,6 +61,17 @@ class RayCluster:
     worker: Any
     """The second node: ``cluster.remove_node(worker, allow_graceful=False)`` kills it."""
     address: str
+    node_args: dict[str, Any]
+
+    def replace_worker(self) -> None:
+        """After a test killed the second node: a new second node, for the tests after it
+        (the cluster is shared by the whole session)."""
+        self.worker = self.cluster.add_node(**self.node_args)
+        self.cluster.wait_for_nodes()
+
+    def worker_raylet_pid(self) -> int:
+        """The second node's raylet: its task processes are its children."""
+        return int(self.worker.all_processes["raylet"][0].process.pid)
 
     @property
     def head_id(self) -> str:
@@ -113,7 +124,7 @@ def ray_cluster(*, num_cpus: int = 2) -> Iterator[RayCluster]:
         worker = cluster.add_node(**node_args)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
-        yield RayCluster(cluster, cluster.head_node, worker, cluster.address)
+        yield RayCluster(cluster, cluster.head_node, worker, cluster.address, node_args)
     finally:
         ray.shutdown()
         if cluster is not None:

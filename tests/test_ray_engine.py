@@ -1,7 +1,7 @@
 """The engines: the inline reference, and Ray on a real two-node cluster on 127.0.0.1.
 
-The ray-marked tests share one cluster (started once for this module, about 10-20 s). The test
-that kills the second node comes last in the file: after it the cluster has one node.
+The ray-marked tests share one cluster (``cluster`` in conftest, started once per session). The
+test that kills the second node starts a new one at its end.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 from harvester.api.ratelimit import most_starts_in_window
 from harvester.errors import AuthError, ExitCode, UsageError
 from harvester.run.engine import Failure, InlineEngine
-from tests.raycluster import RayCluster, import_ray, ray_cluster
+from tests.raycluster import RayCluster, import_ray
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +117,6 @@ def test_ray_engine_needs_an_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(UsageError, match="set RAY_ADDRESS or --ray-address"):
         RayEngine()
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RayCluster]:
-    with ray_cluster() as running:
-        yield running
 
 
 @pytest.mark.ray
@@ -279,3 +273,4 @@ def test_a_killed_node_s_specs_run_again_elsewhere_once(
     assert started_on_worker
     assert {node for _, (_, node) in got} == {cluster.head_id}
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    cluster.replace_worker()

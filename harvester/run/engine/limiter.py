@@ -122,15 +122,6 @@ class LeaseCall(Protocol):
     def __call__(self, n: int, *, successes: int, not_before: float) -> Awaitable[list[float]]: ...
 
 
-class PermitSource(Protocol):
-    """What ``harvester.api.ratelimit.RateLimiter`` awaits before each start, beyond its own
-    rules, when a run's rate is shared with other processes."""
-
-    async def acquire(self) -> None: ...
-    def on_throttled(self, retry_after: float | None) -> None: ...
-    def on_success(self) -> None: ...
-
-
 class ClusterPermits:
     """A shard process's side of the cluster limiter: ``await permits.acquire()`` returns when
     this process may start one request, inside its slot."""
