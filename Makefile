@@ -48,7 +48,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Not part of `make test`: about 15 minutes with the defaults. Knobs: BENCH_N (20000),
-# BENCH_RUNS (5), BENCH_ONLY (speed,memory,slow,rps,overload), BENCH_OUT (bench-out),
+# BENCH_RUNS (5), BENCH_ONLY (speed,memory,slow,rps,overload,cluster), BENCH_OUT (bench-out),
 # BENCH_OVERLOAD_N (2000); e.g. `BENCH_N=2000 BENCH_RUNS=1 BENCH_ONLY=speed make bench` for a
 # quick look. Outputs go to a tmpfs it mounts (as root; else /dev/shm).
 bench: $(STAMP)  ## harvester vs curl and plain.py on loopback, memory, slow links, --rps, overload

@@ -527,7 +527,9 @@ def _engine(
             )
         shards = config.workers or ray_engine.cpus()
         shards = max(1, min(shards, config.concurrency, config.image_slots))
-        return ray_engine, shards, ray_engine.start_limiter(config.rps)
+        limiter = ray_engine.start_limiter(config.rps)
+        cleanup.callback(ray_engine.stop_limiter, limiter)
+        return ray_engine, shards, limiter
     if config.lanes == 1:
         return None, 1, None
     setup = ChildLogging(

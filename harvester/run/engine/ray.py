@@ -121,6 +121,11 @@ class RayEngine:
         self.connect()
         return max(1, int(self._ray.cluster_resources().get("CPU", 1)))
 
+    def stop_limiter(self, limiter: ActorHandle[RateLimiterActor]) -> None:
+        """End the run's limiter actor (when this process stays connected after the run)."""
+        if self._ray.is_initialized():
+            self._ray.kill(limiter)
+
     def close(self) -> None:
         if self._connected_here:
             self._ray.shutdown()
