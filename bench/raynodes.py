@@ -1,9 +1,10 @@
-"""Ray nodes on this machine for the bench's cluster section: ``ray start --head`` and
-``ray start --address`` as on separate machines, every process on 127.0.0.1
-(``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), with a temporary HOME (Ray's token auth writes under
-``~/.ray``) and its own temp folder. At the end the bench stops exactly the processes it
-started (found by that HOME in their environment): never ``ray stop``, which stops every Ray
-on the machine.
+"""Ray nodes on this machine for the bench's cluster section: ``ray.cluster_utils.Cluster``
+(a head and more nodes, each its own raylet, as ``ray start`` makes them; ``ray start
+--address`` itself refuses a second node when ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which
+keeps every process on 127.0.0.1), with a temporary HOME (Ray's token auth writes under
+``~/.ray``) and its own temp folder. The bench process does not join: the harvest it starts
+is the driver. At the end it stops exactly the processes it started (found by that HOME in
+their environment): never ``ray stop``, which stops every Ray on the machine.
 """
 
 from __future__ import annotations
@@ -11,22 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ours(home: str) -> list[int]:
@@ -53,21 +43,22 @@ def ray_nodes(count: int, *, cpus_per_node: int = 1) -> Iterator[str]:
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
     )
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node)]
     try:
-        subprocess.run(
-            [RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-             "--temp-dir", str(root / "ray"), *common],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        import ray.cluster_utils  # after the environment: Ray reads it when imported
+
+        node_args = {
+            "node_ip_address": "127.0.0.1",
+            "num_cpus": cpus_per_node,
+            "include_dashboard": False,
+            "temp_dir": str(root / "ray"),
+        }
+        cluster = ray.cluster_utils.Cluster(
+            initialize_head=True, head_node_args=node_args, shutdown_at_exit=False
+        )
         for _ in range(count - 1):
-            subprocess.run(
-                [RAY, "start", "--address", address, *common], check=True, capture_output=True
-            )
-        time.sleep(2)  # the nodes register with the head
-        yield address
+            cluster.add_node(**node_args)
+        cluster.wait_for_nodes()
+        yield str(cluster.address)
     finally:
         os.environ.clear()
         os.environ.update(saved)

@@ -73,6 +73,16 @@ class RayCluster:
         """The second node's raylet: its task processes are its children."""
         return int(self.worker.all_processes["raylet"][0].process.pid)
 
+    def kill_worker(self) -> None:
+        """Kill the second node as when its machine is lost: the node, and its task processes
+        with it (on their own they would notice a moment later, and could still hand in a
+        result)."""
+        doomed = children(self.worker_raylet_pid())
+        self.cluster.remove_node(self.worker, allow_graceful=False)
+        for pid in doomed:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     @property
     def head_id(self) -> str:
         return str(self.head.node_id)
@@ -80,6 +90,18 @@ class RayCluster:
     @property
     def worker_id(self) -> str:
         return str(self.worker.node_id)
+
+
+def children(parent: int) -> set[int]:
+    """The processes whose parent is ``parent``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                    found.add(int(entry.name))
+    return found
 
 
 def _leftovers(home: str) -> list[int]:

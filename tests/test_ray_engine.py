@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -251,12 +249,7 @@ def test_a_killed_node_s_specs_run_again_elsewhere_once(
         while not any(p.suffix == f".{cluster.worker_id}" for p in gate.iterdir()):
             assert time.monotonic() < deadline, "no spec ever started on the second node"
             time.sleep(0.05)
-        cluster.cluster.remove_node(cluster.worker, allow_graceful=False)
-        # As when a machine is lost, its task processes die with it (on their own they would
-        # notice a moment later, and could still hand in a result).
-        for marker in gate.glob(f"*.{cluster.worker_id}"):
-            with suppress(ProcessLookupError):
-                os.kill(int(marker.read_text()), signal.SIGKILL)
+        cluster.kill_worker()
         (gate / "go").touch()
 
     got, on_result = collect()
@@ -271,6 +264,8 @@ def test_a_killed_node_s_specs_run_again_elsewhere_once(
     assert failures == []
     assert sorted(spec.n for spec, _ in got) == list(range(20))  # each exactly once
     assert started_on_worker
-    assert {node for _, (_, node) in got} == {cluster.head_id}
-    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
-    cluster.replace_worker()
+    try:
+        assert {node for _, (_, node) in got} == {cluster.head_id}
+        assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    finally:
+        cluster.replace_worker()

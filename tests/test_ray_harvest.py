@@ -8,8 +8,6 @@ The test that kills the second node comes last and starts a new one at its end.
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from contextlib import suppress
@@ -26,7 +24,7 @@ from harvester.storage.manifest import manifest_glob
 from harvester.views.verify import verify
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import run_records
-from tests.raycluster import RayCluster
+from tests.raycluster import RayCluster, children
 
 pytestmark = pytest.mark.ray
 
@@ -106,17 +104,6 @@ def _shard_pids(out: Path) -> set[int]:
     return pids
 
 
-def _children(parent: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with suppress(OSError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                    found.add(int(entry.name))
-    return found
-
-
 def test_a_killed_node_s_shards_run_again_and_nothing_is_lost(
     cluster: RayCluster, tmp_path: Path
 ) -> None:
@@ -134,16 +121,12 @@ def test_a_killed_node_s_shards_run_again_and_nothing_is_lost(
             # Wait until a shard runs on the second node and has written rows, then kill it.
             deadline = time.monotonic() + 120
             while not (
-                _shard_pids(out) & _children(raylet) and any((out / "manifest").rglob("*.parquet"))
+                _shard_pids(out) & children(raylet) and any((out / "manifest").rglob("*.parquet"))
             ):
                 assert harvest.is_alive(), outcome[0].output if outcome else "harvest ended"
                 assert time.monotonic() < deadline, "no shard ever ran on the second node"
                 time.sleep(0.05)
-            doomed = _children(raylet)
-            cluster.cluster.remove_node(cluster.worker, allow_graceful=False)
-            for pid in doomed:  # as when a machine is lost: its processes die with it
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            cluster.kill_worker()
             harvest.join(timeout=300)
             assert not harvest.is_alive(), "the harvest never ended"
     finally:
