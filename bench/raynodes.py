@@ -42,6 +42,7 @@ def ray_nodes(count: int, *, cpus_per_node: int = 1) -> Iterator[str]:
         HOME=home,
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
+        RAY_TMPDIR=str(root),  # where Ray notes the current cluster's address
     )
     try:
         import ray.cluster_utils  # after the environment: Ray reads it when imported
