@@ -27,7 +27,7 @@ overload  the sandbox (in this process, its clock) in two modes: 10% of request 
         with every pair ok; then a sandbox that answers 429 above X accepted requests a
         second, at ``--rps 50``: the accepted rate must settle between 0.8X and X.
 cluster the slow link again, the harvest on Ray (``--engine ray``): one node, then two nodes
-        (``ray start`` on this machine), one shard of ``--concurrency 32`` per node; two nodes
+        (``ray.cluster_utils`` on 127.0.0.1), one shard of ``--concurrency 32`` per node; two nodes
         should reach 1.8x one node's results/s, from the server's access log.
 
 Worlds are cached under the output folder (``bench-out/``) and reused by later runs.
