@@ -48,8 +48,8 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Not part of `make test`: about 15 minutes with the defaults. Knobs: BENCH_N (20000),
-# BENCH_RUNS (5), BENCH_ONLY (speed,memory,s3,slow,rps,overload,compact), BENCH_NIGHTS (365),
-# BENCH_OUT (bench-out),
+# BENCH_RUNS (5), BENCH_ONLY (speed,memory,s3,slow,rps,overload,compact,cluster),
+# BENCH_NIGHTS (365), BENCH_OUT (bench-out),
 # BENCH_OVERLOAD_N (2000); e.g. `BENCH_N=2000 BENCH_RUNS=1 BENCH_ONLY=speed make bench` for a
 # quick look. Outputs go to a tmpfs it mounts (as root; else /dev/shm).
 bench: $(STAMP)  ## harvester vs curl and plain.py on loopback, memory, slow links, --rps, overload

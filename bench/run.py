@@ -6,7 +6,7 @@ Every output (curl's, the plain script's, the harvester's, and their logs) goes 
 bench mounts over ``bench-out/runs`` (as root; otherwise a folder under /dev/shm, with a note),
 so that the disk's cost of creating files right after deleting thousands decides no ratio.
 
-Sections (all by default; ``--only speed,memory,s3,slow,rps,overload,compact`` picks some):
+Sections (all by default; ``--only speed,memory,s3,slow,rps,overload,compact,cluster`` picks some):
 
 speed   a world of N requests with 1-4 images of ~30 KB, served by nginx on 127.0.0.1. Each
         round times ``curl --parallel --parallel-max 64`` downloading every result and image
@@ -32,6 +32,9 @@ overload  the sandbox (in this process, its clock) in two modes: 10% of request 
 compact the latest-state query over 365 nightly runs of N requests (parts generated with the
         manifest's schema, no HTTP), before and after ``harvester compact``: after, at most 2x
         the same query over one night (bench/compaction.py).
+cluster the slow link again, the harvest on Ray (``--engine ray``): one node, then two nodes
+        (``ray.cluster_utils`` on 127.0.0.1), one shard of ``--concurrency 32`` per node; two nodes
+        should reach 1.8x one node's results/s, from the server's access log.
 
 Worlds are cached under the output folder (``bench-out/``) and reused by later runs.
 """
@@ -57,6 +60,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.s3gatew
 
 import compaction
 import nginx
+import raynodes
 import world
 
 from harvester.api.ratelimit import most_starts_in_window
@@ -82,6 +86,9 @@ MAX_RSS_GROWTH: Final = 1.2
 SLOW_LATENCY: Final = 0.2
 SLOW_CONCURRENCY: Final = 64
 MIN_SLOW_SHARE: Final = 0.9
+CLUSTER_CONCURRENCY: Final = 32
+"""Result fetches in flight per Ray node in the cluster section."""
+MIN_CLUSTER_GAIN: Final = 1.8
 RPS: Final = 50.0
 RPS_TOLERANCE: Final = 0.05
 # Issue 12's overload targets.
@@ -485,6 +492,50 @@ def slow(args: argparse.Namespace, out: Path, report: Report) -> None:
     )
 
 
+def cluster(args: argparse.Namespace, out: Path, report: Report) -> None:
+    """One Ray node, then two, each running one shard of the same concurrency, on the slow
+    link: latency-bound work scales with the nodes, even on two cores."""
+    ideal = CLUSTER_CONCURRENCY / SLOW_LATENCY  # one node's
+    n = int(ideal * 2 * args.cluster_seconds)
+    print(f"cluster: {n:,} requests on 1 then 2 Ray nodes, slow link", flush=True)
+    w = build_world(out / f"world-{args.n}", args.n, 30_000)
+    csv = subset_csv(w, min(n, args.n), out / "cluster.csv")
+    rates: dict[int, float] = {}
+    for nodes in (1, 2):
+        access = out / f"cluster-{nodes}-access.log"
+        access.unlink(missing_ok=True)
+        folder = clear_runs(out)
+        extra = [
+            "--engine", "ray", "--workers", str(nodes), "--shared-fs", "--rps", "100000",
+            "--concurrency", str(CLUSTER_CONCURRENCY * nodes),
+        ]  # fmt: skip
+        with (
+            raynodes.ray_nodes(nodes) as address,
+            nginx.serving(w.www, w.spec.port, delay=SLOW_LATENCY, access_log=access) as srv,
+        ):
+            h = harvest(
+                csv,
+                folder / "harvest",
+                srv.base_url,
+                [*extra, "--ray-address", address],
+                log=folder / "harvest.log",
+            )
+        starts = request_starts(access)
+        rates[nodes] = (len(starts) - 1) / max((starts[-1] - starts[0]) / 1000, 1e-9)
+        print(f"  {nodes} node(s): {len(starts):,} results in {h.wall:.1f} s: "
+              f"{rates[nodes]:.0f} results/s", flush=True)  # fmt: skip
+    gain = rates[2] / rates[1]
+    report.lines.append(
+        f"cluster: +{SLOW_LATENCY * 1000:.0f} ms per response, {n:,} requests, one shard of "
+        f"--concurrency {CLUSTER_CONCURRENCY} per Ray node"
+    )
+    report.check(
+        gain >= MIN_CLUSTER_GAIN,
+        f"2 nodes {rates[2]:.0f} results/s = {gain:.2f}x 1 node's {rates[1]:.0f}/s "
+        f"(target >= {MIN_CLUSTER_GAIN}x; server clock)",
+    )
+
+
 def rps(args: argparse.Namespace, out: Path, report: Report) -> None:
     n = int(RPS * args.rps_seconds) + 1
     print(f"rps: {n:,} requests at --rps {RPS:.0f} (about {args.rps_seconds} s)", flush=True)
@@ -624,9 +675,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=int(env("BENCH_RUNS", "5")))
     parser.add_argument("--out", type=Path, default=Path(env("BENCH_OUT", "bench-out")))
     parser.add_argument(
-        "--only", default=env("BENCH_ONLY", "speed,memory,s3,slow,rps,overload,compact")
+        "--only", default=env("BENCH_ONLY", "speed,memory,s3,slow,rps,overload,compact,cluster")
     )
     parser.add_argument("--nights", type=int, default=int(env("BENCH_NIGHTS", "365")))
+    parser.add_argument(
+        "--cluster-seconds", type=float, default=float(env("BENCH_CLUSTER_SECONDS", "15"))
+    )
     parser.add_argument(
         "--slow-seconds", type=float, default=float(env("BENCH_SLOW_SECONDS", "20"))
     )
@@ -644,7 +698,7 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if sections - {"overload", "compact"}:
-        nginx.require_nginx(echo="slow" in sections)
+        nginx.require_nginx(echo=bool({"slow", "cluster"} & sections))
 
     report = Report(lines=[])
     with scratch(out):
@@ -665,6 +719,8 @@ def main() -> None:
             )
             report.lines.extend(lines[:1])
             report.check(met, "\n    ".join(lines[1:]) + f" (target <= {compaction.MAX_RATIO:g}x)")
+        if "cluster" in sections:
+            cluster(args, out, report)
     print(
         f"\n== bench: {os.cpu_count()} cores; {' '.join(sys.argv[1:]) or 'defaults'}; "
         f"harvester args {' '.join(args.harvest_args)} =="

@@ -239,6 +239,27 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             + (". Default: the job's 'metrics-file'." if job else "."),
         ),
         click.option(
+            "--engine",
+            type=click.Choice(("local", "ray")),
+            help="What runs the shards: 'local', this machine's processes (--workers); 'ray', "
+            "Ray tasks on the cluster at RAY_ADDRESS or --ray-address (needs "
+            "pip install 'harvester[ray]'; docs/cluster.md).",
+            **default("engine"),
+        ),
+        click.option(
+            "--ray-address",
+            metavar="HOST:PORT",
+            default=None,
+            help="The Ray head node, for --engine ray. Default: RAY_ADDRESS.",
+        ),
+        click.option(
+            "--shared-fs",
+            is_flag=True,
+            help="--out is on a file system every node of the Ray cluster mounts at the same "
+            "path (needed for a local --out on a cluster of several nodes).",
+            **({"default": None} if job else {"default": False}),
+        ),
+        click.option(
             "-v", "--verbose", count=True, help="More log lines (-vv: every HTTP request)."
         ),
         click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary."),

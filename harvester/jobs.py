@@ -79,6 +79,12 @@ class Job:
     """Fetch ``expired`` requests again this run (and give up on none)."""
     compact: bool = False
     """Run ``harvester compact`` on ``out`` after a harvest that finished (exit 0 or 3)."""
+    engine: str = "local"
+    """``local`` (this machine's processes) or ``ray`` (a Ray cluster; docs/cluster.md)."""
+    ray_address: str | None = None
+    """The Ray head's ``host:port``; None: ``RAY_ADDRESS``."""
+    shared_fs: bool = False
+    """``out`` is on a file system every node of the cluster mounts at the same path."""
     source: Path | None = field(default=None, compare=False)
     """The job file this came from, if any."""
 
@@ -109,6 +115,9 @@ class Job:
             columns=Columns(model=self.model_column, request_id=self.id_column),
             give_up_after=self.give_up_after,
             retry_expired=self.retry_expired,
+            engine=self.engine,
+            ray_address=self.ray_address,
+            shared_fs=self.shared_fs,
         )
 
 
@@ -165,6 +174,9 @@ _KEYS: Final[dict[str, _Key]] = {
     "give-up-after": _Key("number", 0, above=True),
     "retry-expired": _Key("boolean"),
     "compact": _Key("boolean"),
+    "engine": _Key("string", choices=("local", "ray")),
+    "ray-address": _Key("string"),
+    "shared-fs": _Key("boolean"),
 }
 KEYS: Final = tuple(_KEYS)
 """Every key a job file may hold, in the order the docs list them."""

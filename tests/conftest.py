@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 from harvester.cli import main
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
 from tests import s3gateway
+from tests.raycluster import RayCluster, ray_cluster
 
 KEY = "sk-test-3b1f0d9c7e5a"
 """The sandbox key in tests: distinctive, so a leak into any output is easy to find."""
@@ -52,6 +53,14 @@ def s3_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3gateway.G
         pytest.fail(f"{', '.join(missing)} not found: {s3gateway.INSTALL_HINT}", pytrace=False)
     with s3gateway.running_gateway(tmp_path_factory.mktemp("ceph")) as gateway:
         yield gateway
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[RayCluster]:
+    """A two-node Ray cluster on 127.0.0.1 for the whole session (about 10-20 s to start),
+    this process its driver. A test that kills the second node replaces it at its end."""
+    with ray_cluster() as running:
+        yield running
 
 
 @pytest.fixture

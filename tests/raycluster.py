@@ -53,7 +53,7 @@ def import_ray() -> Any:
     return ray
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RayCluster:
     cluster: Any
     """The ``ray.cluster_utils.Cluster``."""
@@ -61,6 +61,27 @@ class RayCluster:
     worker: Any
     """The second node: ``cluster.remove_node(worker, allow_graceful=False)`` kills it."""
     address: str
+    node_args: dict[str, Any]
+
+    def replace_worker(self) -> None:
+        """After a test killed the second node: a new second node, for the tests after it
+        (the cluster is shared by the whole session)."""
+        self.worker = self.cluster.add_node(**self.node_args)
+        self.cluster.wait_for_nodes()
+
+    def worker_raylet_pid(self) -> int:
+        """The second node's raylet: its task processes are its children."""
+        return int(self.worker.all_processes["raylet"][0].process.pid)
+
+    def kill_worker(self) -> None:
+        """Kill the second node as when its machine is lost: the node, and its task processes
+        with it (on their own they would notice a moment later, and could still hand in a
+        result)."""
+        doomed = children(self.worker_raylet_pid())
+        self.cluster.remove_node(self.worker, allow_graceful=False)
+        for pid in doomed:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     @property
     def head_id(self) -> str:
@@ -69,6 +90,18 @@ class RayCluster:
     @property
     def worker_id(self) -> str:
         return str(self.worker.node_id)
+
+
+def children(parent: int) -> set[int]:
+    """The processes whose parent is ``parent``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                    found.add(int(entry.name))
+    return found
 
 
 def _leftovers(home: str) -> list[int]:
@@ -113,7 +146,7 @@ def ray_cluster(*, num_cpus: int = 2) -> Iterator[RayCluster]:
         worker = cluster.add_node(**node_args)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
-        yield RayCluster(cluster, cluster.head_node, worker, cluster.address)
+        yield RayCluster(cluster, cluster.head_node, worker, cluster.address, node_args)
     finally:
         ray.shutdown()
         if cluster is not None:

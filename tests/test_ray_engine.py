@@ -1,14 +1,13 @@
 """The engines: the inline reference, and Ray on a real two-node cluster on 127.0.0.1.
 
-The ray-marked tests share one cluster (started once for this module, about 10-20 s). The test
-that kills the second node comes last in the file: after it the cluster has one node.
+The ray-marked tests share one cluster (``cluster`` in conftest, started once per session). The
+test that kills the second node starts a new one at its end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,7 +26,7 @@ import pytest
 from harvester.api.ratelimit import most_starts_in_window
 from harvester.errors import AuthError, ExitCode, UsageError
 from harvester.run.engine import Failure, InlineEngine
-from tests.raycluster import RayCluster, import_ray, ray_cluster
+from tests.raycluster import RayCluster, import_ray
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +115,6 @@ def test_ray_engine_needs_an_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(UsageError, match="set RAY_ADDRESS or --ray-address"):
         RayEngine()
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RayCluster]:
-    with ray_cluster() as running:
-        yield running
 
 
 @pytest.mark.ray
@@ -257,12 +249,7 @@ def test_a_killed_node_s_specs_run_again_elsewhere_once(
         while not any(p.suffix == f".{cluster.worker_id}" for p in gate.iterdir()):
             assert time.monotonic() < deadline, "no spec ever started on the second node"
             time.sleep(0.05)
-        cluster.cluster.remove_node(cluster.worker, allow_graceful=False)
-        # As when a machine is lost, its task processes die with it (on their own they would
-        # notice a moment later, and could still hand in a result).
-        for marker in gate.glob(f"*.{cluster.worker_id}"):
-            with suppress(ProcessLookupError):
-                os.kill(int(marker.read_text()), signal.SIGKILL)
+        cluster.kill_worker()
         (gate / "go").touch()
 
     got, on_result = collect()
@@ -277,5 +264,8 @@ def test_a_killed_node_s_specs_run_again_elsewhere_once(
     assert failures == []
     assert sorted(spec.n for spec, _ in got) == list(range(20))  # each exactly once
     assert started_on_worker
-    assert {node for _, (_, node) in got} == {cluster.head_id}
-    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    try:
+        assert {node for _, (_, node) in got} == {cluster.head_id}
+        assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    finally:
+        cluster.replace_worker()

@@ -281,7 +281,7 @@ class ResultFetcher:
             if status in RETRY_AFTER_STATUS:
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
             if status == 429:
-                self._limiter.on_throttled()
+                self._limiter.on_throttled(retry_after)
             phrase = clip(response.reason_phrase, 120, self._secrets)
             reason = f"HTTP {status}: {detail or snippet or phrase}"
             raise TransientError(reason, http_status=status, retry_after=retry_after)

@@ -18,6 +18,11 @@ the accepted rate (at most halving, once a second), so a relay that accepts X a 
 about ``K * X`` and every slot it has is used; it climbs back by ``max_rps / RECOVERY`` per
 accepted answer once the share is low again. ``Retry-After`` is the throttled request's own
 wait (``retry.py``), never a pause of the others.
+
+When several processes (a cluster's shards) share one rate, a ``permits`` source
+(:class:`PermitSource`, e.g. a Ray limiter actor's worker side) hands out the start times: the
+limiter keeps its own window rule for this process's starts, then waits for a permit, and
+starts at once. A 429 is passed on to the source, which slows every process down.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Final, Protocol
 
 import anyio
 
@@ -131,11 +136,21 @@ class _Turns:
         self._held = False
 
 
+class PermitSource(Protocol):
+    """Start times shared with other processes: ``acquire`` returns when this process may
+    start one request (and it must start at once)."""
+
+    async def acquire(self) -> None: ...
+    def on_throttled(self, retry_after: float | None) -> None: ...
+    def on_success(self) -> None: ...
+
+
 class RateLimiter:
     def __init__(
         self,
         max_rps: float,
         *,
+        permits: PermitSource | None = None,
         min_rps: float = 0.5,
         k: float = K,
         window: float = 1.0 + WINDOW_MARGIN,
@@ -157,6 +172,8 @@ class RateLimiter:
         self._next = clock()
         self._last_cut = float("-inf")
         self._turns = _Turns()
+        self._permits = permits
+        """The cluster's start times, if the rate is shared; None: this limiter's own."""
         self.throttled = 0
 
     async def acquire(self, *, first: bool = False) -> None:
@@ -167,25 +184,33 @@ class RateLimiter:
             now = self._clock()
             if self._next < now - CATCH_UP:
                 self._next = now  # idle for a while: start afresh, no burst to catch up
-            slot = self._next
+            # With permits the shared schedule sets the pace; this process's window stays.
+            slot = self._next if self._permits is None else now
             starts = self._starts
             if len(starts) == starts.maxlen:
                 slot = max(slot, starts[0] + self._window)
             if slot > now:
                 await anyio.sleep(slot - now)
+            if self._permits is not None:
+                await self._permits.acquire()  # last: the start follows its permit at once
             self._next = slot + 1.0 / self.rate
             starts.append(max(self._clock(), slot))
         finally:
             self._turns.release()
 
-    def on_throttled(self) -> None:
+    def on_throttled(self, retry_after: float | None = None) -> None:
         """The API answered 429. Its ``Retry-After`` is that request's own wait (the retry
-        loop sleeps it); the others go on at the rate the throttled share allows."""
+        loop sleeps it); the others go on at the rate the throttled share allows. With
+        ``permits``, the whole cluster slows down too."""
         self.throttled += 1
+        if self._permits is not None:
+            self._permits.on_throttled(retry_after)
         self._answered(accepted=False)
 
     def on_success(self) -> None:
         """The API answered something other than 429 (a result, pending, an error)."""
+        if self._permits is not None:
+            self._permits.on_success()
         if self.rate >= self.max_rps:  # the common case, kept cheap: an accept never slows
             self._answers.add(self._clock(), accepted=True)
             return

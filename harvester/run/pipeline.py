@@ -3,8 +3,9 @@ shards, add up their counters, write the run record.
 
     driver: CSV exports -> unique pairs not yet ok -> one file of pairs per shard
             (``shard_of``: a stable hash of the pair)
-    shards: run_shard(spec) each, in this process (one) or a local process pool (several):
-            fetch -> images -> manifest parts of their own -> counters
+    shards: run_shard(spec) each, by an engine (``harvester.run.engine``): in this process
+            (one shard), a local process pool (several), or Ray tasks on a cluster
+            (``engine="ray"``): fetch -> images -> manifest parts of their own -> counters
     driver: RunStats from the counters -> summary, run record (exit code and reason)
 
 The run record is written when the run starts (state ``running``) and completed when it
@@ -13,7 +14,6 @@ ends, whatever ends it; a record left ``running`` tells ``status`` the run crash
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import math
 import os
@@ -43,7 +43,9 @@ from harvester.errors import (
     WorkerError,
     first_harvester_error,
 )
-from harvester.run import distributor, reader
+from harvester.run import reader
+from harvester.run.engine import DEFAULT_MAX_RETRIES, Engine, Failure
+from harvester.run.engine.local import ChildLogging, LocalEngine
 from harvester.run.reader import BadRow, Pair
 from harvester.run.request import LaneSettings
 from harvester.run.shard import (
@@ -76,6 +78,7 @@ process per core (up to ``AUTO_WORKERS_MAX``). One process does 600-800 requests
 one core of the bench machine (README "Performance"), and two cost more CPU in all than one:
 below this, one process keeps up."""
 AUTO_WORKERS_MAX: Final = 4
+ENGINES: Final = ("local", "ray")
 
 
 def api_key_from_env(environ: dict[str, str] | os._Environ[str], name: str | None = None) -> str:
@@ -137,6 +140,15 @@ class HarvestConfig:
     """Fetch given-up (``expired``) requests again, and give up on none in this run."""
     columns: reader.Columns = field(default_factory=reader.Columns)
     """The exports' model and request id columns (``model``, ``request_id``)."""
+    engine: str = "local"
+    """``local``: this machine's processes; ``ray``: Ray tasks on the cluster at
+    ``ray_address`` (one shard per CPU of the cluster unless ``workers`` says how many)."""
+    ray_address: str | None = None
+    """The Ray head's ``host:port`` (None: ``RAY_ADDRESS``)."""
+    shared_fs: bool = False
+    """``out_dir`` is on a file system every node of the cluster mounts at the same path."""
+    max_retries: int = DEFAULT_MAX_RETRIES
+    """How often a shard runs again after its process or node died."""
 
     @property
     def lanes(self) -> int:
@@ -168,10 +180,13 @@ class HarvestConfig:
             return self.image_concurrency
         return IMAGE_SLOTS_PER_FETCH * self.concurrency
 
-    def lane_settings(self, run_id: str, index: int) -> LaneSettings:
-        """Shard ``index``'s share: the concurrencies and ``rps`` split so that all shards
-        together never exceed them."""
-        n = self.lanes
+    def lane_settings(
+        self, run_id: str, index: int, *, count: int | None = None, shared_rate: bool = False
+    ) -> LaneSettings:
+        """Shard ``index``'s share (of ``count`` shards, default ``lanes``): the concurrencies
+        and ``rps`` split so that all shards together never exceed them. ``shared_rate``: a
+        cluster limiter keeps ``rps`` for all shards, each may go up to all of it."""
+        n = count or self.lanes
 
         def share(total: int) -> int:
             return total // n + (1 if index < total % n else 0)
@@ -183,7 +198,7 @@ class HarvestConfig:
             authorization=self.authorization,
             concurrency=share(self.concurrency),
             image_concurrency=share(self.image_slots),
-            rps=self.lane_rps(index),
+            rps=self.rps if shared_rate else self.lane_rps(index),
             retry=self.retry,
             pending_wait=self.pending_wait,
             max_image_bytes=self.max_image_bytes,
@@ -225,6 +240,10 @@ class HarvestConfig:
                 raise UsageError(message)
         if not self.inputs:
             raise UsageError("give at least one CSV export to harvest")
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine must be one of {', '.join(ENGINES)}")
+        if self.ray_address and self.engine != "ray":
+            raise UsageError("--ray-address is for --engine ray")
 
     @property
     def location(self) -> Path | str:
@@ -249,9 +268,19 @@ class _Run:
     """One harvest's driver; ``harvest`` below is the public entry point."""
 
     def __init__(
-        self, config: HarvestConfig, stats: RunStats, layout: Layout, remote: Store | None
+        self,
+        config: HarvestConfig,
+        stats: RunStats,
+        layout: Layout,
+        remote: Store | None,
+        *,
+        shards: int,
+        limiter: object = None,
     ) -> None:
         self.config = config
+        self.count = shards
+        self.limiter = limiter
+        """The cluster's rate limiter actor (Ray), handed to every shard; None: local."""
         self.stats = stats
         self.layout = layout
         self.writer = ManifestWriter(
@@ -309,7 +338,7 @@ class _Run:
         its shard's file (memory stays flat: only the duplicates' digests are kept)."""
         config, run_id = self.config, self.stats.run_id
         folder = work_dir(config.out_dir, run_id)
-        count = config.lanes
+        count = self.count
         counts = reader.ReadCounts()
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -324,9 +353,12 @@ class _Run:
                             index=index,
                             count=count,
                             pairs_path=path,
-                            lane=config.lane_settings(run_id, index),
+                            lane=config.lane_settings(
+                                run_id, index, count=count, shared_rate=self.limiter is not None
+                            ),
                             rows_per_part=config.rows_per_part,
                             seconds_per_part=config.seconds_per_part,
+                            limiter=self.limiter,
                         )
                     )
                 for batch in reader.iter_items(files, done=done, counts=counts):
@@ -389,48 +421,49 @@ class _Run:
 
         anyio.run(self.drive, wait, on_tick, tick)
 
-    def run_pool(
-        self, on_tick: Callable[[RunStats], None] | None, tick: float, log_format: str
+    def run_engine(
+        self, engine: Engine, on_tick: Callable[[RunStats], None] | None, tick: float
     ) -> None:
-        """Several shards, each in a process of a local pool."""
-        setup = distributor.ChildLogging(
-            levels={n: logging.getLogger(n).getEffectiveLevel() for n in ("harvester", "httpx")},
-            json_run_id=self.stats.run_id if log_format == "json" else None,
-            secrets=(self.config.api_key,),
-        )
-        with distributor.local_pool(len(self.specs), setup) as pool:
-            futures = {pool.submit(run_shard, spec): spec for spec in self.specs}
+        """Several shards, run by ``engine`` (a local pool, or Ray on a cluster); a shard whose
+        process or node died runs again (``max_retries``); one that keeps dying is reported."""
+        failures: list[Failure[ShardSpec]] = []
 
-            def wait() -> None:
-                concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-                if any(f.done() and f.exception() is not None for f in futures):
-                    self.stop()  # one shard is gone: the others stop and keep their rows
-                concurrent.futures.wait(futures)
+        def on_result(spec: ShardSpec, result: ShardResult) -> None:
+            self.results[spec.index] = result
 
-            anyio.run(self.drive, wait, on_tick, tick)
-        # The pool has shut down: every process has ended, and written what it would.
-        bug: BaseException | None = None
-        for future, spec in futures.items():
-            exc = future.exception()
-            if exc is None:
-                self.results[spec.index] = future.result()
-                continue
-            if not isinstance(exc, concurrent.futures.process.BrokenProcessPool):
-                bug = bug or exc
+        def wait() -> None:
+            failures.extend(
+                engine.run(
+                    run_shard,
+                    iter(self.specs),
+                    on_result=on_result,
+                    max_retries=self.config.max_retries,
+                )
+            )
+
+        anyio.run(self.drive, wait, on_tick, tick)
+        bug: Failure[ShardSpec] | None = None
+        for failure in sorted(failures, key=lambda f: f.spec.index):
+            spec = failure.spec
+            if failure.exit_code != ExitCode.WORKER:
+                bug = bug or failure
                 continue
             progress = read_progress(spec)
             if progress is not None:
                 self.results[spec.index] = progress
-            if progress is None or not progress.finished:
-                pid = f"pid {progress.pid}" if progress else "pid unknown"
-                self.dead.append(f"shard {spec.index} of {spec.count} ({pid})")
+            pid = f"pid {progress.pid}" if progress else "pid unknown"
+            self.dead.append(f"shard {spec.index} of {spec.count} ({pid})")
         if bug is not None:
-            raise bug
+            exc = HarvesterError(f"shard {bug.spec.index} of {bug.spec.count} failed: {bug.error}")
+            exc.exit_code = bug.exit_code
+            raise exc
         if self.dead:
+            retries = self.config.max_retries
             raise WorkerError(
-                f"the process of {', '.join(self.dead)} died (killed, or out of memory); the "
-                "rows finished so far are kept, requests still in flight are not recorded and "
-                "the next run retries them"
+                f"the process of {', '.join(self.dead)} died (killed, or out of memory"
+                + (f"; {retries + 1} times" if retries else "")
+                + "); the rows finished so far are kept, requests still in flight are not "
+                "recorded and the next run retries them"
             )
 
     async def drive(
@@ -528,6 +561,69 @@ def harvest(
         lowest_rps=config.rps,
         shards=config.lanes,
     )
+    with ExitStack() as cleanup:
+        engine, shards, limiter = _engine(config, stats, log_format, cleanup)
+        stats.processes = stats.shards = shards
+        _harvest(
+            config, stats, layout, remote, files, on_start, on_tick, tick, engine, shards, limiter
+        )
+    return stats
+
+
+def _engine(
+    config: HarvestConfig, stats: RunStats, log_format: str, cleanup: ExitStack
+) -> tuple[Engine | None, int, object]:
+    """The engine that runs the shards, how many shards, and the cluster's rate limiter.
+    None: one shard, in this process."""
+    if config.engine == "ray":
+        from harvester.run.engine.ray import RayEngine  # the optional extra
+
+        ray_engine = RayEngine(address=config.ray_address)
+        cleanup.enter_context(ray_engine)
+        nodes = ray_engine.node_count()
+        if nodes > 1 and config.out_url is not None:
+            raise UsageError(
+                f"--out {config.out_url} with the {nodes}-node Ray cluster at "
+                f"{ray_engine.address}: the run's shard files (their pairs, progress) still live "
+                "on this machine's disk, which the other nodes cannot read. Run on one node, or "
+                "harvest into a folder every node mounts with --shared-fs"
+            )
+        if nodes > 1 and not config.shared_fs:
+            raise UsageError(
+                f"--out {config.out_dir} is a folder on this machine, and the Ray cluster at "
+                f"{ray_engine.address} has {nodes} nodes: each would write images and manifest "
+                "parts to its own disk, and could not read the run's shard files. Use a folder "
+                "that every node mounts at the same path (NFS, a shared volume) and say so "
+                "with --shared-fs (job key shared-fs = true)"
+            )
+        shards = config.workers or ray_engine.cpus()
+        shards = max(1, min(shards, config.concurrency, config.image_slots))
+        limiter = ray_engine.start_limiter(config.rps)
+        cleanup.callback(ray_engine.stop_limiter, limiter)
+        return ray_engine, shards, limiter
+    if config.lanes == 1:
+        return None, 1, None
+    setup = ChildLogging(
+        levels={n: logging.getLogger(n).getEffectiveLevel() for n in ("harvester", "httpx")},
+        json_run_id=stats.run_id if log_format == "json" else None,
+        secrets=(config.api_key,),
+    )
+    return LocalEngine(workers=config.lanes, logging_setup=setup), config.lanes, None
+
+
+def _harvest(
+    config: HarvestConfig,
+    stats: RunStats,
+    layout: Layout,
+    remote: Store | None,
+    files: list[reader.InputFile],
+    on_start: Callable[[RunStats], None] | None,
+    on_tick: Callable[[RunStats], None] | None,
+    tick: float,
+    engine: Engine | None,
+    shards: int,
+    limiter: object,
+) -> None:
     if config.workers is not None and config.lanes < config.workers:
         log.info(
             "using %d processes, not %d: each needs a fetch slot, a download slot and a whole "
@@ -543,21 +639,21 @@ def harvest(
         stats.temp_files_cleaned = layout.clean_temp()
         stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.location)[0])
         runs.write(layout, stats.record(running=True), remote=remote)
-        run = _Run(config, stats, layout, remote)
+        run = _Run(config, stats, layout, remote, shards=shards, limiter=limiter)
         run.lease = lease
         try:
             done = reader.PairSet(
                 reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.location)
             )
             if not config.retry_expired:
-                _give_up(config, started, done, run.expire)
+                _give_up(config, stats.started_at, done, run.expire)
             if on_start is not None:
                 on_start(stats)
             run.split(files, done)
-            if len(run.specs) == 1:
+            if engine is None:
                 run.run_inline(on_tick, tick)
             else:
-                run.run_pool(on_tick, tick, log_format)
+                run.run_engine(engine, on_tick, tick)
             run.finish()
         except KeyboardInterrupt:
             stats.interrupted = True
@@ -585,7 +681,6 @@ def harvest(
             finally:
                 runs.write(layout, stats.record(), remote=remote)
                 _remove(work_dir(config.out_dir, stats.run_id))
-    return stats
 
 
 def _remove(folder: Path) -> None:

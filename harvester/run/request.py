@@ -22,7 +22,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from harvester.api.fetcher import FetchOutcome, ResultFetcher
-from harvester.api.ratelimit import RateLimiter
+from harvester.api.ratelimit import PermitSource, RateLimiter
 from harvester.api.results import ImageRef
 from harvester.api.retry import RetryPolicy
 from harvester.api.urls import describe_url
@@ -88,8 +88,15 @@ class Counters:
 class Lane:
     """Does requests: one instance per lane, used inside ``opened()``."""
 
-    def __init__(self, settings: LaneSettings, *, remote: Store | None = None) -> None:
-        """``remote``: the S3 store images go to (``settings.out_url``'s)."""
+    def __init__(
+        self,
+        settings: LaneSettings,
+        *,
+        remote: Store | None = None,
+        permits: PermitSource | None = None,
+    ) -> None:
+        """``remote``: the S3 store images go to (``settings.out_url``'s); ``permits``: the
+        cluster's rate limiter (Ray), if any."""
         self.settings = settings
         self.remote = remote
         self.rng = random.Random(settings.seed)
@@ -104,7 +111,7 @@ class Lane:
         self.pending_waiters = anyio.Semaphore(MAX_PENDING_WAITERS)
         self.waiting = 0
         self.waiting_until = 0.0
-        self.limiter = RateLimiter(settings.rps)
+        self.limiter = RateLimiter(settings.rps, permits=permits)
         self._fetcher: ResultFetcher | None = None
         self._store: ImageDownloader | None = None
 

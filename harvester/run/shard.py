@@ -10,6 +10,17 @@ local pool's, a cluster engine's) can run it given the output folder.
 While it runs, a shard writes its counters to ``.tmp/<run_id>/shard-SSSS.progress.json`` every
 ``PROGRESS_SECONDS`` (the harvest shows them, and keeps them if the shard's process dies), and
 stops, keeping what it finished, when ``.tmp/<run_id>/stop`` appears.
+
+A shard may run more than once in a run (an engine runs it again when its process or node
+died). Each attempt starts by deleting the manifest parts an earlier attempt of the same shard
+wrote, then does all the shard's pairs again (images already stored are found by their
+sha256, not downloaded twice): so a pair is never recorded twice in a run, and the
+latest-state query needs no dedupe. An earlier attempt must be dead when the next starts, as
+Ray and the local pool make sure (a process that outlived its node's loss could still add a
+part; ``verify`` and the latest-state query would still hold: the rows say the same).
+
+With ``limiter`` set (a cluster's rate limiter actor, handed in by the Ray engine), the shard's
+requests start at the cluster's start times (``--rps`` for the whole cluster).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from typing import Any, Final, TextIO
 import anyio
 import anyio.abc
 
+from harvester.api.ratelimit import PermitSource
 from harvester.errors import HarvesterError, OutputError, first_harvester_error
 from harvester.run.reader import Pair, pair_key
 from harvester.run.request import EVENT_LOOP_OPTIONS, Lane, LaneSettings, quiet_gc, serve_pairs
@@ -72,6 +84,8 @@ class ShardSpec:
     """Its share of ``--rps`` and the concurrencies, the API settings and ``out_dir``."""
     rows_per_part: int = 5_000
     seconds_per_part: float = 30.0
+    limiter: Any = None
+    """The cluster's rate limiter (a Ray actor handle), or None: the lane's own rate."""
 
     @property
     def out_dir(self) -> Path:
@@ -146,6 +160,44 @@ def read_progress(spec: ShardSpec) -> ShardResult | None:
         return None
 
 
+def part_prefix(index: int) -> str:
+    return f"shard-{index:04d}-part"
+
+
+def forget_earlier_attempts(spec: ShardSpec) -> int:
+    """Delete the manifest parts an earlier attempt of this shard wrote in this run; returns
+    how many."""
+    folder = Layout(spec.out_dir).manifest / spec.run_id
+    removed = 0
+    for part in folder.glob(f"{part_prefix(spec.index)}-*.parquet"):
+        try:
+            part.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise OutputError(
+                f"cannot remove {part}, written by an earlier attempt of shard {spec.index}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        removed += 1
+    if removed:
+        log.warning(
+            "shard %d of run %s runs again: its earlier attempt's %d manifest parts removed",
+            spec.index,
+            spec.run_id,
+            removed,
+        )
+    return removed
+
+
+def _permits(spec: ShardSpec) -> PermitSource | None:
+    if spec.limiter is None:
+        return None
+    from harvester.run.engine.ray import cluster_permits  # only on a Ray worker
+
+    return cluster_permits(spec.limiter)
+
+
 class _Shard:
     def __init__(self, spec: ShardSpec) -> None:
         self.spec = spec
@@ -156,7 +208,7 @@ class _Shard:
             if spec.lane.out_url is None
             else open_store(spec.lane.out_url, temp_dir=self.layout.tmp)
         )
-        self.lane = Lane(spec.lane, remote=self.remote)
+        self.lane = Lane(spec.lane, remote=self.remote, permits=_permits(spec))
         self.writer = ManifestWriter(
             self.layout,
             spec.run_id,
@@ -164,7 +216,7 @@ class _Shard:
             rows_per_part=spec.rows_per_part,
             seconds_per_part=spec.seconds_per_part,
             autoflush=False,
-            prefix=f"shard-{spec.index:04d}-part",
+            prefix=part_prefix(spec.index),
         )
         self.requests: Counter[str] = Counter()
         self.images = Counter[str]()

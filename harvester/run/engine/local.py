@@ -8,28 +8,117 @@ anew and the specs that were in it run again one at a time, so that a death is t
 spec's own. A spec whose process dies alone more than ``max_retries`` times is a failure with
 exit code WORKER; the others finish as usual.
 Processes start with ``spawn``: the parent runs threads, and a forked copy of them is unsafe.
+
+A pool process ignores SIGINT and SIGTERM (the harvest stops shards through their stop flag,
+so they keep what they finished), dies with the harvest (PR_SET_PDEATHSIG on Linux, kill -9
+included), and logs to stderr with the key masked (``ChildLogging``). Nothing per row crosses
+processes: a shard's spec goes in, its counters come back.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import multiprocessing
+import os
+import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from harvester.errors import ExitCode
+from harvester.redact import redact, secret_parts
 from harvester.run.engine import DEFAULT_MAX_RETRIES, Failure, R, S, failure_of
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChildLogging:
+    """How a pool process logs: the harvest's levels, format and the secrets to mask."""
+
+    levels: dict[str, int] = field(default_factory=dict)
+    json_run_id: str | None = None
+    """The run id for JSON lines (``--log-format json``); None: text lines."""
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # StreamHandler[TextIO]
+    def __init__(self, setup: ChildLogging) -> None:
+        super().__init__(sys.stderr)
+        self.setup = setup
+        self.secrets = [p for s in setup.secrets for p in secret_parts(s)]
+
+    def format(self, record: logging.LogRecord) -> str:
+        run_id = self.setup.json_run_id
+        if run_id is None:
+            when = datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S")
+            text = f"{when} {record.levelname} {record.name}: {record.getMessage()}"
+        else:
+            text = json.dumps(
+                {
+                    "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
+                        timespec="milliseconds"
+                    ),
+                    "level": record.levelname.lower(),
+                    "run_id": run_id,
+                    "logger": record.name,
+                    "message": record.getMessage(),
+                    "pid": os.getpid(),
+                }
+            )
+        return redact(text, self.secrets)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the harvest's process dies (kill -9 included)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+
+
+def _init_child(parent: int, setup: ChildLogging) -> None:
+    _die_with_parent()
+    if os.getppid() != parent:  # the harvest died before the request to die with it
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    handler = _Handler(setup)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    for name, level in setup.levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 class LocalEngine:
-    def __init__(self, *, workers: int = 2, max_in_flight: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        workers: int = 2,
+        max_in_flight: int | None = None,
+        logging_setup: ChildLogging | None = None,
+    ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.workers = workers
         self.max_in_flight = max_in_flight or 2 * workers
+        self.logging_setup = logging_setup or ChildLogging()
 
     def _pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        """A fresh pool; made and used from one thread (a pool process dies with the thread
+        that started it)."""
+        return ProcessPoolExecutor(
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_child,
+            initargs=(os.getpid(), self.logging_setup),
+        )
 
     def run(
         self,

@@ -111,6 +111,21 @@ class RayEngine:
             ) from exc
         self._connected_here = True
 
+    def node_count(self) -> int:
+        """How many nodes of the cluster are alive."""
+        self.connect()
+        return sum(1 for node in self._ray.nodes() if node.get("Alive"))
+
+    def cpus(self) -> int:
+        """The cluster's CPUs (at least 1)."""
+        self.connect()
+        return max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+
+    def stop_limiter(self, limiter: ActorHandle[RateLimiterActor]) -> None:
+        """End the run's limiter actor (when this process stays connected after the run)."""
+        if self._ray.is_initialized():
+            self._ray.kill(limiter)
+
     def close(self) -> None:
         if self._connected_here:
             self._ray.shutdown()
