@@ -68,12 +68,6 @@ IMAGE_SLOTS_PER_FETCH: Final = 2
 """A result has 1.75 images on average, and an image takes about as long as a result: two
 download slots per fetch slot keep every fetch slot busy, on a slow link too (README
 "Performance" has the measurements)."""
-AUTO_WORKERS_MIN_RPS: Final = 500.0
-"""With ``workers`` unset, a run allowed at least this many requests per second gets one
-process per core (up to ``AUTO_WORKERS_MAX``). One process does 600-800 requests a second on
-one core of the bench machine (README "Performance"), and two cost more CPU in all than one:
-below this, one process keeps up."""
-AUTO_WORKERS_MAX: Final = 4
 
 
 def api_key_from_env(environ: dict[str, str] | os._Environ[str], name: str | None = None) -> str:
@@ -121,8 +115,9 @@ class HarvestConfig:
     seed: int | None = None
     """Seed for retry jitter (tests); None draws one."""
     workers: int | None = None
-    """Processes that fetch and download (this one included); None: one per core, up to
-    ``AUTO_WORKERS_MAX``, when ``rps`` is at least ``AUTO_WORKERS_MIN_RPS``, else one."""
+    """Processes that fetch and download (this one included); None: one. One process is as
+    fast as two on the bench world, with 0.89x the CPU and 0.38x the summed peak RSS
+    (docs/performance.md, "Processes")."""
     columns: reader.Columns = field(default_factory=reader.Columns)
     """The exports' model and request id columns (``model``, ``request_id``)."""
 
@@ -130,10 +125,7 @@ class HarvestConfig:
     def lanes(self) -> int:
         """How many shards the work is split into, each run by its own process (each needs
         at least one fetch slot)."""
-        wanted = self.workers
-        if wanted is None:
-            cores = os.cpu_count() or 1
-            wanted = min(cores, AUTO_WORKERS_MAX) if self.rps >= AUTO_WORKERS_MIN_RPS else 1
+        wanted = 1 if self.workers is None else self.workers
         # Each lane needs a fetch slot, a download slot and a whole request per second of its
         # own (see ``lane_rps``).
         return max(1, min(wanted, self.concurrency, self.image_slots, math.floor(self.rps)))
@@ -260,7 +252,7 @@ class _Run:
             error=f"{bad.source}:{bad.line}: {bad.reason}",
         )
 
-    def split(self, files: list[reader.InputFile], done: reader.PairSet) -> None:
+    def split(self, files: list[reader.InputFile], done: set[int]) -> None:
         """Read the inputs once: invalid rows into the manifest, every pair to harvest into
         its shard's file (memory stays flat: only the duplicates' digests are kept)."""
         config, run_id = self.config, self.stats.run_id
@@ -478,9 +470,7 @@ def harvest(
         runs.write(layout, stats.record(running=True))
         run = _Run(config, stats, layout)
         try:
-            done = reader.PairSet(
-                reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir)
-            )
+            done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.out_dir)}
             if on_start is not None:
                 on_start(stats)
             run.split(files, done)
