@@ -139,8 +139,7 @@ def _harvest_options(*, job: bool) -> Callable[[F], F]:
             "--workers",
             type=click.IntRange(min=1),
             default=None,
-            help="Processes that fetch and download, this one included. Default: one per "
-            "core (at most 4) when --rps is 500 or more, else 1"
+            help="Processes that fetch and download, this one included. Default: 1"
             + (" (or the job's 'workers')." if job else "."),
         ),
         click.option(

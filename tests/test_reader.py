@@ -196,27 +196,6 @@ def test_a_duplicate_of_a_done_pair_counts_as_a_duplicate(tmp_path: Path) -> Non
     assert (counts.already_done, counts.duplicates) == (1, 1)
 
 
-@given(st.lists(st.integers(min_value=0, max_value=2**128 - 1), max_size=3000))
-def test_pair_set_behaves_as_a_set(keys: list[int]) -> None:
-    half = len(keys) // 2
-    pairs = reader.PairSet(keys[:half])
-    for key in keys[half:]:
-        pairs.add(key)
-    assert len(pairs) == len(set(keys))
-    assert all(key in pairs for key in keys)
-    others = [k ^ (1 << 100) for k in keys] + [k + 1 for k in keys]
-    assert all((k in pairs) == (k in set(keys)) for k in others)
-
-
-def test_pair_set_grows_and_keeps_zero_apart() -> None:
-    pairs = reader.PairSet([0, 1, 2**64, 2**64 + 1])
-    assert (0 in pairs, 1 in pairs, 2**64 in pairs, 2**64 + 1 in pairs) == (True,) * 4
-    assert 2 not in pairs and 2**65 not in pairs and "x" not in pairs
-    many = [reader.pair_key("m/a", str(i)) for i in range(10_000)]
-    pairs = reader.PairSet(many)
-    assert len(pairs) == 10_000 and all(k in pairs for k in many)
-
-
 def test_an_unterminated_quote_past_the_field_limit_loses_one_line_only(tmp_path: Path) -> None:
     """One stray quote in a 30,001-row export swallowed every row up to the field limit."""
     ids = [f"req-{i:06d}" for i in range(30_000)]

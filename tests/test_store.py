@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from harvester.api.retry import RetryPolicy
 from harvester.errors import OutputError
 from harvester.run.download import ImageDownloader
-from harvester.storage import files as files_module
 from harvester.storage.layout import Layout
 from harvester.storage.store import ImageFailure, StoredImage, sniff
 
@@ -91,33 +90,18 @@ async def test_stores_by_sha_with_extension_from_bytes(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("way", ["anonymous", "named", "anonymous refused"])
-async def test_every_way_of_writing_stores_once_and_whole(
-    tmp_path: Path, way: str, monkeypatch: pytest.MonkeyPatch
+async def test_an_image_is_stored_once_and_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Linux's unnamed files linked into place, named temp files renamed into place, and the
-    switch from the first to the second where the file system refuses unnamed files: the
-    same store, the same "new" answers, nothing left in .tmp."""
+    """A temp file renamed into place: the same "new" answers, nothing left in .tmp."""
     renames: list[str] = []
-    real_replace, real_open = os.replace, os.open
+    real_replace = os.replace
 
     def replace(src: str, dst: str) -> None:
         renames.append(dst)
         real_replace(src, dst)
 
-    def refuse_unnamed(path: str, flags: int, mode: int = 0o777) -> int:
-        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
-            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-        return real_open(path, flags, mode)
-
     monkeypatch.setattr(os, "replace", replace)
-    if way == "named":
-        monkeypatch.setattr(files_module._Anonymous, "usable", False)
-    elif way == "anonymous refused":
-        monkeypatch.setattr(files_module._Anonymous, "usable", True)
-        monkeypatch.setattr(os, "open", refuse_unnamed)
-    elif not files_module._Anonymous.usable:
-        pytest.fail("this Linux machine should support O_TMPFILE on the test's file system")
     store, layout, client = make_store(tmp_path, lambda r: httpx.Response(200, content=JPEG))
     async with client:
         got = [await store.store(f"https://cdn.test/{n}.jpg") for n in range(3)]
@@ -129,30 +113,15 @@ async def test_every_way_of_writing_stores_once_and_whole(
     assert stored.stat().st_mode & 0o777 == 0o666 & ~umask
     assert list(layout.images.rglob("*.*")) == [stored]
     assert list(layout.tmp.iterdir()) == []
-    assert renames == ([] if way == "anonymous" else [str(stored)])
-    assert files_module._Anonymous.usable is (way == "anonymous")
+    assert renames == [str(stored)]
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("way", ["anonymous", "named", "anonymous refused", "spilled"])
-async def test_a_torn_file_under_the_name_is_replaced(
-    tmp_path: Path, way: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("way", ["in memory", "spilled"])
+async def test_a_torn_file_under_the_name_is_replaced(tmp_path: Path, way: str) -> None:
     """Images are not fsynced, so after a power loss a file can sit under its sha256 name with
     only part of its bytes. Whichever way the store writes, the next download of that image
     replaces it (and says new); a whole file is still found and kept."""
-    real_open = os.open
-
-    def refuse_unnamed(path: str, flags: int, mode: int = 0o777) -> int:
-        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
-            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-        return real_open(path, flags, mode)
-
-    if way == "named":
-        monkeypatch.setattr(files_module._Anonymous, "usable", False)
-    elif way == "anonymous refused":
-        monkeypatch.setattr(files_module._Anonymous, "usable", True)
-        monkeypatch.setattr(os, "open", refuse_unnamed)
     body = JPEG + bytes(range(256)) * 5_000 if way == "spilled" else JPEG  # 1.28 MB spills
     sha = hashlib.sha256(body).hexdigest()
     store, layout, client = make_store(tmp_path, lambda r: httpx.Response(200, content=body))

@@ -72,12 +72,6 @@ IMAGE_SLOTS_PER_FETCH: Final = 2
 """A result has 1.75 images on average, and an image takes about as long as a result: two
 download slots per fetch slot keep every fetch slot busy, on a slow link too (README
 "Performance" has the measurements)."""
-AUTO_WORKERS_MIN_RPS: Final = 500.0
-"""With ``workers`` unset, a run allowed at least this many requests per second gets one
-process per core (up to ``AUTO_WORKERS_MAX``). One process does 600-800 requests a second on
-one core of the bench machine (README "Performance"), and two cost more CPU in all than one:
-below this, one process keeps up."""
-AUTO_WORKERS_MAX: Final = 4
 ENGINES: Final = ("local", "ray")
 
 
@@ -131,8 +125,9 @@ class HarvestConfig:
     seed: int | None = None
     """Seed for retry jitter (tests); None draws one."""
     workers: int | None = None
-    """Processes that fetch and download (this one included); None: one per core, up to
-    ``AUTO_WORKERS_MAX``, when ``rps`` is at least ``AUTO_WORKERS_MIN_RPS``, else one."""
+    """Processes that fetch and download (this one included); None: one. One process is as
+    fast as two on the bench world, with 0.89x the CPU and 0.38x the summed peak RSS
+    (docs/performance.md, "Processes")."""
     give_up_after: float = 7.0
     """Days: a request never ok this long after its first row gets a final ``expired`` row
     and is no longer fetched."""
@@ -154,10 +149,7 @@ class HarvestConfig:
     def lanes(self) -> int:
         """How many shards the work is split into, each run by its own process (each needs
         at least one fetch slot)."""
-        wanted = self.workers
-        if wanted is None:
-            cores = os.cpu_count() or 1
-            wanted = min(cores, AUTO_WORKERS_MAX) if self.rps >= AUTO_WORKERS_MIN_RPS else 1
+        wanted = 1 if self.workers is None else self.workers
         # Each lane needs a fetch slot, a download slot and a whole request per second of its
         # own (see ``lane_rps``).
         return max(1, min(wanted, self.concurrency, self.image_slots, math.floor(self.rps)))
@@ -293,7 +285,7 @@ class _Run:
         """The driver's own part: invalid input rows."""
         self.invalid = 0
         self.expired = 0
-        self.expire = reader.PairSet()
+        self.expire: set[int] = set()
         """Pairs given up on in this run: written as ``expired`` rows, never fetched."""
         self.specs: list[ShardSpec] = []
         self.results: dict[int, ShardResult] = {}
@@ -333,7 +325,7 @@ class _Run:
             "not fetched again unless a run is given --retry-expired",
         )
 
-    def split(self, files: list[reader.InputFile], done: reader.PairSet) -> None:
+    def split(self, files: list[reader.InputFile], done: set[int]) -> None:
         """Read the inputs once: invalid rows into the manifest, every pair to harvest into
         its shard's file (memory stays flat: only the duplicates' digests are kept)."""
         config, run_id = self.config, self.stats.run_id
@@ -642,9 +634,7 @@ def _harvest(
         run = _Run(config, stats, layout, remote, shards=shards, limiter=limiter)
         run.lease = lease
         try:
-            done = reader.PairSet(
-                reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.location)
-            )
+            done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.location)}
             if not config.retry_expired:
                 _give_up(config, stats.started_at, done, run.expire)
             if on_start is not None:
@@ -689,9 +679,7 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _give_up(
-    config: HarvestConfig, now: datetime, done: reader.PairSet, expire: reader.PairSet
-) -> None:
+def _give_up(config: HarvestConfig, now: datetime, done: set[int], expire: set[int]) -> None:
     """Add to ``done`` the pairs given up on in earlier runs (skipped like ok ones) and to
     ``expire`` those never ok ``give_up_after`` days after their first row."""
     cutoff = now - timedelta(days=config.give_up_after)

@@ -4,14 +4,13 @@ Exports are read twice: ``inspect`` checks every file up front (readable, UTF-8-
 columns) and counts rows, so a broken file stops the run before any network call; ``iter_items``
 then streams the rows in batches. A bad row is data, not a crash: it comes out as a ``BadRow``
 with its file and line. Memory does not grow with the row count, except for the 16-byte pair
-digests used to drop duplicates, kept compactly in a ``PairSet`` (32-64 bytes a pair).
+digests used to drop duplicates, in a ``set`` (about 85 bytes a pair).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from array import array
 from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,71 +86,6 @@ def pair_key(model: str, request_id: str) -> int:
     """A 128-bit digest of a pair; sets of these deduplicate without keeping the strings."""
     digest = hashlib.blake2b(f"{model}\x00{request_id}".encode(), digest_size=16).digest()
     return int.from_bytes(digest, "big")
-
-
-class PairSet:
-    """A set of ``pair_key`` digests in two flat arrays of 64-bit halves (open addressing,
-    three-eighths to three-quarters full): 21-43 bytes a pair, where a ``set`` of 128-bit ints
-    takes 70-100 (the int objects and the table). It is the one thing that grows with the
-    input: 8.4 MB for 200,000 pairs."""
-
-    _MASK: Final = (1 << 64) - 1
-
-    def __init__(self, keys: Iterable[int] = ()) -> None:
-        self._slots = 1024
-        self._hi = array("Q", [0]) * self._slots
-        self._lo = array("Q", [0]) * self._slots
-        self._len = 0
-        self._has_zero = False  # the all-zero digest would look like an empty slot
-        for key in keys:
-            self.add(key)
-
-    def __len__(self) -> int:
-        return self._len + self._has_zero
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, int):
-            return False
-        if key == 0:
-            return self._has_zero
-        return self._slot(key >> 64, key & self._MASK) >= 0
-
-    def add(self, key: int) -> None:
-        if key == 0:
-            self._has_zero = True
-            return
-        hi, lo = key >> 64, key & self._MASK
-        i = self._slot(hi, lo)
-        if i >= 0:
-            return
-        i = ~i
-        self._hi[i] = hi
-        self._lo[i] = lo
-        self._len += 1
-        if 4 * self._len > 3 * self._slots:
-            self._grow()
-
-    def _slot(self, hi: int, lo: int) -> int:
-        """The slot holding ``(hi, lo)``, or ``~slot`` of the empty one where it would go."""
-        mask = self._slots - 1
-        i = lo & mask
-        his, los = self._hi, self._lo
-        while his[i] or los[i]:
-            if los[i] == lo and his[i] == hi:
-                return i
-            i = (i + 1) & mask
-        return ~i
-
-    def _grow(self) -> None:
-        old_hi, old_lo = self._hi, self._lo
-        self._slots *= 2
-        self._hi = array("Q", [0]) * self._slots
-        self._lo = array("Q", [0]) * self._slots
-        for hi, lo in zip(old_hi, old_lo, strict=True):
-            if hi or lo:
-                i = ~self._slot(hi, lo)
-                self._hi[i] = hi
-                self._lo[i] = lo
 
 
 def _normalise_header(cell: str) -> str:
@@ -399,13 +333,12 @@ def iter_items(
 ) -> Iterator[list[Pair | BadRow]]:
     """Stream every row of ``files`` as batches of ``Pair`` (first sighting only) and ``BadRow``.
 
-    ``done`` holds ``pair_key`` digests of pairs to skip (already harvested; a ``set`` or a
-    ``PairSet``); a pair repeated
+    ``done`` holds ``pair_key`` digests of pairs to skip (already harvested); a pair repeated
     within or across files comes out once. ``counts`` (if given) tallies what was skipped.
     """
-    done = PairSet() if done is None else done
+    done = set() if done is None else done
     counts = ReadCounts() if counts is None else counts
-    seen = PairSet()
+    seen: set[int] = set()
     batch: list[Pair | BadRow] = []
     for f in files:
         source = str(f.path)

@@ -7,11 +7,10 @@ of ``--rps``; ``serve_pairs`` runs a fixed pool of tasks that feed it. A shard
 
 from __future__ import annotations
 
-import gc
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +37,6 @@ MAX_PENDING_WAITERS: Final = 10_000
 EVENT_LOOP_OPTIONS: Final = {"use_uvloop": True}
 """anyio's asyncio backend options: uvloop takes about a fifth less CPU per request
 (bench/transports.py measures it)."""
-GC_YOUNG_THRESHOLD: Final = 20_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -284,23 +282,6 @@ def image_fields(
     if got.http_status:
         row["http_status"] = got.http_status
     return row
-
-
-@contextmanager
-def quiet_gc() -> Iterator[None]:
-    """For the length of a run: everything allocated before it (modules, the done set) is
-    kept out of the cyclic collector's scans (``gc.freeze``), and the young generation is
-    collected less often. A request allocates thousands of short-lived objects that reference
-    counting frees; at the default threshold (700) the collector ran several times per request
-    and took about 6% of the run's CPU (perf, bench world)."""
-    old = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *old[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*old)
-        gc.unfreeze()
 
 
 Done = Callable[[list[ManifestRow]], Awaitable[None]]

@@ -41,7 +41,7 @@ import anyio.abc
 from harvester.api.ratelimit import PermitSource
 from harvester.errors import HarvesterError, OutputError, first_harvester_error
 from harvester.run.reader import Pair, pair_key
-from harvester.run.request import EVENT_LOOP_OPTIONS, Lane, LaneSettings, quiet_gc, serve_pairs
+from harvester.run.request import EVENT_LOOP_OPTIONS, Lane, LaneSettings, serve_pairs
 from harvester.storage.layout import Layout
 from harvester.storage.manifest import ManifestWriter
 from harvester.storage.objects import open_store
@@ -327,8 +327,7 @@ def run_shard(spec: ShardSpec) -> ShardResult:
     result; a bug is raised, after the rows finished so far are written."""
     shard = _Shard(spec)
     try:
-        with quiet_gc():
-            anyio.run(shard.run, backend_options=EVENT_LOOP_OPTIONS)
+        anyio.run(shard.run, backend_options=EVENT_LOOP_OPTIONS)
     except HarvesterError as exc:
         shard.fail(exc)
     except BaseExceptionGroup as group:

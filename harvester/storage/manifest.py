@@ -296,10 +296,10 @@ def _text_size(row: ManifestRow) -> int:
 
 def _give_back_memory() -> None:
     """Return the memory a part took to build to the system: Arrow's pool (mimalloc) and
-    glibc's heap keep freed memory for reuse, and a harvest that writes a part every few
-    seconds for hours then grows a little with every part. ``make bench``'s 200,000-request
-    run peaked at 176-192 MB (up to 1.22x the 20,000 run) without this, 162-167 MB with it
-    (docs/performance.md). Costs 0.2-2.4 ms a part."""
+    glibc's heap keep freed memory for reuse, so a harvest writing a part every few seconds
+    for hours grows with every part. Costs 0.2-2.4 ms a part. Earns its place (issue 11): the
+    200,000-request run peaked at 176-192 MB without it, 162-167 MB with it, 8-13% less
+    (``BENCH_ONLY=speed,memory make bench``, docs/performance.md)."""
     pa.default_memory_pool().release_unused()
     if _malloc_trim is not None:
         _malloc_trim(0)
