@@ -516,15 +516,8 @@ def verify_command(out_dir: Path | str) -> None:
     from harvester.views.verify import verify
 
     _check_folder(out_dir)
-    if isinstance(out_dir, Path) and not any(
-        (out_dir / name).is_dir() for name in ("manifest", "images")
-    ):
-        click.echo(
-            f"harvester: error: {out_dir} has no manifest/ or images/ folder: is it the --out "
-            "folder of a harvest?",
-            err=True,
-        )
-        sys.exit(int(ExitCode.USAGE))
+    if isinstance(out_dir, Path):
+        _require_harvest_folder(out_dir, ("manifest", "images"))
     try:
         report = verify(out_dir)
     except HarvesterError as exc:
@@ -532,6 +525,18 @@ def verify_command(out_dir: Path | str) -> None:
         return
     click.echo(printable(report.summary(), newlines=True))
     sys.exit(int(ExitCode.OK if report.ok else ExitCode.VERIFY))
+
+
+def _require_harvest_folder(out_dir: Path, names: tuple[str, ...]) -> None:
+    """Exit 2 unless ``out_dir`` holds one of the folders a harvest makes."""
+    if not any((out_dir / name).is_dir() for name in names):
+        folders = " or ".join(f"{name}/" for name in names)
+        click.echo(
+            f"harvester: error: {out_dir} has no {folders} folder: is it the --out folder of "
+            "a harvest?",
+            err=True,
+        )
+        sys.exit(int(ExitCode.USAGE))
 
 
 @main.command("compact", short_help="Merge the manifest's parts; rewrite the current-state table.")
@@ -547,13 +552,7 @@ def compact_command(out_dir: Path) -> None:
     """
     from harvester.storage.compact import compact
 
-    if not (out_dir / "manifest").is_dir():
-        click.echo(
-            f"harvester: error: {out_dir} has no manifest/ folder: is it the --out folder of "
-            "a harvest?",
-            err=True,
-        )
-        sys.exit(int(ExitCode.USAGE))
+    _require_harvest_folder(out_dir, ("manifest",))
     try:
         stats = compact(out_dir)
     except HarvesterError as exc:

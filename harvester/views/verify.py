@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -83,22 +85,34 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _read_parts(layout: Layout, report: VerifyReport) -> dict[str, set[str]]:
-    """``path -> {sha256}`` from every readable part; unreadable parts go into the report."""
+def _referenced(
+    parts: Iterable[tuple[str, Callable[[], pa.Table]]], report: VerifyReport
+) -> dict[str, set[str]]:
+    """``path -> {sha256}`` from every readable part (``(name, read)`` pairs, one table in
+    memory at a time); unreadable parts go into the report."""
     referenced: dict[str, set[str]] = defaultdict(set)
-    for part in sorted(layout.manifest.rglob("*.parquet")):
+    for name, read in parts:
         report.parts_checked += 1
         try:
-            table = pq.read_table(part)  # every page, not just the footer
+            table = read()
             paths = table.column("path").to_pylist()
             shas = table.column("sha256").to_pylist()
-        except (OSError, pa.ArrowException, KeyError) as exc:
-            report.unreadable_parts.append(f"{part.relative_to(layout.root)}: {exc}")
+        except (OutputError, OSError, pa.ArrowException, KeyError) as exc:
+            report.unreadable_parts.append(f"{name}: {exc}")
             continue
         for path, sha in zip(paths, shas, strict=True):
             if path is not None:
                 referenced[path].add(sha)
     return referenced
+
+
+def _read_parts(layout: Layout, report: VerifyReport) -> dict[str, set[str]]:
+    """The folder's parts, every page read (not just the footer)."""
+    parts = sorted(layout.manifest.rglob("*.parquet"))
+    return _referenced(
+        ((str(part.relative_to(layout.root)), partial(pq.read_table, part)) for part in parts),
+        report,
+    )
 
 
 def _check(path: Path, rel: str, expected: str, report: VerifyReport) -> None:
@@ -115,23 +129,13 @@ def _check(path: Path, rel: str, expected: str, report: VerifyReport) -> None:
 
 
 def _remote_parts(store: Store, report: VerifyReport) -> dict[str, set[str]]:
-    """``_read_parts`` for an S3 location: one part in memory at a time."""
-    referenced: dict[str, set[str]] = defaultdict(set)
-    for info in store.list("manifest/"):
-        if not info.key.endswith(".parquet"):
-            continue
-        report.parts_checked += 1
-        try:
-            table = pq.read_table(pa.BufferReader(store.get(info.key)), columns=["path", "sha256"])
-            paths = table.column("path").to_pylist()
-            shas = table.column("sha256").to_pylist()
-        except (OutputError, OSError, pa.ArrowException, KeyError) as exc:
-            report.unreadable_parts.append(f"{info.key}: {exc}")
-            continue
-        for path, sha in zip(paths, shas, strict=True):
-            if path is not None:
-                referenced[path].add(sha)
-    return referenced
+    """An S3 location's parts, each fetched whole, then read."""
+
+    def reader(key: str) -> Callable[[], pa.Table]:
+        return lambda: pq.read_table(pa.BufferReader(store.get(key)), columns=["path", "sha256"])
+
+    keys = [i.key for i in store.list("manifest/") if i.key.endswith(".parquet")]
+    return _referenced(((key, reader(key)) for key in keys), report)
 
 
 def _remote_check(store: Store, key: str, expected: str, report: VerifyReport) -> None:
