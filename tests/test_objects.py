@@ -286,3 +286,31 @@ def test_a_renewal_whose_answer_was_lost_is_not_a_lost_lease(
     other._create(lease.generation + 1)  # another run's generation is not ours
     with pytest.raises(LockedError):
         lease.renew()
+
+
+def test_a_shard_that_runs_again_first_removes_its_earlier_attempts_parts(
+    store: Store, tmp_path: Path
+) -> None:
+    """A shard re-run after its process or node died deletes the parts its earlier attempt
+    wrote in this run, and only those, so no pair is recorded twice."""
+    from types import SimpleNamespace
+
+    from harvester.run.shard import forget_earlier_attempts
+
+    keys = [
+        "manifest/run-1/shard-0001-part-00000.parquet",
+        "manifest/run-1/shard-0001-part-00001.parquet",
+        "manifest/run-1/shard-0002-part-00000.parquet",
+        "manifest/run-1/part-00000.parquet",
+        "manifest/run-0/shard-0001-part-00000.parquet",
+    ]
+    for key in keys:
+        store.put(key, b"part")
+    local = isinstance(store, LocalStore)
+    out_dir = store.layout.root if isinstance(store, LocalStore) else tmp_path
+    spec = SimpleNamespace(run_id="run-1", index=1, out_dir=out_dir)
+    remote = None if local else store
+
+    assert forget_earlier_attempts(spec, remote) == 2  # type: ignore[arg-type]
+    assert sorted(i.key for i in store.list("manifest/")) == sorted(keys[2:])
+    assert forget_earlier_attempts(spec, remote) == 0  # type: ignore[arg-type]

@@ -44,7 +44,7 @@ from harvester.run.reader import Pair, pair_key
 from harvester.run.request import EVENT_LOOP_OPTIONS, Lane, LaneSettings, serve_pairs
 from harvester.storage.layout import Layout
 from harvester.storage.manifest import ManifestWriter
-from harvester.storage.objects import open_store
+from harvester.storage.objects import Store, open_store
 from harvester.storage.rows import ManifestRow
 
 log = logging.getLogger("harvester")
@@ -164,22 +164,34 @@ def part_prefix(index: int) -> str:
     return f"shard-{index:04d}-part"
 
 
-def forget_earlier_attempts(spec: ShardSpec) -> int:
-    """Delete the manifest parts an earlier attempt of this shard wrote in this run; returns
-    how many."""
-    folder = Layout(spec.out_dir).manifest / spec.run_id
+def forget_earlier_attempts(spec: ShardSpec, remote: Store | None = None) -> int:
+    """Delete the manifest parts an earlier attempt of this shard wrote in this run (in the
+    folder, or in ``remote`` for an S3 output), so a shard that runs again after its process or
+    node died records each pair once; returns how many. A first attempt finds none."""
+    prefix = part_prefix(spec.index)
     removed = 0
-    for part in folder.glob(f"{part_prefix(spec.index)}-*.parquet"):
-        try:
-            part.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise OutputError(
-                f"cannot remove {part}, written by an earlier attempt of shard {spec.index}: "
-                f"{exc.strerror or exc}"
-            ) from exc
-        removed += 1
+    try:
+        if remote is not None:
+            # Listing goes by whole path segments (object_store): the run's folder, filtered.
+            folder_key = f"manifest/{spec.run_id}/"
+            keys = [
+                i.key
+                for i in remote.list(folder_key)
+                if i.key.removeprefix(folder_key).startswith(f"{prefix}-")
+            ]
+            for key in keys:
+                remote.delete(key)
+            removed = len(keys)
+        else:
+            folder = Layout(spec.out_dir).manifest / spec.run_id
+            for part in folder.glob(f"{prefix}-*.parquet"):
+                part.unlink(missing_ok=True)
+                removed += 1
+    except OSError as exc:
+        raise OutputError(
+            f"cannot remove the manifest parts an earlier attempt of shard {spec.index} wrote: "
+            f"{exc.strerror or exc}"
+        ) from exc
     if removed:
         log.warning(
             "shard %d of run %s runs again: its earlier attempt's %d manifest parts removed",
@@ -208,6 +220,7 @@ class _Shard:
             if spec.lane.out_url is None
             else open_store(spec.lane.out_url, temp_dir=self.layout.tmp)
         )
+        forget_earlier_attempts(spec, self.remote)
         self.lane = Lane(spec.lane, remote=self.remote, permits=_permits(spec))
         self.writer = ManifestWriter(
             self.layout,
