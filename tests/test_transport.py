@@ -333,6 +333,47 @@ def test_no_proxy_sends_a_harvest_past_the_proxy(
     assert len(_proxied_lines(log, port)) == before
 
 
+@pytest.mark.anyio
+@pytest.mark.usefixtures("_no_proxy_env")
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy"])
+async def test_https_goes_through_the_proxy_as_a_tunnel(
+    variable: str,
+    tinyproxy: tuple[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """An https result and image through the proxy that ``HTTPS_PROXY`` names: a CONNECT
+    tunnel (the proxy sees the host and port, never the request or the key), TLS verified end
+    to end against ``SSL_CERT_FILE``."""
+    proxy, log = tinyproxy
+    monkeypatch.setenv(variable, proxy)
+    monkeypatch.setenv("SSL_CERT_FILE", str(CERT))
+
+    async def serve(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+        if exchange.target.endswith(".png"):
+            png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+            writer.write(response(200, png, {"Content-Type": "image/png"}))
+        else:
+            await _serve_result(exchange, writer)
+
+    with serving(serve, tls=True) as server:
+        port = httpx.URL(server.url).port
+        before = log.read_text(errors="replace").count(f"CONNECT 127.0.0.1:{port}")
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            outcome = await _fetcher(client, server.url).fetch("fal-ai/flux/dev", "req-1")
+            layout = Layout(tmp_path / "out")
+            layout.prepare()
+            policy, rng = RetryPolicy(), random.Random(0)
+            downloader = ImageDownloader(client, layout, policy=policy, rng=rng)
+            image = await downloader.store(server.url + "/a.png")
+    assert outcome.status == "ok", outcome.error
+    assert isinstance(image, StoredImage), image
+    assert [e.target for e in server.seen] == ["/fal-ai/flux/requests/req-1", "/a.png"]
+    text = log.read_text(errors="replace")
+    assert text.count(f"CONNECT 127.0.0.1:{port}") > before, text[-2000:]
+    assert KEY not in text
+
+
 def _fetcher(client: httpx.AsyncClient, base_url: str, **kwargs: int) -> ResultFetcher:
     return ResultFetcher(
         client,
