@@ -772,8 +772,19 @@ def _harvest(
             finally:
                 runs.write(layout, stats.record(), remote=remote)
                 _remove(work_dir(config.out_dir, stats.run_id))
+                _clean_temp(layout)
                 if run.board is not None:
                     run.remove_remote_temp(run.remote_temp)
+
+
+def _clean_temp(layout: Layout) -> None:
+    """Empty the temp folder at the end of the run, the lock still held and every shard's
+    process ended: a shard's process killed while it wrote a manifest part or an image left
+    its temp file there (the next run would remove it; until then it is clutter)."""
+    try:
+        layout.clean_temp()
+    except (OSError, OutputError) as exc:
+        log.warning("cannot empty the temp folder %s: %s", layout.tmp, exc)
 
 
 def _remove(folder: Path) -> None:
