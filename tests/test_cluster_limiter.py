@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable
 
 import pytest
 from hypothesis import given
@@ -67,3 +68,35 @@ async def test_a_slot_reached_too_late_is_dropped_not_used() -> None:
     assert (permits.started, permits.dropped) == (1, 1)
     permits.on_throttled(2.0)
     assert throttles == [2.0]
+
+
+@pytest.mark.anyio
+async def test_the_next_lease_is_asked_for_while_half_the_slots_are_left() -> None:
+    """A request seldom waits for a round trip to the actor: the next lease is asked for (the
+    call sent) while half a lease or more is left, and its answer used when they run out."""
+    asked: list[int] = []
+
+    async def answer(slots: list[float]) -> list[float]:
+        return slots
+
+    def lease(n: int, *, successes: int, not_before: float) -> Awaitable[list[float]]:
+        asked.append(n)  # when the call is made, not when its answer is awaited
+        return answer([time.time() + 0.001 * i for i in range(n)])
+
+    permits = ClusterPermits(lease, lambda retry_after: None)
+    seen = []
+    for _ in range(7):
+        await permits.acquire()
+        seen.append(list(asked))
+
+    assert seen == [
+        [1, 2],  # the first lease waited for, the next asked at once
+        [1, 2, 4],  # the second arrived: the third asked at once (leases grow while used)
+        [1, 2, 4],
+        [1, 2, 4, 8],
+        [1, 2, 4, 8],
+        [1, 2, 4, 8],
+        [1, 2, 4, 8],
+    ]
+    assert (permits.started, permits.dropped) == (7, 0)
+    permits.on_throttled(None)  # the lease asked ahead is dropped (its slots precede the pause)

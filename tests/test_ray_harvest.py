@@ -8,6 +8,7 @@ The test that kills the second node comes last and starts a new one at its end.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from contextlib import suppress
@@ -94,6 +95,28 @@ def test_the_rate_limit_holds_for_the_whole_cluster_at_the_server(
     assert result.exit_code == ExitCode.OK, result.output
     assert len(starts) == len(pairs)
     assert most_starts_in_window(starts) <= rps
+
+
+def test_the_summary_shows_the_cluster_s_rate_cut(cluster: RayCluster, tmp_path: Path) -> None:
+    """Every shard may use the whole --rps (the limiter shares it): the summary's "rate cut to"
+    is the limiter's lowest rate, not the shards' rates added up (four times --rps)."""
+    rps = 20
+    pairs = [("fal-ai/flux", f"cut-{n:03d}") for n in range(40)]
+    csv = write_csv(tmp_path / "e.csv", pairs)
+    with running_sandbox(
+        SandboxConfig(
+            key=KEY, image_bytes=2_000, throttle_share=0.1, throttle_times=1, retry_after_seconds=0
+        )
+    ) as sandbox:
+        args = harvest_args(sandbox, tmp_path / "out", csv, extra=_ray(cluster, "--shared-fs"))
+        result = run_cli([*args, "--rps", str(rps)])
+        throttled = sandbox.stats()["rate_limited"]
+
+    assert result.exit_code == ExitCode.OK, result.output
+    assert throttled > 0
+    cut = re.search(r"rate cut to ([\d.]+)/s at the lowest", result.output)
+    assert cut is not None, result.output
+    assert float(cut[1]) <= rps / 2  # the first 429 halves the cluster's rate
 
 
 def _shard_pids(out: Path) -> set[int]:

@@ -23,10 +23,10 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
 import anyio
 import httpx
@@ -63,7 +63,13 @@ from harvester.storage import manifest, runs
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
 from harvester.storage.manifest import EXPIRED, INVALID, ManifestRow, ManifestWriter
-from harvester.storage.objects import Held, Store, open_store
+from harvester.storage.objects import AWS_ENV, Held, Store, open_store
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+    from harvester.run.engine.limiter import RateLimiterActor
+    from harvester.run.engine.ray import RayBoard, RayEngine
 
 log = logging.getLogger("harvester")
 
@@ -73,6 +79,12 @@ IMAGE_SLOTS_PER_FETCH: Final = 2
 download slots per fetch slot keep every fetch slot busy, on a slow link too (README
 "Performance" has the measurements)."""
 ENGINES: Final = ("local", "ray")
+AUTHORIZATION_ENV: Final = "HARVESTER_SHARD_AUTHORIZATION"
+"""Where a Ray shard's process finds the API's authorization header (its task's
+``runtime_env``): the key is not pickled into the shards' specs."""
+REMOTE_TEMP: Final = ".tmp/"
+"""The run's temp objects in an S3 output (a shard's pairs, for nodes without the driver's
+disk): ``.tmp/<run_id>/``, deleted when the run ends, or by the next run on the prefix."""
 
 
 def api_key_from_env(environ: dict[str, str] | os._Environ[str], name: str | None = None) -> str:
@@ -267,12 +279,16 @@ class _Run:
         remote: Store | None,
         *,
         shards: int,
-        limiter: object = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.config = config
         self.count = shards
-        self.limiter = limiter
+        self.cluster = cluster
+        self.limiter = None if cluster is None else cluster.limiter
         """The cluster's rate limiter actor (Ray), handed to every shard; None: local."""
+        self.board = None if cluster is None else cluster.board
+        """The run's progress board (Ray, with an S3 output); None: the work folder's files."""
+        self.remote = remote
         self.stats = stats
         self.layout = layout
         self.writer = ManifestWriter(
@@ -339,20 +355,7 @@ class _Run:
                 for index in range(count):
                     path = folder / f"shard-{index:04d}.pairs.jsonl"
                     outs.append(stack.enter_context(path.open("w", encoding="utf-8")))
-                    self.specs.append(
-                        ShardSpec(
-                            run_id=run_id,
-                            index=index,
-                            count=count,
-                            pairs_path=path,
-                            lane=config.lane_settings(
-                                run_id, index, count=count, shared_rate=self.limiter is not None
-                            ),
-                            rows_per_part=config.rows_per_part,
-                            seconds_per_part=config.seconds_per_part,
-                            limiter=self.limiter,
-                        )
-                    )
+                    self.specs.append(self.spec(index, path))
                 for batch in reader.iter_items(files, done=done, counts=counts):
                     bad = [self.bad_row(item) for item in batch if isinstance(item, BadRow)]
                     if bad:
@@ -376,17 +379,81 @@ class _Run:
             self.stats.duplicates = counts.duplicates
             self.refresh()
 
+    def spec(self, index: int, pairs: Path) -> ShardSpec:
+        config, run_id, cluster = self.config, self.stats.run_id, self.cluster
+        lane = config.lane_settings(
+            run_id, index, count=self.count, shared_rate=cluster is not None
+        )
+        if cluster is not None:  # the key reaches Ray's workers in their environment
+            lane = replace(lane, authorization="", authorization_env=AUTHORIZATION_ENV)
+        return ShardSpec(
+            run_id=run_id,
+            index=index,
+            count=self.count,
+            pairs_path=pairs,
+            lane=lane,
+            rows_per_part=config.rows_per_part,
+            seconds_per_part=config.seconds_per_part,
+            limiter=self.limiter,
+            pairs_key=None if self.board is None else f"{self.remote_temp}{pairs.name}",
+            board=self.board,
+            logging=None if cluster is None else cluster.logging,
+        )
+
+    @property
+    def remote_temp(self) -> str:
+        return f"{REMOTE_TEMP}{self.stats.run_id}/"
+
+    def upload_pairs(self) -> None:
+        """The shards' pairs files into the bucket, for nodes that cannot read this disk
+        (streamed in parts: memory stays flat; each local file is gone once uploaded)."""
+        assert self.remote is not None, "a board is used only with an S3 output"
+        for spec in self.specs:
+            if spec.pairs_key is not None:
+                self.remote.put(spec.pairs_key, spec.pairs_path)
+
+    def remove_remote_temp(self, prefix: str) -> int:
+        """Delete the temp objects under ``prefix`` in the bucket (this run's, or all that
+        dead runs left); returns how many. A failure is logged: the next run tries again."""
+        if self.remote is None:
+            return 0
+        removed = 0
+        try:
+            for info in list(self.remote.list(prefix)):
+                self.remote.delete(info.key)
+                removed += 1
+        except OutputError as exc:
+            log.warning("cannot remove the run's temp objects under %s: %s", prefix, exc)
+        return removed
+
     def stop(self) -> None:
         """Ask every shard to stop (they keep what they finished)."""
+        if self.board is not None:
+            if not self.board.stop():
+                log.warning("cannot ask the shards to stop: the run's board actor is gone")
+            return
         try:
             stop_path(self.config.out_dir, self.stats.run_id).touch()
         except OSError as exc:
             log.warning("cannot ask the shards to stop: %s", exc)
 
+    def progress(self) -> dict[int, ShardResult]:
+        """Every shard's last posted counters: the board's, or the progress files."""
+        if self.board is None:
+            return {s.index: p for s in self.specs if (p := read_progress(s)) is not None}
+        found = {}
+        for index, data in self.board.snapshot().items():
+            try:
+                found[index] = ShardResult.from_json(data)
+            except TypeError:
+                continue
+        return found
+
     def refresh(self) -> list[ShardResult]:
         """The counters of every shard (its result, else its last progress) into the stats."""
         stats = self.stats
-        seen = [self.results.get(s.index) or read_progress(s) for s in self.specs]
+        progress = self.progress() if len(self.results) < len(self.specs) else {}
+        seen = [self.results.get(s.index) or progress.get(s.index) for s in self.specs]
         shards = [r for r in seen if r is not None]
         stats.requests = Counter(
             {status: n for status, n in ((INVALID, self.invalid), (EXPIRED, self.expired)) if n}
@@ -395,6 +462,7 @@ class _Run:
         stats.bytes_new = stats.bytes_downloaded = 0
         stats.result_requests = stats.retries = stats.throttled = 0
         stats.lowest_rps = 0.0
+        stats.nodes = set()
         stats.waiting_pending, stats.waiting_until = 0, None
         stats.manifest_rows, stats.manifest_parts = (
             self.writer.rows_written,
@@ -402,6 +470,10 @@ class _Run:
         )
         for result in shards:
             stats.add(result)
+        if self.cluster is not None:
+            # Each shard may use the whole --rps; the cluster's one rate is the limiter's.
+            lowest = self.cluster.engine.lowest_rate(self.cluster.limiter)
+            stats.lowest_rps = self.config.rps if lowest is None else lowest
         return shards
 
     def run_inline(self, on_tick: Callable[[RunStats], None] | None, tick: float) -> None:
@@ -440,7 +512,7 @@ class _Run:
             if failure.exit_code != ExitCode.WORKER:
                 bug = bug or failure
                 continue
-            progress = read_progress(spec)
+            progress = self.progress().get(spec.index)
             if progress is not None:
                 self.results[spec.index] = progress
             pid = f"pid {progress.pid}" if progress else "pid unknown"
@@ -554,33 +626,55 @@ def harvest(
         shards=config.lanes,
     )
     with ExitStack() as cleanup:
-        engine, shards, limiter = _engine(config, stats, log_format, cleanup)
+        engine, shards, cluster = _engine(config, stats, log_format, cleanup)
         stats.processes = stats.shards = shards
         _harvest(
-            config, stats, layout, remote, files, on_start, on_tick, tick, engine, shards, limiter
+            config, stats, layout, remote, files, on_start, on_tick, tick, engine, shards, cluster
         )
     return stats
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cluster:
+    """A Ray run's engine and the run's actors on the driver's node."""
+
+    engine: RayEngine
+    limiter: ActorHandle[RateLimiterActor]
+    """The cluster's rate limiter actor."""
+    board: RayBoard | None
+    """The progress board (with an S3 output: the nodes share no disk with the driver)."""
+    logging: ChildLogging
+    """How the shards log on the workers (the key is masked from their environment)."""
+
+
+def _task_env(config: HarvestConfig) -> dict[str, str]:
+    """The environment of every Ray shard's process: the authorization header, and the
+    store's AWS settings as the driver has them (so the nodes write where it reads)."""
+    env = {AUTHORIZATION_ENV: config.authorization}
+    if config.out_url is not None:
+        for name in (*AWS_ENV, "AWS_DEFAULT_REGION"):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
+    return env
+
+
 def _engine(
     config: HarvestConfig, stats: RunStats, log_format: str, cleanup: ExitStack
-) -> tuple[Engine | None, int, object]:
-    """The engine that runs the shards, how many shards, and the cluster's rate limiter.
+) -> tuple[Engine | None, int, Cluster | None]:
+    """The engine that runs the shards, how many shards, and the Ray cluster's actors.
     None: one shard, in this process."""
+    setup = ChildLogging(
+        levels={n: logging.getLogger(n).getEffectiveLevel() for n in ("harvester", "httpx")},
+        json_run_id=stats.run_id if log_format == "json" else None,
+        secrets=(config.api_key,),
+    )
     if config.engine == "ray":
         from harvester.run.engine.ray import RayEngine  # the optional extra
 
-        ray_engine = RayEngine(address=config.ray_address)
+        ray_engine = RayEngine(address=config.ray_address, env=_task_env(config))
         cleanup.enter_context(ray_engine)
         nodes = ray_engine.node_count()
-        if nodes > 1 and config.out_url is not None:
-            raise UsageError(
-                f"--out {config.out_url} with the {nodes}-node Ray cluster at "
-                f"{ray_engine.address}: the run's shard files (their pairs, progress) still live "
-                "on this machine's disk, which the other nodes cannot read. Run on one node, or "
-                "harvest into a folder every node mounts with --shared-fs"
-            )
-        if nodes > 1 and not config.shared_fs:
+        if nodes > 1 and config.out_url is None and not config.shared_fs:
             raise UsageError(
                 f"--out {config.out_dir} is a folder on this machine, and the Ray cluster at "
                 f"{ray_engine.address} has {nodes} nodes: each would write images and manifest "
@@ -591,15 +685,18 @@ def _engine(
         shards = config.workers or ray_engine.cpus()
         shards = max(1, min(shards, config.concurrency, config.image_slots))
         limiter = ray_engine.start_limiter(config.rps)
-        cleanup.callback(ray_engine.stop_limiter, limiter)
-        return ray_engine, shards, limiter
+        cleanup.callback(ray_engine.stop_actor, limiter)
+        board = None
+        if config.out_url is not None:
+            board = ray_engine.start_board(stats.run_id)
+            cleanup.callback(ray_engine.stop_actor, board.handle)
+        # The workers' secrets come from their own environment, not the pickled spec.
+        cluster = Cluster(
+            engine=ray_engine, limiter=limiter, board=board, logging=replace(setup, secrets=())
+        )
+        return ray_engine, shards, cluster
     if config.lanes == 1:
         return None, 1, None
-    setup = ChildLogging(
-        levels={n: logging.getLogger(n).getEffectiveLevel() for n in ("harvester", "httpx")},
-        json_run_id=stats.run_id if log_format == "json" else None,
-        secrets=(config.api_key,),
-    )
     return LocalEngine(workers=config.lanes, logging_setup=setup), config.lanes, None
 
 
@@ -614,7 +711,7 @@ def _harvest(
     tick: float,
     engine: Engine | None,
     shards: int,
-    limiter: object,
+    cluster: Cluster | None,
 ) -> None:
     if config.workers is not None and config.lanes < config.workers:
         log.info(
@@ -631,8 +728,10 @@ def _harvest(
         stats.temp_files_cleaned = layout.clean_temp()
         stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.location)[0])
         runs.write(layout, stats.record(running=True), remote=remote)
-        run = _Run(config, stats, layout, remote, shards=shards, limiter=limiter)
+        run = _Run(config, stats, layout, remote, shards=shards, cluster=cluster)
         run.lease = lease
+        if run.board is not None:  # what dead runs left in the bucket: the lease is ours now
+            stats.temp_files_cleaned += run.remove_remote_temp(REMOTE_TEMP)
         try:
             done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.location)}
             if not config.retry_expired:
@@ -640,6 +739,8 @@ def _harvest(
             if on_start is not None:
                 on_start(stats)
             run.split(files, done)
+            if run.board is not None:
+                run.upload_pairs()
             if engine is None:
                 run.run_inline(on_tick, tick)
             else:
@@ -671,6 +772,19 @@ def _harvest(
             finally:
                 runs.write(layout, stats.record(), remote=remote)
                 _remove(work_dir(config.out_dir, stats.run_id))
+                _clean_temp(layout)
+                if run.board is not None:
+                    run.remove_remote_temp(run.remote_temp)
+
+
+def _clean_temp(layout: Layout) -> None:
+    """Empty the temp folder at the end of the run, the lock still held and every shard's
+    process ended: a shard's process killed while it wrote a manifest part or an image left
+    its temp file there (the next run would remove it; until then it is clutter)."""
+    try:
+        layout.clean_temp()
+    except (OSError, OutputError) as exc:
+        log.warning("cannot empty the temp folder %s: %s", layout.tmp, exc)
 
 
 def _remove(folder: Path) -> None:

@@ -11,6 +11,12 @@ While it runs, a shard writes its counters to ``.tmp/<run_id>/shard-SSSS.progres
 ``PROGRESS_SECONDS`` (the harvest shows them, and keeps them if the shard's process dies), and
 stops, keeping what it finished, when ``.tmp/<run_id>/stop`` appears.
 
+On a cluster whose nodes share no disk with the driver (an ``s3://`` output on Ray), the
+shard's pairs are an object in the bucket (``pairs_key``, under the run's ``.tmp/<run_id>/``):
+the shard downloads it into a scratch folder of its own (removed when it ends) and reads it
+``BATCH`` pairs at a time; its counters go to the run's board (``board``, a Ray actor) and the
+board's answer says when to stop.
+
 A shard may run more than once in a run (an engine runs it again when its process or node
 died). Each attempt starts by deleting the manifest parts an earlier attempt of the same shard
 wrote, then does all the shard's pairs again (images already stored are found by their
@@ -28,10 +34,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -39,7 +47,8 @@ import anyio
 import anyio.abc
 
 from harvester.api.ratelimit import PermitSource
-from harvester.errors import HarvesterError, OutputError, first_harvester_error
+from harvester.errors import HarvesterError, OutputError, UsageError, first_harvester_error
+from harvester.run.engine.local import ChildLogging, install_logging
 from harvester.run.reader import Pair, pair_key
 from harvester.run.request import EVENT_LOOP_OPTIONS, Lane, LaneSettings, serve_pairs
 from harvester.storage.layout import Layout
@@ -86,6 +95,19 @@ class ShardSpec:
     seconds_per_part: float = 30.0
     limiter: Any = None
     """The cluster's rate limiter (a Ray actor handle), or None: the lane's own rate."""
+    pairs_key: str | None = None
+    """The pairs as an object in the output store, when the shard's node cannot read
+    ``pairs_path`` (an S3 output on a cluster); the shard works in a scratch folder of its
+    own then (``out_dir`` is the driver's)."""
+    board: Any = None
+    """The run's progress board (``harvester.run.engine.ray.RayBoard``) where counters go
+    and the stop flag comes from; None: the files under ``work_dir``."""
+    logging: ChildLogging | None = None
+    """How the shard logs when its process is not one the harvest set up (a Ray worker)."""
+
+    @property
+    def on_cluster(self) -> bool:
+        return self.limiter is not None or self.board is not None
 
     @property
     def out_dir(self) -> Path:
@@ -124,6 +146,8 @@ class ShardResult:
     error_type: str | None = None
     """The name of the ``harvester.errors`` class of ``error``."""
     finished: bool = False
+    node: str = ""
+    """The Ray node the shard ran on ("" outside Ray)."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -210,18 +234,49 @@ def _permits(spec: ShardSpec) -> PermitSource | None:
     return cluster_permits(spec.limiter)
 
 
+def _lane_settings(spec: ShardSpec, scratch: Path | None) -> LaneSettings:
+    """The lane's settings in this process: the authorization from its environment (a Ray
+    task's), the scratch folder for temp files."""
+    lane = spec.lane
+    name = lane.authorization_env
+    if name:
+        value = os.environ.get(name, "")
+        if not value:
+            raise UsageError(f"the shard's process has no {name} in its environment")
+        lane = replace(lane, authorization=value)
+    if scratch is not None:
+        lane = replace(lane, out_dir=scratch)
+    return lane
+
+
+def _node(spec: ShardSpec) -> str:
+    if not spec.on_cluster:
+        return ""
+    from harvester.run.engine.ray import current_node  # only on a Ray worker
+
+    return current_node()
+
+
 class _Shard:
-    def __init__(self, spec: ShardSpec) -> None:
+    def __init__(self, spec: ShardSpec, scratch: Path | None = None) -> None:
         self.spec = spec
-        self.layout = Layout(spec.out_dir)
+        self.node = _node(spec)
+        settings = _lane_settings(spec, scratch)
+        if spec.logging is not None:
+            secret = settings.authorization.partition(" ")[2]
+            install_logging(replace(spec.logging, node=self.node, secrets=(secret,)))
+        self.layout = Layout(settings.out_dir)
         # An S3 output is opened here, in the shard's process: obstore's clients don't pickle.
         self.remote = (
             None
-            if spec.lane.out_url is None
-            else open_store(spec.lane.out_url, temp_dir=self.layout.tmp)
+            if settings.out_url is None
+            else open_store(settings.out_url, temp_dir=self.layout.tmp)
         )
+        self.pairs_path = spec.pairs_path
+        if spec.pairs_key is not None:
+            self.pairs_path = self.download_pairs(spec.pairs_key)
         forget_earlier_attempts(spec, self.remote)
-        self.lane = Lane(spec.lane, remote=self.remote, permits=_permits(spec))
+        self.lane = Lane(settings, remote=self.remote, permits=_permits(spec))
         self.writer = ManifestWriter(
             self.layout,
             spec.run_id,
@@ -238,6 +293,22 @@ class _Shard:
         self.error_code: int | None = None
         self.error_type: str | None = None
         self.stop = stop_path(spec.out_dir, spec.run_id)
+
+    def download_pairs(self, key: str) -> Path:
+        """The shard's pairs object, into the scratch folder (streamed: memory stays flat)."""
+        assert self.remote is not None, "pairs_key is set only for an S3 output"
+        path = self.layout.tmp / "pairs.jsonl"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("wb") as fh:
+                for chunk in self.remote.iter_bytes(key):
+                    fh.write(chunk)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot download shard {self.spec.index}'s pairs into {path}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        return path
 
     def result(self, *, finished: bool = False) -> ShardResult:
         c = self.lane.counters()
@@ -263,11 +334,15 @@ class _Shard:
             error_code=self.error_code,
             error_type=self.error_type,
             finished=finished,
+            node=self.node,
         )
 
     def report(self, *, finished: bool = False) -> ShardResult:
-        """Write the counters to the progress file (atomically); never fails the shard."""
+        """Write the counters to the progress file (atomically); never fails the shard. With a
+        board, nothing: the board has the last counters and the engine hands in the result."""
         result = self.result(finished=finished)
+        if self.spec.board is not None:
+            return result
         path = self.spec.progress_path
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
@@ -302,7 +377,7 @@ class _Shard:
             await self.writer.flush_in_thread()
 
     async def feed(self, send: anyio.abc.ObjectSendStream[Pair]) -> None:
-        batches = read_pairs(self.spec.pairs_path)
+        batches = read_pairs(self.pairs_path)
         async with send:
             while True:
                 batch = await anyio.to_thread.run_sync(next, batches, None)
@@ -314,14 +389,24 @@ class _Shard:
                 except anyio.BrokenResourceError:
                     return  # the lane stopped (a run-level error ends it)
 
+    async def post(self) -> bool:
+        """Post the counters (the progress file, or the board); True when the run asks this
+        shard to stop."""
+        board = self.spec.board
+        if board is None:
+            if self.stop.exists():
+                return True
+            self.report()
+            return False
+        return bool(await board.post(self.spec.index, self.result().to_json()))
+
     async def watch(self, scope: anyio.CancelScope) -> None:
         while True:
             await anyio.sleep(PROGRESS_SECONDS)
-            if self.stop.exists():
+            if await self.post():
                 self.interrupted = True
                 scope.cancel()
                 return
-            self.report()
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -338,7 +423,24 @@ def run_shard(spec: ShardSpec) -> ShardResult:
 
     A run-level error (a rejected key, an unreachable API) ends the shard and is in the
     result; a bug is raised, after the rows finished so far are written."""
-    shard = _Shard(spec)
+    scratch = None if spec.pairs_key is None else Path(tempfile.mkdtemp(prefix="harvester-shard-"))
+    try:
+        return _run_shard(spec, scratch)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_shard(spec: ShardSpec, scratch: Path | None) -> ShardResult:
+    shard = _Shard(spec, scratch)
+    log.info(
+        "shard %d of %d of run %s started (pid %d%s)",
+        spec.index,
+        spec.count,
+        spec.run_id,
+        os.getpid(),
+        f", node {shard.node}" if shard.node else "",
+    )
     try:
         anyio.run(shard.run, backend_options=EVENT_LOOP_OPTIONS)
     except HarvesterError as exc:

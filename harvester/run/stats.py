@@ -60,6 +60,8 @@ class RunStats:
     processes: int = 1
     """Processes that fetched and downloaded (``--workers``, as the run resolved it)."""
     shards: int = 1
+    nodes: set[str] = field(default_factory=set)
+    """The Ray nodes the shards ran on (none on one machine)."""
     temp_files_cleaned: int = 0
     rps: float = 0.0
     """``--rps``: the rate the limiters start at and return to."""
@@ -161,6 +163,8 @@ class RunStats:
             self.waiting_until = max(self.waiting_until or 0.0, result.waiting_until)
         self.manifest_rows += result.manifest_rows
         self.manifest_parts += result.manifest_parts
+        if result.node:
+            self.nodes.add(result.node)
 
     def summary(self) -> str:
         """The one-screen end-of-run summary."""
@@ -242,6 +246,7 @@ class RunStats:
             manifest_parts=self.manifest_parts,
             processes=self.processes,
             shards=self.shards,
+            nodes=tuple(sorted(self.nodes)),
         )
 
 

@@ -72,6 +72,8 @@ class RunRecord:
     manifest_parts: int = 0
     processes: int = 1
     shards: int = 1
+    nodes: tuple[str, ...] = ()
+    """The cluster nodes (Ray node ids) the shards ran on; empty for a run on one machine."""
 
     @property
     def running(self) -> bool:
@@ -125,6 +127,7 @@ class RunRecord:
             "manifest_parts": self.manifest_parts,
             "processes": self.processes,
             "shards": self.shards,
+            **({"nodes": list(self.nodes)} if self.nodes else {}),
         }
 
     @classmethod
@@ -171,6 +174,7 @@ class RunRecord:
             manifest_parts=int(data.get("manifest_parts") or 0),
             processes=int(data.get("processes") or 1),
             shards=int(data.get("shards") or 1),
+            nodes=tuple(str(n) for n in data.get("nodes") or ()),
         )
 
 

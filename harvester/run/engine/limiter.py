@@ -20,7 +20,11 @@ margins: at full speed the cluster starts ``rps / (window + late)`` per second (
 clocks must agree to well within the margin, as NTP keeps them.
 
 A worker takes slots in small leases (one actor call per lease, not per request), growing the
-lease while it uses every slot and shrinking it when slots expire unused. A 429 slows the whole
+lease while it uses every slot and shrinking it when slots expire unused. It asks for the next
+lease while half a lease or more is left (the call is sent at once, its answer awaited when
+the slots run out), so that a request seldom waits for a round trip to the actor: the slots
+are the actor's schedule either way, so asking early changes nothing in the promise, only how
+many leased slots may expire unused. A 429 slows the whole
 cluster: the worker tells the actor, which halves the rate (at most once a second) and pauses
 every slot after ``Retry-After``; successes, reported with the next lease, bring it back.
 
@@ -30,6 +34,7 @@ this module imports Ray.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections import deque
@@ -116,8 +121,9 @@ class RateLimiterActor:
 
 
 class LeaseCall(Protocol):
-    """How a worker asks the actor for a lease: with Ray, ``actor.lease.remote`` (whose answer
-    is awaitable), in unit tests a plain coroutine."""
+    """How a worker asks the actor for a lease: with Ray, ``actor.lease.remote`` (the call is
+    sent at once; its answer is awaitable later), in unit tests a plain coroutine (sent only
+    when awaited)."""
 
     def __call__(self, n: int, *, successes: int, not_before: float) -> Awaitable[list[float]]: ...
 
@@ -142,6 +148,8 @@ class ClusterPermits:
         self._clock = clock
         self._slots: deque[float] = deque()
         self._size = 1
+        self._next_lease: Awaitable[list[float]] | None = None
+        """A lease asked for before the slots ran out, not yet awaited."""
         self._lock = anyio.Lock()
         self._successes = 0
         self._round_trip = 0.0
@@ -175,17 +183,31 @@ class ClusterPermits:
             self.dropped += expired
             self._size = max(1, self._size // 2)
         if not self._slots:
-            successes, self._successes = self._successes, 0
-            slots = await self._lease(
-                self._size, successes=successes, not_before=now + 2 * self._round_trip
-            )
-            self._round_trip = self._clock() - now
+            pending, self._next_lease = self._next_lease, None
+            if pending is None:  # nothing asked ahead: wait for a round trip, and time it
+                slots = await self._ask(now)
+                self._round_trip = self._clock() - now
+            else:
+                slots = await pending
             self._slots.extend(slots)
             self._size = min(self._max_lease, self._size * 2)
-        return self._slots.popleft()
+        slot = self._slots.popleft()
+        if self._next_lease is None and len(self._slots) <= self._size // 2:
+            self._next_lease = self._ask(self._clock())
+        return slot
+
+    def _ask(self, now: float) -> Awaitable[list[float]]:
+        successes, self._successes = self._successes, 0
+        return self._lease(self._size, successes=successes, not_before=now + 2 * self._round_trip)
+
+    def _forget_next_lease(self) -> None:
+        pending, self._next_lease = self._next_lease, None
+        if inspect.iscoroutine(pending):
+            pending.close()  # never sent (a plain coroutine); Ray's call was sent, and is dropped
 
     def on_throttled(self, retry_after: float | None) -> None:
         self._slots.clear()  # the actor pauses the schedule: slots already leased would not
+        self._forget_next_lease()
         self._throttled(retry_after)
 
     def on_success(self) -> None:

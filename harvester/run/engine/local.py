@@ -42,6 +42,8 @@ class ChildLogging:
     json_run_id: str | None = None
     """The run id for JSON lines (``--log-format json``); None: text lines."""
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    node: str = ""
+    """The Ray node of the process, in its JSON lines ("" : none, a local process)."""
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # StreamHandler[TextIO]
@@ -56,18 +58,19 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # StreamHandle
             when = datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S")
             text = f"{when} {record.levelname} {record.name}: {record.getMessage()}"
         else:
-            text = json.dumps(
-                {
-                    "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
-                        timespec="milliseconds"
-                    ),
-                    "level": record.levelname.lower(),
-                    "run_id": run_id,
-                    "logger": record.name,
-                    "message": record.getMessage(),
-                    "pid": os.getpid(),
-                }
-            )
+            line = {
+                "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
+                    timespec="milliseconds"
+                ),
+                "level": record.levelname.lower(),
+                "run_id": run_id,
+                "logger": record.name,
+                "message": record.getMessage(),
+                "pid": os.getpid(),
+            }
+            if self.setup.node:
+                line["node"] = self.setup.node
+            text = json.dumps(line)
         return redact(text, self.secrets)
 
 
@@ -89,9 +92,16 @@ def _init_child(parent: int, setup: ChildLogging) -> None:
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    handler = _Handler(setup)
+    install_logging(setup)
+
+
+def install_logging(setup: ChildLogging) -> None:
+    """Log as the harvest does, in a process it did not start itself (a pool's, a Ray
+    worker's): replaces the handler an earlier shard in the same process installed."""
     root = logging.getLogger()
-    root.addHandler(handler)
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(_Handler(setup))
     for name, level in setup.levels.items():
         logging.getLogger(name).setLevel(level)
 

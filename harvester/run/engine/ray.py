@@ -11,6 +11,9 @@ Retries are Ray's own: a task whose worker process or node dies runs again elsew
 ``max_retries`` times (``retry_exceptions=False``: a shard that raised would raise again).
 What still fails comes back as a :class:`~harvester.run.engine.Failure`.
 
+``env`` goes to every task's process as environment variables (Ray's ``runtime_env``): the
+authorization header and the store's settings travel there, not inside the pickled specs.
+
 Ray is an optional extra (``pip install 'harvester[ray]'``): this module imports it when an
 engine is made, and says how to install it when it is missing.
 """
@@ -19,18 +22,22 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
 from harvester.errors import ExitCode, UsageError
 from harvester.run.engine import DEFAULT_MAX_RETRIES, Failure, R, S, failure_of
+from harvester.run.engine.board import ProgressBoard
 from harvester.run.engine.limiter import ClusterPermits, RateLimiterActor
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
 INSTALL_HINT: Final = "pip install 'harvester[ray]'"
+BOARD_PREFIX: Final = "harvester-board-"
+CALL_TIMEOUT: Final = 30.0
+"""Seconds the driver waits for an answer of the run's actors on its own node."""
 LOCAL: Final = "local"
 """The address that starts a Ray of this machine's own for the run (``ray.init()``)."""
 
@@ -87,9 +94,12 @@ class RayEngine:
         address: str | None = None,
         max_in_flight: int | None = None,
         num_cpus: float = 1.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self._ray = import_ray()
         self.address = cluster_address(address)
+        self.env = dict(env or {})
+        """Environment variables of every task's process (``runtime_env``)."""
         self.max_in_flight = max_in_flight
         """Tasks submitted and not yet finished; default: twice the cluster's CPUs."""
         self.num_cpus = num_cpus
@@ -121,11 +131,6 @@ class RayEngine:
         self.connect()
         return max(1, int(self._ray.cluster_resources().get("CPU", 1)))
 
-    def stop_limiter(self, limiter: ActorHandle[RateLimiterActor]) -> None:
-        """End the run's limiter actor (when this process stays connected after the run)."""
-        if self._ray.is_initialized():
-            self._ray.kill(limiter)
-
     def close(self) -> None:
         if self._connected_here:
             self._ray.shutdown()
@@ -153,6 +158,7 @@ class RayEngine:
             retry_exceptions=False,
             num_cpus=self.num_cpus,
             scheduling_strategy="SPREAD",
+            **({"runtime_env": {"env_vars": self.env}} if self.env else {}),
         )
         limit = self.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
         todo: Iterator[S] = iter(specs)
@@ -197,9 +203,8 @@ class RayEngine:
                 continue
             on_result(spec, result)
 
-    def start_limiter(self, max_rps: float) -> ActorHandle[RateLimiterActor]:
-        """The run's cluster-wide rate limiter, on this (the driver's) node, holding no CPU.
-        It is not restarted if it dies: a new one would not know the slots already given."""
+    def _on_this_node(self, cls: type, *args: object, name: str | None = None) -> Any:
+        """An actor of ``cls`` on this (the driver's) node, holding no CPU, never restarted."""
         self.connect()
         ray = self._ray
         from ray.util.scheduling_strategies import (  # the optional extra
@@ -207,16 +212,86 @@ class RayEngine:
         )
 
         here = ray.get_runtime_context().get_node_id()
-        actor_class = ray.remote(RateLimiterActor)
-        handle: ActorHandle[RateLimiterActor] = actor_class.options(
-            num_cpus=0,
-            max_restarts=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-        ).remote(max_rps)
+        return (
+            ray.remote(cls)
+            .options(
+                num_cpus=0,
+                max_restarts=0,
+                name=name,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+            )
+            .remote(*args)
+        )
+
+    def start_limiter(self, max_rps: float) -> ActorHandle[RateLimiterActor]:
+        """The run's cluster-wide rate limiter, on this (the driver's) node, holding no CPU.
+        It is not restarted if it dies: a new one would not know the slots already given."""
+        handle: ActorHandle[RateLimiterActor] = self._on_this_node(RateLimiterActor, max_rps)
         return handle
+
+    def lowest_rate(self, limiter: ActorHandle[RateLimiterActor]) -> float | None:
+        """The limiter's lowest rate so far (the cluster's, after 429s); None if it is gone."""
+        ray = self._ray
+        try:
+            return float(ray.get(limiter.stats.remote(), timeout=CALL_TIMEOUT)["lowest_rate"])
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return None
+
+    def start_board(self, run_id: str) -> RayBoard:
+        """The run's progress board (``harvester.run.engine.board``), on this node, named
+        ``harvester-board-<run_id>`` in the driver's namespace."""
+        return RayBoard(self._on_this_node(ProgressBoard, name=f"{BOARD_PREFIX}{run_id}"))
+
+    def stop_actor(self, actor: Any) -> None:
+        """End a run's actor (when this process stays connected after the run)."""
+        if self._ray.is_initialized():
+            self._ray.kill(actor)
 
 
 def cluster_permits(limiter: ActorHandle[RateLimiterActor]) -> ClusterPermits:
     """The worker side of the limiter: made inside a shard's task from the actor's handle (a
     handle pickles into the shard's spec)."""
     return ClusterPermits(limiter.lease.remote, limiter.on_throttled.remote)
+
+
+class RayBoard:
+    """The run's progress board (a Ray actor on the driver's node), as the shards (``post``,
+    from their event loop) and the driver (``snapshot``, ``stop``) use it. Pickles into the
+    shards' specs (an actor handle does)."""
+
+    def __init__(self, handle: ActorHandle[ProgressBoard]) -> None:
+        self.handle = handle
+
+    async def post(self, index: int, progress: dict[str, Any]) -> bool:
+        """A shard's counters; True when the run asks its shards to stop."""
+        return bool(await self.handle.post.remote(index, progress))
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        """Every shard's last counters (none if the board cannot be reached)."""
+        ray = import_ray()
+        handle: Any = self.handle  # Ray's stubs type this call as never returning
+        ref = handle.snapshot.remote()
+        try:
+            found: Any = ray.get(ref, timeout=CALL_TIMEOUT)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return {}
+        return dict(found)
+
+    def stop(self) -> bool:
+        """Ask every shard to stop at its next post (they keep what they finished); False
+        if the board cannot be reached."""
+        ray = import_ray()
+        handle: Any = self.handle  # as in snapshot
+        try:
+            ray.get(handle.stop.remote(), timeout=CALL_TIMEOUT)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return False
+        return True
+
+
+def current_node() -> str:
+    """The Ray node id of this process (a shard's task), or "" outside Ray."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        return ""
+    return str(ray.get_runtime_context().get_node_id())
