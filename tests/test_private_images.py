@@ -15,9 +15,10 @@ import pytest
 
 from harvester.api.retry import RetryPolicy
 from harvester.api.transport import open_client
+from harvester.api.urls import is_public
 from harvester.errors import ConfigError
 from harvester.jobs import load_job
-from harvester.run.download import ImageDownloader, is_public
+from harvester.run.download import ImageDownloader
 from harvester.storage.layout import Layout
 from harvester.storage.store import ImageFailure, StoredImage
 from tests.hostile_http import Exchange, response, serving
@@ -129,6 +130,49 @@ async def test_a_cdn_redirect_to_a_private_address_is_refused(tmp_path: Path) ->
     assert isinstance(got, ImageFailure) and "(169.254.169.254)" in got.error
     assert asked == ["https://cdn.example/a.png", "http://cdn.example/b.png"]
     assert isinstance(again, ImageFailure)  # the same redirect over http: refused too
+
+
+@pytest.mark.anyio
+async def test_a_host_that_resolves_again_to_a_private_address_is_refused(
+    tmp_path: Path,
+) -> None:
+    """DNS rebinding: the download stage's check hears a public address for the host, the
+    connection's own lookup gets 127.0.0.1 (here: the check's resolver says ``localhost`` is
+    public, the system's says loopback). The transport checks the answer it connects to: the
+    server hears nothing, and the row says why."""
+    with serving(_png) as server:
+        port = httpx.URL(server.url).port
+
+        async def first_answer_public(host: str, port: int) -> list[str]:
+            return ["93.184.216.34"] if host == "localhost" else await fake_resolve(host, port)
+
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            downloader = ImageDownloader(
+                client,
+                _layout(tmp_path),
+                policy=RetryPolicy(max_attempts=3),
+                rng=random.Random(0),
+                refuse_private=True,
+                api_url="https://relay.example",
+                resolve=first_answer_public,
+            )
+            got = await downloader.store(f"http://localhost:{port}/a.png")
+            allowed = ImageDownloader(
+                client,
+                _layout(tmp_path / "allowed"),
+                policy=RetryPolicy(max_attempts=1),
+                rng=random.Random(0),
+                refuse_private=False,
+                resolve=first_answer_public,
+            )
+            fetched = await allowed.store(f"http://localhost:{port}/a.png")
+    assert isinstance(got, ImageFailure), got
+    assert (got.status, got.attempts) == ("failed", 1)  # final: not retried
+    assert got.error.startswith("image URL host localhost resolves to a non-public address (")
+    assert "--allow-private-images" in got.error
+    # The same client, the same host, without the refusal: fetched (the refusal is per request).
+    assert isinstance(fetched, StoredImage), fetched
+    assert [e.target for e in server.seen] == ["/a.png"]
 
 
 @pytest.mark.anyio

@@ -1,5 +1,6 @@
-"""Response bodies without aiohttp: content-codings undone in bounded pieces, and the error a
-certificate failure is (so that the fetch and download stages need not import the transport).
+"""Response bodies without aiohttp: content-codings undone in bounded pieces, and the errors a
+certificate failure and a refused address are (so that the fetch and download stages need not
+import the transport).
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ DECODED_CHUNK: Final = 1 << 16
 
 class CertificateError(httpx.ConnectError):
     """The server's TLS certificate did not verify: final, another attempt gets the same."""
+
+
+PUBLIC_ONLY: Final = "harvester.public_only"
+"""A request extension: true when the request may only connect to public addresses (an image
+on a third party's host). The transport checks the addresses it really connects to."""
+
+
+class NonPublicAddressError(httpx.ConnectError):
+    """The host resolved to a non-public address at connection time and the request was
+    ``PUBLIC_ONLY``: final, not retried. ``str()`` is the whole message for the manifest."""
 
 
 def _encodings(response: httpx.Response) -> list[str]:

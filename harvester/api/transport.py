@@ -10,6 +10,10 @@ Why not httpx's own transport: ``bench/transports.py`` (docs/performance.md has 
 Redirects are never followed here (the caller decides, hop by hop), bodies are never decoded
 here (``harvester/api/body.py`` decodes them in bounded pieces); no cookies are kept. Only the
 code that opens a client imports this module: aiohttp takes a while to import.
+
+A request with the ``PUBLIC_ONLY`` extension connects only if every address its host resolves
+to is public, checked on the very answer the connection uses (aiohttp's resolver), so a DNS
+answer that changes between the download stage's own check and the connection is caught too.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Final
 
 import aiohttp
@@ -27,7 +33,8 @@ import httpx
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
-from harvester.api.body import CertificateError
+from harvester.api.body import PUBLIC_ONLY, CertificateError, NonPublicAddressError
+from harvester.api.urls import is_public, non_public_refusal
 
 USER_AGENT: Final = "harvester"
 _httpx_log: Final = logging.getLogger("httpx")
@@ -36,11 +43,48 @@ KEEPALIVE_SECONDS: Final = 30.0
 sooner)."""
 
 
+_public_only: ContextVar[bool] = ContextVar("harvester_public_only", default=False)
+"""Set while a ``PUBLIC_ONLY`` request is being sent; the resolver reads it (aiohttp resolves
+in the request's task, or in a task it starts from there, which inherits the value)."""
+
+
+class _NonPublic(OSError):
+    def __init__(self, host: str, address: str) -> None:
+        super().__init__(non_public_refusal(host, address))
+
+
+class _PublicOnlyResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp's default resolver, refusing a non-public answer while ``_public_only`` is set.
+    Numeric hosts never reach a resolver (the download stage checks those itself); an answer
+    aiohttp keeps in its DNS cache was checked when it was resolved, unless a request that was
+    not ``PUBLIC_ONLY`` (the API's own, on the same host) resolved it."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        answers = await self._inner.resolve(host, port, family)
+        if _public_only.get():
+            for answer in answers:
+                if not is_public(answer["host"]):
+                    raise _NonPublic(host, answer["host"])
+        return answers
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 @contextmanager
 def _translated(request: httpx.Request) -> Iterator[None]:
     """Raise aiohttp's (and the socket's) errors as the httpx ``TransportError`` each means."""
     try:
         yield
+    except aiohttp.ClientConnectorDNSError as exc:
+        if isinstance(exc.os_error, _NonPublic):
+            raise NonPublicAddressError(str(exc.os_error), request=request) from exc
+        raise httpx.ConnectError(str(exc), request=request) from exc
     except aiohttp.ClientConnectorCertificateError as exc:
         raise CertificateError(
             f"TLS certificate of {exc.host}:{exc.port} did not verify ({exc.certificate_error}); "
@@ -126,6 +170,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             keepalive_timeout=self._limits.keepalive_expiry or KEEPALIVE_SECONDS,
             ttl_dns_cache=300,
             ssl=self._ssl,
+            # Through a proxy only the proxy's own host is resolved here: never refused.
+            resolver=_PublicOnlyResolver() if self._proxy is None else None,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -140,20 +186,24 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
         timeout = request.extensions.get("timeout", {})
+        public_only = _public_only.set(bool(request.extensions.get(PUBLIC_ONLY)))
         with _translated(request):
-            response = await session.request(
-                request.method,
-                URL(str(request.url), encoded=True),
-                headers=request.headers.multi_items(),
-                data=request.content or None,
-                allow_redirects=False,
-                proxy=self._proxy,
-                proxy_auth=self._proxy_auth,
-                proxy_headers=self._proxy_headers,
-                timeout=_client_timeout(
-                    timeout.get("pool"), timeout.get("connect"), timeout.get("read")
-                ),
-            )
+            try:
+                response = await session.request(
+                    request.method,
+                    URL(str(request.url), encoded=True),
+                    headers=request.headers.multi_items(),
+                    data=request.content or None,
+                    allow_redirects=False,
+                    proxy=self._proxy,
+                    proxy_auth=self._proxy_auth,
+                    proxy_headers=self._proxy_headers,
+                    timeout=_client_timeout(
+                        timeout.get("pool"), timeout.get("connect"), timeout.get("read")
+                    ),
+                )
+            finally:
+                _public_only.reset(public_only)
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,

@@ -8,6 +8,7 @@ the result URL ``fal-ai/flux/requests/{id}``) and the rules for following a redi
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -127,3 +128,21 @@ def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
 
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def is_public(address: str) -> bool:
+    """An address on the public internet: not loopback, link-local, private, unspecified,
+    shared, reserved or multicast (an IPv4-mapped IPv6 address is judged as its IPv4)."""
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def non_public_refusal(host: str, address: str) -> str:
+    """Why an image URL whose host resolves to ``address`` (not public) is not fetched."""
+    return (
+        f"image URL host {host} resolves to a non-public address ({address}); "
+        "not fetched. If the images really live on your own network, run with "
+        "--allow-private-images (job file: allow-private-images = true)"
+    )

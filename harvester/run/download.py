@@ -9,14 +9,15 @@ Image hosts are third parties too: an image URL (or a redirect) that resolves to
 link-local, private or otherwise non-public address is refused (a relay must not make the
 harvester fetch from the machine's own network), unless the API itself is on such an
 address (a relay inside one's network, or the sandbox) or ``--allow-private-images`` says so.
-The check resolves the host before each hop; the connection resolves it again (a DNS answer
-that changes in between is not caught).
+The check resolves the host before each hop (for its message, and for a host named by its
+address); the transport checks again the answer the connection really uses (a DNS answer that
+changes in between is refused too). Through a proxy, the proxy resolves the host: only the
+check here applies.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 import socket
 import time
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import httpx
 
-from harvester.api.body import CertificateError, decoded_chunks
+from harvester.api.body import PUBLIC_ONLY, CertificateError, NonPublicAddressError, decoded_chunks
 from harvester.api.fetcher import plain_headers, request_error_reason
 from harvester.api.retry import (
     RETRYABLE_STATUS,
@@ -35,7 +36,13 @@ from harvester.api.retry import (
     attempt_seconds,
     retrying,
 )
-from harvester.api.urls import FOLLOWED_SCHEMES, http_url, redirect_target
+from harvester.api.urls import (
+    FOLLOWED_SCHEMES,
+    http_url,
+    is_public,
+    non_public_refusal,
+    redirect_target,
+)
 from harvester.storage.layout import Layout
 from harvester.storage.objects import Store
 from harvester.storage.rows import ERROR, FAILED
@@ -55,15 +62,6 @@ Resolve = Callable[[str, int], Awaitable[list[str]]]
 async def resolve_host(host: str, port: int) -> list[str]:
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
-
-
-def is_public(address: str) -> bool:
-    """An address on the public internet: not loopback, link-local, private, unspecified,
-    shared, reserved or multicast (an IPv4-mapped IPv6 address is judged as its IPv4)."""
-    ip = ipaddress.ip_address(address.partition("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
 
 
 class ImageDownloader:
@@ -99,6 +97,7 @@ class ImageDownloader:
         self._max_redirects = max_redirects
         self._headers = plain_headers(client)
         self._extensions = {"timeout": client.timeout.as_dict()}
+        self._public_only = {**self._extensions, PUBLIC_ONLY: True}
         self.retries = 0
 
     async def store(self, url: str) -> StoredImage | ImageFailure:
@@ -149,14 +148,15 @@ class ImageDownloader:
                 return ImageFailure(FAILED, refusal, None, attempt)
             # Never an Authorization header, whatever the client's defaults: image hosts are
             # third parties. (Built here rather than by build_request, which copies defaults.)
-            request = httpx.Request(
-                "GET", current, headers=self._headers, extensions=self._extensions
-            )
+            extensions = self._public_only if self._refuse_private else self._extensions
+            request = httpx.Request("GET", current, headers=self._headers, extensions=extensions)
             try:
                 response = await self._client.send(request, stream=True, follow_redirects=False)
             except CertificateError as exc:
                 # Final: another attempt meets the same certificate.
                 return ImageFailure(ERROR, f"image download: {exc}", None, attempt)
+            except NonPublicAddressError as exc:
+                return ImageFailure(FAILED, str(exc), None, attempt)
             except (httpx.InvalidURL, httpx.RemoteProtocolError) as exc:
                 # httpx parses a redirect's Location even when not following it.
                 if isinstance(exc, httpx.InvalidURL) or "location header" in str(exc):
@@ -214,11 +214,7 @@ class ImageDownloader:
         private = [a for a in addresses if not is_public(a)]
         if not private:
             return None
-        return (
-            f"image URL host {url.host} resolves to a non-public address ({private[0]}); "
-            "not fetched. If the images really live on your own network, run with "
-            "--allow-private-images (job file: allow-private-images = true)"
-        )
+        return non_public_refusal(url.host, private[0])
 
     async def _addresses(self, url: httpx.URL) -> list[str]:
         """The host's addresses, remembered for a minute (a CDN serves many images)."""
