@@ -105,8 +105,10 @@ def children(parent: int) -> set[int]:
 
 
 def _leftovers(home: str) -> list[int]:
-    """Processes started with the cluster's own HOME: Ray's workers rename themselves
-    (``ray::IDLE``), but keep the environment they were started with."""
+    """Ray's processes started with the cluster's own HOME: Ray's workers rename themselves
+    (``ray::IDLE``), but keep the environment they were started with. Other tests' processes
+    started while the cluster runs inherit that HOME too (a sandbox, a harvest): only a
+    command line that names Ray counts."""
     mark = f"HOME={home}".encode() + b"\0"
     pids = []
     for entry in Path("/proc").iterdir():
@@ -114,9 +116,10 @@ def _leftovers(home: str) -> list[int]:
             continue
         try:
             environ = (entry / "environ").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes().lower()
         except OSError:
             continue
-        if mark in environ:
+        if mark in environ and b"ray" in cmdline:
             pids.append(int(entry.name))
     return pids
 
