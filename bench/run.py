@@ -114,30 +114,34 @@ class Timed:
     returncode: int
 
 
-def _tree_rss_bytes(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants, now (0 once it is gone)."""
-    total = 0
+def _tree_rss_bytes(pid: int) -> tuple[int, int]:
+    """Resident bytes of ``pid`` and all its descendants now, summed, and the largest high-water
+    mark (``VmHWM``: the peak between two samples too) of any one of them; 0 once gone."""
+    total = top = 0
     todo = [pid]
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/statm") as fh:
-                total += int(fh.read().split()[1]) * PAGE
+            with open(f"/proc/{p}/status") as fh:
+                fields = dict(line.split(":", 1) for line in fh if line.startswith("Vm"))
+            total += int(fields["VmRSS"].split()[0]) * 1024
+            top = max(top, int(fields["VmHWM"].split()[0]) * 1024)
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as fh:
                     todo.extend(int(c) for c in fh.read().split())
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError):
             continue  # it exited meanwhile
-    return total
+    return total, top
 
 
-PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 RSS_SAMPLE_SECONDS: Final = 0.02
 
 
 def timed(args: Sequence[str], *, env: dict[str, str] | None = None, log: Path) -> Timed:
     """Run a command, with its own rusage (wait4), not the bench's. Its peak RSS is sampled
-    every 20 ms over its whole process tree (ru_maxrss is only the largest single process)."""
+    every 20 ms over its whole process tree, and is at least the largest high-water mark of
+    any one of its processes. Not ``ru_maxrss``: a child started by vfork and exec inherits
+    the high-water mark of the bench's own memory (which holds a whole world's plan)."""
     peak = 0
     with open(log, "wb") as out:
         start = time.perf_counter()
@@ -147,7 +151,7 @@ def timed(args: Sequence[str], *, env: dict[str, str] | None = None, log: Path) 
         def sample() -> None:
             nonlocal peak
             while not done.wait(RSS_SAMPLE_SECONDS):
-                peak = max(peak, _tree_rss_bytes(proc.pid))
+                peak = max(peak, *_tree_rss_bytes(proc.pid))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -156,7 +160,7 @@ def timed(args: Sequence[str], *, env: dict[str, str] | None = None, log: Path) 
         done.set()
         sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    rss = max(peak, usage.ru_maxrss * 1024) / 1024 / 1024
+    rss = peak / 1024 / 1024
     return Timed(wall, usage.ru_utime + usage.ru_stime, rss, proc.returncode)
 
 
