@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from harvester.errors import AuthError, ExitCode
 from harvester.run.engine import Failure
-from harvester.run.engine.local import ChildLogging, LocalEngine
-from harvester.run.pipeline import AUTHORIZATION_ENV, Cluster, HarvestConfig, _Run, _task_env
-from harvester.run.stats import RunStats
-from harvester.storage.layout import Layout
-from tests.conftest import KEY
+from harvester.run.engine.local import LocalEngine
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,28 +59,3 @@ def test_a_killed_process_s_spec_runs_again_and_one_that_keeps_dying_is_reported
     assert failures == [Failure(specs[-1], "its worker process died", ExitCode.WORKER)]
     # Three deaths alone (the first run and two retries), after perhaps one in a shared pool.
     assert 3 <= int((tmp_path / "8.runs").read_text()) <= 4
-
-
-def test_a_ray_shard_s_spec_carries_no_key(tmp_path: Path) -> None:
-    """On Ray the key reaches the shards in their task's environment (``runtime_env``), not
-    in the pickled spec that Ray keeps in its object store."""
-    config = HarvestConfig(
-        inputs=(tmp_path / "e.csv",), out_dir=tmp_path, api_key=KEY, engine="ray", workers=2
-    )
-    stats = RunStats(run_id="r1", started_at=datetime.now(UTC), out_dir=tmp_path)
-    stand_in: Any = None  # the spec only hands the actors on
-    cluster = Cluster(
-        engine=stand_in, limiter=stand_in, board=None, logging=ChildLogging(json_run_id="r1")
-    )
-    run = _Run(config, stats, Layout(tmp_path), None, shards=2, cluster=cluster)
-
-    spec = run.spec(1, tmp_path / "shard-0001.pairs.jsonl")
-
-    assert KEY.encode() not in pickle.dumps(spec)
-    assert spec.lane.authorization == ""
-    assert spec.lane.authorization_env == AUTHORIZATION_ENV
-    assert _task_env(config) == {AUTHORIZATION_ENV: f"Key {KEY}"}  # fal.ai's own host
-    # A local run's spec is as it was: the pool's processes are this machine's own.
-    local = _Run(config, stats, Layout(tmp_path), None, shards=2).spec(1, tmp_path / "p")
-    assert local.lane.authorization == f"Key {KEY}"
-    assert local.lane.authorization_env is None

@@ -85,6 +85,11 @@ def _temp_objects(gateway: Gateway, location: str) -> list[str]:
     return [i.key for i in S3Store(location, env=gateway.env()).list(".tmp/")]
 
 
+def _files(root: Path) -> list[Path]:
+    """The regular files under ``root`` (not sockets), as they are now."""
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
 def _worker_lines(cluster: RayCluster, run_id: str) -> list[str]:
     """The log lines about this run that Ray's worker processes wrote to their log files."""
     found = []
@@ -130,6 +135,12 @@ def test_ray_into_s3_harvests_the_same_manifest_as_one_machine(
             assert secret not in result.output
     for line in lines:
         assert KEY not in json.dumps(line)
+    # Nor anywhere in Ray's own files on the nodes (its logs: a task's runtime_env, for one,
+    # is written there in plain text).
+    for path in _files(Path(cluster.node_args["temp_dir"])):
+        data = path.read_bytes()
+        for secret in (s3_gateway.secret_key, KEY):
+            assert secret.encode() not in data, f"{secret[:4]}... in {path}"
 
 
 def test_sigterm_stops_the_shards_on_every_node_through_the_board(

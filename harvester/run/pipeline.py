@@ -79,9 +79,6 @@ IMAGE_SLOTS_PER_FETCH: Final = 2
 download slots per fetch slot keep every fetch slot busy, on a slow link too (README
 "Performance" has the measurements)."""
 ENGINES: Final = ("local", "ray")
-AUTHORIZATION_ENV: Final = "HARVESTER_SHARD_AUTHORIZATION"
-"""Where a Ray shard's process finds the API's authorization header (its task's
-``runtime_env``): the key is not pickled into the shards' specs."""
 REMOTE_TEMP: Final = ".tmp/"
 """The run's temp objects in an S3 output (a shard's pairs, for nodes without the driver's
 disk): ``.tmp/<run_id>/``, deleted when the run ends, or by the next run on the prefix."""
@@ -384,8 +381,6 @@ class _Run:
         lane = config.lane_settings(
             run_id, index, count=self.count, shared_rate=cluster is not None
         )
-        if cluster is not None:  # the key reaches Ray's workers in their environment
-            lane = replace(lane, authorization="", authorization_env=AUTHORIZATION_ENV)
         return ShardSpec(
             run_id=run_id,
             index=index,
@@ -398,6 +393,7 @@ class _Run:
             pairs_key=None if self.board is None else f"{self.remote_temp}{pairs.name}",
             board=self.board,
             logging=None if cluster is None else cluster.logging,
+            store_env=_store_env(config) if cluster is not None else {},
         )
 
     @property
@@ -647,15 +643,14 @@ class Cluster:
     """How the shards log on the workers (the key is masked from their environment)."""
 
 
-def _task_env(config: HarvestConfig) -> dict[str, str]:
-    """The environment of every Ray shard's process: the authorization header, and the
-    store's AWS settings as the driver has them (so the nodes write where it reads)."""
-    env = {AUTHORIZATION_ENV: config.authorization}
-    if config.out_url is not None:
-        for name in (*AWS_ENV, "AWS_DEFAULT_REGION"):
-            if os.environ.get(name):
-                env[name] = os.environ[name]
-    return env
+def _store_env(config: HarvestConfig) -> dict[str, str]:
+    """The store's AWS settings as the driver has them, for the shards on a cluster's nodes
+    (so they write where it reads). In the pickled spec, never in a Ray task's
+    ``runtime_env``: Ray's runtime-env agent writes that to its log files in plain text."""
+    if config.out_url is None:
+        return {}
+    names = (*AWS_ENV, "AWS_DEFAULT_REGION")
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 def _engine(
@@ -671,7 +666,7 @@ def _engine(
     if config.engine == "ray":
         from harvester.run.engine.ray import RayEngine  # the optional extra
 
-        ray_engine = RayEngine(address=config.ray_address, env=_task_env(config))
+        ray_engine = RayEngine(address=config.ray_address)
         cleanup.enter_context(ray_engine)
         nodes = ray_engine.node_count()
         if nodes > 1 and config.out_url is None and not config.shared_fs:

@@ -60,9 +60,6 @@ class LaneSettings:
     seed: int | None
     out_url: str | None = None
     """``s3://bucket/prefix`` when the output is in S3 (each process opens its own client)."""
-    authorization_env: str | None = None
-    """The environment variable of the shard's process that holds ``authorization`` (then
-    empty here), so that the key is not pickled into a spec (a Ray task's ``runtime_env``)."""
 
     @property
     def backlog(self) -> int:

@@ -47,7 +47,7 @@ import anyio
 import anyio.abc
 
 from harvester.api.ratelimit import PermitSource
-from harvester.errors import HarvesterError, OutputError, UsageError, first_harvester_error
+from harvester.errors import HarvesterError, OutputError, first_harvester_error
 from harvester.run.engine.local import ChildLogging, install_logging
 from harvester.run.reader import Pair, pair_key
 from harvester.run.request import EVENT_LOOP_OPTIONS, Lane, LaneSettings, serve_pairs
@@ -104,6 +104,10 @@ class ShardSpec:
     and the stop flag comes from; None: the files under ``work_dir``."""
     logging: ChildLogging | None = None
     """How the shard logs when its process is not one the harvest set up (a Ray worker)."""
+    store_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """The driver's AWS settings for an S3 output, on a cluster's nodes (which may have none
+    of their own); the key is in ``lane`` (both are pickled into the spec that Ray keeps in
+    memory, not in a task's ``runtime_env``, which Ray writes to its logs)."""
 
     @property
     def on_cluster(self) -> bool:
@@ -235,18 +239,10 @@ def _permits(spec: ShardSpec) -> PermitSource | None:
 
 
 def _lane_settings(spec: ShardSpec, scratch: Path | None) -> LaneSettings:
-    """The lane's settings in this process: the authorization from its environment (a Ray
-    task's), the scratch folder for temp files."""
-    lane = spec.lane
-    name = lane.authorization_env
-    if name:
-        value = os.environ.get(name, "")
-        if not value:
-            raise UsageError(f"the shard's process has no {name} in its environment")
-        lane = replace(lane, authorization=value)
-    if scratch is not None:
-        lane = replace(lane, out_dir=scratch)
-    return lane
+    """The lane's settings in this process: the scratch folder for temp files, if any."""
+    if scratch is None:
+        return spec.lane
+    return replace(spec.lane, out_dir=scratch)
 
 
 def _node(spec: ShardSpec) -> str:
@@ -270,7 +266,9 @@ class _Shard:
         self.remote = (
             None
             if settings.out_url is None
-            else open_store(settings.out_url, temp_dir=self.layout.tmp)
+            else open_store(
+                settings.out_url, env={**os.environ, **spec.store_env}, temp_dir=self.layout.tmp
+            )
         )
         self.pairs_path = spec.pairs_path
         if spec.pairs_key is not None:

@@ -11,9 +11,6 @@ Retries are Ray's own: a task whose worker process or node dies runs again elsew
 ``max_retries`` times (``retry_exceptions=False``: a shard that raised would raise again).
 What still fails comes back as a :class:`~harvester.run.engine.Failure`.
 
-``env`` goes to every task's process as environment variables (Ray's ``runtime_env``): the
-authorization header and the store's settings travel there, not inside the pickled specs.
-
 Ray is an optional extra (``pip install 'harvester[ray]'``): this module imports it when an
 engine is made, and says how to install it when it is missing.
 """
@@ -22,7 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -94,12 +91,9 @@ class RayEngine:
         address: str | None = None,
         max_in_flight: int | None = None,
         num_cpus: float = 1.0,
-        env: Mapping[str, str] | None = None,
     ) -> None:
         self._ray = import_ray()
         self.address = cluster_address(address)
-        self.env = dict(env or {})
-        """Environment variables of every task's process (``runtime_env``)."""
         self.max_in_flight = max_in_flight
         """Tasks submitted and not yet finished; default: twice the cluster's CPUs."""
         self.num_cpus = num_cpus
@@ -158,7 +152,6 @@ class RayEngine:
             retry_exceptions=False,
             num_cpus=self.num_cpus,
             scheduling_strategy="SPREAD",
-            **({"runtime_env": {"env_vars": self.env}} if self.env else {}),
         )
         limit = self.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
         todo: Iterator[S] = iter(specs)
