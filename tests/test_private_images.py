@@ -10,6 +10,7 @@ import random
 import socket
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -193,6 +194,42 @@ async def test_local_images_are_fetched_when_the_api_is_local_or_they_are_allowe
             )
             got = await downloader.store(server.url + "/a.png")
     assert isinstance(got, StoredImage) and got.bytes == len(PNG)
+
+
+@pytest.mark.anyio
+async def test_downloads_that_start_together_wait_for_the_one_check_of_the_api(
+    tmp_path: Path,
+) -> None:
+    """The API is local (the sandbox's case), and its address takes a moment to resolve:
+    downloads that start meanwhile wait for that one check instead of refusing their images."""
+
+    async def slow_api(host: str, port: int) -> list[str]:
+        if host == "api.local":
+            await asyncio.sleep(0.2)
+            return ["127.0.0.1"]
+        return await fake_resolve(host, port)
+
+    with serving(_png) as server:
+        async with open_client(max_connections=8, connect_timeout=5, read_timeout=5) as client:
+            downloader = ImageDownloader(
+                client,
+                _layout(tmp_path),
+                policy=RetryPolicy(max_attempts=1),
+                rng=random.Random(0),
+                refuse_private=True,
+                api_url="http://api.local:1",
+                resolve=slow_api,
+            )
+            got: list[StoredImage | ImageFailure] = []
+
+            async def one(n: int) -> None:
+                got.append(await downloader.store(f"{server.url}/{n}.png"))
+
+            async with anyio.create_task_group() as tg:
+                for n in range(5):
+                    tg.start_soon(one, n)
+    assert all(isinstance(g, StoredImage) for g in got), got
+    assert len(server.seen) == 5
 
 
 def test_the_job_file_key_and_its_type(tmp_path: Path) -> None:

@@ -86,6 +86,7 @@ class ImageDownloader:
         self._refuse_private = refuse_private
         """True: non-public image addresses are refused (unless the API's own is one)."""
         self._api_url = api_url
+        self._api_checked = anyio.Lock()
         self._resolve = resolve
         self._resolved: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._total = total_seconds or attempt_seconds(client.timeout.read)
@@ -202,10 +203,14 @@ class ImageDownloader:
         if not self._refuse_private:
             return None
         if self._api_url is not None:
-            api, self._api_url = httpx.URL(self._api_url), None
-            if not await self._all_public(api):
-                # The API is local by the user's choice: its images are local too.
-                self._refuse_private = False
+            async with self._api_checked:  # once; downloads that start meanwhile wait for it
+                if self._api_url is not None:
+                    local = not await self._all_public(httpx.URL(self._api_url))
+                    self._api_url = None
+                    if local:
+                        # The API is local by the user's choice: its images are local too.
+                        self._refuse_private = False
+            if not self._refuse_private:
                 return None
         try:
             addresses = await self._addresses(url)
