@@ -161,17 +161,20 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
         self._proxy_headers = dict(proxy.headers) if proxy is not None else None
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: _PublicOnlyResolver | None = None
 
     def _open(self) -> aiohttp.ClientSession:
-        # Created on first use: aiohttp binds the session to the running event loop.
+        # Created on first use: aiohttp binds the session to the running event loop. Through a
+        # proxy only the proxy's own host is resolved here: never refused.
+        if self._proxy is None:
+            self._resolver = _PublicOnlyResolver()
         connector = aiohttp.TCPConnector(
             limit=self._limits.max_connections or 0,
             limit_per_host=0,
             keepalive_timeout=self._limits.keepalive_expiry or KEEPALIVE_SECONDS,
             ttl_dns_cache=300,
             ssl=self._ssl,
-            # Through a proxy only the proxy's own host is resolved here: never refused.
-            resolver=_PublicOnlyResolver() if self._proxy is None else None,
+            resolver=self._resolver,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -219,6 +222,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+        if self._resolver is not None:  # a resolver handed to it, the connector leaves open
+            resolver, self._resolver = self._resolver, None
+            await resolver.close()
 
 
 class _NoCookies(httpx.Cookies):
