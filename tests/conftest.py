@@ -89,8 +89,9 @@ def run_cli(
 
 
 def harvest_args(
-    sandbox: Sandbox, out: Path, *inputs: Path, extra: Sequence[str] = ()
+    sandbox: Sandbox, out: Path | str, *inputs: Path, extra: Sequence[str] = ()
 ) -> list[str]:
+    """``harvest`` of ``inputs`` from the sandbox into ``out`` (a folder, or ``s3://...``)."""
     return [
         "harvest",
         *(str(p) for p in inputs),

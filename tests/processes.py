@@ -62,46 +62,62 @@ def sandbox_process(*args: str) -> Iterator[SandboxProcess]:
         stderr.close()
 
 
-def harvest_command(
-    base_url: str, out: Path, *inputs: Path, extra: Sequence[str] = ()
+def harvester_command(*args: str) -> list[str]:
+    """``harvester ARGS...`` as this interpreter runs it."""
+    return [sys.executable, "-m", "harvester", *args]
+
+
+def run_harvester(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``harvester ARGS...`` to its end (the key in its environment unless ``env``)."""
+    return subprocess.run(
+        harvester_command(*args),
+        capture_output=True,
+        text=True,
+        env=harvester_env() if env is None else env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _harvest(
+    base_url: str, out: Path | str, inputs: Sequence[Path], extra: Sequence[str]
 ) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "harvester",
-        "harvest",
-        *(str(p) for p in inputs),
-        "--out",
-        str(out),
-        "--base-url",
-        base_url,
-        *extra,
-    ]
+    return ["harvest", *(str(p) for p in inputs), "--out", str(out), "--base-url", base_url, *extra]
+
+
+def harvest_command(
+    base_url: str, out: Path | str, *inputs: Path, extra: Sequence[str] = ()
+) -> list[str]:
+    return harvester_command(*_harvest(base_url, out, inputs, extra))
 
 
 def start_harvest(
-    base_url: str, out: Path, *inputs: Path, extra: Sequence[str] = ()
+    base_url: str,
+    out: Path | str,
+    *inputs: Path,
+    extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
         harvest_command(base_url, out, *inputs, extra=extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=harvester_env(),
+        env=harvester_env() if env is None else env,
     )
 
 
 def run_harvest(
-    base_url: str, out: Path, *inputs: Path, extra: Sequence[str] = (), timeout: float = 120
+    base_url: str,
+    out: Path | str,
+    *inputs: Path,
+    extra: Sequence[str] = (),
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        harvest_command(base_url, out, *inputs, extra=extra),
-        capture_output=True,
-        text=True,
-        env=harvester_env(),
-        timeout=timeout,
-        check=False,
-    )
+    return run_harvester(*_harvest(base_url, out, inputs, extra), env=env, timeout=timeout)
 
 
 def run_records(out: Path) -> list[dict[str, object]]:

@@ -19,7 +19,7 @@ from harvester.api.transport import open_client
 from harvester.api.urls import is_public
 from harvester.errors import ConfigError
 from harvester.jobs import load_job
-from harvester.run.download import ImageDownloader
+from harvester.run.download import ImageDownloader, Resolve
 from harvester.storage.layout import Layout
 from harvester.storage.store import ImageFailure, StoredImage
 from tests.hostile_http import Exchange, response, serving
@@ -70,6 +70,27 @@ def _layout(tmp_path: Path) -> Layout:
     return layout
 
 
+def _downloader(
+    client: httpx.AsyncClient,
+    folder: Path,
+    *,
+    refuse: bool = True,
+    api_url: str | None = "https://relay.example",
+    resolve: Resolve = fake_resolve,
+    attempts: int = 1,
+) -> ImageDownloader:
+    """A downloader into ``folder`` whose host lookups go to ``resolve``."""
+    return ImageDownloader(
+        client,
+        _layout(folder),
+        policy=RetryPolicy(max_attempts=attempts),
+        rng=random.Random(0),
+        refuse_private=refuse,
+        api_url=api_url,
+        resolve=resolve,
+    )
+
+
 @pytest.mark.anyio
 async def test_private_image_addresses_are_refused_when_the_api_is_public(
     tmp_path: Path,
@@ -79,15 +100,7 @@ async def test_private_image_addresses_are_refused_when_the_api_is_public(
     with serving(_png) as server:
         port = httpx.URL(server.url).port
         async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
-            downloader = ImageDownloader(
-                client,
-                _layout(tmp_path),
-                policy=RetryPolicy(max_attempts=1),
-                rng=random.Random(0),
-                refuse_private=True,
-                api_url="https://relay.example",
-                resolve=fake_resolve,
-            )
+            downloader = _downloader(client, tmp_path)
             got = [
                 await downloader.store(f"http://{host}:{port}/a.png")
                 for host in ("127.0.0.1", "0x7f000001", "[::1]", "169.254.169.254", "10.0.0.7")
@@ -117,15 +130,7 @@ async def test_a_cdn_redirect_to_a_private_address_is_refused(tmp_path: Path) ->
         return httpx.Response(200, content=PNG)
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        downloader = ImageDownloader(
-            client,
-            _layout(tmp_path),
-            policy=RetryPolicy(max_attempts=1),
-            rng=random.Random(0),
-            refuse_private=True,
-            api_url="https://relay.example",
-            resolve=fake_resolve,
-        )
+        downloader = _downloader(client, tmp_path)
         got = await downloader.store("https://cdn.example/a.png")
         again = await downloader.store("http://cdn.example/b.png")
     assert isinstance(got, ImageFailure) and "(169.254.169.254)" in got.error
@@ -148,22 +153,13 @@ async def test_a_host_that_resolves_again_to_a_private_address_is_refused(
             return ["93.184.216.34"] if host == "localhost" else await fake_resolve(host, port)
 
         async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
-            downloader = ImageDownloader(
-                client,
-                _layout(tmp_path),
-                policy=RetryPolicy(max_attempts=3),
-                rng=random.Random(0),
-                refuse_private=True,
-                api_url="https://relay.example",
-                resolve=first_answer_public,
-            )
+            downloader = _downloader(client, tmp_path, resolve=first_answer_public, attempts=3)
             got = await downloader.store(f"http://localhost:{port}/a.png")
-            allowed = ImageDownloader(
+            allowed = _downloader(
                 client,
-                _layout(tmp_path / "allowed"),
-                policy=RetryPolicy(max_attempts=1),
-                rng=random.Random(0),
-                refuse_private=False,
+                tmp_path / "allowed",
+                refuse=False,
+                api_url=None,
                 resolve=first_answer_public,
             )
             fetched = await allowed.store(f"http://localhost:{port}/a.png")
@@ -183,14 +179,8 @@ async def test_local_images_are_fetched_when_the_api_is_local_or_they_are_allowe
 ) -> None:
     with serving(_png) as server:
         async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
-            downloader = ImageDownloader(
-                client,
-                _layout(tmp_path),
-                policy=RetryPolicy(max_attempts=1),
-                rng=random.Random(0),
-                refuse_private=refuse,
-                api_url=f"http://{api_host}:1",
-                resolve=fake_resolve,
+            downloader = _downloader(
+                client, tmp_path, refuse=refuse, api_url=f"http://{api_host}:1"
             )
             got = await downloader.store(server.url + "/a.png")
     assert isinstance(got, StoredImage) and got.bytes == len(PNG)
@@ -211,14 +201,8 @@ async def test_downloads_that_start_together_wait_for_the_one_check_of_the_api(
 
     with serving(_png) as server:
         async with open_client(max_connections=8, connect_timeout=5, read_timeout=5) as client:
-            downloader = ImageDownloader(
-                client,
-                _layout(tmp_path),
-                policy=RetryPolicy(max_attempts=1),
-                rng=random.Random(0),
-                refuse_private=True,
-                api_url="http://api.local:1",
-                resolve=slow_api,
+            downloader = _downloader(
+                client, tmp_path, api_url="http://api.local:1", resolve=slow_api
             )
             got: list[StoredImage | ImageFailure] = []
 

@@ -28,7 +28,7 @@ from click.testing import Result
 from harvester.errors import ExitCode
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
 from harvester.storage.objects import S3Store
-from tests.conftest import KEY, run_cli, write_csv
+from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import harvester_env
 from tests.raycluster import RayCluster, import_ray
 from tests.s3gateway import Gateway
@@ -39,24 +39,6 @@ PAIRS = [("fal-ai/flux/dev", f"rs3-{n:03d}") for n in range(60)] + [
     ("fal-ai/flux", "missing-1"),
     ("fal-ai/flux", "inline-1"),
 ]
-
-
-def _args(base_url: str, out: str, csv: Path, *extra: str) -> list[str]:
-    return [
-        "harvest",
-        str(csv),
-        "--out",
-        out,
-        "--base-url",
-        base_url,
-        "--rps",
-        "1000",
-        "--retry-budget",
-        "20",
-        "--workers",
-        "1",
-        *extra,
-    ]
 
 
 def _ray(cluster: RayCluster, *extra: str) -> list[str]:
@@ -104,9 +86,9 @@ def test_ray_into_s3_harvests_the_same_manifest_as_one_machine(
     csv = write_csv(tmp_path / "e.csv", PAIRS)
     env = {**s3_gateway.env(), "TMPDIR": str(tmp_path)}
     here, there = f"s3://{s3_bucket}/local", f"s3://{s3_bucket}/night"
-    first = run_cli(_args(sandbox.base_url, here, csv), env=env)
+    first = run_cli(harvest_args(sandbox, here, csv), env=env)
     second = run_cli(
-        _args(sandbox.base_url, there, csv, *_ray(cluster, "--log-format", "json", "-v")),
+        harvest_args(sandbox, there, csv, extra=_ray(cluster, "--log-format", "json", "-v")),
         env=env,
     )
 
@@ -155,7 +137,7 @@ def test_sigterm_stops_the_shards_on_every_node_through_the_board(
     env = {**harvester_env(), **s3_gateway.env(), "TMPDIR": str(tmp_path)}
     store = S3Store(location, env=s3_gateway.env())
     with running_sandbox(SandboxConfig(key=KEY, image_bytes=2_000, latency=0.15)) as sandbox:
-        args = _args(sandbox.base_url, location, csv, *_ray(cluster), "--concurrency", "8")
+        args = harvest_args(sandbox, location, csv, extra=[*_ray(cluster), "--concurrency", "8"])
         harvest = subprocess.Popen(
             [sys.executable, "-m", "harvester", *args],
             env=env,
@@ -174,7 +156,7 @@ def test_sigterm_stops_the_shards_on_every_node_through_the_board(
         finally:
             if harvest.poll() is None:
                 harvest.kill()
-        rerun = run_cli(_args(sandbox.base_url, location, csv, *_ray(cluster)), env=env)
+        rerun = run_cli(harvest_args(sandbox, location, csv, extra=_ray(cluster)), env=env)
 
     assert harvest.returncode == ExitCode.INTERRUPTED, stderr
     assert "INTERRUPTED: finished rows are kept" in stdout + stderr
@@ -213,7 +195,7 @@ def test_a_killed_node_loses_nothing_with_an_s3_out(
     earlier = _boards(ray)
     try:
         with running_sandbox(SandboxConfig(key=KEY, image_bytes=2_000, latency=0.15)) as sandbox:
-            args = _args(sandbox.base_url, location, csv, *_ray(cluster))
+            args = harvest_args(sandbox, location, csv, extra=_ray(cluster))
             args += ["--concurrency", "8", "--flush-every", "0.2"]
             outcome: list[Result] = []
             harvest = threading.Thread(target=lambda: outcome.append(run_cli(args, env=env)))

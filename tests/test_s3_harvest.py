@@ -17,10 +17,10 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 import obstore
 import polars as pl
@@ -29,8 +29,15 @@ import pytest
 from harvester.errors import ExitCode
 from harvester.sandbox import Sandbox
 from harvester.storage.objects import S3Store
-from tests.conftest import KEY, run_cli, write_csv
-from tests.processes import SandboxProcess, harvester_env, sandbox_process
+from tests.conftest import KEY, harvest_args, run_cli, write_csv
+from tests.processes import (
+    SandboxProcess,
+    harvester_env,
+    run_harvest,
+    run_harvester,
+    sandbox_process,
+    start_harvest,
+)
 from tests.s3gateway import Gateway
 
 pytestmark = pytest.mark.s3
@@ -42,24 +49,6 @@ def pairs(tag: str, n: int) -> list[tuple[str, str]]:
     found = [(MODELS[i % 3], f"{tag}-{i:04d}") for i in range(n)]
     # a 3 MB image (spilled to local temp space, then put whole) and a data: URI image
     return [*found, ("fal-ai/flux", f"big-{tag}"), ("fal-ai/flux", f"inline-{tag}")]
-
-
-def cli_args(base_url: str, out: str, csv: Path, *extra: str) -> list[str]:
-    return [
-        "harvest",
-        str(csv),
-        "--out",
-        out,
-        "--base-url",
-        base_url,
-        "--rps",
-        "1000",
-        "--retry-budget",
-        "20",
-        "--workers",
-        "1",
-        *extra,
-    ]
 
 
 def s3_store(gateway: Gateway, location: str) -> S3Store:
@@ -110,7 +99,7 @@ def test_harvest_into_s3_rerun_status_report_verify(
     env = s3_gateway.env()
 
     # Two shard processes: each opens its own S3 client from the location.
-    first = run_cli(cli_args(sandbox.base_url, location, csv, "--workers", "2"), env=env)
+    first = run_cli(harvest_args(sandbox, location, csv, extra=["--workers", "2"]), env=env)
 
     assert first.exit_code == ExitCode.OK, first.output
     manifest = check_every_row(s3_gateway, location)
@@ -125,7 +114,7 @@ def test_harvest_into_s3_rerun_status_report_verify(
     assert latest.height == manifest.height
 
     before = sandbox.stats()
-    rerun = run_cli(cli_args(sandbox.base_url, location, csv), env=env)
+    rerun = run_cli(harvest_args(sandbox, location, csv), env=env)
     after = sandbox.stats()
 
     assert rerun.exit_code == ExitCode.OK, rerun.output
@@ -174,7 +163,7 @@ def test_verify_on_s3_finds_a_corrupt_object(
     location = f"s3://{s3_bucket}/v"
     csv = write_csv(tmp_path / "in.csv", pairs("s3v", 6))
     env = s3_gateway.env()
-    assert run_cli(cli_args(sandbox.base_url, location, csv), env=env).exit_code == 0
+    assert run_cli(harvest_args(sandbox, location, csv), env=env).exit_code == 0
     store = s3_store(s3_gateway, location)
     victim = next(i.key for i in store.list("images/"))
     store.put(victim, b"not the bytes its name says")
@@ -195,7 +184,7 @@ def test_a_second_run_on_the_prefix_is_refused(
     before = sandbox.stats()["result_requests"]
 
     with other.lock(owner="harvester run elsewhere"):  # another run, as its lease shows it
-        refused = run_cli(cli_args(sandbox.base_url, location, csv), env=env)
+        refused = run_cli(harvest_args(sandbox, location, csv), env=env)
         status = run_cli(["status", location], env=env)
 
     assert refused.exit_code == ExitCode.LOCKED, refused.output
@@ -203,7 +192,7 @@ def test_a_second_run_on_the_prefix_is_refused(
     assert sandbox.stats()["result_requests"] == before
     assert not list(other.list("runs/")), "a refused run wrote a run record"
     assert "running" in status.output.lower()
-    assert run_cli(cli_args(sandbox.base_url, location, csv), env=env).exit_code == 0
+    assert run_cli(harvest_args(sandbox, location, csv), env=env).exit_code == 0
 
 
 def test_bad_s3_locations_are_clear_errors(tmp_path: Path, s3_gateway: Gateway) -> None:
@@ -234,35 +223,8 @@ def slow_sandbox() -> Iterator[SandboxProcess]:
         yield running
 
 
-def command(base_url: str, location: str, csv: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "harvester",
-        "harvest",
-        str(csv),
-        "--out",
-        location,
-        "--base-url",
-        base_url,
-        "--rps",
-        "100",
-        "--flush-every",
-        "0.3",
-        "--retry-budget",
-        "30",
-        "-q",
-    ]
-
-
-def start(base_url: str, location: str, csv: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        command(base_url, location, csv),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+S3_RUN: Final = ("--rps", "100", "--flush-every", "0.3", "--retry-budget", "30", "-q")
+"""The options of the slow sandbox's runs into S3."""
 
 
 def kill_when_writing(process: subprocess.Popen[str], store: S3Store, parts: int) -> bool:
@@ -290,7 +252,9 @@ def test_kill_9_then_rerun_loses_nothing(
     env = {**harvester_env(), **s3_gateway.env(), "TMPDIR": str(tmp_path)}
     store = s3_store(s3_gateway, location)
 
-    killed = kill_when_writing(start(slow_sandbox.base_url, location, csv, env), store, 2)
+    killed = kill_when_writing(
+        start_harvest(slow_sandbox.base_url, location, csv, extra=S3_RUN, env=env), store, 2
+    )
 
     assert killed, "the harvest ended before it could be killed"
     check_every_row(s3_gateway, location)
@@ -298,36 +262,15 @@ def test_kill_9_then_rerun_loses_nothing(
     kept = set(done.select("model", "request_id").iter_rows())
     assert kept, "nothing was kept from before the kill"
     # The dead run's lease holds the prefix until it expires (60 s): a run now is refused.
-    refused = subprocess.run(
-        command(slow_sandbox.base_url, location, csv),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    refused = run_harvest(slow_sandbox.base_url, location, csv, extra=S3_RUN, env=env, timeout=120)
     assert refused.returncode == ExitCode.LOCKED, refused.stderr
     assert "lease until" in refused.stderr
-    status = subprocess.run(
-        [sys.executable, "-m", "harvester", "status", location],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    status = run_harvester("status", location, env=env, timeout=120)
     assert "running" in status.stdout.lower(), status.stdout
     for info in list(store.list(".lock/")):  # stands in for waiting out the expiry
         store.delete(info.key)
 
-    final = subprocess.run(
-        command(slow_sandbox.base_url, location, csv),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    final = run_harvest(slow_sandbox.base_url, location, csv, extra=S3_RUN, env=env, timeout=300)
 
     assert final.returncode == ExitCode.OK, final.stderr
     manifest = check_every_row(s3_gateway, location)
@@ -337,23 +280,9 @@ def test_kill_9_then_rerun_loses_nothing(
     )
     assert record["skipped_already_ok"] == len(kept)
     assert sum(record["requests"].values()) == len(wanted) - len(kept)
-    status = subprocess.run(
-        [sys.executable, "-m", "harvester", "status", location],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    status = run_harvester("status", location, env=env, timeout=120)
     assert status.returncode == ExitCode.OK, status.stdout
-    verify = subprocess.run(
-        [sys.executable, "-m", "harvester", "verify", location],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    verify = run_harvester("verify", location, env=env, timeout=300)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     # The local temp space of the runs (under TMPDIR) is emptied by the run that follows.
     scratch = [p for p in tmp_path.glob("harvester-*/.tmp/*")]
@@ -391,13 +320,8 @@ def test_a_run_whose_lease_is_taken_over_stops_with_exit_5(
     csv = write_csv(tmp_path / "in.csv", pairs("s3t", 3000))
     env = {**harvester_env(), **s3_gateway.env(), "TMPDIR": str(tmp_path)}
     store = s3_store(s3_gateway, location)
-    harvest = subprocess.Popen(
-        [*command(slow_sandbox.base_url, location, csv), "--rps", "20"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    extra = (*S3_RUN, "--rps", "20")
+    harvest = start_harvest(slow_sandbox.base_url, location, csv, extra=extra, env=env)
     try:
         for _ in range(6000):  # until the run holds the lease
             holder = store.holder()

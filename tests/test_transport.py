@@ -14,7 +14,6 @@ import resource
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from harvester.storage.manifest import manifest_glob
 from harvester.storage.store import ImageFailure, StoredImage
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.hostile_http import CERT, Exchange, Handler, response, serving
-from tests.processes import harvester_env
+from tests.processes import harvester_env, run_harvest
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 
@@ -563,25 +562,8 @@ def test_an_unresolvable_host_prints_its_message_and_nothing_else(tmp_path: Path
     for name in PROXY_VARIABLES:
         env.pop(name, None)
         env.pop(name.lower(), None)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "harvester",
-            "harvest",
-            str(csv),
-            "--out",
-            str(tmp_path / "out"),
-            "--base-url",
-            "http://nonexistent.invalid",
-            "--retry-budget",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
+    done = run_harvest(
+        "http://nonexistent.invalid", tmp_path / "out", csv, extra=["--retry-budget", "3"], env=env
     )
     assert done.returncode == ExitCode.UNREACHABLE, done.stderr
     assert "cannot reach the API at http://nonexistent.invalid" in done.stderr
