@@ -261,44 +261,23 @@ def status(
     """The status of the output folder ``out_dir`` (or ``s3://bucket/prefix``: a run is
     running there while its lease is live)."""
     records, unreadable = read_runs(out_dir)
-    since = None
+    since: datetime | None = None
+    host, remote = runs.this_host(), False
     if isinstance(out_dir, str) and is_remote(out_dir):
+        remote = True
         holder = open_store(out_dir).holder()
         pid = None if holder is None else holder.pid
         running = [r for r in records if r.running]
         if holder is not None and running:  # the lease's holder is on this host or another
-            last = running[-1]
-            return Status(
-                out_dir=out_dir,
-                runs=records,
-                unreadable=unreadable,
-                running_pid=pid,
-                running_since=last.started_at,
-                checked_at=now or datetime.now(UTC),
-                max_age=max_age,
-                incomplete_ok=incomplete_ok,
-                host=holder.host,
-                remote=True,
-            )
-        return Status(
-            out_dir=out_dir,
-            runs=records,
-            unreadable=unreadable,
-            running_pid=pid,
-            running_since=None,
-            checked_at=now or datetime.now(UTC),
-            max_age=max_age,
-            incomplete_ok=incomplete_ok,
-            host=runs.this_host(),
-            remote=True,
-        )
-    layout = Layout(Path(out_dir))
-    pid = lock.holder(layout)
-    if pid is not None:
-        try:
-            since = datetime.fromtimestamp(layout.lock.stat().st_mtime, UTC)
-        except OSError:
-            since = None
+            since, host = running[-1].started_at, holder.host
+    else:
+        layout = Layout(Path(out_dir))
+        pid = lock.holder(layout)
+        if pid is not None:
+            try:
+                since = datetime.fromtimestamp(layout.lock.stat().st_mtime, UTC)
+            except OSError:
+                since = None
     return Status(
         out_dir=out_dir,
         runs=records,
@@ -308,7 +287,8 @@ def status(
         checked_at=now or datetime.now(UTC),
         max_age=max_age,
         incomplete_ok=incomplete_ok,
-        host=runs.this_host(),
+        host=host,
+        remote=remote,
     )
 
 
