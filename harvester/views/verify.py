@@ -162,22 +162,11 @@ def verify_remote(location: str) -> VerifyReport:
         referenced = _remote_parts(store, report)
         stored = {info.key for info in store.list("images/")}
         for rel, shas in sorted(referenced.items()):
-            if rel not in stored:
-                report.missing.append(rel)
-            elif len(shas) > 1:
-                report.corrupt.append(f"{rel} (manifest rows disagree on its sha256)")
-            else:
-                _remote_check(store, rel, next(iter(shas)) or "", report)
+            _judge_named(
+                report, rel, shas, exists=rel in stored, check=partial(_remote_check, store, rel)
+            )
         for key in sorted(stored - referenced.keys()):
-            match = _NAME.fullmatch(key.rsplit("/", 1)[-1])
-            before = len(report.corrupt)
-            _remote_check(store, key, match.group(1) if match else "", report)
-            if len(report.corrupt) > before:
-                continue
-            if report.unreadable_parts:
-                report.unjudged += 1
-            else:
-                report.orphans.append(key)
+            _judge_unnamed(report, key, key.rsplit("/", 1)[-1], partial(_remote_check, store, key))
     return report
 
 
@@ -192,25 +181,45 @@ def verify(out_dir: Location) -> VerifyReport:
         referenced = _read_parts(layout, report)
         for rel, shas in sorted(referenced.items()):
             path = out_dir / rel
-            if not path.is_file():
-                report.missing.append(rel)
-            elif len(shas) > 1:
-                report.corrupt.append(f"{rel} (manifest rows disagree on its sha256)")
-            else:
-                _check(path, rel, next(iter(shas)) or "", report)
+            _judge_named(report, rel, shas, exists=path.is_file(), check=partial(_check, path, rel))
         if not layout.images.is_dir():
             return report
         for path in sorted(layout.images.rglob("*")):
             rel = path.relative_to(out_dir).as_posix()
             if rel in referenced or not path.is_file():
                 continue
-            match = _NAME.fullmatch(path.name)
-            before = len(report.corrupt)
-            _check(path, rel, match.group(1) if match else "", report)
-            if len(report.corrupt) > before:
-                continue
-            if report.unreadable_parts:
-                report.unjudged += 1
-            else:
-                report.orphans.append(rel)
+            _judge_unnamed(report, rel, path.name, partial(_check, path, rel))
     return report
+
+
+def _judge_named(
+    report: VerifyReport,
+    rel: str,
+    shas: set[str],
+    *,
+    exists: bool,
+    check: Callable[[str, VerifyReport], None],
+) -> None:
+    """An image the manifest names: missing, named with two sha256s, or checked."""
+    if not exists:
+        report.missing.append(rel)
+    elif len(shas) > 1:
+        report.corrupt.append(f"{rel} (manifest rows disagree on its sha256)")
+    else:
+        check(next(iter(shas)) or "", report)
+
+
+def _judge_unnamed(
+    report: VerifyReport, rel: str, name: str, check: Callable[[str, VerifyReport], None]
+) -> None:
+    """A stored image no manifest row names: corrupt if its bytes are not its name's sha256,
+    else an orphan (or not judged while a manifest part cannot be read)."""
+    match = _NAME.fullmatch(name)
+    before = len(report.corrupt)
+    check(match.group(1) if match else "", report)
+    if len(report.corrupt) > before:
+        return
+    if report.unreadable_parts:
+        report.unjudged += 1
+    else:
+        report.orphans.append(rel)
