@@ -8,16 +8,20 @@ next one, and one window holds ``rps + 1`` (seen with two actors at 100/s). So t
 rules, one on each side:
 
 * **The actor** (:class:`RateLimiterActor`, one per run, on the driver's node) hands out start
-  times ("slots") ``1 / rate`` apart, and never a slot less than ``window + late`` after the
-  slot ``floor(rps)`` before it.
-* **Each worker** (:class:`ClusterPermits`) starts a request in ``[slot, slot + late]`` or not
-  at all: a slot it reaches later than that is dropped and it takes another.
+  times ("slots") ``1 / rate`` apart, each with how late it may still be used, and never a slot
+  less than ``window`` after the end (slot + lateness) of the slot ``floor(rps)`` before it.
+* **Each worker** (:class:`ClusterPermits`) starts a request between its slot and the slot's
+  end, or not at all: a slot it reaches later than that is dropped and it takes another.
 
 Then any ``floor(rps) + 1`` real starts are at least ``window`` (one second plus the margin for
-the trip to the server) apart, across the cluster: the promise holds. The price is the
-margins: at full speed the cluster starts ``rps / (window + late)`` per second (about 93% of
-``rps`` with the defaults). Slots are wall-clock times (``time.time``): the nodes'
-clocks must agree to well within the margin, as NTP keeps them.
+the trip to the server) apart, across the cluster: the promise holds, whatever each slot's
+lateness. Lateness is a price paid in the schedule, so the actor sets it by how busy the
+schedule is: ``LATE`` (30 ms) when its slots are booked ahead (the cluster wants more than
+``rps``; at full speed it starts ``rps / (window + LATE)`` per second, about 93% of ``rps``),
+``SLACK_LATE`` (0.25 s) when there is room, so that a worker whose requests come every few
+milliseconds can use a whole lease (with 30 ms it used a few slots of each and went back to
+the actor for more: a Ray node did 68% of its latency-bound rate). Slots are wall-clock times
+(``time.time``): the nodes' clocks must agree to well within the margin, as NTP keeps them.
 
 A worker takes slots in small leases (one actor call per lease, not per request), growing the
 lease while it uses every slot and shrinking it when slots expire unused. It asks for the next
@@ -49,7 +53,10 @@ CLUSTER_MARGIN: Final = 0.05
 beside another node's (measured at 100/s on two nodes of a busy machine: with 0.02, one window
 held 101 starts at the server)."""
 LATE: Final = 0.03
-"""Seconds after its slot that a worker may still start a request; later, the slot is dropped."""
+"""Seconds after its slot that a worker may still start a request when the schedule is booked;
+later, the slot is dropped."""
+SLACK_LATE: Final = 0.25
+"""The same when the schedule has room (a lease's first slot is the actor's now)."""
 MAX_LEASE: Final = 16
 """The most slots one lease hands a worker."""
 
@@ -65,6 +72,7 @@ class RateLimiterActor:
         recovery_successes: int = 100,
         window: float = 1.0 + CLUSTER_MARGIN,
         late: float = LATE,
+        slack_late: float = SLACK_LATE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_rps <= 0:
@@ -76,29 +84,39 @@ class RateLimiterActor:
         self.throttled = 0
         self.handed_out = 0
         self._step = max_rps / recovery_successes
-        self._gap = window + late
-        """The least time between a slot and the one ``floor(max_rps)`` before it."""
+        self._window = window
+        self._late = late
+        self._slack_late = max(late, slack_late)
         self._clock = clock
-        self._slots: deque[float] = deque(maxlen=max(1, math.floor(max_rps)))
+        self._ends: deque[float] = deque(maxlen=max(1, math.floor(max_rps)))
+        """When the last ``floor(max_rps)`` slots end (slot + lateness)."""
         self._next = clock()
         self._last_cut = float("-inf")
 
-    def lease(self, n: int, *, successes: int = 0, not_before: float = 0.0) -> list[float]:
-        """``n`` start times, in order, none before ``not_before`` or now. ``successes``: how
-        many requests answered without a 429 since the worker's last lease."""
+    def lease(
+        self, n: int, *, successes: int = 0, not_before: float = 0.0
+    ) -> tuple[list[float], float]:
+        """``n`` start times, in order, none before ``not_before`` or now, and how late each
+        may be used. ``successes``: how many requests answered without a 429 since the
+        worker's last lease."""
         if successes > 0:
             self.rate = min(self.max_rps, self.rate + self._step * successes)
-        slots = self._slots
+        ends = self._ends
+        earliest = max(self._clock(), not_before)
+        booked = self._next > earliest or (
+            len(ends) == ends.maxlen and ends[0] + self._window > earliest
+        )
+        late = self._late if booked else self._slack_late
         out: list[float] = []
         for _ in range(max(1, n)):
-            slot = max(self._next, self._clock(), not_before)
-            if len(slots) == slots.maxlen:
-                slot = max(slot, slots[0] + self._gap)
-            slots.append(slot)
+            slot = max(self._next, earliest)
+            if len(ends) == ends.maxlen:
+                slot = max(slot, ends[0] + self._window)
+            ends.append(slot + late)
             out.append(slot)
             self._next = slot + 1.0 / self.rate
         self.handed_out += len(out)
-        return out
+        return out, late
 
     def on_throttled(self, retry_after: float | None = None) -> None:
         """A worker got a 429: slow the whole cluster down."""
@@ -125,7 +143,9 @@ class LeaseCall(Protocol):
     sent at once; its answer is awaitable later), in unit tests a plain coroutine (sent only
     when awaited)."""
 
-    def __call__(self, n: int, *, successes: int, not_before: float) -> Awaitable[list[float]]: ...
+    def __call__(
+        self, n: int, *, successes: int, not_before: float
+    ) -> Awaitable[tuple[list[float], float]]: ...
 
 
 class ClusterPermits:
@@ -137,18 +157,17 @@ class ClusterPermits:
         lease: LeaseCall,
         throttled: Callable[[float | None], object],
         *,
-        late: float = LATE,
         max_lease: int = MAX_LEASE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._lease = lease
         self._throttled = throttled
-        self._late = late
         self._max_lease = max(1, max_lease)
         self._clock = clock
-        self._slots: deque[float] = deque()
+        self._slots: deque[tuple[float, float]] = deque()
+        """Leased slots: (start, end)."""
         self._size = 1
-        self._next_lease: Awaitable[list[float]] | None = None
+        self._next_lease: Awaitable[tuple[list[float], float]] | None = None
         """A lease asked for before the slots ran out, not yet awaited."""
         self._lock = anyio.Lock()
         self._successes = 0
@@ -160,20 +179,20 @@ class ClusterPermits:
     async def acquire(self) -> None:
         async with self._lock:
             while True:
-                slot = await self._take()
+                slot, end = await self._take()
                 wait = slot - self._clock()
                 if wait > 0:
                     await anyio.sleep(wait)
-                if self._clock() <= slot + self._late:
+                if self._clock() <= end:
                     self.started += 1
                     return
                 self.dropped += 1
                 self._size = max(1, self._size // 2)
 
-    async def _take(self) -> float:
+    async def _take(self) -> tuple[float, float]:
         now = self._clock()
         expired = 0
-        while self._slots and self._slots[0] + self._late < now:
+        while self._slots and self._slots[0][1] < now:
             self._slots.popleft()  # expired while no request wanted it
             expired += 1
         if expired:
@@ -185,20 +204,24 @@ class ClusterPermits:
         if not self._slots:
             pending, self._next_lease = self._next_lease, None
             if pending is None:  # nothing asked ahead: wait for a round trip, and time it
-                slots = await self._ask(now)
-                self._round_trip = self._clock() - now
+                slots, late = await self._ask(now)
+                took = self._clock() - now
+                # Smoothed: one slow trip (a busy actor) set every later lease's first slot
+                # that far ahead.
+                self._round_trip = took if self.started == 0 else (3 * self._round_trip + took) / 4
             else:
-                slots = await pending
-            self._slots.extend(slots)
+                slots, late = await pending
+            self._slots.extend((slot, slot + late) for slot in slots)
             self._size = min(self._max_lease, self._size * 2)
         slot = self._slots.popleft()
         if self._next_lease is None and len(self._slots) <= self._size // 2:
             self._next_lease = self._ask(self._clock())
         return slot
 
-    def _ask(self, now: float) -> Awaitable[list[float]]:
+    def _ask(self, now: float) -> Awaitable[tuple[list[float], float]]:
+        """The next lease, its first slot no earlier than its answer is expected back."""
         successes, self._successes = self._successes, 0
-        return self._lease(self._size, successes=successes, not_before=now + 2 * self._round_trip)
+        return self._lease(self._size, successes=successes, not_before=now + self._round_trip)
 
     def _forget_next_lease(self) -> None:
         pending, self._next_lease = self._next_lease, None
