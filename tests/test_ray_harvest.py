@@ -8,6 +8,7 @@ The test that kills the second node comes last and starts a new one at its end.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -24,7 +25,7 @@ from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
 from harvester.storage.manifest import manifest_glob
 from harvester.views.verify import verify
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
-from tests.processes import run_records
+from tests.processes import run_harvest, run_records
 from tests.raycluster import RayCluster, children
 
 pytestmark = pytest.mark.ray
@@ -117,6 +118,30 @@ def test_the_summary_shows_the_cluster_s_rate_cut(cluster: RayCluster, tmp_path:
     cut = re.search(r"rate cut to ([\d.]+)/s at the lowest", result.output)
     assert cut is not None, result.output
     assert float(cut[1]) <= rps / 2  # the first 429 halves the cluster's rate
+
+
+def test_json_logs_reach_the_driver_s_stderr_as_json_lines_from_every_node(
+    cluster: RayCluster, tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """``--log-format json`` on Ray, as a nightly job runs it (its own process, stderr to a log
+    collector): every line of the driver's stderr is one JSON object with the run's id, the
+    shards' lines included (Ray forwards them; by default with a "(run_shard pid=...)" prefix
+    of its own, and folded when alike), and they name the nodes they ran on."""
+    csv = write_csv(tmp_path / "e.csv", PAIRS)
+    done = run_harvest(
+        sandbox.base_url,
+        tmp_path / "out",
+        csv,
+        extra=[*_ray(cluster, "--shared-fs"), "--log-format", "json", "-v"],
+        timeout=180,
+    )
+
+    assert done.returncode == ExitCode.INCOMPLETE, done.stderr  # missing-1
+    lines = [json.loads(line) for line in done.stderr.splitlines()]  # each one JSON
+    [record] = run_records(tmp_path / "out")
+    assert {line["run_id"] for line in lines} == {record["run_id"]}
+    shards = [line for line in lines if "started" in line["message"] and "shard" in line["message"]]
+    assert {line["node"] for line in shards} == {cluster.head_id, cluster.worker_id}, shards
 
 
 def _shard_pids(out: Path) -> set[int]:

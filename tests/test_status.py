@@ -91,6 +91,15 @@ def test_failed_run_shows_its_code_meaning_and_error(tmp_path: Path) -> None:
     assert "error:    the API refused the key (HTTP 401)" in result.output
 
 
+def test_a_run_s_shards_and_the_nodes_they_ran_on_are_shown(tmp_path: Path) -> None:
+    write_record(tmp_path / "ray", T0, 0, shards=4, nodes=["node-a", "node-b"])
+    assert "ran on:   4 shards on 2 Ray nodes" in run_cli(["status", str(tmp_path / "ray")]).output
+    write_record(tmp_path / "pool", T0, 0, shards=2)
+    assert "ran on:   2 processes (--workers)" in run_cli(["status", str(tmp_path / "pool")]).output
+    write_record(tmp_path / "one", T0, 0)
+    assert "ran on:" not in run_cli(["status", str(tmp_path / "one")]).output
+
+
 def test_no_record_exits_10(tmp_path: Path) -> None:
     result = run_cli(["status", str(tmp_path)])
     assert result.exit_code == ExitCode.NO_RECENT_RUN

@@ -26,7 +26,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, TextIO
+from typing import TYPE_CHECKING, Final, NamedTuple, TextIO
 
 import anyio
 import httpx
@@ -265,6 +265,14 @@ def new_run_id(now: datetime) -> str:
     return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
 
 
+class Observed(NamedTuple):
+    """What a tick reads from the running shards (``_Run.observe``)."""
+
+    progress: dict[int, ShardResult]
+    lowest_rate: float | None
+    """The cluster limiter's lowest rate; None without a cluster (or if it cannot be read)."""
+
+
 class _Run:
     """One harvest's driver; ``harvest`` below is the public entry point."""
 
@@ -445,10 +453,19 @@ class _Run:
                 continue
         return found
 
-    def refresh(self) -> list[ShardResult]:
+    def observe(self) -> Observed:
+        """What the running shards posted, and the cluster limiter's lowest rate: calls to
+        Ray's actors on a cluster (a ticker runs this on a thread: each may take seconds)."""
+        progress = self.progress() if len(self.results) < len(self.specs) else {}
+        lowest = None
+        if self.cluster is not None:
+            lowest = self.cluster.engine.lowest_rate(self.cluster.limiter)
+        return Observed(progress, lowest)
+
+    def refresh(self, observed: Observed | None = None) -> list[ShardResult]:
         """The counters of every shard (its result, else its last progress) into the stats."""
         stats = self.stats
-        progress = self.progress() if len(self.results) < len(self.specs) else {}
+        progress, lowest = observed if observed is not None else self.observe()
         seen = [self.results.get(s.index) or progress.get(s.index) for s in self.specs]
         shards = [r for r in seen if r is not None]
         stats.requests = Counter(
@@ -468,7 +485,6 @@ class _Run:
             stats.add(result)
         if self.cluster is not None:
             # Each shard may use the whole --rps; the cluster's one rate is the limiter's.
-            lowest = self.cluster.engine.lowest_rate(self.cluster.limiter)
             stats.lowest_rps = self.config.rps if lowest is None else lowest
         return shards
 
@@ -546,22 +562,25 @@ class _Run:
                     "received %s: stopping; finished rows are kept", signal.Signals(signum).name
                 )
                 self.stats.interrupted = True
-                self.stop()
+                await anyio.to_thread.run_sync(self.stop)
 
     async def ticker(self, on_tick: Callable[[RunStats], None] | None, tick: float) -> None:
         stopped = False
         while True:
-            shards = self.refresh()
+            # Off the event loop: a busy actor would hold up the ticks and the signals.
+            observed = await anyio.to_thread.run_sync(self.observe)
+            shards = self.refresh(observed)
             if not stopped and any(r.error_code is not None for r in shards):
                 stopped = True
-                self.stop()  # a run-level error in one shard (a rejected key) ends them all
+                # A run-level error in one shard (a rejected key) ends them all.
+                await anyio.to_thread.run_sync(self.stop)
             if not stopped and self.lease is not None and self.lease.lost:
                 stopped = True
                 try:
                     self.lease.check()
                 except LockedError as exc:
                     self.lease_lost = exc
-                self.stop()  # another run owns the prefix now: write nothing more
+                await anyio.to_thread.run_sync(self.stop)  # another run owns the prefix now
             if on_tick is not None:
                 on_tick(self.stats)
             await anyio.sleep(tick)
@@ -666,7 +685,7 @@ def _engine(
     if config.engine == "ray":
         from harvester.run.engine.ray import RayEngine  # the optional extra
 
-        ray_engine = RayEngine(address=config.ray_address)
+        ray_engine = RayEngine(address=config.ray_address, json_lines=log_format == "json")
         cleanup.enter_context(ray_engine)
         nodes = ray_engine.node_count()
         if nodes > 1 and config.out_url is None and not config.shared_fs:

@@ -209,6 +209,13 @@ class Status:
                 f"{last.rate_limited:,} rate-limited (429)",
             ),
         ]
+        if last.nodes:
+            nodes = len(last.nodes)
+            details.append(
+                ("ran on:", f"{last.shards} shards on {nodes} Ray node{'s' * (nodes > 1)}")
+            )
+        elif last.shards > 1:
+            details.append(("ran on:", f"{last.shards} processes (--workers)"))
         if last.error:
             details.append(("error:", last.error))
         return details

@@ -17,6 +17,7 @@ engine is made, and says how to install it when it is missing.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
@@ -81,6 +82,8 @@ def probe_head(address: str, *, timeout: float = PROBE_TIMEOUT) -> None:
 
 class RayEngine:
     """Runs specs as Ray tasks on the cluster at ``address`` (default: ``RAY_ADDRESS``).
+    ``json_lines``: the tasks log JSON lines, which Ray forwards to this process's stderr
+    unchanged (in a process that has not imported Ray yet).
 
     Connects on first use, unless this process is already connected; ``close()`` disconnects
     only what it connected."""
@@ -91,7 +94,15 @@ class RayEngine:
         address: str | None = None,
         max_in_flight: int | None = None,
         num_cpus: float = 1.0,
+        json_lines: bool = False,
     ) -> None:
+        if json_lines:
+            # The shards' lines reach this process's stderr as they are: without the
+            # "(run_shard pid=..., ip=...)" prefix and not folded into "[repeated 3x across
+            # cluster]" (Ray's defaults, read when Ray is imported).
+            os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+            os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        self._json_lines = json_lines
         self._ray = import_ray()
         self.address = cluster_address(address)
         self.max_in_flight = max_in_flight
@@ -106,8 +117,17 @@ class RayEngine:
             return
         if self.address != LOCAL:
             probe_head(self.address)
+        if self._json_lines:
+            # Ray's own lines on this process ("Connecting to existing Ray cluster ...") go
+            # through the run's JSON handler, not a plain one of Ray's.
+            ray_log = logging.getLogger("ray")
+            ray_log.handlers.clear()
+            ray_log.propagate = True
         try:
-            ray.init(address=None if self.address == LOCAL else self.address)
+            ray.init(
+                address=None if self.address == LOCAL else self.address,
+                configure_logging=not self._json_lines,
+            )
         except ConnectionError as exc:
             raise UsageError(
                 f"cannot connect to the Ray cluster at {self.address}: {exc}; "
