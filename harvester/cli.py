@@ -479,13 +479,6 @@ def report_command(out_dir: Path | str, html_file: Path | None, gallery_images: 
     from harvester.views.report_html import GalleryLimits, write_html
 
     _check_folder(out_dir)
-    if isinstance(out_dir, str) and html_file is not None:
-        click.echo(
-            "harvester: error: --html embeds image files from a folder; on s3:// print the "
-            "tables (leave out --html), or report on a local copy",
-            err=True,
-        )
-        sys.exit(int(ExitCode.USAGE))
     try:
         report = build(out_dir, gallery_limit=gallery_images)
         if html_file is None:

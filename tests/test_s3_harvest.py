@@ -132,11 +132,17 @@ def test_harvest_into_s3_rerun_status_report_verify(
     report = run_cli(["report", location], env=env)
     assert report.exit_code == 0, report.output
     assert "fal-ai/flux/dev" in report.output
+    page = tmp_path / "report.html"
+    html = run_cli(["report", location, "--html", str(page)], env=env)
+    assert html.exit_code == 0, html.output
+    embedded = re.search(r"(\d+) images embedded", html.output)
+    assert embedded is not None and int(embedded[1]) > 0, html.output  # read from the bucket
+    assert page.read_text().count('src="data:image/') == int(embedded[1])
     verify = run_cli(["verify", location], env=env)
     assert verify.exit_code == 0, verify.output
     assert "0 missing, 0 corrupt, 0 orphans" in verify.output
 
-    for result in (first, rerun, status, report, verify):
+    for result in (first, rerun, status, report, html, verify):
         for secret in (s3_gateway.secret_key, s3_gateway.access_key, KEY):
             assert secret not in result.output
 

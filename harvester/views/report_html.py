@@ -17,13 +17,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 import polars as pl
 
 from harvester.errors import MEANINGS, OutputError
 from harvester.storage import manifest
+from harvester.storage.objects import Location, open_store
 from harvester.units import size
 from harvester.views import thumbnails
 from harvester.views.report import RUNS_SHOWN, Report, display_runs
@@ -250,23 +251,20 @@ def _gallery(report: Report, limits: GalleryLimits) -> tuple[str, int, int]:
         return _section("gallery", "Gallery", "No run has stored an image yet.", "", ""), 0, 0
     tiles: list[str] = []
     embedded = placeholders = total = 0
-    folder = Path(report.out_dir)  # the CLI refuses --html on s3://
-    root = folder.resolve()
+    read = _image_reader(report.out_dir)
     thumbs = _use_thumbnails(limits)
     for row in report.gallery.head(limits.images).iter_rows(named=True):
-        path = folder / row["path"]
-        ext = path.suffix.lstrip(".").lower()
+        ext = PurePosixPath(row["path"]).suffix.lstrip(".").lower()
         reason = None
         data = None
-        if not _inside(path, root):
-            reason = "links out of the output folder: not embedded"
-        elif thumbs:
-            try:
-                data = thumbnails.thumbnail(path, pixels=limits.thumbnail_pixels)
-            except thumbnails.ThumbnailError as exc:
-                reason = str(exc)
-            except OSError as exc:
-                reason = f"cannot read: {exc.strerror or exc}"
+        if thumbs:
+            if (row["bytes"] or 0) > MAX_THUMBNAIL_SOURCE:
+                reason = f"{size(row['bytes'])}: too large to read for a thumbnail"
+            else:
+                try:
+                    data = thumbnails.thumbnail(read(row["path"]), pixels=limits.thumbnail_pixels)
+                except (thumbnails.ThumbnailError, _Unreadable) as exc:
+                    reason = str(exc)
             if data is not None and total + len(data) > limits.total_bytes:
                 data, reason = None, "page size limit reached"
             ext = "jpg"
@@ -279,9 +277,9 @@ def _gallery(report: Report, limits: GalleryLimits) -> tuple[str, int, int]:
                 reason = "page size limit reached"
             if reason is None:
                 try:
-                    data = path.read_bytes()
-                except OSError as exc:
-                    reason = f"cannot read: {exc.strerror or exc}"
+                    data = read(row["path"])
+                except _Unreadable as exc:
+                    reason = str(exc)
         tiles.append(_tile(row, ext, data, reason))
         if data is None:
             placeholders += 1
@@ -306,6 +304,43 @@ def _gallery(report: Report, limits: GalleryLimits) -> tuple[str, int, int]:
         embedded,
         placeholders,
     )
+
+
+MAX_THUMBNAIL_SOURCE: Final = 64 * 1024 * 1024
+"""Bytes of a stored image read to make its thumbnail, at most (``--max-image-bytes``'s
+default)."""
+
+
+class _Unreadable(Exception):
+    """Why an image's bytes are not in the page (its tile says so)."""
+
+
+def _image_reader(out_dir: Location) -> Callable[[str], bytes]:
+    """How the gallery reads a stored image by its manifest path: from the output folder
+    (never from outside it), or from the bucket."""
+    if isinstance(out_dir, str):
+        store = open_store(out_dir)
+
+        def from_bucket(rel: str) -> bytes:
+            try:
+                return store.get(rel)
+            except OutputError as exc:
+                raise _Unreadable(f"cannot read: {exc}") from exc
+
+        return from_bucket
+    folder = Path(out_dir)
+    root = folder.resolve()
+
+    def from_folder(rel: str) -> bytes:
+        path = folder / rel
+        if not _inside(path, root):
+            raise _Unreadable("links out of the output folder: not embedded")
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise _Unreadable(f"cannot read: {exc.strerror or exc}") from exc
+
+    return from_folder
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -33,13 +33,13 @@ class ThumbnailError(Exception):
     """The file could not be decoded into a thumbnail (the message says why)."""
 
 
-def thumbnail(path: Path, *, pixels: int = THUMBNAIL_PIXELS) -> bytes:
-    """A JPEG of the image at ``path``, scaled to at most ``pixels`` a side (never enlarged).
-    Raises ``ThumbnailError`` for a file Pillow cannot read or decode."""
+def thumbnail(source: Path | bytes, *, pixels: int = THUMBNAIL_PIXELS) -> bytes:
+    """A JPEG of the image at ``source`` (a file, or its bytes), scaled to at most ``pixels``
+    a side (never enlarged). Raises ``ThumbnailError`` for data Pillow cannot decode."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as opened:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
             if opened.width * opened.height > _MAX_PIXELS:
                 raise ThumbnailError(f"{opened.width}x{opened.height} pixels: too large to decode")
             opened.draft("RGB", (pixels, pixels))  # JPEG: decode at a fraction of the size
