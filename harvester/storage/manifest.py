@@ -16,14 +16,12 @@ a crash loses a bounded amount of finished work and memory stays bounded whateve
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
 import re
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -261,7 +259,6 @@ class ManifestWriter:
             raise OutputError(f"cannot write manifest part {final}: {exc.strerror or exc}") from exc
         self._parts += 1
         self.rows_written += len(rows)
-        _give_back_memory()
 
     def _put_part(self, remote: Store, rows: list[ManifestRow]) -> None:
         key = f"manifest/{self._run_id}/{self._prefix}-{self._parts:05d}.parquet"
@@ -279,7 +276,6 @@ class ManifestWriter:
             raise OutputError(f"cannot write manifest part {key}: {exc.strerror or exc}") from exc
         self._parts += 1
         self.rows_written += len(rows)
-        _give_back_memory()
 
 
 def _text_size(row: ManifestRow) -> int:
@@ -292,29 +288,6 @@ def _text_size(row: ManifestRow) -> int:
         + len(row.image_url or "")
         + len(row.content_type or "")
     )
-
-
-def _give_back_memory() -> None:
-    """Return the memory a part took to build to the system: Arrow's pool (mimalloc) and
-    glibc's heap keep freed memory for reuse, so a harvest writing a part every few seconds
-    for hours grows with every part. Costs 0.2-2.4 ms a part. Earns its place (issue 11): the
-    200,000-request run peaked at 176-192 MB without it, 162-167 MB with it, 8-13% less
-    (``BENCH_ONLY=speed,memory make bench``, docs/performance.md)."""
-    pa.default_memory_pool().release_unused()
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
-
-
-_malloc_trim: Final = _libc_malloc_trim()
 
 
 def manifest_glob(out_dir: Location) -> str:
