@@ -23,7 +23,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, NamedTuple, TextIO
@@ -659,7 +659,7 @@ class Cluster:
     board: RayBoard | None
     """The progress board (with an S3 output: the nodes share no disk with the driver)."""
     logging: ChildLogging
-    """How the shards log on the workers (the key is masked from their environment)."""
+    """How the shards log on the workers (the key masked: it travels in the spec too)."""
 
 
 def _store_env(config: HarvestConfig) -> dict[str, str]:
@@ -704,10 +704,7 @@ def _engine(
         if config.out_url is not None:
             board = ray_engine.start_board(stats.run_id)
             cleanup.callback(ray_engine.stop_actor, board.handle)
-        # The workers' secrets come from their own environment, not the pickled spec.
-        cluster = Cluster(
-            engine=ray_engine, limiter=limiter, board=board, logging=replace(setup, secrets=())
-        )
+        cluster = Cluster(engine=ray_engine, limiter=limiter, board=board, logging=setup)
         return ray_engine, shards, cluster
     if config.lanes == 1:
         return None, 1, None

@@ -259,8 +259,7 @@ class _Shard:
         self.node = _node(spec)
         settings = _lane_settings(spec, scratch)
         if spec.logging is not None:
-            secret = settings.authorization.partition(" ")[2]
-            install_logging(replace(spec.logging, node=self.node, secrets=(secret,)))
+            install_logging(replace(spec.logging, node=self.node))
         self.layout = Layout(settings.out_dir)
         # An S3 output is opened here, in the shard's process: obstore's clients don't pickle.
         self.remote = (
