@@ -1,0 +1,160 @@
+"""Tables and paragraphs that fit the terminal: every table the CLI prints goes through
+``fit_table``, so none is wider than the terminal (80 columns when it is unknown, as in a pipe
+or cron mail).
+
+Cells are cut with ``…`` (the widest columns first) rather than wrapped, so a row stays one
+line; control characters in a cell are escaped *before* widths are measured, so an id that
+rings the bell cannot push its row out of line. Widths count what a terminal shows: East Asian
+wide characters take two columns, combining marks none.
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+import unicodedata
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+from harvester.redact import printable
+
+if TYPE_CHECKING:  # the console imports ``wrap``: a log line does not load polars
+    import polars as pl
+
+DEFAULT_COLUMNS: Final = 80
+"""The width assumed when the output is not a terminal (a pipe, a file, cron mail)."""
+GAP: Final = "  "
+"""Between two columns."""
+ELLIPSIS: Final = "…"
+
+
+def terminal_width() -> int:
+    """The terminal's columns: ``COLUMNS`` if set, else the terminal's own, else 80."""
+    return shutil.get_terminal_size((DEFAULT_COLUMNS, 24)).columns
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal."""
+    return sum(_char_width(c) for c in text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char) or unicodedata.category(char) == "Cf":
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` columns; ``…`` ends it if anything was cut."""
+    if display_width(text) <= width:
+        return text
+    kept, used = [], 0
+    for char in text:
+        w = _char_width(char)
+        if used + w > width - 1:
+            break
+        kept.append(char)
+        used += w
+    return "".join(kept) + ELLIPSIS if width > 0 else ""
+
+
+def _safe(text: str) -> str:
+    """``text`` on one line of a table: control characters, tab and line feed included,
+    escaped (``\\x07``)."""
+    return printable(text).replace("\t", "\\x09")
+
+
+def _cell(value: object, *, floats: int) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{floats}f}"
+    return _safe(str(value))
+
+
+def _column_widths(natural: Sequence[int], room: int) -> list[int]:
+    """Each column's width: its natural width, the widest ones cut to one cap so that all fit
+    in ``room`` (what the cap leaves over goes to the first cut columns)."""
+    if sum(natural) <= room:
+        return list(natural)
+    cap = max(room // max(len(natural), 1), 1)
+    while cap < max(natural) and sum(min(w, cap + 1) for w in natural) <= room:
+        cap += 1
+    widths = [min(w, cap) for w in natural]
+    spare = room - sum(widths)
+    for i, w in enumerate(natural):
+        if spare <= 0:
+            break
+        if w > widths[i]:
+            extra = min(spare, w - widths[i])
+            widths[i] += extra
+            spare -= extra
+    return widths
+
+
+def fit_table(frame: pl.DataFrame, *, width: int | None = None, floats: int = 3) -> str:
+    """``frame`` as a plain text table no wider than ``width`` columns (default: the
+    terminal's): a header, a rule, one line per row; numbers right-aligned, ``floats``
+    decimals, nulls blank. When the table is too wide, headers first wrap at their ``_``
+    (``new_images`` over two lines), then the widest cells are cut."""
+    width = terminal_width() if width is None else width
+    numeric = [dtype.is_numeric() for dtype in frame.schema.values()]
+    header = [_safe(name) for name in frame.columns]
+    rows = [[_cell(v, floats=floats) for v in row] for row in frame.iter_rows()]
+    cells = [max((display_width(r[i]) for r in rows), default=0) for i in range(len(header))]
+    room = width - len(GAP) * (len(header) - 1)
+    natural = [max(display_width(h), c) for h, c in zip(header, cells, strict=True)]
+    heads = [[h] for h in header]
+    if sum(natural) > room:  # wrap the headers at their underscores
+        heads = [_header_lines(h) for h in header]
+        natural = [
+            max([c, *(display_width(part) for part in head)])
+            for head, c in zip(heads, cells, strict=True)
+        ]
+    widths = _column_widths(natural, room)
+
+    def line(texts: Sequence[str]) -> str:
+        out = []
+        for text, w, right in zip(texts, widths, numeric, strict=True):
+            text = cut(text, w)
+            pad = " " * (w - display_width(text))
+            out.append(pad + text if right else text + pad)
+        return GAP.join(out).rstrip()
+
+    depth = max((len(head) for head in heads), default=1)
+    lines = [line([head[k] if k < len(head) else "" for head in heads]) for k in range(depth)]
+    lines.append(GAP.join("-" * w for w in widths))
+    lines += [line(r) for r in rows]
+    return "\n".join(lines)
+
+
+def _header_lines(name: str) -> list[str]:
+    """A column name as lines of at most two parts split at ``_``: ``new_images`` ->
+    ``new_``, ``images``."""
+    parts = name.split("_")
+    if len(parts) == 1:
+        return [name]
+    best = min(
+        range(1, len(parts)), key=lambda k: max(len("_".join(parts[:k])), len("_".join(parts[k:])))
+    )
+    return ["_".join(parts[:best]) + "_", "_".join(parts[best:])]
+
+
+def wrap(text: str, *, width: int | None = None, indent: str = "  ") -> str:
+    """``text`` wrapped to ``width`` columns (default: the terminal's), never cut: each of its
+    lines wraps on its own, continuations indented by ``indent``; a word longer than a line
+    is broken."""
+    width = terminal_width() if width is None else width
+    wrapped = []
+    for line in text.split("\n"):
+        lead = line[: len(line) - len(line.lstrip(" "))]
+        wrapped.append(
+            textwrap.fill(
+                line,
+                width=max(width, len(lead + indent) + 10),
+                subsequent_indent=lead + indent,
+                break_on_hyphens=False,
+            )
+            or line
+        )
+    return "\n".join(wrapped)
