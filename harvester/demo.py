@@ -16,7 +16,8 @@ import polars as pl
 
 from harvester.sandbox import SandboxConfig, running_sandbox
 from harvester.storage import manifest
-from harvester.views.table import fit_table, terminal_width, wrap
+from harvester.terminal import terminal_width, wrap
+from harvester.views.table import fit_table
 
 DEMO_KEY = "sandbox-key"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from hypothesis import strategies as st
 from harvester.cli import main
 from harvester.errors import ExitCode
 from harvester.sandbox import Sandbox
-from harvester.views.table import display_width, fit_table, wrap
+from harvester.terminal import display_width, wrap
+from harvester.views.table import fit_table
 from tests.conftest import harvest_args, run_cli, write_csv
 from tests.processes import harvester_env
 
@@ -231,3 +233,19 @@ def test_log_lines_on_a_terminal_are_short_and_wrap(tmp_path: Path, sandbox: San
     # a long warning wraps onto indented lines; nothing of it is cut
     joined = re.sub(r"\n    ", " ", shown)
     assert "messy.csv:11: invalid row: request_id '../../etc/passwd'" in joined
+
+
+def test_shard_processes_log_short_lines_on_a_terminal_too(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    csv = write_csv(tmp_path / "export.csv", [("fal-ai/flux", f"dead-{i}") for i in range(4)])
+    args = ["harvest", str(csv), "--out", str(tmp_path / "out")]
+    args += ["--base-url", f"http://127.0.0.1:{port}", "--workers", "2"]
+    args += ["--retry-budget", "1", "--max-attempts", "2"]
+
+    shown = run_in_a_terminal(args)
+
+    assert too_wide(shown) == []
+    assert re.search(rf"\d\d:\d\d:\d\d WARNING .*127\.0\.0\.1:{port}", shown), shown
+    assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", shown)

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Final, TextIO
 
 from harvester.errors import HarvesterError
 from harvester.redact import printable, redact, secret_parts
+from harvester.terminal import log_line, wrap
 from harvester.units import duration, plural, size
-from harvester.views.table import wrap
 
 if TYPE_CHECKING:  # the run layer is not loaded by views at run time
     from harvester.run.stats import RunStats
@@ -197,11 +197,7 @@ class TerminalFormatter(logging.Formatter):
     terminal's width (never cut), continuations indented; a traceback follows as it is."""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        text = wrap(f"{stamp} {record.levelname} {record.getMessage()}", indent="    ")
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
+        return log_line(record)
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only in typeshed

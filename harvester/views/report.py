@@ -17,9 +17,10 @@ import polars as pl
 from harvester.errors import UsageError
 from harvester.storage import manifest
 from harvester.storage.objects import Location
+from harvester.terminal import wrap
 from harvester.units import size
 from harvester.views.status import read_runs
-from harvester.views.table import fit_table, wrap
+from harvester.views.table import fit_table
 
 NO_MODEL: Final = "(no model)"
 """How a row without a model (an ``invalid`` CSV row) is labelled."""

@@ -1,61 +1,24 @@
-"""Tables and paragraphs that fit the terminal: every table the CLI prints goes through
-``fit_table``, so none is wider than the terminal (80 columns when it is unknown, as in a pipe
-or cron mail).
+"""Tables that fit the terminal: every table the CLI prints goes through ``fit_table``, so
+none is wider than the terminal (80 columns when it is unknown, as in a pipe or cron mail).
 
 Cells are cut with ``…`` (the widest columns first) rather than wrapped, so a row stays one
 line; control characters in a cell are escaped *before* widths are measured, so an id that
-rings the bell cannot push its row out of line. Widths count what a terminal shows: East Asian
-wide characters take two columns, combining marks none.
+rings the bell cannot push its row out of line.
 """
 
 from __future__ import annotations
 
-import shutil
-import textwrap
-import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from harvester.redact import printable
+from harvester.terminal import cut, display_width, terminal_width
 
-if TYPE_CHECKING:  # the console imports ``wrap``: a log line does not load polars
+if TYPE_CHECKING:
     import polars as pl
 
-DEFAULT_COLUMNS: Final = 80
-"""The width assumed when the output is not a terminal (a pipe, a file, cron mail)."""
 GAP: Final = "  "
 """Between two columns."""
-ELLIPSIS: Final = "…"
-
-
-def terminal_width() -> int:
-    """The terminal's columns: ``COLUMNS`` if set, else the terminal's own, else 80."""
-    return shutil.get_terminal_size((DEFAULT_COLUMNS, 24)).columns
-
-
-def display_width(text: str) -> int:
-    """Columns ``text`` takes on a terminal."""
-    return sum(_char_width(c) for c in text)
-
-
-def _char_width(char: str) -> int:
-    if unicodedata.combining(char) or unicodedata.category(char) == "Cf":
-        return 0
-    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
-
-
-def cut(text: str, width: int) -> str:
-    """``text`` in at most ``width`` columns; ``…`` ends it if anything was cut."""
-    if display_width(text) <= width:
-        return text
-    kept, used = [], 0
-    for char in text:
-        w = _char_width(char)
-        if used + w > width - 1:
-            break
-        kept.append(char)
-        used += w
-    return "".join(kept) + ELLIPSIS if width > 0 else ""
 
 
 def _safe(text: str) -> str:
@@ -138,23 +101,3 @@ def _header_lines(name: str) -> list[str]:
         range(1, len(parts)), key=lambda k: max(len("_".join(parts[:k])), len("_".join(parts[k:])))
     )
     return ["_".join(parts[:best]) + "_", "_".join(parts[best:])]
-
-
-def wrap(text: str, *, width: int | None = None, indent: str = "  ") -> str:
-    """``text`` wrapped to ``width`` columns (default: the terminal's), never cut: each of its
-    lines wraps on its own, continuations indented by ``indent``; a word longer than a line
-    is broken."""
-    width = terminal_width() if width is None else width
-    wrapped = []
-    for line in text.split("\n"):
-        lead = line[: len(line) - len(line.lstrip(" "))]
-        wrapped.append(
-            textwrap.fill(
-                line,
-                width=max(width, len(lead + indent) + 10),
-                subsequent_indent=lead + indent,
-                break_on_hyphens=False,
-            )
-            or line
-        )
-    return "\n".join(wrapped)
