@@ -421,6 +421,10 @@ _Bar = tuple[str, Sequence[_Segment], str]
 """(label, segments, the text at the bar's end) of one bar."""
 
 
+NARROW_WIDTH: Final = 340
+"""Pixels of a bar chart's phone layout (each label above its bar), shown under 600 px."""
+
+
 def _bars(
     rows: Sequence[_Bar],
     *,
@@ -429,26 +433,49 @@ def _bars(
     bar_width: int = 420,
     value_width: int = 90,
 ) -> str:
-    """Horizontal (stacked) bars, one per row, as inline SVG; ``scale`` is the value of a
-    full-width bar (default: the largest bar)."""
+    """Horizontal (stacked) bars, one per row, as inline SVG, twice: labels beside the bars,
+    and for a phone labels above them, at a width that needs no scaling (CSS shows one);
+    ``scale`` is the value of a full-width bar (default: the largest bar)."""
     if not rows:
         return ""
-    row_h, bar_h = 26, 18
     largest = max(sum(v for _, v, _ in segs) for _, segs, _ in rows)
     full = scale or largest or 1.0
+    wide = _bar_svg(
+        rows, full=full, label_width=label_width, bar_width=bar_width, value_width=value_width
+    )
+    narrow = _bar_svg(
+        rows,
+        full=full,
+        label_width=0,
+        bar_width=NARROW_WIDTH - value_width,
+        value_width=value_width,
+    )
+    return f'<div class="scroll wide">{wide}</div><div class="scroll narrow">{narrow}</div>'
+
+
+def _bar_svg(
+    rows: Sequence[_Bar], *, full: float, label_width: int, bar_width: int, value_width: int
+) -> str:
+    """One layout of ``_bars``: ``label_width`` 0 puts each label above its bar."""
+    above = label_width == 0
+    bar_h = 18 if not above else 16
+    row_h = 26 if not above else 40
     width = label_width + bar_width + value_width
     height = row_h * len(rows) + 4
+    chars = 32 if not above else NARROW_WIDTH // 7
     parts = [
-        f'<div class="scroll"><svg class="chart" viewBox="0 0 {width} {height}" width="{width}" '
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" '
         f'height="{height}" role="img">'
     ]
     for i, (label, segments, end) in enumerate(rows):
         y = i * row_h + 4
-        short = label if len(label) <= 32 else label[:31] + "…"
-        parts.append(
-            f'<text x="{label_width - 8}" y="{y + bar_h - 5}" text-anchor="end">'
-            f"<title>{escape(label)}</title>{escape(short)}</text>"
-        )
+        short = label if len(label) <= chars else label[: chars - 1] + "…"
+        if above:
+            position = f'x="0" y="{y + 12}"'
+            y += 18
+        else:
+            position = f'x="{label_width - 8}" y="{y + bar_h - 5}" text-anchor="end"'
+        parts.append(f"<text {position}><title>{escape(label)}</title>{escape(short)}</text>")
         x = float(label_width)
         for name, value, colour in segments:
             w = bar_width * value / full
@@ -462,7 +489,7 @@ def _bars(
         parts.append(
             f'<text x="{x + 6:.1f}" y="{y + bar_h - 5}" class="value">{escape(end)}</text>'
         )
-    parts.append("</svg></div>")
+    parts.append("</svg>")
     return "".join(parts)
 
 
@@ -579,7 +606,9 @@ figcaption span { color: var(--muted); }
 figcaption q { color: var(--muted); display: -webkit-box; -webkit-line-clamp: 2;
   -webkit-box-orient: vertical; overflow: hidden; }
 footer { margin-top: 32px; font-size: 12px; }
+.narrow { display: none; }
 @media (max-width: 600px) {
+  .wide { display: none; } .narrow { display: block; }
   body { padding: 12px; }
   .card { min-width: 0; flex: 1 1 40%; padding: 8px 12px; }
   .grid { grid-template-columns: repeat(3, minmax(0, 1fr)); gap: 6px; }
