@@ -17,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harvester.cli import main
@@ -85,6 +85,7 @@ def test_a_wide_table_is_cut_with_an_ellipsis_and_fits() -> None:
     assert "…" not in roomy and "x" * 60 in roomy  # nothing cut when there is room
 
 
+@settings(deadline=None, max_examples=60)  # a loaded machine must not fail a property
 @given(
     st.lists(st.text(max_size=40), min_size=1, max_size=6),
     st.integers(min_value=20, max_value=120),
