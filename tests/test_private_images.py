@@ -14,14 +14,14 @@ import anyio
 import httpx
 import pytest
 
+from harvester.api.download import ImageDownloader, ImageFailure, Resolve
 from harvester.api.retry import RetryPolicy
 from harvester.api.transport import open_client
 from harvester.api.urls import is_public
 from harvester.errors import ConfigError
 from harvester.jobs import load_job
-from harvester.run.download import ImageDownloader, Resolve
 from harvester.storage.layout import Layout
-from harvester.storage.store import ImageFailure, StoredImage
+from harvester.storage.store import ContentStore, StoredImage
 from tests.hostile_http import Exchange, response, serving
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x05" * 64
@@ -78,11 +78,11 @@ def _downloader(
     api_url: str | None = "https://relay.example",
     resolve: Resolve = fake_resolve,
     attempts: int = 1,
-) -> ImageDownloader:
+) -> ImageDownloader[StoredImage]:
     """A downloader into ``folder`` whose host lookups go to ``resolve``."""
     return ImageDownloader(
         client,
-        _layout(folder),
+        ContentStore(_layout(folder)).sink,
         policy=RetryPolicy(max_attempts=attempts),
         rng=random.Random(0),
         refuse_private=refuse,

@@ -25,16 +25,16 @@ import polars as pl
 import pytest
 
 from harvester.api.body import DECODED_CHUNK, decoded_chunks
+from harvester.api.download import ImageDownloader, ImageFailure
 from harvester.api.fetcher import ResultFetcher
 from harvester.api.ratelimit import RateLimiter
 from harvester.api.retry import RetryPolicy, attempt_seconds
 from harvester.api.transport import open_client
 from harvester.errors import ExitCode, UnreachableError
-from harvester.run.download import ImageDownloader
 from harvester.sandbox import Sandbox
 from harvester.storage.layout import Layout
 from harvester.storage.manifest import manifest_glob
-from harvester.storage.store import ImageFailure, StoredImage
+from harvester.storage.store import ContentStore, StoredImage
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.hostile_http import CERT, Exchange, Handler, response, serving
 from tests.processes import harvester_env, run_harvest
@@ -132,7 +132,9 @@ async def test_store_retries_a_cut_body_and_keeps_no_file(
     layout.prepare()
     policy = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.001)
     async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
-        store = ImageDownloader(client, layout, policy=policy, rng=random.Random(0))
+        store = ImageDownloader(
+            client, ContentStore(layout).sink, policy=policy, rng=random.Random(0)
+        )
         got = await store.store(server.url + "/a.png")
     assert isinstance(got, ImageFailure)
     assert got.status == "error" and got.attempts == 2
@@ -150,7 +152,9 @@ async def test_store_over_the_real_transport_sends_no_authorization(
     layout.prepare()
     async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
         client.headers["Authorization"] = "Bearer must-not-leak"
-        store = ImageDownloader(client, layout, policy=RetryPolicy(), rng=random.Random(0))
+        store = ImageDownloader(
+            client, ContentStore(layout).sink, policy=RetryPolicy(), rng=random.Random(0)
+        )
         got = await store.store(server.url + "/a.png")
     assert isinstance(got, StoredImage) and got.bytes == len(PNG)
     assert b"authorization" not in server.requests[0].lower()
@@ -363,7 +367,7 @@ async def test_https_goes_through_the_proxy_as_a_tunnel(
             layout = Layout(tmp_path / "out")
             layout.prepare()
             policy, rng = RetryPolicy(), random.Random(0)
-            downloader = ImageDownloader(client, layout, policy=policy, rng=rng)
+            downloader = ImageDownloader(client, ContentStore(layout).sink, policy=policy, rng=rng)
             image = await downloader.store(server.url + "/a.png")
     assert outcome.status == "ok", outcome.error
     assert isinstance(image, StoredImage), image
@@ -399,7 +403,10 @@ async def test_an_unverified_certificate_is_final_and_says_so(
             with pytest.raises(UnreachableError, match="certificate") as caught:
                 await fetcher.fetch("fal-ai/flux/dev", "req-1")
             downloader = ImageDownloader(
-                client, _layout(server.url), policy=RetryPolicy(), rng=random.Random(0)
+                client,
+                ContentStore(_layout(server.url)).sink,
+                policy=RetryPolicy(),
+                rng=random.Random(0),
             )
             image = await downloader.store(server.url + "/a.png")
     assert "cannot verify" in str(caught.value)
@@ -528,7 +535,11 @@ async def test_a_compression_bomb_stops_at_the_limit(tmp_path: Path) -> None:
                 "fal-ai/flux/dev", "req-1"
             )
             downloader = ImageDownloader(
-                client, layout, policy=RetryPolicy(), rng=random.Random(0), max_bytes=1_000_000
+                client,
+                ContentStore(layout).sink,
+                policy=RetryPolicy(),
+                rng=random.Random(0),
+                max_bytes=1_000_000,
             )
             image = await downloader.store(server.url + "/bomb.png")
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
@@ -620,7 +631,11 @@ async def test_a_trickle_or_endless_100_continue_ends_at_the_attempt_deadline(
             assert (await fetcher.fetch("fal-ai/flux/dev", "ok")).status == "ok"
             result = await fetcher.fetch("fal-ai/flux/dev", "req-1")
             downloader = ImageDownloader(
-                client, layout, policy=policy, rng=random.Random(0), total_seconds=1.0
+                client,
+                ContentStore(layout).sink,
+                policy=policy,
+                rng=random.Random(0),
+                total_seconds=1.0,
             )
             image = await downloader.store(server.url + "/slow.png")
     assert (result.status, result.attempts) == ("error", 2)
