@@ -96,8 +96,8 @@ async def get(
             if refusal is not None:
                 raise Unfollowed(refusal, None)
         sent = key.headers if key is not None and key.admits(current) else headers
-        # Built here, not by client.get: its merging of URLs and headers costs more than the
-        # URL's own parsing, and would copy the client's default headers.
+        # Built here, not by client.get, which would merge the client's base URL and default
+        # headers (its Authorization among them) into every request.
         request = httpx.Request("GET", current, headers=sent, extensions=extensions)
         response = await client.send(request, stream=True)
         status = response.status_code
