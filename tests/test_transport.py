@@ -29,7 +29,7 @@ from harvester.api.download import ImageDownloader, ImageFailure
 from harvester.api.fetcher import ResultFetcher
 from harvester.api.ratelimit import RateLimiter
 from harvester.api.retry import RetryPolicy, attempt_seconds
-from harvester.api.transport import open_client
+from harvester.api.transport import Proxies, open_client
 from harvester.errors import ExitCode, UnreachableError
 from harvester.sandbox import Sandbox
 from harvester.storage.layout import Layout
@@ -375,6 +375,98 @@ async def test_https_goes_through_the_proxy_as_a_tunnel(
     text = log.read_text(errors="replace")
     assert text.count(f"CONNECT 127.0.0.1:{port}") > before, text[-2000:]
     assert KEY not in text
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("_no_proxy_env")
+async def test_an_image_through_a_proxy_is_checked_by_the_stage_not_at_the_proxys_address(
+    tinyproxy: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With private addresses refused, an image the stage's check hears as public goes
+    through the proxy, though the proxy is on loopback (named ``localhost``, so the transport
+    resolves it): the proxy resolves the image's host; the proxy's own address is never
+    refused."""
+    proxy, log = tinyproxy
+    monkeypatch.setenv("HTTP_PROXY", proxy.replace("127.0.0.1", "localhost"))
+
+    async def png(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+        writer.write(response(200, PNG, {"Content-Type": "image/png"}))
+
+    async def public(host: str, port: int) -> list[str]:
+        return ["93.184.216.34"]
+
+    with serving(png) as server:
+        port = httpx.URL(server.url).port
+        assert port is not None
+        layout = Layout(tmp_path / "out")
+        layout.prepare()
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            downloader = ImageDownloader(
+                client,
+                ContentStore(layout).sink,
+                policy=RetryPolicy(max_attempts=1),
+                rng=random.Random(0),
+                refuse_private=True,
+                api_url="https://relay.example",
+                resolve=public,
+            )
+            image = await downloader.store(f"{server.url}/a.png")
+    assert isinstance(image, StoredImage), image
+    assert len(_proxied_lines(log, port)) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("_no_proxy_env")
+async def test_the_credentials_in_a_proxys_url_go_to_the_proxy_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def proxy(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+        writer.write(response(200, PNG, {"Content-Type": "image/png"}))
+
+    with serving(proxy) as fake:
+        monkeypatch.setenv("HTTP_PROXY", fake.url.replace("http://", "http://user:secret@"))
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            got = await client.get("http://images.test/a.png")
+    assert got.status_code == 200 and got.content == PNG
+    [seen] = fake.seen
+    assert seen.target == "http://images.test/a.png"
+    assert (
+        seen.headers["proxy-authorization"] == "Basic " + base64.b64encode(b"user:secret").decode()
+    )
+    assert "authorization" not in seen.headers
+
+
+@pytest.mark.parametrize(
+    ("url", "proxy"),
+    [
+        ("http://a.test/x", "http://p.test:3128"),
+        ("https://a.test/x", "http://user:secret@q.test:8080"),
+        ("http://example.com/", None),
+        ("http://www.example.com/", None),
+        ("http://xexample.com/", "http://p.test:3128"),
+        ("http://corp.test/", "http://p.test:3128"),
+        ("http://a.corp.test/", None),
+        ("http://10.0.0.1/", None),
+        ("http://10.0.0.2/", "http://p.test:3128"),
+        ("http://[::1]/", None),
+        ("http://localhost:8000/", None),
+        ("http://only.test/", None),
+        ("https://only.test/", "http://user:secret@q.test:8080"),
+        ("https://port.test:8443/", None),
+        ("https://port.test/", "http://user:secret@q.test:8080"),
+    ],
+)
+def test_the_proxy_for_a_url_is_chosen_as_httpx_chooses_it(url: str, proxy: str | None) -> None:
+    found = {
+        "http": "p.test:3128",
+        "https": "http://user:secret@q.test:8080",
+        "all": "http://r.test:1",
+        "no": "example.com, .corp.test,10.0.0.1,::1,localhost,http://only.test,port.test:8443",
+    }
+    assert Proxies(found).proxy_for(httpx.URL(url)) == proxy
+    assert Proxies({"all": "http://r.test:1"}).proxy_for(httpx.URL(url)) == "http://r.test:1"
+    assert not Proxies({**found, "no": "a.test,*"})
+    assert not Proxies({"no": "example.com"})
 
 
 def _fetcher(client: httpx.AsyncClient, base_url: str, **kwargs: int) -> ResultFetcher:
