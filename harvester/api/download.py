@@ -26,7 +26,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
 import anyio
@@ -45,8 +45,6 @@ from harvester.api.retry import (
 )
 from harvester.api.urls import FOLLOWED_SCHEMES, http_url, is_public, non_public_refusal
 from harvester.statuses import ERROR, FAILED
-
-MAX_IMAGE_BYTES: Final = 64 * 1024 * 1024
 
 Stored = TypeVar("Stored", covariant=True)
 
@@ -105,7 +103,7 @@ class ImageDownloader(Generic[Stored]):
         *,
         policy: RetryPolicy,
         rng: random.Random,
-        max_bytes: int = MAX_IMAGE_BYTES,
+        max_bytes: int = 64 * 1024 * 1024,
         total_seconds: float | None = None,
         refuse_private: bool = False,
         api_url: str | None = None,
@@ -203,6 +201,9 @@ class ImageDownloader(Generic[Stored]):
         start = http_url(url)
         if isinstance(start, str):
             return ImageFailure(FAILED, start, None, attempt)
+        if self._refuse_private and self._api_url is not None:
+            await self._check_api()
+        refuse = self._refuse_private
         try:
             response = await follow.get(
                 self._client,
@@ -210,9 +211,9 @@ class ImageDownloader(Generic[Stored]):
                 # Never an Authorization header, whatever the client's defaults: image hosts
                 # are third parties.
                 headers=self._headers,
-                extensions=self._public_only if self._refuse_private else self._extensions,
+                extensions=self._public_only if refuse else self._extensions,
                 what="image URL",
-                check=self._refusal if self._refuse_private else None,
+                check=self._refusal if refuse else None,
             )
         except Unfollowed as exc:
             return ImageFailure(FAILED, str(exc), exc.status, attempt)
@@ -240,20 +241,18 @@ class ImageDownloader(Generic[Stored]):
         finally:
             await response.aclose()
 
+    async def _check_api(self) -> None:
+        """Once: an API on a non-public address (the user's choice) lets its images be on one
+        too. Downloads that start meanwhile wait for the answer."""
+        async with self._api_checked:
+            if self._api_url is not None:
+                local = not await self._all_public(httpx.URL(self._api_url))
+                self._api_url = None
+                if local:
+                    self._refuse_private = False
+
     async def _refusal(self, url: httpx.URL) -> str | None:
         """Why ``url`` is not fetched (its host resolves to a non-public address), or None."""
-        if not self._refuse_private:
-            return None
-        if self._api_url is not None:
-            async with self._api_checked:  # once; downloads that start meanwhile wait for it
-                if self._api_url is not None:
-                    local = not await self._all_public(httpx.URL(self._api_url))
-                    self._api_url = None
-                    if local:
-                        # The API is local by the user's choice: its images are local too.
-                        self._refuse_private = False
-            if not self._refuse_private:
-                return None
         try:
             addresses = await self._addresses(url)
         except OSError:
