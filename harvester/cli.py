@@ -97,6 +97,8 @@ def _harvest_options(command: str) -> Callable[[F], F]:
 
 
 def _click_option(option: Option, command: str) -> Callable[[F], F]:
+    """``option`` as a click option of ``command``; the job file's command has no defaults of
+    its own and reads no environment variable (the job file says)."""
     from_job = command == options.JOB_COMMAND
     default = None if from_job else option.default_for(command)
     envvar = None if from_job else option.envvar

@@ -63,8 +63,6 @@ class Job:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Job) and self._values == other._values
 
-    __hash__ = None  # type: ignore[assignment]  # holds mutable values; like a dict
-
     def __repr__(self) -> str:
         return f"Job({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
 

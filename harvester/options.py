@@ -13,7 +13,7 @@ Plain data, cheap to load: nothing here imports click, an HTTP library or the ru
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Final, Literal
 
 from harvester.defaults import AUTH_SCHEMES, DEFAULT_BASE_URL, LOG_FORMATS
@@ -33,15 +33,16 @@ download slots per fetch slot keep every fetch slot busy, on a slow link too
 (docs/performance.md, "Slow link")."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class Option:
     """One option of the commands in ``commands``, and the job-file key of the same name."""
 
     name: str
     """``max-attempts``: ``--max-attempts`` on the command line, ``max-attempts`` in a job file."""
     kind: Kind
+    default: Any
     help: str
-    default: Any = None
+    _: KW_ONLY
     minimum: float | None = None
     above: bool = False
     """True: the value must be greater than ``minimum``, not equal to it."""
@@ -97,228 +98,87 @@ class Option:
         return None
 
 
-_RETRY_ATTEMPTS: Final = "Attempts per request on transient errors (429, 5xx gateway, network)."
-_TIMEOUT: Final = (
-    "Seconds to wait for a response or the next body bytes; one attempt takes at most 4x this "
-    "(at least 30 s)."
-)
-_LOG_FORMAT: Final = (
-    "text: a progress bar on a terminal, a few plain lines elsewhere (cron mail); json: one JSON "
-    "object per line on stderr, each with the run_id, for log aggregators."
-)
-_ENGINE: Final = (
-    "What runs the shards: 'local', this machine's processes (--workers); 'ray', Ray tasks on "
-    "the cluster at RAY_ADDRESS or --ray-address (needs pip install 'harvester[ray]'; "
-    "docs/cluster.md)."
-)
-
+# Every option, in the order help and the docs list them; read it when needed, not at import,
+# where a test may add one. A table, each option in a row or two (the formatter would give
+# every argument a line of its own).
+# fmt: off
 OPTIONS: tuple[Option, ...] = (
-    Option(
-        name="inputs",
-        kind="globs",
-        help="CSV exports: paths or glob patterns (** matches folders recursively).",
-        required="CSV exports to read",
-        command_line=False,
-        setting=None,
-    ),
-    Option(
-        name="out",
-        kind="location",
-        metavar="DIR|s3://BUCKET/PREFIX",
-        help="Output folder, or s3://bucket/prefix (credentials from AWS_* environment "
-        "variables): images/, manifest/ and runs/ live there.",
-        required="the output folder",
-        setting=None,
-    ),
-    Option(
-        name="base-url",
-        kind="text",
-        default=DEFAULT_BASE_URL,
-        envvar="HARVESTER_BASE_URL",
-        pattern=r"(?s)https?://.*",
-        mismatch="must start with http:// or https://",
-        help="The API's base URL.",
-    ),
-    Option(
-        name="auth-scheme",
-        kind="text",
-        default="auto",
-        choices=AUTH_SCHEMES,
-        help="Authorization header: 'bearer' (relays), 'key' (fal.ai); 'auto' uses key for "
-        "fal.ai's queue host and bearer elsewhere.",
-    ),
-    Option(
-        name="key-env",
-        kind="text",
-        metavar="NAME",
-        pattern=r"[A-Za-z_][A-Za-z0-9_]*",
-        mismatch="must be the name of an environment variable (letters, digits and _), not "
-        "the key itself",
-        help="Read the API key from this environment variable instead of HARVESTER_API_KEY / "
-        "FAL_KEY.",
-        setting=None,
-    ),
-    Option(
-        name="concurrency", kind="integer", default=32, minimum=1, help="Result fetches in flight."
-    ),
-    Option(
-        name="image-concurrency",
-        kind="integer",
-        minimum=1,
-        default_text=f"{IMAGE_SLOTS_PER_FETCH} x --concurrency",
-        help="Image downloads in flight.",
-    ),
-    Option(
-        name="rps",
-        kind="number",
-        default=50.0,
-        minimum=0,
-        above=True,
-        help="Result requests per second, retries included.",
-    ),
-    Option(
-        name="workers",
-        kind="integer",
-        minimum=1,
-        default_text="1",
-        help="Processes that fetch and download, this one included.",
-    ),
-    Option(
-        name="max-attempts",
-        kind="integer",
-        default=8,
-        minimum=1,
-        help=_RETRY_ATTEMPTS,
-        setting="retry.max_attempts",
-    ),
-    Option(
-        name="retry-budget",
-        kind="number",
-        default=300.0,
-        minimum=0,
-        above=True,
-        help="Seconds one request may spend retrying.",
-        setting="retry.budget",
-    ),
-    Option(
-        name="pending-wait",
-        kind="number",
-        default=0.0,
-        minimum=0,
-        help="Seconds to keep re-polling results still in progress (0: record as pending at "
-        "once; the next run retries them).",
-    ),
-    Option(
-        name="max-image-bytes",
-        kind="integer",
-        default=64 * 1024 * 1024,
-        minimum=1,
-        help="Refuse images larger than this.",
-    ),
-    Option(
-        name="allow-private-images",
-        kind="boolean",
-        default=False,
-        help="Fetch images from loopback, link-local and private addresses too (refused "
-        "unless the API itself is on one).",
-    ),
-    Option(
-        name="timeout",
-        kind="number",
-        default=60.0,
-        minimum=0,
-        above=True,
-        help=_TIMEOUT,
-        setting="read_timeout",
-    ),
-    Option(
-        name="flush-every",
-        kind="number",
-        default=30.0,
-        minimum=0,
-        above=True,
-        help="Seconds between manifest writes: a crash loses at most this much finished work.",
-        setting="seconds_per_part",
-    ),
-    Option(
-        name="log-format",
-        kind="text",
-        default="text",
-        choices=LOG_FORMATS,
-        help=_LOG_FORMAT,
-        setting=None,
-    ),
-    Option(
-        name="model-column",
-        kind="text",
-        default="model",
-        metavar="NAME",
-        help="The exports' column holding the model (e.g. endpoint_id, app).",
-        setting="columns.model",
-    ),
-    Option(
-        name="id-column",
-        kind="text",
-        default="request_id",
-        metavar="NAME",
-        help="The exports' column holding the request id (e.g. id, request).",
-        setting="columns.request_id",
-    ),
-    Option(
-        name="metrics-file",
-        kind="path",
-        help="At the end of the run, write its figures here in Prometheus' text format (for "
-        "node_exporter's textfile collector; docs/metrics.md).",
-        setting=None,
-    ),
-    Option(
-        name="give-up-after",
-        kind="number",
-        default=7.0,
-        minimum=0,
-        above=True,
-        metavar="DAYS",
-        help="A request not ok this many days after it was first seen gets the final status "
-        "'expired' and is no longer fetched.",
-    ),
-    Option(
-        name="retry-expired",
-        kind="boolean",
-        default=False,
-        help="Fetch 'expired' requests of these exports again (and give up on none this run).",
-    ),
-    Option(
-        name="compact",
-        kind="boolean",
-        default=False,
-        negatable=True,
-        help="Run 'harvester compact' on the output folder after the harvest.",
-        setting=None,
-    ),
-    Option(
-        name="engine",
-        kind="text",
-        default="local",
-        choices=("local", "ray"),
-        help=_ENGINE,
-    ),
-    Option(
-        name="ray-address",
-        kind="text",
-        metavar="HOST:PORT",
-        default_text="RAY_ADDRESS",
-        help="The Ray head node, for --engine ray.",
-    ),
-    Option(
-        name="shared-fs",
-        kind="boolean",
-        default=False,
-        help="--out is on a file system every node of the Ray cluster mounts at the same path "
-        "(needed for a local --out on a cluster of several nodes).",
-    ),
+    Option("inputs", "globs", None,
+           "CSV exports: paths or glob patterns (** matches folders recursively).",
+           required="CSV exports to read", command_line=False, setting=None),
+    Option("out", "location", None,
+           "Output folder, or s3://bucket/prefix (credentials from AWS_* environment variables): "
+           "images/, manifest/ and runs/ live there.",
+           metavar="DIR|s3://BUCKET/PREFIX", required="the output folder", setting=None),
+    Option("base-url", "text", DEFAULT_BASE_URL, "The API's base URL.",
+           envvar="HARVESTER_BASE_URL", pattern=r"(?s)https?://.*",
+           mismatch="must start with http:// or https://"),
+    Option("auth-scheme", "text", "auto",
+           "Authorization header: 'bearer' (relays), 'key' (fal.ai); 'auto' uses key for "
+           "fal.ai's queue host and bearer elsewhere.", choices=AUTH_SCHEMES),
+    Option("key-env", "text", None,
+           "Read the API key from this environment variable instead of HARVESTER_API_KEY / "
+           "FAL_KEY.", metavar="NAME", setting=None, pattern="[A-Za-z_][A-Za-z0-9_]*",
+           mismatch="must be the name of an environment variable (letters, digits and _), not "
+           "the key itself"),
+    Option("concurrency", "integer", 32, "Result fetches in flight.", minimum=1),
+    Option("image-concurrency", "integer", None, "Image downloads in flight.", minimum=1,
+           default_text=f"{IMAGE_SLOTS_PER_FETCH} x --concurrency"),
+    Option("rps", "number", 50.0, "Result requests per second, retries included.",
+           minimum=0, above=True),
+    Option("workers", "integer", None, "Processes that fetch and download, this one included.",
+           minimum=1, default_text="1"),
+    Option("max-attempts", "integer", 8,
+           "Attempts per request on transient errors (429, 5xx gateway, network).",
+           minimum=1, setting="retry.max_attempts"),
+    Option("retry-budget", "number", 300.0, "Seconds one request may spend retrying.",
+           minimum=0, above=True, setting="retry.budget"),
+    Option("pending-wait", "number", 0.0,
+           "Seconds to keep re-polling results still in progress (0: record as pending at once; "
+           "the next run retries them).", minimum=0),
+    Option("max-image-bytes", "integer", 64 * 1024 * 1024, "Refuse images larger than this.",
+           minimum=1),
+    Option("allow-private-images", "boolean", False,
+           "Fetch images from loopback, link-local and private addresses too (refused unless "
+           "the API itself is on one)."),
+    Option("timeout", "number", 60.0,
+           "Seconds to wait for a response or the next body bytes; one attempt takes at most 4x "
+           "this (at least 30 s).", minimum=0, above=True, setting="read_timeout"),
+    Option("flush-every", "number", 30.0,
+           "Seconds between manifest writes: a crash loses at most this much finished work.",
+           minimum=0, above=True, setting="seconds_per_part"),
+    Option("log-format", "text", "text",
+           "text: a progress bar on a terminal, a few plain lines elsewhere (cron mail); json: "
+           "one JSON object per line on stderr, each with the run_id, for log aggregators.",
+           choices=LOG_FORMATS, setting=None),
+    Option("model-column", "text", "model",
+           "The exports' column holding the model (e.g. endpoint_id, app).",
+           metavar="NAME", setting="columns.model"),
+    Option("id-column", "text", "request_id",
+           "The exports' column holding the request id (e.g. id, request).",
+           metavar="NAME", setting="columns.request_id"),
+    Option("metrics-file", "path", None,
+           "At the end of the run, write its figures here in Prometheus' text format (for "
+           "node_exporter's textfile collector; docs/metrics.md).", setting=None),
+    Option("give-up-after", "number", 7.0,
+           "A request not ok this many days after it was first seen gets the final status "
+           "'expired' and is no longer fetched.", minimum=0, above=True, metavar="DAYS"),
+    Option("retry-expired", "boolean", False,
+           "Fetch 'expired' requests of these exports again (and give up on none this run)."),
+    Option("compact", "boolean", False,
+           "Run 'harvester compact' on the output folder after the harvest.",
+           negatable=True, setting=None),
+    Option("engine", "text", "local",
+           "What runs the shards: 'local', this machine's processes (--workers); 'ray', Ray "
+           "tasks on the cluster at RAY_ADDRESS or --ray-address (needs pip install "
+           "'harvester[ray]'; docs/cluster.md).", choices=("local", "ray")),
+    Option("ray-address", "text", None, "The Ray head node, for --engine ray.",
+           metavar="HOST:PORT", default_text="RAY_ADDRESS"),
+    Option("shared-fs", "boolean", False,
+           "--out is on a file system every node of the Ray cluster mounts at the same path "
+           "(needed for a local --out on a cluster of several nodes)."),
 )
-"""Every option, in the order help and the docs list them. Read it when needed (not at
-import) where a test may add one."""
+# fmt: on
 
 
 def for_command(command: str) -> tuple[Option, ...]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harvester.api.retry import RetryPolicy
 from harvester import options
+from harvester.api.retry import RetryPolicy
 from harvester.errors import ConfigError, ExitCode
 from harvester.jobs import KEYS, Job, load_job
 from harvester.run.config import HarvestConfig
