@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 import harvester.cli
 from harvester import options
-from harvester.errors import ConfigError
+from harvester.api.retry import RetryPolicy
+from harvester.errors import ConfigError, UsageError
 from harvester.jobs import Job, load_job
 from harvester.options import Option
 from harvester.run.config import HarvestConfig
@@ -99,3 +100,20 @@ def test_options_reach_the_settings_their_declarations_name() -> None:
     for option in options.OPTIONS:
         if option.target is not None:
             assert config.setting(option.target) == values[option.attr], option.name
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"pending_wait": -1.0}, "--pending-wait must be at least 0"),
+        ({"retry": RetryPolicy(budget=0)}, "--retry-budget must be greater than 0"),
+        ({"engine": "spark"}, "--engine must be one of local, ray"),
+        ({"image_concurrency": 0}, "--image-concurrency must be at least 1"),
+    ],
+)
+def test_the_configuration_is_checked_by_the_declarations(
+    changes: dict[str, Any], message: str
+) -> None:
+    config = HarvestConfig(inputs=(Path("a.csv"),), out_dir=Path(), api_key="k", **changes)
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        config.validate()

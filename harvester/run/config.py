@@ -82,9 +82,11 @@ class HarvestConfig:
                     groups.setdefault(head, {})[part] = values[option.attr]
                 else:
                     given[head] = values[option.attr]
-        defaults = {f.name: f.default_factory for f in dataclasses.fields(cls)}
+        makers = {f.name: f.default_factory for f in dataclasses.fields(cls)}
         for head, parts in groups.items():
-            given[head] = dataclasses.replace(defaults[head](), **parts)  # type: ignore[operator]
+            make = makers[head]
+            assert callable(make), f"{head}: a setting of several options needs a default_factory"
+            given[head] = dataclasses.replace(make(), **parts)
         return cls(**given)
 
     def setting(self, target: str) -> Any:
