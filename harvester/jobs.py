@@ -137,6 +137,8 @@ def load_job(path: Path, overrides: Mapping[str, object] | None = None) -> Job:
 
 
 def _unknown(where: str, key: str, keys: Collection[str]) -> ConfigError:
+    """The error for a key no option has: a pasted secret refused unechoed, else the closest
+    known key."""
     if key.lower() in _SECRET_KEYS:
         return ConfigError(
             f"{where}: {key!r}: the API key does not belong in a job file; put it in the "
