@@ -421,27 +421,39 @@ async def test_an_image_through_a_proxy_is_checked_by_the_stage_not_at_the_proxy
 async def test_the_credentials_in_a_proxys_url_go_to_the_proxy_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """On a plain-http request through the proxy and on the CONNECT of a tunnel; never in a
+    message (the proxy's 407 names its URL)."""
+
     async def proxy(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
-        writer.write(response(200, PNG, {"Content-Type": "image/png"}))
+        if exchange.method == "CONNECT":
+            writer.write(response(407, headers={"Proxy-Authenticate": "Basic"}))
+        else:
+            writer.write(response(200, PNG, {"Content-Type": "image/png"}))
 
     with serving(proxy) as fake:
-        monkeypatch.setenv("HTTP_PROXY", fake.url.replace("http://", "http://user:secret@"))
+        named = fake.url.replace("http://", "http://user:secret@")
+        monkeypatch.setenv("HTTP_PROXY", named)
+        monkeypatch.setenv("HTTPS_PROXY", named)
         async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
             got = await client.get("http://images.test/a.png")
+            with pytest.raises(httpx.ProxyError) as refused:
+                await client.get("https://images.test/a.png")
     assert got.status_code == 200 and got.content == PNG
-    [seen] = fake.seen
-    assert seen.target == "http://images.test/a.png"
-    assert (
-        seen.headers["proxy-authorization"] == "Basic " + base64.b64encode(b"user:secret").decode()
-    )
-    assert "authorization" not in seen.headers
+    plain, tunnel = fake.seen
+    assert (plain.method, plain.target) == ("GET", "http://images.test/a.png")
+    assert (tunnel.method, tunnel.target) == ("CONNECT", "images.test:443")
+    basic = base64.b64encode(b"user:secret").decode()
+    for seen in (plain, tunnel):
+        assert seen.headers["proxy-authorization"] == f"Basic {basic}"
+        assert "authorization" not in seen.headers
+    assert "407" in str(refused.value) and "secret" not in str(refused.value)
 
 
 @pytest.mark.parametrize(
     ("url", "proxy"),
     [
         ("http://a.test/x", "http://p.test:3128"),
-        ("https://a.test/x", "http://user:secret@q.test:8080"),
+        ("https://a.test/x", "http://q.test:8080"),
         ("http://example.com/", None),
         ("http://www.example.com/", None),
         ("http://xexample.com/", "http://p.test:3128"),
@@ -452,9 +464,9 @@ async def test_the_credentials_in_a_proxys_url_go_to_the_proxy_alone(
         ("http://[::1]/", None),
         ("http://localhost:8000/", None),
         ("http://only.test/", None),
-        ("https://only.test/", "http://user:secret@q.test:8080"),
+        ("https://only.test/", "http://q.test:8080"),
         ("https://port.test:8443/", None),
-        ("https://port.test/", "http://user:secret@q.test:8080"),
+        ("https://port.test/", "http://q.test:8080"),
     ],
 )
 def test_the_proxy_for_a_url_is_chosen_as_httpx_chooses_it(url: str, proxy: str | None) -> None:
@@ -464,8 +476,12 @@ def test_the_proxy_for_a_url_is_chosen_as_httpx_chooses_it(url: str, proxy: str 
         "all": "http://r.test:1",
         "no": "example.com, .corp.test,10.0.0.1,::1,localhost,http://only.test,port.test:8443",
     }
-    assert Proxies(found).proxy_for(httpx.URL(url)) == proxy
-    assert Proxies({"all": "http://r.test:1"}).proxy_for(httpx.URL(url)) == "http://r.test:1"
+    chosen = Proxies(found).proxy_for(httpx.URL(url))
+    assert (chosen.url if chosen else None) == proxy
+    if proxy == "http://q.test:8080":
+        assert chosen is not None and chosen.authorization == "Basic dXNlcjpzZWNyZXQ="
+    anything = Proxies({"all": "http://r.test:1"}).proxy_for(httpx.URL(url))
+    assert anything is not None and anything.url == "http://r.test:1"
     assert not Proxies({**found, "no": "a.test,*"})
     assert not Proxies({"no": "example.com"})
 

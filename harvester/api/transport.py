@@ -20,6 +20,7 @@ Through a proxy the proxy resolves the host: only the download stage's own check
 
 from __future__ import annotations
 
+import base64
 import functools
 import ipaddress
 import logging
@@ -30,7 +31,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
@@ -53,11 +54,21 @@ _public_only: ContextVar[bool] = ContextVar("harvester_public_only", default=Fal
 resolves in the request's task, or in a task it starts from there, which inherits the value)."""
 
 
-def _proxy_url(url: str) -> str:
-    """A proxy named in the environment, as aiohttp takes it (credentials in the URL)."""
-    url = url if "://" in url else f"http://{url}"
-    httpx.Proxy(url)  # the schemes httpx accepts, or ValueError
-    return url
+@dataclass(frozen=True, slots=True)
+class _Proxy:
+    url: str
+    """Without credentials: aiohttp puts the URL in its messages."""
+    authorization: str | None = field(default=None, repr=False)
+    """The ``Proxy-Authorization`` for credentials in the variable's URL."""
+
+
+def _proxy(url: str) -> _Proxy:
+    """A proxy named in the environment (schemes httpx accepts, or ValueError)."""
+    proxy = httpx.Proxy(url if "://" in url else f"http://{url}")
+    if proxy.auth is None:
+        return _Proxy(str(proxy.url))
+    basic = base64.b64encode(":".join(proxy.auth).encode()).decode()
+    return _Proxy(str(proxy.url), f"Basic {basic}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +121,14 @@ class Proxies:
     def __init__(self, found: Mapping[str, str]) -> None:
         """``found``: what ``urllib.request.getproxies()`` returns."""
         no_proxy = [e.strip().lower() for e in found.get("no", "").split(",") if e.strip()]
-        self._by_scheme: dict[str, str] = {}
+        self._by_scheme: dict[str, _Proxy] = {}
         self._bypass = [_bypass(e) for e in no_proxy if e != "*"]
         if "*" in no_proxy:
             return
         for scheme in ("http", "https"):
             url = found.get(scheme) or found.get("all")
             if url:
-                self._by_scheme[scheme] = _proxy_url(url)
+                self._by_scheme[scheme] = _proxy(url)
 
     @classmethod
     def from_environment(cls) -> Proxies:
@@ -126,7 +137,7 @@ class Proxies:
     def __bool__(self) -> bool:
         return bool(self._by_scheme)
 
-    def proxy_for(self, url: httpx.URL) -> str | None:
+    def proxy_for(self, url: httpx.URL) -> _Proxy | None:
         """The proxy ``url`` goes through, or None: directly."""
         found = self._by_scheme.get(url.scheme)
         if found is None or any(rule.matches(url) for rule in self._bypass):
@@ -272,15 +283,24 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         proxy = self._proxies.proxy_for(request.url) if self._proxies is not None else None
         # Through a proxy, only the proxy's own host is resolved here: never refused.
         public_only = _public_only.set(proxy is None and bool(request.extensions.get(PUBLIC_ONLY)))
+        headers = request.headers.multi_items()
+        tunnel = None
+        if proxy is not None and proxy.authorization is not None:
+            # To the proxy alone: on the CONNECT of a tunnel, or with a plain-http request.
+            if request.url.scheme == "https":
+                tunnel = {"Proxy-Authorization": proxy.authorization}
+            else:
+                headers.append(("Proxy-Authorization", proxy.authorization))
         with _translated(request):
             try:
                 response = await session.request(
                     request.method,
                     URL(str(request.url), encoded=True),
-                    headers=request.headers.multi_items(),
+                    headers=headers,
                     data=request.content or None,
                     allow_redirects=False,
-                    proxy=proxy,
+                    proxy=proxy.url if proxy is not None else None,
+                    proxy_headers=tunnel,
                     timeout=_client_timeout(
                         timeout.get("pool"), timeout.get("connect"), timeout.get("read")
                     ),
