@@ -111,7 +111,7 @@ OPTIONS: tuple[Option, ...] = (
            "images/, manifest/ and runs/ live there.",
            metavar="DIR|s3://BUCKET/PREFIX", required="the output folder", setting=None),
     Option("base-url", "text", DEFAULT_BASE_URL, "The API's base URL.",
-           envvar="HARVESTER_BASE_URL", pattern=r"(?s)https?://.*",
+           envvar="HARVESTER_BASE_URL", pattern=r"(?is)https?://.*",
            mismatch="must start with http:// or https://"),
     Option("auth-scheme", "text", "auto",
            "Authorization header: 'bearer' (relays), 'key' (fal.ai); 'auto' uses key for "
