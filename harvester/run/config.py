@@ -58,9 +58,8 @@ class HarvestConfig:
     seed: int | None = None
     """Seed for retry jitter (tests); None draws one."""
     workers: int | None = _DEFAULT["workers"]
-    """None: one. One process is as fast as two on the bench world, with 0.89x the CPU and
-    0.38x the summed peak RSS (docs/performance.md, "Processes"); on Ray, None is one shard
-    per CPU of the cluster."""
+    """None: one process (docs/performance.md, "Processes", says why); on Ray, one shard per
+    CPU of the cluster."""
     give_up_after: float = _DEFAULT["give_up_after"]
     retry_expired: bool = _DEFAULT["retry_expired"]
     columns: reader.Columns = field(default_factory=reader.Columns)
