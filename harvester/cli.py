@@ -141,21 +141,26 @@ def _click_option(option: Option, command: str) -> Callable[[F], F]:
     default = None if from_job else option.default_for(command)
     envvar = None if from_job else option.envvar
     text = f"{option.help[:-1]} (env {envvar})." if envvar else option.help
-    if option.default_text:
+    if option.default_text and command not in dict(option.command_defaults):
         text += f" Default: {option.default_text}"
         text += f" (or the job's '{option.name}')." if from_job else "."
     elif option.required and from_job:
         text += f" Default: the job's '{option.name}'."
     settings: dict[str, Any] = {"help": text, "default": default, "envvar": envvar}
     name = f"--{option.name}"
-    if option.kind == "boolean":
+    if option.kind == "texts":
+        settings |= {"multiple": True, "metavar": option.metavar, "default": default or ()}
+    elif option.kind == "boolean":
         if option.negatable:
             name += f"/--no-{option.name}"
         else:
             settings["is_flag"] = True
     else:
         settings |= {"type": _click_type(option), "show_default": default is not None}
-        settings |= {"metavar": option.metavar, "required": bool(option.required and not from_job)}
+        settings |= {
+            "metavar": option.metavar,
+            "required": bool(option.required and not from_job and command != options.SERVE),
+        }
     if option.kind == "location":
         settings["callback"] = _location
     return click.option(name, **settings)
@@ -293,6 +298,103 @@ def _write_metrics(job: Job, figures: metrics.RunFigures, console: Console) -> N
         metrics.write_metrics(job.metrics_file, figures)
     except HarvesterError as exc:
         console.failed(exc)
+
+
+@main.command("serve", short_help="Receive fal's signed webhooks into DIR and harvest them.")
+@click.option(
+    "--job",
+    "job_file",
+    metavar="JOB.toml",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Take the options from a job file: the top-level keys serve shares with 'run' (out, "
+    "timeout, ...), then its [serve] table. Options given here override both.",
+)
+@_harvest_options("serve")
+def serve_command(job_file: Path | None, verbose: int, quiet: bool, **values: Any) -> None:
+    """Receive fal's webhook deliveries on POST /fal/webhook?model=owner/app[/path] and harvest
+    each into OUT at once: the same parsing, image download, store and manifest as a fetched
+    result (docs/webhooks.md).
+
+    A delivery is answered 200 only once it is stored durably in OUT's inbox; one whose
+    signature does not check (fal's ED25519, keys from --jwks-url), whose timestamp is over
+    5 minutes off, or whose account is not a --fal-user-id is answered 401 and not stored.
+    GET /healthz answers 200 while deliveries can be stored, 503 while they cannot. Runs
+    until SIGTERM or Ctrl-C, then writes what it harvested and exits 0. Holds OUT's lock
+    meanwhile: a harvest on the same OUT exits 5 (give serve an OUT of its own).
+    """
+    from harvester.jobs import ServeJob, load_serve_job
+    from harvester.run.pipeline import new_run_id
+    from harvester.serve import ServeConfig, serve_forever
+    from harvester.serve.config import parse_listen
+    from harvester.views.console import setup_logging
+
+    context = click.get_current_context()
+    given = {
+        name: value
+        for name, value in values.items()
+        if context.get_parameter_source(name)
+        in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    }
+    log_format = values["log_format"]
+    try:
+        if job_file is not None:
+            job: ServeJob = load_serve_job(job_file, given)
+        elif values.get("out") is None:
+            raise click.UsageError("Missing option '--out' (or a job file with --job).")
+        else:
+            job = ServeJob(**values)
+        log_format = job.log_format
+        host, port = parse_listen(job.listen)
+    except HarvesterError as exc:
+        _fail(exc, log_format=log_format)
+        return
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--listen") from exc
+    config = ServeConfig(
+        out=job.out,
+        host=host,
+        port=port,
+        jwks_url=job.jwks_url,
+        user_ids=frozenset(job.fal_user_id),
+        keep_days=job.keep_deliveries,
+        max_body_bytes=job.max_body_bytes,
+        image_concurrency=job.image_concurrency,
+        max_image_bytes=job.max_image_bytes,
+        allow_private_images=job.allow_private_images,
+        read_timeout=job.timeout,
+        flush_every=job.flush_every,
+    )
+    run_id = new_run_id(datetime.now(UTC))
+    setup_logging(
+        -1 if quiet else max(verbose, 1), secrets=[], log_format=log_format, run_id=run_id
+    )
+
+    def ready(url: str) -> None:
+        click.echo(f"serving on {url} (stop with Ctrl-C or SIGTERM)", err=True)
+        if not config.user_ids:
+            click.echo(
+                "warning: no --fal-user-id: deliveries of any fal account are accepted", err=True
+            )
+
+    try:
+        summary = serve_forever(config, run_id=run_id, on_ready=ready)
+    except HarvesterError as exc:
+        _fail(exc, log_format=log_format)
+        return
+    except OSError as exc:
+        click.echo(
+            f"harvester: error: cannot listen on {job.listen}: {exc.strerror or exc}", err=True
+        )
+        sys.exit(int(ExitCode.USAGE))
+    served, harvested = summary.served, summary.harvested
+    refused = sum(served.refused.values())
+    click.echo(
+        f"stopped: {served.accepted:,} deliveries stored ({served.repeated:,} repeated, "
+        f"{refused:,} refused, {served.unavailable:,} answered 503); {harvested.harvested:,} "
+        f"harvested ({harvested.ok:,} ok, {harvested.rows:,} rows)",
+        err=True,
+    )
 
 
 @main.command("status", short_help="Did the last run work? Its record, exit code and meaning.")
@@ -537,6 +639,22 @@ def compact_command(out_dir: Path) -> None:
     help="Answer 429 to result requests beyond this many accepted in the last second.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="World seed.")
+@click.option(
+    "--webhook",
+    "webhook_url",
+    metavar="URL",
+    default=None,
+    help="Deliver each submitted request (POST /owner/app) here when it is done, signed as "
+    "fal signs webhooks (keys at /.well-known/jwks.json); a submission's ?fal_webhook= "
+    "overrides it.",
+)
+@click.option(
+    "--webhook-user-id",
+    default="sandbox-user",
+    show_default=True,
+    metavar="ID",
+    help="The fal account the deliveries are signed for.",
+)
 def sandbox_command(
     port: int,
     key: str,
@@ -551,12 +669,18 @@ def sandbox_command(
     throttle_times: int,
     max_rps: float | None,
     seed: int,
+    webhook_url: str | None,
+    webhook_user_id: str,
 ) -> None:
     """Run a local fal-compatible API on 127.0.0.1 that serves synthetic results and images.
 
     Request-id prefixes choose a behaviour: pending-, missing-, fail-, invalid-, empty-,
     inline-, expiredimg-, notimage-, redirect-, badjson-, badshape-, dup-; anything else is
     a normal result with 1-4 images.
+
+    Webhooks: POST /owner/app[/path] submits a request (the JSON input's 'request_id', if
+    any, is its id); with --webhook URL (or ?fal_webhook=URL) its result is delivered there
+    at once, signed like fal's, and retried with doubling waits until answered 2xx.
     """
     from harvester.run import reader
     from harvester.sandbox import FaultRates, SandboxConfig, serve_forever
@@ -592,6 +716,8 @@ def sandbox_command(
             throttle_share=throttle_share,
             throttle_times=throttle_times,
             max_rps=max_rps,
+            webhook_url=webhook_url,
+            webhook_user_id=webhook_user_id,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -599,6 +725,8 @@ def sandbox_command(
     def ready(sandbox: object) -> None:
         base = getattr(sandbox, "base_url", "")
         click.echo(f"sandbox listening on {base} (key: {key}); stop with Ctrl-C", err=True)
+        if webhook_url:
+            click.echo(f"webhooks to {webhook_url}, keys at {base}/.well-known/jwks.json", err=True)
         click.echo(
             f"try: HARVESTER_API_KEY={key} harvester harvest sample_inputs/*.csv "
             f"--base-url {base} --out sandbox-out",

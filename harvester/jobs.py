@@ -7,7 +7,10 @@
     key-env = "RELAY_KEY"             # the *name* of the variable holding the key
 
 Keys are the options ``harvester.options`` declares for ``run``: the long options of
-``harvester harvest`` without their dashes, plus ``inputs``. Relative paths in a job file
+``harvester harvest`` without their dashes, plus ``inputs``. A ``[serve]`` table holds the
+options of ``harvester serve --job`` (``listen``, ``fal-user-id``, ...); serve takes the
+top-level keys it shares with ``run`` (``out``, ``timeout``, ...) too, and the table's
+values override them (``load_serve_job``). Relative paths in a job file
 resolve against the job file's own folder, so a job means the same thing whatever the current
 directory is (cron starts in $HOME, systemd in /).
 An unknown key or a wrong type is a ``ConfigError`` naming the file, the line and the key.
@@ -44,9 +47,10 @@ class Job:
     option's default."""
 
     __slots__ = ("_values",)
+    command = options.JOB_COMMAND
 
     def __init__(self, **values: Any) -> None:
-        known = options.defaults()
+        known = options.defaults(self.command)
         unknown = sorted(values.keys() - known.keys())
         if unknown:
             raise TypeError(f"no such option: {', '.join(unknown)}")
@@ -80,6 +84,13 @@ class Job:
         )
 
 
+class ServeJob(Job):
+    """What ``harvester serve`` runs: a value for each of its options."""
+
+    __slots__ = ()
+    command = options.SERVE
+
+
 def expand_inputs(patterns: tuple[str, ...]) -> tuple[Path, ...]:
     """Paths as given, plus shell-style globs the shell did not expand (job files, quoting).
     A file named twice (or matched by two patterns) is read once."""
@@ -99,13 +110,40 @@ def expand_inputs(patterns: tuple[str, ...]) -> tuple[Path, ...]:
 KEYS: Final = tuple(option.name for option in options.for_command(options.JOB_COMMAND))
 """Every key a job file may hold, in the order the docs list them."""
 
+SERVE_TABLE: Final = options.SERVE
+"""A job file's table of ``harvester serve``'s keys."""
+
 _SECRET_KEYS: Final = frozenset({"key", "api-key", "api_key", "apikey", "token", "secret"})
 
 
 def load_job(path: Path, overrides: Mapping[str, object] | None = None) -> Job:
     """Read a job file. ``overrides`` (options' Python names: ``out``, ``rps``, ...) replace the
     file's values; they come from the command line, so relative paths in them stay relative
-    to the current directory. Raises ``ConfigError`` for anything wrong with the file."""
+    to the current directory. Raises ``ConfigError`` for anything wrong with the file (its
+    ``[serve]`` table included)."""
+    text, data = _read(path)
+    values = _values(path, text, data, options.JOB_COMMAND)
+    _values(path, text, data, options.SERVE)  # the [serve] table is checked too
+    values.update(overrides or {})
+    _require(path, options.JOB_COMMAND, values)
+    return Job(**values)
+
+
+def load_serve_job(path: Path, overrides: Mapping[str, object] | None = None) -> ServeJob:
+    """``harvester serve``'s options from a job file: the top-level keys it shares with
+    ``run``, then its ``[serve]`` table's, then ``overrides`` (from the command line). The
+    top-level keys only ``run`` takes are checked and left alone. Raises ``ConfigError``."""
+    text, data = _read(path)
+    values = _values(path, text, data, options.JOB_COMMAND)
+    shared = {o.attr for o in options.for_command(options.SERVE)}
+    values = {name: value for name, value in values.items() if name in shared}
+    values.update(_values(path, text, data, options.SERVE))
+    values.update(overrides or {})
+    _require(path, options.SERVE, values)
+    return ServeJob(**values)
+
+
+def _read(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
@@ -116,37 +154,54 @@ def load_job(path: Path, overrides: Mapping[str, object] | None = None) -> Job:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return text, data
 
-    by_key = {option.name: option for option in options.for_command(options.JOB_COMMAND)}
+
+def _values(path: Path, text: str, data: dict[str, Any], command: str) -> dict[str, Any]:
+    """The checked values of ``command``'s keys: the top level for ``run``, the ``[serve]``
+    table for ``serve`` (where every key serve takes is allowed)."""
+    by_key = {option.name: option for option in options.for_command(command)}
+    if command == options.SERVE:
+        table = data.get(SERVE_TABLE, {})
+        if not isinstance(table, dict):
+            line = _line_of(text, SERVE_TABLE)
+            where = f"{path}:{line}" if line else str(path)
+            raise ConfigError(f"{where}: {SERVE_TABLE!r} must be a table ([serve])")
+        items, prefix = table, f"{SERVE_TABLE}."
+    else:
+        items, prefix = {k: v for k, v in data.items() if k != SERVE_TABLE}, ""
     base = path.resolve().parent
     values: dict[str, Any] = {}
-    for key, value in data.items():
+    for key, value in items.items():
         line = _line_of(text, key)
         where = f"{path}:{line}" if line else str(path)
         if key not in by_key:
-            raise _unknown(where, key, by_key)
+            raise _unknown(where, f"{prefix}{key}", by_key, prefix)
         values[by_key[key].attr] = _check(where, by_key[key], value, base)
-    values.update(overrides or {})
-    for option in by_key.values():
+    return values
+
+
+def _require(path: Path, command: str, values: Mapping[str, object]) -> None:
+    for option in options.for_command(command):
         if option.required and option.attr not in values:
             raise ConfigError(
                 f"{path}: missing key {option.name!r} ({option.required}); add it to the file "
                 f"or give it on the command line"
             )
-    return Job(**values)
 
 
-def _unknown(where: str, key: str, keys: Collection[str]) -> ConfigError:
+def _unknown(where: str, key: str, keys: Collection[str], prefix: str = "") -> ConfigError:
     """The error for a key no option has: a pasted secret refused unechoed, else the closest
-    known key."""
-    if key.lower() in _SECRET_KEYS:
+    known key (``prefix``: the table's, ``serve.``)."""
+    if key.removeprefix(prefix).lower() in _SECRET_KEYS:
         return ConfigError(
             f"{where}: {key!r}: the API key does not belong in a job file; put it in the "
             "environment (an EnvironmentFile for systemd) and name the variable with key-env"
         )
-    close = difflib.get_close_matches(key, keys, n=1)
+    known = [f"{prefix}{k}" for k in keys]
+    close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return ConfigError(f"{where}: unknown key {key!r}; {hint}known keys: {', '.join(keys)}")
+    return ConfigError(f"{where}: unknown key {key!r}; {hint}known keys: {', '.join(known)}")
 
 
 def _check(where: str, option: Option, value: object, base: Path) -> object:
@@ -163,6 +218,13 @@ def _check(where: str, option: Option, value: object, base: Path) -> object:
         if not all(item.strip() for item in items):
             raise ConfigError(f"{where}: {key!r} holds an empty path")
         return tuple(_resolve(base, item) for item in items)
+    if option.kind == "texts":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+            raise ConfigError(
+                f"{where}: {key!r} must be a string or a list of strings, not {_describe(value)}"
+            )
+        return tuple(items)
     if option.kind == "boolean":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key!r} must be true or false, not {_describe(value)}")

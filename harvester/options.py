@@ -18,15 +18,21 @@ from typing import Any, Final, Literal
 
 from harvester.defaults import AUTH_SCHEMES, DEFAULT_BASE_URL, LOG_FORMATS
 
-Kind = Literal["text", "integer", "number", "boolean", "path", "location", "globs"]
+Kind = Literal["text", "texts", "integer", "number", "boolean", "path", "location", "globs"]
 """``path``: a file, relative to the job file's folder in a job file; ``location``: a folder
-or ``s3://bucket/prefix``; ``globs``: a glob or a list of them (a job file's ``inputs``)."""
+or ``s3://bucket/prefix``; ``globs``: a glob or a list of them (a job file's ``inputs``);
+``texts``: a repeatable option, a string or a list of them in a job file."""
 
 HARVEST: Final = frozenset({"harvest", "run"})
 """``harvest`` takes its values from the command line; ``run`` from a job file, which each
 option given on the command line overrides."""
 JOB_COMMAND: Final = "run"
 """The command whose job file holds the top-level keys."""
+SERVE: Final = "serve"
+"""``harvester serve``: takes the top-level keys it shares with ``run`` from a job file, and
+its own (or overriding) values from the file's ``[serve]`` table."""
+SERVING: Final = HARVEST | {SERVE}
+FAL_JWKS_URL: Final = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 IMAGE_SLOTS_PER_FETCH: Final = 2
 """Image download slots per result fetch slot: enough to keep every fetch slot busy on a slow
 link too (docs/performance.md, "Slow link", has the figures)."""
@@ -108,7 +114,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("out", "location", None,
            "Output folder, or s3://bucket/prefix (credentials from AWS_* environment variables): "
            "images/, manifest/ and runs/ live there.",
-           metavar="DIR|s3://BUCKET/PREFIX", required="the output folder", setting=None),
+           metavar="DIR|s3://BUCKET/PREFIX", required="the output folder", setting=None,
+           commands=SERVING),
     Option("base-url", "text", DEFAULT_BASE_URL, "The API's base URL.",
            envvar="HARVESTER_BASE_URL", pattern=r"(?is)https?://.*",
            mismatch="must start with http:// or https://"),
@@ -122,7 +129,8 @@ OPTIONS: tuple[Option, ...] = (
            "the key itself"),
     Option("concurrency", "integer", 32, "Result fetches in flight.", minimum=1),
     Option("image-concurrency", "integer", None, "Image downloads in flight.", minimum=1,
-           default_text=f"{IMAGE_SLOTS_PER_FETCH} x --concurrency"),
+           default_text=f"{IMAGE_SLOTS_PER_FETCH} x --concurrency", commands=SERVING,
+           command_defaults=((SERVE, 16),)),
     Option("rps", "number", 50.0, "Result requests per second, retries included.",
            minimum=0, above=True),
     Option("workers", "integer", None, "Processes that fetch and download, this one included.",
@@ -136,20 +144,21 @@ OPTIONS: tuple[Option, ...] = (
            "Seconds to keep re-polling results still in progress (0: record as pending at once; "
            "the next run retries them).", minimum=0),
     Option("max-image-bytes", "integer", 64 * 1024 * 1024, "Refuse images larger than this.",
-           minimum=1),
+           minimum=1, commands=SERVING),
     Option("allow-private-images", "boolean", False,
            "Fetch images from loopback, link-local and private addresses too (refused unless "
-           "the API itself is on one)."),
+           "the API itself is on one).", commands=SERVING),
     Option("timeout", "number", 60.0,
            "Seconds to wait for a response or the next body bytes; one attempt takes at most 4x "
-           "this (at least 30 s).", minimum=0, above=True, setting="read_timeout"),
+           "this (at least 30 s).", minimum=0, above=True, setting="read_timeout",
+           commands=SERVING),
     Option("flush-every", "number", 30.0,
            "Seconds between manifest writes: a crash loses at most this much finished work.",
-           minimum=0, above=True, setting="seconds_per_part"),
+           minimum=0, above=True, setting="seconds_per_part", commands=SERVING),
     Option("log-format", "text", "text",
            "text: a progress bar on a terminal, a few plain lines elsewhere (cron mail); json: "
            "one JSON object per line on stderr, each with the run_id, for log aggregators.",
-           choices=LOG_FORMATS, setting=None),
+           choices=LOG_FORMATS, setting=None, commands=SERVING),
     Option("model-column", "text", "model",
            "The exports' column holding the model (e.g. endpoint_id, app).",
            metavar="NAME", setting="columns.model"),
@@ -176,6 +185,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("shared-fs", "boolean", False,
            "--out is on a file system every node of the Ray cluster mounts at the same path "
            "(needed for a local --out on a cluster of several nodes)."),
+    Option("listen", "text", "127.0.0.1:8790",
+           "Address and port to receive fal's webhooks on (put a TLS proxy in front: "
+           "docs/webhooks.md).", metavar="HOST:PORT", pattern=r"\[?[^\s\]]*\]?:\d{1,5}",
+           mismatch="must be HOST:PORT", setting=None, commands=frozenset({SERVE})),
+    Option("jwks-url", "text", FAL_JWKS_URL,
+           "Where the keys that sign deliveries are published (a JWKS, cached up to 24 h).",
+           pattern=r"(?is)https?://.*", mismatch="must start with http:// or https://",
+           setting=None, commands=frozenset({SERVE})),
+    Option("fal-user-id", "texts", (),
+           "Accept deliveries of this fal account only (repeatable). Strongly advised: a valid "
+           "signature proves fal sent a delivery, not that it is yours.", metavar="ID",
+           setting=None, commands=frozenset({SERVE})),
+    Option("keep-deliveries", "number", 7.0,
+           "Days delivered bodies are kept in the output's inbox after they are harvested.",
+           minimum=0, above=True, metavar="DAYS", setting=None, commands=frozenset({SERVE})),
+    Option("max-body-bytes", "integer", 32 * 1024 * 1024,
+           "Refuse deliveries larger than this (413, unread).", minimum=1, setting=None,
+           commands=frozenset({SERVE})),
 )
 # fmt: on
 

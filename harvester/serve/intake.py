@@ -1,0 +1,221 @@
+"""The intake: deliveries taken from the inbox and harvested like fetched results.
+
+Each delivery's body becomes a fetch outcome (``api.delivery``), and a lane of the run layer
+(``run.request.Lane``) downloads its images into the content-addressed store and builds its
+rows, exactly as for a fetched result; the rows go to the manifest writer, whose parts are
+written every ``--flush-every`` seconds and at the end. A delivered row's ``source_file`` is
+its delivery's key in the inbox (``inbox/deliveries/...``) and its ``source_line`` is null:
+that tells it from a fetched row, and points at the body kept for ``--keep-deliveries`` days.
+
+A delivery is marked done in the inbox only once its rows are in a written part; on start,
+every delivery not marked done is harvested, but for those whose rows a part already holds
+(the process died between the part and the marks): they are marked, not harvested twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from harvester.api.delivery import delivery_outcome
+from harvester.api.retry import RetryPolicy
+from harvester.defaults import DEFAULT_BASE_URL
+from harvester.errors import ManifestError, OutputError
+from harvester.run.reader import Pair
+from harvester.run.request import Lane, LaneSettings
+from harvester.serve.config import CONNECT_TIMEOUT, ServeConfig
+from harvester.storage import manifest
+from harvester.storage.inbox import DELIVERIES, Inbox
+from harvester.storage.layout import Layout
+from harvester.storage.objects import Store, is_remote, scratch_dir
+from harvester.storage.rows import OK, ManifestRow
+
+logger = logging.getLogger(__name__)
+
+TICK: Final = 1.0
+"""Seconds between two checks of whether a part is due."""
+EXPIRE_EVERY: Final = 3600.0
+
+
+@dataclass(slots=True)
+class IntakeCounters:
+    harvested: int = 0
+    ok: int = 0
+    rows: int = 0
+    unreadable: int = 0
+
+
+class Intake:
+    """Harvests the deliveries ``offer`` hands it and those the inbox held at the start."""
+
+    def __init__(self, config: ServeConfig, store: Store, inbox: Inbox, *, run_id: str) -> None:
+        self.config = config
+        self.store = store
+        self.inbox = inbox
+        self.run_id = run_id
+        self.counters = IntakeCounters()
+        self._keys: MemoryObjectSendStream[str]
+        self._receive: MemoryObjectReceiveStream[str]
+        # Keys only (a few dozen bytes each): the bodies stay in the inbox until a worker
+        # reads one.
+        self._keys, self._receive = anyio.create_memory_object_stream[str](math.inf)
+        self._queued: set[str] = set()
+        self._unmarked: list[str] = []
+        local = not is_remote(config.out)
+        root = Path(config.out) if local else scratch_dir(str(config.out))
+        self._layout = Layout(root)
+        self._writer = manifest.ManifestWriter(
+            self._layout,
+            run_id,
+            seconds_per_part=config.flush_every,
+            autoflush=False,
+            remote=None if local else store,
+        )
+
+    @property
+    def backlog(self) -> int:
+        """Deliveries stored and not yet harvested by this process."""
+        return len(self._queued)
+
+    def offer(self, key: str) -> None:
+        """Harvest the delivery stored at ``key`` (once, however often it is offered)."""
+        if key not in self._queued:
+            self._queued.add(key)
+            self._keys.send_nowait(key)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Harvest until cancelled; then write what was harvested (shielded)."""
+        self._layout.tmp.mkdir(parents=True, exist_ok=True)
+        for key in await anyio.to_thread.run_sync(self._left_over):
+            self.offer(key)
+        settings = LaneSettings(
+            run_id=self.run_id,
+            out_dir=self._layout.root,
+            base_url=DEFAULT_BASE_URL,  # deliveries come from fal: its images are public
+            authorization="",
+            concurrency=1,
+            image_concurrency=self.config.image_concurrency,
+            rps=1.0,
+            retry=RetryPolicy(),
+            pending_wait=0.0,
+            max_image_bytes=self.config.max_image_bytes,
+            allow_private_images=self.config.allow_private_images,
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=self.config.read_timeout,
+            seed=None,
+            out_url=str(self.config.out) if is_remote(self.config.out) else None,
+        )
+        lane = Lane(settings, remote=self.store if is_remote(self.config.out) else None)
+        try:
+            async with lane.opened(), anyio.create_task_group() as tg:
+                for _ in range(self.config.image_concurrency):
+                    tg.start_soon(self._work, lane)
+                tg.start_soon(self._flusher)
+                tg.start_soon(self._expirer)
+                task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._flush()
+
+    def _left_over(self) -> list[str]:
+        """The inbox's deliveries not marked done, less those a part already holds (marked
+        now)."""
+        pending = self.inbox.pending()
+        if not pending:
+            return []
+        written = self._written_deliveries(set(pending))
+        for key in written:
+            self.inbox.mark_done(key)
+        left = [key for key in pending if key not in written]
+        if left:
+            logger.info("%d deliveries from before the start to harvest", len(left))
+        return left
+
+    def _written_deliveries(self, keys: set[str]) -> set[str]:
+        import polars as pl
+
+        try:
+            rows = manifest.scan(self.config.out)
+            found = (
+                rows.filter(pl.col("source_file").str.starts_with(DELIVERIES))
+                .select("source_file")
+                .unique()
+                .collect()
+            )
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            raise ManifestError(f"cannot read the manifest of {self.config.out}: {exc}") from exc
+        return {key for key in found.get_column("source_file").to_list() if key in keys}
+
+    async def _work(self, lane: Lane) -> None:
+        async for key in self._receive:
+            try:
+                rows = await self._harvest(lane, key)
+            except ValueError as exc:
+                self.counters.unreadable += 1
+                logger.error("delivery %s is unreadable, left in the inbox: %s", key, exc)
+                continue
+            except OutputError as exc:
+                logger.error("delivery %s not harvested, left in the inbox: %s", key, exc)
+                continue
+            finally:
+                self._queued.discard(key)
+            self._writer.add(rows)
+            self._unmarked.append(key)
+            self.counters.harvested += 1
+            self.counters.rows += len(rows)
+            self.counters.ok += rows[0].request_status == OK
+
+    async def _harvest(self, lane: Lane, key: str) -> list[ManifestRow]:
+        delivery = await anyio.to_thread.run_sync(self.inbox.read, key)
+        outcome = delivery_outcome(delivery.body)
+        pair = Pair(delivery.model or "", delivery.request_id, key, 0)
+        rows = await lane.rows_for(pair, outcome)
+        return [dataclasses.replace(row, model=delivery.model, source_line=None) for row in rows]
+
+    async def _flusher(self) -> None:
+        while True:
+            await anyio.sleep(TICK)
+            if self._writer.due:
+                try:
+                    await self._flush()
+                except OutputError as exc:
+                    logger.error("%s; tried again at the next part", exc)
+
+    async def _flush(self) -> None:
+        """Write the buffered rows as a part, then mark their deliveries done."""
+        keys, self._unmarked = self._unmarked, []
+        try:
+            await self._writer.flush_in_thread()
+        except OutputError:
+            self._unmarked[:0] = keys
+            raise
+        await anyio.to_thread.run_sync(self._mark, keys)
+
+    def _mark(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self.inbox.mark_done(key)
+
+    async def _expirer(self) -> None:
+        keep = timedelta(days=self.config.keep_days)
+        while True:
+            before = datetime.now(UTC) - keep
+            try:
+                removed = await anyio.to_thread.run_sync(self.inbox.expire, before)
+            except OutputError as exc:
+                logger.error("cannot remove old deliveries: %s", exc)
+            else:
+                if removed:
+                    logger.info("removed %d deliveries older than %s", removed, keep)
+            await anyio.sleep(EXPIRE_EVERY)

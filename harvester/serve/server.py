@@ -1,0 +1,274 @@
+"""The webhook receiver: ``POST /fal/webhook?model=owner/app[/path]`` and ``GET /healthz``.
+
+A delivery is answered 2xx only once it is durable in the inbox: its size is checked from
+its Content-Length before anything is read (413, unread), its body read within
+``read_timeout`` (408 for slow senders), its signature checked on the raw bytes (401, and
+nothing stored, for anything not signed by fal for an allowed account), and it is stored
+create-once (503 if it cannot be, so fal retries it). A repeated delivery of a stored request
+is answered 200 and not stored again. ``/healthz`` answers 200 while a delivery can be stored
+and 503, with the reason, while it cannot.
+
+``serve`` holds the output's lock while it runs (a harvest on the same output waits for none
+and exits 5), stops accepting on SIGTERM or SIGINT, lets the requests in flight finish, writes
+the harvested rows and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+import anyio
+from aiohttp import web
+
+from harvester.api.webhooks import KeysUnavailable, Refused, WebhookVerifier
+from harvester.errors import OutputError
+from harvester.serve.config import CONNECT_TIMEOUT, SHUTDOWN_GRACE, ServeConfig
+from harvester.serve.intake import Intake, IntakeCounters
+from harvester.storage.inbox import Delivery, Inbox, delivery_key
+from harvester.storage.layout import Layout
+from harvester.storage.objects import Store, open_store
+
+logger = logging.getLogger(__name__)
+
+WEBHOOK_PATH: Final = "/fal/webhook"
+MODEL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)+")
+"""``?model=``: a model id as the queue URLs take it, ``owner/app`` or ``owner/app/path``."""
+
+
+@dataclass(slots=True)
+class ServeCounters:
+    accepted: int = 0
+    """Deliveries stored now."""
+    repeated: int = 0
+    """Deliveries of a request already stored (answered 200, not stored again)."""
+    refused: Counter[str] = field(default_factory=Counter)
+    """By reason: ``bad-signature``, ``stale-timestamp``, ``too-large``, ..."""
+    unavailable: int = 0
+    """Answered 503: the delivery could not be stored or checked now (fal retries)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSummary:
+    run_id: str
+    served: ServeCounters
+    harvested: IntakeCounters
+
+
+class WebhookServer:
+    """The HTTP side: handlers over a verifier, an inbox and an intake."""
+
+    def __init__(
+        self, config: ServeConfig, verifier: WebhookVerifier, inbox: Inbox, intake: Intake
+    ) -> None:
+        self.config = config
+        self.verifier = verifier
+        self.inbox = inbox
+        self.intake = intake
+        self.counters = ServeCounters()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.router.add_post(WEBHOOK_PATH, self.webhook)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    def _refuse(self, reason: str, status: int, message: str, request: web.Request) -> web.Response:
+        self.counters.refused[reason] += 1
+        logger.warning("delivery refused (%s) from %s: %s", reason, request.remote, message)
+        response = web.json_response({"detail": message}, status=status)
+        if status in (408, 413):
+            response.force_close()  # the rest of the body is not read
+        return response
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        limit = self.config.max_body_bytes
+        too_large = f"the body is larger than {limit:,} bytes (--max-body-bytes)"
+        length = request.content_length
+        if length is not None and length > limit:
+            return self._refuse("too-large", 413, too_large, request)
+        model = request.query.get("model")
+        if model is not None and not MODEL.fullmatch(model):
+            return self._refuse(
+                "bad-model", 400, "?model= must be a model id: owner/app[/path]", request
+            )
+        try:
+            with anyio.fail_after(self.config.read_timeout):
+                body = await _read_body(request, limit)
+        except TimeoutError:
+            message = f"the body did not arrive within {self.config.read_timeout:g} s"
+            return self._refuse("slow", 408, message, request)
+        if body is None:
+            return self._refuse("too-large", 413, too_large, request)
+        try:
+            verified = await self.verifier.verify(request.headers, body)
+        except Refused as exc:
+            return self._refuse(exc.reason, 401, str(exc), request)
+        except KeysUnavailable as exc:
+            self.counters.unavailable += 1
+            logger.error("delivery not checked, answered 503: %s", exc)
+            return web.json_response({"detail": "cannot check signatures now"}, status=503)
+        delivery = Delivery(
+            request_id=verified.request_id,
+            model=model,
+            user_id=verified.user_id,
+            received_at=datetime.now(UTC),
+            body=body,
+        )
+        try:
+            stored = await self.inbox.put(delivery)
+        except OutputError as exc:
+            self.counters.unavailable += 1
+            logger.error("delivery not stored, answered 503: %s", exc)
+            return web.json_response({"detail": "cannot store deliveries now"}, status=503)
+        if stored:
+            self.counters.accepted += 1
+            self.intake.offer(delivery_key(delivery.request_id))
+        else:
+            self.counters.repeated += 1
+        return web.json_response({"stored": stored})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        problem = await anyio.to_thread.run_sync(self.inbox.problem)
+        if problem is not None:
+            return web.json_response({"status": "unavailable", "problem": problem}, status=503)
+        return web.json_response({"status": "ok", "backlog": self.intake.backlog})
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it is over ``limit`` bytes."""
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > limit:
+            return None
+    return bytes(data)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+Ready = Callable[[str], None]
+"""Called with the webhook's URL once the server listens."""
+
+
+async def serve(
+    config: ServeConfig,
+    *,
+    run_id: str,
+    on_ready: Ready | None = None,
+    stop: anyio.Event | None = None,
+) -> ServeSummary:
+    """Receive and harvest deliveries until ``stop`` is set (or, in the main thread, SIGTERM
+    or SIGINT arrives); returns the counts. Raises ``OutputError`` if the output cannot take
+    deliveries at the start, ``LockedError`` if a harvest holds it, ``OSError`` if the
+    address cannot be listened on."""
+    store = open_store(config.out)
+    if isinstance(config.out, Path):
+        Layout(config.out).prepare()
+    with store.lock(owner=f"harvester serve {run_id}"):
+        if isinstance(config.out, Path):
+            Layout(config.out).clean_temp()
+        return await _serve_locked(config, store, run_id, on_ready, stop)
+
+
+async def _serve_locked(
+    config: ServeConfig,
+    store: Store,
+    run_id: str,
+    on_ready: Ready | None,
+    stop: anyio.Event | None,
+) -> ServeSummary:
+    from harvester.api.transport import open_client
+
+    inbox = Inbox(store)
+    problem = await anyio.to_thread.run_sync(inbox.problem)
+    if problem is not None:
+        raise OutputError(f"cannot take deliveries: {problem}")
+    client = open_client(max_connections=4, connect_timeout=CONNECT_TIMEOUT, read_timeout=10.0)
+    intake = Intake(config, store, inbox, run_id=run_id)
+    server = WebhookServer(
+        config,
+        WebhookVerifier(client, config.jwks_url, user_ids=config.user_ids),
+        inbox,
+        intake,
+    )
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
+    sock = _bind(config.host, config.port)
+    running = False
+    try:
+        await runner.setup()
+        running = True
+        async with anyio.create_task_group() as tg:
+            await tg.start(intake.run)
+            await web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_GRACE).start()
+            if on_ready is not None:
+                host, port = sock.getsockname()[:2]
+                shown = f"[{host}]" if ":" in host else host
+                on_ready(f"http://{shown}:{port}{WEBHOOK_PATH}")
+            await _until_stopped(stop)
+            logger.info("stopping: no new deliveries; writing what was harvested")
+            running = False
+            await runner.cleanup()  # stops accepting; lets the requests in flight finish
+            tg.cancel_scope.cancel()  # the intake writes its rows as it stops
+    finally:
+        with anyio.CancelScope(shield=True):
+            if running:
+                await runner.cleanup()
+            await client.aclose()
+            sock.close()
+    return ServeSummary(run_id, server.counters, intake.counters)
+
+
+async def _until_stopped(stop: anyio.Event | None) -> None:
+    async with anyio.create_task_group() as tg:
+        if stop is not None:
+
+            async def wait_stop() -> None:
+                await stop.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait_stop)
+        if threading.current_thread() is threading.main_thread():
+
+            async def wait_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(wait_signal)
+        await anyio.sleep_forever()
+
+
+def serve_forever(
+    config: ServeConfig, *, run_id: str, on_ready: Ready | None = None
+) -> ServeSummary:
+    """``serve`` on its own event loop, until SIGTERM or SIGINT."""
+    from harvester.run.request import EVENT_LOOP_OPTIONS
+
+    async def main() -> ServeSummary:
+        return await serve(config, run_id=run_id, on_ready=on_ready)
+
+    return anyio.run(main, backend_options=EVENT_LOOP_OPTIONS)
