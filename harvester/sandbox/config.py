@@ -181,6 +181,10 @@ class SandboxConfig:
     max_rps: float | None = None
     """If set, result requests beyond this many accepted in the last second (a sliding window
     on the server's clock) answer 429, as a relay with a per-key rate limit does."""
+    webhook_url: str | None = None
+    """Where a submission (``POST /{model}``) without ``fal_webhook`` is delivered."""
+    webhook_user_id: str = "sandbox-user"
+    """The account deliveries are signed for (``X-Fal-Webhook-User-Id``)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

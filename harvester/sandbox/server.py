@@ -15,19 +15,22 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from email.utils import formatdate
 from typing import Final
+from urllib.parse import parse_qs
 
 import anyio
 import anyio.from_thread
-from anyio.abc import Listener, SocketAttribute, SocketStream, TaskStatus
+from anyio.abc import Listener, SocketAttribute, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from harvester.sandbox import world
 from harvester.sandbox.config import MEDIA_FAULTS, RESULT_FAULTS, SandboxConfig
+from harvester.sandbox.webhooks import Sender, Signer, delivery_body
 from harvester.sandbox.wire import (
     MAX_BODY_BYTES,
     MAX_HEAD_BYTES,
@@ -46,6 +49,7 @@ IDLE_TIMEOUT: Final = 60.0
 LINGER_SECONDS: Final = 1.0
 """After an error answer, how long to drain the client's unread input before closing."""
 NAMESPACES: Final = frozenset({"workflows", "comfy"})
+JWKS_PATH: Final = "/.well-known/jwks.json"
 
 STAT_KEYS: Final = (
     "connections",
@@ -66,6 +70,9 @@ STAT_KEYS: Final = (
     "failed_served",
     "bad_requests",
     "internal_errors",
+    "submissions",
+    "webhooks_delivered",
+    "webhooks_given_up",
     *(f"fault_{name}" for name in dict.fromkeys(RESULT_FAULTS + MEDIA_FAULTS)),
 )
 
@@ -88,11 +95,23 @@ class _Reset(Exception):
 class Sandbox:
     """Handle of a running sandbox."""
 
-    def __init__(self, config: SandboxConfig, base_url: str, counters: _Counters) -> None:
+    def __init__(
+        self, config: SandboxConfig, base_url: str, counters: _Counters, signer: Signer
+    ) -> None:
         self.config = config
         self.base_url = base_url
         """``http://127.0.0.1:PORT``"""
         self._counters = counters
+        self.signer = signer
+        """The key deliveries are signed with (published at ``jwks_url``)."""
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.base_url}{JWKS_PATH}"
+
+    def submit_url(self, model: str) -> str:
+        """Where a request to ``model`` is submitted (``POST``; ``?fal_webhook=URL``)."""
+        return f"{self.base_url}/{model}"
 
     def stats(self) -> dict[str, int]:
         """A consistent snapshot of the counters (safe from any thread)."""
@@ -153,6 +172,10 @@ class _Server:
         self._auth_ok = frozenset(
             f"{scheme} {config.key}" for scheme in accepted[config.auth_scheme]
         )
+        self.signer = Signer()
+        self.sender = Sender(self.signer, user_id=config.webhook_user_id)
+        self.tasks: TaskGroup | None = None
+        """Where deliveries run (set while the server runs)."""
 
     async def listen(self) -> Listener[SocketStream]:
         """Bind 127.0.0.1 (raises ``OSError`` if the port is taken) and learn the port."""
@@ -165,12 +188,17 @@ class _Server:
 
     @property
     def sandbox(self) -> Sandbox:
-        return Sandbox(self.config, self.base_url, self.counters)
+        return Sandbox(self.config, self.base_url, self.counters, self.signer)
 
     async def run(self, *, task_status: TaskStatus[Sandbox] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with await self.listen() as listener:
+        async with await self.listen() as listener, anyio.create_task_group() as tasks:
+            self.tasks = tasks
             task_status.started(self.sandbox)
-            await listener.serve(self.connection)
+            try:
+                await listener.serve(self.connection)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.sender.aclose()
 
     # -- connections -------------------------------------------------------------------
 
@@ -231,16 +259,21 @@ class _Server:
         try:
             request = parse_head(head)
             keep_alive = request.keep_alive
-            if request.method == "GET" and (length := request.content_length):
+            body = b""
+            if request.method in ("GET", "POST") and (length := request.content_length):
                 if length >= MAX_BODY_BYTES:
                     raise BadRequest(413, "request body too large")
-                await receive.receive_exactly(length)
+                body = await receive.receive_exactly(length)
         except BadRequest as exc:
             self.counters.add("bad_requests")
             await self._send_error(stream, exc.status, exc.reason)
             return False
         if self.config.latency:
             await anyio.sleep(self.config.latency)
+        if request.method == "POST" and "requests" not in request.segments:
+            reply = self._submit(request, body)
+            await self._send(stream, reply, keep_alive=keep_alive, http_10=request.http_10)
+            return keep_alive
         if request.method != "GET":
             # The body, if any, is not read: close rather than parse it as the next request.
             has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
@@ -282,6 +315,8 @@ class _Server:
         segments = request.segments
         if len(segments) == 2 and segments[0] == "media":
             return await self._media(request, segments[1])
+        if request.path == JWKS_PATH:
+            return json_reply(200, self.signer.jwks()), False
         if segments == ["__sandbox", "stats"]:
             body = json.dumps(self.counters.snapshot()).encode()
             return json_reply(200, body), False
@@ -302,6 +337,44 @@ class _Server:
             return await self._result(request, app, request_id), False
         body = json.dumps({"detail": f"Not Found: {request.path}"}).encode()
         return json_reply(404, body), False
+
+    def _submit(self, request: Request, body: bytes) -> Reply:
+        """fal's queue submission, ``POST /{model}[?fal_webhook=URL]``: answered at once; the
+        request's delivery goes to ``fal_webhook`` (or ``--webhook``) when it is done. The
+        input's ``request_id``, if any, is the request's id (so a test or a demo can choose
+        a behaviour by its prefix); else a new one."""
+        self.counters.add("submissions")
+        if not self._authorized(request):
+            return self._unauthorized()
+        segments = [s for s in request.segments if s]
+        if len(segments) < 2:
+            return json_reply(404, json.dumps({"detail": "submit to /owner/app"}).encode())
+        try:
+            given = json.loads(body) if body else {}
+        except ValueError:
+            given = {}
+        hint = given.get("request_id") if isinstance(given, dict) else None
+        request_id = hint if isinstance(hint, str) and hint else str(uuid.uuid4())
+        webhook = parse_qs(request.query).get("fal_webhook", [self.config.webhook_url])[0]
+        app = segments[1] if segments[0] not in NAMESPACES else segments[2]
+        if webhook and self.tasks is not None:
+            self.tasks.start_soon(self._deliver, webhook, app, request_id)
+        urls = f"{self.base_url}/{'/'.join(segments[:2])}/requests/{request_id}"
+        answer = {
+            "request_id": request_id,
+            "status": "IN_QUEUE",
+            "response_url": urls,
+            "status_url": f"{urls}/status",
+        }
+        return json_reply(200, json.dumps(answer).encode(), request_id)
+
+    async def _deliver(self, url: str, app: str, request_id: str) -> None:
+        reply = world.result_for(app, request_id, self.base_url, self.config)
+        body = delivery_body(request_id, reply.status, reply.body)
+        if await self.sender.deliver(url, request_id, body):
+            self.counters.add("webhooks_delivered")
+        else:
+            self.counters.add("webhooks_given_up")
 
     def _authorized(self, request: Request) -> bool:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
@@ -490,6 +563,7 @@ def serve_forever(
     async def main() -> None:
         server = _Server(config)
         async with await server.listen() as listener, anyio.create_task_group() as group:
+            server.tasks = group
             if threading.current_thread() is threading.main_thread():
                 group.start_soon(_cancel_on_signal, group.cancel_scope)
             if on_ready is not None:

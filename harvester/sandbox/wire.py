@@ -38,6 +38,8 @@ class Request:
     http_10: bool
     headers: dict[str, str]
     """Lower-case names; repeated headers are joined with ", "."""
+    query: str = ""
+    """The target's query, still percent-encoded, without the ``?``."""
 
     @property
     def segments(self) -> list[str]:
@@ -92,8 +94,8 @@ def parse_head(head: bytes) -> Request:
         key = name.lower()
         value = value.strip(" \t")
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    path = target.partition("?")[0]
-    return Request(method, path, version == "HTTP/1.0", headers)
+    path, _, query = target.partition("?")
+    return Request(method, path, version == "HTTP/1.0", headers, query)
 
 
 @functools.lru_cache(maxsize=1)
