@@ -1,0 +1,376 @@
+"""``harvester serve`` as fal meets it: real processes, real sockets, deliveries signed by the
+sandbox (and by other keys, for the refusals), the manifest read back with polars."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import polars as pl
+import pytest
+
+from harvester.sandbox import Sandbox
+from harvester.sandbox.webhooks import Signer
+from harvester.storage.inbox import delivery_key
+from tests.conftest import KEY
+from tests.processes import harvester_command, harvester_env
+
+MODEL = "fal-ai/flux/dev"
+
+
+@dataclass
+class Serving:
+    url: str
+    """``http://127.0.0.1:PORT/fal/webhook``"""
+    process: subprocess.Popen[str]
+    lines: list[str]
+
+    @property
+    def base(self) -> str:
+        return self.url.removesuffix("/fal/webhook")
+
+    def hook(self, model: str | None = MODEL) -> str:
+        return self.url if model is None else f"{self.url}?model={quote(model)}"
+
+    def health(self) -> httpx.Response:
+        return httpx.get(f"{self.base}/healthz", timeout=10)
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until every stored delivery is harvested (its rows wait for the next part)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answer = self.health()
+            if answer.status_code == 200 and answer.json()["backlog"] == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"serve still busy after {timeout} s: {self.health().text}")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+@contextmanager
+def serving(out: Path, sandbox: Sandbox, *args: str) -> Iterator[Serving]:
+    """``harvester serve`` in its own process on a free port, keys from the sandbox."""
+    command = harvester_command(
+        "serve",
+        "--out",
+        str(out),
+        "--listen",
+        "127.0.0.1:0",
+        "--jwks-url",
+        sandbox.jwks_url,
+        "--allow-private-images",
+        "--flush-every",
+        "0.5",
+        *args,
+    )
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=harvester_env())
+    assert process.stderr is not None
+    stderr = process.stderr
+    lines: list[str] = []
+    first = stderr.readline()
+    while first and not first.startswith("serving on "):  # log lines of the start
+        lines.append(first)
+        first = stderr.readline()
+    assert first.startswith("serving on "), "".join(lines) + stderr.read()
+    drain = threading.Thread(target=lambda: lines.extend(stderr), daemon=True)
+    drain.start()
+    try:
+        yield Serving(first.split()[2], process, lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        drain.join(timeout=10)
+        stderr.close()
+
+
+def submit(sandbox: Sandbox, request_id: str, webhook: str) -> None:
+    """A request submitted to the sandbox with ``fal_webhook``, as a fal user does."""
+    answer = httpx.post(
+        sandbox.submit_url(MODEL),
+        params={"fal_webhook": webhook},
+        json={"request_id": request_id, "prompt": "a cat"},
+        headers={"Authorization": f"Key {KEY}"},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def wait_delivered(sandbox: Sandbox, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sandbox.stats()["webhooks_delivered"] < count:
+        assert time.monotonic() < deadline, sandbox.stats()
+        time.sleep(0.05)
+
+
+def result_of(sandbox: Sandbox, request_id: str) -> dict[str, Any]:
+    answer = httpx.get(
+        sandbox.result_url("fal-ai/flux", request_id),
+        headers={"Authorization": f"Key {KEY}"},
+        timeout=10,
+    )
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def delivery(request_id: str, payload: object = None, *, status: str = "OK") -> bytes:
+    return json.dumps(
+        {
+            "request_id": request_id,
+            "gateway_request_id": request_id,
+            "status": status,
+            "payload": payload,
+            "error": None,
+        }
+    ).encode()
+
+
+def post(
+    url: str,
+    signer: Signer,
+    request_id: str,
+    body: bytes,
+    *,
+    user_id: str = "sandbox-user",
+    timestamp: int | None = None,
+) -> httpx.Response:
+    headers = signer.headers(request_id, body, user_id=user_id, timestamp=timestamp)
+    return httpx.post(url, content=body, headers=headers, timeout=10)
+
+
+def rows(out: Path) -> pl.DataFrame:
+    return pl.read_parquet(str(out / "manifest" / "*" / "*.parquet"))
+
+
+def stored_deliveries(out: Path) -> list[Path]:
+    folder = out / "inbox" / "deliveries"
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_deliveries_from_the_sandbox_are_stored_and_harvested(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    out = tmp_path / "out"
+    ids = ["hook-a", "hook-b", "hook-c", "fail-hook", "badjson-hook"]
+    before = sandbox.stats()["webhooks_delivered"]
+    with serving(out, sandbox) as serve:
+        assert serve.health().json() == {"status": "ok", "backlog": 0}
+        for request_id in ids:
+            submit(sandbox, request_id, serve.hook())
+        wait_delivered(sandbox, before + len(ids))
+        serve.wait_idle()
+        assert serve.stop() == 0
+    assert any("5 deliveries stored" in line for line in serve.lines), serve.lines
+
+    table = rows(out)
+    by_id = {rid: table.filter(pl.col("request_id") == rid) for rid in ids}
+    for request_id in ids[:3]:
+        got = by_id[request_id].sort("image_index")
+        truth = [image["url"] for image in result_of(sandbox, request_id)["images"]]
+        assert got["request_status"].to_list() == ["ok"] * len(truth)
+        assert set(got["model"]) == {MODEL}
+        assert set(got["source_file"]) == {delivery_key(request_id)}
+        assert got["source_line"].null_count() == len(truth)
+        for url, sha, path in zip(truth, got["sha256"], got["path"], strict=True):
+            served = httpx.get(url, timeout=10).content
+            assert hashlib.sha256(served).hexdigest() == sha
+            assert hashlib.sha256((out / path).read_bytes()).hexdigest() == sha
+    failed = by_id["fail-hook"].row(0, named=True)
+    assert (failed["request_status"], failed["status"]) == ("failed", "failed")
+    assert failed["error"].startswith("fal: ")
+    broken = by_id["badjson-hook"].row(0, named=True)
+    assert broken["status"] == "error" and "no payload" in broken["error"]
+    assert len(stored_deliveries(out)) == len(ids)
+
+
+def test_refused_deliveries_leave_nothing_but_a_count_and_a_line(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    out = tmp_path / "out"
+    signer = sandbox.signer
+    body = delivery("r-1", {"images": [], "seed": 1, "prompt": "p"})
+    with serving(out, sandbox, "--fal-user-id", "sandbox-user", "--max-body-bytes", "2000") as s:
+        url = s.hook()
+        forged = signer.headers("r-1", body)
+        refusals = {
+            "forged": httpx.post(url, content=body + b" ", headers=forged, timeout=10),
+            "unknown key": post(url, Signer(), "r-1", body),
+            "stale": post(url, signer, "r-1", body, timestamp=int(time.time()) - 301),
+            "future": post(url, signer, "r-1", body, timestamp=int(time.time()) + 301),
+            "another account": post(url, signer, "r-1", body, user_id="someone-else"),
+            "no signature": httpx.post(
+                url,
+                content=body,
+                headers={k: v for k, v in forged.items() if k != "X-Fal-Webhook-Signature"},
+                timeout=10,
+            ),
+            "no headers": httpx.post(url, content=body, timeout=10),
+        }
+        big = delivery("r-2", {"images": [], "seed": 1, "prompt": "x" * 3000})
+        too_large = post(url, signer, "r-2", big)
+        assert {name: r.status_code for name, r in refusals.items()} == dict.fromkeys(refusals, 401)
+        assert too_large.status_code == 413
+        assert stored_deliveries(out) == []
+        good = post(url, signer, "r-1", body)  # the control: the same delivery, signed
+        assert good.status_code == 200 and good.json() == {"stored": True}
+        s.wait_idle()
+        assert s.stop() == 0
+    log = "\n".join(s.lines)
+    assert log.count("delivery refused") == len(refusals) + 1
+    assert forged["X-Fal-Webhook-Signature"] not in log and '"seed"' not in log
+    assert len(stored_deliveries(out)) == 1
+    assert rows(out)["request_id"].to_list() == ["r-1"]
+
+
+def test_a_delivery_repeated_three_times_is_one_set_of_rows(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    out = tmp_path / "out"
+    payload = result_of(sandbox, "again-1")
+    body = delivery("again-1", payload)
+    with serving(out, sandbox) as serve:
+        answers = [post(serve.hook(), sandbox.signer, "again-1", body) for _ in range(3)]
+        assert [a.json()["stored"] for a in answers] == [True, False, False]
+        serve.wait_idle()
+        assert serve.stop() == 0
+    with serving(out, sandbox) as serve:  # and once more after a restart
+        assert post(serve.hook(), sandbox.signer, "again-1", body).json() == {"stored": False}
+        assert serve.stop() == 0
+    table = rows(out)
+    assert table.height == len(payload["images"])
+    assert table["image_index"].sort().to_list() == list(range(table.height))
+
+
+def test_rows_written_before_the_marks_are_not_written_twice(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A process that dies between a part and the inbox's done marks: on restart the
+    deliveries are found in the manifest and marked, not harvested again."""
+    out = tmp_path / "out"
+    with serving(out, sandbox) as serve:
+        for n in range(3):
+            request_id = f"marks-{n}"
+            body = delivery(request_id, result_of(sandbox, request_id))
+            assert post(serve.hook(), sandbox.signer, request_id, body).status_code == 200
+        serve.wait_idle()
+        assert serve.stop() == 0
+    first = rows(out).height
+    for mark in (out / "inbox" / "done").rglob("*"):
+        if mark.is_file():
+            mark.unlink()
+    with serving(out, sandbox) as serve:
+        serve.wait_idle()
+        assert serve.stop() == 0
+    assert rows(out).height == first
+    assert len([m for m in (out / "inbox" / "done").rglob("*") if m.is_file()]) == 3
+
+
+def test_kill_9_after_acknowledging_loses_no_delivery(tmp_path: Path, sandbox: Sandbox) -> None:
+    out = tmp_path / "out"
+    acknowledged = []
+    # Parts are due only every 10 minutes: nothing harvested is written before the kill.
+    with serving(out, sandbox, "--flush-every", "600") as serve:
+        for n in range(40):
+            request_id = f"kill-{n}"
+            body = delivery(request_id, result_of(sandbox, request_id))
+            if post(serve.hook(), sandbox.signer, request_id, body).status_code == 200:
+                acknowledged.append(request_id)
+        os.kill(serve.process.pid, signal.SIGKILL)
+        serve.process.wait(timeout=10)
+    assert len(acknowledged) == 40
+    assert not (out / "manifest").exists() or not list((out / "manifest").rglob("*.parquet"))
+    with serving(out, sandbox) as serve:
+        serve.wait_idle()
+        assert serve.stop() == 0
+    table = rows(out)
+    latest = table.group_by("request_id").agg(pl.col("request_status").unique())
+    assert sorted(latest["request_id"]) == sorted(acknowledged)
+    assert all(statuses.to_list() == ["ok"] for statuses in latest["request_status"])
+    for sha, path in zip(table["sha256"], table["path"], strict=True):
+        assert hashlib.sha256((out / path).read_bytes()).hexdigest() == sha
+
+
+def test_an_unwritable_inbox_answers_503_and_healthz_says_so(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    out = tmp_path / "out"
+    body = delivery("late-1", {"images": [], "seed": 1, "prompt": "p"})
+    with serving(out, sandbox) as serve:
+        assert serve.health().status_code == 200
+        deliveries = out / "inbox" / "deliveries"
+        if deliveries.exists():
+            deliveries.rmdir()
+        deliveries.write_text("not a folder")  # refused even to root, unlike a chmod
+        health = serve.health()
+        assert health.status_code == 503 and "not a folder" in health.json()["problem"]
+        assert post(serve.hook(), sandbox.signer, "late-1", body).status_code == 503
+        deliveries.unlink()
+        assert serve.health().status_code == 200
+        assert post(serve.hook(), sandbox.signer, "late-1", body).status_code == 200
+        serve.wait_idle()
+        assert serve.stop() == 0
+    assert rows(out)["request_id"].to_list() == ["late-1"]
+
+
+def test_a_bad_model_parameter_is_refused(tmp_path: Path, sandbox: Sandbox) -> None:
+    out = tmp_path / "out"
+    body = delivery("m-1", {"images": [], "seed": 1, "prompt": "p"})
+    with serving(out, sandbox) as serve:
+        answer = post(serve.hook("flux"), sandbox.signer, "m-1", body)
+        assert answer.status_code == 400
+        no_model = post(serve.hook(None), sandbox.signer, "m-1", body)
+        assert no_model.status_code == 200
+        serve.wait_idle()
+        assert serve.stop() == 0
+    row = rows(out).row(0, named=True)
+    assert row["model"] is None and row["request_status"] == "ok"
+
+
+@pytest.mark.parametrize("where", ["top", "table"])
+def test_serve_reads_a_job_files_serve_table(tmp_path: Path, sandbox: Sandbox, where: str) -> None:
+    out = tmp_path / "out"
+    job = tmp_path / "job.toml"
+    serve_keys = (
+        f'listen = "127.0.0.1:0"\njwks-url = "{sandbox.jwks_url}"\n'
+        'fal-user-id = ["sandbox-user"]\nallow-private-images = true\n'
+    )
+    shared = 'out = "out"\ninputs = ["exports/*.csv"]\nrps = 5\n'
+    if where == "top":
+        job.write_text(shared + "[serve]\n" + serve_keys)
+    else:
+        job.write_text('inputs = ["x.csv"]\n[serve]\nout = "out"\n' + serve_keys)
+    process = subprocess.Popen(
+        harvester_command("serve", "--job", str(job)),
+        stderr=subprocess.PIPE,
+        text=True,
+        env=harvester_env(),
+    )
+    assert process.stderr is not None
+    try:
+        first = process.stderr.readline()
+        assert first.startswith("serving on "), first + process.stderr.read()
+        url = first.split()[2]
+        body = delivery("job-1", {"images": [], "seed": 1, "prompt": "p"})
+        other = post(url, sandbox.signer, "job-1", body, user_id="someone-else")
+        assert other.status_code == 401  # fal-user-id came from the table
+        assert post(url, sandbox.signer, "job-1", body).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        process.stderr.close()
+    assert (out / "inbox" / "deliveries").is_dir()
