@@ -17,6 +17,7 @@ import polars as pl
 from harvester.redact import printable
 from harvester.sandbox import SandboxConfig, running_sandbox
 from harvester.storage import manifest
+from harvester.storage.objects import open_store
 
 DEMO_KEY = "sandbox-key"
 
@@ -31,7 +32,7 @@ def _show(out: Path) -> None:
     pl.Config.set_tbl_hide_dataframe_shape(True)
     pl.Config.set_fmt_str_lengths(48)
     pl.Config.set_tbl_width_chars(120)
-    latest = manifest.latest(out)
+    latest = manifest.latest(open_store(out))
     state = (
         latest.group_by("model", "request_id")
         .agg(pl.col("request_status").first(), pl.col("sha256").drop_nulls().len().alias("images"))

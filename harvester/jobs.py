@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from harvester.defaults import AUTH_SCHEMES, DEFAULT_BASE_URL
 from harvester.errors import ConfigError, InputError
-from harvester.storage.objects import is_remote, scratch_dir
+from harvester.storage.objects import as_location, open_store
 from harvester.views.console import LOG_FORMATS
 
 if TYPE_CHECKING:  # the run layer is loaded only by the commands that run a harvest
@@ -97,8 +97,7 @@ class Job:
 
         return HarvestConfig(
             inputs=expand_inputs(self.inputs),
-            out_dir=scratch_dir(self.out) if isinstance(self.out, str) else self.out,
-            out_url=self.out if isinstance(self.out, str) else None,
+            out=open_store(self.out),
             api_key=api_key,
             base_url=self.base_url,
             auth_scheme=self.auth_scheme,
@@ -211,8 +210,8 @@ def load_job(path: Path, overrides: Mapping[str, object] | None = None) -> Job:
     if "inputs" in values:
         values["inputs"] = tuple(_resolve(base, p) for p in values["inputs"])
     for key in ("out", "metrics_file"):
-        if key in values and not is_remote(values[key]):
-            values[key] = Path(_resolve(base, values[key]))
+        if key in values:
+            values[key] = as_location(values[key], base=base)
     values.update(overrides or {})
     for required, what in (("inputs", "CSV exports to read"), ("out", "the output folder")):
         if required not in values:

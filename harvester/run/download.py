@@ -43,7 +43,6 @@ from harvester.api.urls import (
     non_public_refusal,
     redirect_target,
 )
-from harvester.storage.layout import Layout
 from harvester.storage.objects import Store
 from harvester.storage.rows import ERROR, FAILED
 from harvester.storage.store import (
@@ -70,7 +69,7 @@ class ImageDownloader:
     def __init__(
         self,
         client: httpx.AsyncClient,
-        layout: Layout,
+        store: Store,
         *,
         policy: RetryPolicy,
         rng: random.Random,
@@ -80,7 +79,6 @@ class ImageDownloader:
         refuse_private: bool = False,
         api_url: str | None = None,
         resolve: Resolve = resolve_host,
-        remote: Store | None = None,
     ) -> None:
         self._client = client
         self._refuse_private = refuse_private
@@ -91,7 +89,7 @@ class ImageDownloader:
         self._resolved: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._total = total_seconds or attempt_seconds(client.timeout.read)
         """The most one attempt may take, redirects and the whole body included."""
-        self._store = ContentStore(layout, max_bytes=max_bytes, remote=remote)
+        self._store = ContentStore(store, max_bytes=max_bytes)
         self._policy = policy
         self._rng = rng
         self._max_bytes = max_bytes
@@ -104,9 +102,7 @@ class ImageDownloader:
     async def store(self, url: str) -> StoredImage | ImageFailure:
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
-            if self._store.remote is not None:
-                return await self._store.store_data_uri_remote(url)
-            return self._store.store_data_uri(url)
+            return await self._store.store_data_uri(url)
         if scheme not in FOLLOWED_SCHEMES:
             return ImageFailure(
                 FAILED,
@@ -286,6 +282,4 @@ class ImageDownloader:
         if ext is None:
             sink.discard()
             return self._store.not_an_image(sink.head, status, attempt)
-        if self._store.remote is not None:
-            return await self._store.commit_remote(sink, ext, status, attempt)
-        return self._store.commit(sink, ext, status, attempt)
+        return await self._store.commit(sink, ext, status, attempt)

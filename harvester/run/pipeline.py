@@ -60,10 +60,8 @@ from harvester.run.shard import (
 )
 from harvester.run.stats import RunStats, baseline_not_ok
 from harvester.storage import manifest, runs
-from harvester.storage.layout import Layout
-from harvester.storage.lock import exclusive
 from harvester.storage.manifest import EXPIRED, INVALID, ManifestRow, ManifestWriter
-from harvester.storage.objects import AWS_ENV, Held, Store, open_store
+from harvester.storage.objects import REMOTE_TEMP, Held, Store
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -79,9 +77,6 @@ IMAGE_SLOTS_PER_FETCH: Final = 2
 download slots per fetch slot keep every fetch slot busy, on a slow link too (README
 "Performance" has the measurements)."""
 ENGINES: Final = ("local", "ray")
-REMOTE_TEMP: Final = ".tmp/"
-"""The run's temp objects in an S3 output (a shard's pairs, for nodes without the driver's
-disk): ``.tmp/<run_id>/``, deleted when the run ends, or by the next run on the prefix."""
 
 
 def api_key_from_env(environ: dict[str, str] | os._Environ[str], name: str | None = None) -> str:
@@ -104,12 +99,8 @@ def api_key_from_env(environ: dict[str, str] | os._Environ[str], name: str | Non
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HarvestConfig:
     inputs: tuple[Path, ...]
-    out_dir: Path
-    """The output folder; with ``out_url``, a local folder for the run's temp files only
-    (shard files, progress, spill files, parts being built; ``objects.scratch_dir``)."""
-    out_url: str | None = None
-    """``s3://bucket/prefix``: images, manifest and run records go there (credentials from
-    the AWS environment variables)."""
+    out: Store
+    """Where images, manifest and run records go (``objects.open_store``)."""
     api_key: str = field(repr=False)
     base_url: str = DEFAULT_BASE_URL
     auth_scheme: str = "auto"
@@ -150,7 +141,7 @@ class HarvestConfig:
     ray_address: str | None = None
     """The Ray head's ``host:port`` (None: ``RAY_ADDRESS``)."""
     shared_fs: bool = False
-    """``out_dir`` is on a file system every node of the cluster mounts at the same path."""
+    """``out`` is a folder every node of the cluster mounts at the same path."""
     max_retries: int = DEFAULT_MAX_RETRIES
     """How often a shard runs again after its process or node died."""
 
@@ -194,7 +185,7 @@ class HarvestConfig:
 
         return LaneSettings(
             run_id=run_id,
-            out_dir=self.out_dir,
+            store=self.out,
             base_url=self.base_url,
             authorization=self.authorization,
             concurrency=share(self.concurrency),
@@ -207,7 +198,6 @@ class HarvestConfig:
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
             seed=None if self.seed is None else self.seed + index,
-            out_url=self.out_url,
         )
 
     def validate(self) -> None:
@@ -247,11 +237,6 @@ class HarvestConfig:
             raise UsageError("--ray-address is for --engine ray")
 
     @property
-    def location(self) -> Path | str:
-        """Where the output lives: ``out_url``, else ``out_dir``."""
-        return self.out_url or self.out_dir
-
-    @property
     def authorization(self) -> str:
         scheme = self.auth_scheme
         if scheme == "auto":
@@ -280,8 +265,6 @@ class _Run:
         self,
         config: HarvestConfig,
         stats: RunStats,
-        layout: Layout,
-        remote: Store | None,
         *,
         shards: int,
         cluster: Cluster | None = None,
@@ -293,13 +276,11 @@ class _Run:
         """The cluster's rate limiter actor (Ray), handed to every shard; None: local."""
         self.board = None if cluster is None else cluster.board
         """The run's progress board (Ray, with an S3 output); None: the work folder's files."""
-        self.remote = remote
+        self.store = config.out
         self.stats = stats
-        self.layout = layout
         self.writer = ManifestWriter(
-            layout,
+            config.out,
             stats.run_id,
-            remote=remote,
             rows_per_part=config.rows_per_part,
             seconds_per_part=config.seconds_per_part,
         )
@@ -350,7 +331,7 @@ class _Run:
         """Read the inputs once: invalid rows into the manifest, every pair to harvest into
         its shard's file (memory stays flat: only the duplicates' digests are kept)."""
         config, run_id = self.config, self.stats.run_id
-        folder = work_dir(config.out_dir, run_id)
+        folder = work_dir(config.out, run_id)
         count = self.count
         counts = reader.ReadCounts()
         try:
@@ -398,37 +379,17 @@ class _Run:
             rows_per_part=config.rows_per_part,
             seconds_per_part=config.seconds_per_part,
             limiter=self.limiter,
-            pairs_key=None if self.board is None else f"{self.remote_temp}{pairs.name}",
+            pairs_key=None if self.board is None else f"{REMOTE_TEMP}{run_id}/{pairs.name}",
             board=self.board,
             logging=None if cluster is None else cluster.logging,
-            store_env=_store_env(config) if cluster is not None else {},
         )
 
-    @property
-    def remote_temp(self) -> str:
-        return f"{REMOTE_TEMP}{self.stats.run_id}/"
-
     def upload_pairs(self) -> None:
-        """The shards' pairs files into the bucket, for nodes that cannot read this disk
+        """The shards' pairs files into the store, for nodes that cannot read this disk
         (streamed in parts: memory stays flat; each local file is gone once uploaded)."""
-        assert self.remote is not None, "a board is used only with an S3 output"
         for spec in self.specs:
             if spec.pairs_key is not None:
-                self.remote.put(spec.pairs_key, spec.pairs_path)
-
-    def remove_remote_temp(self, prefix: str) -> int:
-        """Delete the temp objects under ``prefix`` in the bucket (this run's, or all that
-        dead runs left); returns how many. A failure is logged: the next run tries again."""
-        if self.remote is None:
-            return 0
-        removed = 0
-        try:
-            for info in list(self.remote.list(prefix)):
-                self.remote.delete(info.key)
-                removed += 1
-        except OutputError as exc:
-            log.warning("cannot remove the run's temp objects under %s: %s", prefix, exc)
-        return removed
+                self.store.put(spec.pairs_key, spec.pairs_path)
 
     def stop(self) -> None:
         """Ask every shard to stop (they keep what they finished)."""
@@ -437,7 +398,7 @@ class _Run:
                 log.warning("cannot ask the shards to stop: the run's board actor is gone")
             return
         try:
-            stop_path(self.config.out_dir, self.stats.run_id).touch()
+            stop_path(self.store, self.stats.run_id).touch()
         except OSError as exc:
             log.warning("cannot ask the shards to stop: %s", exc)
 
@@ -625,14 +586,12 @@ def harvest(
     """
     config.validate()
     files = reader.inspect(config.inputs, columns=config.columns)
-    layout = Layout(config.out_dir)
-    layout.prepare()
-    remote = None if config.out_url is None else open_store(config.out_url, temp_dir=layout.tmp)
+    config.out.prepare()
     started = datetime.now(UTC)
     stats = RunStats(
         run_id=run_id or new_run_id(started),
         started_at=started,
-        out_dir=config.location,
+        out_dir=config.out.location,
         inputs=files,
         rows_in_input=sum(f.rows for f in files),
         processes=config.lanes,
@@ -643,9 +602,7 @@ def harvest(
     with ExitStack() as cleanup:
         engine, shards, cluster = _engine(config, stats, log_format, cleanup)
         stats.processes = stats.shards = shards
-        _harvest(
-            config, stats, layout, remote, files, on_start, on_tick, tick, engine, shards, cluster
-        )
+        _harvest(config, stats, files, on_start, on_tick, tick, engine, shards, cluster)
     return stats
 
 
@@ -660,16 +617,6 @@ class Cluster:
     """The progress board (with an S3 output: the nodes share no disk with the driver)."""
     logging: ChildLogging
     """How the shards log on the workers (the key masked: it travels in the spec too)."""
-
-
-def _store_env(config: HarvestConfig) -> dict[str, str]:
-    """The store's AWS settings as the driver has them, for the shards on a cluster's nodes
-    (so they write where it reads). In the pickled spec, never in a Ray task's
-    ``runtime_env``: Ray's runtime-env agent writes that to its log files in plain text."""
-    if config.out_url is None:
-        return {}
-    names = (*AWS_ENV, "AWS_DEFAULT_REGION")
-    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 def _engine(
@@ -688,9 +635,9 @@ def _engine(
         ray_engine = RayEngine(address=config.ray_address, json_lines=log_format == "json")
         cleanup.enter_context(ray_engine)
         nodes = ray_engine.node_count()
-        if nodes > 1 and config.out_url is None and not config.shared_fs:
+        if nodes > 1 and not config.out.everywhere and not config.shared_fs:
             raise UsageError(
-                f"--out {config.out_dir} is a folder on this machine, and the Ray cluster at "
+                f"--out {config.out.location} is a folder on this machine, and the Ray cluster at "
                 f"{ray_engine.address} has {nodes} nodes: each would write images and manifest "
                 "parts to its own disk, and could not read the run's shard files. Use a folder "
                 "that every node mounts at the same path (NFS, a shared volume) and say so "
@@ -701,7 +648,7 @@ def _engine(
         limiter = ray_engine.start_limiter(config.rps)
         cleanup.callback(ray_engine.stop_actor, limiter)
         board = None
-        if config.out_url is not None:
+        if config.out.everywhere:  # the nodes share no disk with the driver
             board = ray_engine.start_board(stats.run_id)
             cleanup.callback(ray_engine.stop_actor, board.handle)
         cluster = Cluster(engine=ray_engine, limiter=limiter, board=board, logging=setup)
@@ -714,8 +661,6 @@ def _engine(
 def _harvest(
     config: HarvestConfig,
     stats: RunStats,
-    layout: Layout,
-    remote: Store | None,
     files: list[reader.InputFile],
     on_start: Callable[[RunStats], None] | None,
     on_tick: Callable[[RunStats], None] | None,
@@ -732,19 +677,15 @@ def _harvest(
             config.workers,
         )
     with ExitStack() as held:
-        lease = None
-        if remote is not None:  # the lease first: it says who runs on the prefix
-            lease = held.enter_context(remote.lock(owner=f"harvester run {stats.run_id}"))
-        held.enter_context(exclusive(layout))
-        stats.temp_files_cleaned = layout.clean_temp()
-        stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.location)[0])
-        runs.write(layout, stats.record(running=True), remote=remote)
-        run = _Run(config, stats, layout, remote, shards=shards, cluster=cluster)
+        store = config.out
+        lease = held.enter_context(store.lock(owner=f"harvester run {stats.run_id}"))
+        stats.temp_files_cleaned = store.clean_temp()
+        stats.baseline_not_ok = baseline_not_ok(runs.read_all(store)[0])
+        runs.write(store, stats.record(running=True))
+        run = _Run(config, stats, shards=shards, cluster=cluster)
         run.lease = lease
-        if run.board is not None:  # what dead runs left in the bucket: the lease is ours now
-            stats.temp_files_cleaned += run.remove_remote_temp(REMOTE_TEMP)
         try:
-            done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.location)}
+            done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(store)}
             if not config.retry_expired:
                 _give_up(config, stats.started_at, done, run.expire)
             if on_start is not None:
@@ -781,21 +722,19 @@ def _harvest(
                 stats.fail(exc)
                 raise
             finally:
-                runs.write(layout, stats.record(), remote=remote)
-                _remove(work_dir(config.out_dir, stats.run_id))
-                _clean_temp(layout)
-                if run.board is not None:
-                    run.remove_remote_temp(run.remote_temp)
+                runs.write(store, stats.record())
+                _remove(work_dir(store, stats.run_id))
+                _clean_temp(store)
 
 
-def _clean_temp(layout: Layout) -> None:
+def _clean_temp(store: Store) -> None:
     """Empty the temp folder at the end of the run, the lock still held and every shard's
     process ended: a shard's process killed while it wrote a manifest part or an image left
     its temp file there (the next run would remove it; until then it is clutter)."""
     try:
-        layout.clean_temp()
+        store.clean_temp()
     except (OSError, OutputError) as exc:
-        log.warning("cannot empty the temp folder %s: %s", layout.tmp, exc)
+        log.warning("cannot empty the temp folder %s: %s", store.temp_dir, exc)
 
 
 def _remove(folder: Path) -> None:
@@ -808,7 +747,7 @@ def _give_up(config: HarvestConfig, now: datetime, done: set[int], expire: set[i
     """Add to ``done`` the pairs given up on in earlier runs (skipped like ok ones) and to
     ``expire`` those never ok ``give_up_after`` days after their first row."""
     cutoff = now - timedelta(days=config.give_up_after)
-    for aged in manifest.aged_pairs(config.location, first_seen_before=cutoff):
+    for aged in manifest.aged_pairs(config.out, first_seen_before=cutoff):
         key = reader.pair_key(aged.model, aged.request_id)
         if aged.expired:
             done.add(key)

@@ -1,11 +1,11 @@
 """The content-addressed image store: where downloaded (or ``data:``) bytes land.
 
-Bytes are hashed as they arrive and kept in memory (past 1 MiB they spill to a temp file);
-a complete body goes to an unnamed (or temp) file inside the output folder, which is linked
-(or renamed) atomically to ``images/<aa>/<sha256>.<ext>``; the extension comes from the
-bytes' magic number, never from the URL or the Content-Type. Identical bytes are stored once;
-a file of the wrong size under an image's name (torn by a power loss) is replaced. Nothing
-here speaks HTTP: ``harvester/run/download.py`` streams responses into a ``Sink``.
+Bytes are hashed as they arrive and kept in memory (past 1 MiB they spill to a temp file in
+the store's ``temp_dir``); a complete body becomes ``images/<aa>/<sha256>.<ext>`` with one
+``Store.put_new``: atomically, once (a rename in a folder, a create-once put in a bucket).
+The extension comes from the bytes' magic number, never from the URL or the Content-Type.
+Identical bytes are stored once. Nothing here speaks HTTP: ``harvester/run/download.py``
+streams responses into a ``Sink``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 from urllib.parse import unquote_to_bytes
 
 from harvester.errors import OutputError
-from harvester.storage.files import persist_new
 from harvester.storage.imageinfo import HEADER_BYTES, ImageInfo, read_info
-from harvester.storage.layout import Layout
+from harvester.storage.layout import image_relpath
 from harvester.storage.rows import FAILED
 
 if TYPE_CHECKING:
@@ -98,10 +97,7 @@ class Sink:
     an image never creates a file, and a good one is written with one call; a larger body
     spills to a temp file as it arrives."""
 
-    def __init__(
-        self, layout: Layout, tmp: str, max_bytes: int, spill_bytes: int = SPILL_BYTES
-    ) -> None:
-        self._layout = layout
+    def __init__(self, tmp: str, max_bytes: int, spill_bytes: int = SPILL_BYTES) -> None:
         self._dir = tmp
         self.path = f"{tmp}/{os.getpid()}-{next(_names)}.part"
         self._max = max_bytes
@@ -120,7 +116,7 @@ class Sink:
             # An explicit buffer size spares the isatty() probe of every new file.
             return open(self.path, "wb", buffering=1 << 16)
         except OSError as exc:
-            raise OutputError(f"cannot write to {self._layout.tmp}: {exc.strerror or exc}") from exc
+            raise OutputError(f"cannot write to {self._dir}: {exc.strerror or exc}") from exc
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -145,37 +141,9 @@ class Sink:
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
-    def persist(self, final: str, folders: set[str]) -> bool:
-        """Move the bytes to ``final`` atomically (the file appears complete or not at all);
-        False, and nothing written, if ``final`` exists already. ``folders`` remembers the
-        shard folders made.
-
-        A file at ``final`` of another size than these bytes is not the image: images are
-        not fsynced, so a power loss can leave one short under its name. It is replaced, and
-        this counts as new."""
-        folder = os.path.dirname(final)
-        if folder not in folders:
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError:
-                self.discard()
-                raise
-            folders.add(folder)
-        source: bytes | str
-        if self._fh is None:
-            source, self._chunks = b"".join(self._chunks), []
-        else:
-            self._fh.close()
-            source = self.path
-        try:
-            return persist_new(final, source, tmp_dir=self._dir)
-        except OSError:
-            self.discard()
-            raise
-
     def take(self) -> bytes | Path:
-        """The complete bytes for an object store's put: in memory, or the closed spill file
-        (which the put consumes)."""
+        """The complete bytes for a put: in memory, or the closed spill file (which the put
+        consumes)."""
         if self._fh is None:
             data, self._chunks = b"".join(self._chunks), []
             return data
@@ -201,40 +169,27 @@ class TooLarge(Exception):
 
 
 class ContentStore:
-    """Stores bytes under the hash of their content; one instance per run.
+    """Stores bytes under the hash of their content in ``store``; one per lane."""
 
-    With ``remote`` (an S3 store) the complete bytes go up as one create-once object
-    (``commit_remote``); spill files still go to ``layout.tmp``, a local folder."""
-
-    def __init__(
-        self, layout: Layout, *, max_bytes: int = 64 * 1024 * 1024, remote: Store | None = None
-    ) -> None:
-        self._layout = layout
-        self.remote = remote
+    def __init__(self, store: Store, *, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.store = store
         self.max_bytes = max_bytes
-        self._folders: set[str] = set()
-        self._tmp = str(layout.tmp)
+        self._tmp = str(store.temp_dir)
 
     def sink(self) -> Sink:
         """A new sink for one image's bytes, holding the size limit."""
-        return Sink(self._layout, self._tmp, self.max_bytes)
+        return Sink(self._tmp, self.max_bytes)
 
     def not_an_image(self, head: bytes, status: int | None, attempt: int) -> ImageFailure:
         return ImageFailure(
             FAILED, f"body is not an image (starts with {head[:16]!r})", status, attempt
         )
 
-    def store_data_uri(self, url: str) -> StoredImage | ImageFailure:
+    async def store_data_uri(self, url: str) -> StoredImage | ImageFailure:
         decoded = self._data_sink(url)
         if isinstance(decoded, ImageFailure):
             return decoded
-        return self.commit(*decoded, None, 1)
-
-    async def store_data_uri_remote(self, url: str) -> StoredImage | ImageFailure:
-        decoded = self._data_sink(url)
-        if isinstance(decoded, ImageFailure):
-            return decoded
-        return await self.commit_remote(*decoded, None, 1)
+        return await self.commit(*decoded, None, 1)
 
     def _data_sink(self, url: str) -> tuple[Sink, str] | ImageFailure:
         header, sep, payload = url.partition(",")
@@ -270,27 +225,13 @@ class ContentStore:
             return self.not_an_image(sink.head, None, 1)
         return sink, ext
 
-    def commit(self, sink: Sink, ext: str, status: int | None, attempt: int) -> StoredImage:
+    async def commit(self, sink: Sink, ext: str, status: int | None, attempt: int) -> StoredImage:
+        """The complete bytes into the store under their hash, once and atomically: no
+        reader ever sees part of an image; ``new`` is False if they were stored already."""
         sha = sink.hexdigest()
-        relative = self._layout.image_relpath(sha, ext)
-        final = os.path.join(self._layout.root, relative)
+        relative = image_relpath(sha, ext)
         try:
-            new = sink.persist(final, self._folders)
-        except OSError as exc:
-            raise OutputError(f"cannot store image {relative}: {exc.strerror or exc}") from exc
-        info = read_info(sink.head)
-        return StoredImage(sha, relative, sink.size, new, status, attempt, info)
-
-    async def commit_remote(
-        self, sink: Sink, ext: str, status: int | None, attempt: int
-    ) -> StoredImage:
-        """``commit`` into ``remote``: a create-once put of the complete bytes (a spill file
-        goes up in parts, then appears whole), so no object ever holds part of an image."""
-        assert self.remote is not None, "commit_remote needs a remote store"
-        sha = sink.hexdigest()
-        relative = self._layout.image_relpath(sha, ext)
-        try:
-            new = await self.remote.put_new_async(relative, sink.take())
+            new = await self.store.put_new_async(relative, sink.take())
         except BaseException:
             sink.discard()
             raise
