@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from harvester.api.retry import RetryPolicy
 from harvester.errors import OutputError
 from harvester.run.download import ImageDownloader
-from harvester.storage.layout import Layout
+from harvester.storage.layout import Layout, image_relpath
+from harvester.storage.objects import LocalStore
 from harvester.storage.store import ImageFailure, StoredImage, sniff
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
@@ -49,21 +50,22 @@ def test_sniff(head: bytes, ext: str | None) -> None:
 @given(st.binary(min_size=1, max_size=64))
 def test_hash_to_path(data: bytes) -> None:
     sha = hashlib.sha256(data).hexdigest()
-    rel = Layout(Path("/x")).image_relpath(sha, "png")
+    rel = image_relpath(sha, "png")
     assert rel == f"images/{sha[:2]}/{sha}.png"
 
 
 def make_store(
     tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response], **kwargs: int
 ) -> tuple[ImageDownloader, Layout, httpx.AsyncClient]:
-    layout = Layout(tmp_path / "out")
-    layout.prepare()
+    out = LocalStore(tmp_path / "out")
+    out.prepare()
+    layout = out.layout
     # A client *with* a default Authorization header: the store must still never send it.
     client = httpx.AsyncClient(
         transport=httpx.MockTransport(handler), headers={"Authorization": "Bearer secret-key"}
     )
     policy = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.001)
-    store = ImageDownloader(client, layout, policy=policy, rng=random.Random(0), **kwargs)
+    store = ImageDownloader(client, out, policy=policy, rng=random.Random(0), **kwargs)
     return store, layout, client
 
 

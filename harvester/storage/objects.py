@@ -540,7 +540,7 @@ class S3Store:
 
         try:
             return bytes(obstore.get(self._store, key).bytes())
-        except obx.BaseError as exc:
+        except (obx.BaseError, FileNotFoundError) as exc:
             raise _s3_error("read", self.url(key), exc) from exc
 
     def iter_bytes(self, key: str, *, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
@@ -549,7 +549,7 @@ class S3Store:
 
         try:
             yield from obstore.get(self._store, key).stream(min_chunk_size=chunk_size)
-        except obx.BaseError as exc:
+        except (obx.BaseError, FileNotFoundError) as exc:
             raise _s3_error("read", self.url(key), exc) from exc
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
