@@ -22,7 +22,7 @@ from harvester.defaults import AUTH_SCHEMES
 from harvester.errors import ExitCode, HarvesterError
 from harvester.jobs import Job, load_job
 from harvester.redact import printable
-from harvester.storage.objects import as_location, open_store
+from harvester.storage.objects import as_location
 from harvester.views import metrics
 from harvester.views.console import LOG_FORMATS, Console
 
@@ -434,7 +434,7 @@ def status_command(
     _check_folder(out_dir)
     age = timedelta(hours=max_age) if max_age is not None else None
     try:
-        result = status(open_store(out_dir), max_age=age, incomplete_ok=incomplete_ok)
+        result = status(out_dir, max_age=age, incomplete_ok=incomplete_ok)
     except HarvesterError as exc:  # an s3:// location that cannot be read
         _fail(exc)
         return
@@ -480,7 +480,7 @@ def report_command(out_dir: Path | str, html_file: Path | None, gallery_images: 
 
     _check_folder(out_dir)
     try:
-        report = build(open_store(out_dir), gallery_limit=gallery_images)
+        report = build(out_dir, gallery_limit=gallery_images)
         if html_file is None:
             click.echo(printable(report.text(), newlines=True))
             return
@@ -512,7 +512,7 @@ def verify_command(out_dir: Path | str) -> None:
     if isinstance(out_dir, Path):
         _require_harvest_folder(out_dir, ("manifest", "images"))
     try:
-        report = verify(open_store(out_dir))
+        report = verify(out_dir)
     except HarvesterError as exc:
         _fail(exc)
         return

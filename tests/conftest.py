@@ -12,6 +12,7 @@ from click.testing import CliRunner, Result
 
 from harvester.cli import main
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
+from harvester.storage.objects import LocalStore, S3Store, Store
 from tests import s3gateway
 from tests.raycluster import RayCluster, ray_cluster
 
@@ -69,6 +70,20 @@ def s3_bucket(s3_gateway: s3gateway.Gateway) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
     s3_gateway.create_bucket(name)
     return name
+
+
+@pytest.fixture(params=["folder", pytest.param("s3", marks=pytest.mark.s3)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A harvest's output location, once as a folder and once as a prefix in a fresh bucket
+    on Ceph's gateway: a behaviour that matters for both is tested on both."""
+    if request.param == "folder":
+        local = LocalStore(tmp_path / "out")
+        local.prepare()
+        yield local
+        return
+    gw: s3gateway.Gateway = request.getfixturevalue("s3_gateway")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    yield S3Store(f"s3://{bucket}/nightly/2026", env=gw.env(), scratch=tmp_path / "scratch")
 
 
 def write_csv(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,7 +19,6 @@ from harvester.storage.rows import ManifestRow
 from tests.s3gateway import Gateway
 
 PREFIX = "nightly/2026"
-BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.s3)]
 
 
 class Clock:
@@ -34,18 +33,6 @@ class Clock:
 
 def make_s3(gw: Gateway, bucket: str, tmp: Path, clock: Callable[[], float]) -> S3Store:
     return S3Store(f"s3://{bucket}/{PREFIX}", env=gw.env(), scratch=tmp / "scratch", clock=clock)
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "local":
-        local = LocalStore(tmp_path / "out")
-        local.prepare()
-        yield local
-    else:
-        gw: Gateway = request.getfixturevalue("s3_gateway")
-        bucket: str = request.getfixturevalue("s3_bucket")
-        yield make_s3(gw, bucket, tmp_path, Clock())
 
 
 def spill(store: Store, data: bytes, name: str = "spill.part") -> Path:
@@ -117,9 +104,9 @@ def test_list_under_a_prefix_and_delete(store: Store) -> None:
     store.delete("runs/r1.json")
     store.delete("runs/r1.json")  # gone already: fine
     assert list(store.list("runs/")) == []
-    with pytest.raises(OutputError, match="runs/r1.json"):
+    with pytest.raises(OutputError, match=r"runs/r1\.json"):
         store.get("runs/r1.json")
-    with pytest.raises(OutputError, match="runs/r1.json"):
+    with pytest.raises(OutputError, match=r"runs/r1\.json"):
         list(store.iter_bytes("runs/r1.json"))
 
 
@@ -310,7 +297,7 @@ def test_a_store_travels_to_another_process_whole(store: Store) -> None:
     import pickle
 
     store.put("runs/r1.json", b"{}")
-    copy: Store = pickle.loads(pickle.dumps(store))
+    copy: Store = pickle.loads(pickle.dumps(store))  # noqa: S301  # our own bytes
     assert copy.location == store.location
     assert copy.temp_dir == store.temp_dir
     assert copy.get("runs/r1.json") == b"{}"

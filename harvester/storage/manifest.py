@@ -32,7 +32,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from harvester.errors import ManifestError, OutputError
-from harvester.storage.objects import Store
+from harvester.storage.objects import Location, Store, as_store
 
 if TYPE_CHECKING:
     import polars as pl
@@ -265,10 +265,11 @@ def _text_size(row: ManifestRow) -> int:
     )
 
 
-def manifest_glob(store: Store) -> str:
+def manifest_glob(where: Store | Location) -> str:
     """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(store),
     storage_options=store.storage_options)``. Exact whenever no compaction is under way
     (``parts`` is exact always)."""
+    store = as_store(where)
     return store.url("manifest/**/*.parquet")
 
 
@@ -307,7 +308,8 @@ def _folders(store: Store) -> dict[str, list[str]]:
     return {folder: sorted(keys) for folder, keys in sorted(found.items())}
 
 
-def has_manifest(store: Store) -> bool:
+def has_manifest(where: Store | Location) -> bool:
+    store = as_store(where)
     return any(_folders(store).values())
 
 
@@ -357,9 +359,10 @@ def run_folders(
     ]
 
 
-def parts(store: Store) -> list[str]:
+def parts(where: Store | Location) -> list[str]:
     """Every live part's key: the newest generation's, then those of the run folders it
     does not replace. Each manifest row is in exactly one of them, during a compaction too."""
+    store = as_store(where)
     folders = _folders(store)
     gen = generation(store, folders)
     found = list(gen.parts) if gen is not None else []
@@ -382,8 +385,9 @@ def _scan_keys(store: Store, keys: Sequence[str]) -> pl.LazyFrame:
     )
 
 
-def scan(store: Store) -> pl.LazyFrame:
+def scan(where: Store | Location) -> pl.LazyFrame:
     """Lazily read every manifest row in ``store`` (each once)."""
+    store = as_store(where)
     return _scan_keys(store, parts(store))
 
 
@@ -393,12 +397,13 @@ def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
     return rows.filter(pl.col("run_id") == pl.col("run_id").max().over("model", "request_id"))
 
 
-def latest(store: Store) -> pl.LazyFrame:
+def latest(where: Store | Location) -> pl.LazyFrame:
     """The rows of each request's most recent run: the current state of every request.
 
     After a compaction this reads the current-state table (already one request's latest rows
     each) plus the parts of the runs since, not the whole history.
     """
+    store = as_store(where)
     import polars as pl
 
     folders = _folders(store)
@@ -427,9 +432,10 @@ def _batches(store: Store, columns: list[str], where: ds.Expression) -> Iterator
         yield from table.to_batches()
 
 
-def ok_pairs(store: Store) -> Iterator[tuple[str, str]]:
+def ok_pairs(where: Store | Location) -> Iterator[tuple[str, str]]:
     """``(model, request_id)`` of every ok row in any earlier run (a pair can repeat), read
     in batches: memory stays flat however long the history."""
+    store = as_store(where)
     for batch in _batches(store, ["model", "request_id"], ds.field("request_status") == OK):
         yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
 
@@ -444,10 +450,11 @@ class AgedPair:
     expired: bool
 
 
-def aged_pairs(store: Store, *, first_seen_before: datetime) -> Iterator[AgedPair]:
+def aged_pairs(where: Store | Location, *, first_seen_before: datetime) -> Iterator[AgedPair]:
     """Pairs with a row not ok harvested before ``first_seen_before``, or an ``expired`` row
     (a pair can repeat), read in batches like ``ok_pairs``. A harvest gives up on those of them
     that were never ok (``--give-up-after``)."""
+    store = as_store(where)
     cutoff = pa.scalar(first_seen_before, type=SCHEMA.field("harvested_at").type)
     # Ok rows are left out: a pair ever ok is skipped anyway, and it keeps this pass short.
     aged = (ds.field("harvested_at") < cutoff) & (ds.field("request_status") != OK)
@@ -463,8 +470,9 @@ def aged_pairs(store: Store, *, first_seen_before: datetime) -> Iterator[AgedPai
                 yield AgedPair(model, request_id, status == EXPIRED)
 
 
-def unreadable_parts(store: Store) -> list[str]:
+def unreadable_parts(where: Store | Location) -> list[str]:
     """The keys of live manifest parts whose Parquet footer cannot be read."""
+    store = as_store(where)
     bad = []
     for key in parts(store):
         try:

@@ -231,6 +231,7 @@ class LocalStore:
         try:
             self._folder_for(path)
             if isinstance(source, bytes):
+                self._folder_for(tmp)
                 tmp.write_bytes(source)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -780,6 +781,12 @@ def as_location(text: str | Path, *, base: Path | None = None) -> Location:
     return Path(expanded if os.path.isabs(expanded) else os.path.normpath(base / expanded))
 
 
+def as_store(where: Store | Location) -> Store:
+    """``where`` as a store: a location (a folder, or ``s3://bucket/prefix``) is opened, so a
+    Python caller may name a harvest the way the CLI does."""
+    return open_store(where) if isinstance(where, Path | str) else where
+
+
 def scratch_dir(location: str, *, env: dict[str, str] | None = None) -> Path:
     """The local folder for the temp files of runs on an S3 location: under ``TMPDIR``, one
     per location (so a run empties what a killed run on the same location left behind)."""
@@ -823,6 +830,7 @@ __all__ = [
     "S3Store",
     "Store",
     "as_location",
+    "as_store",
     "open_store",
     "scratch_dir",
     "storage_options",

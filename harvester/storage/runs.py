@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from harvester.errors import OutputError
-from harvester.storage.objects import Store
+from harvester.storage.objects import Location, Store, as_store
 
 RUNNING: Final = "running"
 FINISHED: Final = "finished"
@@ -182,8 +182,9 @@ def write(store: Store, record: RunRecord) -> None:
     store.put(f"runs/{record.run_id}.json", body.encode())
 
 
-def read_all(store: Store) -> tuple[list[RunRecord], list[str]]:
-    """Every run record in ``store``, oldest first, and the names of unreadable ones."""
+def read_all(where: Store | Location) -> tuple[list[RunRecord], list[str]]:
+    """Every run record in ``where``, oldest first, and the names of unreadable ones."""
+    store = as_store(where)
     records: list[RunRecord] = []
     unreadable: list[str] = []
     for info in store.list("runs/"):

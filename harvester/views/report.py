@@ -16,7 +16,7 @@ import polars as pl
 
 from harvester.errors import UsageError
 from harvester.storage import manifest
-from harvester.storage.objects import Store
+from harvester.storage.objects import Location, Store, as_store
 from harvester.storage.runs import read_all
 from harvester.units import size
 
@@ -112,8 +112,9 @@ def _percent(column: str) -> pl.Expr:
     return pl.format("{}%", (pl.col(column) * 100).round(1)).alias(column)
 
 
-def build(store: Store, *, gallery_limit: int = GALLERY_LIMIT) -> Report:
-    """Compute every table of the report for the harvest in ``store``."""
+def build(where: Store | Location, *, gallery_limit: int = GALLERY_LIMIT) -> Report:
+    """Compute every table of the report for a harvest (a store, or its location)."""
+    store = as_store(where)
     if not manifest.has_manifest(store):
         where = store.location
         raise UsageError(

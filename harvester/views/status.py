@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from harvester.errors import MEANINGS, ExitCode
 from harvester.storage import runs
-from harvester.storage.objects import Store
+from harvester.storage.objects import Location, Store, as_store
 from harvester.storage.rows import STATUSES
 from harvester.storage.runs import RunRecord
 from harvester.units import duration, size
@@ -253,13 +253,15 @@ class Status:
 
 
 def status(
-    store: Store,
+    where: Store | Location,
     *,
     max_age: timedelta | None = None,
     incomplete_ok: bool = False,
     now: datetime | None = None,
 ) -> Status:
-    """The status of ``store``'s location: its run records, and who holds its lock."""
+    """The status of a harvest (a store, or its location): its run records, and who holds
+    its lock."""
+    store = as_store(where)
     records, unreadable = runs.read_all(store)
     holder = store.holder()
     pid = since = None

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harvester.errors import OutputError
-from harvester.storage.objects import Store
+from harvester.storage.objects import Location, Store, as_store
 
 _NAME: Final = re.compile(r"([0-9a-f]{64})\.[a-z0-9]+")
 
@@ -114,9 +114,10 @@ def _check(store: Store, key: str, expected: str, report: VerifyReport) -> None:
         report.corrupt.append(key)
 
 
-def verify(store: Store) -> VerifyReport:
-    """Check the harvest in ``store``; holds its lock while it checks (``LockedError``
-    while a harvest runs on it)."""
+def verify(where: Store | Location) -> VerifyReport:
+    """Check a harvest (a store, or its location); holds its lock while it checks
+    (``LockedError`` while a harvest runs on it)."""
+    store = as_store(where)
     report = VerifyReport()
     with store.lock(owner="harvester verify", read_only_ok=True):
         referenced = _referenced(store, report)
