@@ -307,13 +307,12 @@ def test_a_job_file_names_an_s3_location(tmp_path: Path, monkeypatch: pytest.Mon
 
     config = load_job(job_file).harvest_config("key")
 
-    assert config.out_url == "s3://harvest/night"
-    assert config.location == "s3://harvest/night"
-    assert config.out_dir.parent == tmp_path / "tmp"  # the local scratch, under TMPDIR
-    assert config.out_dir.name.startswith("harvester-")
+    assert config.out.location == "s3://harvest/night"
+    assert config.out.temp_dir.parent.parent == tmp_path / "tmp"  # the scratch, under TMPDIR
+    assert config.out.temp_dir.parent.name.startswith("harvester-")
     overridden = load_job(job_file, {"out": Path("local-out")}).harvest_config("key")
-    assert overridden.out_url is None
-    assert overridden.out_dir == Path("local-out")
+    assert overridden.out.location == "local-out"
+    assert overridden.out.temp_dir == Path("local-out/.tmp")
 
 
 @pytest.mark.slow
