@@ -262,16 +262,16 @@ def image_fields(
         "height": ref.height,
         "has_nsfw_concept": ref.has_nsfw_concept,
     }
-    if isinstance(got, StoredImage):
-        row.update(sha256=got.sha256, path=got.path, bytes=got.bytes, stored_new=got.new)
-        if got.info is not None:
-            info = got.info
-            row.update(image_format=info.format, image_width=info.width, image_height=info.height)
-        return row
     assert got is not None, "every download task fills its slot"
-    row.update(status=got.status, error=got.error)
-    if got.http_status:
-        row["http_status"] = got.http_status
+    if isinstance(got, ImageFailure):
+        row.update(status=got.status, error=got.error)
+        if got.http_status:
+            row["http_status"] = got.http_status
+        return row
+    row.update(sha256=got.sha256, path=got.path, bytes=got.bytes, stored_new=got.new)
+    if got.info is not None:
+        info = got.info
+        row.update(image_format=info.format, image_width=info.width, image_height=info.height)
     return row
 
 
