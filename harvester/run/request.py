@@ -19,16 +19,16 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from harvester.api.download import ImageDownloader, ImageFailure
 from harvester.api.fetcher import FetchOutcome, ResultFetcher
 from harvester.api.ratelimit import PermitSource, RateLimiter
 from harvester.api.results import ImageRef
 from harvester.api.retry import RetryPolicy
 from harvester.api.urls import describe_url
-from harvester.run.download import ImageDownloader
 from harvester.run.reader import Pair
 from harvester.storage.objects import Store
 from harvester.storage.rows import ERROR, FAILED, OK, PENDING, ManifestRow
-from harvester.storage.store import ImageFailure, StoredImage
+from harvester.storage.store import ContentStore, StoredImage
 
 MAX_PENDING_WAITERS: Final = 10_000
 """Requests of one lane that may wait for a pending result at once (each holds only a pair)."""
@@ -103,7 +103,7 @@ class Lane:
         self.waiting_until = 0.0
         self.limiter = RateLimiter(settings.rps, permits=permits)
         self._fetcher: ResultFetcher | None = None
-        self._store: ImageDownloader | None = None
+        self._store: ImageDownloader[StoredImage] | None = None
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[Lane]:
@@ -126,7 +126,7 @@ class Lane:
             )
             self._store = ImageDownloader(
                 client,
-                s.store,
+                ContentStore(s.store).sink,
                 policy=s.retry,
                 rng=self.rng,
                 max_bytes=s.max_image_bytes,
