@@ -3,10 +3,11 @@
 Keys are relative paths with the same layout in both (``images/aa/<sha256>.<ext>``,
 ``manifest/<run_id>/part-NNNNN.parquet``, ``runs/<run_id>.json``). ``open_store`` turns
 ``--out`` into a store, and is the only code outside the two classes that tells a folder
-from a bucket; everything a harvest writes or reads goes through the store it returns. Every
-write is atomic: a reader never sees part of an object. ``put_new`` creates an object only if the key is free (images:
-the key names the bytes, so whoever writes first wins and the others learn it was stored);
-``put`` replaces a whole object (manifest parts, run records).
+from a bucket; everything a harvest writes or reads goes through the store it returns.
+Every write is atomic: a reader never sees part of an object. ``put_new`` creates an object
+only if the key is free (images: the key names the bytes, so whoever writes first wins and
+the others learn it was stored); ``put`` replaces a whole object (manifest parts, run
+records).
 
 The S3 backend is obstore (Rust ``object_store``, what polars itself uses for ``s3://``).
 Credentials, region and endpoint come only from the standard AWS environment variables and
