@@ -96,6 +96,7 @@ def output(request: pytest.FixtureRequest, tmp_path: Path) -> Output:
     gw: s3gateway.Gateway = request.getfixturevalue("s3_gateway")
     bucket: str = request.getfixturevalue("s3_bucket")
     remote = S3Store(f"s3://{bucket}/nightly", env=gw.env(), scratch=tmp_path / "scratch")
+    remote.prepare()
     return Output(remote, gw.env())
 
 

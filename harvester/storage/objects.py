@@ -431,9 +431,7 @@ class S3Store:
 
     @property
     def temp_dir(self) -> Path:
-        tmp = self.scratch.tmp
-        tmp.mkdir(parents=True, exist_ok=True)
-        return tmp
+        return self.scratch.tmp
 
     everywhere = True
 
@@ -451,7 +449,12 @@ class S3Store:
 
     def on_node(self, scratch: Path) -> Store:
         state = self.__getstate__()
-        return S3Store(**{**state, "scratch": scratch})  # type: ignore[arg-type]
+        store = S3Store(**{**state, "scratch": scratch})  # type: ignore[arg-type]
+        try:
+            store.temp_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot make {store.temp_dir}: {exc.strerror or exc}") from exc
+        return store
 
     def url(self, key: str) -> str:
         return f"{self._where}/{key}"
