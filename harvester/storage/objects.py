@@ -174,6 +174,8 @@ class LocalStore:
     puts (a temp file renamed into place; ``put`` fsyncs first), and no read from outside
     the folder (a link out of it is refused)."""
 
+    everywhere = False
+
     def __init__(self, root: Path) -> None:
         self.layout = Layout(root)
         self._folders: set[str] = set()
@@ -185,6 +187,9 @@ class LocalStore:
     def __setstate__(self, root: Path) -> None:
         self.__init__(root)  # type: ignore[misc]  # a fresh cache of made folders
 
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.layout.root)!r})"
+
     @property
     def location(self) -> str:
         return str(self.layout.root)
@@ -192,8 +197,6 @@ class LocalStore:
     @property
     def temp_dir(self) -> Path:
         return self.layout.tmp
-
-    everywhere = False
 
     def prepare(self) -> None:
         self.layout.prepare()
@@ -364,6 +367,8 @@ def _s3_error(what: str, where: str, exc: Exception) -> OutputError:
 class S3Store:
     """A prefix in an S3 bucket (any S3-compatible server: AWS, Ceph's gateway, ...)."""
 
+    everywhere = True
+
     def __init__(
         self,
         location: str,
@@ -432,8 +437,6 @@ class S3Store:
     @property
     def temp_dir(self) -> Path:
         return self.scratch.tmp
-
-    everywhere = True
 
     def prepare(self) -> None:
         self.scratch.prepare()
