@@ -661,6 +661,7 @@ def sandbox_command(
     """
     from harvester.run import reader
     from harvester.sandbox import FaultRates, SandboxConfig, serve_forever
+    from harvester.sandbox.images import missing_encoder_note
 
     try:
         fault_rates = FaultRates.parse(faults) if faults else FaultRates()
@@ -705,6 +706,8 @@ def sandbox_command(
             f"--base-url {base} --out sandbox-out",
             err=True,
         )
+        if (note := missing_encoder_note()) is not None:
+            click.echo(note, err=True)
 
     try:
         serve_forever(config, on_ready=ready)

@@ -16,6 +16,7 @@ import polars as pl
 
 from harvester.redact import printable
 from harvester.sandbox import SandboxConfig, running_sandbox
+from harvester.sandbox.images import missing_encoder_note
 from harvester.storage import manifest
 
 DEMO_KEY = "sandbox-key"
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with running_sandbox(SandboxConfig(key=DEMO_KEY)) as sandbox:
         print(f"sandbox listening on {sandbox.base_url} (a fal-compatible API on 127.0.0.1)")
+        if (note := missing_encoder_note()) is not None:
+            print(note)
         command = [
             "harvester",
             "harvest",

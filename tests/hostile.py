@@ -25,9 +25,11 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
+from harvester.sandbox.images import make_png
 from tests.processes import harvester_env, run_records
 
-IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+IMAGE = make_png(b"hostile", 1_100, width=16, height=16)
+"""A real PNG: ``verify`` (in ``check_invariants``) flags a PNG magic number with no header."""
 
 
 @dataclass(frozen=True, slots=True)
