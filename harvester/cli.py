@@ -504,8 +504,8 @@ def report_command(out_dir: Path | str, html_file: Path | None, gallery_images: 
 @main.command("verify", short_help="Re-hash every stored image against the manifest.")
 @click.argument("out_dir", metavar="DIR", callback=_location)
 def verify_command(out_dir: Path | str) -> None:
-    """Re-hash every stored image against the manifest; report missing, corrupt and orphaned
-    files and unreadable manifest parts. Exits 9 if anything is wrong."""
+    """Re-hash every stored image against the manifest; report missing, corrupt, orphaned and
+    non-image files and unreadable manifest parts. Exits 9 if anything is wrong."""
     from harvester.views.verify import verify
 
     _check_folder(out_dir)

@@ -1,4 +1,4 @@
-"""``harvester verify``: missing, corrupt and orphaned files and unreadable parts -> exit 9."""
+"""``harvester verify``: missing, corrupt, orphaned and non-image files, bad parts -> exit 9."""
 
 from __future__ import annotations
 
