@@ -260,3 +260,17 @@ def test_make_run_exits_as_the_readme_says(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "(exit code 3: 0 = all ok, 3 = some requests not ok, see README)" in done.stdout
+
+
+def test_the_readme_warns_about_fals_retention() -> None:
+    """A team calling fal itself must learn from the front page that a nightly GET is too
+    late without payload storage; nothing names a command that does not exist."""
+    said = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    for fact in (
+        "fal keeps a queue result 1 hour after it completes, 6 minutes if it is 10 KB or larger",
+        "unless payload storage is on",
+        "a nightly GET against fal finds most of a day's results gone",
+        "Submit with payload storage on",
+    ):
+        assert fact in said, fact
+    assert "harvester serve" not in said
