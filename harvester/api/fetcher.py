@@ -43,6 +43,12 @@ log = logging.getLogger("harvester")
 
 IN_PROGRESS: Final = "request is still in progress"
 
+NOT_JSON_ANSWERS: Final = 2
+"""Complete 200 answers that are not JSON before the request is the row's ``error``: one more
+ask covers a relay's hiccup; the same bytes again would only spend every attempt's backoff. A
+body cut short on the wire (fewer bytes than announced, a dropped connection) is a transport
+error instead, retried under the policy like any other."""
+
 MAX_REDIRECTS: Final = 5
 """Redirects followed per result request (as for images)."""
 MAX_RESULT_BYTES: Final = 64_000_000
@@ -117,6 +123,10 @@ def request_error_reason(exc: httpx.RequestError) -> str:
     return f"{kind} ({type(exc).__name__}{': ' + detail if detail else ''})"
 
 
+class _NotJson(TransientError):
+    """A complete 200 body that does not parse as JSON."""
+
+
 class _Redirected(Exception):
     """A redirect the fetcher does not follow; the reason is the row's error."""
 
@@ -174,8 +184,10 @@ class ResultFetcher:
         """One result, retried under the policy; a ``repoll`` of a pending request takes its
         turns at the rate limiter before new requests."""
         url = result_url(self._base_url, model, request_id)
+        not_json = 0
 
         async def attempt(n: int) -> FetchOutcome:
+            nonlocal not_json
             await self._limiter.acquire(first=repoll)
             self.sent += 1
             try:
@@ -206,7 +218,13 @@ class ResultFetcher:
                 self._limiter.on_success()
                 return FetchOutcome(ERROR, exc.status, n, str(exc))
             self.answered += 1
-            return self._classify(response, body, n)
+            try:
+                return self._classify(response, body, n)
+            except _NotJson as exc:
+                not_json += 1
+                if not_json >= NOT_JSON_ANSWERS:
+                    return FetchOutcome(ERROR, 200, n, f"{exc} (gave up after {n} attempts)")
+                raise
 
         def count_retry(_: TransientError) -> None:
             self.retries += 1
@@ -313,7 +331,6 @@ class ResultFetcher:
             result = parse_result(body, secrets=self._secrets)
         except ResultShapeError as exc:
             return FetchOutcome(ERROR, 200, attempt, f"result has the wrong shape: {exc}")
-        except ValueError as exc:
-            # Usually a body cut short on the wire: worth another attempt.
-            raise TransientError(str(exc), http_status=200) from exc
+        except ValueError as exc:  # the whole body arrived: see NOT_JSON_ANSWERS
+            raise _NotJson(str(exc), http_status=200) from exc
         return FetchOutcome(OK, 200, attempt, result.note, result)

@@ -129,6 +129,8 @@ VALIDATION_ERROR_BODY: Final = json.dumps(
     }
 ).encode()
 TRUNCATED_JSON_BODY: Final = b'{"images": ['
+CUT_RESULT_BODY: Final = b'{"images": [], "seed": 1, "prompt": "half of me is on the wire"}'
+"""The ``malformed_json`` fault announces this body's length and sends half of it."""
 
 PROMPTS: Final = (
     "a red fox in fresh snow, morning light",
