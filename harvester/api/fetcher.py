@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Final
 
@@ -37,7 +38,7 @@ from harvester.api.urls import redirect_target, result_url, same_origin
 from harvester.errors import AuthError, UnreachableError
 from harvester.redact import clip, redact, secret_parts
 from harvester.storage.rows import ERROR, FAILED, NOT_FOUND, OK, PENDING
-from harvester.units import size
+from harvester.units import duration, plural, size
 
 log = logging.getLogger("harvester")
 
@@ -205,10 +206,17 @@ class ResultFetcher:
                     ) from exc
                 return FetchOutcome(ERROR, None, n, reason)
             except httpx.RequestError as exc:
-                reason = request_error_reason(exc)
                 if self.answered == 0 and self.sent == 1:
-                    log.warning("cannot reach %s yet: %s; retrying", self._base_url, reason)
-                raise TransientError(reason) from exc
+                    log.warning(
+                        "cannot reach the API at %s: %s; retrying %s over about %s (at most "
+                        "%s) before the run stops",
+                        self._base_url,
+                        str(exc).strip() or type(exc).__name__,
+                        plural(self._policy.max_attempts - 1, "more time"),
+                        duration(self._policy.expected_waits()),
+                        duration(self._policy.budget),
+                    )
+                raise TransientError(request_error_reason(exc)) from exc
             except _Redirected as exc:
                 self.answered += 1
                 self._limiter.on_success()
@@ -229,15 +237,19 @@ class ResultFetcher:
         def count_retry(_: TransientError) -> None:
             self.retries += 1
 
+        started = time.monotonic()
         try:
             outcome, _ = await retrying(self._policy, attempt, rng=self._rng, on_retry=count_retry)
         except RetriesExhausted as exc:
             if self.answered == 0 and exc.last.http_status is None:
                 # Not one answer since the run began: the API is unreachable, not one request.
+                cause = exc.last.__cause__
+                what = str(cause).strip() if cause is not None else ""
                 raise UnreachableError(
-                    f"cannot reach the API at {self._base_url}: {exc}; no request got an "
-                    "answer, so none was recorded. Check --base-url, DNS and the network, "
-                    "then run again"
+                    f"cannot reach the API at {self._base_url}: {what or exc.last.reason}; "
+                    f"tried {plural(exc.attempts, 'time')} over "
+                    f"{duration(time.monotonic() - started)} and no request got an answer, so "
+                    "none was recorded. Check --base-url, DNS and the network, then run again"
                 ) from exc
             return FetchOutcome(ERROR, exc.last.http_status, exc.attempts, str(exc))
         return outcome
