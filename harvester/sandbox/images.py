@@ -59,7 +59,7 @@ def missing_encoder_note() -> str | None:
         return None
     return (
         "sandbox: Pillow is not installed, so every image is a PNG (JPEG and WebP "
-        "need the sandbox extra: pip install 'harvester[sandbox]')"
+        "need Pillow, the sandbox extra: pip install pillow)"
     )
 
 
