@@ -85,11 +85,15 @@ def test_verify_finds_a_tampered_image(tmp_path: Path, sandbox: Sandbox, output:
     assert healthy.exit_code == ExitCode.OK, healthy.output
     victim = next(i.key for i in output.store.list("images/"))
     output.store.put(victim, b"not the bytes its name says")
+    framed = b"\xff\xd8\xff\xfe\x00\x10" + b"a comment, no " * 100  # a JPEG magic, no frame
+    sha = hashlib.sha256(framed).hexdigest()
+    output.store.put(f"images/{sha[:2]}/{sha}.jpg", framed)
 
     result = run_cli(["verify", output.location], env=output.env)
 
     assert result.exit_code == ExitCode.VERIFY, result.output
     assert f"corrupt: {victim}" in result.output
+    assert f"not an image: images/{sha[:2]}/{sha}.jpg (starts like a jpeg;" in result.output
 
 
 @pytest.fixture(scope="module")

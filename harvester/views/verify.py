@@ -1,9 +1,11 @@
 """``harvester verify``: re-hash every stored image against the manifest.
 
 Finds manifest rows whose file is missing, files whose bytes no longer match their name or
-the manifest's sha256 (corrupt), files under ``images/`` that no manifest row points at
-(orphans), and manifest parts that cannot be read. It holds the output folder's lock while it
-checks, so a harvest in progress cannot make its unfinished work look like orphans.
+the manifest's sha256 (corrupt), files whose magic number says PNG, JPEG, WebP or GIF but whose
+header gives no width and height (not images: framing around other bytes), files under
+``images/`` that no manifest row points at (orphans), and manifest parts that cannot be read.
+It holds the output folder's lock while it checks, so a harvest in progress cannot make its
+unfinished work look like orphans.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harvester.errors import OutputError
+from harvester.storage.imageinfo import HEADER_BYTES, claimed_format, read_info
 from harvester.storage.objects import Location, Store, as_store
 
 _NAME: Final = re.compile(r"([0-9a-f]{64})\.[a-z0-9]+")
@@ -32,6 +35,8 @@ class VerifyReport:
     parts_checked: int = 0
     missing: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
+    not_images: list[str] = field(default_factory=list)
+    """Files whose magic number claims PNG, JPEG, WebP or GIF and whose header cannot be read."""
     orphans: list[str] = field(default_factory=list)
     unreadable_parts: list[str] = field(default_factory=list)
     unjudged: int = 0
@@ -39,18 +44,22 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.corrupt or self.orphans or self.unreadable_parts)
+        return not (
+            self.missing or self.corrupt or self.not_images or self.orphans or self.unreadable_parts
+        )
 
     def summary(self, limit: int = 10) -> str:
         lines = [
             f"checked {self.files_checked:,} image files ({self.bytes_checked:,} bytes) and "
             f"{self.parts_checked:,} manifest parts: {len(self.missing)} missing, "
             f"{len(self.corrupt)} corrupt, {len(self.orphans)} orphans, "
-            f"{len(self.unreadable_parts)} unreadable parts"
+            f"{len(self.unreadable_parts)} unreadable parts, "
+            f"{len(self.not_images)} not images"
         ]
         for label, items in (
             ("missing", self.missing),
             ("corrupt", self.corrupt),
+            ("not an image", self.not_images),
             ("orphan", self.orphans),
             ("unreadable part", self.unreadable_parts),
         ):
@@ -69,12 +78,25 @@ class VerifyReport:
                 "fresh folder (a CSV of model,request_id) to fetch them again while the API "
                 "still has them"
             )
+        if self.not_images:
+            lines.append(
+                "  not images: the magic number names an image format, but no width and "
+                "height can be read after it (the server sent framing around other bytes); "
+                "their manifest rows name the requests"
+            )
         if self.orphans:
             lines.append(
                 "  orphans are usually left by a run killed before it wrote its rows: "
                 "harvesting the same inputs again records them"
             )
         return "\n".join(lines)
+
+
+def _judge_header(rel: str, head: bytes, report: VerifyReport) -> None:
+    """A file whose magic number claims a format ``read_info`` reads, yet it reads nothing."""
+    claimed = claimed_format(head)
+    if claimed is not None and read_info(head) is None:
+        report.not_images.append(f"{rel} (starts like a {claimed}; its header has no size)")
 
 
 def _referenced(store: Store, report: VerifyReport) -> dict[str, set[str]]:
@@ -99,19 +121,24 @@ def _referenced(store: Store, report: VerifyReport) -> dict[str, set[str]]:
 
 def _check(store: Store, key: str, expected: str, report: VerifyReport) -> None:
     """Hash one image as it streams in (memory stays bounded); a mismatch with ``expected``
-    (or its own name) makes it corrupt."""
+    (or its own name) makes it corrupt, a header that says nothing not an image."""
     report.files_checked += 1
     digest = hashlib.sha256()
+    head = b""
     try:
         for chunk in store.iter_bytes(key):
             digest.update(chunk)
             report.bytes_checked += len(chunk)
+            if len(head) < HEADER_BYTES:
+                head += chunk[: HEADER_BYTES - len(head)]
     except OutputError as exc:
         report.corrupt.append(f"{key} (cannot be read: {exc})")
         return
     actual = digest.hexdigest()
     if actual != expected or not key.rsplit("/", 1)[-1].startswith(actual):
         report.corrupt.append(key)
+    else:
+        _judge_header(key, head, report)
 
 
 def verify(where: Store | Location) -> VerifyReport:
