@@ -269,8 +269,7 @@ def manifest_glob(where: Store | Location) -> str:
     """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(store),
     storage_options=store.storage_options)``. Exact whenever no compaction is under way
     (``parts`` is exact always)."""
-    store = as_store(where)
-    return store.url("manifest/**/*.parquet")
+    return as_store(where).url("manifest/**/*.parquet")
 
 
 GENERATION_PREFIX: Final = "_compacted-"
@@ -309,8 +308,7 @@ def _folders(store: Store) -> dict[str, list[str]]:
 
 
 def has_manifest(where: Store | Location) -> bool:
-    store = as_store(where)
-    return any(_folders(store).values())
+    return any(_folders(as_store(where)).values())
 
 
 def generation(store: Store, folders: dict[str, list[str]] | None = None) -> Generation | None:
@@ -386,7 +384,7 @@ def _scan_keys(store: Store, keys: Sequence[str]) -> pl.LazyFrame:
 
 
 def scan(where: Store | Location) -> pl.LazyFrame:
-    """Lazily read every manifest row in ``store`` (each once)."""
+    """Lazily read every manifest row of a harvest (a store, or its location), each once."""
     store = as_store(where)
     return _scan_keys(store, parts(store))
 
