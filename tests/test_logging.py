@@ -7,7 +7,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from harvester.cli import main
 from harvester.errors import ExitCode, UsageError
 from harvester.run.pipeline import RunStats
 from harvester.sandbox import Sandbox
+from harvester.storage.objects import open_store
 from harvester.units import size
 from harvester.views.console import Console, Snapshot, duration
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
@@ -229,7 +230,7 @@ def test_a_run_reports_requests_waiting_on_pending_results(
     stats = harvest(
         HarvestConfig(
             inputs=(csv,),
-            out_dir=tmp_path / "out",
+            out=open_store(tmp_path / "out"),
             api_key=KEY,
             base_url=sandbox.base_url,
             pending_wait=4,
@@ -274,3 +275,20 @@ def test_singular_and_plural() -> None:
     summary = one.summary()
     assert "1 request in" in summary and "1 result request (" in summary
     assert "0 duplicate rows" in summary and "new parts" in summary
+
+
+def test_rate_and_eta_count_fetched_requests_not_rows_recorded_without_one() -> None:
+    """88 requests, 6 of them invalid rows recorded at once: the first tick shows no rate and
+    no ETA (not 6 invalid rows "done" in a blink), later ticks the rate of fetched ones."""
+    s = stats(rows=99, ok=0, duplicates=11)
+    s.requests["invalid"] = 6
+    s.started_at = datetime.now(UTC) - timedelta(seconds=0.02)
+    first = Snapshot.of(s)
+    assert (first.done, first.total, first.rate, first.eta) == (6, 88, 0.0, None)
+    assert first.tail() == "0.0/s  ETA --"
+    s.requests["ok"], s.requests["expired"] = 20, 2
+    s.started_at = datetime.now(UTC) - timedelta(seconds=2)
+    later = Snapshot.of(s)
+    assert later.done == 28
+    assert 9.5 < later.rate <= 10.0  # 20 fetched in 2 s, not 28
+    assert later.eta is not None and 6.0 <= later.eta < 6.4  # 60 left at 10/s

@@ -1,9 +1,11 @@
 """``harvester verify``: re-hash every stored image against the manifest.
 
 Finds manifest rows whose file is missing, files whose bytes no longer match their name or
-the manifest's sha256 (corrupt), files under ``images/`` that no manifest row points at
-(orphans), and manifest parts that cannot be read. It holds the output folder's lock while it
-checks, so a harvest in progress cannot make its unfinished work look like orphans.
+the manifest's sha256 (corrupt), files whose magic number says PNG, JPEG, WebP or GIF but whose
+header gives no width and height (not images: framing around other bytes), files under
+``images/`` that no manifest row points at (orphans), and manifest parts that cannot be read.
+It holds the output folder's lock while it checks, so a harvest in progress cannot make its
+unfinished work look like orphans.
 """
 
 from __future__ import annotations
@@ -11,19 +13,17 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Final
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harvester.errors import OutputError
-from harvester.storage.layout import Layout
-from harvester.storage.lock import exclusive
-from harvester.storage.objects import Location, Store, open_store
+from harvester.storage.imageinfo import HEADER_BYTES, claimed_format, read_info
+from harvester.storage.objects import Location, Store, as_store
 
 _NAME: Final = re.compile(r"([0-9a-f]{64})\.[a-z0-9]+")
 
@@ -35,6 +35,8 @@ class VerifyReport:
     parts_checked: int = 0
     missing: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
+    not_images: list[str] = field(default_factory=list)
+    """Files whose magic number claims PNG, JPEG, WebP or GIF and whose header cannot be read."""
     orphans: list[str] = field(default_factory=list)
     unreadable_parts: list[str] = field(default_factory=list)
     unjudged: int = 0
@@ -42,18 +44,22 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.corrupt or self.orphans or self.unreadable_parts)
+        return not (
+            self.missing or self.corrupt or self.not_images or self.orphans or self.unreadable_parts
+        )
 
     def summary(self, limit: int = 10) -> str:
         lines = [
             f"checked {self.files_checked:,} image files ({self.bytes_checked:,} bytes) and "
             f"{self.parts_checked:,} manifest parts: {len(self.missing)} missing, "
             f"{len(self.corrupt)} corrupt, {len(self.orphans)} orphans, "
-            f"{len(self.unreadable_parts)} unreadable parts"
+            f"{len(self.unreadable_parts)} unreadable parts, "
+            f"{len(self.not_images)} not images"
         ]
         for label, items in (
             ("missing", self.missing),
             ("corrupt", self.corrupt),
+            ("not an image", self.not_images),
             ("orphan", self.orphans),
             ("unreadable part", self.unreadable_parts),
         ):
@@ -72,6 +78,12 @@ class VerifyReport:
                 "fresh folder (a CSV of model,request_id) to fetch them again while the API "
                 "still has them"
             )
+        if self.not_images:
+            lines.append(
+                "  not images: the magic number names an image format, but no width and "
+                "height can be read after it (the server sent framing around other bytes); "
+                "their manifest rows name the requests"
+            )
         if self.orphans:
             lines.append(
                 "  orphans are usually left by a run killed before it wrote its rows: "
@@ -80,25 +92,26 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+def _judge_header(rel: str, head: bytes, report: VerifyReport) -> None:
+    """A file whose magic number claims a format ``read_info`` reads, yet it reads nothing."""
+    claimed = claimed_format(head)
+    if claimed is not None and read_info(head) is None:
+        report.not_images.append(f"{rel} (starts like a {claimed}; its header has no size)")
 
 
-def _referenced(
-    parts: Iterable[tuple[str, Callable[[], pa.Table]]], report: VerifyReport
-) -> dict[str, set[str]]:
-    """``path -> {sha256}`` from every readable part (``(name, read)`` pairs, one table in
+def _referenced(store: Store, report: VerifyReport) -> dict[str, set[str]]:
+    """``path -> {sha256}`` from every readable part (each read whole, every page, one in
     memory at a time); unreadable parts go into the report."""
     referenced: dict[str, set[str]] = defaultdict(set)
-    for name, read in parts:
+    keys = [i.key for i in store.list("manifest/") if i.key.endswith(".parquet")]
+    for key in keys:
         report.parts_checked += 1
         try:
-            table = read()
+            table = pq.read_table(pa.BufferReader(store.get(key)))
             paths = table.column("path").to_pylist()
             shas = table.column("sha256").to_pylist()
         except (OutputError, OSError, pa.ArrowException, KeyError) as exc:
-            report.unreadable_parts.append(f"{name}: {exc}")
+            report.unreadable_parts.append(f"{key}: {exc}")
             continue
         for path, sha in zip(paths, shas, strict=True):
             if path is not None:
@@ -106,89 +119,41 @@ def _referenced(
     return referenced
 
 
-def _read_parts(layout: Layout, report: VerifyReport) -> dict[str, set[str]]:
-    """The folder's parts, every page read (not just the footer)."""
-    parts = sorted(layout.manifest.rglob("*.parquet"))
-    return _referenced(
-        ((str(part.relative_to(layout.root)), partial(pq.read_table, part)) for part in parts),
-        report,
-    )
-
-
-def _check(path: Path, rel: str, expected: str, report: VerifyReport) -> None:
-    """Hash one file; a mismatch with ``expected`` (or its own name) makes it corrupt."""
-    report.files_checked += 1
-    try:
-        report.bytes_checked += path.stat().st_size
-        actual = _sha256(path)
-    except OSError as exc:
-        report.corrupt.append(f"{rel} (cannot be read: {exc.strerror or exc})")
-        return
-    if actual != expected or not path.name.startswith(actual):
-        report.corrupt.append(rel)
-
-
-def _remote_parts(store: Store, report: VerifyReport) -> dict[str, set[str]]:
-    """An S3 location's parts, each fetched whole, then read."""
-
-    def reader(key: str) -> Callable[[], pa.Table]:
-        return lambda: pq.read_table(pa.BufferReader(store.get(key)), columns=["path", "sha256"])
-
-    keys = [i.key for i in store.list("manifest/") if i.key.endswith(".parquet")]
-    return _referenced(((key, reader(key)) for key in keys), report)
-
-
-def _remote_check(store: Store, key: str, expected: str, report: VerifyReport) -> None:
-    """``_check`` for an object: hashed as it streams in (memory stays bounded)."""
+def _check(store: Store, key: str, expected: str, report: VerifyReport) -> None:
+    """Hash one image as it streams in (memory stays bounded); a mismatch with ``expected``
+    (or its own name) makes it corrupt, a header that says nothing not an image."""
     report.files_checked += 1
     digest = hashlib.sha256()
+    head = b""
     try:
         for chunk in store.iter_bytes(key):
             digest.update(chunk)
             report.bytes_checked += len(chunk)
+            if len(head) < HEADER_BYTES:
+                head += chunk[: HEADER_BYTES - len(head)]
     except OutputError as exc:
         report.corrupt.append(f"{key} (cannot be read: {exc})")
         return
     actual = digest.hexdigest()
     if actual != expected or not key.rsplit("/", 1)[-1].startswith(actual):
         report.corrupt.append(key)
+    else:
+        _judge_header(key, head, report)
 
 
-def verify_remote(location: str) -> VerifyReport:
-    """``verify`` for ``s3://bucket/prefix``: holds the prefix's lease while it checks."""
-    store = open_store(location)
+def verify(where: Store | Location) -> VerifyReport:
+    """Check a harvest (a store, or its location); holds its lock while it checks
+    (``LockedError`` while a harvest runs on it)."""
+    store = as_store(where)
     report = VerifyReport()
-    with store.lock(owner="harvester verify"):
-        referenced = _remote_parts(store, report)
+    with store.lock(owner="harvester verify", read_only_ok=True):
+        referenced = _referenced(store, report)
         stored = {info.key for info in store.list("images/")}
         for rel, shas in sorted(referenced.items()):
-            _judge_named(
-                report, rel, shas, exists=rel in stored, check=partial(_remote_check, store, rel)
-            )
+            check = partial(_check, store, rel)
+            _judge_named(report, rel, shas, exists=rel in stored, check=check)
         for key in sorted(stored - referenced.keys()):
-            _judge_unnamed(report, key, key.rsplit("/", 1)[-1], partial(_remote_check, store, key))
-    return report
-
-
-def verify(out_dir: Location) -> VerifyReport:
-    """Check ``out_dir`` (a folder, or ``s3://bucket/prefix``); raises ``LockedError``
-    while a harvest runs on it."""
-    if isinstance(out_dir, str):
-        return verify_remote(out_dir)
-    layout = Layout(out_dir)
-    report = VerifyReport()
-    with exclusive(layout, read_only_ok=True):
-        referenced = _read_parts(layout, report)
-        for rel, shas in sorted(referenced.items()):
-            path = out_dir / rel
-            _judge_named(report, rel, shas, exists=path.is_file(), check=partial(_check, path, rel))
-        if not layout.images.is_dir():
-            return report
-        for path in sorted(layout.images.rglob("*")):
-            rel = path.relative_to(out_dir).as_posix()
-            if rel in referenced or not path.is_file():
-                continue
-            _judge_unnamed(report, rel, path.name, partial(_check, path, rel))
+            _judge_unnamed(report, key, key.rsplit("/", 1)[-1], partial(_check, store, key))
     return report
 
 
