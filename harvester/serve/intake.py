@@ -20,7 +20,6 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Final
 
 import anyio
@@ -36,8 +35,7 @@ from harvester.run.request import Lane, LaneSettings
 from harvester.serve.config import CONNECT_TIMEOUT, ServeConfig
 from harvester.storage import manifest
 from harvester.storage.inbox import DELIVERIES, Inbox
-from harvester.storage.layout import Layout
-from harvester.storage.objects import Store, is_remote, scratch_dir
+from harvester.storage.objects import Store
 from harvester.storage.rows import OK, ManifestRow
 
 logger = logging.getLogger(__name__)
@@ -71,15 +69,8 @@ class Intake:
         self._keys, self._receive = anyio.create_memory_object_stream[str](math.inf)
         self._queued: set[str] = set()
         self._unmarked: list[str] = []
-        local = not is_remote(config.out)
-        root = Path(config.out) if local else scratch_dir(str(config.out))
-        self._layout = Layout(root)
         self._writer = manifest.ManifestWriter(
-            self._layout,
-            run_id,
-            seconds_per_part=config.flush_every,
-            autoflush=False,
-            remote=None if local else store,
+            store, run_id, seconds_per_part=config.flush_every, autoflush=False
         )
 
     @property
@@ -97,12 +88,11 @@ class Intake:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Harvest until cancelled; then write what was harvested (shielded)."""
-        self._layout.tmp.mkdir(parents=True, exist_ok=True)
         for key in await anyio.to_thread.run_sync(self._left_over):
             self.offer(key)
         settings = LaneSettings(
             run_id=self.run_id,
-            out_dir=self._layout.root,
+            store=self.store,
             base_url=DEFAULT_BASE_URL,  # deliveries come from fal: its images are public
             authorization="",
             concurrency=1,
@@ -115,9 +105,8 @@ class Intake:
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=self.config.read_timeout,
             seed=None,
-            out_url=str(self.config.out) if is_remote(self.config.out) else None,
         )
-        lane = Lane(settings, remote=self.store if is_remote(self.config.out) else None)
+        lane = Lane(settings)
         try:
             async with lane.opened(), anyio.create_task_group() as tg:
                 for _ in range(self.config.image_concurrency):
@@ -147,7 +136,7 @@ class Intake:
         import polars as pl
 
         try:
-            rows = manifest.scan(self.config.out)
+            rows = manifest.scan(self.store)
             found = (
                 rows.filter(pl.col("source_file").str.starts_with(DELIVERIES))
                 .select("source_file")

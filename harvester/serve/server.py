@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Final
 
 import anyio
@@ -35,7 +34,6 @@ from harvester.errors import OutputError
 from harvester.serve.config import CONNECT_TIMEOUT, SHUTDOWN_GRACE, ServeConfig
 from harvester.serve.intake import Intake, IntakeCounters
 from harvester.storage.inbox import Delivery, Inbox, delivery_key
-from harvester.storage.layout import Layout
 from harvester.storage.objects import Store, open_store
 
 logger = logging.getLogger(__name__)
@@ -185,11 +183,9 @@ async def serve(
     deliveries at the start, ``LockedError`` if a harvest holds it, ``OSError`` if the
     address cannot be listened on."""
     store = open_store(config.out)
-    if isinstance(config.out, Path):
-        Layout(config.out).prepare()
+    store.prepare()
     with store.lock(owner=f"harvester serve {run_id}"):
-        if isinstance(config.out, Path):
-            Layout(config.out).clean_temp()
+        store.clean_temp()
         return await _serve_locked(config, store, run_id, on_ready, stop)
 
 
