@@ -264,7 +264,7 @@ def test_make_run_exits_as_the_readme_says(tmp_path: Path) -> None:
 
 def test_the_readme_warns_about_fals_retention() -> None:
     """A team calling fal itself must learn from the front page that a nightly GET is too
-    late without payload storage; nothing names a command that does not exist."""
+    late without payload storage, and where the webhook receiver is."""
     said = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
     for fact in (
         "fal keeps a queue result 1 hour after it completes, 6 minutes if it is 10 KB or larger",
@@ -273,4 +273,5 @@ def test_the_readme_warns_about_fals_retention() -> None:
         "Submit with payload storage on",
     ):
         assert fact in said, fact
-    assert "harvester serve" not in said
+    assert "`harvester serve` receive fal's signed webhooks" in said
+    assert "(docs/webhooks.md)" in said

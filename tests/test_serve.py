@@ -7,7 +7,9 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -374,3 +376,93 @@ def test_serve_reads_a_job_files_serve_table(tmp_path: Path, sandbox: Sandbox, w
         assert process.wait(timeout=60) == 0
         process.stderr.close()
     assert (out / "inbox" / "deliveries").is_dir()
+
+
+def test_the_commands_docs_webhooks_shows_work(tmp_path: Path) -> None:
+    """docs/webhooks.md's "Try it" commands, as printed but for the ports: two free ones
+    instead of 8787 and 8790 (which a developer's own sandbox may hold), given to the sandbox
+    and serve as --port and --listen."""
+    page = (Path(__file__).parent.parent / "docs" / "webhooks.md").read_text()
+    block = page.split("## Try it with the sandbox", 1)[1].split("```console\n", 1)[1]
+    commands = [line[2:] for line in block.split("```", 1)[0].splitlines()]
+    assert [c.split()[:2] for c in commands] == [
+        ["harvester", "sandbox"],
+        ["harvester", "serve"],
+        ["curl", "-s"],
+        ["curl", "-s"],
+    ]
+    ports = {}
+    for name in ("8787", "8790"):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports[name] = str(probe.getsockname()[1])
+
+    def as_run(command: str) -> str:
+        for shown, port in ports.items():
+            command = command.replace(f"127.0.0.1:{shown}", f"127.0.0.1:{port}")
+        return command
+
+    env = dict(harvester_env(None), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    started = []
+    try:
+        for command, ready in zip(commands[:2], ("sandbox listening", "serving on"), strict=True):
+            extra = (
+                f" --port {ports['8787']}"
+                if command.startswith("harvester sandbox")
+                else f" --listen 127.0.0.1:{ports['8790']}"
+            )
+            process = subprocess.Popen(
+                ["bash", "-c", f"exec {as_run(command)}{extra}"],
+                cwd=tmp_path,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            started.append(process)
+            assert process.stderr is not None
+            line = process.stderr.readline()
+            assert line.startswith(ready), line
+        submitted = subprocess.run(
+            ["bash", "-c", as_run(commands[2])],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        request_id = json.loads(submitted.stdout)["request_id"]
+        sandbox_stats = f"http://127.0.0.1:{ports['8787']}/__sandbox/stats"
+        deadline = time.monotonic() + 60
+        while httpx.get(sandbox_stats, timeout=10).json()["webhooks_delivered"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        health = subprocess.run(
+            ["bash", "-c", as_run(commands[3])],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert json.loads(health.stdout)["status"] == "ok"
+        deadline = time.monotonic() + 60
+        while json.loads(httpx.get(f"http://127.0.0.1:{ports['8790']}/healthz", timeout=10).text)[
+            "backlog"
+        ]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        serve = started[1]
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=10)
+            if process.stderr is not None:
+                process.stderr.close()
+    table = rows(tmp_path / "webhook-out")
+    assert set(table["request_id"]) == {request_id}
+    assert set(table["request_status"]) == {"ok"} and set(table["model"]) == {MODEL}

@@ -4,6 +4,7 @@ DIR/images/<aa>/<sha256>.<ext>       content-addressed image store
 DIR/manifest/<run_id>/part-N.parquet  the manifest dataset (immutable parts)
 DIR/runs/<run_id>.json                one small record per run
 DIR/.tmp/                             temp files; emptied at the start of every run
+DIR/inbox/                            webhook deliveries (``harvester serve``; storage.inbox)
 DIR/.lock                             held (flock) while a harvest runs
 """
 
