@@ -11,7 +11,7 @@ import pytest
 from harvester import options
 from harvester.api.retry import RetryPolicy
 from harvester.errors import ConfigError, ExitCode
-from harvester.jobs import KEYS, Job, load_job
+from harvester.jobs import KEYS, Job, load_job, load_serve_job
 from harvester.run.config import HarvestConfig
 from harvester.sandbox import Sandbox
 from harvester.storage.objects import open_store
@@ -217,3 +217,64 @@ def test_the_docs_job_example_loads(tmp_path: Path) -> None:
     [block] = re.findall(r"^```toml\n(.*?)^```", operations, flags=re.S | re.M)
     job = load_job(write_job(tmp_path / "nightly.toml", block))
     assert job == load_job(REPO / "jobs" / "nightly.toml")
+
+
+# -- the [serve] table ----------------------------------------------------------------------
+
+
+def test_serve_takes_the_shared_keys_then_its_table_then_the_command_line(
+    tmp_path: Path,
+) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'inputs = ["x.csv"]\nout = "out"\nrps = 5\ntimeout = 20\nimage-concurrency = 4\n'
+        '[serve]\nimage-concurrency = 8\nfal-user-id = "acct-1"\nlisten = "0.0.0.0:9000"\n'
+    )
+    served = load_serve_job(job, {"flush_every": 3.0})
+    assert served.out == tmp_path / "out"
+    assert (served.timeout, served.image_concurrency, served.flush_every) == (20.0, 8, 3.0)
+    assert (served.fal_user_id, served.listen) == (("acct-1",), "0.0.0.0:9000")
+    assert served.keep_deliveries == 7.0
+    assert not hasattr(served, "rps")  # run's own keys stay run's
+    harvest = load_job(job)  # and run ignores the table
+    assert (harvest.image_concurrency, harvest.rps) == (4, 5.0)
+
+
+def test_serve_has_defaults_of_its_own() -> None:
+    assert options.defaults("serve")["image_concurrency"] == 16
+    assert options.defaults("run")["image_concurrency"] is None
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            '[serve]\nlisen = "127.0.0.1:1"\n',
+            "unknown key 'serve.lisen'; did you mean 'serve.listen'?",
+        ),
+        ("[serve]\nfal-user-id = 5\n", "'fal-user-id' must be a string or a list of strings"),
+        ("[serve]\nkeep-deliveries = 0\n", "'keep-deliveries' must be greater than 0"),
+        ('[serve]\ntoken = "abc"\n', "the API key does not belong in a job file"),
+        ('serve = "yes"\n', "'serve' must be a table ([serve])"),
+    ],
+)
+def test_a_bad_serve_table_fails_run_and_serve_alike(
+    tmp_path: Path, table: str, message: str
+) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('inputs = ["x.csv"]\nout = "out"\n' + table)
+    for load in (load_job, load_serve_job):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load(job)
+    assert "abc" not in message
+
+
+def test_serve_without_an_output_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_cli(["serve"])
+    assert result.exit_code == 2
+    assert "Missing option '--out' (or a job file with --job)" in result.output
+    job = tmp_path / "job.toml"
+    job.write_text('inputs = ["x.csv"]\n')
+    result = run_cli(["serve", "--job", str(job)])
+    assert result.exit_code == 8
+    assert "missing key 'out'" in result.output

@@ -466,3 +466,29 @@ def test_the_commands_docs_webhooks_shows_work(tmp_path: Path) -> None:
     table = rows(tmp_path / "webhook-out")
     assert set(table["request_id"]) == {request_id}
     assert set(table["request_status"]) == {"ok"} and set(table["model"]) == {MODEL}
+
+
+def test_a_slow_sender_is_cut_and_an_announced_oversize_body_is_not_read(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    out = tmp_path / "out"
+    with serving(out, sandbox, "--timeout", "1", "--max-body-bytes", "1000") as serve:
+        host, port = serve.base.removeprefix("http://").split(":")
+        head = (
+            f"POST /fal/webhook?model={MODEL} HTTP/1.1\r\nHost: {host}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        )
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            started = time.monotonic()
+            slow.sendall(head.format(length=100).encode() + b'{"request_id": ')
+            answer = slow.recv(4096).decode()
+            assert answer.startswith("HTTP/1.1 408"), answer
+            assert 0.9 < time.monotonic() - started < 5
+        with socket.create_connection((host, int(port)), timeout=10) as big:
+            big.sendall(head.format(length=10**9).encode())  # and never a byte of the body
+            answer = big.recv(4096).decode()
+            assert answer.startswith("HTTP/1.1 413"), answer
+        assert serve.stop() == 0
+    assert stored_deliveries(out) == []
+    log = "\n".join(serve.lines)
+    assert "delivery refused (slow)" in log and "delivery refused (too-large)" in log

@@ -1,0 +1,127 @@
+"""The signature check against a real JWKS server: keys cached, fetched again when fal
+rotates them (at most once a minute), and a JWKS that cannot be had is not a refusal."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from harvester.api.transport import open_client
+from harvester.api.webhooks import KeysUnavailable, Refused, WebhookVerifier
+from harvester.sandbox.webhooks import Signer
+
+pytestmark = pytest.mark.anyio
+
+
+class Keys:
+    """A JWKS endpoint on 127.0.0.1 whose keys the test changes."""
+
+    def __init__(self) -> None:
+        self.signers = [Signer()]
+        self.fetches = 0
+        self.status = 200
+        self.url = ""
+
+    async def jwks(self, _: web.Request) -> web.Response:
+        self.fetches += 1
+        keys = [key for s in self.signers for key in parse_keys(s)]
+        return web.json_response({"keys": keys}, status=self.status)
+
+
+def parse_keys(signer: Signer) -> list[dict[str, str]]:
+    keys: list[dict[str, str]] = json.loads(signer.jwks())["keys"]
+    return keys
+
+
+@pytest.fixture
+async def keys() -> AsyncIterator[Keys]:
+    served = Keys()
+    app = web.Application()
+    app.router.add_get("/jwks.json", served.jwks)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    served.url = f"http://127.0.0.1:{port}/jwks.json"
+    try:
+        yield served
+    finally:
+        await runner.cleanup()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_keys_are_cached_and_fetched_again_when_fal_rotates_them(keys: Keys) -> None:
+    clock = Clock()
+    client = open_client(max_connections=2, connect_timeout=5, read_timeout=5)
+    async with client:
+        verifier = WebhookVerifier(client, keys.url, monotonic=clock)
+        old = keys.signers[0]
+        body = b'{"request_id": "r"}'
+        for _ in range(3):
+            assert (await verifier.verify(old.headers("r", body), body)).request_id == "r"
+        assert keys.fetches == 1  # cached
+
+        new = Signer()
+        keys.signers = [new]  # fal rotates its key
+        with pytest.raises(Refused):  # within the minute: not fetched again
+            await verifier.verify(new.headers("r", body), body)
+        assert keys.fetches == 1
+        clock.now += 61
+        assert (await verifier.verify(new.headers("r", body), body)).user_id == "sandbox-user"
+        assert keys.fetches == 2
+        for _ in range(2):  # an unknown key: fetched again at most once a minute
+            with pytest.raises(Refused) as refused:
+                await verifier.verify(Signer().headers("r", body), body)
+            assert refused.value.reason == "bad-signature"
+        assert keys.fetches == 2
+        clock.now += 24 * 3600 + 1  # a day on: fetched again before use
+        keys.signers = [new]
+        await verifier.verify(new.headers("r", body), body)
+        assert keys.fetches == 3
+
+
+async def test_a_jwks_that_cannot_be_had_is_503_not_a_refusal(keys: Keys) -> None:
+    keys.status = 502
+    client = open_client(max_connections=2, connect_timeout=5, read_timeout=5)
+    async with client:
+        verifier = WebhookVerifier(client, keys.url)
+        body = b"{}"
+        with pytest.raises(KeysUnavailable, match="answered 502"):
+            await verifier.verify(keys.signers[0].headers("r", body), body)
+
+
+async def test_the_checks_before_the_keys_need_no_fetch(keys: Keys) -> None:
+    client = open_client(max_connections=2, connect_timeout=5, read_timeout=5)
+    async with client:
+        verifier = WebhookVerifier(client, keys.url, user_ids=frozenset({"mine"}))
+        signer, body = keys.signers[0], b"{}"
+        cases = {
+            "stale-timestamp": signer.headers(
+                "r", body, user_id="mine", timestamp=int(time.time()) - 400
+            ),
+            "other-account": signer.headers("r", body, user_id="theirs"),
+            "missing-headers": {"X-Fal-Webhook-Request-Id": "r"},
+            "bad-timestamp": {
+                **signer.headers("r", body, user_id="mine"),
+                "X-Fal-Webhook-Timestamp": "soon",
+            },
+        }
+        for reason, headers in cases.items():
+            with pytest.raises(Refused) as refused:
+                await verifier.verify(headers, body)
+            assert refused.value.reason == reason
+        assert keys.fetches == 0
+        ok = await verifier.verify(signer.headers("r", body, user_id="mine"), body)
+        assert ok.user_id == "mine" and keys.fetches == 1
