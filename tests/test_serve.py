@@ -22,6 +22,7 @@ from urllib.parse import quote
 import httpx
 import polars as pl
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from harvester.sandbox import Sandbox
 from harvester.sandbox.webhooks import Signer
@@ -155,6 +156,17 @@ def post(
     return httpx.post(url, content=body, headers=headers, timeout=10)
 
 
+def scrape(serve: Serving) -> dict[str, float]:
+    """``/metrics`` read with Prometheus' own parser: each sample by name and labels."""
+    text = httpx.get(f"{serve.base}/metrics", timeout=10).text
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
+
+
 def rows(out: Path) -> pl.DataFrame:
     return pl.read_parquet(str(out / "manifest" / "*" / "*.parquet"))
 
@@ -176,7 +188,13 @@ def test_deliveries_from_the_sandbox_are_stored_and_harvested(
             submit(sandbox, request_id, serve.hook())
         wait_delivered(sandbox, before + len(ids))
         serve.wait_idle()
+        figures = scrape(serve)
         assert serve.stop() == 0
+    assert figures['harvester_serve_deliveries_total{outcome="stored"}'] == len(ids)
+    assert figures["harvester_serve_harvested_total"] == len(ids)
+    assert figures["harvester_serve_ok_total"] == 3
+    assert figures["harvester_serve_ack_seconds_count"] == len(ids)
+    assert figures["harvester_serve_backlog"] == 0
     assert any("5 deliveries stored" in line for line in serve.lines), serve.lines
 
     table = rows(out)
@@ -212,8 +230,8 @@ def test_refused_deliveries_leave_nothing_but_a_count_and_a_line(
         refusals = {
             "forged": httpx.post(url, content=body + b" ", headers=forged, timeout=10),
             "unknown key": post(url, Signer(), "r-1", body),
-            "stale": post(url, signer, "r-1", body, timestamp=int(time.time()) - 301),
-            "future": post(url, signer, "r-1", body, timestamp=int(time.time()) + 301),
+            "stale": post(url, signer, "r-1", body, timestamp=int(time.time()) - 310),
+            "future": post(url, signer, "r-1", body, timestamp=int(time.time()) + 310),
             "another account": post(url, signer, "r-1", body, user_id="someone-else"),
             "no signature": httpx.post(
                 url,
@@ -231,6 +249,19 @@ def test_refused_deliveries_leave_nothing_but_a_count_and_a_line(
         good = post(url, signer, "r-1", body)  # the control: the same delivery, signed
         assert good.status_code == 200 and good.json() == {"stored": True}
         s.wait_idle()
+        figures = scrape(s)
+        refused = {
+            key: value
+            for key, value in figures.items()
+            if key.startswith("harvester_serve_refused")
+        }
+        assert refused == {
+            'harvester_serve_refused_total{reason="bad-signature"}': 2,
+            'harvester_serve_refused_total{reason="stale-timestamp"}': 2,
+            'harvester_serve_refused_total{reason="other-account"}': 1,
+            'harvester_serve_refused_total{reason="missing-headers"}': 2,
+            'harvester_serve_refused_total{reason="too-large"}': 1,
+        }
         assert s.stop() == 0
     log = "\n".join(s.lines)
     assert log.count("delivery refused") == len(refusals) + 1

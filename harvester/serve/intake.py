@@ -50,6 +50,9 @@ class IntakeCounters:
     harvested: int = 0
     ok: int = 0
     rows: int = 0
+    images: int = 0
+    """Images stored (new, or already in the store)."""
+    bytes_new: int = 0
     unreadable: int = 0
 
 
@@ -165,6 +168,10 @@ class Intake:
             self.counters.harvested += 1
             self.counters.rows += len(rows)
             self.counters.ok += rows[0].request_status == OK
+            for row in rows:
+                if row.sha256 is not None:
+                    self.counters.images += 1
+                    self.counters.bytes_new += (row.bytes or 0) if row.stored_new else 0
 
     async def _harvest(self, lane: Lane, key: str) -> list[ManifestRow]:
         delivery = await anyio.to_thread.run_sync(self.inbox.read, key)

@@ -6,7 +6,7 @@ its Content-Length before anything is read (413, unread), its body read within
 nothing stored, for anything not signed by fal for an allowed account), and it is stored
 create-once (503 if it cannot be, so fal retries it). A repeated delivery of a stored request
 is answered 200 and not stored again. ``/healthz`` answers 200 while a delivery can be stored
-and 503, with the reason, while it cannot.
+and 503, with the reason, while it cannot; ``/metrics`` serves the counts (``serve.metrics``).
 
 ``serve`` holds the output's lock while it runs (a harvest on the same output waits for none
 and exits 5), stops accepting on SIGTERM or SIGINT, lets the requests in flight finish, writes
@@ -20,6 +20,7 @@ import re
 import signal
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from aiohttp import web
 
 from harvester.api.webhooks import KeysUnavailable, Refused, WebhookVerifier
 from harvester.errors import OutputError
+from harvester.serve import metrics
 from harvester.serve.config import CONNECT_TIMEOUT, SHUTDOWN_GRACE, ServeConfig
 from harvester.serve.intake import Intake, IntakeCounters
 from harvester.storage.inbox import Delivery, Inbox, delivery_key
@@ -53,6 +55,8 @@ class ServeCounters:
     """By reason: ``bad-signature``, ``stale-timestamp``, ``too-large``, ..."""
     unavailable: int = 0
     """Answered 503: the delivery could not be stored or checked now (fal retries)."""
+    latency: metrics.Latency = field(default_factory=metrics.Latency)
+    """From arrival to the 200 of each delivery answered 200."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,7 @@ class WebhookServer:
         app = web.Application(client_max_size=self.config.max_body_bytes)
         app.router.add_post(WEBHOOK_PATH, self.webhook)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.prometheus)
         return app
 
     def _refuse(self, reason: str, status: int, message: str, request: web.Request) -> web.Response:
@@ -89,6 +94,7 @@ class WebhookServer:
         return response
 
     async def webhook(self, request: web.Request) -> web.Response:
+        started = time.monotonic()
         limit = self.config.max_body_bytes
         too_large = f"the body is larger than {limit:,} bytes (--max-body-bytes)"
         length = request.content_length
@@ -133,6 +139,7 @@ class WebhookServer:
             self.intake.offer(delivery_key(delivery.request_id))
         else:
             self.counters.repeated += 1
+        self.counters.latency.observe(time.monotonic() - started)
         return web.json_response({"stored": stored})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -140,6 +147,23 @@ class WebhookServer:
         if problem is not None:
             return web.json_response({"status": "unavailable", "problem": problem}, status=503)
         return web.json_response({"status": "ok", "backlog": self.intake.backlog})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        served, harvested = self.counters, self.intake.counters
+        text = metrics.render(
+            stored=served.accepted,
+            repeated=served.repeated,
+            unavailable=served.unavailable,
+            refused=served.refused,
+            backlog=self.intake.backlog,
+            harvested=harvested.harvested,
+            ok=harvested.ok,
+            rows=harvested.rows,
+            images=harvested.images,
+            bytes_new=harvested.bytes_new,
+            latency=served.latency,
+        )
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes | None:
