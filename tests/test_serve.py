@@ -26,9 +26,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harvester.sandbox import Sandbox
 from harvester.sandbox.webhooks import Signer
+from harvester.storage import manifest
 from harvester.storage.inbox import delivery_key
+from harvester.storage.objects import open_store
 from tests.conftest import KEY
 from tests.processes import harvester_command, harvester_env
+from tests.s3gateway import Gateway
 
 MODEL = "fal-ai/flux/dev"
 
@@ -66,7 +69,9 @@ class Serving:
 
 
 @contextmanager
-def serving(out: Path, sandbox: Sandbox, *args: str) -> Iterator[Serving]:
+def serving(
+    out: Path | str, sandbox: Sandbox, *args: str, env: dict[str, str] | None = None
+) -> Iterator[Serving]:
     """``harvester serve`` in its own process on a free port, keys from the sandbox."""
     command = harvester_command(
         "serve",
@@ -81,7 +86,9 @@ def serving(out: Path, sandbox: Sandbox, *args: str) -> Iterator[Serving]:
         "0.5",
         *args,
     )
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=harvester_env())
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env=harvester_env() | (env or {})
+    )
     assert process.stderr is not None
     stderr = process.stderr
     lines: list[str] = []
@@ -523,3 +530,36 @@ def test_a_slow_sender_is_cut_and_an_announced_oversize_body_is_not_read(
     assert stored_deliveries(out) == []
     log = "\n".join(serve.lines)
     assert "delivery refused (slow)" in log and "delivery refused (too-large)" in log
+
+
+def test_on_s3_deliveries_are_create_once_objects_and_survive_kill_9(
+    sandbox: Sandbox, s3_gateway: Gateway, s3_bucket: str
+) -> None:
+    out = f"s3://{s3_bucket}/hooks"
+    env = s3_gateway.env()
+    store = open_store(out, env=env)
+    ids = [f"s3-{n}" for n in range(4)]
+    with serving(out, sandbox, "--flush-every", "600", env=env) as serve:
+        for request_id in ids:
+            body = delivery(request_id, result_of(sandbox, request_id))
+            answers = [post(serve.hook(), sandbox.signer, request_id, body) for _ in range(2)]
+            assert [a.json()["stored"] for a in answers] == [True, False]
+        os.kill(serve.process.pid, signal.SIGKILL)
+        serve.process.wait(timeout=10)
+    keys = sorted(info.key for info in store.list("inbox/deliveries/"))
+    assert keys == sorted(delivery_key(request_id) for request_id in ids)
+    assert list(store.list("manifest/")) == []
+    # A killed process's lease holds the bucket until it expires (60 s): wait it out.
+    deadline = time.monotonic() + 90
+    while store.holder() is not None:
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    with serving(out, sandbox, env=env) as serve:
+        serve.wait_idle()
+        assert serve.health().json()["status"] == "ok"
+        assert serve.stop() == 0
+    table = manifest.scan(store).collect()
+    assert sorted(set(table["request_id"])) == ids
+    assert set(table["request_status"]) == {"ok"}
+    for sha, path in zip(table["sha256"], table["path"], strict=True):
+        assert hashlib.sha256(store.get(path)).hexdigest() == sha
