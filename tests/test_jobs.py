@@ -35,6 +35,16 @@ def test_shipped_jobs_load() -> None:
     assert sandbox.out == REPO / "sandbox-out"  # not make run's harvest-out
 
 
+def test_the_shipped_webhooks_job_loads_for_serve() -> None:
+    served = load_serve_job(REPO / "jobs" / "webhooks.toml")
+    assert served.out == Path("/srv/harvester/webhooks")
+    assert served.fal_user_id == ("YOUR_FAL_USER_ID",)
+    unit = (REPO / "jobs" / "harvester-serve.service").read_text()
+    assert "harvester serve --job /opt/harvester/jobs/webhooks.toml" in unit
+    k8s = (REPO / "jobs" / "serve-k8s.yaml").read_text()
+    assert "path: /healthz" in k8s and "--fal-user-id" in k8s
+
+
 def test_nightly_job_sets_every_key() -> None:
     text = (REPO / "jobs" / "nightly.toml").read_text()
     for key in KEYS:
