@@ -563,3 +563,32 @@ def test_on_s3_deliveries_are_create_once_objects_and_survive_kill_9(
     assert set(table["request_status"]) == {"ok"}
     for sha, path in zip(table["sha256"], table["path"], strict=True):
         assert hashlib.sha256(store.get(path)).hexdigest() == sha
+
+
+def test_harvested_deliveries_are_kept_keep_deliveries_days(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    out = tmp_path / "out"
+    body = {rid: delivery(rid, {"images": [], "seed": 1, "prompt": rid}) for rid in ("old", "new")}
+    with serving(out, sandbox) as serve:
+        for request_id, data in body.items():
+            assert post(serve.hook(), sandbox.signer, request_id, data).status_code == 200
+        serve.wait_idle()
+        assert serve.stop() == 0
+    key = {rid: delivery_key(rid) for rid in body}
+    done = {
+        rid: out / key[rid].replace("deliveries/", "done/").removesuffix(".delivery")
+        for rid in body
+    }
+    assert all(mark.is_file() for mark in done.values())
+    eight_days_ago = time.time() - 8 * 86400
+    os.utime(done["old"], (eight_days_ago, eight_days_ago))
+    with serving(out, sandbox, "--keep-deliveries", "7") as serve:
+        deadline = time.monotonic() + 30
+        while (out / key["old"]).exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert serve.stop() == 0
+    assert not done["old"].exists()
+    assert (out / key["new"]).is_file() and done["new"].is_file()
+    assert sorted(rows(out)["request_id"]) == ["new", "old"]  # the rows stay
