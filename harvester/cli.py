@@ -7,6 +7,7 @@ Only the project's own errors are turned into a message and an exit code here; s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -370,12 +371,17 @@ def serve_command(job_file: Path | None, verbose: int, quiet: bool, **values: An
         -1 if quiet else max(verbose, 1), secrets=[], log_format=log_format, run_id=run_id
     )
 
+    def say(message: str, **fields: object) -> None:
+        """A line for the operator: plain text, or one JSON object with --log-format json."""
+        if log_format == "json":
+            logging.getLogger("harvester.serve").warning(message, extra=fields)
+        else:
+            click.echo(message, err=True)
+
     def ready(url: str) -> None:
-        click.echo(f"serving on {url} (stop with Ctrl-C or SIGTERM)", err=True)
+        say(f"serving on {url} (stop with Ctrl-C or SIGTERM)", url=url)
         if not config.user_ids:
-            click.echo(
-                "warning: no --fal-user-id: deliveries of any fal account are accepted", err=True
-            )
+            say("warning: no --fal-user-id: deliveries of any fal account are accepted")
 
     try:
         summary = serve_forever(config, run_id=run_id, on_ready=ready)
@@ -389,11 +395,10 @@ def serve_command(job_file: Path | None, verbose: int, quiet: bool, **values: An
         sys.exit(int(ExitCode.USAGE))
     served, harvested = summary.served, summary.harvested
     refused = sum(served.refused.values())
-    click.echo(
+    say(
         f"stopped: {served.accepted:,} deliveries stored ({served.repeated:,} repeated, "
         f"{refused:,} refused, {served.unavailable:,} answered 503); {harvested.harvested:,} "
-        f"harvested ({harvested.ok:,} ok, {harvested.rows:,} rows)",
-        err=True,
+        f"harvested ({harvested.ok:,} ok, {harvested.rows:,} rows)"
     )
 
 

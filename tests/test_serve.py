@@ -592,3 +592,29 @@ def test_harvested_deliveries_are_kept_keep_deliveries_days(
     assert not done["old"].exists()
     assert (out / key["new"]).is_file() and done["new"].is_file()
     assert sorted(rows(out)["request_id"]) == ["new", "old"]  # the rows stay
+
+
+def test_log_format_json_is_one_object_per_line(tmp_path: Path, sandbox: Sandbox) -> None:
+    command = harvester_command(
+        "serve",
+        "--out",
+        str(tmp_path / "out"),
+        "--listen",
+        "127.0.0.1:0",
+        "--jwks-url",
+        sandbox.jwks_url,
+        "--log-format",
+        "json",
+    )
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=harvester_env())
+    assert process.stderr is not None
+    first = json.loads(process.stderr.readline())
+    assert first["message"].startswith("serving on ") and first["run_id"]
+    body = delivery("j-1", {"images": [], "seed": 1, "prompt": "p"})
+    assert post(first["url"], Signer(), "j-1", body).status_code == 401
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=60)
+    assert process.returncode == 0
+    lines = [json.loads(line) for line in rest.splitlines()]
+    assert any("delivery refused (bad-signature)" in line["message"] for line in lines)
+    assert lines[-1]["message"].startswith("stopped: 0 deliveries stored")
