@@ -94,12 +94,20 @@ async def test_keys_are_cached_and_fetched_again_when_fal_rotates_them(keys: Key
 
 async def test_a_jwks_that_cannot_be_had_is_503_not_a_refusal(keys: Keys) -> None:
     keys.status = 502
+    clock = Clock()
     client = open_client(max_connections=2, connect_timeout=5, read_timeout=5)
     async with client:
-        verifier = WebhookVerifier(client, keys.url)
+        verifier = WebhookVerifier(client, keys.url, monotonic=clock)
         body = b"{}"
         with pytest.raises(KeysUnavailable, match="answered 502"):
             await verifier.verify(keys.signers[0].headers("r", body), body)
+        with pytest.raises(KeysUnavailable, match="just now"):  # not a fetch per delivery
+            await verifier.verify(keys.signers[0].headers("r", body), body)
+        assert keys.fetches == 1
+        keys.status = 200
+        clock.now += 6
+        assert (await verifier.verify(keys.signers[0].headers("r", body), body)).request_id
+        assert keys.fetches == 2
 
 
 async def test_the_checks_before_the_keys_need_no_fetch(keys: Keys) -> None:

@@ -36,6 +36,9 @@ MAX_SKEW: Final = 300.0
 CACHE_SECONDS: Final = 24 * 3600.0
 REFETCH_SECONDS: Final = 60.0
 """The least time between two fetches of the JWKS."""
+RETRY_UNAVAILABLE_SECONDS: Final = 5.0
+"""With no keys at all, the least time between two tries to fetch them (deliveries meanwhile
+are answered 503 without a fetch each)."""
 JWKS_MAX_BYTES: Final = 1 << 20
 
 
@@ -108,6 +111,7 @@ class WebhookVerifier:
         self._monotonic = monotonic
         self._keys: tuple[Ed25519PublicKey, ...] = ()
         self._fetched_at: float | None = None
+        self._failed_at: float | None = None
         self._fetching = anyio.Lock()
         self.fetches = 0
 
@@ -152,6 +156,10 @@ class WebhookVerifier:
     async def _current_keys(self) -> tuple[Ed25519PublicKey, ...]:
         fetched = self._fetched_at
         if fetched is None or self._monotonic() - fetched > CACHE_SECONDS:
+            failed = self._failed_at
+            recent = failed is not None and self._monotonic() - failed < RETRY_UNAVAILABLE_SECONDS
+            if recent and not self._keys:
+                raise KeysUnavailable(f"the JWKS at {self._url} could not be fetched just now")
             async with self._fetching:
                 if self._fetched_at == fetched:  # nobody fetched meanwhile
                     await self._fetch(keep_on_error=fetched is not None)
@@ -189,6 +197,7 @@ class WebhookVerifier:
             if not keys:
                 raise KeysUnavailable(f"the JWKS at {self._url} holds no Ed25519 key")
         except (httpx.HTTPError, ValueError, KeysUnavailable) as exc:
+            self._failed_at = self._monotonic()
             if keep_on_error and self._keys:
                 return
             if isinstance(exc, KeysUnavailable):
