@@ -88,7 +88,7 @@ def main() -> None:
     Next morning:  harvester status DIR                 (exit 0: it worked)
     Any time:      harvester report DIR --html report.html
     After a year:  harvester compact DIR   (or compact = true in the job file)
-    Calling fal:   harvester serve --job jobs/webhooks.toml (fal's webhooks, live)
+    Calling fal:   harvester serve --job jobs/webhooks.toml   (its webhooks)
     Try it:        harvester sandbox, then HARVESTER_API_KEY=sandbox-key
                    harvester run jobs/sandbox.toml (see the README)
 
