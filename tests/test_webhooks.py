@@ -7,14 +7,14 @@ import json
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from aiohttp import web
 
 from harvester.api.transport import open_client
-from harvester.api.webhooks import KeysUnavailable, Refused, WebhookVerifier
-from harvester.sandbox.webhooks import Signer
-
-pytestmark = pytest.mark.anyio
+from harvester.api.webhooks import KeysUnavailable, Refused, WebhookVerifier, parse_jwks
+from harvester.sandbox import Sandbox
+from harvester.sandbox.webhooks import Sender, Signer
 
 
 class Keys:
@@ -62,6 +62,7 @@ class Clock:
         return self.now
 
 
+@pytest.mark.anyio
 async def test_keys_are_cached_and_fetched_again_when_fal_rotates_them(keys: Keys) -> None:
     clock = Clock()
     client = open_client(max_connections=2, connect_timeout=5, read_timeout=5)
@@ -92,6 +93,7 @@ async def test_keys_are_cached_and_fetched_again_when_fal_rotates_them(keys: Key
         assert keys.fetches == 3
 
 
+@pytest.mark.anyio
 async def test_a_jwks_that_cannot_be_had_is_503_not_a_refusal(keys: Keys) -> None:
     keys.status = 502
     clock = Clock()
@@ -110,6 +112,7 @@ async def test_a_jwks_that_cannot_be_had_is_503_not_a_refusal(keys: Keys) -> Non
         assert keys.fetches == 2
 
 
+@pytest.mark.anyio
 async def test_the_checks_before_the_keys_need_no_fetch(keys: Keys) -> None:
     client = open_client(max_connections=2, connect_timeout=5, read_timeout=5)
     async with client:
@@ -133,3 +136,35 @@ async def test_the_checks_before_the_keys_need_no_fetch(keys: Keys) -> None:
         assert keys.fetches == 0
         ok = await verifier.verify(signer.headers("r", body, user_id="mine"), body)
         assert ok.user_id == "mine" and keys.fetches == 1
+
+
+@pytest.mark.anyio
+async def test_the_sandbox_sends_again_until_answered_2xx() -> None:
+    answers = [503, 500, 200]
+    seen: list[dict[str, str]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        await request.read()
+        return web.Response(status=answers[len(seen) - 1])
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    sender = Sender(Signer(), first_wait=0.01)
+    try:
+        assert await sender.deliver(url, "r-9", b'{"request_id": "r-9"}')
+    finally:
+        await sender.aclose()
+        await runner.cleanup()
+    assert (sender.sent, sender.delivered, sender.failed_attempts) == (3, 1, 2)
+    assert {h["X-Fal-Webhook-Request-Id"] for h in seen} == {"r-9"}
+
+
+def test_a_submission_needs_the_key_and_the_jwks_is_public(sandbox: Sandbox) -> None:
+    assert httpx.post(sandbox.submit_url("fal-ai/flux/dev"), json={}).status_code == 401
+    keys = parse_jwks(httpx.get(sandbox.jwks_url, timeout=10).content)
+    assert len(keys) == 1
