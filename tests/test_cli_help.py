@@ -16,7 +16,13 @@ REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 DOCS = "\n".join(page.read_text(encoding="utf-8") for page in PAGES)
 """The README and every page of docs/."""
-SHIPPED = ["jobs/harvester.cron", "jobs/harvester.service", "jobs/sandbox.toml"]
+SHIPPED = [
+    "jobs/harvester.cron",
+    "jobs/harvester.service",
+    "jobs/sandbox.toml",
+    "jobs/harvester-serve.service",
+    "jobs/webhooks.toml",
+]
 COMMANDS: dict[str, click.Command] = dict(main.commands)  # type: ignore[attr-defined]
 _SHELL_STOPS = {"&&", "||", "|", ";", "&", ">", ">>", "2>&1"}
 
@@ -39,7 +45,11 @@ def test_every_command_has_help_and_every_option_a_description() -> None:
 
 
 @pytest.mark.parametrize(
-    "args", [[], *([name] for name in ["harvest", "run", "status", "report", "verify", "sandbox"])]
+    "args",
+    [
+        [],
+        *([name] for name in ["harvest", "run", "status", "report", "verify", "sandbox", "serve"]),
+    ],
 )
 def test_help_runs(args: list[str]) -> None:
     result = CliRunner().invoke(main, [*args, "--help"], prog_name="harvester")
