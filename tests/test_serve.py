@@ -24,7 +24,7 @@ import polars as pl
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harvester.sandbox import Sandbox
+from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
 from harvester.sandbox.webhooks import Signer
 from harvester.storage import manifest
 from harvester.storage.inbox import delivery_key
@@ -618,3 +618,31 @@ def test_log_format_json_is_one_object_per_line(tmp_path: Path, sandbox: Sandbox
     lines = [json.loads(line) for line in rest.splitlines()]
     assert any("delivery refused (bad-signature)" in line["message"] for line in lines)
     assert lines[-1]["message"].startswith("stopped: 0 deliveries stored")
+
+
+def test_sigterm_mid_download_keeps_what_was_acknowledged(tmp_path: Path) -> None:
+    """SIGTERM while images are still downloading: exit 0 at once, the harvested rows
+    written, the rest left in the inbox and harvested, once, by the next start."""
+    out = tmp_path / "out"
+    with running_sandbox(SandboxConfig(key=KEY, image_bytes=4_000, latency=1.0)) as slow:
+        ids = [f"term-{n}" for n in range(8)]
+        bodies = {rid: delivery(rid, result_of(slow, rid)) for rid in ids}
+        with serving(out, slow) as serve:
+            for request_id, body in bodies.items():
+                assert post(serve.hook(), slow.signer, request_id, body).status_code == 200
+            started = time.monotonic()
+            assert serve.stop() == 0
+            assert time.monotonic() - started < 10
+        assert len(stored_deliveries(out)) == len(ids)
+        marks = [m for m in (out / "inbox" / "done").rglob("*") if m.is_file()]
+        assert len(marks) < len(ids)  # some were still downloading
+        with serving(out, slow) as serve:
+            serve.wait_idle()
+            assert serve.stop() == 0
+    table = rows(out)
+    per_request = table.group_by("request_id").agg(
+        pl.len().alias("rows"), pl.col("image_count").first(), pl.col("request_status").unique()
+    )
+    assert sorted(per_request["request_id"]) == sorted(ids)
+    assert (per_request["rows"] == per_request["image_count"]).all()  # each image once
+    assert all(s.to_list() == ["ok"] for s in per_request["request_status"])
