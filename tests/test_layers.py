@@ -1,13 +1,17 @@
-"""The layers hold at run time: ``harvester status`` reads JSON records and loads neither an
-HTTP library nor the run or API layers (``python -X importtime`` lists every import)."""
+"""The layers hold: ``harvester status`` reads JSON records and loads neither an HTTP library
+nor the run or API layers at run time (``python -X importtime`` lists every import), and no
+module of views imports the run or API layers at all, not even for types."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+from harvester.counters import Counters
 from harvester.errors import ExitCode
 from harvester.storage import runs
 from harvester.storage.layout import Layout
@@ -42,7 +46,7 @@ def test_status_imports_neither_http_nor_the_run_layer(tmp_path: Path) -> None:
         started_at=started,
         finished_at=started,
         exit_code=0,
-        requests={"ok": 3},
+        counters=Counters(requests=Counter({"ok": 3})),
     )
     runs.write(Layout(tmp_path), record)
 
@@ -73,8 +77,7 @@ def test_a_run_record_reads_back_as_written(tmp_path: Path) -> None:
         pid=42,
         host="h",
         started_at=started,
-        requests={"ok": 3, "not_found": 1},
-        images_new=2,
+        counters=Counters(requests=Counter({"ok": 3, "not_found": 1}), images_new=2),
         inputs=(runs.InputRecord(path="a.csv", sha256="ab" * 32, bytes=10, rows=4),),
     )
     layout = Layout(tmp_path)
@@ -85,3 +88,22 @@ def test_a_run_record_reads_back_as_written(tmp_path: Path) -> None:
     assert back.running and back.exit_code is None
     assert back.not_ok_share == 0.25
     assert list((tmp_path / ".tmp").iterdir()) == []  # written through a temp file, renamed
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module ``path`` imports, ``TYPE_CHECKING`` blocks and functions included."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_views_never_import_the_run_or_api_layers() -> None:
+    views = Path(__file__).parent.parent / "harvester" / "views"
+    found = {f"{p.name}: {m}" for p in views.glob("*.py") for m in imports_of(p)}
+    assert "console.py: harvester.storage.runs" in found  # the check sees what it should
+    assert sorted(f for f in found if ": harvester.run" in f or ": harvester.api" in f) == []

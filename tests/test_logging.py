@@ -131,8 +131,8 @@ def test_verbose_shows_every_warning(tmp_path: Path, sandbox: Sandbox) -> None:
 def stats(**counts: int) -> RunStats:
     s = RunStats(run_id="r1", started_at=datetime.now(UTC), out_dir=Path("out"))
     s.rows_in_input = counts.get("rows", 100)
-    s.requests["ok"] = counts.get("ok", 40)
-    s.duplicates = counts.get("duplicates", 10)
+    s.counters.requests["ok"] = counts.get("ok", 40)
+    s.counters.duplicates = counts.get("duplicates", 10)
     return s
 
 
@@ -165,7 +165,7 @@ def test_json_console_masks_the_key_in_fields_too() -> None:
 
 
 def test_snapshot_counts_what_is_left_to_do() -> None:
-    snap = Snapshot.of(stats(rows=100, ok=40, duplicates=10))
+    snap = Snapshot.of(stats(rows=100, ok=40, duplicates=10).record(running=True))
     assert (snap.done, snap.total) == (40, 90)
     assert snap.eta is not None and snap.eta > 0
     assert duration(42) == "42s" and duration(185) == "3m05s" and duration(3725) == "1h02m"
@@ -233,10 +233,10 @@ def test_a_run_reports_requests_waiting_on_pending_results(
             pending_wait=4,
             seed=1,
         ),
-        on_tick=lambda s: seen.append(Snapshot.of(s)),
+        on_tick=lambda s: seen.append(Snapshot.of(s.record(running=True))),
         tick=0.2,
     )
-    assert stats.requests["pending"] == 1
+    assert stats.counters.requests["pending"] == 1
     waiting = [s for s in seen if s.only_waiting]
     assert waiting, "the run spent four seconds waiting on one pending request"
     assert waiting[-1].waiting == 1 and waiting[-1].waiting_until is not None
@@ -268,7 +268,7 @@ def test_singular_and_plural() -> None:
         "0 retries",
     )
     one = stats(rows=1, ok=1, duplicates=0)
-    one.result_requests = 1
+    one.counters.result_requests = 1
     summary = one.summary()
     assert "1 request in" in summary and "1 result request (" in summary
     assert "0 duplicate rows" in summary and "new parts" in summary

@@ -1,77 +1,32 @@
-"""The harvest, as its driver runs it: read the inputs, split them into shards, run the
-shards, add up their counters, write the run record.
-
-    driver: CSV exports -> unique pairs not yet ok -> one file of pairs per shard
-            (``shard_of``: a stable hash of the pair)
-    shards: run_shard(spec) each, by an engine (``harvester.run.engine``): in this process
-            (one shard), a local process pool (several), or Ray tasks on a cluster
-            (``engine="ray"``): fetch -> images -> manifest parts of their own -> counters
-    driver: RunStats from the counters -> summary, run record (exit code and reason)
-
-The run record is written when the run starts (state ``running``) and completed when it
-ends, whatever ends it; a record left ``running`` tells ``status`` the run crashed.
+"""A harvest: its configuration and checks, and ``harvest``, the one call that runs it (the
+engine set up by ``harvester.run.engine.setup``, the run driven by ``harvester.run.driver``).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import secrets
-import signal
-import threading
-from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, NamedTuple, TextIO
+from typing import Final
 
-import anyio
 import httpx
 
-from harvester import errors
 from harvester.api.retry import RetryPolicy
 from harvester.defaults import AUTH_SCHEMES, DEFAULT_BASE_URL, FAL_QUEUE_HOST
-from harvester.errors import (
-    ExitCode,
-    HarvesterError,
-    LockedError,
-    OutputError,
-    UsageError,
-    WorkerError,
-    first_harvester_error,
-)
+from harvester.errors import HarvesterError, UsageError
 from harvester.run import reader
-from harvester.run.engine import DEFAULT_MAX_RETRIES, Engine, Failure
-from harvester.run.engine.local import ChildLogging, LocalEngine
-from harvester.run.reader import BadRow, Pair
+from harvester.run.driver import Driver
+from harvester.run.engine import DEFAULT_MAX_RETRIES
+from harvester.run.engine import setup as engine_setup
 from harvester.run.request import LaneSettings
-from harvester.run.shard import (
-    ShardResult,
-    ShardSpec,
-    read_progress,
-    run_shard,
-    shard_of,
-    stop_path,
-    work_dir,
-    write_pairs,
-)
-from harvester.run.stats import RunStats, baseline_not_ok
-from harvester.storage import manifest, runs
+from harvester.run.stats import RunStats
 from harvester.storage.layout import Layout
-from harvester.storage.lock import exclusive
-from harvester.storage.manifest import EXPIRED, INVALID, ManifestRow, ManifestWriter
-from harvester.storage.objects import AWS_ENV, Held, Store, open_store
-
-if TYPE_CHECKING:
-    from ray.actor import ActorHandle
-
-    from harvester.run.engine.limiter import RateLimiterActor
-    from harvester.run.engine.ray import RayBoard, RayEngine
-
-log = logging.getLogger("harvester")
+from harvester.storage.objects import open_store
 
 KEY_ENV_VARS: Final = ("HARVESTER_API_KEY", "FAL_KEY")
 IMAGE_SLOTS_PER_FETCH: Final = 2
@@ -79,9 +34,6 @@ IMAGE_SLOTS_PER_FETCH: Final = 2
 download slots per fetch slot keep every fetch slot busy, on a slow link too (README
 "Performance" has the measurements)."""
 ENGINES: Final = ("local", "ray")
-REMOTE_TEMP: Final = ".tmp/"
-"""The run's temp objects in an S3 output (a shard's pairs, for nodes without the driver's
-disk): ``.tmp/<run_id>/``, deleted when the run ends, or by the next run on the prefix."""
 
 
 def api_key_from_env(environ: dict[str, str] | os._Environ[str], name: str | None = None) -> str:
@@ -265,348 +217,6 @@ def new_run_id(now: datetime) -> str:
     return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
 
 
-class Observed(NamedTuple):
-    """What a tick reads from the running shards (``_Run.observe``)."""
-
-    progress: dict[int, ShardResult]
-    lowest_rate: float | None
-    """The cluster limiter's lowest rate; None without a cluster (or if it cannot be read)."""
-
-
-class _Run:
-    """One harvest's driver; ``harvest`` below is the public entry point."""
-
-    def __init__(
-        self,
-        config: HarvestConfig,
-        stats: RunStats,
-        layout: Layout,
-        remote: Store | None,
-        *,
-        shards: int,
-        cluster: Cluster | None = None,
-    ) -> None:
-        self.config = config
-        self.count = shards
-        self.cluster = cluster
-        self.limiter = None if cluster is None else cluster.limiter
-        """The cluster's rate limiter actor (Ray), handed to every shard; None: local."""
-        self.board = None if cluster is None else cluster.board
-        """The run's progress board (Ray, with an S3 output); None: the work folder's files."""
-        self.remote = remote
-        self.stats = stats
-        self.layout = layout
-        self.writer = ManifestWriter(
-            layout,
-            stats.run_id,
-            remote=remote,
-            rows_per_part=config.rows_per_part,
-            seconds_per_part=config.seconds_per_part,
-        )
-        """The driver's own part: invalid input rows."""
-        self.invalid = 0
-        self.expired = 0
-        self.expire: set[int] = set()
-        """Pairs given up on in this run: written as ``expired`` rows, never fetched."""
-        self.specs: list[ShardSpec] = []
-        self.results: dict[int, ShardResult] = {}
-        self.dead: list[str] = []
-        self.lease: Held | None = None
-        """An S3 prefix's lease: lost (taken over after a stall), the shards are stopped."""
-        self.lease_lost: LockedError | None = None
-
-    def bad_row(self, bad: BadRow) -> ManifestRow:
-        log.warning("%s:%d: invalid row: %s", bad.source, bad.line, bad.reason)
-        self.invalid += 1
-        return ManifestRow(
-            run_id=self.stats.run_id,
-            harvested_at=datetime.now(UTC),
-            source_file=bad.source,
-            source_line=bad.line,
-            model=bad.model,
-            request_id=bad.request_id,
-            request_status=INVALID,
-            status=INVALID,
-            error=f"{bad.source}:{bad.line}: {bad.reason}",
-        )
-
-    def expired_row(self, pair: Pair) -> ManifestRow:
-        self.expired += 1
-        days = self.config.give_up_after
-        return ManifestRow(
-            run_id=self.stats.run_id,
-            harvested_at=datetime.now(UTC),
-            source_file=pair.source,
-            source_line=pair.line,
-            model=pair.model,
-            request_id=pair.request_id,
-            request_status=EXPIRED,
-            status=EXPIRED,
-            error=f"given up: not ok in the {days:g} days since first seen (--give-up-after); "
-            "not fetched again unless a run is given --retry-expired",
-        )
-
-    def split(self, files: list[reader.InputFile], done: set[int]) -> None:
-        """Read the inputs once: invalid rows into the manifest, every pair to harvest into
-        its shard's file (memory stays flat: only the duplicates' digests are kept)."""
-        config, run_id = self.config, self.stats.run_id
-        folder = work_dir(config.out_dir, run_id)
-        count = self.count
-        counts = reader.ReadCounts()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with ExitStack() as stack:
-                outs: list[TextIO] = []
-                for index in range(count):
-                    path = folder / f"shard-{index:04d}.pairs.jsonl"
-                    outs.append(stack.enter_context(path.open("w", encoding="utf-8")))
-                    self.specs.append(self.spec(index, path))
-                for batch in reader.iter_items(files, done=done, counts=counts):
-                    bad = [self.bad_row(item) for item in batch if isinstance(item, BadRow)]
-                    if bad:
-                        self.writer.add(bad)
-                    for item in batch:
-                        if not isinstance(item, Pair):
-                            continue
-                        if (
-                            self.expire
-                            and reader.pair_key(item.model, item.request_id) in self.expire
-                        ):
-                            self.writer.add([self.expired_row(item)])
-                        else:
-                            write_pairs(outs[shard_of(item.model, item.request_id, count)], item)
-        except OSError as exc:
-            raise OutputError(
-                f"cannot write the run's shard files under {folder}: {exc.strerror or exc}"
-            ) from exc
-        finally:
-            self.stats.skipped_done = counts.already_done
-            self.stats.duplicates = counts.duplicates
-            self.refresh()
-
-    def spec(self, index: int, pairs: Path) -> ShardSpec:
-        config, run_id, cluster = self.config, self.stats.run_id, self.cluster
-        lane = config.lane_settings(
-            run_id, index, count=self.count, shared_rate=cluster is not None
-        )
-        return ShardSpec(
-            run_id=run_id,
-            index=index,
-            count=self.count,
-            pairs_path=pairs,
-            lane=lane,
-            rows_per_part=config.rows_per_part,
-            seconds_per_part=config.seconds_per_part,
-            limiter=self.limiter,
-            pairs_key=None if self.board is None else f"{self.remote_temp}{pairs.name}",
-            board=self.board,
-            logging=None if cluster is None else cluster.logging,
-            store_env=_store_env(config) if cluster is not None else {},
-        )
-
-    @property
-    def remote_temp(self) -> str:
-        return f"{REMOTE_TEMP}{self.stats.run_id}/"
-
-    def upload_pairs(self) -> None:
-        """The shards' pairs files into the bucket, for nodes that cannot read this disk
-        (streamed in parts: memory stays flat; each local file is gone once uploaded)."""
-        assert self.remote is not None, "a board is used only with an S3 output"
-        for spec in self.specs:
-            if spec.pairs_key is not None:
-                self.remote.put(spec.pairs_key, spec.pairs_path)
-
-    def remove_remote_temp(self, prefix: str) -> int:
-        """Delete the temp objects under ``prefix`` in the bucket (this run's, or all that
-        dead runs left); returns how many. A failure is logged: the next run tries again."""
-        if self.remote is None:
-            return 0
-        removed = 0
-        try:
-            for info in list(self.remote.list(prefix)):
-                self.remote.delete(info.key)
-                removed += 1
-        except OutputError as exc:
-            log.warning("cannot remove the run's temp objects under %s: %s", prefix, exc)
-        return removed
-
-    def stop(self) -> None:
-        """Ask every shard to stop (they keep what they finished)."""
-        if self.board is not None:
-            if not self.board.stop():
-                log.warning("cannot ask the shards to stop: the run's board actor is gone")
-            return
-        try:
-            stop_path(self.config.out_dir, self.stats.run_id).touch()
-        except OSError as exc:
-            log.warning("cannot ask the shards to stop: %s", exc)
-
-    def progress(self) -> dict[int, ShardResult]:
-        """Every shard's last posted counters: the board's, or the progress files."""
-        if self.board is None:
-            return {s.index: p for s in self.specs if (p := read_progress(s)) is not None}
-        found = {}
-        for index, data in self.board.snapshot().items():
-            try:
-                found[index] = ShardResult.from_json(data)
-            except TypeError:
-                continue
-        return found
-
-    def observe(self) -> Observed:
-        """What the running shards posted, and the cluster limiter's lowest rate: calls to
-        Ray's actors on a cluster (a ticker runs this on a thread: each may take seconds)."""
-        progress = self.progress() if len(self.results) < len(self.specs) else {}
-        lowest = None
-        if self.cluster is not None:
-            lowest = self.cluster.engine.lowest_rate(self.cluster.limiter)
-        return Observed(progress, lowest)
-
-    def refresh(self, observed: Observed | None = None) -> list[ShardResult]:
-        """The counters of every shard (its result, else its last progress) into the stats."""
-        stats = self.stats
-        progress, lowest = observed if observed is not None else self.observe()
-        seen = [self.results.get(s.index) or progress.get(s.index) for s in self.specs]
-        shards = [r for r in seen if r is not None]
-        stats.requests = Counter(
-            {status: n for status, n in ((INVALID, self.invalid), (EXPIRED, self.expired)) if n}
-        )
-        stats.images_new = stats.images_existing = stats.images_failed = 0
-        stats.bytes_new = stats.bytes_downloaded = 0
-        stats.result_requests = stats.retries = stats.throttled = 0
-        stats.lowest_rps = 0.0
-        stats.nodes = set()
-        stats.waiting_pending, stats.waiting_until = 0, None
-        stats.manifest_rows, stats.manifest_parts = (
-            self.writer.rows_written,
-            self.writer.parts_written,
-        )
-        for result in shards:
-            stats.add(result)
-        if self.cluster is not None:
-            # Each shard may use the whole --rps; the cluster's one rate is the limiter's.
-            stats.lowest_rps = self.config.rps if lowest is None else lowest
-        return shards
-
-    def run_inline(self, on_tick: Callable[[RunStats], None] | None, tick: float) -> None:
-        """One shard, in this process (on a thread: this one watches signals and ticks)."""
-        (spec,) = self.specs
-
-        def wait() -> None:
-            self.results[spec.index] = run_shard(spec)
-
-        anyio.run(self.drive, wait, on_tick, tick)
-
-    def run_engine(
-        self, engine: Engine, on_tick: Callable[[RunStats], None] | None, tick: float
-    ) -> None:
-        """Several shards, run by ``engine`` (a local pool, or Ray on a cluster); a shard whose
-        process or node died runs again (``max_retries``); one that keeps dying is reported."""
-        failures: list[Failure[ShardSpec]] = []
-
-        def on_result(spec: ShardSpec, result: ShardResult) -> None:
-            self.results[spec.index] = result
-
-        def wait() -> None:
-            failures.extend(
-                engine.run(
-                    run_shard,
-                    iter(self.specs),
-                    on_result=on_result,
-                    max_retries=self.config.max_retries,
-                )
-            )
-
-        anyio.run(self.drive, wait, on_tick, tick)
-        bug: Failure[ShardSpec] | None = None
-        for failure in sorted(failures, key=lambda f: f.spec.index):
-            spec = failure.spec
-            if failure.exit_code != ExitCode.WORKER:
-                bug = bug or failure
-                continue
-            progress = self.progress().get(spec.index)
-            if progress is not None:
-                self.results[spec.index] = progress
-            pid = f"pid {progress.pid}" if progress else "pid unknown"
-            self.dead.append(f"shard {spec.index} of {spec.count} ({pid})")
-        if bug is not None:
-            exc = HarvesterError(f"shard {bug.spec.index} of {bug.spec.count} failed: {bug.error}")
-            exc.exit_code = bug.exit_code
-            raise exc
-        if self.dead:
-            retries = self.config.max_retries
-            raise WorkerError(
-                f"the process of {', '.join(self.dead)} died (killed, or out of memory"
-                + (f"; {retries + 1} times" if retries else "")
-                + "); the rows finished so far are kept, requests still in flight are not "
-                "recorded and the next run retries them"
-            )
-
-    async def drive(
-        self,
-        wait: Callable[[], None],
-        on_tick: Callable[[RunStats], None] | None,
-        tick: float,
-    ) -> None:
-        async with anyio.create_task_group() as tg:
-            if threading.current_thread() is threading.main_thread():
-                tg.start_soon(self.watch_signals)
-            tg.start_soon(self.ticker, on_tick, tick)
-            await anyio.to_thread.run_sync(wait)
-            tg.cancel_scope.cancel()
-
-    async def watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                log.warning(
-                    "received %s: stopping; finished rows are kept", signal.Signals(signum).name
-                )
-                self.stats.interrupted = True
-                await anyio.to_thread.run_sync(self.stop)
-
-    async def ticker(self, on_tick: Callable[[RunStats], None] | None, tick: float) -> None:
-        stopped = False
-        while True:
-            # Off the event loop: a busy actor would hold up the ticks and the signals.
-            observed = await anyio.to_thread.run_sync(self.observe)
-            shards = self.refresh(observed)
-            if not stopped and any(r.error_code is not None for r in shards):
-                stopped = True
-                # A run-level error in one shard (a rejected key) ends them all.
-                await anyio.to_thread.run_sync(self.stop)
-            if not stopped and self.lease is not None and self.lease.lost:
-                stopped = True
-                try:
-                    self.lease.check()
-                except LockedError as exc:
-                    self.lease_lost = exc
-                await anyio.to_thread.run_sync(self.stop)  # another run owns the prefix now
-            if on_tick is not None:
-                on_tick(self.stats)
-            await anyio.sleep(tick)
-
-    def finish(self) -> None:
-        """Raise the first shard's run-level error (a rejected key, an unreachable API), as
-        the CLI reports it, or the loss of the lease."""
-        if self.lease_lost is not None:
-            raise self.lease_lost
-        for index in sorted(self.results):
-            result = self.results[index]
-            if result.error is not None and result.error_code is not None:
-                cls = getattr(errors, result.error_type or "", None)
-                if not (isinstance(cls, type) and issubclass(cls, HarvesterError)):
-                    cls = HarvesterError
-                exc = cls(result.error)
-                exc.exit_code = ExitCode(result.error_code)
-                raise exc
-
-    def flush(self) -> None:
-        try:
-            self.writer.flush()
-        finally:
-            self.refresh()
-
-
 def harvest(
     config: HarvestConfig,
     *,
@@ -635,185 +245,16 @@ def harvest(
         out_dir=config.location,
         inputs=files,
         rows_in_input=sum(f.rows for f in files),
-        processes=config.lanes,
         rps=config.rps,
-        lowest_rps=config.rps,
-        shards=config.lanes,
     )
     with ExitStack() as cleanup:
-        engine, shards, cluster = _engine(config, stats, log_format, cleanup)
-        stats.processes = stats.shards = shards
-        _harvest(
-            config, stats, layout, remote, files, on_start, on_tick, tick, engine, shards, cluster
+        setup = engine_setup.start(
+            config, run_id=stats.run_id, log_format=log_format, cleanup=cleanup
         )
+        stats.processes = stats.shards = setup.count
+        driver = Driver(config, stats, layout, remote, setup)
+        driver.run(files, on_start=on_start, on_tick=on_tick, tick=tick)
     return stats
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Cluster:
-    """A Ray run's engine and the run's actors on the driver's node."""
-
-    engine: RayEngine
-    limiter: ActorHandle[RateLimiterActor]
-    """The cluster's rate limiter actor."""
-    board: RayBoard | None
-    """The progress board (with an S3 output: the nodes share no disk with the driver)."""
-    logging: ChildLogging
-    """How the shards log on the workers (the key masked: it travels in the spec too)."""
-
-
-def _store_env(config: HarvestConfig) -> dict[str, str]:
-    """The store's AWS settings as the driver has them, for the shards on a cluster's nodes
-    (so they write where it reads). In the pickled spec, never in a Ray task's
-    ``runtime_env``: Ray's runtime-env agent writes that to its log files in plain text."""
-    if config.out_url is None:
-        return {}
-    names = (*AWS_ENV, "AWS_DEFAULT_REGION")
-    return {name: os.environ[name] for name in names if os.environ.get(name)}
-
-
-def _engine(
-    config: HarvestConfig, stats: RunStats, log_format: str, cleanup: ExitStack
-) -> tuple[Engine | None, int, Cluster | None]:
-    """The engine that runs the shards, how many shards, and the Ray cluster's actors.
-    None: one shard, in this process."""
-    setup = ChildLogging(
-        levels={n: logging.getLogger(n).getEffectiveLevel() for n in ("harvester", "httpx")},
-        json_run_id=stats.run_id if log_format == "json" else None,
-        secrets=(config.api_key,),
-    )
-    if config.engine == "ray":
-        from harvester.run.engine.ray import RayEngine  # the optional extra
-
-        ray_engine = RayEngine(address=config.ray_address, json_lines=log_format == "json")
-        cleanup.enter_context(ray_engine)
-        nodes = ray_engine.node_count()
-        if nodes > 1 and config.out_url is None and not config.shared_fs:
-            raise UsageError(
-                f"--out {config.out_dir} is a folder on this machine, and the Ray cluster at "
-                f"{ray_engine.address} has {nodes} nodes: each would write images and manifest "
-                "parts to its own disk, and could not read the run's shard files. Use a folder "
-                "that every node mounts at the same path (NFS, a shared volume) and say so "
-                "with --shared-fs (job key shared-fs = true)"
-            )
-        shards = config.workers or ray_engine.cpus()
-        shards = max(1, min(shards, config.concurrency, config.image_slots))
-        limiter = ray_engine.start_limiter(config.rps)
-        cleanup.callback(ray_engine.stop_actor, limiter)
-        board = None
-        if config.out_url is not None:
-            board = ray_engine.start_board(stats.run_id)
-            cleanup.callback(ray_engine.stop_actor, board.handle)
-        cluster = Cluster(engine=ray_engine, limiter=limiter, board=board, logging=setup)
-        return ray_engine, shards, cluster
-    if config.lanes == 1:
-        return None, 1, None
-    return LocalEngine(workers=config.lanes, logging_setup=setup), config.lanes, None
-
-
-def _harvest(
-    config: HarvestConfig,
-    stats: RunStats,
-    layout: Layout,
-    remote: Store | None,
-    files: list[reader.InputFile],
-    on_start: Callable[[RunStats], None] | None,
-    on_tick: Callable[[RunStats], None] | None,
-    tick: float,
-    engine: Engine | None,
-    shards: int,
-    cluster: Cluster | None,
-) -> None:
-    if config.workers is not None and config.lanes < config.workers:
-        log.info(
-            "using %d processes, not %d: each needs a fetch slot, a download slot and a whole "
-            "request per second of its own",
-            config.lanes,
-            config.workers,
-        )
-    with ExitStack() as held:
-        lease = None
-        if remote is not None:  # the lease first: it says who runs on the prefix
-            lease = held.enter_context(remote.lock(owner=f"harvester run {stats.run_id}"))
-        held.enter_context(exclusive(layout))
-        stats.temp_files_cleaned = layout.clean_temp()
-        stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.location)[0])
-        runs.write(layout, stats.record(running=True), remote=remote)
-        run = _Run(config, stats, layout, remote, shards=shards, cluster=cluster)
-        run.lease = lease
-        if run.board is not None:  # what dead runs left in the bucket: the lease is ours now
-            stats.temp_files_cleaned += run.remove_remote_temp(REMOTE_TEMP)
-        try:
-            done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.location)}
-            if not config.retry_expired:
-                _give_up(config, stats.started_at, done, run.expire)
-            if on_start is not None:
-                on_start(stats)
-            run.split(files, done)
-            if run.board is not None:
-                run.upload_pairs()
-            if engine is None:
-                run.run_inline(on_tick, tick)
-            else:
-                run.run_engine(engine, on_tick, tick)
-            run.finish()
-        except KeyboardInterrupt:
-            stats.interrupted = True
-        except HarvesterError as exc:
-            stats.fail(exc)
-            raise
-        except BaseExceptionGroup as group:
-            # Task groups wrap what their tasks raise; report our own error plainly.
-            first = first_harvester_error(group)
-            if first is None:
-                stats.crash(group)
-                raise
-            stats.fail(first)
-            raise first from None
-        except BaseException as exc:
-            stats.crash(exc)
-            raise
-        finally:
-            stats.finished_at = datetime.now(UTC)
-            try:
-                run.flush()
-            except OutputError as exc:
-                stats.fail(exc)
-                raise
-            finally:
-                runs.write(layout, stats.record(), remote=remote)
-                _remove(work_dir(config.out_dir, stats.run_id))
-                _clean_temp(layout)
-                if run.board is not None:
-                    run.remove_remote_temp(run.remote_temp)
-
-
-def _clean_temp(layout: Layout) -> None:
-    """Empty the temp folder at the end of the run, the lock still held and every shard's
-    process ended: a shard's process killed while it wrote a manifest part or an image left
-    its temp file there (the next run would remove it; until then it is clutter)."""
-    try:
-        layout.clean_temp()
-    except (OSError, OutputError) as exc:
-        log.warning("cannot empty the temp folder %s: %s", layout.tmp, exc)
-
-
-def _remove(folder: Path) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def _give_up(config: HarvestConfig, now: datetime, done: set[int], expire: set[int]) -> None:
-    """Add to ``done`` the pairs given up on in earlier runs (skipped like ok ones) and to
-    ``expire`` those never ok ``give_up_after`` days after their first row."""
-    cutoff = now - timedelta(days=config.give_up_after)
-    for aged in manifest.aged_pairs(config.location, first_seen_before=cutoff):
-        key = reader.pair_key(aged.model, aged.request_id)
-        if aged.expired:
-            done.add(key)
-        elif key not in done:
-            expire.add(key)
 
 
 __all__ = [

@@ -81,8 +81,6 @@ class RateLimiterActor:
         self.min_rps = min(min_rps, max_rps)
         self.rate = max_rps
         self.lowest_rate = max_rps
-        self.throttled = 0
-        self.handed_out = 0
         self._step = max_rps / recovery_successes
         self._window = window
         self._late = late
@@ -115,12 +113,10 @@ class RateLimiterActor:
             ends.append(slot + late)
             out.append(slot)
             self._next = slot + 1.0 / self.rate
-        self.handed_out += len(out)
         return out, late
 
     def on_throttled(self, retry_after: float | None = None) -> None:
         """A worker got a 429: slow the whole cluster down."""
-        self.throttled += 1
         now = self._clock()
         if now - self._last_cut >= 1.0:
             self._last_cut = now
@@ -130,12 +126,7 @@ class RateLimiterActor:
             self._next = max(self._next, now + retry_after)
 
     def stats(self) -> dict[str, float]:
-        return {
-            "rate": self.rate,
-            "lowest_rate": self.lowest_rate,
-            "throttled": self.throttled,
-            "handed_out": self.handed_out,
-        }
+        return {"rate": self.rate, "lowest_rate": self.lowest_rate}
 
 
 class LeaseCall(Protocol):
