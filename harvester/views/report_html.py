@@ -416,21 +416,13 @@ _Bar = tuple[str, Sequence[_Segment], str]
 """(label, segments, the text at the bar's end) of one bar."""
 
 
-def _bars(
-    rows: Sequence[_Bar],
-    *,
-    scale: float | None = None,
-    label_width: int = 230,
-    bar_width: int = 420,
-    value_width: int = 90,
-) -> str:
-    """Horizontal (stacked) bars, one per row, as inline SVG; ``scale`` is the value of a
-    full-width bar (default: the largest bar)."""
+def _bars(rows: Sequence[_Bar], *, value_width: int = 90) -> str:
+    """Horizontal (stacked) bars, one per row, as inline SVG; the largest bar is full width."""
     if not rows:
         return ""
     row_h, bar_h = 26, 18
-    largest = max(sum(v for _, v, _ in segs) for _, segs, _ in rows)
-    full = scale or largest or 1.0
+    label_width, bar_width = 230, 420
+    full = max(sum(v for _, v, _ in segs) for _, segs, _ in rows) or 1.0
     width = label_width + bar_width + value_width
     height = row_h * len(rows) + 4
     parts = [
