@@ -178,49 +178,39 @@ class Driver:
                     if self.setup.pairs_in_store:
                         self.remove_remote_temp(self.remote_temp)
 
-    def bad_row(self, bad: BadRow) -> ManifestRow:
-        log.warning("%s:%d: invalid row: %s", bad.source, bad.line, bad.reason)
-        self.counts.requests[INVALID] += 1
+    def own_row(self, item: Pair | BadRow, status: str, error: str) -> ManifestRow:
+        """A row of the driver's own part (an invalid row, a pair given up on), counted."""
+        self.counts.requests[status] += 1
         return ManifestRow(
             run_id=self.stats.run_id,
             harvested_at=datetime.now(UTC),
-            source_file=bad.source,
-            source_line=bad.line,
-            model=bad.model,
-            request_id=bad.request_id,
-            request_status=INVALID,
-            status=INVALID,
-            error=f"{bad.source}:{bad.line}: {bad.reason}",
-        )
-
-    def expired_row(self, pair: Pair) -> ManifestRow:
-        self.counts.requests[EXPIRED] += 1
-        days = self.config.give_up_after
-        return ManifestRow(
-            run_id=self.stats.run_id,
-            harvested_at=datetime.now(UTC),
-            source_file=pair.source,
-            source_line=pair.line,
-            model=pair.model,
-            request_id=pair.request_id,
-            request_status=EXPIRED,
-            status=EXPIRED,
-            error=f"given up: not ok in the {days:g} days since first seen (--give-up-after); "
-            "not fetched again unless a run is given --retry-expired",
+            source_file=item.source,
+            source_line=item.line,
+            model=item.model,
+            request_id=item.request_id,
+            request_status=status,
+            status=status,
+            error=error,
         )
 
     def read(self, files: list[reader.InputFile], done: set[int]) -> Iterator[list[Pair]]:
         """The pairs to harvest, in batches, read once as they are asked for: invalid rows
         and given-up pairs go to the driver's own part (memory stays flat: only the
         duplicates' digests are kept)."""
+        given_up = (
+            f"given up: not ok in the {self.config.give_up_after:g} days since first seen "
+            "(--give-up-after); not fetched again unless a run is given --retry-expired"
+        )
         for batch in reader.iter_items(files, done=done, counts=self.counts):
             rows: list[ManifestRow] = []
             pairs: list[Pair] = []
             for item in batch:
                 if isinstance(item, BadRow):
-                    rows.append(self.bad_row(item))
+                    log.warning("%s:%d: invalid row: %s", item.source, item.line, item.reason)
+                    error = f"{item.source}:{item.line}: {item.reason}"
+                    rows.append(self.own_row(item, INVALID, error))
                 elif item.key in self.expire:
-                    rows.append(self.expired_row(item))
+                    rows.append(self.own_row(item, EXPIRED, given_up))
                 else:
                     pairs.append(item)
             if rows:
