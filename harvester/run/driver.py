@@ -76,6 +76,7 @@ class Driver:
         self,
         config: HarvestConfig,
         stats: RunStats,
+        *,
         layout: Layout,
         remote: Store | None,
         setup: Setup,

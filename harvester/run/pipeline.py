@@ -252,7 +252,7 @@ def harvest(
             config, run_id=stats.run_id, log_format=log_format, cleanup=cleanup
         )
         stats.processes = stats.shards = setup.count
-        driver = Driver(config, stats, layout, remote, setup)
+        driver = Driver(config, stats, layout=layout, remote=remote, setup=setup)
         driver.run(files, on_start=on_start, on_tick=on_tick, tick=tick)
     return stats
 
