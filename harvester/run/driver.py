@@ -49,8 +49,8 @@ from harvester.storage.manifest import EXPIRED, INVALID, ManifestRow, ManifestWr
 from harvester.storage.objects import Held, Store
 
 if TYPE_CHECKING:
+    from harvester.run.config import HarvestConfig
     from harvester.run.engine.setup import Setup
-    from harvester.run.pipeline import HarvestConfig
 
 log = logging.getLogger("harvester")
 

@@ -22,12 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Protocol, TextIO
 
+from harvester.defaults import LOG_FORMATS
 from harvester.errors import HarvesterError
 from harvester.redact import printable, redact, secret_parts
 from harvester.storage.runs import RunRecord
 from harvester.units import duration, plural, size
-
-LOG_FORMATS: Final = ("text", "json")
 
 PROGRESS_EVERY: Final = 300.0
 """Seconds between progress lines when not on a terminal."""

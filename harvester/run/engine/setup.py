@@ -24,7 +24,7 @@ from harvester.run.shard import Board, FileBoard, work_dir
 from harvester.storage.objects import AWS_ENV
 
 if TYPE_CHECKING:
-    from harvester.run.pipeline import HarvestConfig
+    from harvester.run.config import HarvestConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
