@@ -10,7 +10,11 @@ import pytest
 
 from harvester.api.fetcher import FetchOutcome, ResultFetcher
 from harvester.errors import AuthError, ExitCode
-from harvester.sandbox import FaultRates, SandboxConfig, running_sandbox
+from harvester.run import driver
+from harvester.run.config import HarvestConfig
+from harvester.run.pipeline import harvest
+from harvester.run.reader import Pair
+from harvester.sandbox import FaultRates, Sandbox, SandboxConfig, running_sandbox
 from harvester.storage.manifest import manifest_glob
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import run_records
@@ -81,3 +85,23 @@ def test_a_key_rejected_mid_run_stops_it_and_keeps_finished_rows(
     for _, rows in df.group_by("request_id"):
         assert rows.height == rows["image_count"][0]  # whole requests, never half of one
     assert [r["exit_code"] for r in run_records(out)] == [ExitCode.AUTH]
+
+
+def test_one_shard_in_this_process_takes_its_pairs_from_the_reader(
+    tmp_path: Path, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No file of pairs for the default shard: written pairs would show up here."""
+    written: list[Pair] = []
+    monkeypatch.setattr(driver, "write_pairs", lambda out, pair: written.append(pair))
+    pairs = [("fal-ai/flux", f"inline-{i}") for i in range(40)]
+    csv = write_csv(tmp_path / "e.csv", [*pairs, pairs[0], ("bad model", "x")])
+    config = HarvestConfig(
+        inputs=(csv,), out_dir=tmp_path / "out", api_key=KEY, base_url=sandbox.base_url, rps=500
+    )
+    stats = harvest(config)
+    assert written == []
+    assert dict(stats.counters.requests) == {"ok": 40, "invalid": 1}
+    assert stats.counters.duplicates == 1
+    assert stats.counters.manifest_rows == pl.read_parquet(manifest_glob(config.out_dir)).height
+    summary = stats.summary()
+    assert "0 already ok in earlier runs (or expired), 1 duplicate row" in summary
