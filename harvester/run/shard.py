@@ -2,11 +2,11 @@
 
 A run's pairs are split by a stable hash of the pair (``shard_of``) into shards. A shard has
 its pairs (handed in when it runs in the driver's process, else a file under the output
-folder), its share of ``--rps`` and of both concurrencies,
-and the output location; ``run_shard`` does its requests with one lane on its own event loop,
-writes its own manifest parts (``manifest/<run_id>/shard-SSSS-part-NNNNN.parquet``) and
-returns its counters. Nothing per row leaves the shard, so any process (the harvest's own, a
-local pool's, a cluster engine's) can run it given the output folder.
+folder), its share of ``--rps`` and of both concurrencies, and the output location;
+``run_shard`` does its requests with one lane on its own event loop, writes its own manifest
+parts (``manifest/<run_id>/shard-SSSS-part-NNNNN.parquet``) and returns its counters. Nothing
+per row leaves the shard, so any process (the harvest's own, a local pool's, a cluster
+engine's) can run it given the output folder.
 
 While it runs, a shard posts its counters to the run's ``Board`` every ``PROGRESS_SECONDS``
 (the harvest shows them, and keeps them if the shard's process dies), and stops, keeping what

@@ -1,7 +1,7 @@
 """A run's counters and how it ended: the summary, the exit code and the run record.
 
-The driver (``harvester.run.driver``) keeps the sum of the shards' counters here. Exit 13 (nothing
-ok) is judged here too, from this run's counts and the last runs' records.
+The driver (``harvester.run.driver``) keeps the sum of the shards' counters here. Exit 13
+(nothing ok) is judged here too, from this run's counts and the last runs' records.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ class RunStats:
     baseline_not_ok: float | None = None
     """The median share not ok of the last finished runs on the folder (None: no history)."""
     finished_at: datetime | None = None
-    _t0: float = field(default_factory=time.monotonic)
 
     @property
     def elapsed(self) -> float:
