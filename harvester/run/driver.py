@@ -42,10 +42,11 @@ from harvester.run.engine import Failure
 from harvester.run.reader import BadRow, Pair
 from harvester.run.shard import ShardResult, ShardSpec, run_shard, shard_of, write_pairs
 from harvester.run.stats import RunStats, baseline_not_ok
+from harvester.statuses import EXPIRED, INVALID
 from harvester.storage import manifest, runs
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
-from harvester.storage.manifest import EXPIRED, INVALID, ManifestRow, ManifestWriter
+from harvester.storage.manifest import ManifestRow, ManifestWriter
 from harvester.storage.objects import Held, Store
 
 if TYPE_CHECKING:

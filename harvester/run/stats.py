@@ -17,8 +17,8 @@ from typing import Final
 from harvester.counters import Counters
 from harvester.errors import ExitCode, HarvesterError
 from harvester.run import reader
+from harvester.statuses import INVALID, OK, STATUSES
 from harvester.storage import runs
-from harvester.storage.rows import INVALID, OK, STATUSES
 from harvester.storage.runs import InputRecord, RunRecord
 from harvester.units import plural, size
 

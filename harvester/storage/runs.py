@@ -20,9 +20,9 @@ from typing import Any, Final
 
 from harvester.counters import Counters
 from harvester.errors import OutputError
+from harvester.statuses import INVALID, OK
 from harvester.storage.layout import Layout
 from harvester.storage.objects import Location, Store, is_remote, open_store
-from harvester.storage.rows import INVALID, OK
 
 RUNNING: Final = "running"
 FINISHED: Final = "finished"
