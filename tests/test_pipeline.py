@@ -61,12 +61,10 @@ def test_a_key_rejected_mid_run_stops_it_and_keeps_finished_rows(
     """The key is revoked while the run goes on: the fetch of 'revoked-1' meets a 401."""
     real_fetch = ResultFetcher.fetch
 
-    async def fetch(
-        self: ResultFetcher, model: str, request_id: str, *, repoll: bool = False
-    ) -> FetchOutcome:
-        if request_id == "revoked-1":
+    async def fetch(self: ResultFetcher, path: str, *, repoll: bool = False) -> FetchOutcome:
+        if path.endswith("/revoked-1"):
             raise AuthError("the API at http://relay.test refused the key (HTTP 401: Unauthorized)")
-        return await real_fetch(self, model, request_id, repoll=repoll)
+        return await real_fetch(self, path, repoll=repoll)
 
     monkeypatch.setattr(ResultFetcher, "fetch", fetch)
     pairs = [("fal-ai/flux", f"before-{n:02d}") for n in range(20)]

@@ -108,7 +108,7 @@ def test_shard_processes_that_cannot_start_are_a_clear_error(
 
 def test_pairs_go_to_shards_by_a_stable_hash() -> None:
     pairs = [
-        Pair("fal-ai/flux", f"id-{n}", "e.csv", n, pair_key("fal-ai/flux", f"id-{n}"))
+        Pair("fal-ai/flux", f"id-{n}", "e.csv", n, pair_key("fal-ai/flux", f"id-{n}"), "")
         for n in range(1_000)
     ]
     shards = [shard_of(p, 4) for p in pairs]

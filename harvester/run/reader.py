@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
 
-from harvester.api.urls import AppId, UnsafeIdError, check_segment
+from harvester.api.urls import UnsafeIdError, request_path
 from harvester.counters import Counters
 from harvester.errors import InputError
 
@@ -38,6 +38,8 @@ class Pair:
     line: int
     key: int
     """``pair_key(model, request_id)``, computed once, when the row is read."""
+    path: str
+    """The result's URL path (``urls.request_path``), checked once, when the row is read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,11 +314,10 @@ def _validate(source: str, line: int, model: str, request_id: str) -> Pair | Bad
     if "\ufffd" in model + request_id:
         return BadRow(source, line, "not valid UTF-8", model, request_id)
     try:
-        AppId.from_model(model)
-        check_segment(request_id, "request_id")
+        path = request_path(model, request_id)
     except UnsafeIdError as exc:
         return BadRow(source, line, str(exc), model, request_id)
-    return Pair(model, request_id, source, line, pair_key(model, request_id))
+    return Pair(model, request_id, source, line, pair_key(model, request_id), path)
 
 
 def iter_items(

@@ -151,7 +151,7 @@ class Lane:
     async def fetch(self, pair: Pair, *, repoll: bool = False) -> FetchOutcome:
         assert self._fetcher is not None, "use the lane inside opened()"
         async with self.repoll_slots if repoll else self.fetch_slots:
-            return await self._fetcher.fetch(pair.model, pair.request_id, repoll=repoll)
+            return await self._fetcher.fetch(pair.path, repoll=repoll)
 
     async def process(self, pair: Pair, release: Callable[[], object]) -> list[ManifestRow]:
         """The rows of one request. ``release`` is called if it stops counting against the

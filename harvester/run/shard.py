@@ -144,7 +144,7 @@ class ShardSpec:
     count: int
     board: Board
     pairs_path: Path | None = None
-    """One JSON array ``[model, request_id, source, line, key]`` per line; None: the pairs
+    """One JSON array of a ``Pair``'s fields per line; None: the pairs
     are handed to ``run_shard`` (a shard in the driver's process)."""
     lane: LaneSettings
     """Its share of ``--rps`` and the concurrencies, the API settings and ``out_dir``."""
@@ -203,7 +203,10 @@ class ShardResult:
 
 
 def write_pairs(out: TextIO, pair: Pair) -> None:
-    out.write(json.dumps([pair.model, pair.request_id, pair.source, pair.line, pair.key]) + "\n")
+    out.write(
+        json.dumps([pair.model, pair.request_id, pair.source, pair.line, pair.key, pair.path])
+    )
+    out.write("\n")
 
 
 def read_pairs(path: Path) -> Iterator[list[Pair]]:
