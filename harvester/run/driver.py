@@ -222,7 +222,9 @@ class Driver:
 
     def spec(self, index: int, pairs: Path | None = None) -> ShardSpec:
         config, run_id, setup = self.config, self.stats.run_id, self.setup
-        in_store = setup.pairs_in_store and pairs is not None
+        key = None
+        if setup.pairs_in_store and pairs is not None:
+            key = f"{self.remote_temp}{pairs.name}"
         return ShardSpec(
             run_id=run_id,
             index=index,
@@ -235,7 +237,7 @@ class Driver:
             rows_per_part=config.rows_per_part,
             seconds_per_part=config.seconds_per_part,
             limiter=setup.limiter,
-            pairs_key=f"{self.remote_temp}{pairs.name}" if in_store and pairs else None,
+            pairs_key=key,
             logging=setup.logging,
             store_env=setup.store_env,
         )

@@ -143,6 +143,7 @@ class ShardSpec:
     index: int
     count: int
     board: Board
+    """The run's progress channel."""
     pairs_path: Path | None = None
     """One JSON array of a ``Pair``'s fields per line; None: the pairs
     are handed to ``run_shard`` (a shard in the driver's process)."""
