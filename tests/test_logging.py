@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,8 @@ def test_progress_bar_on_a_terminal_steps_aside_for_log_lines() -> None:
 
     text = stream.getvalue()
     assert "[##########--------------] 40/90 requests" in text
-    assert "\r\x1b[K" + "20" in text  # the bar is cleared before the log line
+    # the bar is cleared before the log line, short on a terminal: time, level, message
+    assert re.search(r"\r\x1b\[K\d\d:\d\d:\d\d WARNING a warning while", text)
     assert "key ***" in text and KEY not in text
     assert text.endswith("\r\x1b[K")  # cleared at the end, the summary goes to stdout
 
@@ -272,3 +274,20 @@ def test_singular_and_plural() -> None:
     summary = one.summary()
     assert "1 request in" in summary and "1 result request (" in summary
     assert "0 duplicate rows" in summary and "new parts" in summary
+
+
+def test_rate_and_eta_count_fetched_requests_not_rows_recorded_without_one() -> None:
+    """88 requests, 6 of them invalid rows recorded at once: the first tick shows no rate and
+    no ETA (not 6 invalid rows "done" in a blink), later ticks the rate of fetched ones."""
+    s = stats(rows=99, ok=0, duplicates=11)
+    s.counters.requests["invalid"] = 6
+    s.started_at = datetime.now(UTC) - timedelta(seconds=0.02)
+    first = Snapshot.of(s.record(running=True))
+    assert (first.done, first.total, first.rate, first.eta) == (6, 88, 0.0, None)
+    assert first.tail() == "0.0/s  ETA --"
+    s.counters.requests["ok"], s.counters.requests["expired"] = 20, 2
+    s.started_at = datetime.now(UTC) - timedelta(seconds=2)
+    later = Snapshot.of(s.record(running=True))
+    assert later.done == 28
+    assert 9.5 < later.rate <= 10.0  # 20 fetched in 2 s, not 28
+    assert later.eta is not None and 6.0 <= later.eta < 6.4  # 60 left at 10/s
