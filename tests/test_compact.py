@@ -20,6 +20,7 @@ from harvester.storage import manifest
 from harvester.storage.compact import PAUSE_ENV, compact
 from harvester.storage.layout import Layout
 from harvester.storage.manifest import ManifestRow, ManifestWriter
+from harvester.storage.objects import LocalStore
 
 START = datetime(2026, 1, 1, 3, 0, tzinfo=UTC)
 
@@ -28,7 +29,9 @@ def night(layout: Layout, n: int, *, requests: int = 40, parts: int = 3) -> str:
     """Run ``n``'s rows: every request retried each night, ok from night ``request % 7``;
     two images for ok ones, one invalid row without ids."""
     run_id = (START + timedelta(days=n)).strftime("%Y%m%dT%H%M%S.000Z-") + f"{n:06x}"
-    writer = ManifestWriter(layout, run_id, rows_per_part=max(1, requests // parts))
+    writer = ManifestWriter(
+        LocalStore(layout.root), run_id, rows_per_part=max(1, requests // parts)
+    )
     at = START + timedelta(days=n, minutes=5)
     for i in range(requests):
         status = "ok" if n >= i % 7 else "not_found"

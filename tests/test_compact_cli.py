@@ -13,6 +13,7 @@ from harvester.storage import manifest
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
 from harvester.storage.manifest import ManifestRow, ManifestWriter
+from harvester.storage.objects import LocalStore
 from tests.conftest import harvest_args, run_cli, write_csv
 
 MODEL = "fal-ai/flux/dev"
@@ -83,7 +84,7 @@ def _seed(out: Path, rows: list[tuple[str, str]], days_ago: float) -> None:
     layout.prepare()
     when = datetime.now(UTC) - timedelta(days=days_ago)
     run_id = when.strftime("%Y%m%dT%H%M%S.000Z-") + "0ld0ld"
-    writer = ManifestWriter(layout, run_id)
+    writer = ManifestWriter(LocalStore(layout.root), run_id)
     writer.add(
         ManifestRow(
             run_id=run_id,

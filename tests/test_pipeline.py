@@ -16,6 +16,7 @@ from harvester.run.pipeline import harvest
 from harvester.run.reader import Pair
 from harvester.sandbox import FaultRates, Sandbox, SandboxConfig, running_sandbox
 from harvester.storage.manifest import manifest_glob
+from harvester.storage.objects import open_store
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import run_records
 
@@ -93,13 +94,14 @@ def test_one_shard_in_this_process_takes_its_pairs_from_the_reader(
     monkeypatch.setattr(driver, "write_pairs", lambda out, pair: written.append(pair))
     pairs = [("fal-ai/flux", f"inline-{i}") for i in range(40)]
     csv = write_csv(tmp_path / "e.csv", [*pairs, pairs[0], ("bad model", "x")])
+    out = tmp_path / "out"
     config = HarvestConfig(
-        inputs=(csv,), out_dir=tmp_path / "out", api_key=KEY, base_url=sandbox.base_url, rps=500
+        inputs=(csv,), out=open_store(out), api_key=KEY, base_url=sandbox.base_url, rps=500
     )
     stats = harvest(config)
     assert written == []
     assert dict(stats.counters.requests) == {"ok": 40, "invalid": 1}
     assert stats.counters.duplicates == 1
-    assert stats.counters.manifest_rows == pl.read_parquet(manifest_glob(config.out_dir)).height
+    assert stats.counters.manifest_rows == pl.read_parquet(manifest_glob(out)).height
     summary = stats.summary()
     assert "0 already ok in earlier runs (or expired), 1 duplicate row" in summary

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, NamedTuple, TextIO
+from typing import TYPE_CHECKING, NamedTuple, TextIO
 
 import anyio
 
@@ -40,24 +40,25 @@ from harvester.errors import (
 from harvester.run import reader
 from harvester.run.engine import Failure
 from harvester.run.reader import BadRow, Pair
-from harvester.run.shard import ShardResult, ShardSpec, run_shard, shard_of, write_pairs
+from harvester.run.shard import (
+    ShardResult,
+    ShardSpec,
+    run_shard,
+    shard_of,
+    work_dir,
+    write_pairs,
+)
 from harvester.run.stats import RunStats, baseline_not_ok
 from harvester.statuses import EXPIRED, INVALID
 from harvester.storage import manifest, runs
-from harvester.storage.layout import Layout
-from harvester.storage.lock import exclusive
 from harvester.storage.manifest import ManifestRow, ManifestWriter
-from harvester.storage.objects import Held, Store
+from harvester.storage.objects import REMOTE_TEMP, Held, Store
 
 if TYPE_CHECKING:
     from harvester.run.config import HarvestConfig
     from harvester.run.engine.setup import Setup
 
 log = logging.getLogger("harvester")
-
-REMOTE_TEMP: Final = ".tmp/"
-"""The run's temp objects in an S3 output (a shard's pairs, for nodes without the driver's
-disk): ``.tmp/<run_id>/``, deleted when the run ends, or by the next run on the prefix."""
 
 OnStats = Callable[[RunStats], None]
 
@@ -78,19 +79,15 @@ class Driver:
         config: HarvestConfig,
         stats: RunStats,
         *,
-        layout: Layout,
-        remote: Store | None,
         setup: Setup,
     ) -> None:
         self.config = config
         self.stats = stats
-        self.layout = layout
-        self.remote = remote
+        self.store: Store = config.out
         self.setup = setup
         self.writer = ManifestWriter(
-            layout,
+            config.out,
             stats.run_id,
-            remote=remote,
             rows_per_part=config.rows_per_part,
             seconds_per_part=config.seconds_per_part,
         )
@@ -103,17 +100,14 @@ class Driver:
         self.specs: list[ShardSpec] = []
         self.results: dict[int, ShardResult] = {}
         self.lease: Held | None = None
-        """An S3 prefix's lease: lost (taken over after a stall), the shards are stopped."""
+        """The output's lock; a bucket's lease lost (taken over after a stall) stops the
+        shards."""
         self.lease_lost: LockedError | None = None
 
     @property
     def work_dir(self) -> Path:
         """The run's temp folder: the shards' pairs files, their progress (a ``FileBoard``)."""
-        return self.layout.tmp / self.stats.run_id
-
-    @property
-    def remote_temp(self) -> str:
-        return f"{REMOTE_TEMP}{self.stats.run_id}/"
+        return work_dir(self.store, self.stats.run_id)
 
     def run(
         self,
@@ -125,7 +119,7 @@ class Driver:
     ) -> None:
         """The whole run, under the output's lock; ``stats`` says how it went. Raises what
         ends the run early (``HarvesterError``), after writing the run record."""
-        config, stats, layout, remote = self.config, self.stats, self.layout, self.remote
+        config, stats, store = self.config, self.stats, self.store
         if config.workers is not None and config.lanes < config.workers:
             log.info(
                 "using %d processes, not %d: each needs a fetch slot, a download slot and a "
@@ -134,16 +128,12 @@ class Driver:
                 config.workers,
             )
         with ExitStack() as held:
-            if remote is not None:  # the lease first: it says who runs on the prefix
-                self.lease = held.enter_context(remote.lock(owner=f"harvester run {stats.run_id}"))
-            held.enter_context(exclusive(layout))
-            stats.temp_files_cleaned = layout.clean_temp()
-            stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.location)[0])
-            runs.write(layout, stats.record(running=True), remote=remote)
-            if self.setup.pairs_in_store:  # what dead runs left there: the lease is ours now
-                stats.temp_files_cleaned += self.remove_remote_temp(REMOTE_TEMP)
+            self.lease = held.enter_context(store.lock(owner=f"harvester run {stats.run_id}"))
+            stats.temp_files_cleaned = store.clean_temp()
+            stats.baseline_not_ok = baseline_not_ok(runs.read_all(store)[0])
+            runs.write(store, stats.record(running=True))
             try:
-                done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.location)}
+                done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(store)}
                 if not config.retry_expired:
                     _give_up(config, stats.started_at, done, self.expire)
                 if on_start is not None:
@@ -174,11 +164,9 @@ class Driver:
                     stats.fail(exc)
                     raise
                 finally:
-                    runs.write(layout, stats.record(), remote=remote)
+                    runs.write(store, stats.record())
                     shutil.rmtree(self.work_dir, ignore_errors=True)
-                    _clean_temp(layout)
-                    if self.setup.pairs_in_store:
-                        self.remove_remote_temp(self.remote_temp)
+                    _clean_temp(store)
 
     def own_row(self, item: Pair | BadRow, status: str, error: str) -> ManifestRow:
         """A row of the driver's own part (an invalid row, a pair given up on), counted."""
@@ -224,7 +212,7 @@ class Driver:
         config, run_id, setup = self.config, self.stats.run_id, self.setup
         key = None
         if setup.pairs_in_store and pairs is not None:
-            key = f"{self.remote_temp}{pairs.name}"
+            key = f"{REMOTE_TEMP}{run_id}/{pairs.name}"
         return ShardSpec(
             run_id=run_id,
             index=index,
@@ -239,7 +227,6 @@ class Driver:
             limiter=setup.limiter,
             pairs_key=key,
             logging=setup.logging,
-            store_env=setup.store_env,
         )
 
     def run_shards(self, pairs: Iterator[list[Pair]], on_tick: OnStats | None, tick: float) -> None:
@@ -298,8 +285,7 @@ class Driver:
             ) from exc
         for spec in self.specs:
             if spec.pairs_key is not None and spec.pairs_path is not None:
-                assert self.remote is not None, "pairs go through the store only to S3"
-                self.remote.put(spec.pairs_key, spec.pairs_path)
+                self.store.put(spec.pairs_key, spec.pairs_path)
 
     def settle(self, failures: list[Failure[ShardSpec]]) -> None:
         """Raise what the shards that never finished mean: a bug's error, or the dead
@@ -328,20 +314,6 @@ class Driver:
                 + "); the rows finished so far are kept, requests still in flight are not "
                 "recorded and the next run retries them"
             )
-
-    def remove_remote_temp(self, prefix: str) -> int:
-        """Delete the temp objects under ``prefix`` in the bucket (this run's, or all that
-        dead runs left); returns how many. A failure is logged: the next run tries again."""
-        if self.remote is None:
-            return 0
-        removed = 0
-        try:
-            for info in list(self.remote.list(prefix)):
-                self.remote.delete(info.key)
-                removed += 1
-        except OutputError as exc:
-            log.warning("cannot remove the run's temp objects under %s: %s", prefix, exc)
-        return removed
 
     def observe(self) -> Observed:
         """What the running shards posted, and the cluster limiter's lowest rate: calls to
@@ -424,21 +396,21 @@ class Driver:
             self.refresh()
 
 
-def _clean_temp(layout: Layout) -> None:
+def _clean_temp(store: Store) -> None:
     """Empty the temp folder at the end of the run, the lock still held and every shard's
     process ended: a shard's process killed while it wrote a manifest part or an image left
     its temp file there (the next run would remove it; until then it is clutter)."""
     try:
-        layout.clean_temp()
+        store.clean_temp()
     except (OSError, OutputError) as exc:
-        log.warning("cannot empty the temp folder %s: %s", layout.tmp, exc)
+        log.warning("cannot empty the temp folder %s: %s", store.temp_dir, exc)
 
 
 def _give_up(config: HarvestConfig, now: datetime, done: set[int], expire: set[int]) -> None:
     """Add to ``done`` the pairs given up on in earlier runs (skipped like ok ones) and to
     ``expire`` those never ok ``give_up_after`` days after their first row."""
     cutoff = now - timedelta(days=config.give_up_after)
-    for aged in manifest.aged_pairs(config.location, first_seen_before=cutoff):
+    for aged in manifest.aged_pairs(config.out, first_seen_before=cutoff):
         key = reader.pair_key(aged.model, aged.request_id)
         if aged.expired:
             done.add(key)

@@ -18,8 +18,6 @@ from harvester.run.config import HarvestConfig
 from harvester.run.driver import Driver
 from harvester.run.engine import setup as engine_setup
 from harvester.run.stats import RunStats
-from harvester.storage.layout import Layout
-from harvester.storage.objects import open_store
 
 KEY_ENV_VARS: Final = ("HARVESTER_API_KEY", "FAL_KEY")
 
@@ -65,14 +63,12 @@ def harvest(
     """
     config.validate()
     files = reader.inspect(config.inputs, columns=config.columns)
-    layout = Layout(config.out_dir)
-    layout.prepare()
-    remote = None if config.out_url is None else open_store(config.out_url, temp_dir=layout.tmp)
+    config.out.prepare()
     started = datetime.now(UTC)
     stats = RunStats(
         run_id=run_id or new_run_id(started),
         started_at=started,
-        out_dir=config.location,
+        out_dir=config.out.location,
         inputs=files,
         rows_in_input=sum(f.rows for f in files),
         rps=config.rps,
@@ -82,7 +78,7 @@ def harvest(
             config, run_id=stats.run_id, log_format=log_format, cleanup=cleanup
         )
         stats.processes = stats.shards = setup.count
-        driver = Driver(config, stats, layout=layout, remote=remote, setup=setup)
+        driver = Driver(config, stats, setup=setup)
         driver.run(files, on_start=on_start, on_tick=on_tick, tick=tick)
     return stats
 

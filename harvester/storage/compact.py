@@ -35,6 +35,7 @@ from harvester.errors import ManifestError, OutputError
 from harvester.storage import manifest
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
+from harvester.storage.objects import LocalStore
 
 ROWS_PER_PART: Final = 1_000_000
 """Rows in a merged part: a year of nightly runs of 20,000 requests makes 8 parts."""
@@ -87,11 +88,12 @@ def compact(out_dir: Path, *, rows_per_part: int = ROWS_PER_PART) -> CompactStat
     with exclusive(layout):
         layout.clean_temp()  # a staged generation a killed compaction left
         layout.tmp.mkdir(exist_ok=True)
-        previous = manifest.generation(out_dir)
+        store = LocalStore(out_dir)
+        previous = manifest.generation(store)
         removed = _remove_replaced(out_dir, previous)
-        runs = manifest.run_folders(out_dir, previous)
+        runs = [out_dir / key for key in manifest.run_folders(store, previous)]
         new_parts = [p for folder in runs for p in sorted(folder.glob("*.parquet"))]
-        old_parts = previous.parts if previous is not None else []
+        old_parts = [out_dir / key for key in previous.parts] if previous is not None else []
         if not new_parts:
             return CompactStats(
                 generation=previous.number if previous is not None else None,
@@ -109,10 +111,10 @@ def compact(out_dir: Path, *, rows_per_part: int = ROWS_PER_PART) -> CompactStat
         stage.mkdir()
         rows = _build(stage, old_parts, new_parts, rows_per_part=rows_per_part)
         current = out_dir / manifest.CURRENT_FOLDER / f"current-{number:06d}.parquet"
-        current_rows = _write_current(layout, previous, new_parts, current)
+        current_rows = _write_current(layout, previous, old_parts, new_parts, current)
         replaces = sorted({f.name for f in runs} | (previous.replaces if previous else set()))
         if previous is not None:
-            replaces.append(previous.folder.name)
+            replaces.append(previous.name)
         written = sorted(p.name for p in stage.glob("*.parquet"))
         record = {
             "generation": number,
@@ -133,7 +135,7 @@ def compact(out_dir: Path, *, rows_per_part: int = ROWS_PER_PART) -> CompactStat
                 f"{exc.strerror or exc}; nothing was changed, run 'harvester compact' again"
             ) from exc
         _pause("committed")
-        committed = manifest.generation(out_dir)
+        committed = manifest.generation(store)
         removed += _remove_replaced(out_dir, committed)
         return CompactStats(
             generation=number,
@@ -264,16 +266,19 @@ def _run_counts(paths: Sequence[Path]) -> Counter[str]:
 
 
 def _write_current(
-    layout: Layout, previous: manifest.Generation | None, new_parts: Sequence[Path], path: Path
+    layout: Layout,
+    previous: manifest.Generation | None,
+    old_parts: Sequence[Path],
+    new_parts: Sequence[Path],
+    path: Path,
 ) -> int:
     """The current-state table as of the new generation: the latest rows of each request,
     from the previous table (or generation) and the new runs. Returns its rows."""
     import polars as pl
 
-    if previous is not None:
-        base = [previous.current] if previous.current is not None else previous.parts
-    else:
-        base = []
+    base = list(old_parts)
+    if previous is not None and previous.current is not None:
+        base = [layout.root / previous.current]
     rows = pl.scan_parquet(
         [str(p) for p in [*base, *new_parts]],
         schema=manifest.polars_schema(),

@@ -8,8 +8,9 @@ Once ``harvester compact`` has run, one generation of merged parts
 (``harvester.storage.compact``; docs/manifest.md "Compaction"). Readers here use ``parts``,
 which skips what the newest generation replaces.
 
-Each part is written to a temp file and renamed into place (on ``s3://``: put as one whole
-object), so a reader (or a crash) never sees a half-written one; a run flushes a part every
+Each part is built in the store's ``temp_dir`` and put whole (``Store.put``: fsynced and
+renamed into place in a folder, one object in a bucket), so a reader (or a crash) never sees
+a half-written one; a run flushes a part every
 ``rows_per_part`` rows, ``bytes_per_part`` bytes of text or ``seconds_per_part`` seconds, so
 a crash loses a bounded amount of finished work and memory stays bounded whatever the rows hold.
 """
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import anyio
@@ -32,8 +32,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from harvester.errors import ManifestError, OutputError
-from harvester.storage.layout import Layout
-from harvester.storage.objects import Location, Store, is_remote, open_store, storage_options
+from harvester.storage.objects import Location, Store, as_store
 
 if TYPE_CHECKING:
     import polars as pl
@@ -163,7 +162,7 @@ class ManifestWriter:
 
     def __init__(
         self,
-        layout: Layout,
+        store: Store,
         run_id: str,
         *,
         rows_per_part: int = 5_000,
@@ -171,15 +170,10 @@ class ManifestWriter:
         bytes_per_part: int = 64_000_000,
         autoflush: bool = True,
         prefix: str = "part",
-        remote: Store | None = None,
     ) -> None:
-        """``remote``: an S3 store each part goes to as one whole object (built in
-        ``layout.tmp`` first, a local folder)."""
-        self._layout = layout
-        self._remote = remote
+        self._store = store
         self._run_id = run_id
         self._prefix = prefix
-        self._run_dir = layout.manifest / run_id
         self._rows_per_part = rows_per_part
         self._seconds_per_part = seconds_per_part
         self._bytes_per_part = bytes_per_part
@@ -240,40 +234,21 @@ class ManifestWriter:
     def _write_part(self, rows: list[ManifestRow]) -> None:
         if not rows:
             return
-        if self._remote is not None:
-            self._put_part(self._remote, rows)
-            return
-        final = self._run_dir / f"{self._prefix}-{self._parts:05d}.parquet"
-        tmp = self._layout.temp_path(suffix=".parquet")
-        try:
-            table = rows_to_table(rows)
-            self._run_dir.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, tmp, compression="zstd")
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            self._buffer[:0] = rows  # kept for the final flush to try again
-            self._bytes += sum(_text_size(row) for row in rows)
-            raise OutputError(f"cannot write manifest part {final}: {exc.strerror or exc}") from exc
-        self._parts += 1
-        self.rows_written += len(rows)
-
-    def _put_part(self, remote: Store, rows: list[ManifestRow]) -> None:
         key = f"manifest/{self._run_id}/{self._prefix}-{self._parts:05d}.parquet"
-        tmp = self._layout.temp_path(suffix=".parquet")
+        tmp = self._store.temp_dir / f"{uuid.uuid4().hex}.parquet"
         try:
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(rows_to_table(rows), tmp, compression="zstd")
-            remote.put(key, tmp)  # one whole object; the temp file is consumed
-        except (OSError, OutputError) as exc:
+            try:
+                pq.write_table(rows_to_table(rows), tmp, compression="zstd")
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write manifest part {self._store.url(key)}: {exc.strerror or exc}"
+                ) from exc
+            self._store.put(key, tmp)  # whole, durably; the temp file is consumed
+        except OutputError:
             tmp.unlink(missing_ok=True)
             self._buffer[:0] = rows  # kept for the final flush to try again
             self._bytes += sum(_text_size(row) for row in rows)
-            if isinstance(exc, OutputError):
-                raise
-            raise OutputError(f"cannot write manifest part {key}: {exc.strerror or exc}") from exc
+            raise
         self._parts += 1
         self.rows_written += len(rows)
 
@@ -290,44 +265,11 @@ def _text_size(row: ManifestRow) -> int:
     )
 
 
-def manifest_glob(out_dir: Location) -> str:
-    """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(DIR))``
-    (``s3://bucket/prefix/manifest/**/*.parquet`` for an S3 location). Exact whenever no
-    compaction is under way (``parts`` is exact always)."""
-    if is_remote(out_dir):
-        return f"{str(out_dir).rstrip('/')}/manifest/**/*.parquet"
-    return str(Path(out_dir) / "manifest" / "**" / "*.parquet")
-
-
-def _remote_parts(out_dir: str) -> list[str]:
-    """The keys of an S3 location's manifest parts, sorted."""
-    store = open_store(out_dir)
-    return sorted(i.key for i in store.list("manifest/") if i.key.endswith(".parquet"))
-
-
-def _remote_ok_pairs(out_dir: str) -> Iterator[tuple[str, str]]:
-    """``ok_pairs`` of an S3 location: one part at a time (a part is a few MB at most)."""
-    store = open_store(out_dir)
-    for key in _remote_parts(out_dir):
-        try:
-            table = pq.read_table(
-                pa.BufferReader(store.get(key)),
-                columns=["model", "request_id", "request_status"],
-                filters=ds.field("request_status") == OK,
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise ManifestError(
-                f"cannot read the existing manifest ({out_dir}/{key}): {exc}; run 'harvester "
-                f"verify {out_dir}', then delete or move that part (its requests are "
-                "harvested again)"
-            ) from exc
-        yield from zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
-
-
-def has_manifest(out_dir: Location) -> bool:
-    if is_remote(out_dir):
-        return bool(_remote_parts(str(out_dir)))
-    return any((Path(out_dir) / "manifest").glob("*/*.parquet"))
+def manifest_glob(where: Store | Location) -> str:
+    """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(store),
+    storage_options=store.storage_options)``. Exact whenever no compaction is under way
+    (``parts`` is exact always)."""
+    return as_store(where).url("manifest/**/*.parquet")
 
 
 GENERATION_PREFIX: Final = "_compacted-"
@@ -338,99 +280,113 @@ CURRENT_FOLDER: Final = "current"
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Generation:
     """The committed result of the latest compaction: merged parts in ``folder`` that hold
-    every row of the run folders (and older generations) named in ``replaces``."""
+    every row of the run folders (and older generations) named in ``replaces``. Keys and
+    folders are the store's (``manifest/_compacted-000001``)."""
 
     number: int
-    folder: Path
+    folder: str
     replaces: frozenset[str]
-    current: Path | None
+    current: str | None
     """The current-state table as of this generation (None if it was never written)."""
+    parts: tuple[str, ...]
 
     @property
-    def parts(self) -> list[Path]:
-        return sorted(self.folder.glob("*.parquet"))
+    def name(self) -> str:
+        return self.folder.rsplit("/", 1)[-1]
 
 
-def generation(out_dir: Path) -> Generation | None:
-    """The newest committed generation under ``DIR/manifest``, if any. A generation folder
-    only ever appears whole (it is built elsewhere and renamed in), ``generation.json`` in it."""
-    manifest_dir = out_dir / "manifest"
-    if not manifest_dir.is_dir():
-        return None
+def _folders(store: Store) -> dict[str, list[str]]:
+    """Every folder under ``manifest/`` and the keys of its parts, sorted."""
+    found: dict[str, list[str]] = {}
+    for info in store.list("manifest/"):
+        folder, _, name = info.key.removeprefix("manifest/").partition("/")
+        if name and "/" not in name:
+            keys = found.setdefault(folder, [])
+            if name.endswith(".parquet"):
+                keys.append(info.key)
+    return {folder: sorted(keys) for folder, keys in sorted(found.items())}
+
+
+def has_manifest(where: Store | Location) -> bool:
+    return any(_folders(as_store(where)).values())
+
+
+def generation(store: Store, folders: dict[str, list[str]] | None = None) -> Generation | None:
+    """The newest committed generation under ``manifest/``, if any. A generation folder
+    only ever appears whole, ``generation.json`` in it."""
+    folders = _folders(store) if folders is None else folders
     numbers = sorted(
-        (int(p.name.removeprefix(GENERATION_PREFIX)), p)
-        for p in manifest_dir.glob(f"{GENERATION_PREFIX}*")
-        if p.name.removeprefix(GENERATION_PREFIX).isdigit()
+        (int(name.removeprefix(GENERATION_PREFIX)), name)
+        for name in folders
+        if name.startswith(GENERATION_PREFIX) and name.removeprefix(GENERATION_PREFIX).isdigit()
     )
     if not numbers:
         return None
-    number, folder = numbers[-1]
+    number, name = numbers[-1]
+    folder = f"manifest/{name}"
     try:
-        record = json.loads((folder / GENERATION_FILE).read_text())
+        record = json.loads(store.get(f"{folder}/{GENERATION_FILE}"))
         replaces = frozenset(str(name) for name in record["replaces"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OutputError, ValueError, KeyError, TypeError) as exc:
         raise ManifestError(
-            f"cannot read {folder / GENERATION_FILE}: {exc}; the manifest's newest compacted "
-            f"generation has no valid record. Move {folder} out of the manifest folder and run "
-            "'harvester compact' again"
+            f"cannot read {store.url(folder)}/{GENERATION_FILE}: {exc}; the manifest's newest "
+            f"compacted generation has no valid record. Move {store.url(folder)} out of the "
+            "manifest folder and run 'harvester compact' again"
         ) from exc
-    current = out_dir / CURRENT_FOLDER / f"current-{number:06d}.parquet"
+    current = f"{CURRENT_FOLDER}/current-{number:06d}.parquet"
+    present = any(info.key == current for info in store.list(f"{CURRENT_FOLDER}/"))
     return Generation(
         number=number,
         folder=folder,
         replaces=replaces,
-        current=current if current.is_file() else None,
+        current=current if present else None,
+        parts=tuple(folders[name]),
     )
 
 
-def run_folders(out_dir: Path, gen: Generation | None) -> list[Path]:
-    """Run folders under ``DIR/manifest`` that ``gen`` does not replace, oldest first."""
-    manifest_dir = out_dir / "manifest"
-    if not manifest_dir.is_dir():
-        return []
+def run_folders(
+    store: Store, gen: Generation | None, folders: dict[str, list[str]] | None = None
+) -> list[str]:
+    """Run folders under ``manifest/`` that ``gen`` does not replace, oldest first."""
+    folders = _folders(store) if folders is None else folders
     covered = gen.replaces if gen is not None else frozenset()
-    return sorted(
-        p
-        for p in manifest_dir.iterdir()
-        if p.is_dir() and not p.name.startswith(("_", ".")) and p.name not in covered
-    )
+    return [
+        f"manifest/{name}"
+        for name in folders
+        if not name.startswith(("_", ".")) and name not in covered
+    ]
 
 
-def parts(out_dir: Path) -> list[Path]:
-    """Every live part file: the newest generation's, then those of the run folders it does
-    not replace. Each manifest row is in exactly one of them, during a compaction too."""
-    gen = generation(out_dir)
-    found = gen.parts if gen is not None else []
-    for folder in run_folders(out_dir, gen):
-        found.extend(sorted(folder.glob("*.parquet")))
+def parts(where: Store | Location) -> list[str]:
+    """Every live part's key: the newest generation's, then those of the run folders it
+    does not replace. Each manifest row is in exactly one of them, during a compaction too."""
+    store = as_store(where)
+    folders = _folders(store)
+    gen = generation(store, folders)
+    found = list(gen.parts) if gen is not None else []
+    for folder in run_folders(store, gen, folders):
+        found.extend(folders[folder.removeprefix("manifest/")])
     return found
 
 
-def _scan_files(files: Sequence[Path]) -> pl.LazyFrame:
+def _scan_keys(store: Store, keys: Sequence[str]) -> pl.LazyFrame:
     import polars as pl
 
-    if not files:
+    if not keys:
         return pl.LazyFrame(schema=polars_schema())
     # Parts written before a column was added lack it: read it as null there.
     return pl.scan_parquet(
-        [str(f) for f in files], schema=polars_schema(), missing_columns="insert"
+        [store.url(key) for key in keys],
+        schema=polars_schema(),
+        missing_columns="insert",
+        storage_options=store.storage_options,
     )
 
 
-def scan(out_dir: Location) -> pl.LazyFrame:
-    """Lazily read every manifest row under ``out_dir`` (each once): a folder, or ``s3://``
-    (credentials from the AWS environment variables; compaction is for folders only)."""
-    if is_remote(out_dir):
-        import polars as pl
-
-        # Parts written before a column was added lack it: read it as null there.
-        return pl.scan_parquet(
-            manifest_glob(out_dir),
-            schema=polars_schema(),
-            missing_columns="insert",
-            storage_options=storage_options(),
-        )
-    return _scan_files(parts(Path(out_dir)))
+def scan(where: Store | Location) -> pl.LazyFrame:
+    """Lazily read every manifest row of a harvest (a store, or its location), each once."""
+    store = as_store(where)
+    return _scan_keys(store, parts(store))
 
 
 def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
@@ -439,53 +395,46 @@ def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
     return rows.filter(pl.col("run_id") == pl.col("run_id").max().over("model", "request_id"))
 
 
-def latest(out_dir: Location) -> pl.LazyFrame:
+def latest(where: Store | Location) -> pl.LazyFrame:
     """The rows of each request's most recent run: the current state of every request.
 
     After a compaction this reads the current-state table (already one request's latest rows
     each) plus the parts of the runs since, not the whole history.
     """
+    store = as_store(where)
     import polars as pl
 
-    if is_remote(out_dir):
-        return _latest_of(scan(out_dir))
-    out_dir = Path(out_dir)
-    gen = generation(out_dir)
+    folders = _folders(store)
+    gen = generation(store, folders)
     if gen is None or gen.current is None:
-        return _latest_of(scan(out_dir))
-    newer = [p for folder in run_folders(out_dir, gen) for p in sorted(folder.glob("*.parquet"))]
-    state = _scan_files([gen.current])
+        return _latest_of(scan(store))
+    newer = [k for f in run_folders(store, gen, folders) for k in folders[f[len("manifest/") :]]]
+    state = _scan_keys(store, [gen.current])
     if not newer:
         return state
-    return _latest_of(pl.concat([state, _scan_files(newer)]))
+    return _latest_of(pl.concat([state, _scan_keys(store, newer)]))
 
 
-def _batches(out_dir: Path, columns: list[str], where: ds.Expression) -> Iterator[pa.RecordBatch]:
-    """``columns`` of the live rows matching ``where``, batch by batch (memory stays flat
+def _batches(store: Store, columns: list[str], where: ds.Expression) -> Iterator[pa.RecordBatch]:
+    """``columns`` of the live rows matching ``where``, one part at a time (memory stays flat
     however long the history); an unreadable part is a ``ManifestError`` saying what to do."""
-    files = [str(p) for p in parts(out_dir)]
-    if not files:
-        return
-    try:
-        dataset = ds.dataset(files, schema=SCHEMA, format="parquet")
-        yield from dataset.to_batches(columns=columns, filter=where)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        bad = unreadable_parts(out_dir)
-        where_bad = ", ".join(str(p) for p in bad[:3]) or str(out_dir / "manifest")
-        raise ManifestError(
-            f"cannot read the existing manifest ({where_bad}): {exc}; run 'harvester verify "
-            f"{out_dir}', then move the unreadable part file(s) out of the manifest folder "
-            "(their requests are harvested again)"
-        ) from exc
+    for key in parts(store):
+        try:
+            table = pq.read_table(pa.BufferReader(store.get(key)), columns=columns, filters=where)
+        except (OutputError, OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
+            raise ManifestError(
+                f"cannot read the existing manifest ({store.url(key)}): {exc}; run 'harvester "
+                f"verify {store.location}', then move the unreadable part file(s) out of the "
+                "manifest folder (their requests are harvested again)"
+            ) from exc
+        yield from table.to_batches()
 
 
-def ok_pairs(out_dir: Location) -> Iterator[tuple[str, str]]:
+def ok_pairs(where: Store | Location) -> Iterator[tuple[str, str]]:
     """``(model, request_id)`` of every ok row in any earlier run (a pair can repeat), read
     in batches: memory stays flat however long the history."""
-    if is_remote(out_dir):
-        yield from _remote_ok_pairs(str(out_dir))
-        return
-    for batch in _batches(Path(out_dir), ["model", "request_id"], ds.field("request_status") == OK):
+    store = as_store(where)
+    for batch in _batches(store, ["model", "request_id"], ds.field("request_status") == OK):
         yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
 
 
@@ -499,18 +448,16 @@ class AgedPair:
     expired: bool
 
 
-def aged_pairs(out_dir: Location, *, first_seen_before: datetime) -> Iterator[AgedPair]:
+def aged_pairs(where: Store | Location, *, first_seen_before: datetime) -> Iterator[AgedPair]:
     """Pairs with a row not ok harvested before ``first_seen_before``, or an ``expired`` row
     (a pair can repeat), read in batches like ``ok_pairs``. A harvest gives up on those of them
-    that were never ok (``--give-up-after``). Folders only: on ``s3://`` none (yet)."""
-    if is_remote(out_dir):
-        return
-    out_dir = Path(out_dir)
+    that were never ok (``--give-up-after``)."""
+    store = as_store(where)
     cutoff = pa.scalar(first_seen_before, type=SCHEMA.field("harvested_at").type)
     # Ok rows are left out: a pair ever ok is skipped anyway, and it keeps this pass short.
     aged = (ds.field("harvested_at") < cutoff) & (ds.field("request_status") != OK)
     where = aged | (ds.field("request_status") == EXPIRED)
-    for batch in _batches(out_dir, ["model", "request_id", "request_status"], where):
+    for batch in _batches(store, ["model", "request_id", "request_status"], where):
         for model, request_id, status in zip(
             batch.column(0).to_pylist(),
             batch.column(1).to_pylist(),
@@ -521,14 +468,15 @@ def aged_pairs(out_dir: Location, *, first_seen_before: datetime) -> Iterator[Ag
                 yield AgedPair(model, request_id, status == EXPIRED)
 
 
-def unreadable_parts(out_dir: Path) -> list[Path]:
-    """Manifest part files whose Parquet footer cannot be read."""
+def unreadable_parts(where: Store | Location) -> list[str]:
+    """The keys of live manifest parts whose Parquet footer cannot be read."""
+    store = as_store(where)
     bad = []
-    for part in parts(out_dir):
+    for key in parts(store):
         try:
-            pq.read_metadata(part)
-        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
-            bad.append(part)
+            pq.read_metadata(pa.BufferReader(store.get(key)))
+        except (OutputError, OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+            bad.append(key)
     return bad
 
 

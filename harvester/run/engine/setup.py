@@ -11,17 +11,15 @@ shards, the run's progress channel (a ``Board``) and, on Ray, the cluster's acto
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from harvester.errors import UsageError
 from harvester.run.engine import Engine
 from harvester.run.engine.local import ChildLogging, LocalEngine
 from harvester.run.shard import Board, FileBoard, work_dir
-from harvester.storage.objects import AWS_ENV
 
 if TYPE_CHECKING:
     from harvester.run.config import HarvestConfig
@@ -43,7 +41,6 @@ class Setup:
     """Reads the cluster limiter's lowest rate so far."""
     logging: ChildLogging | None = None
     """How shards log in processes the harvest did not start (Ray's workers)."""
-    store_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     pairs_in_store: bool = False
     """The shards' nodes cannot read the driver's disk: their pairs go through the output."""
 
@@ -51,7 +48,7 @@ class Setup:
 def start(config: HarvestConfig, *, run_id: str, log_format: str, cleanup: ExitStack) -> Setup:
     """The run's engine and its shards; what must end with the run goes on ``cleanup``.
     Raises ``UsageError`` for a cluster that cannot be used as asked."""
-    files = FileBoard(work_dir(config.out_dir, run_id))
+    files = FileBoard(work_dir(config.out, run_id))
     child = ChildLogging(
         levels={n: logging.getLogger(n).getEffectiveLevel() for n in ("harvester", "httpx")},
         json_run_id=run_id if log_format == "json" else None,
@@ -69,9 +66,9 @@ def start(config: HarvestConfig, *, run_id: str, log_format: str, cleanup: ExitS
         RayEngine(address=config.ray_address, json_lines=log_format == "json")
     )
     nodes = ray_engine.node_count()
-    if nodes > 1 and config.out_url is None and not config.shared_fs:
+    if nodes > 1 and not config.out.everywhere and not config.shared_fs:
         raise UsageError(
-            f"--out {config.out_dir} is a folder on this machine, and the Ray cluster at "
+            f"--out {config.out.location} is a folder on this machine, and the Ray cluster at "
             f"{ray_engine.address} has {nodes} nodes: each would write images and manifest "
             "parts to its own disk, and could not read the run's shard files. Use a folder "
             "that every node mounts at the same path (NFS, a shared volume) and say so "
@@ -81,7 +78,7 @@ def start(config: HarvestConfig, *, run_id: str, log_format: str, cleanup: ExitS
     limiter = ray_engine.start_limiter(config.rps)
     cleanup.callback(ray_engine.stop_actor, limiter)
     board: Board = files
-    if config.out_url is not None:
+    if config.out.everywhere:  # the nodes share no disk with the driver
         ray_board = ray_engine.start_board(run_id)
         cleanup.callback(ray_engine.stop_actor, ray_board.handle)
         board = ray_board
@@ -92,16 +89,5 @@ def start(config: HarvestConfig, *, run_id: str, log_format: str, cleanup: ExitS
         limiter=limiter,
         lowest_rate=lambda: ray_engine.lowest_rate(limiter) or config.rps,
         logging=child,
-        store_env=_store_env(config),
-        pairs_in_store=config.out_url is not None,
+        pairs_in_store=config.out.everywhere,
     )
-
-
-def _store_env(config: HarvestConfig) -> dict[str, str]:
-    """The store's AWS settings as the driver has them, for the shards on a cluster's nodes
-    (so they write where it reads). In the pickled spec, never in a Ray task's
-    ``runtime_env``: Ray's runtime-env agent writes that to its log files in plain text."""
-    if config.out_url is None:
-        return {}
-    names = (*AWS_ENV, "AWS_DEFAULT_REGION")
-    return {name: os.environ[name] for name in names if os.environ.get(name)}
