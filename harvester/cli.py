@@ -279,15 +279,7 @@ def _figures(stats: RunStats) -> metrics.RunFigures:
         exit_code=int(stats.exit_code),
         started_at=stats.started_at.timestamp(),
         finished_at=stats.started_at.timestamp() + stats.elapsed,
-        requests=dict(stats.requests),
-        skipped=stats.skipped_done,
-        images_new=stats.images_new,
-        images_existing=stats.images_existing,
-        images_failed=stats.images_failed,
-        bytes_downloaded=stats.bytes_downloaded,
-        bytes_new=stats.bytes_new,
-        throttled=stats.throttled,
-        retries=stats.retries,
+        counters=stats.counters,
     )
 
 
@@ -398,8 +390,8 @@ def serve_command(job_file: Path | None, verbose: int, quiet: bool, **values: An
     refused = sum(served.refused.values())
     say(
         f"stopped: {served.accepted:,} deliveries stored ({served.repeated:,} repeated, "
-        f"{refused:,} refused, {served.unavailable:,} answered 503); {harvested.harvested:,} "
-        f"harvested ({harvested.ok:,} ok, {harvested.rows:,} rows)"
+        f"{refused:,} refused, {served.unavailable:,} answered 503); {harvested.done:,} "
+        f"harvested ({harvested.requests['ok']:,} ok, {harvested.manifest_rows:,} rows)"
     )
 
 

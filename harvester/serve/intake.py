@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -28,32 +27,22 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from harvester.api.delivery import delivery_outcome
 from harvester.api.retry import RetryPolicy
+from harvester.counters import Counters
 from harvester.defaults import DEFAULT_BASE_URL
 from harvester.errors import ManifestError, OutputError
-from harvester.run.reader import Pair
+from harvester.run.reader import Pair, pair_key
 from harvester.run.request import Lane, LaneSettings
 from harvester.serve.config import CONNECT_TIMEOUT, ServeConfig
 from harvester.storage import manifest
 from harvester.storage.inbox import DELIVERIES, Inbox
 from harvester.storage.objects import Store
-from harvester.storage.rows import OK, ManifestRow
+from harvester.storage.rows import ManifestRow
 
 logger = logging.getLogger(__name__)
 
 TICK: Final = 1.0
 """Seconds between two checks of whether a part is due."""
 EXPIRE_EVERY: Final = 3600.0
-
-
-@dataclass(slots=True)
-class IntakeCounters:
-    harvested: int = 0
-    ok: int = 0
-    rows: int = 0
-    images: int = 0
-    """Images stored (new, or already in the store)."""
-    bytes_new: int = 0
-    unreadable: int = 0
 
 
 class Intake:
@@ -64,7 +53,10 @@ class Intake:
         self.store = store
         self.inbox = inbox
         self.run_id = run_id
-        self.counters = IntakeCounters()
+        self._lane: Lane | None = None
+        self._counts = Counters()
+        """Requests harvested by status and manifest rows; the lane counts the images."""
+        self.unreadable = 0
         self._keys: MemoryObjectSendStream[str]
         self._receive: MemoryObjectReceiveStream[str]
         # Keys only (a few dozen bytes each): the bodies stay in the inbox until a worker
@@ -75,6 +67,13 @@ class Intake:
         self._writer = manifest.ManifestWriter(
             store, run_id, seconds_per_part=config.flush_every, autoflush=False
         )
+
+    def counters(self) -> Counters:
+        """What the intake harvested so far (a copy): requests by status, images, bytes,
+        manifest rows and parts."""
+        lane = self._lane.counters() if self._lane is not None else Counters()
+        written = Counters(manifest_parts=self._writer.parts_written)
+        return self._counts + lane + written
 
     @property
     def backlog(self) -> int:
@@ -109,7 +108,7 @@ class Intake:
             read_timeout=self.config.read_timeout,
             seed=None,
         )
-        lane = Lane(settings)
+        lane = self._lane = Lane(settings)
         try:
             async with lane.opened(), anyio.create_task_group() as tg:
                 for _ in range(self.config.image_concurrency):
@@ -155,7 +154,7 @@ class Intake:
             try:
                 rows = await self._harvest(lane, key)
             except ValueError as exc:
-                self.counters.unreadable += 1
+                self.unreadable += 1
                 logger.error("delivery %s is unreadable, left in the inbox: %s", key, exc)
                 continue
             except OutputError as exc:
@@ -165,18 +164,15 @@ class Intake:
                 self._queued.discard(key)
             self._writer.add(rows)
             self._unmarked.append(key)
-            self.counters.harvested += 1
-            self.counters.rows += len(rows)
-            self.counters.ok += rows[0].request_status == OK
-            for row in rows:
-                if row.sha256 is not None:
-                    self.counters.images += 1
-                    self.counters.bytes_new += (row.bytes or 0) if row.stored_new else 0
+            self._counts.requests[rows[0].request_status] += 1
+            self._counts.manifest_rows += len(rows)
 
     async def _harvest(self, lane: Lane, key: str) -> list[ManifestRow]:
         delivery = await anyio.to_thread.run_sync(self.inbox.read, key)
         outcome = delivery_outcome(delivery.body)
-        pair = Pair(delivery.model or "", delivery.request_id, key, 0)
+        model = delivery.model or ""
+        # Never fetched (the delivery is the result): no result path.
+        pair = Pair(model, delivery.request_id, key, 0, pair_key(model, delivery.request_id), "")
         rows = await lane.rows_for(pair, outcome)
         return [dataclasses.replace(row, model=delivery.model, source_line=None) for row in rows]
 

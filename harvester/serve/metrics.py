@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
 
+from harvester.counters import Counters
+
 ACK_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 """Seconds: upper bounds of the acknowledgement latency histogram."""
 
@@ -45,14 +47,11 @@ def render(
     unavailable: int,
     refused: Counter[str],
     backlog: int,
-    harvested: int,
-    ok: int,
-    rows: int,
-    images: int,
-    bytes_new: int,
+    harvested: Counters,
     latency: Latency,
 ) -> str:
     """The text of ``/metrics``."""
+    images = harvested.images_new + harvested.images_existing
     lines = [
         "# HELP harvester_serve_deliveries_total Deliveries answered, by outcome.",
         "# TYPE harvester_serve_deliveries_total counter",
@@ -70,19 +69,19 @@ def render(
         f"harvester_serve_backlog {backlog}",
         "# HELP harvester_serve_harvested_total Deliveries harvested into rows.",
         "# TYPE harvester_serve_harvested_total counter",
-        f"harvester_serve_harvested_total {harvested}",
+        f"harvester_serve_harvested_total {harvested.done}",
         "# HELP harvester_serve_ok_total Deliveries harvested with every row ok.",
         "# TYPE harvester_serve_ok_total counter",
-        f"harvester_serve_ok_total {ok}",
+        f"harvester_serve_ok_total {harvested.requests['ok']}",
         "# HELP harvester_serve_rows_total Manifest rows built from deliveries.",
         "# TYPE harvester_serve_rows_total counter",
-        f"harvester_serve_rows_total {rows}",
-        "# HELP harvester_serve_images_total Images stored (new or already there).",
+        f"harvester_serve_rows_total {harvested.manifest_rows}",
+        "# HELP harvester_serve_images_total Images stored (new, or already in the store).",
         "# TYPE harvester_serve_images_total counter",
         f"harvester_serve_images_total {images}",
         "# HELP harvester_serve_bytes_new_total Bytes of images new to the store.",
         "# TYPE harvester_serve_bytes_new_total counter",
-        f"harvester_serve_bytes_new_total {bytes_new}",
+        f"harvester_serve_bytes_new_total {harvested.bytes_new}",
         "# HELP harvester_serve_ack_seconds From a delivery's arrival to its 200.",
         "# TYPE harvester_serve_ack_seconds histogram",
         *latency.lines("harvester_serve_ack_seconds"),

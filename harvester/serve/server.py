@@ -31,10 +31,11 @@ import anyio
 from aiohttp import web
 
 from harvester.api.webhooks import KeysUnavailable, Refused, WebhookVerifier
+from harvester.counters import Counters
 from harvester.errors import OutputError
 from harvester.serve import metrics
 from harvester.serve.config import CONNECT_TIMEOUT, SHUTDOWN_GRACE, ServeConfig
-from harvester.serve.intake import Intake, IntakeCounters
+from harvester.serve.intake import Intake
 from harvester.storage.inbox import Delivery, Inbox, delivery_key
 from harvester.storage.objects import Store, open_store
 
@@ -63,7 +64,7 @@ class ServeCounters:
 class ServeSummary:
     run_id: str
     served: ServeCounters
-    harvested: IntakeCounters
+    harvested: Counters
 
 
 class WebhookServer:
@@ -149,18 +150,14 @@ class WebhookServer:
         return web.json_response({"status": "ok", "backlog": self.intake.backlog})
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        served, harvested = self.counters, self.intake.counters
+        served, harvested = self.counters, self.intake.counters()
         text = metrics.render(
             stored=served.accepted,
             repeated=served.repeated,
             unavailable=served.unavailable,
             refused=served.refused,
             backlog=self.intake.backlog,
-            harvested=harvested.harvested,
-            ok=harvested.ok,
-            rows=harvested.rows,
-            images=harvested.images,
-            bytes_new=harvested.bytes_new,
+            harvested=harvested,
             latency=served.latency,
         )
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
@@ -258,7 +255,7 @@ async def _serve_locked(
                 await runner.cleanup()
             await client.aclose()
             sock.close()
-    return ServeSummary(run_id, server.counters, intake.counters)
+    return ServeSummary(run_id, server.counters, intake.counters())
 
 
 async def _until_stopped(stop: anyio.Event | None) -> None:
