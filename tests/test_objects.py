@@ -314,3 +314,17 @@ def test_a_shard_that_runs_again_first_removes_its_earlier_attempts_parts(
     assert forget_earlier_attempts(spec, remote) == 2  # type: ignore[arg-type]
     assert sorted(i.key for i in store.list("manifest/")) == sorted(keys[2:])
     assert forget_earlier_attempts(spec, remote) == 0  # type: ignore[arg-type]
+
+
+def test_a_folder_delete_leaves_no_empty_folders(tmp_path: Path) -> None:
+    local = LocalStore(tmp_path / "out")
+    local.layout.prepare()
+    local.put("manifest/r1/part-00000.parquet", b"p0")
+    local.put("manifest/r1/part-00001.parquet", b"p1")
+    local.delete("manifest/r1/part-00000.parquet")
+    assert (tmp_path / "out" / "manifest" / "r1").is_dir()  # still holds a part
+    local.delete("manifest/r1/part-00001.parquet")
+    assert not (tmp_path / "out" / "manifest" / "r1").exists()
+    assert (tmp_path / "out" / "manifest").is_dir()  # the layout's own folder stays
+    local.put("manifest/r1/part-00002.parquet", b"p2")  # made again when needed
+    assert [i.key for i in local.list("manifest/")] == ["manifest/r1/part-00002.parquet"]
