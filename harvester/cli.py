@@ -22,7 +22,7 @@ from harvester.defaults import AUTH_SCHEMES
 from harvester.errors import ExitCode, HarvesterError
 from harvester.jobs import Job, load_job
 from harvester.redact import printable
-from harvester.storage.objects import as_location
+from harvester.storage.objects import as_location, open_store
 from harvester.views import metrics
 from harvester.views.console import LOG_FORMATS, Console
 
@@ -352,11 +352,8 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     if job.compact and stats.exit_code in (ExitCode.OK, ExitCode.INCOMPLETE):
         from harvester.storage.compact import compact
 
-        if not isinstance(job.out, Path):  # s3://: compaction is for folders only
-            click.echo("compact = true: skipped, compaction is for folders, not s3://", err=True)
-            sys.exit(int(stats.exit_code))
         try:
-            compacted = compact(job.out)
+            compacted = compact(open_store(job.out))
         except HarvesterError as exc:
             console.failed(exc)
             sys.exit(int(exc.exit_code))
@@ -533,10 +530,11 @@ def _require_harvest_folder(out_dir: Path, names: tuple[str, ...]) -> None:
 
 
 @main.command("compact", short_help="Merge the manifest's parts; rewrite the current-state table.")
-@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
-def compact_command(out_dir: Path) -> None:
+@click.argument("out_dir", metavar="DIR", callback=_location)
+def compact_command(out_dir: Path | str) -> None:
     """Merge every run's manifest parts into a few large ones and rewrite the current-state
     table (DIR/current/), so the latest state reads fast however many runs there were.
+    DIR is a folder or s3://bucket/prefix.
 
     No row and no history is lost: every row keeps its run_id. It is atomic: a reader
     during a compaction, and one after a compaction was killed, sees each row once; the
@@ -545,9 +543,10 @@ def compact_command(out_dir: Path) -> None:
     """
     from harvester.storage.compact import compact
 
-    _require_harvest_folder(out_dir, ("manifest",))
+    if isinstance(out_dir, Path):
+        _require_harvest_folder(out_dir, ("manifest",))
     try:
-        stats = compact(out_dir)
+        stats = compact(open_store(out_dir))
     except HarvesterError as exc:
         _fail(exc)
         return

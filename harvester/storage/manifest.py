@@ -3,10 +3,10 @@
 The manifest is a dataset of immutable part files, ``DIR/manifest/<run_id>/*.parquet``: each
 shard of a run writes ``shard-SSSS-part-NNNNN.parquet``, the run itself (invalid input rows)
 ``part-NNNNN.parquet``.
-Once ``harvester compact`` has run, one generation of merged parts
-``DIR/manifest/_compacted-NNNNNN/`` replaces the run folders its ``generation.json`` lists
-(``harvester.storage.compact``; docs/manifest.md "Compaction"). Readers here use ``parts``,
-which skips what the newest generation replaces.
+Once ``harvester compact`` has run, a generation of merged parts replaces the run folders its
+record ``manifest/_compacted-NNNNNN/generation.json`` lists (``harvester.storage.compact``;
+docs/manifest.md "Compaction"). Readers here read the live parts (``generations.read``), which
+skip what the newest generation replaces and what a killed compaction left.
 
 Each part is written to a temp file and renamed into place (on ``s3://``: put as one whole
 object), so a reader (or a crash) never sees a half-written one; a run flushes a part every
@@ -17,7 +17,6 @@ a crash loses a bounded amount of finished work and memory stays bounded whateve
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import time
@@ -32,8 +31,16 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from harvester.errors import ManifestError, OutputError
+from harvester.storage import generations
 from harvester.storage.layout import Layout
-from harvester.storage.objects import Location, Store, is_remote, open_store, storage_options
+from harvester.storage.objects import (
+    LocalStore,
+    Location,
+    Store,
+    is_remote,
+    open_store,
+    storage_options,
+)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -300,28 +307,26 @@ def manifest_glob(out_dir: Location) -> str:
 
 
 def _remote_parts(out_dir: str) -> list[str]:
-    """The keys of an S3 location's manifest parts, sorted."""
-    store = open_store(out_dir)
-    return sorted(i.key for i in store.list("manifest/") if i.key.endswith(".parquet"))
+    """The keys of an S3 location's live manifest parts."""
+    return generations.read(open_store(out_dir)).parts
 
 
-def _remote_ok_pairs(out_dir: str) -> Iterator[tuple[str, str]]:
-    """``ok_pairs`` of an S3 location: one part at a time (a part is a few MB at most)."""
+def _store_batches(
+    out_dir: Location, columns: list[str], where: ds.Expression
+) -> Iterator[pa.RecordBatch]:
+    """``columns`` of the live rows matching ``where``, read through the location's store one
+    part at a time (a part is a few MB at most)."""
     store = open_store(out_dir)
-    for key in _remote_parts(out_dir):
+    for key in generations.read(store).parts:
         try:
-            table = pq.read_table(
-                pa.BufferReader(store.get(key)),
-                columns=["model", "request_id", "request_status"],
-                filters=ds.field("request_status") == OK,
-            )
-        except (OSError, ValueError, KeyError) as exc:
+            table = pq.read_table(pa.BufferReader(store.get(key)), columns=columns, filters=where)
+        except (OSError, ValueError, KeyError, OutputError) as exc:
             raise ManifestError(
-                f"cannot read the existing manifest ({out_dir}/{key}): {exc}; run 'harvester "
-                f"verify {out_dir}', then delete or move that part (its requests are "
-                "harvested again)"
+                f"cannot read the existing manifest ({store.location}/{key}): {exc}; run "
+                f"'harvester verify {store.location}', then delete or move that part (its "
+                "requests are harvested again)"
             ) from exc
-        yield from zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
+        yield from table.to_batches()
 
 
 def has_manifest(out_dir: Location) -> bool:
@@ -330,107 +335,31 @@ def has_manifest(out_dir: Location) -> bool:
     return any((Path(out_dir) / "manifest").glob("*/*.parquet"))
 
 
-GENERATION_PREFIX: Final = "_compacted-"
-GENERATION_FILE: Final = "generation.json"
-CURRENT_FOLDER: Final = "current"
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class Generation:
-    """The committed result of the latest compaction: merged parts in ``folder`` that hold
-    every row of the run folders (and older generations) named in ``replaces``."""
-
-    number: int
-    folder: Path
-    replaces: frozenset[str]
-    current: Path | None
-    """The current-state table as of this generation (None if it was never written)."""
-
-    @property
-    def parts(self) -> list[Path]:
-        return sorted(self.folder.glob("*.parquet"))
-
-
-def generation(out_dir: Path) -> Generation | None:
-    """The newest committed generation under ``DIR/manifest``, if any. A generation folder
-    only ever appears whole (it is built elsewhere and renamed in), ``generation.json`` in it."""
-    manifest_dir = out_dir / "manifest"
-    if not manifest_dir.is_dir():
-        return None
-    numbers = sorted(
-        (int(p.name.removeprefix(GENERATION_PREFIX)), p)
-        for p in manifest_dir.glob(f"{GENERATION_PREFIX}*")
-        if p.name.removeprefix(GENERATION_PREFIX).isdigit()
-    )
-    if not numbers:
-        return None
-    number, folder = numbers[-1]
-    try:
-        record = json.loads((folder / GENERATION_FILE).read_text())
-        replaces = frozenset(str(name) for name in record["replaces"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ManifestError(
-            f"cannot read {folder / GENERATION_FILE}: {exc}; the manifest's newest compacted "
-            f"generation has no valid record. Move {folder} out of the manifest folder and run "
-            "'harvester compact' again"
-        ) from exc
-    current = out_dir / CURRENT_FOLDER / f"current-{number:06d}.parquet"
-    return Generation(
-        number=number,
-        folder=folder,
-        replaces=replaces,
-        current=current if current.is_file() else None,
-    )
-
-
-def run_folders(out_dir: Path, gen: Generation | None) -> list[Path]:
-    """Run folders under ``DIR/manifest`` that ``gen`` does not replace, oldest first."""
-    manifest_dir = out_dir / "manifest"
-    if not manifest_dir.is_dir():
-        return []
-    covered = gen.replaces if gen is not None else frozenset()
-    return sorted(
-        p
-        for p in manifest_dir.iterdir()
-        if p.is_dir() and not p.name.startswith(("_", ".")) and p.name not in covered
-    )
-
-
 def parts(out_dir: Path) -> list[Path]:
     """Every live part file: the newest generation's, then those of the run folders it does
     not replace. Each manifest row is in exactly one of them, during a compaction too."""
-    gen = generation(out_dir)
-    found = gen.parts if gen is not None else []
-    for folder in run_folders(out_dir, gen):
-        found.extend(sorted(folder.glob("*.parquet")))
-    return found
+    return [out_dir / key for key in generations.read(LocalStore(out_dir)).parts]
 
 
-def _scan_files(files: Sequence[Path]) -> pl.LazyFrame:
+def _scan_keys(out_dir: Location, keys: Sequence[str]) -> pl.LazyFrame:
     import polars as pl
 
-    if not files:
+    if not keys:
         return pl.LazyFrame(schema=polars_schema())
+    options = storage_options() if is_remote(out_dir) else None
     # Parts written before a column was added lack it: read it as null there.
     return pl.scan_parquet(
-        [str(f) for f in files], schema=polars_schema(), missing_columns="insert"
+        [f"{str(out_dir).rstrip('/')}/{key}" for key in keys],
+        schema=polars_schema(),
+        missing_columns="insert",
+        storage_options=options,
     )
 
 
 def scan(out_dir: Location) -> pl.LazyFrame:
     """Lazily read every manifest row under ``out_dir`` (each once): a folder, or ``s3://``
-    (credentials from the AWS environment variables; compaction is for folders only)."""
-    if is_remote(out_dir):
-        import polars as pl
-
-        # Parts written before a column was added lack it: read it as null there.
-        return pl.scan_parquet(
-            manifest_glob(out_dir),
-            schema=polars_schema(),
-            missing_columns="insert",
-            storage_options=storage_options(),
-        )
-    return _scan_files(parts(Path(out_dir)))
+    (credentials from the AWS environment variables)."""
+    return _scan_keys(out_dir, generations.read(open_store(out_dir)).parts)
 
 
 def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
@@ -447,17 +376,14 @@ def latest(out_dir: Location) -> pl.LazyFrame:
     """
     import polars as pl
 
-    if is_remote(out_dir):
-        return _latest_of(scan(out_dir))
-    out_dir = Path(out_dir)
-    gen = generation(out_dir)
+    listing = generations.read(open_store(out_dir))
+    gen = listing.generation
     if gen is None or gen.current is None:
-        return _latest_of(scan(out_dir))
-    newer = [p for folder in run_folders(out_dir, gen) for p in sorted(folder.glob("*.parquet"))]
-    state = _scan_files([gen.current])
-    if not newer:
+        return _latest_of(_scan_keys(out_dir, listing.parts))
+    state = _scan_keys(out_dir, [gen.current])
+    if not listing.runs:
         return state
-    return _latest_of(pl.concat([state, _scan_files(newer)]))
+    return _latest_of(pl.concat([state, _scan_keys(out_dir, listing.run_parts)]))
 
 
 def _batches(out_dir: Path, columns: list[str], where: ds.Expression) -> Iterator[pa.RecordBatch]:
@@ -483,7 +409,10 @@ def ok_pairs(out_dir: Location) -> Iterator[tuple[str, str]]:
     """``(model, request_id)`` of every ok row in any earlier run (a pair can repeat), read
     in batches: memory stays flat however long the history."""
     if is_remote(out_dir):
-        yield from _remote_ok_pairs(str(out_dir))
+        for batch in _store_batches(
+            out_dir, ["model", "request_id"], ds.field("request_status") == OK
+        ):
+            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
         return
     for batch in _batches(Path(out_dir), ["model", "request_id"], ds.field("request_status") == OK):
         yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
@@ -502,15 +431,13 @@ class AgedPair:
 def aged_pairs(out_dir: Location, *, first_seen_before: datetime) -> Iterator[AgedPair]:
     """Pairs with a row not ok harvested before ``first_seen_before``, or an ``expired`` row
     (a pair can repeat), read in batches like ``ok_pairs``. A harvest gives up on those of them
-    that were never ok (``--give-up-after``). Folders only: on ``s3://`` none (yet)."""
-    if is_remote(out_dir):
-        return
-    out_dir = Path(out_dir)
+    that were never ok (``--give-up-after``). Read through the location's store, a folder's
+    or a bucket's alike."""
     cutoff = pa.scalar(first_seen_before, type=SCHEMA.field("harvested_at").type)
     # Ok rows are left out: a pair ever ok is skipped anyway, and it keeps this pass short.
     aged = (ds.field("harvested_at") < cutoff) & (ds.field("request_status") != OK)
     where = aged | (ds.field("request_status") == EXPIRED)
-    for batch in _batches(out_dir, ["model", "request_id", "request_status"], where):
+    for batch in _store_batches(out_dir, ["model", "request_id", "request_status"], where):
         for model, request_id, status in zip(
             batch.column(0).to_pylist(),
             batch.column(1).to_pylist(),
@@ -543,11 +470,9 @@ __all__ = [
     "SCHEMA",
     "STATUSES",
     "AgedPair",
-    "Generation",
     "ManifestRow",
     "ManifestWriter",
     "aged_pairs",
-    "generation",
     "has_manifest",
     "latest",
     "manifest_glob",
@@ -555,7 +480,6 @@ __all__ = [
     "parts",
     "polars_schema",
     "rows_to_table",
-    "run_folders",
     "scan",
     "unreadable_parts",
 ]
