@@ -4,7 +4,6 @@ polars), and a kill -9 at any step of the commit protocol loses nothing."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -12,54 +11,22 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
-import pyarrow.parquet as pq
 import pytest
 
 from harvester.storage import generations, manifest
 from harvester.storage.compact import PAUSE_ENV, STEPS, compact
-from harvester.storage.layout import Layout
 from harvester.storage.manifest import ManifestRow
-from harvester.storage.objects import LocalStore, Location, S3Store, Store
-from tests.s3gateway import Gateway
+from harvester.storage.objects import Store
+from tests import outputs
+from tests.outputs import Out, put_run
 
 START = datetime(2026, 1, 1, 3, 0, tzinfo=UTC)
-BACKENDS = ["folder", pytest.param("s3", marks=pytest.mark.s3)]
-
-
-@dataclass(frozen=True, slots=True)
-class Out:
-    """A harvest's output location: what the harvester's readers take, its store, and what
-    polars and a process of the harvester need to read it."""
-
-    location: Location
-    store: Store
-    env: dict[str, str]
-    storage_options: dict[str, str] | None
-
-    @property
-    def url(self) -> str:
-        return str(self.location)
-
-
-@pytest.fixture(params=BACKENDS)
-def out(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Out:
-    if request.param == "folder":
-        folder = tmp_path / "out"
-        Layout(folder).prepare()
-        return Out(folder, LocalStore(folder), {}, None)
-    gateway: Gateway = request.getfixturevalue("s3_gateway")
-    bucket: str = request.getfixturevalue("s3_bucket")
-    for name, value in gateway.env().items():  # the readers open the store from these
-        monkeypatch.setenv(name, value)
-    location = f"s3://{bucket}/night"
-    return Out(
-        location, S3Store(location, env=gateway.env()), gateway.env(), gateway.storage_options()
-    )
+out = outputs.out
+"""The fixture: each test runs on a folder and on Ceph's gateway."""
 
 
 def night(store: Store, n: int, *, requests: int = 40, parts: int = 3) -> str:
@@ -96,11 +63,7 @@ def night(store: Store, n: int, *, requests: int = 40, parts: int = 3) -> str:
             status="invalid",
         )
     )
-    size = -(-len(rows) // parts)
-    for index in range(parts):
-        buffer = io.BytesIO()
-        pq.write_table(manifest.rows_to_table(rows[index * size : (index + 1) * size]), buffer)
-        store.put(f"manifest/{run_id}/part-{index:05d}.parquet", buffer.getvalue())
+    put_run(store, run_id, rows, parts=parts)
     return run_id
 
 
