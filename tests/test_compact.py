@@ -262,3 +262,27 @@ def test_a_reader_mid_compaction_and_a_kill_9_lose_nothing(
     assert not (out.store.temp_dir / "compact").exists()
     if isinstance(out.location, Path):
         assert list((out.location / ".tmp").iterdir()) == []
+
+
+def test_a_generation_whose_record_lists_file_names_is_read_and_merged_again(out: Out) -> None:
+    """Records written before parts were listed by key name the files of their own folder."""
+    history(out, range(4))
+    compact(out.store, rows_per_part=150)
+    listing = generations.read(out.store)
+    assert listing.generation is not None
+    record = json.loads(out.store.get(generations.record_key(1)))
+    record["parts"] = [p["key"].rsplit("/", 1)[-1] for p in record["parts"]]
+    record["replaces"] = [*record["replaces"], "_compacted-000000"]
+    out.store.delete(generations.record_key(1))
+    out.store.put(generations.record_key(1), json.dumps(record).encode())
+    assert generations.read(out.store).parts == listing.parts
+    history(out, range(4, 6))
+    before_rows, before_state = rows_per_run(out), state(out)
+
+    stats = compact(out.store, rows_per_part=150)
+
+    assert stats.generation == 2
+    assert rows_per_run(out) == before_rows
+    assert polars_rows(out, glob=True) == before_rows
+    assert state(out).equals(before_state)
+    settled(out)
