@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,9 +36,6 @@ from harvester.errors import LockedError, ManifestError, OutputError
 from harvester.storage import generations, manifest
 from harvester.storage.generations import Listing, Part
 from harvester.storage.objects import Held, Store
-
-if TYPE_CHECKING:
-    import polars as pl
 
 ROWS_PER_PART: Final = 1_000_000
 """Rows in a merged part: a year of nightly runs of 20,000 requests makes 8 parts."""
@@ -270,16 +267,16 @@ class _Parts:
         _pause("merging")
 
 
-def _read(store: Store, key: str, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+def _read(store: Store, key: str) -> Iterator[pa.RecordBatch]:
     """One part's rows with ``SCHEMA`` (columns added since it was written read as null), a
-    batch at a time; only ``columns`` if given."""
+    batch at a time (the part's bytes in memory: a few MB, or a partly filled merged part)."""
     try:
         data = store.get(key)
         parquet = pq.ParquetFile(pa.BufferReader(data))
         if parquet.schema_arrow.equals(manifest.SCHEMA):
-            yield from parquet.iter_batches(batch_size=65_536, columns=columns)
+            yield from parquet.iter_batches(batch_size=65_536)
         else:
-            table = pq.read_table(pa.BufferReader(data), schema=manifest.SCHEMA, columns=columns)
+            table = pq.read_table(pa.BufferReader(data), schema=manifest.SCHEMA)
             yield from table.to_batches(max_chunksize=65_536)
     except (OSError, OutputError, ValueError) as exc:  # pyarrow's ArrowInvalid: a ValueError
         raise ManifestError(
@@ -293,14 +290,10 @@ def _counts(batch: pa.RecordBatch) -> Counter[str]:
     return Counter({str(v["values"]): int(v["counts"]) for v in runs.to_pylist()})
 
 
-_KEYS: Final = ["model", "request_id"]
-
-
 def _write_current(store: Store, listing: Listing, path: Path) -> int:
     """The current-state table as of the new generation, into ``path``: the latest rows of
     each request, from the previous table (or generation) and the new runs. Returns its
-    rows. Two passes, one part at a time, so memory follows the number of requests, not of
-    rows: each request's newest run, then the rows of those runs."""
+    rows."""
     import polars as pl
 
     previous = listing.generation
@@ -310,41 +303,22 @@ def _write_current(store: Store, listing: Listing, path: Path) -> int:
         base = [previous.current]
     else:
         base = [p.key for p in previous.parts]
-    keys = [*base, *listing.run_parts]
-    newest: pl.DataFrame | None = None
-    for key in keys:
-        for batch in _read(store, key, [*_KEYS, "run_id"]):
-            frame = _frame(batch)
-            if newest is not None:
-                frame = pl.concat([newest, frame])
-            newest = frame.group_by(_KEYS).agg(pl.col("run_id").max())
-    writer = pq.ParquetWriter(path, manifest.SCHEMA, compression="zstd")
-    rows = 0
+    rows = manifest.scan_keys(store.location, [*base, *listing.run_parts])
+    keys = ["model", "request_id"]
+    # Two streaming passes, so memory follows the number of requests, not of rows: each
+    # request's newest run, then the rows of those runs.
+    newest = (
+        rows.select(*keys, "run_id")
+        .group_by(keys)
+        .agg(pl.col("run_id").max())
+        .collect(engine="streaming")
+    )
+    state = rows.join(newest.lazy(), on=[*keys, "run_id"], how="semi", nulls_equal=True)
     try:
-        for key in keys:
-            for batch in _read(store, key):
-                assert newest is not None
-                state = _frame(batch).join(
-                    newest, on=[*_KEYS, "run_id"], how="semi", nulls_equal=True
-                )
-                if state.height:
-                    writer.write_table(state.to_arrow().cast(manifest.SCHEMA))
-                    rows += state.height
+        state.sink_parquet(path, compression="zstd", sync_on_close="all", engine="streaming")
     except OSError as exc:
         raise OutputError(f"cannot write the current-state table {path}: {exc}") from exc
-    finally:
-        writer.close()
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-    return rows
-
-
-def _frame(batch: pa.RecordBatch) -> pl.DataFrame:
-    import polars as pl
-
-    frame = pl.from_arrow(batch)
-    assert isinstance(frame, pl.DataFrame)
-    return frame
+    return int(pq.read_metadata(path).num_rows)
 
 
 def _pause(step: str) -> None:

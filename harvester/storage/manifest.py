@@ -341,7 +341,8 @@ def parts(out_dir: Path) -> list[Path]:
     return [out_dir / key for key in generations.read(LocalStore(out_dir)).parts]
 
 
-def _scan_keys(out_dir: Location, keys: Sequence[str]) -> pl.LazyFrame:
+def scan_keys(out_dir: Location, keys: Sequence[str]) -> pl.LazyFrame:
+    """Lazily read the parts ``keys`` of ``out_dir``."""
     import polars as pl
 
     if not keys:
@@ -359,7 +360,7 @@ def _scan_keys(out_dir: Location, keys: Sequence[str]) -> pl.LazyFrame:
 def scan(out_dir: Location) -> pl.LazyFrame:
     """Lazily read every manifest row under ``out_dir`` (each once): a folder, or ``s3://``
     (credentials from the AWS environment variables)."""
-    return _scan_keys(out_dir, generations.read(open_store(out_dir)).parts)
+    return scan_keys(out_dir, generations.read(open_store(out_dir)).parts)
 
 
 def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
@@ -379,11 +380,11 @@ def latest(out_dir: Location) -> pl.LazyFrame:
     listing = generations.read(open_store(out_dir))
     gen = listing.generation
     if gen is None or gen.current is None:
-        return _latest_of(_scan_keys(out_dir, listing.parts))
-    state = _scan_keys(out_dir, [gen.current])
+        return _latest_of(scan_keys(out_dir, listing.parts))
+    state = scan_keys(out_dir, [gen.current])
     if not listing.runs:
         return state
-    return _latest_of(pl.concat([state, _scan_keys(out_dir, listing.run_parts)]))
+    return _latest_of(pl.concat([state, scan_keys(out_dir, listing.run_parts)]))
 
 
 def _batches(out_dir: Path, columns: list[str], where: ds.Expression) -> Iterator[pa.RecordBatch]:
