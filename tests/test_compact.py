@@ -17,11 +17,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from harvester.errors import ExitCode
+from harvester.sandbox import Sandbox
 from harvester.storage import generations, manifest
 from harvester.storage.compact import PAUSE_ENV, STEPS, compact
 from harvester.storage.manifest import ManifestRow
 from harvester.storage.objects import Store
 from tests import outputs
+from tests.conftest import harvest_args, run_cli, write_csv
 from tests.outputs import Out, put_run
 
 START = datetime(2026, 1, 1, 3, 0, tzinfo=UTC)
@@ -286,3 +289,30 @@ def test_a_generation_whose_record_lists_file_names_is_read_and_merged_again(out
     assert polars_rows(out, glob=True) == before_rows
     assert state(out).equals(before_state)
     settled(out)
+
+
+@pytest.mark.parametrize("pause", ["publishing", "committed"])
+def test_the_next_harvest_settles_a_killed_compaction(
+    out: Out, pause: str, killed: list[subprocess.Popen[str]], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    history(out, range(4))
+    before_rows = rows_per_run(out)
+    process = _compact_process(out, pause)
+    killed.append(process)
+    assert process.stderr is not None
+    assert process.stderr.readline() == f"compact: paused at {pause}\n"
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=30)
+    assert generations.read(out.store).stale  # what the kill left: a glob reads rows twice
+    for info in list(out.store.list(".lock/")):  # stands in for the dead lease's expiry
+        out.store.delete(info.key)
+
+    csv = write_csv(tmp_path / "in.csv", [("fal-ai/flux/dev", "settle-1")])
+    harvest = run_cli(harvest_args(sandbox, out.url, csv), env=out.env)
+
+    assert harvest.exit_code == ExitCode.OK, harvest.output
+    assert generations.read(out.store).stale == ()
+    after = rows_per_run(out)
+    assert polars_rows(out, glob=True) == after
+    assert len(after - before_rows) == 1  # the new run's rows, and nothing twice
+    assert after & before_rows == before_rows

@@ -59,7 +59,7 @@ from harvester.run.shard import (
     write_pairs,
 )
 from harvester.run.stats import RunStats, baseline_not_ok
-from harvester.storage import manifest, runs
+from harvester.storage import generations, manifest, runs
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
 from harvester.storage.manifest import EXPIRED, INVALID, ManifestRow, ManifestWriter
@@ -737,6 +737,7 @@ def _harvest(
             lease = held.enter_context(remote.lock(owner=f"harvester run {stats.run_id}"))
         held.enter_context(exclusive(layout))
         stats.temp_files_cleaned = layout.clean_temp()
+        generations.settle_location(config.location)  # what a killed compaction left
         stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.location)[0])
         runs.write(layout, stats.record(running=True), remote=remote)
         run = _Run(config, stats, layout, remote, shards=shards, cluster=cluster)
