@@ -117,11 +117,10 @@ def _compact(
             seconds=time.monotonic() - started,
         )
     number = previous.number + 1 if previous is not None else 1
-    kept = [p for p in old_parts if p.rows >= rows_per_part]
-    merged, rows = _merge(
-        store, [p.key for p in old_parts if p.rows < rows_per_part], new_parts, work,
-        rows_per_part=rows_per_part, carried=sum(p.rows for p in kept),
-    )  # fmt: skip
+    kept = [p for p in old_parts if p.rows >= rows_per_part]  # named again, not rewritten
+    rewritten = [p.key for p in old_parts if p.rows < rows_per_part]
+    merged, rows = _merge(store, [*rewritten, *new_parts], work, rows_per_part=rows_per_part)
+    rows += sum(p.rows for p in kept)
     table = work / "current.parquet"
     current_rows = _write_current(store, listing, table)
 
@@ -179,21 +178,14 @@ def _synced(work: Path, text: str) -> Path:
 
 
 def _merge(
-    store: Store,
-    old: Sequence[str],
-    new: Sequence[str],
-    work: Path,
-    *,
-    rows_per_part: int,
-    carried: int,
+    store: Store, keys: Sequence[str], work: Path, *, rows_per_part: int
 ) -> tuple[list[tuple[Path, int]], int]:
-    """Merge the parts ``old`` then ``new`` into local files in ``work``; returns each file
-    with its rows, and the generation's rows (``carried`` are in the full parts kept as they
-    are). The files are fsynced and checked run by run against the rows read."""
+    """Merge the parts ``keys`` into local files in ``work``; returns each file with its rows,
+    and the rows in all. The files are fsynced and checked run by run against the rows read."""
     expected: Counter[str] = Counter()
     out = _Parts(work, rows_per_part=rows_per_part)
     try:
-        for key in [*old, *new]:
+        for key in keys:
             for batch in _read(store, key):
                 expected.update(_counts(batch))
                 out.add(batch)
@@ -214,7 +206,7 @@ def _merge(
             f"the compacted parts built in {work} do not hold the rows read, run by run; "
             "nothing was changed. Run 'harvester verify' and report this"
         )
-    return merged, carried + sum(expected.values())
+    return merged, sum(expected.values())
 
 
 class _Parts:
