@@ -13,18 +13,18 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from harvester import __version__
-from harvester.defaults import AUTH_SCHEMES
+from harvester import __version__, options
 from harvester.errors import ExitCode, HarvesterError
 from harvester.jobs import Job, load_job
+from harvester.options import Option
 from harvester.redact import printable
 from harvester.storage.objects import as_location, open_store
 from harvester.views import metrics
-from harvester.views.console import LOG_FORMATS, Console
+from harvester.views.console import Console
 
 # The run layer (and with it httpx, anyio, pyarrow) is imported only inside the commands that
 # harvest: ``harvester status`` and the other views never load it.
@@ -62,7 +62,6 @@ def main() -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
-_DEFAULTS: Final = Job(inputs=(), out=Path())
 
 
 def _location(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
@@ -77,205 +76,69 @@ def _check_folder(out_dir: Path | str) -> None:
         sys.exit(int(ExitCode.USAGE))
 
 
-def _harvest_options(*, job: bool) -> Callable[[F], F]:
-    """The options ``harvest`` and ``run`` share. For ``run`` each defaults to None, meaning
-    "as the job file says" (and the job file's own default after that)."""
-
-    def default(name: str) -> dict[str, Any]:
-        if job:
-            return {"default": None}
-        return {"default": getattr(_DEFAULTS, name), "show_default": True}
-
-    options = [
-        click.option(
-            "--out",
-            metavar="DIR|s3://BUCKET/PREFIX",
-            callback=_location,
-            required=not job,
-            help="Output folder, or s3://bucket/prefix (credentials from AWS_* environment "
-            "variables): images/, manifest/ and runs/ live there."
-            + (" Default: the job's 'out'." if job else ""),
-        ),
-        click.option(
-            "--base-url",
-            envvar=None if job else "HARVESTER_BASE_URL",
-            help="The API's base URL" + ("." if job else " (env HARVESTER_BASE_URL)."),
-            **default("base_url"),
-        ),
-        click.option(
-            "--auth-scheme",
-            type=click.Choice(AUTH_SCHEMES),
-            help="Authorization header: 'bearer' (relays), 'key' (fal.ai); 'auto' uses key "
-            "for fal.ai's queue host and bearer elsewhere.",
-            **default("auth_scheme"),
-        ),
-        click.option(
-            "--key-env",
-            metavar="NAME",
-            help="Read the API key from this environment variable instead of "
-            "HARVESTER_API_KEY / FAL_KEY.",
-            **default("key_env"),
-        ),
-        click.option(
-            "--concurrency",
-            type=click.IntRange(min=1),
-            help="Result fetches in flight.",
-            **default("concurrency"),
-        ),
-        click.option(
-            "--image-concurrency",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Image downloads in flight. Default: 2 x --concurrency"
-            + (" (or the job's 'image-concurrency')." if job else "."),
-        ),
-        click.option(
-            "--rps",
-            type=click.FloatRange(min=0, min_open=True),
-            help="Result requests per second, retries included.",
-            **default("rps"),
-        ),
-        click.option(
-            "--workers",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Processes that fetch and download, this one included. Default: 1"
-            + (" (or the job's 'workers')." if job else "."),
-        ),
-        click.option(
-            "--max-attempts",
-            type=click.IntRange(min=1),
-            help="Attempts per request on transient errors (429, 5xx gateway, network).",
-            **default("max_attempts"),
-        ),
-        click.option(
-            "--retry-budget",
-            type=click.FloatRange(min=0, min_open=True),
-            help="Seconds one request may spend retrying.",
-            **default("retry_budget"),
-        ),
-        click.option(
-            "--pending-wait",
-            type=click.FloatRange(min=0),
-            help="Seconds to keep re-polling results still in progress (0: record as "
-            "pending at once; the next run retries them).",
-            **default("pending_wait"),
-        ),
-        click.option(
-            "--max-image-bytes",
-            type=click.IntRange(min=1),
-            help="Refuse images larger than this.",
-            **default("max_image_bytes"),
-        ),
-        click.option(
-            "--allow-private-images",
-            is_flag=True,
-            help="Fetch images from loopback, link-local and private addresses too (refused "
-            "unless the API itself is on one).",
-            **({"default": None} if job else {"default": False}),
-        ),
-        click.option(
-            "--timeout",
-            type=click.FloatRange(min=0, min_open=True),
-            help=(
-                "Seconds to wait for a response or the next body bytes; one attempt takes "
-                "at most 4x this (at least 30 s)."
-            ),
-            **default("timeout"),
-        ),
-        click.option(
-            "--flush-every",
-            type=click.FloatRange(min=0, min_open=True),
-            help="Seconds between manifest writes: a crash loses at most this much finished work.",
-            **default("flush_every"),
-        ),
-        click.option(
-            "--give-up-after",
-            type=click.FloatRange(min=0, min_open=True),
-            metavar="DAYS",
-            help="A request not ok this many days after it was first seen gets the final "
-            "status 'expired' and is no longer fetched.",
-            **default("give_up_after"),
-        ),
-        click.option(
-            "--retry-expired",
-            is_flag=True,
-            default=None if job else False,
-            help="Fetch 'expired' requests of these exports again (and give up on none this run).",
-        ),
-        click.option(
-            "--compact/--no-compact",
-            default=None if job else False,
-            help="Run 'harvester compact' on the output folder after the harvest"
-            + (" (job key 'compact')." if job else "."),
-        ),
-        click.option(
-            "--log-format",
-            type=click.Choice(LOG_FORMATS),
-            help="text: a progress bar on a terminal, a few plain lines elsewhere (cron mail); "
-            "json: one JSON object per line on stderr, each with the run_id, for log "
-            "aggregators.",
-            **default("log_format"),
-        ),
-        click.option(
-            "--model-column",
-            metavar="NAME",
-            help="The exports' column holding the model (e.g. endpoint_id, app).",
-            **default("model_column"),
-        ),
-        click.option(
-            "--id-column",
-            metavar="NAME",
-            help="The exports' column holding the request id (e.g. id, request).",
-            **default("id_column"),
-        ),
-        click.option(
-            "--metrics-file",
-            type=click.Path(path_type=Path, dir_okay=False),
-            default=None,
-            help="At the end of the run, write its figures here in Prometheus' text format "
-            "(for node_exporter's textfile collector; docs/metrics.md)"
-            + (". Default: the job's 'metrics-file'." if job else "."),
-        ),
-        click.option(
-            "--engine",
-            type=click.Choice(("local", "ray")),
-            help="What runs the shards: 'local', this machine's processes (--workers); 'ray', "
-            "Ray tasks on the cluster at RAY_ADDRESS or --ray-address (needs "
-            "pip install 'harvester[ray]'; docs/cluster.md).",
-            **default("engine"),
-        ),
-        click.option(
-            "--ray-address",
-            metavar="HOST:PORT",
-            default=None,
-            help="The Ray head node, for --engine ray. Default: RAY_ADDRESS.",
-        ),
-        click.option(
-            "--shared-fs",
-            is_flag=True,
-            help="--out is on a file system every node of the Ray cluster mounts at the same "
-            "path (needed for a local --out on a cluster of several nodes).",
-            **({"default": None} if job else {"default": False}),
-        ),
+def _harvest_options(command: str) -> Callable[[F], F]:
+    """The click options of ``command``, made from the declarations of ``harvester.options``.
+    For ``run`` each defaults to None, meaning "as the job file says" (and the job file's own
+    default after that)."""
+    made = [_click_option(o, command) for o in options.for_command(command) if o.command_line]
+    made += [
         click.option(
             "-v", "--verbose", count=True, help="More log lines (-vv: every HTTP request)."
         ),
         click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary."),
     ]
 
-    def apply(command: F) -> F:
-        for option in reversed(options):
-            command = option(command)
-        return command
+    def apply(function: F) -> F:
+        for option in reversed(made):
+            function = option(function)
+        return function
 
     return apply
 
 
+def _click_option(option: Option, command: str) -> Callable[[F], F]:
+    """``option`` as a click option of ``command``; the job file's command has no defaults of
+    its own and reads no environment variable (the job file says)."""
+    from_job = command == options.JOB_COMMAND
+    default = None if from_job else option.default_for(command)
+    envvar = None if from_job else option.envvar
+    text = f"{option.help[:-1]} (env {envvar})." if envvar else option.help
+    if option.default_text:
+        text += f" Default: {option.default_text}"
+        text += f" (or the job's '{option.name}')." if from_job else "."
+    elif option.required and from_job:
+        text += f" Default: the job's '{option.name}'."
+    settings: dict[str, Any] = {"help": text, "default": default, "envvar": envvar}
+    name = f"--{option.name}"
+    if option.kind == "boolean":
+        if option.negatable:
+            name += f"/--no-{option.name}"
+        else:
+            settings["is_flag"] = True
+    else:
+        settings |= {"type": _click_type(option), "show_default": default is not None}
+        settings |= {"metavar": option.metavar, "required": bool(option.required and not from_job)}
+    if option.kind == "location":
+        settings["callback"] = _location
+    return click.option(name, **settings)
+
+
+def _click_type(option: Option) -> click.ParamType[Any, Any] | None:
+    if option.choices:
+        return click.Choice(option.choices)
+    if option.kind == "path":
+        return click.Path(path_type=Path, dir_okay=False)
+    if option.kind == "integer":
+        return click.IntRange(min=None if option.minimum is None else int(option.minimum))
+    if option.kind == "number":
+        return click.FloatRange(min=option.minimum, min_open=option.above)
+    return None
+
+
 @main.command("harvest")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT.csv...")
-@_harvest_options(job=False)
-def harvest_command(inputs: tuple[str, ...], verbose: int, quiet: bool, **options: Any) -> None:
+@_harvest_options("harvest")
+def harvest_command(inputs: tuple[str, ...], verbose: int, quiet: bool, **values: Any) -> None:
     """Fetch every result listed in the CSV exports, store its images, write the manifest.
 
     Each INPUT.csv needs 'model' and 'request_id' columns (or the ones --model-column and
@@ -284,15 +147,15 @@ def harvest_command(inputs: tuple[str, ...], verbose: int, quiet: bool, **option
     Requests already ok in OUT are skipped; everything else is (re)tried. The API key comes
     from the environment, never from an option.
     """
-    _execute(Job(inputs=inputs, **options), verbose=verbose, quiet=quiet)
+    _execute(Job(inputs=inputs, **values), verbose=verbose, quiet=quiet)
 
 
 @main.command("run", short_help="Run the harvest a TOML job file describes (for cron and systemd).")
 @click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("inputs", nargs=-1, metavar="[INPUT.csv...]")
-@_harvest_options(job=True)
+@_harvest_options("run")
 def run_command(
-    job_file: Path, inputs: tuple[str, ...], verbose: int, quiet: bool, **options: Any
+    job_file: Path, inputs: tuple[str, ...], verbose: int, quiet: bool, **values: Any
 ) -> None:
     """Run the harvest a job file describes (see jobs/nightly.toml); what cron and systemd call.
 
@@ -302,13 +165,13 @@ def run_command(
     variable the job's 'key-env' names (default HARVESTER_API_KEY, then FAL_KEY).
     Exits 8 if the job file is invalid, naming the key and its line.
     """
-    overrides = {name: value for name, value in options.items() if value is not None}
+    overrides = {name: value for name, value in values.items() if value is not None}
     if inputs:
         overrides["inputs"] = inputs
     try:
         job = load_job(job_file, overrides)
     except HarvesterError as exc:
-        _fail(exc, log_format=options["log_format"] or "text")
+        _fail(exc, log_format=values["log_format"] or "text")
         return
     _execute(job, verbose=verbose, quiet=quiet)
 

@@ -8,3 +8,4 @@ from typing import Final
 DEFAULT_BASE_URL: Final = "https://queue.fal.run"
 FAL_QUEUE_HOST: Final = "queue.fal.run"
 AUTH_SCHEMES: Final = ("auto", "bearer", "key")
+LOG_FORMATS: Final = ("text", "json")

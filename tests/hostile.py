@@ -2,8 +2,9 @@
 request id with a scripted status line, headers and body, byte for byte, whatever they hold.
 
 ``GET /<owner>/<app>/requests/<id>`` answers the script for ``<id>`` (404 if there is none);
-``GET /img/<name>`` answers a small PNG-looking body. Every request line and header block is
-recorded, so a test can check what the harvester sent (a URL that carries the key, say).
+``GET /img/<name>`` answers ``images[<name>]``, or a small PNG-looking body. Every request line
+and header block is recorded, so a test can check what the harvester sent (a URL that carries
+the key, say).
 
 ``check_invariants`` asserts what must hold after any harvest, however hostile the relay:
 every input pair in the manifest, the run record truthful, ``harvester verify`` clean, and
@@ -59,6 +60,7 @@ def result_body(**fields: object) -> str:
 @dataclass
 class Hostile:
     script: dict[str, Answer]
+    images: dict[str, Answer] = field(default_factory=dict)
     port: int = 0
     seen: list[bytes] = field(default_factory=list)
     """Each request's head (request line and headers) as received."""
@@ -85,7 +87,8 @@ class Hostile:
 
     def _answer(self, target: str) -> Answer:
         if target.startswith("/img/"):
-            return Answer(body=IMAGE, headers={"Content-Type": "image/png"})
+            answer = self.images.get(target[len("/img/") :])
+            return answer or Answer(body=IMAGE, headers={"Content-Type": "image/png"})
         parts = target.split("/")
         if len(parts) >= 5 and parts[3] == "requests":
             answer = self.script.get(parts[4])

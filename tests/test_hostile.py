@@ -143,6 +143,42 @@ def test_the_key_stays_home_whatever_the_relay_echoes(tmp_path: Path) -> None:
                 assert secret not in text
 
 
+def test_a_redirect_status_without_a_location_costs_one_row(tmp_path: Path) -> None:
+    """A caching proxy's 304 to a result request, an image host's 303 without a Location:
+    each is one row with its status (the result: error, the image: failed); the run goes
+    on, and no image request carries the key, on the API's own origin either."""
+    with hostile_server({}) as srv:
+        srv.images["see-other.png"] = Answer(b"", status=303, reason="See Other", headers={})
+        images = [
+            {"url": f"{srv.base_url}/img/see-other.png"},
+            {"url": f"{srv.base_url}/img/a.png"},
+        ]
+        srv.script.update(
+            {
+                "not-modified": Answer(b"", status=304, reason="Not Modified"),
+                "image-303": Answer(result_body(images=images)),
+                "fine-4": Answer(result_body()),
+            }
+        )
+        csv = write_ids(tmp_path / "e.csv", list(srv.script))
+        out = tmp_path / "out"
+        run = harvest(srv, out, csv, key=KEY)
+        assert run.returncode == ExitCode.INCOMPLETE, run.stderr
+        df = check_invariants(out, csv, run, key=KEY)
+    [result] = rows(df, "not-modified")
+    assert (result["status"], result["http_status"]) == ("error", 304)
+    assert "HTTP 304 without a Location" in str(result["error"])
+    see_other, fine_image = rows(df, "image-303")
+    assert (see_other["status"], see_other["http_status"]) == ("failed", 303)
+    assert "HTTP 303 without a Location" in str(see_other["error"])
+    assert fine_image["status"] == "ok" and see_other["request_status"] == "failed"
+    [fine] = rows(df, "fine-4")
+    assert fine["status"] == "ok"
+    image_heads = [head for head in srv.seen if head.startswith(b"GET /img/")]
+    assert len(image_heads) == 2
+    assert not any(b"authorization" in head.lower() for head in image_heads)
+
+
 def harvest_report(out: Path, report: Path) -> str:
     import subprocess
     import sys

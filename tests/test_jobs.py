@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from harvester import options
 from harvester.api.retry import RetryPolicy
 from harvester.errors import ConfigError, ExitCode
 from harvester.jobs import KEYS, Job, load_job
-from harvester.run.pipeline import HarvestConfig
+from harvester.run.config import HarvestConfig
 from harvester.sandbox import Sandbox
 from tests.conftest import KEY, run_cli, write_csv
 
@@ -155,9 +155,7 @@ def test_job_defaults_match_the_library_defaults() -> None:
         RetryPolicy().max_attempts,
         RetryPolicy().budget,
     )
-    assert {f.name for f in dataclasses.fields(Job)} - {"source"} == {
-        k.replace("-", "_") for k in KEYS
-    }
+    assert set(options.defaults()) == {k.replace("-", "_") for k in KEYS}
 
 
 def test_run_command_harvests_what_the_job_says(tmp_path: Path, sandbox: Sandbox) -> None:

@@ -3,10 +3,13 @@ HTTP library nor the run or API layers (``python -X importtime`` lists every imp
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+
+import pytest
 
 from harvester.errors import ExitCode
 from harvester.storage import runs
@@ -15,6 +18,39 @@ from harvester.storage.runs import RunRecord
 from tests.processes import harvester_env
 
 FORBIDDEN = ("httpx", "aiohttp", "anyio", "harvester.run", "harvester.api")
+PACKAGE = Path(__file__).parent.parent / "harvester"
+SHARED = {"harvester.errors", "harvester.redact", "harvester.statuses", "harvester.units"}
+"""What every layer may import besides its own modules (docs/architecture.md)."""
+
+
+def harvester_imports(folder: Path) -> set[tuple[str, str]]:
+    """(module file, imported harvester module) for every import under ``folder``, those
+    inside functions and ``TYPE_CHECKING`` blocks included."""
+    found = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] if node.level == 0 else []
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            found |= {(path.name, n) for n in names if n.split(".")[0] == "harvester"}
+    return found
+
+
+@pytest.mark.parametrize("layer", ["api", "storage"])
+def test_the_api_and_storage_layers_import_only_themselves_and_the_shared_modules(
+    layer: str,
+) -> None:
+    imports = harvester_imports(PACKAGE / layer)
+    assert any(name.startswith(f"harvester.{layer}.") for _, name in imports)  # it sees them
+    stray = {
+        (file, name)
+        for file, name in imports
+        if not name.startswith(f"harvester.{layer}") and name not in SHARED
+    }
+    assert stray == set()
 
 
 def imported_by(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:

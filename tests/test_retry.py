@@ -87,14 +87,18 @@ async def test_retrying_respects_the_time_budget() -> None:
 
 
 @pytest.mark.anyio
-async def test_retrying_returns_value_and_attempts() -> None:
+async def test_retrying_numbers_the_attempts_and_returns_the_last_value() -> None:
+    numbers: list[int] = []
+
     async def attempt(n: int) -> str:
+        numbers.append(n)
         if n < 3:
             raise TransientError("not yet")
         return "done"
 
     policy = RetryPolicy(base_delay=0.001, max_delay=0.001)
-    assert await retrying(policy, attempt, rng=random.Random(0)) == ("done", 3)
+    assert await retrying(policy, attempt, rng=random.Random(0)) == "done"
+    assert numbers == [1, 2, 3]
 
 
 class FakeClock:

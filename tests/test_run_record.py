@@ -9,11 +9,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from harvester.api.download import ImageDownloader, ImageFailure
 from harvester.errors import ExitCode
-from harvester.run.download import ImageDownloader
 from harvester.sandbox import Sandbox
 from harvester.storage.manifest import manifest_glob
-from harvester.storage.store import ImageFailure, StoredImage
+from harvester.storage.store import StoredImage
 from tests.conftest import harvest_args, run_cli, write_csv
 from tests.processes import (
     kill_after,
@@ -64,7 +64,7 @@ def test_record_of_a_bug_has_exit_code_1_and_says_so(
     real_store = ImageDownloader.store
     calls: list[str] = []
 
-    async def store(self: ImageDownloader, url: str) -> StoredImage | ImageFailure:
+    async def store(self: ImageDownloader[StoredImage], url: str) -> StoredImage | ImageFailure:
         calls.append(url)
         if len(calls) == 4:
             raise RuntimeError("boom in the store")

@@ -18,11 +18,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harvester.api.download import ImageDownloader, ImageFailure
 from harvester.api.retry import RetryPolicy
+from harvester.api.transport import Client
 from harvester.errors import OutputError
-from harvester.run.download import ImageDownloader
 from harvester.storage.layout import Layout
-from harvester.storage.store import ImageFailure, StoredImage, sniff
+from harvester.storage.store import ContentStore, StoredImage, sniff
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
 JPEG = b"\xff\xd8\xff\xe0" + b"\x01" * 40 + b"\xff\xd9"
@@ -55,15 +56,17 @@ def test_hash_to_path(data: bytes) -> None:
 
 def make_store(
     tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response], **kwargs: int
-) -> tuple[ImageDownloader, Layout, httpx.AsyncClient]:
+) -> tuple[ImageDownloader[StoredImage], Layout, httpx.AsyncClient]:
     layout = Layout(tmp_path / "out")
     layout.prepare()
     # A client *with* a default Authorization header: the store must still never send it.
-    client = httpx.AsyncClient(
+    client = Client(
         transport=httpx.MockTransport(handler), headers={"Authorization": "Bearer secret-key"}
     )
     policy = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.001)
-    store = ImageDownloader(client, layout, policy=policy, rng=random.Random(0), **kwargs)
+    store = ImageDownloader(
+        client, ContentStore(layout).sink, policy=policy, rng=random.Random(0), **kwargs
+    )
     return store, layout, client
 
 
@@ -276,9 +279,9 @@ async def test_malformed_urls_are_rows_not_crashes(tmp_path: Path, url: str, mes
     ("location", "message"),
     [
         ("http://cdn.test/plain.png", "from https to plain http"),
-        ("data:image/png;base64,AAAA", "redirects to a URL that cannot be followed"),
+        ("data:image/png;base64,AAAA", "unsupported scheme 'data'"),
         ("file:///etc/passwd", "unsupported scheme 'file'"),
-        ("http://[::1/x.png", "redirects to a URL that cannot be followed"),
+        ("http://[::1/x.png", "redirects to a malformed URL"),
     ],
 )
 async def test_redirects_never_change_to_another_scheme(

@@ -25,16 +25,16 @@ import polars as pl
 import pytest
 
 from harvester.api.body import DECODED_CHUNK, decoded_chunks
+from harvester.api.download import ImageDownloader, ImageFailure
 from harvester.api.fetcher import ResultFetcher
 from harvester.api.ratelimit import RateLimiter
 from harvester.api.retry import RetryPolicy, attempt_seconds
-from harvester.api.transport import open_client
+from harvester.api.transport import Proxies, open_client
 from harvester.errors import ExitCode, UnreachableError
-from harvester.run.download import ImageDownloader
 from harvester.sandbox import Sandbox
 from harvester.storage.layout import Layout
 from harvester.storage.manifest import manifest_glob
-from harvester.storage.store import ImageFailure, StoredImage
+from harvester.storage.store import ContentStore, StoredImage
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.hostile_http import CERT, Exchange, Handler, response, serving
 from tests.processes import harvester_env, run_harvest
@@ -132,7 +132,9 @@ async def test_store_retries_a_cut_body_and_keeps_no_file(
     layout.prepare()
     policy = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.001)
     async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
-        store = ImageDownloader(client, layout, policy=policy, rng=random.Random(0))
+        store = ImageDownloader(
+            client, ContentStore(layout).sink, policy=policy, rng=random.Random(0)
+        )
         got = await store.store(server.url + "/a.png")
     assert isinstance(got, ImageFailure)
     assert got.status == "error" and got.attempts == 2
@@ -150,7 +152,9 @@ async def test_store_over_the_real_transport_sends_no_authorization(
     layout.prepare()
     async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
         client.headers["Authorization"] = "Bearer must-not-leak"
-        store = ImageDownloader(client, layout, policy=RetryPolicy(), rng=random.Random(0))
+        store = ImageDownloader(
+            client, ContentStore(layout).sink, policy=RetryPolicy(), rng=random.Random(0)
+        )
         got = await store.store(server.url + "/a.png")
     assert isinstance(got, StoredImage) and got.bytes == len(PNG)
     assert b"authorization" not in server.requests[0].lower()
@@ -363,7 +367,7 @@ async def test_https_goes_through_the_proxy_as_a_tunnel(
             layout = Layout(tmp_path / "out")
             layout.prepare()
             policy, rng = RetryPolicy(), random.Random(0)
-            downloader = ImageDownloader(client, layout, policy=policy, rng=rng)
+            downloader = ImageDownloader(client, ContentStore(layout).sink, policy=policy, rng=rng)
             image = await downloader.store(server.url + "/a.png")
     assert outcome.status == "ok", outcome.error
     assert isinstance(image, StoredImage), image
@@ -371,6 +375,115 @@ async def test_https_goes_through_the_proxy_as_a_tunnel(
     text = log.read_text(errors="replace")
     assert text.count(f"CONNECT 127.0.0.1:{port}") > before, text[-2000:]
     assert KEY not in text
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("_no_proxy_env")
+async def test_an_image_through_a_proxy_is_checked_by_the_stage_not_at_the_proxys_address(
+    tinyproxy: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With private addresses refused, an image the stage's check hears as public goes
+    through the proxy, though the proxy is on loopback (named ``localhost``, so the transport
+    resolves it): the proxy resolves the image's host; the proxy's own address is never
+    refused."""
+    proxy, log = tinyproxy
+    monkeypatch.setenv("HTTP_PROXY", proxy.replace("127.0.0.1", "localhost"))
+
+    async def png(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+        writer.write(response(200, PNG, {"Content-Type": "image/png"}))
+
+    async def public(host: str, port: int) -> list[str]:
+        return ["93.184.216.34"]
+
+    with serving(png) as server:
+        port = httpx.URL(server.url).port
+        assert port is not None
+        before = len(_proxied_lines(log, port))  # the log is the module's: ports come again
+        layout = Layout(tmp_path / "out")
+        layout.prepare()
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            downloader = ImageDownloader(
+                client,
+                ContentStore(layout).sink,
+                policy=RetryPolicy(max_attempts=1),
+                rng=random.Random(0),
+                refuse_private=True,
+                api_url="https://relay.example",
+                resolve=public,
+            )
+            image = await downloader.store(f"{server.url}/a.png")
+    assert isinstance(image, StoredImage), image
+    assert len(_proxied_lines(log, port)) == before + 1
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("_no_proxy_env")
+async def test_the_credentials_in_a_proxys_url_go_to_the_proxy_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a plain-http request through the proxy and on the CONNECT of a tunnel; never in a
+    message (the proxy's 407 names its URL)."""
+
+    async def proxy(exchange: Exchange, writer: asyncio.StreamWriter) -> None:
+        if exchange.method == "CONNECT":
+            writer.write(response(407, headers={"Proxy-Authenticate": "Basic"}))
+        else:
+            writer.write(response(200, PNG, {"Content-Type": "image/png"}))
+
+    with serving(proxy) as fake:
+        named = fake.url.replace("http://", "http://user:secret@")
+        monkeypatch.setenv("HTTP_PROXY", named)
+        monkeypatch.setenv("HTTPS_PROXY", named)
+        async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
+            got = await client.get("http://images.test/a.png")
+            with pytest.raises(httpx.ProxyError) as refused:
+                await client.get("https://images.test/a.png")
+    assert got.status_code == 200 and got.content == PNG
+    plain, tunnel = fake.seen
+    assert (plain.method, plain.target) == ("GET", "http://images.test/a.png")
+    assert (tunnel.method, tunnel.target) == ("CONNECT", "images.test:443")
+    basic = base64.b64encode(b"user:secret").decode()
+    for seen in (plain, tunnel):
+        assert seen.headers["proxy-authorization"] == f"Basic {basic}"
+        assert "authorization" not in seen.headers
+    assert "407" in str(refused.value) and "secret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "proxy"),
+    [
+        ("http://a.test/x", "http://p.test:3128"),
+        ("https://a.test/x", "http://q.test:8080"),
+        ("http://example.com/", None),
+        ("http://www.example.com/", None),
+        ("http://xexample.com/", "http://p.test:3128"),
+        ("http://corp.test/", "http://p.test:3128"),
+        ("http://a.corp.test/", None),
+        ("http://10.0.0.1/", None),
+        ("http://10.0.0.2/", "http://p.test:3128"),
+        ("http://[::1]/", None),
+        ("http://localhost:8000/", None),
+        ("http://only.test/", None),
+        ("https://only.test/", "http://q.test:8080"),
+        ("https://port.test:8443/", None),
+        ("https://port.test/", "http://q.test:8080"),
+    ],
+)
+def test_the_proxy_for_a_url_is_chosen_as_httpx_chooses_it(url: str, proxy: str | None) -> None:
+    found = {
+        "http": "p.test:3128",
+        "https": "http://user:secret@q.test:8080",
+        "all": "http://r.test:1",
+        "no": "example.com, .corp.test,10.0.0.1,::1,localhost,http://only.test,port.test:8443",
+    }
+    chosen = Proxies(found).proxy_for(httpx.URL(url))
+    assert (chosen.url if chosen else None) == proxy
+    if proxy == "http://q.test:8080":
+        assert chosen is not None and chosen.authorization == "Basic dXNlcjpzZWNyZXQ="
+    anything = Proxies({"all": "http://r.test:1"}).proxy_for(httpx.URL(url))
+    assert anything is not None and anything.url == "http://r.test:1"
+    assert not Proxies({**found, "no": "a.test,*"})
+    assert not Proxies({"no": "example.com"})
 
 
 def _fetcher(client: httpx.AsyncClient, base_url: str, **kwargs: int) -> ResultFetcher:
@@ -399,7 +512,10 @@ async def test_an_unverified_certificate_is_final_and_says_so(
             with pytest.raises(UnreachableError, match="certificate") as caught:
                 await fetcher.fetch("fal-ai/flux/dev", "req-1")
             downloader = ImageDownloader(
-                client, _layout(server.url), policy=RetryPolicy(), rng=random.Random(0)
+                client,
+                ContentStore(_layout(server.url)).sink,
+                policy=RetryPolicy(),
+                rng=random.Random(0),
             )
             image = await downloader.store(server.url + "/a.png")
     assert "cannot verify" in str(caught.value)
@@ -528,7 +644,11 @@ async def test_a_compression_bomb_stops_at_the_limit(tmp_path: Path) -> None:
                 "fal-ai/flux/dev", "req-1"
             )
             downloader = ImageDownloader(
-                client, layout, policy=RetryPolicy(), rng=random.Random(0), max_bytes=1_000_000
+                client,
+                ContentStore(layout).sink,
+                policy=RetryPolicy(),
+                rng=random.Random(0),
+                max_bytes=1_000_000,
             )
             image = await downloader.store(server.url + "/bomb.png")
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
@@ -620,7 +740,11 @@ async def test_a_trickle_or_endless_100_continue_ends_at_the_attempt_deadline(
             assert (await fetcher.fetch("fal-ai/flux/dev", "ok")).status == "ok"
             result = await fetcher.fetch("fal-ai/flux/dev", "req-1")
             downloader = ImageDownloader(
-                client, layout, policy=policy, rng=random.Random(0), total_seconds=1.0
+                client,
+                ContentStore(layout).sink,
+                policy=policy,
+                rng=random.Random(0),
+                total_seconds=1.0,
             )
             image = await downloader.store(server.url + "/slow.png")
     assert (result.status, result.attempts) == ("error", 2)

@@ -14,7 +14,9 @@ from typing import Final
 import anyio
 import httpx
 
+from harvester.api import follow
 from harvester.api.body import CertificateError, decoded_chunks
+from harvester.api.follow import Key, Unfollowed, plain_headers, request_error_reason
 from harvester.api.ratelimit import RateLimiter
 from harvester.api.results import (
     MAX_TEXT_CHARS,
@@ -33,18 +35,16 @@ from harvester.api.retry import (
     parse_retry_after,
     retrying,
 )
-from harvester.api.urls import redirect_target, result_url, same_origin
+from harvester.api.urls import result_url
 from harvester.errors import AuthError, UnreachableError
 from harvester.redact import clip, redact, secret_parts
-from harvester.storage.rows import ERROR, FAILED, NOT_FOUND, OK, PENDING
+from harvester.statuses import ERROR, FAILED, NOT_FOUND, OK, PENDING
 from harvester.units import size
 
 log = logging.getLogger("harvester")
 
 IN_PROGRESS: Final = "request is still in progress"
 
-MAX_REDIRECTS: Final = 5
-"""Redirects followed per result request (as for images)."""
 MAX_RESULT_BYTES: Final = 64_000_000
 """A result body larger than this is not read: a result is a small JSON document (one with
 four images inline as data URIs is a few MB), and a relay that streams without end must not
@@ -97,45 +97,6 @@ def _snippet(body: bytes, secrets: tuple[str, ...], limit: int = 120) -> str:
     return clip(text, limit, secrets, cut=len(body) > window)
 
 
-def plain_headers(client: httpx.AsyncClient) -> dict[str, str]:
-    """The client's User-Agent, for requests built without ``client.build_request``; none of
-    its other default headers (an Authorization among them) is ever copied."""
-    agent = client.headers.get("user-agent")
-    return {"User-Agent": agent} if agent else {}
-
-
-def request_error_reason(exc: httpx.RequestError) -> str:
-    """A short, secret-free description of a failed exchange (httpx never puts headers in
-    its messages)."""
-    if isinstance(exc, httpx.TimeoutException):
-        kind = "timed out"
-    elif isinstance(exc, httpx.DecodingError):
-        kind = "body cannot be decoded"
-    else:
-        kind = "connection failed"
-    detail = str(exc).strip()
-    return f"{kind} ({type(exc).__name__}{': ' + detail if detail else ''})"
-
-
-class _Redirected(Exception):
-    """A redirect the fetcher does not follow; the reason is the row's error."""
-
-    def __init__(self, reason: str, status: int | None) -> None:
-        super().__init__(reason)
-        self.status = status
-
-
-def _upgrade(base: httpx.URL, url: httpx.URL) -> bool:
-    """``url`` is ``base``'s host over https, both on their default ports (httpx's rule)."""
-    return (
-        base.scheme == "http"
-        and url.scheme == "https"
-        and base.host == url.host
-        and base.port in (None, 80)
-        and url.port in (None, 443)
-    )
-
-
 class ResultFetcher:
     """Fetches results from ``{base_url}/{owner}/{app}/requests/{id}``."""
 
@@ -156,9 +117,8 @@ class ResultFetcher:
         """The most one attempt may take, redirects and the whole body included."""
         self._max_result_bytes = max_result_bytes
         self._base_url = base_url
-        self._origin = httpx.URL(base_url)
         self._plain = {**plain_headers(client), "Accept": "application/json"}
-        self._headers = {**self._plain, "Authorization": authorization}
+        self._key = Key(httpx.URL(base_url), {**self._plain, "Authorization": authorization})
         self._extensions = {"timeout": client.timeout.as_dict()}
         self._policy = policy
         self._limiter = limiter
@@ -197,11 +157,7 @@ class ResultFetcher:
                 if self.answered == 0 and self.sent == 1:
                     log.warning("cannot reach %s yet: %s; retrying", self._base_url, reason)
                 raise TransientError(reason) from exc
-            except _Redirected as exc:
-                self.answered += 1
-                self._limiter.on_success()
-                return FetchOutcome(ERROR, exc.status, n, str(exc))
-            except _ResultTooLarge as exc:
+            except (Unfollowed, _ResultTooLarge) as exc:
                 self.answered += 1
                 self._limiter.on_success()
                 return FetchOutcome(ERROR, exc.status, n, str(exc))
@@ -212,7 +168,7 @@ class ResultFetcher:
             self.retries += 1
 
         try:
-            outcome, _ = await retrying(self._policy, attempt, rng=self._rng, on_retry=count_retry)
+            outcome = await retrying(self._policy, attempt, rng=self._rng, on_retry=count_retry)
         except RetriesExhausted as exc:
             if self.answered == 0 and exc.last.http_status is None:
                 # Not one answer since the run began: the API is unreachable, not one request.
@@ -225,39 +181,24 @@ class ResultFetcher:
         return outcome
 
     async def _get(self, url: str) -> tuple[httpx.Response, bytes]:
-        """One GET of ``url``, its redirects followed (at most ``MAX_REDIRECTS``, never from
-        https down to http); the key goes only to the origin of ``--base-url`` (or its https
-        upgrade), never to another origin a redirect leads to."""
-        current: httpx.URL = httpx.URL(url)
-        for _ in range(MAX_REDIRECTS + 1):
-            trusted = same_origin(current, self._origin) or _upgrade(self._origin, current)
-            # Built here, not by client.get: its merging of URLs and headers took twice as
-            # long as parsing the URL itself, for every request.
-            request = httpx.Request(
-                "GET",
-                current,
-                headers=self._headers if trusted else self._plain,
-                extensions=self._extensions,
-            )
-            response = await self._client.send(request, stream=True)
-            try:
-                if response.is_redirect:
-                    target = redirect_target(
-                        current, response.headers["location"], what="result URL"
-                    )
-                    if isinstance(target, str):
-                        raise _Redirected(target, response.status_code)
-                    current = target
-                    continue
-                try:
-                    body = await read_body(response, self._max_result_bytes)
-                except _ResultTooLarge as exc:
-                    exc.status = response.status_code
-                    raise
-                return response, body
-            finally:
-                await response.aclose()
-        raise _Redirected(f"result URL redirected more than {MAX_REDIRECTS} times", None)
+        """One GET of ``url``, its redirects followed (``follow.get``: the key only to the
+        origin of ``--base-url``), and the whole body of its answer."""
+        response = await follow.get(
+            self._client,
+            httpx.URL(url),
+            headers=self._plain,
+            extensions=self._extensions,
+            what="result URL",
+            key=self._key,
+        )
+        try:
+            body = await read_body(response, self._max_result_bytes)
+        except _ResultTooLarge as exc:
+            exc.status = response.status_code
+            raise
+        finally:
+            await response.aclose()
+        return response, body
 
     def _classify(self, response: httpx.Response, body: bytes, attempt: int) -> FetchOutcome:
         """One answer as an outcome; raises ``TransientError`` (retry) or ``AuthError``.

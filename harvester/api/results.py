@@ -19,11 +19,11 @@ INT64_MAX: Final = 2**63 - 1
 
 
 MAX_IMAGES_PER_RESULT: Final = 1_000
-"""Images fetched per result at most; the rest are failed rows with the reason. (One result
-with 100,000 images was fetched whole.)"""
+"""Images fetched per result at most; the rest are failed rows with the reason, so that no
+one result holds its lane for the rest of the night."""
 MAX_TEXT_CHARS: Final = 65_536
 """A stored text (prompt, timings, content_type, an error's detail) is cut to this many
-characters; the row says so. (Forty results with 60 MB prompts took 8.1 GB.)"""
+characters; the row says so. A relay's megabytes of prompt cost a row no more memory."""
 TOO_DEEP: Final = "nested too deeply to read (a relay's answer is not a result)"
 
 

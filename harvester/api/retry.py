@@ -102,18 +102,16 @@ async def retrying(
     rng: random.Random,
     on_retry: Callable[[TransientError], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
-) -> tuple[T, int]:
-    """Run ``attempt(n)`` until it returns, retrying ``TransientError`` under ``policy``.
-
-    Returns the value and the number of attempts made; raises ``RetriesExhausted`` when the
-    attempts or the time budget run out.
+) -> T:
+    """Run ``attempt(n)`` (``n`` counts from 1) until it returns, retrying ``TransientError``
+    under ``policy``; raises ``RetriesExhausted`` when the attempts or the time budget run out.
     """
     deadline = clock() + policy.budget
     n = 0
     while True:
         n += 1
         try:
-            return await attempt(n), n
+            return await attempt(n)
         except TransientError as exc:
             if n >= policy.max_attempts:
                 raise RetriesExhausted(exc, n) from exc

@@ -1,10 +1,11 @@
 """The run's HTTP client: httpx's ``AsyncClient`` over aiohttp's connection pool.
 
 The code is written against ``httpx.AsyncClient``; the connections under it are an aiohttp
-``TCPConnector``'s (maintained, HTTP/1.1 keep-alive, proxies, TLS). This module is the glue:
-one httpx transport per aiohttp session, aiohttp's errors raised as the httpx error each one
-means (none of aiohttp's escapes), proxies from the environment mounted the way httpx mounts
-them, TLS verified against certifi or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` (httpx's own rule).
+``TCPConnector``'s (maintained, HTTP/1.1 keep-alive, proxies, TLS). This module is the glue,
+through httpx's public API only (a ``transport=``, a public ``send``): one httpx transport
+over one aiohttp session, aiohttp's errors raised as the httpx error each one means (none of
+aiohttp's escapes), the proxy for each request chosen from the environment as httpx chooses
+it, TLS verified against certifi or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` (httpx's own rule).
 Why not httpx's own transport: ``bench/transports.py`` (docs/performance.md has the figures).
 
 Redirects are never followed here (the caller decides, hop by hop), bodies are never decoded
@@ -14,18 +15,23 @@ code that opens a client imports this module: aiohttp takes a while to import.
 A request with the ``PUBLIC_ONLY`` extension connects only if every address its host resolves
 to is public, checked on the very answer the connection uses (aiohttp's resolver), so a DNS
 answer that changes between the download stage's own check and the connection is caught too.
+Through a proxy the proxy resolves the host: only the download stage's own check applies.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import ipaddress
 import logging
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
@@ -44,8 +50,99 @@ sooner)."""
 
 
 _public_only: ContextVar[bool] = ContextVar("harvester_public_only", default=False)
-"""Set while a ``PUBLIC_ONLY`` request is being sent; the resolver reads it (aiohttp resolves
-in the request's task, or in a task it starts from there, which inherits the value)."""
+"""Set while a direct ``PUBLIC_ONLY`` request is being sent; the resolver reads it (aiohttp
+resolves in the request's task, or in a task it starts from there, which inherits the value)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Proxy:
+    url: str
+    """Without credentials: aiohttp puts the URL in its messages."""
+    authorization: str | None = field(default=None, repr=False)
+    """The ``Proxy-Authorization`` for credentials in the variable's URL."""
+
+
+def _proxy(url: str) -> _Proxy:
+    """A proxy named in the environment (schemes httpx accepts, or ValueError)."""
+    proxy = httpx.Proxy(url if "://" in url else f"http://{url}")
+    if proxy.auth is None:
+        return _Proxy(str(proxy.url))
+    basic = base64.b64encode(":".join(proxy.auth).encode()).decode()
+    return _Proxy(str(proxy.url), f"Basic {basic}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Bypass:
+    """One ``NO_PROXY`` entry: the URLs it sends past the proxy."""
+
+    scheme: str
+    """"all" for any."""
+    name: str
+    port: int | None
+    itself: bool
+    """The host ``name`` matches."""
+    below: bool
+    """Its subdomains match."""
+
+    def matches(self, url: httpx.URL) -> bool:
+        if self.scheme not in ("all", url.scheme) or self.port not in (None, url.port):
+            return False
+        host = url.host
+        return (self.itself and host == self.name) or (
+            self.below and host.endswith("." + self.name)
+        )
+
+
+def _bypass(entry: str) -> _Bypass:
+    """A ``NO_PROXY`` entry read as httpx reads it (curl's rules)."""
+    if "://" not in entry:
+        bare = entry.split("/")[0]
+        try:
+            address = ipaddress.ip_address(bare)
+        except ValueError:
+            entry = f"all://{entry}" if entry == "localhost" else f"all://*{entry}"
+        else:
+            entry = f"all://[{entry}]" if address.version == 6 else f"all://{entry}"
+    url = httpx.URL(entry)
+    if url.host.startswith("*."):
+        return _Bypass(url.scheme, url.host[2:], url.port, itself=False, below=True)
+    if url.host.startswith("*"):
+        return _Bypass(url.scheme, url.host[1:], url.port, itself=True, below=True)
+    return _Bypass(url.scheme, url.host, url.port, itself=True, below=False)
+
+
+class Proxies:
+    """The forward proxies the environment names, chosen per URL as httpx chooses them:
+    ``HTTP_PROXY`` or ``HTTPS_PROXY`` by the URL's scheme, else ``ALL_PROXY`` (either case);
+    none for a host that ``NO_PROXY`` lists (``*``: every host; ``example.com``: it and its
+    subdomains; ``.example.com``: its subdomains; an address or ``localhost``: itself; an
+    entry with a scheme or a port: URLs with that one)."""
+
+    def __init__(self, found: Mapping[str, str]) -> None:
+        """``found``: what ``urllib.request.getproxies()`` returns."""
+        no_proxy = [e.strip().lower() for e in found.get("no", "").split(",") if e.strip()]
+        self._by_scheme: dict[str, _Proxy] = {}
+        self._bypass = [_bypass(e) for e in no_proxy if e != "*"]
+        if "*" in no_proxy:
+            return
+        for scheme in ("http", "https"):
+            url = found.get(scheme) or found.get("all")
+            if url:
+                self._by_scheme[scheme] = _proxy(url)
+
+    @classmethod
+    def from_environment(cls) -> Proxies:
+        return cls(urllib.request.getproxies())
+
+    def __bool__(self) -> bool:
+        return bool(self._by_scheme)
+
+    def proxy_for(self, url: httpx.URL) -> _Proxy | None:
+        """The proxy ``url`` goes through, or None: directly."""
+        found = self._by_scheme.get(url.scheme)
+        if found is None or any(rule.matches(url) for rule in self._bypass):
+            return None
+        return found
 
 
 class _NonPublic(OSError):
@@ -57,7 +154,7 @@ class _PublicOnlyResolver(aiohttp.abc.AbstractResolver):
     """aiohttp's default resolver, refusing a non-public answer while ``_public_only`` is set.
     Numeric hosts never reach a resolver (the download stage checks those itself); an answer
     aiohttp keeps in its DNS cache was checked when it was resolved, unless a request that was
-    not ``PUBLIC_ONLY`` (the API's own, on the same host) resolved it."""
+    not ``PUBLIC_ONLY`` (the API's own, on the same host, or a proxy's) resolved it."""
 
     def __init__(self) -> None:
         self._inner = aiohttp.DefaultResolver()
@@ -144,30 +241,24 @@ class _Body(httpx.AsyncByteStream):
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """An httpx transport whose connections are an aiohttp ``TCPConnector``'s (HTTP/1.1),
-    direct or through ``proxy``."""
+    each request direct or through the proxy ``proxies`` chooses for it."""
 
     def __init__(
         self,
         *,
         ssl_context: ssl.SSLContext,
         limits: httpx.Limits,
-        proxy: httpx.Proxy | None = None,
+        proxies: Proxies | None = None,
     ) -> None:
         self._ssl = ssl_context
         self._limits = limits
-        self._proxy = str(proxy.url) if proxy is not None else None
-        self._proxy_auth = (
-            aiohttp.BasicAuth(*proxy.auth) if proxy is not None and proxy.auth else None
-        )
-        self._proxy_headers = dict(proxy.headers) if proxy is not None else None
+        self._proxies = proxies or None
         self._session: aiohttp.ClientSession | None = None
         self._resolver: _PublicOnlyResolver | None = None
 
     def _open(self) -> aiohttp.ClientSession:
-        # Created on first use: aiohttp binds the session to the running event loop. Through a
-        # proxy only the proxy's own host is resolved here: never refused.
-        if self._proxy is None:
-            self._resolver = _PublicOnlyResolver()
+        # Created on first use: aiohttp binds the session to the running event loop.
+        self._resolver = _PublicOnlyResolver()
         connector = aiohttp.TCPConnector(
             limit=self._limits.max_connections or 0,
             limit_per_host=0,
@@ -182,25 +273,34 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
             timeout=aiohttp.ClientTimeout(total=None),
-            trust_env=False,  # httpx chose the proxy (or none) for this transport already
+            trust_env=False,  # the proxy of each request is chosen by ``Proxies``
         )
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
         timeout = request.extensions.get("timeout", {})
-        public_only = _public_only.set(bool(request.extensions.get(PUBLIC_ONLY)))
+        proxy = self._proxies.proxy_for(request.url) if self._proxies is not None else None
+        # Through a proxy, only the proxy's own host is resolved here: never refused.
+        public_only = _public_only.set(proxy is None and bool(request.extensions.get(PUBLIC_ONLY)))
+        headers = request.headers.multi_items()
+        tunnel = None
+        if proxy is not None and proxy.authorization is not None:
+            # To the proxy alone: on the CONNECT of a tunnel, or with a plain-http request.
+            if request.url.scheme == "https":
+                tunnel = {"Proxy-Authorization": proxy.authorization}
+            else:
+                headers.append(("Proxy-Authorization", proxy.authorization))
         with _translated(request):
             try:
                 response = await session.request(
                     request.method,
                     URL(str(request.url), encoded=True),
-                    headers=request.headers.multi_items(),
+                    headers=headers,
                     data=request.content or None,
                     allow_redirects=False,
-                    proxy=self._proxy,
-                    proxy_auth=self._proxy_auth,
-                    proxy_headers=self._proxy_headers,
+                    proxy=proxy.url if proxy is not None else None,
+                    proxy_headers=tunnel,
                     timeout=_client_timeout(
                         timeout.get("pool"), timeout.get("connect"), timeout.get("read")
                     ),
@@ -227,62 +327,27 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await resolver.close()
 
 
-class _NoCookies(httpx.Cookies):
-    """A cookie jar that keeps nothing: neither the API nor an image host needs cookies, and
-    reading every response's Set-Cookie through ``http.cookiejar`` is not free."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
-
-
 class Client(httpx.AsyncClient):
-    """``httpx.AsyncClient`` over ``AiohttpTransport`` (proxies from the environment mounted
-    as httpx mounts them), without a cookie jar, whose ``send`` goes straight to the
-    transport for the URL.
+    """``httpx.AsyncClient`` over ``transport`` (httpx's own proxy handling off: the
+    transport chooses each request's proxy), whose ``send`` goes straight to it.
 
     The harvester uses none of what ``AsyncClient.send`` wraps around the transport: no auth
-    flows (the key is a plain header), no redirects followed by the client (the fetcher and
-    the download stage follow them themselves, checking each hop), no event hooks, no
-    cookies. Anything that asks for them gets httpx's own ``send``.
+    flows (the key is a plain header), no redirects followed by the client (``follow.get``
+    follows them, checking each hop), no event hooks, no cookies. Anything that asks for them
+    gets httpx's own ``send``.
     """
 
-    _no_cookies: Final = _NoCookies()
-
-    def _init_transport(  # type: ignore[override]
-        self,
-        verify: ssl.SSLContext | str | bool = True,
-        cert: Any = None,
-        trust_env: bool = True,
-        limits: httpx.Limits = httpx.Limits(),  # noqa: B008 (httpx's own default)
-        transport: httpx.AsyncBaseTransport | None = None,
-        **_: Any,
-    ) -> httpx.AsyncBaseTransport:
-        if transport is not None:
-            return transport
-        return AiohttpTransport(ssl_context=_ssl_context(verify, trust_env), limits=limits)
-
-    def _init_proxy_transport(  # type: ignore[override]
-        self,
-        proxy: httpx.Proxy,
-        verify: ssl.SSLContext | str | bool = True,
-        cert: Any = None,
-        trust_env: bool = True,
-        limits: httpx.Limits = httpx.Limits(),  # noqa: B008 (httpx's own default)
-        **_: Any,
-    ) -> httpx.AsyncBaseTransport:
-        return AiohttpTransport(
-            ssl_context=_ssl_context(verify, trust_env), limits=limits, proxy=proxy
-        )
+    def __init__(self, *, transport: httpx.AsyncBaseTransport, **options: Any) -> None:
+        super().__init__(transport=transport, trust_env=False, **options)
+        self._send_to = transport
 
     async def send(
         self,
         request: httpx.Request,
         *,
         stream: bool = False,
-        auth: httpx._types.AuthTypes
-        | httpx._client.UseClientDefault
-        | None = httpx.USE_CLIENT_DEFAULT,
-        follow_redirects: bool | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT,
+        auth: Any = httpx.USE_CLIENT_DEFAULT,
+        follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
         if follow_redirects is True or auth not in (httpx.USE_CLIENT_DEFAULT, None):
             return await super().send(
@@ -290,7 +355,7 @@ class Client(httpx.AsyncClient):
             )
         if self.is_closed:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
-        response = await self._transport_for_url(request.url).handle_async_request(request)
+        response = await self._send_to.handle_async_request(request)
         response.request = request
         if _httpx_log.isEnabledFor(logging.INFO):
             _httpx_log.info(
@@ -309,24 +374,13 @@ class Client(httpx.AsyncClient):
                 raise
         return response
 
-    @property
-    def cookies(self) -> httpx.Cookies:
-        return self._no_cookies
-
-    @cookies.setter
-    def cookies(self, cookies: httpx._types.CookieTypes) -> None:
-        raise TypeError("this client keeps no cookies")
-
 
 _ssl_contexts: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
 
 
-def _ssl_context(verify: ssl.SSLContext | str | bool, trust_env: bool) -> ssl.SSLContext:
+def _ssl_context() -> ssl.SSLContext:
     """httpx's TLS context (certifi, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` from the
-    environment), made once per process and trust setting: loading a CA bundle takes tens of
-    milliseconds."""
-    if not isinstance(verify, bool) or verify is False or not trust_env:
-        return httpx.create_ssl_context(verify=verify, trust_env=trust_env)
+    environment), made once per process and setting: loading a CA bundle is not free."""
     key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
     if key not in _ssl_contexts:
         _ssl_contexts[key] = httpx.create_ssl_context(verify=True, trust_env=True)
@@ -336,15 +390,17 @@ def _ssl_context(verify: ssl.SSLContext | str | bool, trust_env: bool) -> ssl.SS
 def open_client(
     *, max_connections: int, connect_timeout: float, read_timeout: float
 ) -> httpx.AsyncClient:
-    """The one client of a run: no redirects followed, no pool timeout (slots bound the work);
+    """The client of a lane: no redirects followed, no pool timeout (slots bound the work);
     proxies from ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY``."""
+    limits = httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=KEEPALIVE_SECONDS,
+    )
+    proxies = Proxies.from_environment()
     return Client(
+        transport=AiohttpTransport(ssl_context=_ssl_context(), limits=limits, proxies=proxies),
         timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=None),
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=KEEPALIVE_SECONDS,
-        ),
         follow_redirects=False,
         headers={"User-Agent": USER_AGENT},
     )
@@ -356,5 +412,6 @@ __all__ = [
     "AiohttpTransport",
     "CertificateError",
     "Client",
+    "Proxies",
     "open_client",
 ]

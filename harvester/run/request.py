@@ -20,17 +20,17 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from harvester.api.download import ImageDownloader, ImageFailure
 from harvester.api.fetcher import FetchOutcome, ResultFetcher
 from harvester.api.ratelimit import PermitSource, RateLimiter
 from harvester.api.results import ImageRef
 from harvester.api.retry import RetryPolicy
 from harvester.api.urls import describe_url
-from harvester.run.download import ImageDownloader
 from harvester.run.reader import Pair
 from harvester.storage.layout import Layout
 from harvester.storage.objects import Store
 from harvester.storage.rows import ERROR, FAILED, OK, PENDING, ManifestRow
-from harvester.storage.store import ImageFailure, StoredImage
+from harvester.storage.store import ContentStore, StoredImage
 
 MAX_PENDING_WAITERS: Final = 10_000
 """Requests of one lane that may wait for a pending result at once (each holds only a pair)."""
@@ -111,7 +111,7 @@ class Lane:
         self.waiting_until = 0.0
         self.limiter = RateLimiter(settings.rps, permits=permits)
         self._fetcher: ResultFetcher | None = None
-        self._store: ImageDownloader | None = None
+        self._store: ImageDownloader[StoredImage] | None = None
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[Lane]:
@@ -134,13 +134,12 @@ class Lane:
             )
             self._store = ImageDownloader(
                 client,
-                self.layout,
+                ContentStore(self.layout, remote=self.remote).sink,
                 policy=s.retry,
                 rng=self.rng,
                 max_bytes=s.max_image_bytes,
                 refuse_private=not s.allow_private_images,
                 api_url=s.base_url,
-                remote=self.remote,
             )
             yield self
         finally:

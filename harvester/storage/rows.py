@@ -1,4 +1,4 @@
-"""The manifest's row and status vocabulary, without pyarrow or polars.
+"""The manifest's row, in the vocabulary of ``harvester.statuses``, without pyarrow or polars.
 
 Worker processes build rows and import only this; ``harvester.storage.manifest`` declares the Arrow
 schema the rows are written with, and checks that the two list the same columns.
@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
 
-# The status vocabulary (README: "Statuses").
-OK: Final = "ok"
-PENDING: Final = "pending"
-NOT_FOUND: Final = "not_found"
-FAILED: Final = "failed"
-ERROR: Final = "error"
-INVALID: Final = "invalid"
-EXPIRED: Final = "expired"
-"""Given up: not ok for ``--give-up-after`` days since first seen; no longer fetched."""
-STATUSES: Final = (OK, PENDING, NOT_FOUND, FAILED, ERROR, INVALID, EXPIRED)
+from harvester.statuses import ERROR, EXPIRED, FAILED, INVALID, NOT_FOUND, OK, PENDING, STATUSES
+
+__all__ = [  # the vocabulary, for the modules that read it here
+    "ERROR",
+    "EXPIRED",
+    "FAILED",
+    "INVALID",
+    "NOT_FOUND",
+    "OK",
+    "PENDING",
+    "STATUSES",
+    "ManifestRow",
+]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,13 +5,12 @@ a complete body goes to an unnamed (or temp) file inside the output folder, whic
 (or renamed) atomically to ``images/<aa>/<sha256>.<ext>``; the extension comes from the
 bytes' magic number, never from the URL or the Content-Type. Identical bytes are stored once;
 a file of the wrong size under an image's name (torn by a power loss) is replaced. Nothing
-here speaks HTTP: ``harvester/run/download.py`` streams responses into a ``Sink``.
+here speaks HTTP: ``harvester/api/download.py`` streams responses into a ``Sink`` (the sink
+protocol it declares).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import hashlib
 import itertools
@@ -19,13 +18,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
-from urllib.parse import unquote_to_bytes
 
 from harvester.errors import OutputError
 from harvester.storage.files import persist_new
 from harvester.storage.imageinfo import HEADER_BYTES, ImageInfo, read_info
 from harvester.storage.layout import Layout
-from harvester.storage.rows import FAILED
 
 if TYPE_CHECKING:
     from harvester.storage.objects import Store
@@ -79,32 +76,26 @@ class StoredImage:
     """The format, width and height its header states (None if not read)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ImageFailure:
-    status: str
-    error: str
-    http_status: int | None
-    attempts: int
-
-
 _names = itertools.count()
 """Temp file names: this process's id and a counter are unique in DIR/.tmp, which every run
 empties before it starts (under the folder's lock)."""
 
 
-class Sink:
-    """Hashes what is written to it and enforces the size limit. A body up to ``spill_bytes``
-    stays in memory until it is complete, so a body that turns out cut short, too large or not
-    an image never creates a file, and a good one is written with one call; a larger body
-    spills to a temp file as it arrives."""
+def _not_an_image(head: bytes) -> str:
+    return f"body is not an image (starts with {head[:16]!r})"
 
-    def __init__(
-        self, layout: Layout, tmp: str, max_bytes: int, spill_bytes: int = SPILL_BYTES
-    ) -> None:
-        self._layout = layout
-        self._dir = tmp
-        self.path = f"{tmp}/{os.getpid()}-{next(_names)}.part"
-        self._max = max_bytes
+
+class Sink:
+    """One image's bytes: hashed as they arrive, refused as soon as their first bytes are no
+    image. A body up to ``spill_bytes`` stays in memory until it is complete, so a body that
+    turns out cut short, too large or not an image never creates a file, and a good one is
+    written with one call; a larger body spills to a temp file as it arrives."""
+
+    def __init__(self, store: ContentStore, spill_bytes: int = SPILL_BYTES) -> None:
+        self._store = store
+        self._layout = store.layout
+        self._dir = store.tmp
+        self.path = f"{self._dir}/{os.getpid()}-{next(_names)}.part"
         self._spill = spill_bytes
         self._hash = hashlib.sha256()
         self._chunks: list[bytes] = []
@@ -122,17 +113,20 @@ class Sink:
         except OSError as exc:
             raise OutputError(f"cannot write to {self._layout.tmp}: {exc.strerror or exc}") from exc
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes) -> str | None:
+        """Take the next bytes; the reason to stop (they are no image), or None. Raises
+        ``OutputError`` if a spill file cannot be written."""
         self.size += len(chunk)
-        if self.size > self._max:
-            raise TooLarge(self._max)
         if len(self.head) < HEADER_BYTES:
+            sniffed = len(self.head) >= SNIFF_BYTES
             self.head += chunk[: HEADER_BYTES - len(self.head)]
+            if not sniffed and len(self.head) >= SNIFF_BYTES and sniff(self.head) is None:
+                return _not_an_image(self.head)  # don't download 64 MiB of HTML
         self._hash.update(chunk)
         if self._fh is None:
             self._chunks.append(chunk)
             if self.size <= self._spill:
-                return
+                return None
             self._fh = self._open()
             chunks, self._chunks = self._chunks, []
         else:
@@ -141,6 +135,18 @@ class Sink:
             self._fh.writelines(chunks)
         except OSError as exc:
             raise OutputError(f"cannot write image data: {exc.strerror or exc}") from exc
+        return None
+
+    async def commit(self, http_status: int | None, attempts: int) -> StoredImage | str:
+        """Store the complete bytes under their hash, or the reason they are no image (the
+        bytes are dropped). Raises ``OutputError``."""
+        ext = sniff(self.head)
+        if ext is None:
+            self.discard()
+            return _not_an_image(self.head)
+        if self._store.remote is not None:
+            return await self._store.commit_remote(self, ext, http_status, attempts)
+        return self._store.commit(self, ext, http_status, attempts)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
@@ -195,85 +201,26 @@ class Sink:
                 os.unlink(self.path)
 
 
-class TooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"image is larger than the {limit:,}-byte limit (--max-image-bytes)")
-
-
 class ContentStore:
-    """Stores bytes under the hash of their content; one instance per run.
+    """Stores bytes under the hash of their content; one instance per lane.
 
     With ``remote`` (an S3 store) the complete bytes go up as one create-once object
     (``commit_remote``); spill files still go to ``layout.tmp``, a local folder."""
 
-    def __init__(
-        self, layout: Layout, *, max_bytes: int = 64 * 1024 * 1024, remote: Store | None = None
-    ) -> None:
-        self._layout = layout
+    def __init__(self, layout: Layout, *, remote: Store | None = None) -> None:
+        self.layout = layout
         self.remote = remote
-        self.max_bytes = max_bytes
         self._folders: set[str] = set()
-        self._tmp = str(layout.tmp)
+        self.tmp = str(layout.tmp)
 
     def sink(self) -> Sink:
-        """A new sink for one image's bytes, holding the size limit."""
-        return Sink(self._layout, self._tmp, self.max_bytes)
-
-    def not_an_image(self, head: bytes, status: int | None, attempt: int) -> ImageFailure:
-        return ImageFailure(
-            FAILED, f"body is not an image (starts with {head[:16]!r})", status, attempt
-        )
-
-    def store_data_uri(self, url: str) -> StoredImage | ImageFailure:
-        decoded = self._data_sink(url)
-        if isinstance(decoded, ImageFailure):
-            return decoded
-        return self.commit(*decoded, None, 1)
-
-    async def store_data_uri_remote(self, url: str) -> StoredImage | ImageFailure:
-        decoded = self._data_sink(url)
-        if isinstance(decoded, ImageFailure):
-            return decoded
-        return await self.commit_remote(*decoded, None, 1)
-
-    def _data_sink(self, url: str) -> tuple[Sink, str] | ImageFailure:
-        header, sep, payload = url.partition(",")
-        media_type = header[5:].split(";", 1)[0]
-        if not sep:
-            return ImageFailure(FAILED, "malformed data: URI (no comma)", None, 1)
-        if len(payload) * 3 // 4 > self.max_bytes:
-            return ImageFailure(FAILED, str(TooLarge(self.max_bytes)), None, 1)
-        try:
-            if header.lower().endswith(";base64"):
-                data = base64.b64decode(payload, validate=False)
-            else:
-                data = unquote_to_bytes(payload)
-        except (binascii.Error, ValueError) as exc:
-            return ImageFailure(
-                FAILED,
-                f"data:{media_type or 'text/plain'} URI is not valid base64 ({exc})",
-                None,
-                1,
-            )
-        sink = self.sink()
-        try:
-            sink.write(data)
-        except TooLarge as exc:
-            sink.discard()
-            return ImageFailure(FAILED, str(exc), None, 1)
-        except BaseException:
-            sink.discard()
-            raise
-        ext = sniff(sink.head)
-        if ext is None:
-            sink.discard()
-            return self.not_an_image(sink.head, None, 1)
-        return sink, ext
+        """A new sink for one image's bytes."""
+        return Sink(self)
 
     def commit(self, sink: Sink, ext: str, status: int | None, attempt: int) -> StoredImage:
         sha = sink.hexdigest()
-        relative = self._layout.image_relpath(sha, ext)
-        final = os.path.join(self._layout.root, relative)
+        relative = self.layout.image_relpath(sha, ext)
+        final = os.path.join(self.layout.root, relative)
         try:
             new = sink.persist(final, self._folders)
         except OSError as exc:
@@ -288,7 +235,7 @@ class ContentStore:
         goes up in parts, then appears whole), so no object ever holds part of an image."""
         assert self.remote is not None, "commit_remote needs a remote store"
         sha = sink.hexdigest()
-        relative = self._layout.image_relpath(sha, ext)
+        relative = self.layout.image_relpath(sha, ext)
         try:
             new = await self.remote.put_new_async(relative, sink.take())
         except BaseException:

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final, TextIO
 
+from harvester.defaults import LOG_FORMATS
 from harvester.errors import HarvesterError
 from harvester.redact import printable, redact, secret_parts
 from harvester.units import duration, plural, size
 
 if TYPE_CHECKING:  # the run layer is not loaded by views at run time
     from harvester.run.stats import RunStats
-
-LOG_FORMATS: Final = ("text", "json")
 
 PROGRESS_EVERY: Final = 300.0
 """Seconds between progress lines when not on a terminal."""

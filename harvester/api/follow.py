@@ -1,0 +1,114 @@
+"""One GET with its redirects followed hop by hop, for the result fetch and the image download.
+
+One limit (``MAX_REDIRECTS``), one rule for where a redirect may lead (``urls.redirect_target``:
+only http(s), never from https down to http) and one rule for the key: the Authorization
+header goes only to the API's own origin (or its https upgrade), never to another origin a
+redirect leads to, and never with an image. A 3xx without a Location to follow (a ``304`` from
+a caching proxy, a ``300`` or ``303`` without one) is an answer that cannot be used, not a
+redirect: ``Unfollowed`` with its status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import httpx
+
+from harvester.api.urls import redirect_target, same_origin
+
+MAX_REDIRECTS: Final = 5
+"""Redirects followed per request, for results and images alike."""
+
+
+class Unfollowed(Exception):
+    """The GET ended at a redirect that is not followed; ``str()`` is the reason for the row,
+    ``status`` the HTTP status that ended it (None for a hop refused before it was sent)."""
+
+    def __init__(self, reason: str, status: int | None) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """The headers that carry the key, and the origin they may be sent to."""
+
+    origin: httpx.URL
+    headers: Mapping[str, str]
+
+    def admits(self, url: httpx.URL) -> bool:
+        """``url`` is the origin's, or the origin's host over https on the default ports."""
+        if same_origin(url, self.origin):
+            return True
+        base = self.origin
+        return (
+            base.scheme == "http"
+            and url.scheme == "https"
+            and base.host == url.host
+            and base.port in (None, 80)
+            and url.port in (None, 443)
+        )
+
+
+Check = Callable[[httpx.URL], Awaitable[str | None]]
+"""Why a hop is not sent (the reason for the row), or None to send it."""
+
+
+def plain_headers(client: httpx.AsyncClient) -> dict[str, str]:
+    """The client's User-Agent, for requests built without ``client.build_request``; none of
+    its other default headers (an Authorization among them) is ever copied."""
+    agent = client.headers.get("user-agent")
+    return {"User-Agent": agent} if agent else {}
+
+
+def request_error_reason(exc: httpx.RequestError) -> str:
+    """A short, secret-free description of a failed exchange (httpx never puts headers in
+    its messages)."""
+    if isinstance(exc, httpx.TimeoutException):
+        kind = "timed out"
+    elif isinstance(exc, httpx.DecodingError):
+        kind = "body cannot be decoded"
+    else:
+        kind = "connection failed"
+    detail = str(exc).strip()
+    return f"{kind} ({type(exc).__name__}{': ' + detail if detail else ''})"
+
+
+async def get(
+    client: httpx.AsyncClient,
+    url: httpx.URL,
+    *,
+    headers: Mapping[str, str],
+    extensions: dict[str, Any],
+    what: str,
+    key: Key | None = None,
+    check: Check | None = None,
+) -> httpx.Response:
+    """The first answer to a GET of ``url`` that is not a redirect, streamed: the caller reads
+    and closes it. Each hop is sent with ``headers`` (``key.headers`` where ``key`` admits
+    it), after ``check`` lets it. Raises ``Unfollowed``, and whatever ``client.send`` raises."""
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        if check is not None:
+            refusal = await check(current)
+            if refusal is not None:
+                raise Unfollowed(refusal, None)
+        sent = key.headers if key is not None and key.admits(current) else headers
+        # Built here, not by client.get, which would merge the client's base URL and default
+        # headers (its Authorization among them) into every request.
+        request = httpx.Request("GET", current, headers=sent, extensions=extensions)
+        response = await client.send(request, stream=True)
+        status = response.status_code
+        if not 300 <= status < 400:
+            return response
+        location = response.headers.get("location", "").strip()
+        await response.aclose()
+        if not location:
+            raise Unfollowed(f"{what} answered HTTP {status} without a Location to follow", status)
+        target = redirect_target(current, location, what=what)
+        if isinstance(target, str):
+            raise Unfollowed(target, status)
+        current = target
+    raise Unfollowed(f"{what} redirected more than {MAX_REDIRECTS} times", None)
