@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp-py$(PYVER)
 OUT    ?= harvest-out
 VERSION_OF = $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null
 
-.PHONY: install run report test lint typecheck check clean lock bench
+.PHONY: install run report test lint typecheck check clean lock bench packages-test packages-bench
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -n "$(PYVER)" || { echo "make: $(PYTHON) not found; install Python 3.11 or newer, or run make PYTHON=/path/to/python3"; exit 2; }
@@ -34,7 +34,13 @@ report: $(STAMP)  ## after `make run`: the report's tables, and $(OUT)/report.ht
 	@$(BIN)/harvester report $(OUT)
 	@$(BIN)/harvester report $(OUT) --html $(OUT)/report.html
 
-test: $(STAMP)  ## lint, type-check and the whole test suite
+# The tests start real servers (tinyproxy, Ceph's object gateway) and a browser (Chromium) from
+# Debian's packages, the bench nginx and curl: .ci/system-packages checks them first (a few ms),
+# installs what is missing as root, else stops at once with the apt-get command to run.
+packages-test packages-bench: packages-%:
+	@.ci/system-packages $*
+
+test: packages-test $(STAMP)  ## lint, type-check and the whole test suite
 	$(BIN)/ruff check harvester tests bench
 	$(BIN)/ruff format --check harvester tests bench
 	$(BIN)/mypy
@@ -52,15 +58,7 @@ typecheck: $(STAMP)
 # BENCH_NIGHTS (365), BENCH_OUT (bench-out),
 # BENCH_OVERLOAD_N (2000); e.g. `BENCH_N=2000 BENCH_RUNS=1 BENCH_ONLY=speed make bench` for a
 # quick look. Outputs go to a tmpfs it mounts (as root; else /dev/shm).
-bench: $(STAMP)  ## harvester vs curl and plain.py on loopback, memory, slow links, --rps, overload
-	@command -v nginx >/dev/null 2>&1 && test -e /usr/lib/nginx/modules/ngx_http_echo_module.so || \
-	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	      echo "bench: installing nginx and its echo module from Debian's packages"; \
-	      apt-get update -qq && apt-get install -y -qq nginx-light libnginx-mod-http-echo curl >/dev/null; \
-	    else \
-	      echo "bench: needs nginx and its echo module: as root, apt-get install nginx-light libnginx-mod-http-echo curl"; \
-	      exit 2; \
-	    fi; }
+bench: packages-bench $(STAMP)  ## harvester vs curl and plain.py on loopback, memory, slow links, --rps, overload
 	$(BIN)/python bench/run.py
 
 lock: $(STAMP)  ## re-pin requirements.lock from the current .venv

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -37,7 +39,44 @@ def _fail(exc: HarvesterError, *, log_format: str = "text") -> None:
     sys.exit(int(exc.exit_code))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _HelpFormatter(click.HelpFormatter):
+    """Click's formatter, with no line wider than the terminal: the lines click leaves as they
+    are (``\\b`` blocks, a long usage line) are wrapped too, each continuation aligned under
+    the text it continues."""
+
+    def getvalue(self) -> str:
+        return "\n".join(_fit_line(line, self.width) for line in super().getvalue().split("\n"))
+
+
+def _fit_line(line: str, width: int) -> str:
+    if len(line) <= width:
+        return line
+    # "  Label:   text" continues under "text"; any other line under its own first word.
+    aligned = re.match(r"(\s*\S.*?\s{2,})\S", line)
+    indent = len(aligned.group(1)) if aligned else len(line) - len(line.lstrip()) + 2
+    if indent > width // 2:
+        indent = len(line) - len(line.lstrip()) + 2
+    return textwrap.fill(line, width=width, subsequent_indent=" " * indent, break_on_hyphens=False)
+
+
+class _Context(click.Context):
+    formatter_class = _HelpFormatter
+
+
+class _Command(click.Command):
+    context_class = _Context
+
+
+class _Group(click.Group):
+    context_class = _Context
+    command_class = _Command
+
+
+# Help is at most 100 columns wide, and never wider than the terminal (80 when unknown).
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="harvester")
 def main() -> None:
     """Harvest fal.ai-compatible queue results and their images into a content-addressed
@@ -48,10 +87,9 @@ def main() -> None:
     Next morning:  harvester status DIR                 (exit 0: it worked)
     Any time:      harvester report DIR --html report.html
     After a year:  harvester compact DIR   (or compact = true in the job file)
-    Try it:        harvester sandbox, then HARVESTER_API_KEY=sandbox-key harvester run
-                   jobs/sandbox.toml (see the README)
+    Try it:        harvester sandbox, then HARVESTER_API_KEY=sandbox-key
+                   harvester run jobs/sandbox.toml (see the README)
 
-    \b
     Exit codes: 0 all ok; 1 unexpected error (a bug); 2 usage error; 3 finished but some
     requests not ok; 4 key rejected; 5 another run holds the output folder; 6 bad input
     file; 7 output folder not writable; 8 bad job file; 9 verify found problems; 10 (status)
@@ -283,7 +321,6 @@ def status_command(
     """Did the last run work? Shows the last run record in DIR/runs (start, end, exit code and
     its meaning, inputs, counts by status, 429s, bytes) and whether a harvest is running now.
 
-    \b
     Exits with the last run's own exit code: 0 every request ok, 3 finished but some
     requests not ok (retried next run; 0 with --incomplete-ok), 13 (almost) nothing ok,
     4/7/130 the run stopped early (see harvester -h); 10 if DIR has no run record, the last
@@ -516,7 +553,6 @@ def sandbox_command(
 ) -> None:
     """Run a local fal-compatible API on 127.0.0.1 that serves synthetic results and images.
 
-    \b
     Request-id prefixes choose a behaviour: pending-, missing-, fail-, invalid-, empty-,
     inline-, expiredimg-, notimage-, redirect-, badjson-, badshape-, dup-; anything else is
     a normal result with 1-4 images.

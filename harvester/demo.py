@@ -14,23 +14,22 @@ from pathlib import Path
 
 import polars as pl
 
-from harvester.redact import printable
 from harvester.sandbox import SandboxConfig, running_sandbox
 from harvester.storage import manifest
+from harvester.terminal import terminal_width, wrap
+from harvester.views.table import fit_table
 
 DEMO_KEY = "sandbox-key"
 
 
 def _table(frame: pl.DataFrame) -> None:
-    """Print a table; ids from the exports may hold control characters (messy.csv:14 rings
-    the bell): they are escaped, as in every message that carries input data."""
-    print(printable(str(frame), newlines=True))
+    """Print a table that fits the terminal; ids from the exports may hold control characters
+    (messy.csv:14 rings the bell): they are escaped, as in every message that carries input
+    data."""
+    print(fit_table(frame))
 
 
 def _show(out: Path) -> None:
-    pl.Config.set_tbl_hide_dataframe_shape(True)
-    pl.Config.set_fmt_str_lengths(48)
-    pl.Config.set_tbl_width_chars(120)
     latest = manifest.latest(out)
     state = (
         latest.group_by("model", "request_id")
@@ -55,6 +54,18 @@ def _show(out: Path) -> None:
     _table(not_ok.select("request_id", "status", "error").collect())
 
 
+def _shell_line(words: list[str]) -> str:
+    """A command as it would be typed, continued with backslashes to fit the terminal."""
+    room = terminal_width() - 2  # for " \\"
+    lines = [words[0]]
+    for word in (shlex.quote(w) for w in words[1:]):
+        if len(lines[-1]) + 1 + len(word) > room:
+            lines.append("    " + word)
+        else:
+            lines[-1] += " " + word
+    return " \\\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("harvest-out"))
@@ -71,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             "--base-url",
             sandbox.base_url,
         ]
-        print(f"$ HARVESTER_API_KEY={DEMO_KEY} {shlex.join(command)}", flush=True)
+        print(_shell_line([f"$ HARVESTER_API_KEY={DEMO_KEY}", *command]), flush=True)
         env = dict(os.environ, HARVESTER_API_KEY=DEMO_KEY)
         done = subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
             [sys.executable, "-m", *command], env=env, check=False
@@ -81,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         return done.returncode
     _show(args.out)
     print(
-        f"\nTry next: harvester status {args.out}; harvester report {args.out} "
-        f"(or make report, for {args.out}/report.html); harvester verify {args.out}"
+        "\n"
+        + wrap(
+            f"Try next: harvester status {args.out}; harvester report {args.out} "
+            f"(or make report, for {args.out}/report.html); harvester verify {args.out}"
+        )
     )
     return 0
 

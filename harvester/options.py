@@ -28,9 +28,8 @@ option given on the command line overrides."""
 JOB_COMMAND: Final = "run"
 """The command whose job file holds the top-level keys."""
 IMAGE_SLOTS_PER_FETCH: Final = 2
-"""A result has 1.75 images on average, and an image takes about as long as a result: two
-download slots per fetch slot keep every fetch slot busy, on a slow link too
-(docs/performance.md, "Slow link")."""
+"""Image download slots per result fetch slot: enough to keep every fetch slot busy on a slow
+link too (docs/performance.md, "Slow link", has the figures)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +110,7 @@ OPTIONS: tuple[Option, ...] = (
            "images/, manifest/ and runs/ live there.",
            metavar="DIR|s3://BUCKET/PREFIX", required="the output folder", setting=None),
     Option("base-url", "text", DEFAULT_BASE_URL, "The API's base URL.",
-           envvar="HARVESTER_BASE_URL", pattern=r"(?s)https?://.*",
+           envvar="HARVESTER_BASE_URL", pattern=r"(?is)https?://.*",
            mismatch="must start with http:// or https://"),
     Option("auth-scheme", "text", "auto",
            "Authorization header: 'bearer' (relays), 'key' (fal.ai); 'auto' uses key for "

@@ -42,7 +42,7 @@ BINARIES: Final = (
 INSTALL_HINT: Final = (
     "the S3 tests need Ceph's object gateway from Debian's packages; as root run "
     "'apt-get install -y --no-install-recommends radosgw ceph-mon ceph-osd' "
-    "(.ci/run does this on CI)"
+    "(make test does this as root)"
 )
 REGION: Final = "us-east-1"
 """Signed into every request; the gateway's default zonegroup accepts any."""

@@ -167,7 +167,7 @@ def test_a_redirect_status_without_a_location_costs_one_row(tmp_path: Path) -> N
         df = check_invariants(out, csv, run, key=KEY)
     [result] = rows(df, "not-modified")
     assert (result["status"], result["http_status"]) == ("error", 304)
-    assert "HTTP 304 without a Location" in str(result["error"])
+    assert "HTTP 304, not a redirect to follow" in str(result["error"])
     see_other, fine_image = rows(df, "image-303")
     assert (see_other["status"], see_other["http_status"]) == ("failed", 303)
     assert "HTTP 303 without a Location" in str(see_other["error"])

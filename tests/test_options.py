@@ -117,3 +117,23 @@ def test_the_configuration_is_checked_by_the_declarations(
     config = HarvestConfig(inputs=(Path("a.csv"),), out_dir=Path(), api_key="k", **changes)
     with pytest.raises(UsageError, match=f"^{message}$"):
         config.validate()
+
+
+@pytest.mark.parametrize("base_url", ["HTTPS://relay.test", "Http://relay.test/api"])
+def test_a_base_url_scheme_in_capitals_is_accepted(base_url: str) -> None:
+    HarvestConfig(
+        inputs=(Path("a.csv"),), out_dir=Path(), api_key="k", base_url=base_url
+    ).validate()
+
+
+@pytest.mark.parametrize(
+    ("base_url", "message"),
+    [
+        ("https://u:p@relay.test", "must not carry a user name or password"),
+        (f"https://{'r' * 64}.test", "longer than DNS allows"),
+    ],
+)
+def test_a_base_url_that_cannot_be_used_is_refused(base_url: str, message: str) -> None:
+    config = HarvestConfig(inputs=(Path("a.csv"),), out_dir=Path(), api_key="k", base_url=base_url)
+    with pytest.raises(UsageError, match=message):
+        config.validate()

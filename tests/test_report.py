@@ -133,7 +133,8 @@ def test_html_page_is_self_contained_with_tables_charts_and_gallery(
     page = Page()
     page.feed(text)
     assert len(page.find("table")) == 4
-    assert len(page.find("svg")) == 5  # status, nsfw, inference, runs' images and bytes
+    # status, nsfw, inference (each twice: beside and, for phones, above), runs' images, bytes
+    assert len(page.find("svg")) == 8
     assert len(page.find("rect")) > 10
     sections = {attrs.get("id") for attrs in page.find("section")}
     assert {"status", "nsfw", "inference", "runs", "gallery"} <= sections

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harvester.api.urls import AppId, UnsafeIdError, check_segment, describe_url, result_url
+from harvester.api.urls import (
+    AppId,
+    UnsafeIdError,
+    check_segment,
+    describe_url,
+    http_url,
+    redirect_target,
+    result_url,
+)
 
 BASE = "https://relay.test/api"
 
@@ -75,3 +84,23 @@ def test_describe_url_hides_data_payloads() -> None:
     assert describe_url("data:image/png;base64,iVBORw0KGgo=") == "data:image/png"
     assert describe_url("DATA:,hello") == "data:text/plain"
     assert describe_url("https://v3.fal.media/files/x.png") == "https://v3.fal.media/files/x.png"
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("https://user:pw@cdn.test/a.png", "user name or password"),
+        (f"https://{'a' * 64}.test/a.png", "longer than DNS allows"),
+        (f"https://{'a.' * 127}test/a.png", "longer than DNS allows"),
+        ("ftp://cdn.test/a.png", "unsupported"),
+    ],
+)
+def test_image_urls_that_cannot_be_fetched_are_refused(url: str, reason: str) -> None:
+    """Each becomes the row's reason; none reaches the resolver or aiohttp, which raise
+    (UnicodeError, ValueError) where a row is expected."""
+    refusal = http_url(url)
+    assert isinstance(refusal, str)
+    assert reason in refusal
+    target = redirect_target(httpx.URL("https://cdn.test/x"), url)
+    assert isinstance(target, str)
+    assert reason in target

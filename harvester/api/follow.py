@@ -3,15 +3,15 @@
 One limit (``MAX_REDIRECTS``), one rule for where a redirect may lead (``urls.redirect_target``:
 only http(s), never from https down to http) and one rule for the key: the Authorization
 header goes only to the API's own origin (or its https upgrade), never to another origin a
-redirect leads to, and never with an image. A 3xx without a Location to follow (a ``304`` from
-a caching proxy, a ``300`` or ``303`` without one) is an answer that cannot be used, not a
-redirect: ``Unfollowed`` with its status.
+redirect leads to, and never with an image. A 3xx that is not a redirect (a ``304`` from a
+caching proxy, a ``300``) or a redirect without a Location is an answer that cannot be used:
+``Unfollowed`` with its status.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import httpx
@@ -20,6 +20,8 @@ from harvester.api.urls import redirect_target, same_origin
 
 MAX_REDIRECTS: Final = 5
 """Redirects followed per request, for results and images alike."""
+REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+"""The statuses followed, as browsers and httpx follow them; any other 3xx is ``Unfollowed``."""
 
 
 class Unfollowed(Exception):
@@ -36,7 +38,7 @@ class Key:
     """The headers that carry the key, and the origin they may be sent to."""
 
     origin: httpx.URL
-    headers: Mapping[str, str]
+    headers: Mapping[str, str] = field(repr=False)
 
     def admits(self, url: httpx.URL) -> bool:
         """``url`` is the origin's, or the origin's host over https on the default ports."""
@@ -101,7 +103,10 @@ async def get(
         request = httpx.Request("GET", current, headers=sent, extensions=extensions)
         response = await client.send(request, stream=True)
         status = response.status_code
-        if not 300 <= status < 400:
+        if status not in REDIRECTS:
+            if 300 <= status < 400:
+                await response.aclose()
+                raise Unfollowed(f"{what} answered HTTP {status}, not a redirect to follow", status)
             return response
         location = response.headers.get("location", "").strip()
         await response.aclose()

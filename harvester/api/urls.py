@@ -99,7 +99,15 @@ def http_url(text: str | httpx.URL, *, what: str = "image URL") -> httpx.URL | s
         return f"unsupported {what} scheme {url.scheme or '(none)'!r}"
     if not host:
         return f"{what} has no host"
+    if url.userinfo:
+        return f"{what} carries a user name or password; not fetched"
+    if len(host) > _MAX_HOST or any(len(label) > _MAX_LABEL for label in host.split(".")):
+        return f"{what} has a host name longer than DNS allows"
     return url
+
+
+_MAX_HOST: Final = 253
+_MAX_LABEL: Final = 63
 
 
 def redirect_target(

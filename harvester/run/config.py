@@ -18,6 +18,7 @@ import httpx
 
 from harvester import options
 from harvester.api.retry import RetryPolicy
+from harvester.api.urls import http_url
 from harvester.defaults import FAL_QUEUE_HOST
 from harvester.errors import UsageError
 from harvester.options import IMAGE_SLOTS_PER_FETCH
@@ -57,9 +58,8 @@ class HarvestConfig:
     seed: int | None = None
     """Seed for retry jitter (tests); None draws one."""
     workers: int | None = _DEFAULT["workers"]
-    """None: one. One process is as fast as two on the bench world, with 0.89x the CPU and
-    0.38x the summed peak RSS (docs/performance.md, "Processes"); on Ray, None is one shard
-    per CPU of the cluster."""
+    """None: one process (docs/performance.md, "Processes", says why); on Ray, one shard per
+    CPU of the cluster."""
     give_up_after: float = _DEFAULT["give_up_after"]
     retry_expired: bool = _DEFAULT["retry_expired"]
     columns: reader.Columns = field(default_factory=reader.Columns)
@@ -162,6 +162,14 @@ class HarvestConfig:
             raise UsageError(f"--base-url {self.base_url!r} is not a valid URL ({exc})") from None
         if url.scheme not in ("http", "https") or not host:
             raise UsageError(f"--base-url {self.base_url!r} must be an http:// or https:// URL")
+        if url.userinfo:
+            raise UsageError(
+                "--base-url must not carry a user name or password; the key comes from the "
+                "environment"
+            )
+        checked = http_url(url, what="--base-url")
+        if isinstance(checked, str):
+            raise UsageError(checked)
         if url.query or url.fragment:
             raise UsageError(f"--base-url {self.base_url!r} must not have a query or fragment")
         if not self.api_key or any(c in self.api_key for c in "\r\n"):

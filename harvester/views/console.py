@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final, TextIO
 from harvester.defaults import LOG_FORMATS
 from harvester.errors import HarvesterError
 from harvester.redact import printable, redact, secret_parts
+from harvester.terminal import log_line, wrap
 from harvester.units import duration, plural, size
 
 if TYPE_CHECKING:  # the run layer is not loaded by views at run time
@@ -190,6 +191,14 @@ class _FloodGate(logging.Filter):
         return count <= self.limit + 1
 
 
+class TerminalFormatter(logging.Formatter):
+    """A log line for people at a terminal: ``HH:MM:SS LEVEL message``, wrapped to the
+    terminal's width (never cut), continuations indented; a traceback follows as it is."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return log_line(record)
+
+
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only in typeshed
     """Masks secrets in the finished line and clears the progress bar before writing."""
 
@@ -201,8 +210,9 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only
     def format(self, record: logging.LogRecord) -> str:
         # The message may carry input data (file names, ids, an API's words): its control
         # characters are escaped here, for every line; a traceback keeps its line breaks.
+        # Secrets are masked before a terminal's line is wrapped, and again after.
         message = record.getMessage()
-        safe = printable(message)
+        safe = redact(printable(message), self.secrets)
         if safe != message:
             record = logging.makeLogRecord({**vars(record), "msg": safe, "args": None})
         return redact(super().format(record), self.secrets)
@@ -220,12 +230,14 @@ def setup_logging(
     log_format: str = "text",
     run_id: str | None = None,
     stream: TextIO | None = None,
+    terminal: bool = False,
 ) -> _Handler:
     """Route every log line through one handler on ``stream`` (default stderr).
 
-    ``log_format`` is one of ``LOG_FORMATS``. Verbosity -1 (-q): errors only; 0: warnings,
-    start and progress lines; 1 (-v): info; 2 (-vv): debug, httpx's request lines included.
-    Returns the handler it installed."""
+    ``log_format`` is one of ``LOG_FORMATS``; text lines on a ``terminal`` are short
+    (``TerminalFormatter``), elsewhere they carry the date and the logger's name. Verbosity
+    -1 (-q): errors only; 0: warnings, start and progress lines; 1 (-v): info; 2 (-vv): debug,
+    httpx's request lines included. Returns the handler it installed."""
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     handler = _Handler(stream or sys.stderr)
     handler.secrets = [s for s in secrets if s]
@@ -233,6 +245,8 @@ def setup_logging(
         raise ValueError(f"log_format must be one of {LOG_FORMATS}, not {log_format!r}")
     if log_format == "json":
         handler.setFormatter(JsonFormatter(run_id))
+    elif terminal:
+        handler.setFormatter(TerminalFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         if verbosity <= 0:
@@ -296,11 +310,17 @@ class Console:
         self.json = log_format == "json"
         self.stream = stream or sys.stderr
         self.out = out or sys.stdout
-        self.handler = setup_logging(
-            verbosity, secrets=[], log_format=log_format, run_id=run_id, stream=self.stream
-        )
         if interactive is None:
             interactive = self.stream.isatty()
+        self.handler = setup_logging(
+            verbosity,
+            secrets=[],
+            log_format=log_format,
+            run_id=run_id,
+            stream=self.stream,
+            terminal=interactive,
+        )
+        self.interactive = interactive
         self.bar: Progress | None = None
         if interactive and not self.json and verbosity >= 0:
             self.bar = self.handler.bar = Progress(self.stream)
@@ -360,6 +380,8 @@ class Console:
             )
         else:
             message = redact(printable(f"harvester: error: {exc}"), self.handler.secrets)
+            if self.interactive:  # wrapped to the terminal, never cut
+                message = wrap(message)
             print(message, file=self.stream, flush=True)
 
     def _clear(self) -> None:

@@ -17,8 +17,10 @@ import polars as pl
 from harvester.errors import UsageError
 from harvester.storage import manifest
 from harvester.storage.objects import Location
+from harvester.terminal import wrap
 from harvester.units import size
 from harvester.views.status import read_runs
+from harvester.views.table import fit_table
 
 NO_MODEL: Final = "(no model)"
 """How a row without a model (an ``invalid`` CSV row) is labelled."""
@@ -53,8 +55,9 @@ class Report:
     def requests(self) -> int:
         return int(self.by_status["total"].sum()) if self.by_status.height else 0
 
-    def text(self) -> str:
-        """The tables as text, as ``harvester report DIR`` prints them."""
+    def text(self, *, width: int | None = None) -> str:
+        """The tables as text, as ``harvester report DIR`` prints them, each no wider than
+        ``width`` columns (default: the terminal's)."""
         sections = [
             (
                 f"Requests by status and model (latest state of {self.requests:,} requests)",
@@ -67,20 +70,13 @@ class Report:
             ("Inference seconds per model (latest state)", self.inference),
             (
                 f"Images and bytes per run ({_shown(self.runs.height)}, newest first)",
-                display_runs(self.runs),
+                display_runs(self.runs).drop("started_at"),
             ),
         ]
-        with pl.Config(
-            tbl_hide_dataframe_shape=True,
-            tbl_hide_column_data_types=True,
-            tbl_rows=500,
-            tbl_cols=-1,
-            tbl_width_chars=160,
-            fmt_str_lengths=60,
-            float_precision=3,
-        ):
-            parts = [f"harvester report for {self.out_dir}"]
-            parts += [f"\n{title}\n{table}" for title, table in sections]
+        parts = [wrap(f"harvester report for {self.out_dir}", width=width)]
+        for title, table in sections:
+            body = fit_table(table, width=width) if table.height else "(no rows yet)"
+            parts.append(f"\n{wrap(title, width=width)}\n{body}")
         return "\n".join(parts)
 
 

@@ -7,6 +7,10 @@ a gallery of real 1-4 MB results stays a page of a few MB; without it the stored
 embedded as they are, capped (``GalleryLimits``), and the page says how to get thumbnails.
 An image over a cap, or that cannot be decoded, gets a labelled placeholder instead. Every
 string from the manifest is HTML-escaped: model names and prompts come from outside.
+
+The page reads on a phone (tests/test_report_browser.py checks it at 390 and 1280 px): tables
+and charts wider than the screen scroll in their own box, never the page, so chart text keeps
+its size; the legend wraps; the gallery shows three images a row.
 """
 
 from __future__ import annotations
@@ -407,13 +411,18 @@ def _table(df: pl.DataFrame, *, floats: int = 2) -> str:
             cls = ' class="num"' if column in numeric else ""
             cells.append(f"<td{cls}>{escape(text)}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="scroll">{table}</div>'
 
 
 _Segment = tuple[str, float, str]
 """(name, value, colour) of one piece of a bar."""
 _Bar = tuple[str, Sequence[_Segment], str]
 """(label, segments, the text at the bar's end) of one bar."""
+
+
+NARROW_WIDTH: Final = 340
+"""Pixels of a bar chart's phone layout (each label above its bar), shown under 600 px."""
 
 
 def _bars(
@@ -424,26 +433,49 @@ def _bars(
     bar_width: int = 420,
     value_width: int = 90,
 ) -> str:
-    """Horizontal (stacked) bars, one per row, as inline SVG; ``scale`` is the value of a
-    full-width bar (default: the largest bar)."""
+    """Horizontal (stacked) bars, one per row, as inline SVG, twice: labels beside the bars,
+    and for a phone labels above them, at a width that needs no scaling (CSS shows one);
+    ``scale`` is the value of a full-width bar (default: the largest bar)."""
     if not rows:
         return ""
-    row_h, bar_h = 26, 18
     largest = max(sum(v for _, v, _ in segs) for _, segs, _ in rows)
     full = scale or largest or 1.0
+    wide = _bar_svg(
+        rows, full=full, label_width=label_width, bar_width=bar_width, value_width=value_width
+    )
+    narrow = _bar_svg(
+        rows,
+        full=full,
+        label_width=0,
+        bar_width=NARROW_WIDTH - value_width,
+        value_width=value_width,
+    )
+    return f'<div class="scroll wide">{wide}</div><div class="scroll narrow">{narrow}</div>'
+
+
+def _bar_svg(
+    rows: Sequence[_Bar], *, full: float, label_width: int, bar_width: int, value_width: int
+) -> str:
+    """One layout of ``_bars``: ``label_width`` 0 puts each label above its bar."""
+    above = label_width == 0
+    bar_h = 18 if not above else 16
+    row_h = 26 if not above else 40
     width = label_width + bar_width + value_width
     height = row_h * len(rows) + 4
+    chars = 32 if not above else NARROW_WIDTH // 7
     parts = [
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-        f'role="img">'
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" role="img">'
     ]
     for i, (label, segments, end) in enumerate(rows):
         y = i * row_h + 4
-        short = label if len(label) <= 32 else label[:31] + "…"
-        parts.append(
-            f'<text x="{label_width - 8}" y="{y + bar_h - 5}" text-anchor="end">'
-            f"<title>{escape(label)}</title>{escape(short)}</text>"
-        )
+        short = label if len(label) <= chars else label[: chars - 1] + "…"
+        if above:
+            position = f'x="0" y="{y + 12}"'
+            y += 18
+        else:
+            position = f'x="{label_width - 8}" y="{y + bar_h - 5}" text-anchor="end"'
+        parts.append(f"<text {position}><title>{escape(label)}</title>{escape(short)}</text>")
         x = float(label_width)
         for name, value, colour in segments:
             w = bar_width * value / full
@@ -471,6 +503,10 @@ def nice_ticks(largest: float, *, count: int = 4) -> list[float]:
     return [step * i for i in range(math.ceil(largest / step - 1e-9) + 1)]
 
 
+UPRIGHT_COLUMN: Final = 76
+"""Pixels a column needs for its ``MM-DD HH:MM`` label written level beneath it."""
+
+
 def _columns(columns: Sequence[tuple[str, float]], *, unit: Callable[[float], str]) -> str:
     """Vertical columns, one per run (run id, value), as inline SVG with a value axis on the
     left (``unit`` formats its ticks); each is labelled with its run's start, ``MM-DD HH:MM``
@@ -479,15 +515,16 @@ def _columns(columns: Sequence[tuple[str, float]], *, unit: Callable[[float], st
         return ""
     ticks = nice_ticks(max(v for _, v in columns))
     left = 14 + 7 * max(len(unit(t)) for t in ticks)
-    col_w = max(14, min(60, 460 // len(columns)))
-    upright = col_w >= 60
-    plot_h, top, bottom = 160, 22, 70
+    col_w = max(14, min(UPRIGHT_COLUMN, 460 // len(columns)))
+    upright = col_w >= UPRIGHT_COLUMN  # room for the label under its column
+    plot_h, top = 160, 22
+    bottom = 24 if upright else 70
     width = left + col_w * len(columns) + (20 if upright else 80)  # room for a slanted label
     height = top + plot_h + bottom
     scale = ticks[-1] or 1.0
     parts = [
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-        f'role="img">',
+        f'<div class="scroll"><svg class="chart" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" role="img">',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#888"/>',
         f'<line x1="{left}" y1="{top + plot_h}" x2="{left + col_w * len(columns)}" '
         f'y2="{top + plot_h}" stroke="#888"/>',
@@ -519,7 +556,7 @@ def _columns(columns: Sequence[tuple[str, float]], *, unit: Callable[[float], st
                 f'<text transform="translate({cx - 3:.1f},{top + plot_h + 8}) rotate(60)" '
                 f'class="tick">{escape(label)}</text>'
             )
-    parts.append("</svg>")
+    parts.append("</svg></div>")
     return "".join(parts)
 
 
@@ -530,22 +567,25 @@ body { margin: 0 auto; max-width: 1180px; padding: 24px; color: var(--fg); backg
   font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
 h1 { margin: 0 0 4px; font-size: 26px; } h2 { margin: 0 0 4px; font-size: 19px; }
 code { font: 12px ui-monospace, Menlo, Consolas, monospace; }
-.meta, .intro, footer { color: var(--muted); margin: 2px 0 10px; }
+.meta, .intro, footer { color: var(--muted); margin: 2px 0 10px; overflow-wrap: anywhere; }
 section { margin: 28px 0; padding-top: 16px; border-top: 1px solid var(--line); }
 .cards { display: flex; flex-wrap: wrap; gap: 12px; margin-top: 16px; }
 .card { background: var(--panel); border-radius: 8px; padding: 10px 16px; min-width: 130px; }
 .card b { display: block; font-size: 22px; } .card span { color: var(--muted); }
 table { border-collapse: collapse; margin-top: 12px; font-size: 13px; }
-th, td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: left; }
+th, td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: left;
+  white-space: nowrap; }
 th { background: var(--panel); font-weight: 600; } td.num { text-align: right;
   font-variant-numeric: tabular-nums; }
-svg.chart { display: block; max-width: 100%; height: auto; margin-top: 8px; }
+.scroll { max-width: 100%; overflow-x: auto; }
+svg.chart { display: block; margin-top: 8px; }
 svg.chart text { font: 12px system-ui, sans-serif; fill: var(--fg); }
 svg.chart text.value, svg.chart text.tick { fill: var(--muted); font-size: 11px; }
-.legend { display: flex; gap: 14px; font-size: 12px; color: var(--muted); }
+.legend { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 12px; color: var(--muted); }
 .legend i { display: inline-block; width: 10px; height: 10px; margin-right: 4px;
   border-radius: 2px; }
 .charts { display: flex; flex-wrap: wrap; gap: 24px; }
+.charts > div { min-width: 0; max-width: 100%; }
 .charts h3 { margin: 8px 0 0; font-size: 14px; font-weight: 600; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 12px; }
 .tile { position: relative; margin: 0; background: var(--panel); border-radius: 8px;
@@ -566,4 +606,14 @@ figcaption span { color: var(--muted); }
 figcaption q { color: var(--muted); display: -webkit-box; -webkit-line-clamp: 2;
   -webkit-box-orient: vertical; overflow: hidden; }
 footer { margin-top: 32px; font-size: 12px; }
+.narrow { display: none; }
+@media (max-width: 600px) {
+  .wide { display: none; } .narrow { display: block; }
+  body { padding: 12px; }
+  .card { min-width: 0; flex: 1 1 40%; padding: 8px 12px; }
+  .grid { grid-template-columns: repeat(3, minmax(0, 1fr)); gap: 6px; }
+  figcaption { padding: 3px 5px 5px; font-size: 11px; }
+  figcaption span, figcaption q { display: none; }
+  .badge { top: 4px; left: 4px; font-size: 10px; padding: 1px 4px; }
+}
 """

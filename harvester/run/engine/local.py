@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from harvester.errors import ExitCode
-from harvester.redact import redact, secret_parts
+from harvester.redact import printable, redact, secret_parts
 from harvester.run.engine import DEFAULT_MAX_RETRIES, Failure, R, S, failure_of
+from harvester.terminal import log_line
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,12 +52,18 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # StreamHandle
         super().__init__(sys.stderr)
         self.setup = setup
         self.secrets = [p for s in setup.secrets for p in secret_parts(s)]
+        self.terminal = sys.stderr.isatty()
 
     def format(self, record: logging.LogRecord) -> str:
         run_id = self.setup.json_run_id
-        if run_id is None:
+        if run_id is None and self.terminal:  # as the harvest's own lines on a terminal
+            # masked and escaped before the line is wrapped (a wrapped key would not match)
+            message = redact(printable(record.getMessage()), self.secrets)
+            text = log_line(logging.makeLogRecord({**vars(record), "msg": message, "args": None}))
+            text = "\r\x1b[K" + text  # over the harvest's progress bar, cleared first
+        elif run_id is None:
             when = datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S")
-            text = f"{when} {record.levelname} {record.name}: {record.getMessage()}"
+            text = f"{when} {record.levelname} {record.name}: {printable(record.getMessage())}"
         else:
             line = {
                 "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
