@@ -401,8 +401,8 @@ def report_command(out_dir: Path | str, html_file: Path | None, gallery_images: 
 @main.command("verify", short_help="Re-hash every stored image against the manifest.")
 @click.argument("out_dir", metavar="DIR", callback=_location)
 def verify_command(out_dir: Path | str) -> None:
-    """Re-hash every stored image against the manifest; report missing, corrupt and orphaned
-    files and unreadable manifest parts. Exits 9 if anything is wrong."""
+    """Re-hash every stored image against the manifest; report missing, corrupt, orphaned and
+    non-image files and unreadable manifest parts. Exits 9 if anything is wrong."""
     from harvester.views.verify import verify
 
     _check_folder(out_dir)
@@ -559,6 +559,7 @@ def sandbox_command(
     """
     from harvester.run import reader
     from harvester.sandbox import FaultRates, SandboxConfig, serve_forever
+    from harvester.sandbox.images import missing_encoder_note
 
     try:
         fault_rates = FaultRates.parse(faults) if faults else FaultRates()
@@ -603,6 +604,8 @@ def sandbox_command(
             f"--base-url {base} --out sandbox-out",
             err=True,
         )
+        if (note := missing_encoder_note()) is not None:
+            click.echo(note, err=True)
 
     try:
         serve_forever(config, on_ready=ready)

@@ -15,6 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from harvester.sandbox import SandboxConfig, running_sandbox
+from harvester.sandbox.images import missing_encoder_note
 from harvester.storage import manifest
 from harvester.terminal import terminal_width, wrap
 from harvester.views.table import fit_table
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with running_sandbox(SandboxConfig(key=DEMO_KEY)) as sandbox:
         print(f"sandbox listening on {sandbox.base_url} (a fal-compatible API on 127.0.0.1)")
+        if (note := missing_encoder_note()) is not None:
+            print(note)
         command = [
             "harvester",
             "harvest",

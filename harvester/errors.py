@@ -35,7 +35,7 @@ class ExitCode(IntEnum):
     CONFIG = 8
     """A job file is invalid."""
     VERIFY = 9
-    """``harvester verify`` found missing, corrupt or orphaned files."""
+    """``harvester verify`` found missing, corrupt, orphaned or non-image files."""
     NO_RECENT_RUN = 10
     """``harvester status``: no run record in the folder, or the last run started longer ago
     than ``--max-age`` (cron or the timer did not run, or the run was killed outright)."""
@@ -62,7 +62,7 @@ MEANINGS: Final[dict[int, str]] = {
     ExitCode.INPUT: "an input file is unreadable or lacks the columns",
     ExitCode.OUTPUT: "the output folder could not be written",
     ExitCode.CONFIG: "the job file is invalid",
-    ExitCode.VERIFY: "verify found missing, corrupt or orphaned files",
+    ExitCode.VERIFY: "verify found missing, corrupt, orphaned or non-image files",
     ExitCode.NO_RECENT_RUN: "no recent run",
     ExitCode.UNREACHABLE: "the API never answered; nothing was recorded",
     ExitCode.WORKER: "a shard's process died; finished rows are kept, run again",

@@ -26,9 +26,11 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
+from harvester.sandbox.images import make_png
 from tests.processes import harvester_env, run_records
 
-IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+IMAGE = make_png(b"hostile", 1_100, width=16, height=16)
+"""A real PNG: ``verify`` (in ``check_invariants``) flags a PNG magic number with no header."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,8 @@ class Answer:
     status: int = 200
     reason: str = "OK"
     headers: Mapping[str, str] = field(default_factory=dict)
+    cut_short: bool = False
+    """Announce the whole body's length, send half of it, then close the connection."""
 
     def raw(self) -> bytes:
         body = self.body.encode("utf-8") if isinstance(self.body, str) else self.body
@@ -47,7 +51,7 @@ class Answer:
         for name, value in headers.items():
             head += f"{name}: {value}\r\n".encode("latin-1", "replace")
         head += f"Content-Length: {len(body)}\r\n\r\n".encode()
-        return head + body
+        return head + (body[: len(body) // 2] if self.cut_short else body)
 
 
 def result_body(**fields: object) -> str:
@@ -78,8 +82,11 @@ class Hostile:
                     return
                 self.seen.append(head)
                 target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode("latin-1")
-                writer.write(self._answer(target).raw())
+                answer = self._answer(target)
+                writer.write(answer.raw())
                 await writer.drain()
+                if answer.cut_short:
+                    return
         except ConnectionError:
             return
         finally:

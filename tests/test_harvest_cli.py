@@ -15,7 +15,7 @@ from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
 from harvester.storage.manifest import SCHEMA, manifest_glob
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
-from tests.processes import run_records
+from tests.processes import run_records, start_harvest
 
 SPECIAL = [
     ("fal-ai/flux/dev", "pending-0001"),
@@ -321,3 +321,35 @@ def test_an_unreachable_api_stops_the_run_with_its_own_code(tmp_path: Path) -> N
     assert f"cannot reach the API at http://127.0.0.1:{port}" in result.output
     assert "Check --base-url" in result.output
     assert not list((out / "manifest").rglob("*.parquet"))  # no pile of 'error' rows
+
+
+def test_nothing_listening_says_at_once_what_failed_and_how_long_it_keeps_trying(
+    tmp_path: Path,
+) -> None:
+    """The first refused connection prints one plain line at once, with the retry schedule;
+    the run goes on retrying (the budget is not cut) and ends with the same in words. No
+    aiohttp internals (``ssl:default`` for an http URL) in either."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    csv = write_csv(tmp_path / "e.csv", normal_pairs(20, "down"))
+    base = f"http://127.0.0.1:{port}"
+    extra = ["--max-attempts", "4", "--retry-budget", "60"]
+    with start_harvest(base, tmp_path / "out", csv, extra=extra) as process:
+        assert process.stderr is not None
+        lines = [process.stderr.readline() for _ in range(2)]
+        still_trying = process.poll() is None  # the waits add up to 3.5 s (1.75 s at least)
+        rest = process.stderr.read()
+        assert process.wait(timeout=60) == ExitCode.UNREACHABLE
+    assert " started: 20 rows in 1 input file" in lines[0]
+    refused = f"cannot connect to 127.0.0.1:{port}: connection refused"
+    assert lines[1].endswith(
+        f" WARNING harvester: cannot reach the API at {base}: {refused}; retrying 3 more "
+        "times over about 4s (at most 1m00s) before the run stops\n"
+    )
+    assert still_trying
+    assert rest.startswith(f"harvester: error: cannot reach the API at {base}: {refused}; ")
+    assert "tried 4 times over " in rest and "Check --base-url" in rest
+    assert "WARNING" not in rest
+    for internal in ("ssl:default", "Connect call failed", "ConnectError", "aiohttp"):
+        assert internal not in "".join(lines) + rest, internal

@@ -329,3 +329,35 @@ def test_an_unterminated_quote_in_the_export_loses_no_other_row(tmp_path: Path) 
     [bad] = df.filter(pl.col("status") == "invalid").to_dicts()
     assert bad["source_line"] == 50
     assert "opened on line 50 runs to line 301" in str(bad["error"])
+
+
+def test_a_complete_body_that_is_not_json_is_asked_twice_a_cut_one_is_retried(
+    tmp_path: Path,
+) -> None:
+    """A 200 whose whole body arrived but is not JSON: asked once more, then the row's error,
+    whatever --max-attempts allows. A body cut short on the wire (fewer bytes than its
+    Content-Length, then the connection closed) is transient: retried up to --max-attempts."""
+    with hostile_server({}) as srv:
+        srv.script.update(
+            {
+                "not-json": Answer("<html>a relay's error page</html>"),
+                "cut": Answer(result_body(), cut_short=True),
+                "fine": Answer(result_body()),
+            }
+        )
+        csv = write_ids(tmp_path / "e.csv", list(srv.script))
+        out = tmp_path / "out"
+        extra = ["--max-attempts", "4", "--retry-budget", "60"]
+        run = harvest(srv, out, csv, key=KEY, extra=extra)
+        assert run.returncode == ExitCode.INCOMPLETE, run.stderr
+        df = check_invariants(out, csv, run, key=KEY)
+        asked = [head.split(b" ")[1].rsplit(b"/", 1)[1].decode() for head in srv.seen]
+    assert {rid: asked.count(rid) for rid in srv.script} == {"not-json": 2, "cut": 4, "fine": 1}
+    [not_json] = rows(df, "not-json")
+    assert not_json["status"] == "error" and not_json["attempts"] == 2
+    assert str(not_json["error"]).startswith("result is not valid JSON (")
+    assert str(not_json["error"]).endswith("(gave up after 2 attempts)")
+    [cut] = rows(df, "cut")
+    assert cut["status"] == "error" and cut["attempts"] == 4
+    assert "gave up after 4 attempts" in str(cut["error"])
+    assert "not valid JSON" not in str(cut["error"])

@@ -7,7 +7,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -274,3 +274,20 @@ def test_singular_and_plural() -> None:
     summary = one.summary()
     assert "1 request in" in summary and "1 result request (" in summary
     assert "0 duplicate rows" in summary and "new parts" in summary
+
+
+def test_rate_and_eta_count_fetched_requests_not_rows_recorded_without_one() -> None:
+    """88 requests, 6 of them invalid rows recorded at once: the first tick shows no rate and
+    no ETA (not 6 invalid rows "done" in a blink), later ticks the rate of fetched ones."""
+    s = stats(rows=99, ok=0, duplicates=11)
+    s.requests["invalid"] = 6
+    s.started_at = datetime.now(UTC) - timedelta(seconds=0.02)
+    first = Snapshot.of(s)
+    assert (first.done, first.total, first.rate, first.eta) == (6, 88, 0.0, None)
+    assert first.tail() == "0.0/s  ETA --"
+    s.requests["ok"], s.requests["expired"] = 20, 2
+    s.started_at = datetime.now(UTC) - timedelta(seconds=2)
+    later = Snapshot.of(s)
+    assert later.done == 28
+    assert 9.5 < later.rate <= 10.0  # 20 fetched in 2 s, not 28
+    assert later.eta is not None and 6.0 <= later.eta < 6.4  # 60 left at 10/s

@@ -23,6 +23,7 @@ import pytest
 
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
 from tests.conftest import run_cli
+from tests.processes import harvester_env
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -238,3 +239,38 @@ def check_recipe(namespace: dict[str, object]) -> None:
         assert lines[0] == "model,request_id"
         ids = sorted(line.split(",")[1].split("-")[0] for line in lines[1:])
         assert ids == ["fail", "missing", "pending"]  # every status the next run retries
+
+
+def test_make_run_exits_as_the_readme_says(tmp_path: Path) -> None:
+    """``make run``'s demo: the harvest exits 3 (the sample exports are meant to be not all
+    ok) and the demo itself 0, as the README says."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    said = " ".join(readme.split())
+    assert "Exit 3 is what this demo's harvest should give" in said
+    assert "`make run` then exits 0 (with the harvest's code if that is neither 0 nor 3)" in said
+    inputs = sorted(str(p) for p in (REPO / "sample_inputs").glob("*.csv"))
+    done = subprocess.run(
+        [sys.executable, "-m", "harvester.demo", "--out", str(tmp_path / "out"), *inputs],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=harvester_env(None),
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(exit code 3: 0 = all ok, 3 = some requests not ok, see README)" in done.stdout
+
+
+def test_the_readme_warns_about_fals_retention() -> None:
+    """A team calling fal itself must learn from the front page that a nightly GET is too
+    late without payload storage; nothing names a command that does not exist."""
+    said = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    for fact in (
+        "fal keeps a queue result 1 hour after it completes, 6 minutes if it is 10 KB or larger",
+        "unless payload storage is on",
+        "a nightly GET against fal finds most of a day's results gone",
+        "Submit with payload storage on",
+    ):
+        assert fact in said, fact
+    assert "harvester serve" not in said

@@ -168,3 +168,10 @@ async def test_limiter_never_exceeds_the_rate_in_any_second_despite_late_wakeups
     assert most_starts_in_window(starts, 1.0 + 0.02) <= 50
     rate = (len(starts) - 1) / (starts[-1] - starts[0])
     assert 47.5 <= rate <= 50
+
+
+def test_expected_waits_add_up_the_schedule_without_jitter_within_the_budget() -> None:
+    """What the first "cannot reach the API" line announces."""
+    assert RetryPolicy().expected_waits() == 0.5 + 1 + 2 + 4 + 8 + 16 + 30
+    assert RetryPolicy(max_attempts=1).expected_waits() == 0
+    assert RetryPolicy(budget=10).expected_waits() == 10

@@ -173,11 +173,15 @@ def test_verify_on_s3_finds_a_corrupt_object(
     store = s3_store(s3_gateway, location)
     victim = next(i.key for i in store.list("images/"))
     store.put(victim, b"not the bytes its name says")
+    framed = b"\xff\xd8\xff\xfe\x00\x10" + b"a comment, no " * 100  # a JPEG magic, no frame
+    sha = hashlib.sha256(framed).hexdigest()
+    store.put(f"images/{sha[:2]}/{sha}.jpg", framed)
 
     result = run_cli(["verify", location], env=env)
 
     assert result.exit_code == ExitCode.VERIFY, result.output
     assert f"corrupt: {victim}" in result.output
+    assert f"not an image: images/{sha[:2]}/{sha}.jpg (starts like a jpeg;" in result.output
 
 
 def test_a_second_run_on_the_prefix_is_refused(

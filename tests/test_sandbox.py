@@ -14,7 +14,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import httpx
@@ -453,11 +453,13 @@ def test_gateway_faults() -> None:
 
 
 def test_malformed_json_and_slow_faults() -> None:
-    with running_sandbox(one_fault(malformed_json=1.0)) as sb, httpx.Client(headers=AUTH) as c:
-        response = c.get(f"{sb.base_url}/a/b/requests/r")
-        assert response.status_code == 200
-        with pytest.raises(json.JSONDecodeError):
-            response.json()
+    cut = pytest.raises(httpx.RemoteProtocolError, match="without sending complete message body")
+    with (
+        running_sandbox(one_fault(malformed_json=1.0)) as sb,
+        httpx.Client(headers=AUTH) as c,
+        cut,  # the body is cut short on the wire
+    ):
+        c.get(f"{sb.base_url}/a/b/requests/r")
     with running_sandbox(one_fault(slow=1.0)) as sb, httpx.Client(headers=AUTH) as c:
         start = time.monotonic()
         assert c.get(f"{sb.base_url}/a/b/requests/r").status_code == 200
@@ -723,18 +725,54 @@ def test_sandbox_cli_turns_bad_options_into_usage_errors(args: list[str], messag
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
-def test_without_pillow_jpeg_and_webp_fall_back_to_sniffable_framing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Pillow is the optional sandbox extra: without it the sandbox still serves every
-    format (PNG still decodes; JPEG and WebP are framing around noise)."""
-    from harvester.sandbox.images import make_jpeg, make_png, make_webp
-    from harvester.views import thumbnails
+HIDE_PILLOW: Final = (
+    "import sys\n"
+    "sys.modules['PIL'] = None  # import PIL raises ImportError, as in a plain install\n"
+    "from harvester.cli import main\n"
+    "main(['sandbox', '--port', '0'])\n"
+)
 
-    monkeypatch.setitem(sys.modules, "PIL", None)
-    assert not thumbnails.available()
-    jpeg = make_jpeg(b"s", 5_000, width=64, height=48)
-    webp = make_webp(b"s", 5_000, width=64, height=48)
-    assert jpeg.startswith(b"\xff\xd8\xff") and jpeg.endswith(b"\xff\xd9")
-    assert webp[:4] == b"RIFF" and webp[8:16] == b"WEBPVP8 "
-    assert_valid_png(make_png(b"s", 5_000, width=64, height=48))
+
+def test_without_pillow_the_sandbox_serves_only_images_that_decode(client: httpx.Client) -> None:
+    """``harvester sandbox`` without Pillow (a plain install) says so once when it starts and
+    serves PNG for every image, each decoding at its declared size; a JPEG or WebP URL (another
+    sandbox's) is a 404, never a file that does not decode."""
+    from harvester.sandbox.images import missing_encoder_note
+
+    assert missing_encoder_note() is None  # Pillow is here: nothing to say
+    with subprocess.Popen(
+        [sys.executable, "-c", HIDE_PILLOW], stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stderr is not None
+            first = process.stderr.readline()
+            base_url = first.split()[3]
+            lines = [process.stderr.readline() for _ in range(2)]
+            assert lines[1].startswith("sandbox: Pillow is not installed, so every image is a PNG")
+            with httpx.Client(base_url=base_url, headers=AUTH, timeout=10) as plain:
+                formats: dict[str, int] = {}
+                for request_id in [f"img-{n}" for n in range(30)] + ["mislabel-1", "echo-1"]:
+                    for image in result(plain, request_id).json()["images"]:
+                        served = media(image["url"])
+                        assert served.status_code == 200
+                        assert served.headers["content-type"] == image["content_type"]
+                        with Image.open(io.BytesIO(served.content)) as picture:
+                            picture.load()
+                            formats[picture.format or ""] = formats.get(picture.format or "", 0) + 1
+                            if "width" in image:
+                                assert picture.size == (image["width"], image["height"])
+                assert formats.keys() == {"PNG"} and sum(formats.values()) > 30
+                elsewhere = [
+                    i["url"]
+                    for n in range(30)
+                    for i in result(client, f"img-{n}").json()["images"]
+                    if not i["url"].endswith(".png")
+                ]
+                assert elsewhere  # the sandbox with Pillow hands out JPEG and WebP URLs
+                for url in elsewhere[:3]:
+                    path = url.split("/media/", 1)[1]
+                    assert media(f"{base_url}/media/{path}").status_code == 404
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=10)
+        assert process.stderr.read().count("Pillow is not installed") == 0

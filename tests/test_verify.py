@@ -1,9 +1,11 @@
-"""``harvester verify``: missing, corrupt and orphaned files and unreadable parts -> exit 9."""
+"""``harvester verify``: missing, corrupt, orphaned and non-image files, bad parts -> exit 9."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import shutil
+import struct
 from pathlib import Path
 
 import polars as pl
@@ -103,3 +105,44 @@ def test_verify_needs_a_folder(tmp_path: Path) -> None:
     result = run_cli(["verify", str(tmp_path / "nope")])
     assert result.exit_code == ExitCode.USAGE
     assert "is not a folder" in result.output
+
+
+def test_files_that_claim_an_image_format_but_have_no_header_are_flagged(tmp_path: Path) -> None:
+    """A relay that sends JPEG framing around noise: the row is ok (the magic number says
+    JPEG) but the manifest read no width and height, and verify says it is not an image.
+    A real PNG passes; TIFF and AVIF, whose headers are not read, are never flagged."""
+    from harvester.sandbox.images import make_png
+    from tests.hostile import Answer, harvest, hostile_server, result_body, write_ids
+
+    app0 = b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    noise = bytes(range(256)) * 4
+    framed = b"\xff\xd8\xff\xe0" + struct.pack(">H", len(app0) + 2) + app0
+    framed += b"\xff\xfe" + struct.pack(">H", len(noise) + 2) + noise + b"\xff\xd9"
+    files = {
+        "jpeg": ("image/jpeg", framed),
+        "png": ("image/png", make_png(b"v", 2_000, width=20, height=10)),
+        "tiff": ("image/tiff", b"II*\x00" + noise),
+        "avif": ("image/avif", b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + noise),
+    }
+    script = {
+        name: Answer(
+            result_body(images=[{"url": f"data:{kind};base64," + base64.b64encode(data).decode()}])
+        )
+        for name, (kind, data) in files.items()
+    }
+    with hostile_server(script) as srv:
+        csv = write_ids(tmp_path / "e.csv", list(script))
+        out = tmp_path / "out"
+        run = harvest(srv, out, csv, key="k")
+    assert run.returncode == ExitCode.OK, run.stderr
+    df = pl.read_parquet(manifest_glob(out))
+    assert df["status"].to_list() == ["ok"] * 4
+    broken = df.filter(pl.col("request_id") == "jpeg").row(0, named=True)
+    assert broken["image_format"] is None and broken["image_width"] is None
+
+    result = run_cli(["verify", str(out)])
+
+    assert result.exit_code == ExitCode.VERIFY, result.output
+    assert "0 corrupt, 0 orphans, 0 unreadable parts, 1 not images" in result.output
+    assert f"  not an image: {broken['path']} (starts like a jpeg;" in result.output
+    assert result.output.count("not an image:") == 1

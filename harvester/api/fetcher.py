@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Final
 
@@ -39,12 +40,17 @@ from harvester.api.urls import result_url
 from harvester.errors import AuthError, UnreachableError
 from harvester.redact import clip, redact, secret_parts
 from harvester.statuses import ERROR, FAILED, NOT_FOUND, OK, PENDING
-from harvester.units import size
+from harvester.units import duration, plural, size
 
 log = logging.getLogger("harvester")
 
 IN_PROGRESS: Final = "request is still in progress"
 
+NOT_JSON_ANSWERS: Final = 2
+"""Complete 200 answers that are not JSON before the request is the row's ``error``: one more
+ask covers a relay's hiccup; the same bytes again would only spend every attempt's backoff. A
+body cut short on the wire (fewer bytes than announced, a dropped connection) is a transport
+error instead, retried under the policy like any other."""
 MAX_RESULT_BYTES: Final = 64_000_000
 """A result body larger than this is not read: a result is a small JSON document (one with
 four images inline as data URIs is a few MB), and a relay that streams without end must not
@@ -97,6 +103,10 @@ def _snippet(body: bytes, secrets: tuple[str, ...], limit: int = 120) -> str:
     return clip(text, limit, secrets, cut=len(body) > window)
 
 
+class _NotJson(TransientError):
+    """A complete 200 body that does not parse as JSON."""
+
+
 class ResultFetcher:
     """Fetches results from ``{base_url}/{owner}/{app}/requests/{id}``."""
 
@@ -134,8 +144,10 @@ class ResultFetcher:
         """One result, retried under the policy; a ``repoll`` of a pending request takes its
         turns at the rate limiter before new requests."""
         url = result_url(self._base_url, model, request_id)
+        not_json = 0
 
         async def attempt(n: int) -> FetchOutcome:
+            nonlocal not_json
             await self._limiter.acquire(first=repoll)
             self.sent += 1
             try:
@@ -153,29 +165,46 @@ class ResultFetcher:
                     ) from exc
                 return FetchOutcome(ERROR, None, n, reason)
             except httpx.RequestError as exc:
-                reason = request_error_reason(exc)
                 if self.answered == 0 and self.sent == 1:
-                    log.warning("cannot reach %s yet: %s; retrying", self._base_url, reason)
-                raise TransientError(reason) from exc
+                    log.warning(
+                        "cannot reach the API at %s: %s; retrying %s over about %s (at most "
+                        "%s) before the run stops",
+                        self._base_url,
+                        str(exc).strip() or type(exc).__name__,
+                        plural(self._policy.max_attempts - 1, "more time"),
+                        duration(self._policy.expected_waits()),
+                        duration(self._policy.budget),
+                    )
+                raise TransientError(request_error_reason(exc)) from exc
             except (Unfollowed, _ResultTooLarge) as exc:
                 self.answered += 1
                 self._limiter.on_success()
                 return FetchOutcome(ERROR, exc.status, n, str(exc))
             self.answered += 1
-            return self._classify(response, body, n)
+            try:
+                return self._classify(response, body, n)
+            except _NotJson as exc:
+                not_json += 1
+                if not_json >= NOT_JSON_ANSWERS:
+                    return FetchOutcome(ERROR, 200, n, f"{exc} (gave up after {n} attempts)")
+                raise
 
         def count_retry(_: TransientError) -> None:
             self.retries += 1
 
+        started = time.monotonic()
         try:
             outcome = await retrying(self._policy, attempt, rng=self._rng, on_retry=count_retry)
         except RetriesExhausted as exc:
             if self.answered == 0 and exc.last.http_status is None:
                 # Not one answer since the run began: the API is unreachable, not one request.
+                cause = exc.last.__cause__
+                what = str(cause).strip() if cause is not None else ""
                 raise UnreachableError(
-                    f"cannot reach the API at {self._base_url}: {exc}; no request got an "
-                    "answer, so none was recorded. Check --base-url, DNS and the network, "
-                    "then run again"
+                    f"cannot reach the API at {self._base_url}: {what or exc.last.reason}; "
+                    f"tried {plural(exc.attempts, 'time')} over "
+                    f"{duration(time.monotonic() - started)} and no request got an answer, so "
+                    "none was recorded. Check --base-url, DNS and the network, then run again"
                 ) from exc
             return FetchOutcome(ERROR, exc.last.http_status, exc.attempts, str(exc))
         return outcome
@@ -254,7 +283,6 @@ class ResultFetcher:
             result = parse_result(body, secrets=self._secrets)
         except ResultShapeError as exc:
             return FetchOutcome(ERROR, 200, attempt, f"result has the wrong shape: {exc}")
-        except ValueError as exc:
-            # Usually a body cut short on the wire: worth another attempt.
-            raise TransientError(str(exc), http_status=200) from exc
+        except ValueError as exc:  # the whole body arrived: see NOT_JSON_ANSWERS
+            raise _NotJson(str(exc), http_status=200) from exc
         return FetchOutcome(OK, 200, attempt, result.note, result)

@@ -69,8 +69,15 @@ class RetryPolicy:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         if retry_after is not None:
             return min(max(retry_after, 0.0), MAX_RETRY_AFTER)
-        raw = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        return float(raw * rng.uniform(1 - self.jitter, 1 + self.jitter))
+        return float(self._unjittered(attempt) * rng.uniform(1 - self.jitter, 1 + self.jitter))
+
+    def expected_waits(self) -> float:
+        """Seconds the waits between all of a request's attempts add up to, each without its
+        jitter (the middle of what they take), at most the budget."""
+        return min(self.budget, sum(self._unjittered(n) for n in range(1, self.max_attempts)))
+
+    def _unjittered(self, attempt: int) -> float:
+        return min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

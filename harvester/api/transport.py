@@ -173,6 +173,17 @@ class _PublicOnlyResolver(aiohttp.abc.AbstractResolver):
         await self._inner.close()
 
 
+def _cannot_connect(exc: aiohttp.ClientConnectorError) -> str:
+    """``cannot connect to HOST:PORT: REASON`` in plain words (aiohttp's own message names its
+    TLS setting, ``ssl:default``, even for http)."""
+    cause = exc.os_error
+    if cause.errno and cause.errno > 0 and not isinstance(cause, socket.gaierror):
+        reason = os.strerror(cause.errno)  # asyncio's text is "Connect call failed (...)"
+    else:
+        reason = cause.strerror or str(cause) or type(cause).__name__
+    return f"cannot connect to {exc.host}:{exc.port}: {reason[:1].lower()}{reason[1:]}"
+
+
 @contextmanager
 def _translated(request: httpx.Request) -> Iterator[None]:
     """Raise aiohttp's (and the socket's) errors as the httpx ``TransportError`` each means."""
@@ -181,7 +192,7 @@ def _translated(request: httpx.Request) -> Iterator[None]:
     except aiohttp.ClientConnectorDNSError as exc:
         if isinstance(exc.os_error, _NonPublic):
             raise NonPublicAddressError(str(exc.os_error), request=request) from exc
-        raise httpx.ConnectError(str(exc), request=request) from exc
+        raise httpx.ConnectError(_cannot_connect(exc), request=request) from exc
     except aiohttp.ClientConnectorCertificateError as exc:
         raise CertificateError(
             f"TLS certificate of {exc.host}:{exc.port} did not verify ({exc.certificate_error}); "
@@ -197,7 +208,7 @@ def _translated(request: httpx.Request) -> Iterator[None]:
     except (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError) as exc:
         raise httpx.ProxyError(str(exc), request=request) from exc
     except aiohttp.ClientConnectorError as exc:
-        raise httpx.ConnectError(str(exc), request=request) from exc
+        raise httpx.ConnectError(_cannot_connect(exc), request=request) from exc
     except aiohttp.ClientPayloadError as exc:
         # A body cut short: fewer bytes than Content-Length, or a broken chunked encoding.
         raise httpx.ReadError(str(exc), request=request) from exc

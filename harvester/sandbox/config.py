@@ -92,7 +92,9 @@ class FaultRates:
     expired_image: float = 0.0
     """Per id: the result is fine but its image URLs answer 404."""
     malformed_json: float = 0.0
-    """200 with a truncated JSON body."""
+    """200 with a JSON body cut short on the wire: its whole Content-Length announced, half of
+    it sent, then close (transient; a complete body that is not JSON is the ``badjson-``
+    prefix)."""
     permanent_not_found: float = 0.0
     """Per id: 404 ``{"status": "NOT_FOUND"}``."""
     permanent_failure: float = 0.0

@@ -4,8 +4,10 @@ Every file is a real picture at the width and height asked for, in its real form
 gallery shows pictures and a decoder opens every file. The picture is drawn once as an 8-bit
 palette raster (a diagonal gradient between two colours, then discs and bars), which costs a
 slice assignment per row and shape. PNG is written with zlib alone. JPEG and WebP are encoded
-with Pillow (the ``sandbox`` extra, part of ``dev``); without it they fall back to files with
-the right framing but noise for a payload, which a client that sniffs magic numbers still takes.
+with Pillow (the ``sandbox`` extra, part of ``dev``); without it ``served_format`` turns them
+into PNG, and ``make_jpeg`` / ``make_webp`` raise ``EncoderMissing`` rather than hand out a
+file that does not decode. (An uncompressed GIF needs no library either, but is 30 times the
+byte size asked for, and LZW in Python takes 0.2 s a picture.)
 
 Files are padded to about the byte size asked for with noise in a place every decoder skips
 (a private PNG chunk, JPEG comment segments, an unknown WebP chunk), so the sandbox's byte
@@ -14,6 +16,7 @@ sizes, the bench's figures and the size tests do not depend on how well a pictur
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -25,6 +28,40 @@ from typing import Final
 PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC: Final = b"\xff\xd8\xff"
 WEBP_MAGIC: Final = b"RIFF"
+
+
+class EncoderMissing(ValueError):
+    """A JPEG or WebP was asked for and Pillow, which encodes them, is not installed."""
+
+
+@functools.cache
+def pillow_available() -> bool:
+    """True if Pillow can be imported (asked once per process)."""
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_WITHOUT_PILLOW: Final = {"jpeg": "png", "webp": "png"}
+
+
+def served_format(fmt: str) -> str:
+    """The format the sandbox serves where its world picks ``fmt``: ``fmt`` itself, or PNG in
+    place of JPEG and WebP while Pillow is not installed."""
+    return fmt if pillow_available() else _WITHOUT_PILLOW.get(fmt, fmt)
+
+
+def missing_encoder_note() -> str | None:
+    """The line to print once when the sandbox starts without Pillow, else None."""
+    if pillow_available():
+        return None
+    return (
+        "sandbox: Pillow is not installed, so every image is a PNG (JPEG and WebP "
+        "need Pillow, the sandbox extra: pip install pillow)"
+    )
+
 
 _GRADIENT: Final = 200
 """Palette entries 0..199 are the background's gradient; 200.. are the shapes' colours."""
@@ -91,11 +128,11 @@ def make_png(seed: bytes, size: int, *, width: int = 512, height: int = 512) -> 
     return body + _png_chunk(b"IEND", b"")
 
 
-def _pillow_encode(seed: bytes, fmt: str, width: int, height: int) -> bytes | None:
+def _pillow_encode(seed: bytes, fmt: str, width: int, height: int) -> bytes:
     try:
         from PIL import Image
-    except ImportError:
-        return None
+    except ImportError as exc:
+        raise EncoderMissing(f"{fmt} needs Pillow (the sandbox extra)") from exc
     palette, raster = _picture(seed, width, height)
     image = Image.frombytes("P", (width, height), raster)
     image.putpalette(palette)
@@ -136,43 +173,15 @@ def _pad_webp(data: bytes, seed: bytes, size: int, width: int, height: int) -> b
 
 
 def make_jpeg(seed: bytes, size: int, *, width: int = 512, height: int = 512) -> bytes:
-    """A JPEG of ``width`` x ``height`` (framing and noise without Pillow), about ``size``."""
-    data = _pillow_encode(seed, "jpeg", width, height)
-    if data is None:
-        return _framed_jpeg(seed, size)
-    return _pad_jpeg(data, seed, size)
+    """A JPEG of ``width`` x ``height``, about ``size`` bytes; ``EncoderMissing`` without
+    Pillow."""
+    return _pad_jpeg(_pillow_encode(seed, "jpeg", width, height), seed, size)
 
 
 def make_webp(seed: bytes, size: int, *, width: int = 512, height: int = 512) -> bytes:
-    """A lossy WebP of ``width`` x ``height`` (a noise frame without Pillow), about ``size``."""
-    data = _pillow_encode(seed, "webp", width, height)
-    if data is None:
-        return _framed_webp(seed, size, width=width, height=height)
-    return _pad_webp(data, seed, size, width, height)
-
-
-def _framed_jpeg(seed: bytes, size: int) -> bytes:
-    """JFIF framing (SOI, APP0, comment segments of noise, EOI): sniffable, not decodable."""
-    app0 = b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
-    parts = [b"\xff\xd8", b"\xff\xe0" + struct.pack(">H", len(app0) + 2) + app0]
-    noise = _noise(seed, max(0, size - 24))
-    for start in range(0, len(noise), 65_000):  # a segment holds at most 65533 bytes
-        piece = noise[start : start + 65_000]
-        parts.append(b"\xff\xfe" + struct.pack(">H", len(piece) + 2) + piece)
-    parts.append(b"\xff\xd9")
-    return b"".join(parts)
-
-
-def _framed_webp(seed: bytes, size: int, *, width: int, height: int) -> bytes:
-    """RIFF/WEBP with one ``VP8 `` chunk whose frame payload is noise: sniffable only."""
-    frame_tag = b"\x10\x02\x00"  # key frame, version 0, shown; partition size is not checked
-    header = frame_tag + b"\x9d\x01\x2a" + struct.pack("<HH", width, height)
-    payload = header + _noise(seed, max(0, size - 30))
-    chunk = b"VP8 " + struct.pack("<I", len(payload)) + payload
-    if len(payload) % 2:
-        chunk += b"\x00"  # RIFF chunks are padded to an even length
-    body = b"WEBP" + chunk
-    return WEBP_MAGIC + struct.pack("<I", len(body)) + body
+    """A lossy WebP of ``width`` x ``height``, about ``size`` bytes; ``EncoderMissing``
+    without Pillow."""
+    return _pad_webp(_pillow_encode(seed, "webp", width, height), seed, size, width, height)
 
 
 MAKERS: Final[dict[str, Callable[..., bytes]]] = {  # (seed, size, *, width, height)

@@ -85,6 +85,14 @@ class _Reset(Exception):
     """Raised inside the request handler to drop the connection with a TCP reset."""
 
 
+class _CutShort(Exception):
+    """Send ``reply``'s head with its whole length, then half its body, then close."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__("cut short")
+        self.reply = reply
+
+
 class Sandbox:
     """Handle of a running sandbox."""
 
@@ -254,6 +262,11 @@ class _Server:
             reply, truncate = await self._route(request)
         except _Reset:
             raise
+        except _CutShort as cut:
+            reply = cut.reply
+            head = response_head(reply.status, reply.headers, len(reply.body), keep_alive=False)
+            await stream.send(head + reply.body[: len(reply.body) // 2])
+            return False
         except Exception:
             logger.exception("sandbox bug while answering %s", request.path)
             self.counters.add("internal_errors")
@@ -324,7 +337,11 @@ class _Server:
     async def _result(self, request: Request, app: str, request_id: str) -> Reply:
         arrived = time.monotonic()
         self.counters.result_starts.append(arrived)
-        reply = await self._answer_result(request, app, request_id, arrived)
+        try:
+            reply = await self._answer_result(request, app, request_id, arrived)
+        except _CutShort:
+            self.counters.accepted_starts.append(arrived)
+            raise
         if reply.status != 429:
             self.counters.accepted_starts.append(arrived)
         return reply
@@ -399,7 +416,7 @@ class _Server:
         if fault == "reset":
             raise _Reset
         if fault == "malformed_json":
-            return json_reply(200, world.TRUNCATED_JSON_BODY)
+            raise _CutShort(json_reply(200, world.CUT_RESULT_BODY))
         if fault == "server_error":
             return json_reply(503, UNAVAILABLE_BODY)
         if fault == "gateway_html":

@@ -22,7 +22,14 @@ from enum import StrEnum
 from typing import Any, Final, NamedTuple
 
 from harvester.sandbox.config import PER_ID_FAULTS, SandboxConfig
-from harvester.sandbox.images import CONTENT_TYPES, EXTENSIONS, MAKERS, make_png
+from harvester.sandbox.images import (
+    CONTENT_TYPES,
+    EXTENSIONS,
+    MAKERS,
+    EncoderMissing,
+    make_png,
+    served_format,
+)
 
 
 class Reply(NamedTuple):
@@ -122,6 +129,8 @@ VALIDATION_ERROR_BODY: Final = json.dumps(
     }
 ).encode()
 TRUNCATED_JSON_BODY: Final = b'{"images": ['
+CUT_RESULT_BODY: Final = b'{"images": [], "seed": 1, "prompt": "half of me is on the wire"}'
+"""The ``malformed_json`` fault announces this body's length and sends half of it."""
 
 PROMPTS: Final = (
     "a red fox in fresh snow, morning light",
@@ -326,6 +335,7 @@ def _result_body(
             real, label = "jpeg", "png"
         elif kind is Behaviour.BIG:
             real, label, size = "png", "png", BIG_IMAGE_BYTES
+        real, label = served_format(real), served_format(label)
         uid = _digest(config.seed, "uid", request_id, index)
         token = _token(uid, cid, real, label, dims, size, _MODES.get(kind, ""))
         width, height = dims
@@ -399,7 +409,8 @@ def image_for(token: str) -> tuple[bytes, str]:
     """The bytes and the (labelled) Content-Type of the image behind ``token``.
 
     The bytes depend on the content id, real format and size only, so two URLs may share
-    them (``dup-`` ids). Raises ``ValueError`` for a token this world never hands out.
+    them (``dup-`` ids). Raises ``ValueError`` for a token this world never hands out (a JPEG
+    or WebP one without Pillow among them: ``EncoderMissing``).
     """
     parsed = Token.parse(token)
     data = _render(parsed.real, parsed.cid, parsed.size, parsed.width, parsed.height)
@@ -447,6 +458,9 @@ def media_for(token: str, ext: str, base_url: str) -> Reply:
         if int(parsed.uid, 16) % 2:  # half the redirects are relative, half absolute
             url = url.removeprefix(base_url)
         return Reply(302, (("Location", url),), b"")
-    data, content_type = image_for(token)
+    try:
+        data, content_type = image_for(token)
+    except EncoderMissing:  # another sandbox's token: never a file that does not decode
+        return json_reply(404, b'{"detail": "Not Found"}')
     headers = (("Content-Type", content_type), ("Cache-Control", "public, max-age=604800"))
     return Reply(200, headers, data)

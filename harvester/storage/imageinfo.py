@@ -28,6 +28,20 @@ class ImageInfo:
     height: int
 
 
+def claimed_format(head: bytes) -> str | None:
+    """The format ``head``'s magic number claims, among those whose header ``read_info``
+    must be able to read in a real file (``png``, ``jpeg``, ``webp``, ``gif``), else None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return None
+
+
 def read_info(head: bytes) -> ImageInfo | None:
     """The format and size the header at the start of ``head`` states, or None."""
     try:

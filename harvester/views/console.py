@@ -1,6 +1,7 @@
 """How a run shows itself: on a terminal, in cron mail, and to a log aggregator.
 
-    terminal (text)  a live progress bar on stderr, warnings above it, the summary on stdout
+    terminal (text)  a start line, then a live progress bar on stderr with warnings printed
+                     above it, the summary on stdout
     not a terminal   a start line, a progress line every few minutes, the summary: cron mail
                      stays a handful of lines; a flood of one warning is cut after 20
     --log-format json  every line on stderr is one JSON object with ts, level, run_id,
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Final, TextIO
 from harvester.defaults import LOG_FORMATS
 from harvester.errors import HarvesterError
 from harvester.redact import printable, redact, secret_parts
+from harvester.statuses import EXPIRED, INVALID
 from harvester.terminal import log_line, wrap
 from harvester.units import duration, plural, size
 
@@ -52,6 +54,7 @@ class Snapshot:
     images: int
     bytes: int
     rate: float
+    """Requests fetched per second (rows recorded without a request are not counted)."""
     eta: float | None
     throttled: int = 0
     retries: int = 0
@@ -63,7 +66,9 @@ class Snapshot:
     @classmethod
     def of(cls, stats: RunStats) -> Snapshot:
         total = max(stats.rows_in_input - stats.skipped_done - stats.duplicates, stats.done)
-        rate = stats.done / stats.elapsed
+        # Rows recorded without a request (invalid, expired) are done at once: not a rate.
+        fetched = stats.done - stats.requests[INVALID] - stats.requests[EXPIRED]
+        rate = fetched / stats.elapsed
         remaining = total - stats.done
         eta = remaining / rate if rate > 0 else None
         return cls(

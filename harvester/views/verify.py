@@ -1,9 +1,11 @@
 """``harvester verify``: re-hash every stored image against the manifest.
 
 Finds manifest rows whose file is missing, files whose bytes no longer match their name or
-the manifest's sha256 (corrupt), files under ``images/`` that no manifest row points at
-(orphans), and manifest parts that cannot be read. It holds the output folder's lock while it
-checks, so a harvest in progress cannot make its unfinished work look like orphans.
+the manifest's sha256 (corrupt), files whose magic number says PNG, JPEG, WebP or GIF but whose
+header gives no width and height (not images: framing around other bytes), files under
+``images/`` that no manifest row points at (orphans), and manifest parts that cannot be read.
+It holds the output folder's lock while it checks, so a harvest in progress cannot make its
+unfinished work look like orphans.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harvester.errors import OutputError
+from harvester.storage.imageinfo import HEADER_BYTES, claimed_format, read_info
 from harvester.storage.layout import Layout
 from harvester.storage.lock import exclusive
 from harvester.storage.objects import Location, Store, open_store
@@ -35,6 +38,8 @@ class VerifyReport:
     parts_checked: int = 0
     missing: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
+    not_images: list[str] = field(default_factory=list)
+    """Files whose magic number claims PNG, JPEG, WebP or GIF and whose header cannot be read."""
     orphans: list[str] = field(default_factory=list)
     unreadable_parts: list[str] = field(default_factory=list)
     unjudged: int = 0
@@ -42,18 +47,22 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.corrupt or self.orphans or self.unreadable_parts)
+        return not (
+            self.missing or self.corrupt or self.not_images or self.orphans or self.unreadable_parts
+        )
 
     def summary(self, limit: int = 10) -> str:
         lines = [
             f"checked {self.files_checked:,} image files ({self.bytes_checked:,} bytes) and "
             f"{self.parts_checked:,} manifest parts: {len(self.missing)} missing, "
             f"{len(self.corrupt)} corrupt, {len(self.orphans)} orphans, "
-            f"{len(self.unreadable_parts)} unreadable parts"
+            f"{len(self.unreadable_parts)} unreadable parts, "
+            f"{len(self.not_images)} not images"
         ]
         for label, items in (
             ("missing", self.missing),
             ("corrupt", self.corrupt),
+            ("not an image", self.not_images),
             ("orphan", self.orphans),
             ("unreadable part", self.unreadable_parts),
         ):
@@ -72,6 +81,12 @@ class VerifyReport:
                 "fresh folder (a CSV of model,request_id) to fetch them again while the API "
                 "still has them"
             )
+        if self.not_images:
+            lines.append(
+                "  not images: the magic number names an image format, but no width and "
+                "height can be read after it (the server sent framing around other bytes); "
+                "their manifest rows name the requests"
+            )
         if self.orphans:
             lines.append(
                 "  orphans are usually left by a run killed before it wrote its rows: "
@@ -80,9 +95,21 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path) -> tuple[str, bytes]:
+    """The file's sha256 and its first ``HEADER_BYTES``."""
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        head = fh.read(HEADER_BYTES)
+        digest = hashlib.sha256(head)
+        for chunk in iter(partial(fh.read, 1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest(), head
+
+
+def _judge_header(rel: str, head: bytes, report: VerifyReport) -> None:
+    """A file whose magic number claims a format ``read_info`` reads, yet it reads nothing."""
+    claimed = claimed_format(head)
+    if claimed is not None and read_info(head) is None:
+        report.not_images.append(f"{rel} (starts like a {claimed}; its header has no size)")
 
 
 def _referenced(
@@ -120,12 +147,14 @@ def _check(path: Path, rel: str, expected: str, report: VerifyReport) -> None:
     report.files_checked += 1
     try:
         report.bytes_checked += path.stat().st_size
-        actual = _sha256(path)
+        actual, head = _sha256(path)
     except OSError as exc:
         report.corrupt.append(f"{rel} (cannot be read: {exc.strerror or exc})")
         return
     if actual != expected or not path.name.startswith(actual):
         report.corrupt.append(rel)
+    else:
+        _judge_header(rel, head, report)
 
 
 def _remote_parts(store: Store, report: VerifyReport) -> dict[str, set[str]]:
@@ -142,16 +171,21 @@ def _remote_check(store: Store, key: str, expected: str, report: VerifyReport) -
     """``_check`` for an object: hashed as it streams in (memory stays bounded)."""
     report.files_checked += 1
     digest = hashlib.sha256()
+    head = b""
     try:
         for chunk in store.iter_bytes(key):
             digest.update(chunk)
             report.bytes_checked += len(chunk)
+            if len(head) < HEADER_BYTES:
+                head += chunk[: HEADER_BYTES - len(head)]
     except OutputError as exc:
         report.corrupt.append(f"{key} (cannot be read: {exc})")
         return
     actual = digest.hexdigest()
     if actual != expected or not key.rsplit("/", 1)[-1].startswith(actual):
         report.corrupt.append(key)
+    else:
+        _judge_header(key, head, report)
 
 
 def verify_remote(location: str) -> VerifyReport:
