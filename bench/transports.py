@@ -31,6 +31,7 @@ import run
 from harvester.api import transport
 from harvester.api.transport import KEEPALIVE_SECONDS, USER_AGENT, open_client
 from harvester.run import pipeline, shard
+from harvester.storage.objects import open_store
 
 
 def httpx_aiohttp_client(
@@ -90,7 +91,7 @@ def main() -> None:
                 target = run.fresh(folder / f"{name}-{i + 1}")
                 config = pipeline.HarvestConfig(
                     inputs=(w.csv,),
-                    out_dir=target,
+                    out=open_store(target),
                     api_key="bench-key",
                     base_url=server.base_url,
                     rps=100_000.0,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 from harvester import options
 from harvester.errors import ConfigError, InputError
 from harvester.options import Option
-from harvester.storage.objects import is_remote, scratch_dir
+from harvester.storage.objects import as_location, open_store
 
 if TYPE_CHECKING:  # the run layer is loaded only by the commands that run a harvest
     from harvester.run.config import HarvestConfig
@@ -71,12 +71,11 @@ class Job:
         matches nothing)."""
         from harvester.run.config import HarvestConfig
 
-        out = self.out
-        where = (
-            {"out_dir": scratch_dir(out), "out_url": out} if is_remote(out) else {"out_dir": out}
-        )
         return HarvestConfig.from_options(
-            self._values, inputs=expand_inputs(self.inputs), api_key=api_key, **where
+            self._values,
+            inputs=expand_inputs(self.inputs),
+            api_key=api_key,
+            out=open_store(self.out),
         )
 
 
@@ -181,9 +180,9 @@ def _check(where: str, option: Option, value: object, base: Path) -> object:
     refusal = option.refusal(value)
     if refusal:  # never with the value: someone may have pasted the key itself
         raise ConfigError(f"{where}: {key!r} {refusal}")
-    if option.kind == "text" or is_remote(value):
+    if option.kind == "text":
         return value
-    return Path(_resolve(base, value))
+    return as_location(value, base=base)
 
 
 def _describe(value: object) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from click.testing import CliRunner, Result
 
 from harvester.cli import main
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
+from harvester.storage.objects import LocalStore, S3Store, Store
 from tests import s3gateway
 from tests.raycluster import RayCluster, ray_cluster
 
@@ -69,6 +71,38 @@ def s3_bucket(s3_gateway: s3gateway.Gateway) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
     s3_gateway.create_bucket(name)
     return name
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """A harvest's output location, and the environment a harvester needs to reach it."""
+
+    store: Store
+    env: dict[str, str]
+
+    @property
+    def location(self) -> str:
+        return self.store.location
+
+
+@pytest.fixture(params=["folder", pytest.param("s3", marks=pytest.mark.s3)])
+def output(request: pytest.FixtureRequest, tmp_path: Path) -> Output:
+    """A folder, and then a prefix in a fresh bucket on Ceph's gateway: a storage behaviour
+    that matters for both is tested on both."""
+    if request.param == "folder":
+        local = LocalStore(tmp_path / "out")
+        local.prepare()
+        return Output(local, {})
+    gw: s3gateway.Gateway = request.getfixturevalue("s3_gateway")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    remote = S3Store(f"s3://{bucket}/nightly", env=gw.env(), scratch=tmp_path / "scratch")
+    remote.prepare()
+    return Output(remote, gw.env())
+
+
+@pytest.fixture
+def store(output: Output) -> Store:
+    return output.store
 
 
 def write_csv(

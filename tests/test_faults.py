@@ -19,6 +19,7 @@ from harvester.errors import ExitCode
 from harvester.run.pipeline import HarvestConfig, harvest
 from harvester.sandbox import FaultRates, SandboxConfig, expected_status
 from harvester.storage.manifest import latest
+from harvester.storage.objects import open_store
 from harvester.views.verify import verify
 from tests.conftest import KEY, write_csv
 from tests.processes import sandbox_process
@@ -44,7 +45,7 @@ def test_two_thousand_requests_under_twenty_percent_faults(tmp_path: Path) -> No
         stats = harvest(
             HarvestConfig(
                 inputs=(csv,),
-                out_dir=out,
+                out=open_store(out),
                 api_key=KEY,
                 base_url=sandbox.base_url,
                 rps=1000,

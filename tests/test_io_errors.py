@@ -26,6 +26,7 @@ from harvester.errors import ExitCode, OutputError
 from harvester.sandbox import Sandbox
 from harvester.storage.layout import Layout
 from harvester.storage.manifest import ManifestRow, ManifestWriter
+from harvester.storage.objects import LocalStore
 from harvester.views.verify import verify
 from tests.conftest import harvest_args, run_cli, write_csv
 from tests.processes import harvest_command, harvester_env, run_harvest, run_records
@@ -113,7 +114,7 @@ def test_no_space_while_writing_a_part_leaves_no_part_and_loses_no_row(
 ) -> None:
     layout = Layout(tmp_path / "out")
     layout.prepare()
-    writer = ManifestWriter(layout, "r1", rows_per_part=1_000)
+    writer = ManifestWriter(LocalStore(layout.root), "r1", rows_per_part=1_000)
     writer.add([_row(n) for n in range(10)])
     real_write_table = pq.write_table
 

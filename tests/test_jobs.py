@@ -14,6 +14,7 @@ from harvester.errors import ConfigError, ExitCode
 from harvester.jobs import KEYS, Job, load_job
 from harvester.run.config import HarvestConfig
 from harvester.sandbox import Sandbox
+from harvester.storage.objects import open_store
 from tests.conftest import KEY, run_cli, write_csv
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,7 +142,7 @@ def test_a_pasted_key_is_refused_and_never_echoed(tmp_path: Path) -> None:
 def test_job_defaults_match_the_library_defaults() -> None:
     """Job (the CLI's and job files' defaults) and HarvestConfig must not drift apart."""
     job = Job(inputs=(), out=Path())
-    library = HarvestConfig(inputs=(), out_dir=Path(), api_key="k")
+    library = HarvestConfig(inputs=(), out=open_store(Path()), api_key="k")
     for name in ("base_url", "auth_scheme", "concurrency", "image_concurrency", "rps"):
         assert getattr(job, name) == getattr(library, name), name
     for name in ("give_up_after", "retry_expired"):

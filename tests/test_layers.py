@@ -14,6 +14,7 @@ import pytest
 from harvester.errors import ExitCode
 from harvester.storage import runs
 from harvester.storage.layout import Layout
+from harvester.storage.objects import LocalStore
 from harvester.storage.runs import RunRecord
 from tests.processes import harvester_env
 
@@ -80,7 +81,7 @@ def test_status_imports_neither_http_nor_the_run_layer(tmp_path: Path) -> None:
         exit_code=0,
         requests={"ok": 3},
     )
-    runs.write(Layout(tmp_path), record)
+    runs.write(LocalStore(tmp_path), record)
 
     result, modules = imported_by("status", str(tmp_path))
 
@@ -114,7 +115,7 @@ def test_a_run_record_reads_back_as_written(tmp_path: Path) -> None:
         inputs=(runs.InputRecord(path="a.csv", sha256="ab" * 32, bytes=10, rows=4),),
     )
     layout = Layout(tmp_path)
-    runs.write(layout, record)
+    runs.write(LocalStore(layout.root), record)
     [back], unreadable = runs.read_all(tmp_path)
     assert unreadable == []
     assert back == record

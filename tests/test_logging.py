@@ -17,6 +17,7 @@ from harvester.cli import main
 from harvester.errors import ExitCode, UsageError
 from harvester.run.pipeline import RunStats
 from harvester.sandbox import Sandbox
+from harvester.storage.objects import open_store
 from harvester.units import size
 from harvester.views.console import Console, Snapshot, duration
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
@@ -229,7 +230,7 @@ def test_a_run_reports_requests_waiting_on_pending_results(
     stats = harvest(
         HarvestConfig(
             inputs=(csv,),
-            out_dir=tmp_path / "out",
+            out=open_store(tmp_path / "out"),
             api_key=KEY,
             base_url=sandbox.base_url,
             pending_wait=4,

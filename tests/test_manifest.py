@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -13,6 +14,7 @@ from harvester.errors import ManifestError
 from harvester.storage import manifest
 from harvester.storage.layout import Layout
 from harvester.storage.manifest import SCHEMA, ManifestRow, ManifestWriter
+from harvester.storage.objects import LocalStore, Store
 
 NOW = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)
 
@@ -31,23 +33,21 @@ def row(run_id: str, request_id: str, status: str = "ok", **kw: object) -> Manif
     )  # type: ignore[arg-type]
 
 
-def test_writer_flushes_parts_by_rows_and_keeps_schema(tmp_path: Path) -> None:
-    layout = Layout(tmp_path)
-    layout.prepare()
-    writer = ManifestWriter(layout, "r1", rows_per_part=3, seconds_per_part=3600)
+def test_writer_flushes_parts_by_rows_and_keeps_schema(store: Store) -> None:
+    writer = ManifestWriter(store, "r1", rows_per_part=3, seconds_per_part=3600)
     for i in range(7):
         writer.add([row("r1", f"id-{i}", seed=2**62 + i)])
     assert writer.parts_written == 2  # a part each time the buffer reached 3 rows
     writer.flush()
     writer.flush()  # nothing buffered: no empty part
-    parts = sorted((tmp_path / "manifest" / "r1").glob("*.parquet"))
-    assert [p.name for p in parts] == [f"part-{n:05d}.parquet" for n in range(3)]
+    parts = [info.key for info in store.list("manifest/r1/")]
+    assert parts == [f"manifest/r1/part-{n:05d}.parquet" for n in range(3)]
     for part in parts:
-        assert pq.read_schema(part).equals(SCHEMA)
-    df = pl.read_parquet(manifest.manifest_glob(tmp_path))
+        assert pq.read_schema(pa.BufferReader(store.get(part))).equals(SCHEMA)
+    df = manifest.scan(store).collect()
     assert df.height == 7
     assert df["seed"].max() == 2**62 + 6
-    assert list(layout.tmp.iterdir()) == []
+    assert list(store.temp_dir.iterdir()) == []
 
 
 def test_writer_flushes_parts_by_bytes_too(tmp_path: Path) -> None:
@@ -55,7 +55,11 @@ def test_writer_flushes_parts_by_bytes_too(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     layout.prepare()
     writer = ManifestWriter(
-        layout, "r1", rows_per_part=1000, seconds_per_part=3600, bytes_per_part=100_000
+        LocalStore(layout.root),
+        "r1",
+        rows_per_part=1000,
+        seconds_per_part=3600,
+        bytes_per_part=100_000,
     )
     for i in range(6):
         writer.add([row("r1", f"id-{i}", prompt="p" * 40_000)])
@@ -64,49 +68,46 @@ def test_writer_flushes_parts_by_bytes_too(tmp_path: Path) -> None:
     assert pl.read_parquet(manifest.manifest_glob(tmp_path)).height == 6
 
 
-def test_ok_pairs_and_latest_state(tmp_path: Path) -> None:
-    layout = Layout(tmp_path)
-    layout.prepare()
-    first = ManifestWriter(layout, "20261101T000000Z-aaaaaa")
+def test_ok_pairs_and_latest_state(store: Store) -> None:
+    first = ManifestWriter(store, "20261101T000000Z-aaaaaa")
     first.add(
         [row("20261101T000000Z-aaaaaa", "a", "pending"), row("20261101T000000Z-aaaaaa", "b", "ok")]
     )
     first.flush()
-    second = ManifestWriter(layout, "20261102T000000Z-bbbbbb")
+    second = ManifestWriter(store, "20261102T000000Z-bbbbbb")
     second.add([row("20261102T000000Z-bbbbbb", "a", "ok")])
     second.flush()
-    assert sorted(r for _, r in manifest.ok_pairs(tmp_path)) == ["a", "b"]
-    latest = manifest.latest(tmp_path).collect()
+    assert sorted(r for _, r in manifest.ok_pairs(store)) == ["a", "b"]
+    latest = manifest.latest(store).collect()
     assert dict(latest.select("request_id", "request_status").iter_rows()) == {"a": "ok", "b": "ok"}
 
 
-def test_ok_pairs_of_an_empty_folder(tmp_path: Path) -> None:
-    assert list(manifest.ok_pairs(tmp_path)) == []
+def test_ok_pairs_of_an_empty_location(store: Store) -> None:
+    assert list(manifest.ok_pairs(store)) == []
+    assert not manifest.has_manifest(store)
 
 
 def test_row_fields_match_schema() -> None:
     assert [f.name for f in SCHEMA] == list(ManifestRow.__dataclass_fields__)
 
 
-def test_an_unreadable_part_is_named_with_what_to_do(tmp_path: Path) -> None:
-    layout = Layout(tmp_path)
-    layout.prepare()
-    writer = ManifestWriter(layout, "r1")
+def test_an_unreadable_part_is_named_with_what_to_do(store: Store) -> None:
+    writer = ManifestWriter(store, "r1")
     writer.add([row("r1", "a")])
     writer.flush()
-    junk = tmp_path / "manifest" / "r2" / "part-00000.parquet"
-    junk.parent.mkdir()
-    junk.write_bytes(b"junk!")
-    assert manifest.unreadable_parts(tmp_path) == [junk]
-    with pytest.raises(ManifestError, match=r"r2/part-00000.parquet.*move the unreadable part"):
-        list(manifest.ok_pairs(tmp_path))
+    store.put("manifest/r2/part-00000.parquet", b"junk!")
+    assert manifest.unreadable_parts(store) == ["manifest/r2/part-00000.parquet"]
+    with pytest.raises(ManifestError, match=r"r2/part-00000\.parquet.*move the unreadable part"):
+        list(manifest.ok_pairs(store))
 
 
 @pytest.mark.anyio
 async def test_writer_flushes_in_a_thread_when_due_and_only_then(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "out")
     layout.prepare()
-    writer = ManifestWriter(layout, "r1", rows_per_part=2, seconds_per_part=3600, autoflush=False)
+    writer = ManifestWriter(
+        LocalStore(layout.root), "r1", rows_per_part=2, seconds_per_part=3600, autoflush=False
+    )
     writer.add([row("r1", "id-0")])
     assert not writer.due
     writer.add([row("r1", "id-1"), row("r1", "id-2")])  # no autoflush: the caller decides

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,7 +19,6 @@ from harvester.storage.rows import ManifestRow
 from tests.s3gateway import Gateway
 
 PREFIX = "nightly/2026"
-BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.s3)]
 
 
 class Clock:
@@ -33,21 +32,7 @@ class Clock:
 
 
 def make_s3(gw: Gateway, bucket: str, tmp: Path, clock: Callable[[], float]) -> S3Store:
-    spill = tmp / "spill"
-    spill.mkdir(exist_ok=True)
-    return S3Store(f"s3://{bucket}/{PREFIX}", env=gw.env(), temp_dir=spill, clock=clock)
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "local":
-        local = LocalStore(tmp_path / "out")
-        local.layout.prepare()
-        yield local
-    else:
-        gw: Gateway = request.getfixturevalue("s3_gateway")
-        bucket: str = request.getfixturevalue("s3_bucket")
-        yield make_s3(gw, bucket, tmp_path, Clock())
+    return S3Store(f"s3://{bucket}/{PREFIX}", env=gw.env(), scratch=tmp / "scratch", clock=clock)
 
 
 def spill(store: Store, data: bytes, name: str = "spill.part") -> Path:
@@ -119,9 +104,9 @@ def test_list_under_a_prefix_and_delete(store: Store) -> None:
     store.delete("runs/r1.json")
     store.delete("runs/r1.json")  # gone already: fine
     assert list(store.list("runs/")) == []
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OutputError, match=r"runs/r1\.json"):
         store.get("runs/r1.json")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OutputError, match=r"runs/r1\.json"):
         list(store.iter_bytes("runs/r1.json"))
 
 
@@ -141,23 +126,16 @@ def manifest_row(run_id: str, request_id: str) -> ManifestRow:
     )
 
 
-def test_a_manifest_part_reads_back_with_polars(
-    store: Store, request: pytest.FixtureRequest
-) -> None:
+def test_a_manifest_part_reads_back_with_polars(store: Store) -> None:
     part = store.temp_dir / "part.parquet"
     table = rows_to_table([manifest_row("r1", f"req-{i}") for i in range(50)])
     pq.write_table(table, part, compression="zstd")
     store.put("manifest/r1/part-00000.parquet", part)
-    if isinstance(store, S3Store):
-        gw: Gateway = request.getfixturevalue("s3_gateway")
-        source = f"{store.location}/manifest/**/*.parquet"
-        assert source.startswith("s3://test-")
-        frame = pl.scan_parquet(
-            source, schema=polars_schema(), storage_options=gw.storage_options()
-        ).collect()
-    else:
-        assert isinstance(store, LocalStore)
-        frame = pl.scan_parquet(manifest_glob(store.layout.root), schema=polars_schema()).collect()
+    source = manifest_glob(store)
+    assert source.startswith(store.location)
+    frame = pl.scan_parquet(
+        source, schema=polars_schema(), storage_options=store.storage_options
+    ).collect()
     assert frame.height == 50
     assert frame["request_id"].to_list() == [f"req-{i}" for i in range(50)]
     assert frame.schema == polars_schema()
@@ -243,7 +221,7 @@ def test_bad_credentials_are_an_output_error_that_never_shows_them(
     s3_gateway: Gateway, s3_bucket: str, tmp_path: Path
 ) -> None:
     env = s3_gateway.env() | {"AWS_SECRET_ACCESS_KEY": "wrong-secret-5e1f9a"}
-    store = S3Store(f"s3://{s3_bucket}/x", env=env, temp_dir=tmp_path)
+    store = S3Store(f"s3://{s3_bucket}/x", env=env, scratch=tmp_path)
     with pytest.raises(OutputError) as info:
         store.put("runs/r.json", b"{}")
     message = str(info.value)
@@ -254,7 +232,7 @@ def test_bad_credentials_are_an_output_error_that_never_shows_them(
 
 @pytest.mark.s3
 def test_a_missing_bucket_is_an_output_error(s3_gateway: Gateway, tmp_path: Path) -> None:
-    store = S3Store("s3://no-such-bucket/x", env=s3_gateway.env(), temp_dir=tmp_path)
+    store = S3Store("s3://no-such-bucket/x", env=s3_gateway.env(), scratch=tmp_path)
     with pytest.raises(OutputError, match="no-such-bucket"):
         store.put_new("images/aa/aa.png", b"x")
 
@@ -306,14 +284,37 @@ def test_a_shard_that_runs_again_first_removes_its_earlier_attempts_parts(
     ]
     for key in keys:
         store.put(key, b"part")
-    local = isinstance(store, LocalStore)
-    out_dir = store.layout.root if isinstance(store, LocalStore) else tmp_path
-    spec = SimpleNamespace(run_id="run-1", index=1, out_dir=out_dir)
-    remote = None if local else store
+    spec = SimpleNamespace(run_id="run-1", index=1)
 
-    assert forget_earlier_attempts(spec, remote) == 2  # type: ignore[arg-type]
+    assert forget_earlier_attempts(spec, store) == 2  # type: ignore[arg-type]
     assert sorted(i.key for i in store.list("manifest/")) == sorted(keys[2:])
-    assert forget_earlier_attempts(spec, remote) == 0  # type: ignore[arg-type]
+    assert forget_earlier_attempts(spec, store) == 0  # type: ignore[arg-type]
+
+
+def test_a_store_travels_to_another_process_whole(store: Store) -> None:
+    """A shard in another process (or on another node) gets the store the driver opened:
+    same location, same settings, a working client of its own."""
+    import pickle
+
+    store.put("runs/r1.json", b"{}")
+    copy: Store = pickle.loads(pickle.dumps(store))  # noqa: S301  # our own bytes
+    assert copy.location == store.location
+    assert copy.temp_dir == store.temp_dir
+    assert copy.get("runs/r1.json") == b"{}"
+
+
+def test_a_folder_never_reads_through_a_link_out_of_it(tmp_path: Path) -> None:
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"not yours")
+    store = LocalStore(tmp_path / "out")
+    store.prepare()
+    link = store.layout.images / "ab" / ("ab" * 32 + ".png")
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    with pytest.raises(OutputError, match="links out of the output folder"):
+        store.get(f"images/ab/{'ab' * 32}.png")
+    with pytest.raises(OutputError, match="links out of the output folder"):
+        list(store.iter_bytes(f"images/ab/{'ab' * 32}.png"))
 
 
 def test_a_folder_delete_leaves_no_empty_folders(tmp_path: Path) -> None:

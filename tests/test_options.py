@@ -18,6 +18,7 @@ from harvester.errors import ConfigError, UsageError
 from harvester.jobs import Job, load_job
 from harvester.options import Option
 from harvester.run.config import HarvestConfig
+from harvester.storage.objects import open_store
 
 NEW = Option(
     name="connect-timeout",
@@ -96,7 +97,7 @@ def test_options_reach_the_settings_their_declarations_name() -> None:
             values[option.attr] = {"number": 3.5, "integer": 3, "boolean": True}.get(
                 option.kind, option.choices[-1] if option.choices else "http://x"
             )
-    config = HarvestConfig.from_options(values, inputs=(), out_dir=Path(), api_key="k")
+    config = HarvestConfig.from_options(values, inputs=(), out=open_store(Path()), api_key="k")
     for option in options.OPTIONS:
         if option.target is not None:
             assert config.setting(option.target) == values[option.attr], option.name
@@ -114,7 +115,7 @@ def test_options_reach_the_settings_their_declarations_name() -> None:
 def test_the_configuration_is_checked_by_the_declarations(
     changes: dict[str, Any], message: str
 ) -> None:
-    config = HarvestConfig(inputs=(Path("a.csv"),), out_dir=Path(), api_key="k", **changes)
+    config = HarvestConfig(inputs=(Path("a.csv"),), out=open_store(Path()), api_key="k", **changes)
     with pytest.raises(UsageError, match=f"^{message}$"):
         config.validate()
 

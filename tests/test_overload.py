@@ -26,6 +26,7 @@ from harvester.errors import ExitCode
 from harvester.run.pipeline import HarvestConfig, harvest
 from harvester.sandbox import FaultRates, SandboxConfig, running_sandbox
 from harvester.storage.manifest import latest
+from harvester.storage.objects import open_store
 from harvester.views.verify import verify
 from tests.conftest import KEY, write_csv
 
@@ -272,7 +273,7 @@ def test_a_harvest_under_steady_429s_ends_ok_with_every_pair_ok(tmp_path: Path) 
         stats = harvest(
             HarvestConfig(
                 inputs=(csv,),
-                out_dir=out,
+                out=open_store(out),
                 api_key=KEY,
                 base_url=sandbox.base_url,
                 rps=1000,

@@ -21,6 +21,7 @@ from harvester.api.urls import is_public
 from harvester.errors import ConfigError
 from harvester.jobs import load_job
 from harvester.storage.layout import Layout
+from harvester.storage.objects import LocalStore
 from harvester.storage.store import ContentStore, StoredImage
 from tests.hostile_http import Exchange, response, serving
 
@@ -82,7 +83,7 @@ def _downloader(
     """A downloader into ``folder`` whose host lookups go to ``resolve``."""
     return ImageDownloader(
         client,
-        ContentStore(_layout(folder)).sink,
+        ContentStore(LocalStore(_layout(folder).root)).sink,
         policy=RetryPolicy(max_attempts=attempts),
         rng=random.Random(0),
         refuse_private=refuse,

@@ -16,6 +16,7 @@ from PIL import Image
 from harvester.errors import ExitCode, UsageError
 from harvester.sandbox import Sandbox
 from harvester.storage import manifest
+from harvester.storage.objects import LocalStore
 from harvester.views.report import Report, build
 from harvester.views.report_html import GalleryLimits, render, write_html
 from tests.conftest import harvest_args, run_cli, write_csv
@@ -246,7 +247,7 @@ def build_fake(out: Path, rows: list[tuple[str, int]]) -> Report:
     )
     empty = pl.DataFrame()
     return Report(
-        out_dir=out,
+        store=LocalStore(out),
         generated_at=datetime.now(UTC),
         by_status=empty,
         nsfw=empty,

@@ -13,6 +13,7 @@ import pytest
 from harvester.errors import AuthError, ExitCode
 from harvester.run.pipeline import HarvestConfig, harvest
 from harvester.sandbox import FaultRates, SandboxConfig, running_sandbox
+from harvester.storage.objects import open_store
 from harvester.views.console import setup_logging
 from tests.conftest import KEY, write_csv
 from tests.processes import run_harvest, run_records
@@ -48,7 +49,7 @@ def test_a_rejected_key_is_in_no_exception_text_or_record(tmp_path: Path) -> Non
     with running_sandbox(SandboxConfig(key=KEY)) as sandbox:
         config = HarvestConfig(
             inputs=(csv,),
-            out_dir=tmp_path / "out",
+            out=open_store(tmp_path / "out"),
             api_key=wrong,
             base_url=sandbox.base_url,
             concurrency=4,

@@ -22,7 +22,8 @@ from harvester.api.download import ImageDownloader, ImageFailure
 from harvester.api.retry import RetryPolicy
 from harvester.api.transport import Client
 from harvester.errors import OutputError
-from harvester.storage.layout import Layout
+from harvester.storage.layout import Layout, image_relpath
+from harvester.storage.objects import LocalStore
 from harvester.storage.store import ContentStore, StoredImage, sniff
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
@@ -50,22 +51,23 @@ def test_sniff(head: bytes, ext: str | None) -> None:
 @given(st.binary(min_size=1, max_size=64))
 def test_hash_to_path(data: bytes) -> None:
     sha = hashlib.sha256(data).hexdigest()
-    rel = Layout(Path("/x")).image_relpath(sha, "png")
+    rel = image_relpath(sha, "png")
     assert rel == f"images/{sha[:2]}/{sha}.png"
 
 
 def make_store(
     tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response], **kwargs: int
 ) -> tuple[ImageDownloader[StoredImage], Layout, httpx.AsyncClient]:
-    layout = Layout(tmp_path / "out")
-    layout.prepare()
+    out = LocalStore(tmp_path / "out")
+    out.prepare()
+    layout = out.layout
     # A client *with* a default Authorization header: the store must still never send it.
     client = Client(
         transport=httpx.MockTransport(handler), headers={"Authorization": "Bearer secret-key"}
     )
     policy = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.001)
     store = ImageDownloader(
-        client, ContentStore(layout).sink, policy=policy, rng=random.Random(0), **kwargs
+        client, ContentStore(out).sink, policy=policy, rng=random.Random(0), **kwargs
     )
     return store, layout, client
 

@@ -34,6 +34,7 @@ from harvester.errors import ExitCode, UnreachableError
 from harvester.sandbox import Sandbox
 from harvester.storage.layout import Layout
 from harvester.storage.manifest import manifest_glob
+from harvester.storage.objects import LocalStore
 from harvester.storage.store import ContentStore, StoredImage
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.hostile_http import CERT, Exchange, Handler, response, serving
@@ -133,7 +134,7 @@ async def test_store_retries_a_cut_body_and_keeps_no_file(
     policy = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.001)
     async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
         store = ImageDownloader(
-            client, ContentStore(layout).sink, policy=policy, rng=random.Random(0)
+            client, ContentStore(LocalStore(layout.root)).sink, policy=policy, rng=random.Random(0)
         )
         got = await store.store(server.url + "/a.png")
     assert isinstance(got, ImageFailure)
@@ -153,7 +154,10 @@ async def test_store_over_the_real_transport_sends_no_authorization(
     async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
         client.headers["Authorization"] = "Bearer must-not-leak"
         store = ImageDownloader(
-            client, ContentStore(layout).sink, policy=RetryPolicy(), rng=random.Random(0)
+            client,
+            ContentStore(LocalStore(layout.root)).sink,
+            policy=RetryPolicy(),
+            rng=random.Random(0),
         )
         got = await store.store(server.url + "/a.png")
     assert isinstance(got, StoredImage) and got.bytes == len(PNG)
@@ -367,7 +371,9 @@ async def test_https_goes_through_the_proxy_as_a_tunnel(
             layout = Layout(tmp_path / "out")
             layout.prepare()
             policy, rng = RetryPolicy(), random.Random(0)
-            downloader = ImageDownloader(client, ContentStore(layout).sink, policy=policy, rng=rng)
+            downloader = ImageDownloader(
+                client, ContentStore(LocalStore(layout.root)).sink, policy=policy, rng=rng
+            )
             image = await downloader.store(server.url + "/a.png")
     assert outcome.status == "ok", outcome.error
     assert isinstance(image, StoredImage), image
@@ -404,7 +410,7 @@ async def test_an_image_through_a_proxy_is_checked_by_the_stage_not_at_the_proxy
         async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
             downloader = ImageDownloader(
                 client,
-                ContentStore(layout).sink,
+                ContentStore(LocalStore(layout.root)).sink,
                 policy=RetryPolicy(max_attempts=1),
                 rng=random.Random(0),
                 refuse_private=True,
@@ -513,7 +519,7 @@ async def test_an_unverified_certificate_is_final_and_says_so(
                 await fetcher.fetch("fal-ai/flux/dev", "req-1")
             downloader = ImageDownloader(
                 client,
-                ContentStore(_layout(server.url)).sink,
+                ContentStore(LocalStore(_layout(server.url).root)).sink,
                 policy=RetryPolicy(),
                 rng=random.Random(0),
             )
@@ -645,7 +651,7 @@ async def test_a_compression_bomb_stops_at_the_limit(tmp_path: Path) -> None:
             )
             downloader = ImageDownloader(
                 client,
-                ContentStore(layout).sink,
+                ContentStore(LocalStore(layout.root)).sink,
                 policy=RetryPolicy(),
                 rng=random.Random(0),
                 max_bytes=1_000_000,
@@ -741,7 +747,7 @@ async def test_a_trickle_or_endless_100_continue_ends_at_the_attempt_deadline(
             result = await fetcher.fetch("fal-ai/flux/dev", "req-1")
             downloader = ImageDownloader(
                 client,
-                ContentStore(layout).sink,
+                ContentStore(LocalStore(layout.root)).sink,
                 policy=policy,
                 rng=random.Random(0),
                 total_seconds=1.0,

@@ -29,6 +29,7 @@ from harvester.run.reader import pair_key
 from harvester.run.shard import shard_of
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
 from harvester.storage.manifest import manifest_glob
+from harvester.storage.objects import open_store
 from harvester.views.verify import verify
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import (
@@ -119,7 +120,7 @@ def test_pairs_go_to_shards_by_a_stable_hash() -> None:
 def test_lanes_split_the_limits_so_together_they_keep_them() -> None:
     config = HarvestConfig(
         inputs=(Path("x.csv"),),
-        out_dir=Path("out"),
+        out=open_store(Path("out")),
         api_key=KEY,
         concurrency=7,
         image_concurrency=5,

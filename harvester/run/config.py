@@ -25,6 +25,7 @@ from harvester.options import IMAGE_SLOTS_PER_FETCH
 from harvester.run import reader
 from harvester.run.engine import DEFAULT_MAX_RETRIES
 from harvester.run.request import LaneSettings
+from harvester.storage.objects import Store
 
 _DEFAULT: Final = options.defaults()
 
@@ -34,12 +35,8 @@ class HarvestConfig:
     """What one harvest does. Fields an option sets are documented by the option's help."""
 
     inputs: tuple[Path, ...]
-    out_dir: Path
-    """The output folder; with ``out_url``, a local folder for the run's temp files only
-    (shard files, progress, spill files, parts being built; ``objects.scratch_dir``)."""
-    out_url: str | None = None
-    """``s3://bucket/prefix``: images, manifest and run records go there (credentials from
-    the AWS environment variables)."""
+    out: Store
+    """Where images, manifest and run records go (``objects.open_store``)."""
     api_key: str = field(repr=False)
     base_url: str = _DEFAULT["base_url"]
     auth_scheme: str = _DEFAULT["auth_scheme"]
@@ -136,7 +133,7 @@ class HarvestConfig:
 
         return LaneSettings(
             run_id=run_id,
-            out_dir=self.out_dir,
+            store=self.out,
             base_url=self.base_url,
             authorization=self.authorization,
             concurrency=share(self.concurrency),
@@ -149,7 +146,6 @@ class HarvestConfig:
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
             seed=None if self.seed is None else self.seed + index,
-            out_url=self.out_url,
         )
 
     def validate(self) -> None:
@@ -183,11 +179,6 @@ class HarvestConfig:
             raise UsageError("give at least one CSV export to harvest")
         if self.ray_address and self.engine != "ray":
             raise UsageError("--ray-address is for --engine ray")
-
-    @property
-    def location(self) -> Path | str:
-        """Where the output lives: ``out_url``, else ``out_dir``."""
-        return self.out_url or self.out_dir
 
     @property
     def authorization(self) -> str:

@@ -56,10 +56,8 @@ from harvester.run.shard import (
 )
 from harvester.run.stats import RunStats, baseline_not_ok
 from harvester.storage import generations, manifest, runs
-from harvester.storage.layout import Layout
-from harvester.storage.lock import exclusive
 from harvester.storage.manifest import EXPIRED, INVALID, ManifestRow, ManifestWriter
-from harvester.storage.objects import AWS_ENV, Held, Store, open_store
+from harvester.storage.objects import REMOTE_TEMP, Held, Store
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -70,9 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("harvester")
 
 KEY_ENV_VARS: Final = ("HARVESTER_API_KEY", "FAL_KEY")
-REMOTE_TEMP: Final = ".tmp/"
-"""The run's temp objects in an S3 output (a shard's pairs, for nodes without the driver's
-disk): ``.tmp/<run_id>/``, deleted when the run ends, or by the next run on the prefix."""
 
 
 def api_key_from_env(environ: dict[str, str] | os._Environ[str], name: str | None = None) -> str:
@@ -113,8 +108,6 @@ class _Run:
         self,
         config: HarvestConfig,
         stats: RunStats,
-        layout: Layout,
-        remote: Store | None,
         *,
         shards: int,
         cluster: Cluster | None = None,
@@ -126,13 +119,11 @@ class _Run:
         """The cluster's rate limiter actor (Ray), handed to every shard; None: local."""
         self.board = None if cluster is None else cluster.board
         """The run's progress board (Ray, with an S3 output); None: the work folder's files."""
-        self.remote = remote
+        self.store = config.out
         self.stats = stats
-        self.layout = layout
         self.writer = ManifestWriter(
-            layout,
+            config.out,
             stats.run_id,
-            remote=remote,
             rows_per_part=config.rows_per_part,
             seconds_per_part=config.seconds_per_part,
         )
@@ -183,7 +174,7 @@ class _Run:
         """Read the inputs once: invalid rows into the manifest, every pair to harvest into
         its shard's file (memory stays flat: only the duplicates' digests are kept)."""
         config, run_id = self.config, self.stats.run_id
-        folder = work_dir(config.out_dir, run_id)
+        folder = work_dir(config.out, run_id)
         count = self.count
         counts = reader.ReadCounts()
         try:
@@ -231,37 +222,17 @@ class _Run:
             rows_per_part=config.rows_per_part,
             seconds_per_part=config.seconds_per_part,
             limiter=self.limiter,
-            pairs_key=None if self.board is None else f"{self.remote_temp}{pairs.name}",
+            pairs_key=None if self.board is None else f"{REMOTE_TEMP}{run_id}/{pairs.name}",
             board=self.board,
             logging=None if cluster is None else cluster.logging,
-            store_env=_store_env(config) if cluster is not None else {},
         )
 
-    @property
-    def remote_temp(self) -> str:
-        return f"{REMOTE_TEMP}{self.stats.run_id}/"
-
     def upload_pairs(self) -> None:
-        """The shards' pairs files into the bucket, for nodes that cannot read this disk
+        """The shards' pairs files into the store, for nodes that cannot read this disk
         (streamed in parts: memory stays flat; each local file is gone once uploaded)."""
-        assert self.remote is not None, "a board is used only with an S3 output"
         for spec in self.specs:
             if spec.pairs_key is not None:
-                self.remote.put(spec.pairs_key, spec.pairs_path)
-
-    def remove_remote_temp(self, prefix: str) -> int:
-        """Delete the temp objects under ``prefix`` in the bucket (this run's, or all that
-        dead runs left); returns how many. A failure is logged: the next run tries again."""
-        if self.remote is None:
-            return 0
-        removed = 0
-        try:
-            for info in list(self.remote.list(prefix)):
-                self.remote.delete(info.key)
-                removed += 1
-        except OutputError as exc:
-            log.warning("cannot remove the run's temp objects under %s: %s", prefix, exc)
-        return removed
+                self.store.put(spec.pairs_key, spec.pairs_path)
 
     def stop(self) -> None:
         """Ask every shard to stop (they keep what they finished)."""
@@ -270,7 +241,7 @@ class _Run:
                 log.warning("cannot ask the shards to stop: the run's board actor is gone")
             return
         try:
-            stop_path(self.config.out_dir, self.stats.run_id).touch()
+            stop_path(self.store, self.stats.run_id).touch()
         except OSError as exc:
             log.warning("cannot ask the shards to stop: %s", exc)
 
@@ -458,14 +429,12 @@ def harvest(
     """
     config.validate()
     files = reader.inspect(config.inputs, columns=config.columns)
-    layout = Layout(config.out_dir)
-    layout.prepare()
-    remote = None if config.out_url is None else open_store(config.out_url, temp_dir=layout.tmp)
+    config.out.prepare()
     started = datetime.now(UTC)
     stats = RunStats(
         run_id=run_id or new_run_id(started),
         started_at=started,
-        out_dir=config.location,
+        out_dir=config.out.location,
         inputs=files,
         rows_in_input=sum(f.rows for f in files),
         processes=config.lanes,
@@ -476,9 +445,7 @@ def harvest(
     with ExitStack() as cleanup:
         engine, shards, cluster = _engine(config, stats, log_format, cleanup)
         stats.processes = stats.shards = shards
-        _harvest(
-            config, stats, layout, remote, files, on_start, on_tick, tick, engine, shards, cluster
-        )
+        _harvest(config, stats, files, on_start, on_tick, tick, engine, shards, cluster)
     return stats
 
 
@@ -493,16 +460,6 @@ class Cluster:
     """The progress board (with an S3 output: the nodes share no disk with the driver)."""
     logging: ChildLogging
     """How the shards log on the workers (the key masked: it travels in the spec too)."""
-
-
-def _store_env(config: HarvestConfig) -> dict[str, str]:
-    """The store's AWS settings as the driver has them, for the shards on a cluster's nodes
-    (so they write where it reads). In the pickled spec, never in a Ray task's
-    ``runtime_env``: Ray's runtime-env agent writes that to its log files in plain text."""
-    if config.out_url is None:
-        return {}
-    names = (*AWS_ENV, "AWS_DEFAULT_REGION")
-    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 def _engine(
@@ -521,9 +478,9 @@ def _engine(
         ray_engine = RayEngine(address=config.ray_address, json_lines=log_format == "json")
         cleanup.enter_context(ray_engine)
         nodes = ray_engine.node_count()
-        if nodes > 1 and config.out_url is None and not config.shared_fs:
+        if nodes > 1 and not config.out.everywhere and not config.shared_fs:
             raise UsageError(
-                f"--out {config.out_dir} is a folder on this machine, and the Ray cluster at "
+                f"--out {config.out.location} is a folder on this machine, and the Ray cluster at "
                 f"{ray_engine.address} has {nodes} nodes: each would write images and manifest "
                 "parts to its own disk, and could not read the run's shard files. Use a folder "
                 "that every node mounts at the same path (NFS, a shared volume) and say so "
@@ -534,7 +491,7 @@ def _engine(
         limiter = ray_engine.start_limiter(config.rps)
         cleanup.callback(ray_engine.stop_actor, limiter)
         board = None
-        if config.out_url is not None:
+        if config.out.everywhere:  # the nodes share no disk with the driver
             board = ray_engine.start_board(stats.run_id)
             cleanup.callback(ray_engine.stop_actor, board.handle)
         cluster = Cluster(engine=ray_engine, limiter=limiter, board=board, logging=setup)
@@ -547,8 +504,6 @@ def _engine(
 def _harvest(
     config: HarvestConfig,
     stats: RunStats,
-    layout: Layout,
-    remote: Store | None,
     files: list[reader.InputFile],
     on_start: Callable[[RunStats], None] | None,
     on_tick: Callable[[RunStats], None] | None,
@@ -565,20 +520,16 @@ def _harvest(
             config.workers,
         )
     with ExitStack() as held:
-        lease = None
-        if remote is not None:  # the lease first: it says who runs on the prefix
-            lease = held.enter_context(remote.lock(owner=f"harvester run {stats.run_id}"))
-        held.enter_context(exclusive(layout))
-        stats.temp_files_cleaned = layout.clean_temp()
-        generations.settle_location(config.location)  # what a killed compaction left
-        stats.baseline_not_ok = baseline_not_ok(runs.read_all(config.location)[0])
-        runs.write(layout, stats.record(running=True), remote=remote)
-        run = _Run(config, stats, layout, remote, shards=shards, cluster=cluster)
+        store = config.out
+        lease = held.enter_context(store.lock(owner=f"harvester run {stats.run_id}"))
+        stats.temp_files_cleaned = store.clean_temp()
+        generations.settle(store, generations.read(store))  # what a killed compaction left
+        stats.baseline_not_ok = baseline_not_ok(runs.read_all(store)[0])
+        runs.write(store, stats.record(running=True))
+        run = _Run(config, stats, shards=shards, cluster=cluster)
         run.lease = lease
-        if run.board is not None:  # what dead runs left in the bucket: the lease is ours now
-            stats.temp_files_cleaned += run.remove_remote_temp(REMOTE_TEMP)
         try:
-            done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(config.location)}
+            done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(store)}
             if not config.retry_expired:
                 _give_up(config, stats.started_at, done, run.expire)
             if on_start is not None:
@@ -615,21 +566,19 @@ def _harvest(
                 stats.fail(exc)
                 raise
             finally:
-                runs.write(layout, stats.record(), remote=remote)
-                _remove(work_dir(config.out_dir, stats.run_id))
-                _clean_temp(layout)
-                if run.board is not None:
-                    run.remove_remote_temp(run.remote_temp)
+                runs.write(store, stats.record())
+                _remove(work_dir(store, stats.run_id))
+                _clean_temp(store)
 
 
-def _clean_temp(layout: Layout) -> None:
+def _clean_temp(store: Store) -> None:
     """Empty the temp folder at the end of the run, the lock still held and every shard's
     process ended: a shard's process killed while it wrote a manifest part or an image left
     its temp file there (the next run would remove it; until then it is clutter)."""
     try:
-        layout.clean_temp()
+        store.clean_temp()
     except (OSError, OutputError) as exc:
-        log.warning("cannot empty the temp folder %s: %s", layout.tmp, exc)
+        log.warning("cannot empty the temp folder %s: %s", store.temp_dir, exc)
 
 
 def _remove(folder: Path) -> None:
@@ -642,7 +591,7 @@ def _give_up(config: HarvestConfig, now: datetime, done: set[int], expire: set[i
     """Add to ``done`` the pairs given up on in earlier runs (skipped like ok ones) and to
     ``expire`` those never ok ``give_up_after`` days after their first row."""
     cutoff = now - timedelta(days=config.give_up_after)
-    for aged in manifest.aged_pairs(config.location, first_seen_before=cutoff):
+    for aged in manifest.aged_pairs(config.out, first_seen_before=cutoff):
         key = reader.pair_key(aged.model, aged.request_id)
         if aged.expired:
             done.add(key)

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -27,7 +26,6 @@ from harvester.api.results import ImageRef
 from harvester.api.retry import RetryPolicy
 from harvester.api.urls import describe_url
 from harvester.run.reader import Pair
-from harvester.storage.layout import Layout
 from harvester.storage.objects import Store
 from harvester.storage.rows import ERROR, FAILED, OK, PENDING, ManifestRow
 from harvester.storage.store import ContentStore, StoredImage
@@ -44,8 +42,8 @@ class LaneSettings:
     """What a lane needs to know (part of a shard's spec, so picklable)."""
 
     run_id: str
-    out_dir: Path
-    """The output folder; with ``out_url``, the local folder for temp files only."""
+    store: Store
+    """Where images go (and the lane's temp files, in its ``temp_dir``)."""
     base_url: str
     authorization: str = field(repr=False)
     concurrency: int
@@ -58,8 +56,6 @@ class LaneSettings:
     connect_timeout: float
     read_timeout: float
     seed: int | None
-    out_url: str | None = None
-    """``s3://bucket/prefix`` when the output is in S3 (each process opens its own client)."""
 
     @property
     def backlog(self) -> int:
@@ -90,15 +86,11 @@ class Lane:
         self,
         settings: LaneSettings,
         *,
-        remote: Store | None = None,
         permits: PermitSource | None = None,
     ) -> None:
-        """``remote``: the S3 store images go to (``settings.out_url``'s); ``permits``: the
-        cluster's rate limiter (Ray), if any."""
+        """``permits``: the cluster's rate limiter (Ray), if any."""
         self.settings = settings
-        self.remote = remote
         self.rng = random.Random(settings.seed)
-        self.layout = Layout(settings.out_dir)
         # fast_acquire: a free slot is taken without a trip through the event loop; these are
         # acquired once or more per request.
         self.fetch_slots = anyio.Semaphore(settings.concurrency, fast_acquire=True)
@@ -134,7 +126,7 @@ class Lane:
             )
             self._store = ImageDownloader(
                 client,
-                ContentStore(self.layout, remote=self.remote).sink,
+                ContentStore(s.store).sink,
                 policy=s.retry,
                 rng=self.rng,
                 max_bytes=s.max_image_bytes,
@@ -270,16 +262,16 @@ def image_fields(
         "height": ref.height,
         "has_nsfw_concept": ref.has_nsfw_concept,
     }
-    if isinstance(got, StoredImage):
-        row.update(sha256=got.sha256, path=got.path, bytes=got.bytes, stored_new=got.new)
-        if got.info is not None:
-            info = got.info
-            row.update(image_format=info.format, image_width=info.width, image_height=info.height)
-        return row
     assert got is not None, "every download task fills its slot"
-    row.update(status=got.status, error=got.error)
-    if got.http_status:
-        row["http_status"] = got.http_status
+    if isinstance(got, ImageFailure):
+        row.update(status=got.status, error=got.error)
+        if got.http_status:
+            row["http_status"] = got.http_status
+        return row
+    row.update(sha256=got.sha256, path=got.path, bytes=got.bytes, stored_new=got.new)
+    if got.info is not None:
+        info = got.info
+        row.update(image_format=info.format, image_width=info.width, image_height=info.height)
     return row
 
 

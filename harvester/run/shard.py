@@ -51,9 +51,8 @@ from harvester.errors import HarvesterError, OutputError, first_harvester_error
 from harvester.run.engine.local import ChildLogging, install_logging
 from harvester.run.reader import Pair, pair_key
 from harvester.run.request import EVENT_LOOP_OPTIONS, Lane, LaneSettings, serve_pairs
-from harvester.storage.layout import Layout
 from harvester.storage.manifest import ManifestWriter
-from harvester.storage.objects import Store, open_store
+from harvester.storage.objects import Store
 from harvester.storage.rows import ManifestRow
 
 log = logging.getLogger("harvester")
@@ -71,13 +70,13 @@ def shard_of(model: str, request_id: str, count: int) -> int:
     return pair_key(model, request_id) % count
 
 
-def work_dir(out_dir: Path, run_id: str) -> Path:
+def work_dir(store: Store, run_id: str) -> Path:
     """Where a run's shards keep their pairs, progress and the stop flag."""
-    return Layout(out_dir).tmp / run_id
+    return store.temp_dir / run_id
 
 
-def stop_path(out_dir: Path, run_id: str) -> Path:
-    return work_dir(out_dir, run_id) / "stop"
+def stop_path(store: Store, run_id: str) -> Path:
+    return work_dir(store, run_id) / "stop"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,28 +97,24 @@ class ShardSpec:
     pairs_key: str | None = None
     """The pairs as an object in the output store, when the shard's node cannot read
     ``pairs_path`` (an S3 output on a cluster); the shard works in a scratch folder of its
-    own then (``out_dir`` is the driver's)."""
+    own then (``Store.on_node``)."""
     board: Any = None
     """The run's progress board (``harvester.run.engine.ray.RayBoard``) where counters go
     and the stop flag comes from; None: the files under ``work_dir``."""
     logging: ChildLogging | None = None
     """How the shard logs when its process is not one the harvest set up (a Ray worker)."""
-    store_env: Mapping[str, str] = field(default_factory=dict, repr=False)
-    """The driver's AWS settings for an S3 output, on a cluster's nodes (which may have none
-    of their own); the key is in ``lane`` (both are pickled into the spec that Ray keeps in
-    memory, not in a task's ``runtime_env``, which Ray writes to its logs)."""
 
     @property
     def on_cluster(self) -> bool:
         return self.limiter is not None or self.board is not None
 
     @property
-    def out_dir(self) -> Path:
-        return self.lane.out_dir
+    def store(self) -> Store:
+        return self.lane.store
 
     @property
     def progress_path(self) -> Path:
-        return work_dir(self.out_dir, self.run_id) / f"shard-{self.index:04d}.progress.json"
+        return work_dir(self.store, self.run_id) / f"shard-{self.index:04d}.progress.json"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,42 +187,24 @@ def part_prefix(index: int) -> str:
     return f"shard-{index:04d}-part"
 
 
-def forget_earlier_attempts(spec: ShardSpec, remote: Store | None = None) -> int:
-    """Delete the manifest parts an earlier attempt of this shard wrote in this run (in the
-    folder, or in ``remote`` for an S3 output), so a shard that runs again after its process or
-    node died records each pair once; returns how many. A first attempt finds none."""
-    prefix = part_prefix(spec.index)
-    removed = 0
-    try:
-        if remote is not None:
-            # Listing goes by whole path segments (object_store): the run's folder, filtered.
-            folder_key = f"manifest/{spec.run_id}/"
-            keys = [
-                i.key
-                for i in remote.list(folder_key)
-                if i.key.removeprefix(folder_key).startswith(f"{prefix}-")
-            ]
-            for key in keys:
-                remote.delete(key)
-            removed = len(keys)
-        else:
-            folder = Layout(spec.out_dir).manifest / spec.run_id
-            for part in folder.glob(f"{prefix}-*.parquet"):
-                part.unlink(missing_ok=True)
-                removed += 1
-    except OSError as exc:
-        raise OutputError(
-            f"cannot remove the manifest parts an earlier attempt of shard {spec.index} wrote: "
-            f"{exc.strerror or exc}"
-        ) from exc
-    if removed:
+def forget_earlier_attempts(spec: ShardSpec, store: Store) -> int:
+    """Delete the manifest parts an earlier attempt of this shard wrote in this run, so a
+    shard that runs again after its process or node died records each pair once; returns
+    how many. A first attempt finds none."""
+    # Listing goes by whole path segments (object_store): the run's folder, filtered.
+    folder = f"manifest/{spec.run_id}/"
+    prefix = f"{folder}{part_prefix(spec.index)}-"
+    keys = [i.key for i in store.list(folder) if i.key.startswith(prefix)]
+    for key in keys:
+        store.delete(key)
+    if keys:
         log.warning(
             "shard %d of run %s runs again: its earlier attempt's %d manifest parts removed",
             spec.index,
             spec.run_id,
-            removed,
+            len(keys),
         )
-    return removed
+    return len(keys)
 
 
 def _permits(spec: ShardSpec) -> PermitSource | None:
@@ -242,7 +219,7 @@ def _lane_settings(spec: ShardSpec, scratch: Path | None) -> LaneSettings:
     """The lane's settings in this process: the scratch folder for temp files, if any."""
     if scratch is None:
         return spec.lane
-    return replace(spec.lane, out_dir=scratch)
+    return replace(spec.lane, store=spec.store.on_node(scratch))
 
 
 def _node(spec: ShardSpec) -> str:
@@ -260,24 +237,15 @@ class _Shard:
         settings = _lane_settings(spec, scratch)
         if spec.logging is not None:
             install_logging(replace(spec.logging, node=self.node))
-        self.layout = Layout(settings.out_dir)
-        # An S3 output is opened here, in the shard's process: obstore's clients don't pickle.
-        self.remote = (
-            None
-            if settings.out_url is None
-            else open_store(
-                settings.out_url, env={**os.environ, **spec.store_env}, temp_dir=self.layout.tmp
-            )
-        )
+        self.store = settings.store
         self.pairs_path = spec.pairs_path
         if spec.pairs_key is not None:
             self.pairs_path = self.download_pairs(spec.pairs_key)
-        forget_earlier_attempts(spec, self.remote)
-        self.lane = Lane(settings, remote=self.remote, permits=_permits(spec))
+        forget_earlier_attempts(spec, self.store)
+        self.lane = Lane(settings, permits=_permits(spec))
         self.writer = ManifestWriter(
-            self.layout,
+            self.store,
             spec.run_id,
-            remote=self.remote,
             rows_per_part=spec.rows_per_part,
             seconds_per_part=spec.seconds_per_part,
             autoflush=False,
@@ -289,16 +257,15 @@ class _Shard:
         self.error: str | None = None
         self.error_code: int | None = None
         self.error_type: str | None = None
-        self.stop = stop_path(spec.out_dir, spec.run_id)
+        self.stop = stop_path(spec.store, spec.run_id)
 
     def download_pairs(self, key: str) -> Path:
         """The shard's pairs object, into the scratch folder (streamed: memory stays flat)."""
-        assert self.remote is not None, "pairs_key is set only for an S3 output"
-        path = self.layout.tmp / "pairs.jsonl"
+        path = self.store.temp_dir / "pairs.jsonl"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("wb") as fh:
-                for chunk in self.remote.iter_bytes(key):
+                for chunk in self.store.iter_bytes(key):
                     fh.write(chunk)
         except OSError as exc:
             raise OutputError(

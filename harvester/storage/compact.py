@@ -85,8 +85,8 @@ def compact(store: Store, *, rows_per_part: int = ROWS_PER_PART) -> CompactStats
     """
     started = time.monotonic()
     with store.lock(owner="harvester compact") as held:
+        store.clean_temp()  # what a killed compaction (or run) left
         work = store.temp_dir / "compact"
-        shutil.rmtree(work, ignore_errors=True)  # what a killed compaction left
         try:
             work.mkdir(parents=True)
         except OSError as exc:
@@ -295,7 +295,7 @@ def _write_current(store: Store, listing: Listing, path: Path) -> int:
         base = [previous.current]
     else:
         base = [p.key for p in previous.parts]
-    rows = manifest.scan_keys(store.location, [*base, *listing.run_parts])
+    rows = manifest.scan_keys(store, [*base, *listing.run_parts])
     keys = ["model", "request_id"]
     # Two streaming passes, so memory follows the number of requests, not of rows: each
     # request's newest run, then the rows of those runs.

@@ -1,10 +1,9 @@
-"""Putting a complete object into a folder atomically, once: the file half of the store.
+"""Putting a complete object into a folder atomically, once: the file half of
+``objects.LocalStore.put_new``.
 
 A complete image (bytes in memory, or a spill file in ``DIR/.tmp``) becomes its final file in
 one step, so a reader or a crash never sees part of one: a named temp file renamed into place
-(Linux's unnamed ``O_TMPFILE`` files linked into place took 1.08x the CPU, so they went:
-docs/performance.md). Both the download stage (``store.py``) and the folder backend of the
-object store (``objects.py``) call ``persist_new``.
+(docs/performance.md compares the unnamed ``O_TMPFILE`` alternative).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from harvester.errors import ManifestError, OutputError
-from harvester.storage.objects import Location, Store, open_store
+from harvester.storage.objects import Store
 
 MANIFEST: Final = "manifest/"
 GENERATION_PREFIX: Final = "_compacted-"
@@ -158,13 +158,6 @@ def settle(store: Store, listing: Listing, *, each: Callable[[], None] | None = 
     return len(folders - {CURRENT_FOLDER})
 
 
-def settle_location(location: Location) -> int:
-    """``settle`` what ``location``'s manifest holds that no reader uses (a harvest does this
-    before it starts, the lock held, so a plain glob of the manifest is exact again)."""
-    store = open_store(location)
-    return settle(store, read(store))
-
-
 __all__ = [
     "CURRENT_FOLDER",
     "GENERATION_FILE",
@@ -177,5 +170,4 @@ __all__ = [
     "read",
     "record_key",
     "settle",
-    "settle_location",
 ]

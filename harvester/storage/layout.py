@@ -18,6 +18,11 @@ from pathlib import Path
 from harvester.errors import OutputError
 
 
+def image_relpath(sha256: str, ext: str) -> str:
+    """A stored image's key: ``images/ab/ab12...ef.png``."""
+    return f"images/{sha256[:2]}/{sha256}.{ext}"
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     root: Path
@@ -41,10 +46,6 @@ class Layout:
     @property
     def lock(self) -> Path:
         return self.root / ".lock"
-
-    def image_relpath(self, sha256: str, ext: str) -> str:
-        """Path of a stored image relative to the root: ``images/ab/ab12...ef.png``."""
-        return f"images/{sha256[:2]}/{sha256}.{ext}"
 
     def temp_path(self, suffix: str = "") -> Path:
         """A fresh temp file name (same file system as the store, so renames are atomic)."""

@@ -8,8 +8,9 @@ record ``manifest/_compacted-NNNNNN/generation.json`` lists (``harvester.storage
 docs/manifest.md "Compaction"). Readers here read the live parts (``generations.read``), which
 skip what the newest generation replaces and what a killed compaction left.
 
-Each part is written to a temp file and renamed into place (on ``s3://``: put as one whole
-object), so a reader (or a crash) never sees a half-written one; a run flushes a part every
+Each part is built in the store's ``temp_dir`` and put whole (``Store.put``: fsynced and
+renamed into place in a folder, one object in a bucket), so a reader (or a crash) never sees
+a half-written one; a run flushes a part every
 ``rows_per_part`` rows, ``bytes_per_part`` bytes of text or ``seconds_per_part`` seconds, so
 a crash loses a bounded amount of finished work and memory stays bounded whatever the rows hold.
 """
@@ -17,12 +18,11 @@ a crash loses a bounded amount of finished work and memory stays bounded whateve
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import anyio
@@ -32,15 +32,7 @@ import pyarrow.parquet as pq
 
 from harvester.errors import ManifestError, OutputError
 from harvester.storage import generations
-from harvester.storage.layout import Layout
-from harvester.storage.objects import (
-    LocalStore,
-    Location,
-    Store,
-    is_remote,
-    open_store,
-    storage_options,
-)
+from harvester.storage.objects import Location, Store, as_store
 
 if TYPE_CHECKING:
     import polars as pl
@@ -170,7 +162,7 @@ class ManifestWriter:
 
     def __init__(
         self,
-        layout: Layout,
+        store: Store,
         run_id: str,
         *,
         rows_per_part: int = 5_000,
@@ -178,15 +170,10 @@ class ManifestWriter:
         bytes_per_part: int = 64_000_000,
         autoflush: bool = True,
         prefix: str = "part",
-        remote: Store | None = None,
     ) -> None:
-        """``remote``: an S3 store each part goes to as one whole object (built in
-        ``layout.tmp`` first, a local folder)."""
-        self._layout = layout
-        self._remote = remote
+        self._store = store
         self._run_id = run_id
         self._prefix = prefix
-        self._run_dir = layout.manifest / run_id
         self._rows_per_part = rows_per_part
         self._seconds_per_part = seconds_per_part
         self._bytes_per_part = bytes_per_part
@@ -247,40 +234,21 @@ class ManifestWriter:
     def _write_part(self, rows: list[ManifestRow]) -> None:
         if not rows:
             return
-        if self._remote is not None:
-            self._put_part(self._remote, rows)
-            return
-        final = self._run_dir / f"{self._prefix}-{self._parts:05d}.parquet"
-        tmp = self._layout.temp_path(suffix=".parquet")
-        try:
-            table = rows_to_table(rows)
-            self._run_dir.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, tmp, compression="zstd")
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            self._buffer[:0] = rows  # kept for the final flush to try again
-            self._bytes += sum(_text_size(row) for row in rows)
-            raise OutputError(f"cannot write manifest part {final}: {exc.strerror or exc}") from exc
-        self._parts += 1
-        self.rows_written += len(rows)
-
-    def _put_part(self, remote: Store, rows: list[ManifestRow]) -> None:
         key = f"manifest/{self._run_id}/{self._prefix}-{self._parts:05d}.parquet"
-        tmp = self._layout.temp_path(suffix=".parquet")
+        tmp = self._store.temp_dir / f"{uuid.uuid4().hex}.parquet"
         try:
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(rows_to_table(rows), tmp, compression="zstd")
-            remote.put(key, tmp)  # one whole object; the temp file is consumed
-        except (OSError, OutputError) as exc:
+            try:
+                pq.write_table(rows_to_table(rows), tmp, compression="zstd")
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write manifest part {self._store.url(key)}: {exc.strerror or exc}"
+                ) from exc
+            self._store.put(key, tmp)  # whole, durably; the temp file is consumed
+        except OutputError:
             tmp.unlink(missing_ok=True)
             self._buffer[:0] = rows  # kept for the final flush to try again
             self._bytes += sum(_text_size(row) for row in rows)
-            if isinstance(exc, OutputError):
-                raise
-            raise OutputError(f"cannot write manifest part {key}: {exc.strerror or exc}") from exc
+            raise
         self._parts += 1
         self.rows_written += len(rows)
 
@@ -297,70 +265,42 @@ def _text_size(row: ManifestRow) -> int:
     )
 
 
-def manifest_glob(out_dir: Location) -> str:
-    """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(DIR))``
-    (``s3://bucket/prefix/manifest/**/*.parquet`` for an S3 location). Exact whenever no
-    compaction is under way (``parts`` is exact always)."""
-    if is_remote(out_dir):
-        return f"{str(out_dir).rstrip('/')}/manifest/**/*.parquet"
-    return str(Path(out_dir) / "manifest" / "**" / "*.parquet")
+def manifest_glob(where: Store | Location) -> str:
+    """The glob that reads the whole manifest: ``pl.scan_parquet(manifest_glob(store),
+    storage_options=store.storage_options)``. Exact whenever no compaction is under way
+    (``parts`` is exact always)."""
+    return as_store(where).url("manifest/**/*.parquet")
 
 
-def _remote_parts(out_dir: str) -> list[str]:
-    """The keys of an S3 location's live manifest parts."""
-    return generations.read(open_store(out_dir)).parts
+def has_manifest(where: Store | Location) -> bool:
+    return bool(parts(where))
 
 
-def _store_batches(
-    out_dir: Location, columns: list[str], where: ds.Expression
-) -> Iterator[pa.RecordBatch]:
-    """``columns`` of the live rows matching ``where``, read through the location's store one
-    part at a time (a part is a few MB at most)."""
-    store = open_store(out_dir)
-    for key in generations.read(store).parts:
-        try:
-            table = pq.read_table(pa.BufferReader(store.get(key)), columns=columns, filters=where)
-        except (OSError, ValueError, KeyError, OutputError) as exc:
-            raise ManifestError(
-                f"cannot read the existing manifest ({store.location}/{key}): {exc}; run "
-                f"'harvester verify {store.location}', then delete or move that part (its "
-                "requests are harvested again)"
-            ) from exc
-        yield from table.to_batches()
+def parts(where: Store | Location) -> list[str]:
+    """Every live part's key: the newest generation's, then those of the run folders it
+    does not replace. Each manifest row is in exactly one of them, during a compaction too."""
+    return generations.read(as_store(where)).parts
 
 
-def has_manifest(out_dir: Location) -> bool:
-    if is_remote(out_dir):
-        return bool(_remote_parts(str(out_dir)))
-    return any((Path(out_dir) / "manifest").glob("*/*.parquet"))
-
-
-def parts(out_dir: Path) -> list[Path]:
-    """Every live part file: the newest generation's, then those of the run folders it does
-    not replace. Each manifest row is in exactly one of them, during a compaction too."""
-    return [out_dir / key for key in generations.read(LocalStore(out_dir)).parts]
-
-
-def scan_keys(out_dir: Location, keys: Sequence[str]) -> pl.LazyFrame:
-    """Lazily read the parts ``keys`` of ``out_dir``."""
+def scan_keys(store: Store, keys: Sequence[str]) -> pl.LazyFrame:
+    """Lazily read the parts ``keys`` of ``store``."""
     import polars as pl
 
     if not keys:
         return pl.LazyFrame(schema=polars_schema())
-    options = storage_options() if is_remote(out_dir) else None
     # Parts written before a column was added lack it: read it as null there.
     return pl.scan_parquet(
-        [f"{str(out_dir).rstrip('/')}/{key}" for key in keys],
+        [store.url(key) for key in keys],
         schema=polars_schema(),
         missing_columns="insert",
-        storage_options=options,
+        storage_options=store.storage_options,
     )
 
 
-def scan(out_dir: Location) -> pl.LazyFrame:
-    """Lazily read every manifest row under ``out_dir`` (each once): a folder, or ``s3://``
-    (credentials from the AWS environment variables)."""
-    return scan_keys(out_dir, generations.read(open_store(out_dir)).parts)
+def scan(where: Store | Location) -> pl.LazyFrame:
+    """Lazily read every manifest row of a harvest (a store, or its location), each once."""
+    store = as_store(where)
+    return scan_keys(store, parts(store))
 
 
 def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
@@ -369,7 +309,7 @@ def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
     return rows.filter(pl.col("run_id") == pl.col("run_id").max().over("model", "request_id"))
 
 
-def latest(out_dir: Location) -> pl.LazyFrame:
+def latest(where: Store | Location) -> pl.LazyFrame:
     """The rows of each request's most recent run: the current state of every request.
 
     After a compaction this reads the current-state table (already one request's latest rows
@@ -377,45 +317,37 @@ def latest(out_dir: Location) -> pl.LazyFrame:
     """
     import polars as pl
 
-    listing = generations.read(open_store(out_dir))
+    store = as_store(where)
+    listing = generations.read(store)
     gen = listing.generation
     if gen is None or gen.current is None:
-        return _latest_of(scan_keys(out_dir, listing.parts))
-    state = scan_keys(out_dir, [gen.current])
+        return _latest_of(scan_keys(store, listing.parts))
+    state = scan_keys(store, [gen.current])
     if not listing.runs:
         return state
-    return _latest_of(pl.concat([state, scan_keys(out_dir, listing.run_parts)]))
+    return _latest_of(pl.concat([state, scan_keys(store, listing.run_parts)]))
 
 
-def _batches(out_dir: Path, columns: list[str], where: ds.Expression) -> Iterator[pa.RecordBatch]:
-    """``columns`` of the live rows matching ``where``, batch by batch (memory stays flat
+def _batches(store: Store, columns: list[str], where: ds.Expression) -> Iterator[pa.RecordBatch]:
+    """``columns`` of the live rows matching ``where``, one part at a time (memory stays flat
     however long the history); an unreadable part is a ``ManifestError`` saying what to do."""
-    files = [str(p) for p in parts(out_dir)]
-    if not files:
-        return
-    try:
-        dataset = ds.dataset(files, schema=SCHEMA, format="parquet")
-        yield from dataset.to_batches(columns=columns, filter=where)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        bad = unreadable_parts(out_dir)
-        where_bad = ", ".join(str(p) for p in bad[:3]) or str(out_dir / "manifest")
-        raise ManifestError(
-            f"cannot read the existing manifest ({where_bad}): {exc}; run 'harvester verify "
-            f"{out_dir}', then move the unreadable part file(s) out of the manifest folder "
-            "(their requests are harvested again)"
-        ) from exc
+    for key in parts(store):
+        try:
+            table = pq.read_table(pa.BufferReader(store.get(key)), columns=columns, filters=where)
+        except (OutputError, OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
+            raise ManifestError(
+                f"cannot read the existing manifest ({store.url(key)}): {exc}; run 'harvester "
+                f"verify {store.location}', then move the unreadable part file(s) out of the "
+                "manifest folder (their requests are harvested again)"
+            ) from exc
+        yield from table.to_batches()
 
 
-def ok_pairs(out_dir: Location) -> Iterator[tuple[str, str]]:
+def ok_pairs(where: Store | Location) -> Iterator[tuple[str, str]]:
     """``(model, request_id)`` of every ok row in any earlier run (a pair can repeat), read
     in batches: memory stays flat however long the history."""
-    if is_remote(out_dir):
-        for batch in _store_batches(
-            out_dir, ["model", "request_id"], ds.field("request_status") == OK
-        ):
-            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
-        return
-    for batch in _batches(Path(out_dir), ["model", "request_id"], ds.field("request_status") == OK):
+    store = as_store(where)
+    for batch in _batches(store, ["model", "request_id"], ds.field("request_status") == OK):
         yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
 
 
@@ -429,16 +361,16 @@ class AgedPair:
     expired: bool
 
 
-def aged_pairs(out_dir: Location, *, first_seen_before: datetime) -> Iterator[AgedPair]:
+def aged_pairs(where: Store | Location, *, first_seen_before: datetime) -> Iterator[AgedPair]:
     """Pairs with a row not ok harvested before ``first_seen_before``, or an ``expired`` row
     (a pair can repeat), read in batches like ``ok_pairs``. A harvest gives up on those of them
-    that were never ok (``--give-up-after``). Read through the location's store, a folder's
-    or a bucket's alike."""
+    that were never ok (``--give-up-after``)."""
+    store = as_store(where)
     cutoff = pa.scalar(first_seen_before, type=SCHEMA.field("harvested_at").type)
     # Ok rows are left out: a pair ever ok is skipped anyway, and it keeps this pass short.
     aged = (ds.field("harvested_at") < cutoff) & (ds.field("request_status") != OK)
     where = aged | (ds.field("request_status") == EXPIRED)
-    for batch in _store_batches(out_dir, ["model", "request_id", "request_status"], where):
+    for batch in _batches(store, ["model", "request_id", "request_status"], where):
         for model, request_id, status in zip(
             batch.column(0).to_pylist(),
             batch.column(1).to_pylist(),
@@ -449,14 +381,15 @@ def aged_pairs(out_dir: Location, *, first_seen_before: datetime) -> Iterator[Ag
                 yield AgedPair(model, request_id, status == EXPIRED)
 
 
-def unreadable_parts(out_dir: Path) -> list[Path]:
-    """Manifest part files whose Parquet footer cannot be read."""
+def unreadable_parts(where: Store | Location) -> list[str]:
+    """The keys of live manifest parts whose Parquet footer cannot be read."""
+    store = as_store(where)
     bad = []
-    for part in parts(out_dir):
+    for key in parts(store):
         try:
-            pq.read_metadata(part)
-        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
-            bad.append(part)
+            pq.read_metadata(pa.BufferReader(store.get(key)))
+        except (OutputError, OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+            bad.append(key)
     return bad
 
 
@@ -482,5 +415,6 @@ __all__ = [
     "polars_schema",
     "rows_to_table",
     "scan",
+    "scan_keys",
     "unreadable_parts",
 ]

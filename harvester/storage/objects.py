@@ -1,11 +1,13 @@
 """Where a harvest's output lives: a local folder or an S3 bucket, behind one small interface.
 
 Keys are relative paths with the same layout in both (``images/aa/<sha256>.<ext>``,
-``manifest/<run_id>/part-NNNNN.parquet``, ``runs/<run_id>.json``); ``open_store`` picks the
-backend from the location (``s3://bucket/prefix`` or a path). Every write is atomic: a reader
-never sees part of an object. ``put_new`` creates an object only if the key is free (images:
-the key names the bytes, so whoever writes first wins and the others learn it was stored);
-``put`` replaces a whole object (manifest parts, run records).
+``manifest/<run_id>/part-NNNNN.parquet``, ``runs/<run_id>.json``). ``open_store`` turns
+``--out`` into a store, and is the only code outside the two classes that tells a folder
+from a bucket; everything a harvest writes or reads goes through the store it returns.
+Every write is atomic: a reader never sees part of an object. ``put_new`` creates an object
+only if the key is free (images: the key names the bytes, so whoever writes first wins and
+the others learn it was stored); ``put`` replaces a whole object (manifest parts, run
+records).
 
 The S3 backend is obstore (Rust ``object_store``, what polars itself uses for ``s3://``).
 Credentials, region and endpoint come only from the standard AWS environment variables and
@@ -27,7 +29,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from harvester.errors import LockedError, OutputError
 from harvester.storage import lock as folder_lock
@@ -47,6 +49,9 @@ SINGLE_PUT_BYTES: Final = 16 << 20
 memory; larger spill files go up in parts of ``PART_BYTES``, ``PART_CONCURRENCY`` at a time."""
 PART_BYTES: Final = 8 << 20
 PART_CONCURRENCY: Final = 2
+REMOTE_TEMP: Final = ".tmp/"
+"""The runs' temp objects in a bucket (a shard's pairs, for nodes without the driver's disk):
+``.tmp/<run_id>/``, deleted when the run ends, or by the next run on the prefix."""
 LEASE_SECONDS: Final = 60.0
 """How long a lease on an S3 prefix lasts unless renewed (every third of it)."""
 AWS_ENV: Final = (
@@ -56,6 +61,7 @@ AWS_ENV: Final = (
     "AWS_REGION",
     "AWS_ENDPOINT_URL",
 )
+_ENV_KEPT: Final = (*AWS_ENV, "AWS_DEFAULT_REGION", "TMPDIR")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,8 @@ class Holder:
     pid: int
     expires_at: datetime | None = None
     """None for a folder: the kernel drops a flock when its process dies."""
+    since: datetime | None = None
+    """When the holder took the lock, if the lock says (a folder's lock file's time)."""
 
 
 class Held(Protocol):
@@ -90,7 +98,8 @@ class Held(Protocol):
 
 
 class Store(Protocol):
-    """Everything a harvest writes and reads under its output location."""
+    """Everything a harvest writes and reads under its output location. Picklable: a shard
+    in another process (or on another node) gets the store the driver opened."""
 
     @property
     def location(self) -> str:
@@ -98,23 +107,43 @@ class Store(Protocol):
 
     @property
     def temp_dir(self) -> Path:
-        """Where spill files and parts are written before a put (local disk)."""
+        """A local folder for the run's own files (shard files, progress, spill files, parts
+        being built): the output folder's ``.tmp``, or a scratch folder for a bucket. A put
+        of a file from here consumes it."""
+
+    @property
+    def everywhere(self) -> bool:
+        """Every machine reaches the location itself (a bucket). A folder is on this
+        machine's disk, unless every node mounts it (``--shared-fs``); its temp files are."""
+
+    def prepare(self) -> None:
+        """Make the local folders a run writes and check they are writable (``OutputError``
+        with the fix if not)."""
+
+    def clean_temp(self) -> int:
+        """Empty ``temp_dir`` of what a dead run left; returns how many. With the lock held."""
+
+    def on_node(self, scratch: Path) -> Store:
+        """This store for a process on a machine without the driver's disk, its temp files
+        in ``scratch`` (a folder store stays itself: every node mounts it, ``--shared-fs``)."""
 
     def put_new(self, key: str, source: Source) -> bool:
-        """Create ``key`` unless it exists: True if created, False if it was there (its bytes
-        are kept). For keys that name their content (images)."""
+        """Create ``key`` unless it exists, atomically: True if created, False if it was
+        there (its bytes are kept). For keys that name their content (images)."""
 
     async def put_new_async(self, key: str, source: Source) -> bool:
         """``put_new`` for an event loop."""
 
     def put(self, key: str, source: Source) -> None:
-        """Write the whole object at ``key``, replacing any: readers see the old or the new."""
+        """Write the whole object at ``key``, replacing any, durably: readers see the old or
+        the new."""
 
     def get(self, key: str) -> bytes:
-        """A small object's bytes; ``FileNotFoundError`` if there is none."""
+        """A small object's bytes; ``OutputError`` if it cannot be read (or is not there, or
+        would be read from outside the location)."""
 
     def iter_bytes(self, key: str, *, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
-        """An object's bytes in chunks (memory stays bounded); ``FileNotFoundError``."""
+        """An object's bytes in chunks (memory stays bounded); ``OutputError``."""
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Every object whose key starts with the folder ``prefix`` (``manifest/``)."""
@@ -122,8 +151,16 @@ class Store(Protocol):
     def delete(self, key: str) -> None:
         """Remove ``key``; nothing if it is not there."""
 
-    def lock(self, *, owner: str) -> AbstractContextManager[Held]:
-        """Hold the location for one run, or raise ``LockedError`` at once (never waits)."""
+    def url(self, key: str) -> str:
+        """What polars and pyarrow open for ``key`` (with ``storage_options``)."""
+
+    @property
+    def storage_options(self) -> dict[str, str] | None:
+        """polars' ``storage_options`` for ``url``s (None for a folder)."""
+
+    def lock(self, *, owner: str, read_only_ok: bool = False) -> AbstractContextManager[Held]:
+        """Hold the location for one run, or raise ``LockedError`` at once (never waits).
+        ``read_only_ok``: for checks that write nothing (a read-only folder cannot be in use)."""
 
     def holder(self) -> Holder | None:
         """Who runs on this location now, or None."""
@@ -133,12 +170,25 @@ class Store(Protocol):
 
 
 class LocalStore:
-    """An output folder, exactly today's layout (``Layout``), lock (``flock`` on ``.lock``)
-    and atomic file puts (``files.persist_new``)."""
+    """An output folder: its layout (``Layout``), its lock (``flock`` on ``.lock``), atomic
+    puts (a temp file renamed into place; ``put`` fsyncs first), and no read from outside
+    the folder (a link out of it is refused)."""
+
+    everywhere = False
 
     def __init__(self, root: Path) -> None:
         self.layout = Layout(root)
         self._folders: set[str] = set()
+        self._real: Path | None = None
+
+    def __getstate__(self) -> Path:
+        return self.layout.root
+
+    def __setstate__(self, root: Path) -> None:
+        self.__init__(root)  # type: ignore[misc]  # a fresh cache of made folders
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.layout.root)!r})"
 
     @property
     def location(self) -> str:
@@ -147,6 +197,15 @@ class LocalStore:
     @property
     def temp_dir(self) -> Path:
         return self.layout.tmp
+
+    def prepare(self) -> None:
+        self.layout.prepare()
+
+    def clean_temp(self) -> int:
+        return self.layout.clean_temp()
+
+    def on_node(self, scratch: Path) -> Store:
+        return self
 
     def _path(self, key: str) -> Path:
         return self.layout.root / key
@@ -164,10 +223,12 @@ class LocalStore:
             data = str(source) if isinstance(source, Path) else source
             return persist_new(str(path), data, tmp_dir=str(self.layout.tmp))
         except OSError as exc:
-            raise OutputError(f"cannot store {path}: {exc.strerror or exc}") from exc
+            if isinstance(source, Path):
+                source.unlink(missing_ok=True)
+            raise OutputError(f"cannot store {key}: {exc.strerror or exc}") from exc
 
     async def put_new_async(self, key: str, source: Source) -> bool:
-        return self.put_new(key, source)  # a link or a rename: no reason to leave the loop
+        return self.put_new(key, source)  # a rename: no reason to leave the loop
 
     def put(self, key: str, source: Source) -> None:
         path = self._path(key)
@@ -175,6 +236,7 @@ class LocalStore:
         try:
             self._folder_for(path)
             if isinstance(source, bytes):
+                self._folder_for(tmp)
                 tmp.write_bytes(source)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -183,13 +245,32 @@ class LocalStore:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
+    def _inside(self, key: str) -> Path:
+        """``key``'s path, refused (``OutputError``) if a link takes it out of the folder."""
+        if self._real is None:
+            self._real = self.layout.root.resolve()
+        path = self._path(key)
+        try:
+            path.resolve().relative_to(self._real)
+        except (OSError, RuntimeError, ValueError) as exc:  # outside, or a loop of links
+            raise OutputError(f"{key} links out of the output folder: not read") from exc
+        return path
+
     def get(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        path = self._inside(key)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
     def iter_bytes(self, key: str, *, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
-        with open(self._path(key), "rb") as fh:
-            while chunk := fh.read(chunk_size):
-                yield chunk
+        path = self._inside(key)
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(chunk_size):
+                    yield chunk
+        except OSError as exc:
+            raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = self._path(prefix)
@@ -225,15 +306,29 @@ class LocalStore:
             except OSError:  # not empty (or gone): the folders above are not either
                 break
 
+    def url(self, key: str) -> str:
+        return str(self._path(key))
+
+    @property
+    def storage_options(self) -> dict[str, str] | None:
+        return None
+
     @contextmanager
-    def lock(self, *, owner: str = "") -> Iterator[Held]:
-        """Today's ``flock``: the kernel drops it when the process dies, so it is never lost."""
-        with folder_lock.exclusive(self.layout):
+    def lock(self, *, owner: str = "", read_only_ok: bool = False) -> Iterator[Held]:
+        """The folder's ``flock``: the kernel drops it when the process dies, so it is never
+        lost."""
+        with folder_lock.exclusive(self.layout, read_only_ok=read_only_ok):
             yield _Flock()
 
     def holder(self) -> Holder | None:
         pid = folder_lock.holder(self.layout)
-        return None if pid is None else Holder(owner="", host=socket.gethostname(), pid=pid)
+        if pid is None:
+            return None
+        try:
+            since: datetime | None = datetime.fromtimestamp(self.layout.lock.stat().st_mtime, UTC)
+        except OSError:
+            since = None
+        return Holder(owner="", host=socket.gethostname(), pid=pid, since=since)
 
 
 class _Flock:
@@ -284,22 +379,25 @@ def _s3_error(what: str, where: str, exc: Exception) -> OutputError:
 class S3Store:
     """A prefix in an S3 bucket (any S3-compatible server: AWS, Ceph's gateway, ...)."""
 
+    everywhere = True
+
     def __init__(
         self,
         location: str,
         *,
         env: dict[str, str] | None = None,
-        temp_dir: Path | None = None,
+        scratch: Path | None = None,
         lease_seconds: float = LEASE_SECONDS,
         clock: Callable[[], float] = time.time,
         give_up_after: float = 180.0,
     ) -> None:
-        """``give_up_after``: seconds a request is retried (5xx, dropped connections) before
-        its error is raised."""
+        """``scratch``: the local folder for the run's own files (default: one per location
+        under ``TMPDIR``, ``scratch_dir``); ``give_up_after``: seconds a request is retried
+        (5xx, dropped connections) before its error is raised."""
         from obstore.store import S3Store as ObstoreS3
 
         self._where = S3Location.parse(location)
-        env = dict(os.environ if env is None else env)
+        env = {k: v for k, v in (os.environ if env is None else env).items() if k in _ENV_KEPT}
         self._env = env
         config: dict[str, str] = {}
         for name in AWS_ENV:
@@ -321,9 +419,28 @@ class S3Store:
             },
             retry_config={"retry_timeout": timedelta(seconds=give_up_after)},
         )
-        self._temp = temp_dir
+        self.scratch = Layout(scratch or scratch_dir(str(self._where), env=env))
         self.lease_seconds = lease_seconds
         self.clock = clock
+        self._give_up_after = give_up_after
+
+    def __getstate__(self) -> dict[str, object]:
+        """The settings, not obstore's client (which does not pickle): the AWS settings the
+        driver has travel with the store, so a cluster's nodes write where it reads."""
+        return {
+            "location": str(self._where),
+            "env": self._env,
+            "scratch": self.scratch.root,
+            "lease_seconds": self.lease_seconds,
+            "clock": self.clock,
+            "give_up_after": self._give_up_after,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"S3Store({str(self._where)!r})"
 
     @property
     def location(self) -> str:
@@ -331,13 +448,35 @@ class S3Store:
 
     @property
     def temp_dir(self) -> Path:
-        """A private local folder, made on first use (``TMPDIR`` says where)."""
-        if self._temp is None:
-            self._temp = Path(tempfile.mkdtemp(prefix="harvester-spill-"))
-        return self._temp
+        return self.scratch.tmp
 
-    def _url(self, key: str) -> str:
+    def prepare(self) -> None:
+        self.scratch.prepare()
+
+    def clean_temp(self) -> int:
+        """The scratch folder's leftovers, and the temp objects dead runs left in the bucket
+        (``REMOTE_TEMP``: a shard's pairs for nodes without the driver's disk)."""
+        removed = self.scratch.clean_temp()
+        for info in list(self.list(REMOTE_TEMP)):
+            self.delete(info.key)
+            removed += 1
+        return removed
+
+    def on_node(self, scratch: Path) -> Store:
+        state = self.__getstate__()
+        store = S3Store(**{**state, "scratch": scratch})  # type: ignore[arg-type]
+        try:
+            store.temp_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot make {store.temp_dir}: {exc.strerror or exc}") from exc
+        return store
+
+    def url(self, key: str) -> str:
         return f"{self._where}/{key}"
+
+    @property
+    def storage_options(self) -> dict[str, str] | None:
+        return storage_options(self._env)
 
     def _exists(self, key: str) -> bool:
         import obstore
@@ -359,7 +498,7 @@ class S3Store:
         except obx.AlreadyExistsError:
             return False
         except (obx.BaseError, OSError) as exc:
-            raise _s3_error("store", self._url(key), exc) from exc
+            raise _s3_error("store", self.url(key), exc) from exc
         finally:
             if isinstance(source, Path):
                 source.unlink(missing_ok=True)
@@ -396,7 +535,7 @@ class S3Store:
         except obx.AlreadyExistsError:
             return False
         except (obx.BaseError, OSError) as exc:
-            raise _s3_error("store", self._url(key), exc) from exc
+            raise _s3_error("store", self.url(key), exc) from exc
         finally:
             if isinstance(source, Path):
                 source.unlink(missing_ok=True)
@@ -411,7 +550,7 @@ class S3Store:
                 self._store, key, source, chunk_size=PART_BYTES, max_concurrency=PART_CONCURRENCY
             )
         except (obx.BaseError, OSError) as exc:
-            raise _s3_error("write", self._url(key), exc) from exc
+            raise _s3_error("write", self.url(key), exc) from exc
         finally:
             if isinstance(source, Path):
                 source.unlink(missing_ok=True)
@@ -422,8 +561,8 @@ class S3Store:
 
         try:
             return bytes(obstore.get(self._store, key).bytes())
-        except obx.BaseError as exc:
-            raise _s3_error("read", self._url(key), exc) from exc
+        except (obx.BaseError, FileNotFoundError) as exc:
+            raise _s3_error("read", self.url(key), exc) from exc
 
     def iter_bytes(self, key: str, *, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
         import obstore
@@ -431,8 +570,8 @@ class S3Store:
 
         try:
             yield from obstore.get(self._store, key).stream(min_chunk_size=chunk_size)
-        except obx.BaseError as exc:
-            raise _s3_error("read", self._url(key), exc) from exc
+        except (obx.BaseError, FileNotFoundError) as exc:
+            raise _s3_error("read", self.url(key), exc) from exc
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         import obstore
@@ -445,7 +584,7 @@ class S3Store:
         except FileNotFoundError:  # the bucket itself
             return
         except obx.BaseError as exc:
-            raise _s3_error("list", self._url(prefix), exc) from exc
+            raise _s3_error("list", self.url(prefix), exc) from exc
 
     def delete(self, key: str) -> None:
         import obstore
@@ -456,7 +595,7 @@ class S3Store:
         except FileNotFoundError:
             return
         except obx.BaseError as exc:
-            raise _s3_error("delete", self._url(key), exc) from exc
+            raise _s3_error("delete", self.url(key), exc) from exc
 
     def lease(self, *, owner: str) -> Lease:
         # Its own client, whose requests give up well within the lease: a renewal that hangs
@@ -464,7 +603,7 @@ class S3Store:
         store = S3Store(
             self.location,
             env=self._env,
-            temp_dir=self._temp,
+            scratch=self.scratch.root,
             lease_seconds=self.lease_seconds,
             clock=self.clock,
             give_up_after=self.lease_seconds / 6,
@@ -472,8 +611,9 @@ class S3Store:
         return Lease(store, owner=owner, seconds=self.lease_seconds, clock=self.clock)
 
     @contextmanager
-    def lock(self, *, owner: str = "") -> Iterator[Held]:
-        """A lease renewed by a background thread every third of ``lease_seconds``."""
+    def lock(self, *, owner: str = "", read_only_ok: bool = False) -> Iterator[Held]:
+        """A lease renewed by a background thread every third of ``lease_seconds``, then the
+        scratch folder's ``flock`` (runs on one location share it)."""
         lease = self.lease(owner=owner)
         lease.acquire()
         stop = threading.Event()
@@ -482,7 +622,8 @@ class S3Store:
         )
         keeper.start()
         try:
-            yield lease
+            with folder_lock.exclusive(self.scratch, read_only_ok=True):
+                yield lease
         finally:
             stop.set()
             keeper.join()
@@ -649,14 +790,21 @@ Location = Path | str
 """Where a harvest's output lives: a local folder (a ``Path``), or ``s3://bucket/prefix``."""
 
 
-def is_remote(location: Location) -> bool:
-    """True for an ``s3://`` location (the only remote kind)."""
-    return isinstance(location, str) and location.startswith("s3://")
+def as_location(text: str | Path, *, base: Path | None = None) -> Location:
+    """``--out``'s text as a location: ``s3://...`` stays a string, anything else is a path
+    (relative ones resolved against ``base``, the job file's folder, if given)."""
+    if isinstance(text, str) and text.startswith("s3://"):
+        return text
+    if base is None:
+        return Path(text)
+    expanded = os.path.expanduser(text)
+    return Path(expanded if os.path.isabs(expanded) else os.path.normpath(base / expanded))
 
 
-def as_location(text: str) -> Location:
-    """``--out``'s text as a location: ``s3://...`` stays a string, anything else is a path."""
-    return text if text.startswith("s3://") else Path(text)
+def as_store(where: Store | Location) -> Store:
+    """``where`` as a store: a location (a folder, or ``s3://bucket/prefix``) is opened, so a
+    Python caller may name a harvest the way the CLI does."""
+    return open_store(where) if isinstance(where, Path | str) else where
 
 
 def scratch_dir(location: str, *, env: dict[str, str] | None = None) -> Path:
@@ -680,13 +828,11 @@ def storage_options(env: dict[str, str] | None = None) -> dict[str, str]:
     return options
 
 
-def open_store(
-    location: Location, *, env: dict[str, str] | None = None, temp_dir: Path | None = None
-) -> Store:
-    """The store for ``--out``: ``s3://bucket/prefix``, or a local folder. ``temp_dir``: where
-    an S3 store spills (default: a private folder under ``TMPDIR``)."""
+def open_store(location: Location, *, env: dict[str, str] | None = None) -> Store:
+    """The store for ``--out``: ``s3://bucket/prefix``, or a local folder. The one place
+    that tells the two apart."""
     if isinstance(location, str) and location.startswith("s3://"):
-        return S3Store(location, env=env, temp_dir=temp_dir)
+        return S3Store(location, env=env)
     if isinstance(location, str) and "://" in location:
         scheme = location.split("://", 1)[0]
         raise OutputError(f"--out {location}: {scheme}:// is not supported; use s3:// or a path")
@@ -704,7 +850,7 @@ __all__ = [
     "S3Store",
     "Store",
     "as_location",
-    "is_remote",
+    "as_store",
     "open_store",
     "scratch_dir",
     "storage_options",

@@ -4,7 +4,7 @@ A harvest writes its record when it starts (state ``running``, with its pid and 
 again when it ends (state ``finished``, with the exit code and the reason). A record still
 saying ``running`` whose process is gone tells ``harvester status`` that the run crashed
 (killed outright, out of memory, power cut). Each write is atomic (a temp file renamed into
-place), so a reader never sees half a record.
+place, or one whole object: ``Store.put``), so a reader never sees half a record.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Final
 
 from harvester.errors import OutputError
-from harvester.storage.layout import Layout
-from harvester.storage.objects import Location, Store, is_remote, open_store
+from harvester.storage.objects import Location, Store, as_store
 
 RUNNING: Final = "running"
 FINISHED: Final = "finished"
@@ -178,52 +176,25 @@ class RunRecord:
         )
 
 
-def record_path(layout: Layout, run_id: str) -> Path:
-    return layout.runs / f"{run_id}.json"
+def write(store: Store, record: RunRecord) -> None:
+    """Write (or replace) ``record`` atomically, as ``runs/<run_id>.json``."""
+    body = json.dumps(record.to_json(), indent=2) + "\n"
+    store.put(f"runs/{record.run_id}.json", body.encode())
 
 
-def write(layout: Layout, record: RunRecord, *, remote: Store | None = None) -> None:
-    """Write (or replace) ``record`` atomically: a temp file renamed into place (or, with
-    ``remote``, one whole object ``runs/<run_id>.json`` there)."""
-    if remote is not None:
-        body = json.dumps(record.to_json(), indent=2) + "\n"
-        remote.put(f"runs/{record.run_id}.json", body.encode())
-        return
-    path = record_path(layout, record.run_id)
-    tmp = layout.temp_path(".json")
-    try:
-        layout.runs.mkdir(parents=True, exist_ok=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record.to_json(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write run record {path}: {exc.strerror or exc}") from exc
-
-
-def read_all(out_dir: Location) -> tuple[list[RunRecord], list[str]]:
-    """Every run record under ``out_dir``, oldest first, and the names of unreadable ones."""
+def read_all(where: Store | Location) -> tuple[list[RunRecord], list[str]]:
+    """Every run record in ``where``, oldest first, and the names of unreadable ones."""
+    store = as_store(where)
     records: list[RunRecord] = []
     unreadable: list[str] = []
-    if isinstance(out_dir, str) and is_remote(out_dir):
-        store = open_store(out_dir)
-        for info in store.list("runs/"):
-            name = info.key.rsplit("/", 1)[-1]
-            if not name.endswith(".json"):
-                continue
-            try:
-                records.append(RunRecord.from_json(json.loads(store.get(info.key))))
-            except (OutputError, ValueError, KeyError, TypeError, AttributeError):
-                unreadable.append(name)
-        records.sort(key=lambda r: r.run_id)
-        return records, unreadable
-    out_dir = Path(out_dir)
-    runs = Layout(out_dir).runs
-    for path in sorted(runs.glob("*.json")) if runs.is_dir() else []:
+    for info in store.list("runs/"):
+        name = info.key.rsplit("/", 1)[-1]
+        if not name.endswith(".json") or info.key.count("/") != 1:
+            continue
         try:
-            records.append(RunRecord.from_json(json.loads(path.read_text(encoding="utf-8"))))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            unreadable.append(path.name)
+            records.append(RunRecord.from_json(json.loads(store.get(info.key))))
+        except (OutputError, ValueError, KeyError, TypeError, AttributeError):
+            unreadable.append(name)
     records.sort(key=lambda r: r.run_id)
     return records, unreadable
 

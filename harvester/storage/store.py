@@ -1,12 +1,11 @@
 """The content-addressed image store: where downloaded (or ``data:``) bytes land.
 
-Bytes are hashed as they arrive and kept in memory (past 1 MiB they spill to a temp file);
-a complete body goes to an unnamed (or temp) file inside the output folder, which is linked
-(or renamed) atomically to ``images/<aa>/<sha256>.<ext>``; the extension comes from the
-bytes' magic number, never from the URL or the Content-Type. Identical bytes are stored once;
-a file of the wrong size under an image's name (torn by a power loss) is replaced. Nothing
-here speaks HTTP: ``harvester/api/download.py`` streams responses into a ``Sink`` (the sink
-protocol it declares).
+Bytes are hashed as they arrive and kept in memory (past 1 MiB they spill to a temp file in
+the store's ``temp_dir``); a complete body becomes ``images/<aa>/<sha256>.<ext>`` with one
+``Store.put_new``: atomically, once (a rename in a folder, a create-once put in a bucket).
+The extension comes from the bytes' magic number, never from the URL or the Content-Type.
+Identical bytes are stored once. Nothing here speaks HTTP: ``harvester/api/download.py``
+streams responses into a ``Sink`` (the sink protocol it declares).
 """
 
 from __future__ import annotations
@@ -20,9 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 from harvester.errors import OutputError
-from harvester.storage.files import persist_new
 from harvester.storage.imageinfo import HEADER_BYTES, ImageInfo, read_info
-from harvester.storage.layout import Layout
+from harvester.storage.layout import image_relpath
 
 if TYPE_CHECKING:
     from harvester.storage.objects import Store
@@ -93,7 +91,6 @@ class Sink:
 
     def __init__(self, store: ContentStore, spill_bytes: int = SPILL_BYTES) -> None:
         self._store = store
-        self._layout = store.layout
         self._dir = store.tmp
         self.path = f"{self._dir}/{os.getpid()}-{next(_names)}.part"
         self._spill = spill_bytes
@@ -111,7 +108,7 @@ class Sink:
             # An explicit buffer size spares the isatty() probe of every new file.
             return open(self.path, "wb", buffering=1 << 16)
         except OSError as exc:
-            raise OutputError(f"cannot write to {self._layout.tmp}: {exc.strerror or exc}") from exc
+            raise OutputError(f"cannot write to {self._dir}: {exc.strerror or exc}") from exc
 
     def write(self, chunk: bytes) -> str | None:
         """Take the next bytes; the reason to stop (they are no image), or None. Raises
@@ -144,44 +141,14 @@ class Sink:
         if ext is None:
             self.discard()
             return _not_an_image(self.head)
-        if self._store.remote is not None:
-            return await self._store.commit_remote(self, ext, http_status, attempts)
-        return self._store.commit(self, ext, http_status, attempts)
+        return await self._store.commit(self, ext, http_status, attempts)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
-    def persist(self, final: str, folders: set[str]) -> bool:
-        """Move the bytes to ``final`` atomically (the file appears complete or not at all);
-        False, and nothing written, if ``final`` exists already. ``folders`` remembers the
-        shard folders made.
-
-        A file at ``final`` of another size than these bytes is not the image: images are
-        not fsynced, so a power loss can leave one short under its name. It is replaced, and
-        this counts as new."""
-        folder = os.path.dirname(final)
-        if folder not in folders:
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError:
-                self.discard()
-                raise
-            folders.add(folder)
-        source: bytes | str
-        if self._fh is None:
-            source, self._chunks = b"".join(self._chunks), []
-        else:
-            self._fh.close()
-            source = self.path
-        try:
-            return persist_new(final, source, tmp_dir=self._dir)
-        except OSError:
-            self.discard()
-            raise
-
     def take(self) -> bytes | Path:
-        """The complete bytes for an object store's put: in memory, or the closed spill file
-        (which the put consumes)."""
+        """The complete bytes for a put: in memory, or the closed spill file (which the put
+        consumes)."""
         if self._fh is None:
             data, self._chunks = b"".join(self._chunks), []
             return data
@@ -202,42 +169,23 @@ class Sink:
 
 
 class ContentStore:
-    """Stores bytes under the hash of their content; one instance per lane.
+    """Stores bytes under the hash of their content in ``store``; one instance per lane."""
 
-    With ``remote`` (an S3 store) the complete bytes go up as one create-once object
-    (``commit_remote``); spill files still go to ``layout.tmp``, a local folder."""
-
-    def __init__(self, layout: Layout, *, remote: Store | None = None) -> None:
-        self.layout = layout
-        self.remote = remote
-        self._folders: set[str] = set()
-        self.tmp = str(layout.tmp)
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.tmp = str(store.temp_dir)
 
     def sink(self) -> Sink:
         """A new sink for one image's bytes."""
         return Sink(self)
 
-    def commit(self, sink: Sink, ext: str, status: int | None, attempt: int) -> StoredImage:
+    async def commit(self, sink: Sink, ext: str, status: int | None, attempt: int) -> StoredImage:
+        """The complete bytes into the store under their hash, once and atomically: no
+        reader ever sees part of an image; ``new`` is False if they were stored already."""
         sha = sink.hexdigest()
-        relative = self.layout.image_relpath(sha, ext)
-        final = os.path.join(self.layout.root, relative)
+        relative = image_relpath(sha, ext)
         try:
-            new = sink.persist(final, self._folders)
-        except OSError as exc:
-            raise OutputError(f"cannot store image {relative}: {exc.strerror or exc}") from exc
-        info = read_info(sink.head)
-        return StoredImage(sha, relative, sink.size, new, status, attempt, info)
-
-    async def commit_remote(
-        self, sink: Sink, ext: str, status: int | None, attempt: int
-    ) -> StoredImage:
-        """``commit`` into ``remote``: a create-once put of the complete bytes (a spill file
-        goes up in parts, then appears whole), so no object ever holds part of an image."""
-        assert self.remote is not None, "commit_remote needs a remote store"
-        sha = sink.hexdigest()
-        relative = self.layout.image_relpath(sha, ext)
-        try:
-            new = await self.remote.put_new_async(relative, sink.take())
+            new = await self.store.put_new_async(relative, sink.take())
         except BaseException:
             sink.discard()
             raise

@@ -16,10 +16,10 @@ import polars as pl
 
 from harvester.errors import UsageError
 from harvester.storage import manifest
-from harvester.storage.objects import Location
+from harvester.storage.objects import Location, Store, as_store
+from harvester.storage.runs import read_all
 from harvester.terminal import wrap
 from harvester.units import size
-from harvester.views.status import read_runs
 from harvester.views.table import fit_table
 
 NO_MODEL: Final = "(no model)"
@@ -32,7 +32,8 @@ GALLERY_LIMIT: Final = 48
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    out_dir: Location
+    store: Store
+    """Where the harvest is (the gallery reads its images from there)."""
     generated_at: datetime
     by_status: pl.DataFrame
     """One row per model: requests per status (``manifest.STATUSES`` columns) and ``total``."""
@@ -50,6 +51,10 @@ class Report:
     ``image_index``, ``prompt``, ``has_nsfw_concept``, ``bytes``, ``width``, ``height``."""
     gallery_total: int
     """How many images ``gallery_run`` stored (the gallery may show fewer)."""
+
+    @property
+    def out_dir(self) -> str:
+        return self.store.location
 
     @property
     def requests(self) -> int:
@@ -103,26 +108,28 @@ def _percent(column: str) -> pl.Expr:
     return pl.format("{}%", (pl.col(column) * 100).round(1)).alias(column)
 
 
-def build(out_dir: Location, *, gallery_limit: int = GALLERY_LIMIT) -> Report:
-    """Compute every table of the report for the output folder ``out_dir``."""
-    if not manifest.has_manifest(out_dir):
+def build(where: Store | Location, *, gallery_limit: int = GALLERY_LIMIT) -> Report:
+    """Compute every table of the report for a harvest (a store, or its location)."""
+    store = as_store(where)
+    if not manifest.has_manifest(store):
+        where = store.location
         raise UsageError(
-            f"no manifest under {out_dir}/manifest: nothing has been harvested into "
-            f"{out_dir} yet (check the folder, or run a harvest first)"
+            f"no manifest under {where}/manifest: nothing has been harvested into "
+            f"{where} yet (check the folder, or run a harvest first)"
         )
-    latest = manifest.latest(out_dir).with_columns(pl.col("model").fill_null(NO_MODEL)).collect()
+    latest = manifest.latest(store).with_columns(pl.col("model").fill_null(NO_MODEL)).collect()
     requests = latest.group_by("model", "request_id").agg(
         pl.col("request_status").first(),
         pl.col("inference_seconds").drop_nulls().first(),
     )
-    gallery_run, gallery, gallery_total = _gallery(out_dir, gallery_limit)
+    gallery_run, gallery, gallery_total = _gallery(store, gallery_limit)
     return Report(
-        out_dir=out_dir,
+        store=store,
         generated_at=datetime.now(UTC),
         by_status=_by_status(requests),
         nsfw=_nsfw(latest),
         inference=_inference(requests),
-        runs=_runs(out_dir),
+        runs=_runs(store),
         gallery_run=gallery_run,
         gallery=gallery,
         gallery_total=gallery_total,
@@ -172,8 +179,8 @@ def _inference(requests: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _runs(out_dir: Location) -> pl.DataFrame:
-    rows = manifest.scan(out_dir)
+def _runs(store: Store) -> pl.DataFrame:
+    rows = manifest.scan(store)
     stored = pl.col("path").is_not_null()
     new = stored & pl.col("stored_new").fill_null(False)
     per_run = (
@@ -190,7 +197,7 @@ def _runs(out_dir: Location) -> pl.DataFrame:
         )
         .collect()
     )
-    records, _ = read_runs(out_dir)
+    records, _ = read_all(store)
     known = pl.DataFrame(
         {
             "run_id": [r.run_id for r in records],
@@ -219,8 +226,8 @@ def _runs(out_dir: Location) -> pl.DataFrame:
     )
 
 
-def _gallery(out_dir: Location, limit: int) -> tuple[str | None, pl.DataFrame, int]:
-    images = manifest.scan(out_dir).filter(
+def _gallery(store: Store, limit: int) -> tuple[str | None, pl.DataFrame, int]:
+    images = manifest.scan(store).filter(
         pl.col("path").is_not_null() & (pl.col("status") == manifest.OK)
     )
     run = images.select(pl.col("run_id").max()).collect().item()

@@ -28,7 +28,7 @@ import polars as pl
 
 from harvester.errors import MEANINGS, OutputError
 from harvester.storage import manifest
-from harvester.storage.objects import Location, open_store
+from harvester.storage.objects import Store
 from harvester.units import size
 from harvester.views import thumbnails
 from harvester.views.report import RUNS_SHOWN, Report, display_runs
@@ -255,7 +255,7 @@ def _gallery(report: Report, limits: GalleryLimits) -> tuple[str, int, int]:
         return _section("gallery", "Gallery", "No run has stored an image yet.", "", ""), 0, 0
     tiles: list[str] = []
     embedded = placeholders = total = 0
-    read = _image_reader(report.out_dir)
+    read = _image_reader(report.store)
     thumbs = _use_thumbnails(limits)
     for row in report.gallery.head(limits.images).iter_rows(named=True):
         ext = PurePosixPath(row["path"]).suffix.lstrip(".").lower()
@@ -319,41 +319,18 @@ class _Unreadable(Exception):
     """Why an image's bytes are not in the page (its tile says so)."""
 
 
-def _image_reader(out_dir: Location) -> Callable[[str], bytes]:
-    """How the gallery reads a stored image by its manifest path: from the output folder
-    (never from outside it), or from the bucket."""
-    if isinstance(out_dir, str):
-        store = open_store(out_dir)
+def _image_reader(store: Store) -> Callable[[str], bytes]:
+    """How the gallery reads a stored image by its manifest path: from the store, which
+    never reads outside its location (a link under images/, or a path in the manifest, must
+    not put another file's bytes in the page)."""
 
-        def from_bucket(rel: str) -> bytes:
-            try:
-                return store.get(rel)
-            except OutputError as exc:
-                raise _Unreadable(f"cannot read: {exc}") from exc
-
-        return from_bucket
-    folder = Path(out_dir)
-    root = folder.resolve()
-
-    def from_folder(rel: str) -> bytes:
-        path = folder / rel
-        if not _inside(path, root):
-            raise _Unreadable("links out of the output folder: not embedded")
+    def read(rel: str) -> bytes:
         try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise _Unreadable(f"cannot read: {exc.strerror or exc}") from exc
+            return store.get(rel)
+        except OutputError as exc:
+            raise _Unreadable(f"cannot read: {exc}") from exc
 
-    return from_folder
-
-
-def _inside(path: Path, root: Path) -> bool:
-    """Whether ``path``, every link followed, is still inside ``root`` (a link under images/,
-    or a path in the manifest, must not put another file's bytes in the page)."""
-    try:
-        return path.resolve(strict=True).is_relative_to(root)
-    except (OSError, RuntimeError):  # missing, or a loop of links
-        return False
+    return read
 
 
 def _caption(prompt: str | None) -> str:

@@ -16,20 +16,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from harvester.errors import MEANINGS, ExitCode
-from harvester.storage import lock, runs
-from harvester.storage.layout import Layout
-from harvester.storage.objects import Location, is_remote, open_store
+from harvester.storage import runs
+from harvester.storage.objects import Location, Store, as_store
 from harvester.storage.rows import STATUSES
 from harvester.storage.runs import RunRecord
 from harvester.units import duration, size
 
 RECENT: Final = 5
 """Earlier runs listed after the last one."""
-
-
-def read_runs(out_dir: Location) -> tuple[list[RunRecord], list[str]]:
-    """Every run record under ``out_dir``, oldest first, and the names of unreadable ones."""
-    return runs.read_all(out_dir)
 
 
 def meaning(record: RunRecord) -> str:
@@ -40,7 +34,7 @@ def meaning(record: RunRecord) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    out_dir: Location
+    out_dir: str
     runs: list[RunRecord]
     unreadable: list[str]
     running_pid: int | None
@@ -51,17 +45,17 @@ class Status:
     incomplete_ok: bool = False
     """Count a last run that exited 3 (finished, some requests not ok) as ok: exit 0."""
     host: str = ""
-    """This host's name (a record's pid is checked only on the host that wrote it); for an
-    S3 location, the host of the lease's holder."""
-    remote: bool = False
-    """An S3 location: a run is running only while its lease is live (any host)."""
+    """This host's name (a record's pid is checked only on the host that wrote it); with a
+    lock every host sees (a lease), the host of its holder."""
+    any_host: bool = False
+    """The lock is seen from every host (a lease): a run is running only while it is held."""
 
     def is_running(self, record: RunRecord) -> bool:
         """The record's run is still going: its process holds the lock, or it ran on another
         host (whose processes cannot be checked from here)."""
         if not record.running:
             return False
-        if self.remote:
+        if self.any_host:
             return self.running_pid == record.pid and record.host == self.host
         if record.host and record.host != self.host:
             return True
@@ -259,34 +253,25 @@ class Status:
 
 
 def status(
-    out_dir: Location,
+    where: Store | Location,
     *,
     max_age: timedelta | None = None,
     incomplete_ok: bool = False,
     now: datetime | None = None,
 ) -> Status:
-    """The status of the output folder ``out_dir`` (or ``s3://bucket/prefix``: a run is
-    running there while its lease is live)."""
-    records, unreadable = read_runs(out_dir)
-    since: datetime | None = None
-    host, remote = runs.this_host(), False
-    if isinstance(out_dir, str) and is_remote(out_dir):
-        remote = True
-        holder = open_store(out_dir).holder()
-        pid = None if holder is None else holder.pid
+    """The status of a harvest (a store, or its location): its run records, and who holds
+    its lock."""
+    store = as_store(where)
+    records, unreadable = runs.read_all(store)
+    holder = store.holder()
+    pid = since = None
+    host = runs.this_host()
+    if holder is not None:  # on this host, or (a lease) on any
         running = [r for r in records if r.running]
-        if holder is not None and running:  # the lease's holder is on this host or another
-            since, host = running[-1].started_at, holder.host
-    else:
-        layout = Layout(Path(out_dir))
-        pid = lock.holder(layout)
-        if pid is not None:
-            try:
-                since = datetime.fromtimestamp(layout.lock.stat().st_mtime, UTC)
-            except OSError:
-                since = None
+        pid, host = holder.pid, holder.host
+        since = holder.since or (running[-1].started_at if running else None)
     return Status(
-        out_dir=out_dir,
+        out_dir=store.location,
         runs=records,
         unreadable=unreadable,
         running_pid=pid,
@@ -295,7 +280,7 @@ def status(
         max_age=max_age,
         incomplete_ok=incomplete_ok,
         host=host,
-        remote=remote,
+        any_host=store.everywhere,
     )
 
 

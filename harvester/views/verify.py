@@ -13,10 +13,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Final
 
 import pyarrow as pa
@@ -24,9 +23,7 @@ import pyarrow.parquet as pq
 
 from harvester.errors import OutputError
 from harvester.storage.imageinfo import HEADER_BYTES, claimed_format, read_info
-from harvester.storage.layout import Layout
-from harvester.storage.lock import exclusive
-from harvester.storage.objects import Location, Store, open_store
+from harvester.storage.objects import Location, Store, as_store
 
 _NAME: Final = re.compile(r"([0-9a-f]{64})\.[a-z0-9]+")
 
@@ -95,16 +92,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _sha256(path: Path) -> tuple[str, bytes]:
-    """The file's sha256 and its first ``HEADER_BYTES``."""
-    with open(path, "rb") as fh:
-        head = fh.read(HEADER_BYTES)
-        digest = hashlib.sha256(head)
-        for chunk in iter(partial(fh.read, 1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest(), head
-
-
 def _judge_header(rel: str, head: bytes, report: VerifyReport) -> None:
     """A file whose magic number claims a format ``read_info`` reads, yet it reads nothing."""
     claimed = claimed_format(head)
@@ -112,20 +99,19 @@ def _judge_header(rel: str, head: bytes, report: VerifyReport) -> None:
         report.not_images.append(f"{rel} (starts like a {claimed}; its header has no size)")
 
 
-def _referenced(
-    parts: Iterable[tuple[str, Callable[[], pa.Table]]], report: VerifyReport
-) -> dict[str, set[str]]:
-    """``path -> {sha256}`` from every readable part (``(name, read)`` pairs, one table in
+def _referenced(store: Store, report: VerifyReport) -> dict[str, set[str]]:
+    """``path -> {sha256}`` from every readable part (each read whole, every page, one in
     memory at a time); unreadable parts go into the report."""
     referenced: dict[str, set[str]] = defaultdict(set)
-    for name, read in parts:
+    keys = [i.key for i in store.list("manifest/") if i.key.endswith(".parquet")]
+    for key in keys:
         report.parts_checked += 1
         try:
-            table = read()
+            table = pq.read_table(pa.BufferReader(store.get(key)))
             paths = table.column("path").to_pylist()
             shas = table.column("sha256").to_pylist()
         except (OutputError, OSError, pa.ArrowException, KeyError) as exc:
-            report.unreadable_parts.append(f"{name}: {exc}")
+            report.unreadable_parts.append(f"{key}: {exc}")
             continue
         for path, sha in zip(paths, shas, strict=True):
             if path is not None:
@@ -133,42 +119,9 @@ def _referenced(
     return referenced
 
 
-def _read_parts(layout: Layout, report: VerifyReport) -> dict[str, set[str]]:
-    """The folder's parts, every page read (not just the footer)."""
-    parts = sorted(layout.manifest.rglob("*.parquet"))
-    return _referenced(
-        ((str(part.relative_to(layout.root)), partial(pq.read_table, part)) for part in parts),
-        report,
-    )
-
-
-def _check(path: Path, rel: str, expected: str, report: VerifyReport) -> None:
-    """Hash one file; a mismatch with ``expected`` (or its own name) makes it corrupt."""
-    report.files_checked += 1
-    try:
-        report.bytes_checked += path.stat().st_size
-        actual, head = _sha256(path)
-    except OSError as exc:
-        report.corrupt.append(f"{rel} (cannot be read: {exc.strerror or exc})")
-        return
-    if actual != expected or not path.name.startswith(actual):
-        report.corrupt.append(rel)
-    else:
-        _judge_header(rel, head, report)
-
-
-def _remote_parts(store: Store, report: VerifyReport) -> dict[str, set[str]]:
-    """An S3 location's parts, each fetched whole, then read."""
-
-    def reader(key: str) -> Callable[[], pa.Table]:
-        return lambda: pq.read_table(pa.BufferReader(store.get(key)), columns=["path", "sha256"])
-
-    keys = [i.key for i in store.list("manifest/") if i.key.endswith(".parquet")]
-    return _referenced(((key, reader(key)) for key in keys), report)
-
-
-def _remote_check(store: Store, key: str, expected: str, report: VerifyReport) -> None:
-    """``_check`` for an object: hashed as it streams in (memory stays bounded)."""
+def _check(store: Store, key: str, expected: str, report: VerifyReport) -> None:
+    """Hash one image as it streams in (memory stays bounded); a mismatch with ``expected``
+    (or its own name) makes it corrupt, a header that says nothing not an image."""
     report.files_checked += 1
     digest = hashlib.sha256()
     head = b""
@@ -188,41 +141,19 @@ def _remote_check(store: Store, key: str, expected: str, report: VerifyReport) -
         _judge_header(key, head, report)
 
 
-def verify_remote(location: str) -> VerifyReport:
-    """``verify`` for ``s3://bucket/prefix``: holds the prefix's lease while it checks."""
-    store = open_store(location)
+def verify(where: Store | Location) -> VerifyReport:
+    """Check a harvest (a store, or its location); holds its lock while it checks
+    (``LockedError`` while a harvest runs on it)."""
+    store = as_store(where)
     report = VerifyReport()
-    with store.lock(owner="harvester verify"):
-        referenced = _remote_parts(store, report)
+    with store.lock(owner="harvester verify", read_only_ok=True):
+        referenced = _referenced(store, report)
         stored = {info.key for info in store.list("images/")}
         for rel, shas in sorted(referenced.items()):
-            _judge_named(
-                report, rel, shas, exists=rel in stored, check=partial(_remote_check, store, rel)
-            )
+            check = partial(_check, store, rel)
+            _judge_named(report, rel, shas, exists=rel in stored, check=check)
         for key in sorted(stored - referenced.keys()):
-            _judge_unnamed(report, key, key.rsplit("/", 1)[-1], partial(_remote_check, store, key))
-    return report
-
-
-def verify(out_dir: Location) -> VerifyReport:
-    """Check ``out_dir`` (a folder, or ``s3://bucket/prefix``); raises ``LockedError``
-    while a harvest runs on it."""
-    if isinstance(out_dir, str):
-        return verify_remote(out_dir)
-    layout = Layout(out_dir)
-    report = VerifyReport()
-    with exclusive(layout, read_only_ok=True):
-        referenced = _read_parts(layout, report)
-        for rel, shas in sorted(referenced.items()):
-            path = out_dir / rel
-            _judge_named(report, rel, shas, exists=path.is_file(), check=partial(_check, path, rel))
-        if not layout.images.is_dir():
-            return report
-        for path in sorted(layout.images.rglob("*")):
-            rel = path.relative_to(out_dir).as_posix()
-            if rel in referenced or not path.is_file():
-                continue
-            _judge_unnamed(report, rel, path.name, partial(_check, path, rel))
+            _judge_unnamed(report, key, key.rsplit("/", 1)[-1], partial(_check, store, key))
     return report
 
 
