@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 
 from harvester.storage import manifest
 from harvester.storage.compact import compact
-from harvester.storage.objects import LocalStore
 
 ROWS_PER_PART: Final = 5_000
 """As a harvest writes them (``HarvestConfig.rows_per_part``)."""
@@ -142,7 +141,7 @@ def run(scratch: Path, *, n: int, nights: int, runs: int) -> tuple[list[str], bo
         flush=True,
     )
     t0 = time.perf_counter()
-    stats = compact(LocalStore(year))
+    stats = compact(year)
     compact_s = time.perf_counter() - t0
     print(f"  {stats.summary()}", flush=True)
     after_s, after_result = best_of(runs, lambda: query(year))
@@ -151,7 +150,7 @@ def run(scratch: Path, *, n: int, nights: int, runs: int) -> tuple[list[str], bo
     ok_s = time.perf_counter() - t0
     write_nights(year, n, range(nights, nights + 1))
     t0 = time.perf_counter()
-    nightly = compact(LocalStore(year))
+    nightly = compact(year)
     nightly_s = time.perf_counter() - t0
     print(f"  the next night: {nightly.summary()}", flush=True)
     same = isinstance(before_result, pl.DataFrame) and before_result.equals(after_result)

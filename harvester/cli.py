@@ -24,7 +24,7 @@ from harvester.errors import ExitCode, HarvesterError
 from harvester.jobs import Job, load_job
 from harvester.options import Option
 from harvester.redact import printable
-from harvester.storage.objects import as_location, open_store
+from harvester.storage.objects import as_location
 from harvester.views import metrics
 from harvester.views.console import Console
 
@@ -254,7 +254,7 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
         from harvester.storage.compact import compact
 
         try:
-            compacted = compact(open_store(job.out))
+            compacted = compact(job.out)
         except HarvesterError as exc:
             console.failed(exc)
             sys.exit(int(exc.exit_code))
@@ -446,7 +446,7 @@ def compact_command(out_dir: Path | str) -> None:
     if isinstance(out_dir, Path):
         _require_harvest_folder(out_dir, ("manifest",))
     try:
-        stats = compact(open_store(out_dir))
+        stats = compact(out_dir)
     except HarvesterError as exc:
         _fail(exc)
         return

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from harvester.errors import LockedError, ManifestError, OutputError
 from harvester.storage import generations, manifest
 from harvester.storage.generations import Listing, Part
-from harvester.storage.objects import Held, Store
+from harvester.storage.objects import Held, Location, Store, as_store
 
 ROWS_PER_PART: Final = 1_000_000
 """Rows in a merged part: a year of nightly runs of 20,000 requests makes 8 parts."""
@@ -76,14 +76,16 @@ class CompactStats:
         )
 
 
-def compact(store: Store, *, rows_per_part: int = ROWS_PER_PART) -> CompactStats:
-    """Merge every run folder into a new generation and rewrite the current-state table.
+def compact(where: Store | Location, *, rows_per_part: int = ROWS_PER_PART) -> CompactStats:
+    """Merge every run folder of a harvest (a store, or its location) into a new generation
+    and rewrite the current-state table.
 
     Holds the location's lock (a harvest cannot run meanwhile; ``LockedError`` if one does).
     Raises ``ManifestError`` if a part cannot be read, ``OutputError`` if the store cannot be
     written; readers see the manifest as it was then, and the next compaction settles it.
     """
     started = time.monotonic()
+    store = as_store(where)
     with store.lock(owner="harvester compact") as held:
         store.clean_temp()  # what a killed compaction (or run) left
         work = store.temp_dir / "compact"
