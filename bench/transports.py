@@ -101,7 +101,7 @@ def main() -> None:
                 stats = pipeline.harvest(config)
                 wall, after = time.perf_counter() - started, os.times()
                 cpu = (after.user + after.system) - (before.user + before.system)
-                assert stats.requests["ok"] == args.n, stats.summary()
+                assert stats.counters.requests["ok"] == args.n, stats.summary()
                 results[name].append((wall, cpu))
                 print(f"  {name:18} wall {wall:6.2f} s  cpu {cpu:6.2f} s", flush=True)
     shutil.rmtree(folder, ignore_errors=True)

@@ -269,15 +269,7 @@ def _figures(stats: RunStats) -> metrics.RunFigures:
         exit_code=int(stats.exit_code),
         started_at=stats.started_at.timestamp(),
         finished_at=stats.started_at.timestamp() + stats.elapsed,
-        requests=dict(stats.requests),
-        skipped=stats.skipped_done,
-        images_new=stats.images_new,
-        images_existing=stats.images_existing,
-        images_failed=stats.images_failed,
-        bytes_downloaded=stats.bytes_downloaded,
-        bytes_new=stats.bytes_new,
-        throttled=stats.throttled,
-        retries=stats.retries,
+        counters=stats.counters,
     )
 
 

@@ -66,7 +66,7 @@ def test_two_thousand_requests_under_twenty_percent_faults(tmp_path: Path) -> No
     wrong = {rid: (want, got.get(rid)) for rid, want in expected.items() if got.get(rid) != want}
     assert not wrong, f"{len(wrong)} requests differ (expected, got): {list(wrong.items())[:5]}"
     assert stats.exit_code == ExitCode.INCOMPLETE
-    assert dict(stats.requests) == dict(Counter(expected.values()))
+    assert dict(stats.counters.requests) == dict(Counter(expected.values()))
 
     # Every fault kind fired, and the harvester saw what the sandbox did.
     for kind in ("rate_limit", "rate_limit_retry_after", "server_error", "gateway_html"):
@@ -74,21 +74,21 @@ def test_two_thousand_requests_under_twenty_percent_faults(tmp_path: Path) -> No
     for kind in ("reset", "truncate", "slow", "malformed_json"):
         assert served[f"fault_{kind}"] > 0, kind
     assert served["pending_served"] > 0
-    assert stats.throttled == served["rate_limited"] > 0
+    assert stats.counters.throttled == served["rate_limited"] > 0
     # The transport resends a GET once when a reused keep-alive connection is closed
     # under it (RFC 9112 section 9.3.1), so only resets can make the server see more.
-    assert 0 <= served["result_requests"] - stats.result_requests <= served["fault_reset"]
-    assert stats.retries > served["rate_limited"]
+    assert 0 <= served["result_requests"] - stats.counters.result_requests <= served["fault_reset"]
+    assert stats.counters.retries > served["rate_limited"]
     assert served["auth_leaks"] == 0
     summary = stats.summary()
-    assert f"{stats.throttled:,} rate-limited (429)" in summary
-    assert f"{stats.result_requests:,} result requests (" in summary
+    assert f"{stats.counters.throttled:,} rate-limited (429)" in summary
+    assert f"{stats.counters.result_requests:,} result requests (" in summary
 
     # Expired images are failed rows that keep the rest of their request.
     expired = state.filter(pl.col("error").str.contains("expired or was deleted"))
     assert expired.height == sum(1 for rid in expired["request_id"] if expected[rid] == "failed")
     report = verify(out)
     assert report.ok, report.summary()
-    assert report.files_checked == stats.images_new > 4_000
+    assert report.files_checked == stats.counters.images_new > 4_000
     assert list((out / ".tmp").iterdir()) == []
     print(f"\n{summary}\nsandbox: {served}")  # the figures quoted in the README

@@ -63,7 +63,7 @@ async def fetch(
             rng=random.Random(0),
             max_result_bytes=max_result_bytes,
         )
-        outcome = await fetcher.fetch("fal-ai/flux/dev", "req-1")
+        outcome = await fetcher.fetch("fal-ai/flux/requests/req-1")
     return outcome, fetcher
 
 

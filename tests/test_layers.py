@@ -1,16 +1,19 @@
-"""The layers hold at run time: ``harvester status`` reads JSON records and loads neither an
-HTTP library nor the run or API layers (``python -X importtime`` lists every import)."""
+"""The layers hold: ``harvester status`` reads JSON records and loads neither an HTTP library
+nor the run or API layers at run time (``python -X importtime`` lists every import), and no
+module of views imports the run or API layers at all, not even for types."""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from harvester.counters import Counters
 from harvester.errors import ExitCode
 from harvester.storage import runs
 from harvester.storage.layout import Layout
@@ -20,7 +23,13 @@ from tests.processes import harvester_env
 
 FORBIDDEN = ("httpx", "aiohttp", "anyio", "harvester.run", "harvester.api")
 PACKAGE = Path(__file__).parent.parent / "harvester"
-SHARED = {"harvester.errors", "harvester.redact", "harvester.statuses", "harvester.units"}
+SHARED = {
+    "harvester.counters",
+    "harvester.errors",
+    "harvester.redact",
+    "harvester.statuses",
+    "harvester.units",
+}
 """What every layer may import besides its own modules (docs/architecture.md)."""
 
 
@@ -79,7 +88,7 @@ def test_status_imports_neither_http_nor_the_run_layer(tmp_path: Path) -> None:
         started_at=started,
         finished_at=started,
         exit_code=0,
-        requests={"ok": 3},
+        counters=Counters(requests=Counter({"ok": 3})),
     )
     runs.write(LocalStore(tmp_path), record)
 
@@ -110,8 +119,7 @@ def test_a_run_record_reads_back_as_written(tmp_path: Path) -> None:
         pid=42,
         host="h",
         started_at=started,
-        requests={"ok": 3, "not_found": 1},
-        images_new=2,
+        counters=Counters(requests=Counter({"ok": 3, "not_found": 1}), images_new=2),
         inputs=(runs.InputRecord(path="a.csv", sha256="ab" * 32, bytes=10, rows=4),),
     )
     layout = Layout(tmp_path)
@@ -122,3 +130,9 @@ def test_a_run_record_reads_back_as_written(tmp_path: Path) -> None:
     assert back.running and back.exit_code is None
     assert back.not_ok_share == 0.25
     assert list((tmp_path / ".tmp").iterdir()) == []  # written through a temp file, renamed
+
+
+def test_views_never_import_the_run_or_api_layers() -> None:
+    imports = harvester_imports(PACKAGE / "views")
+    assert ("console.py", "harvester.storage.runs") in imports  # it sees them
+    assert {(f, n) for f, n in imports if n.startswith(("harvester.run", "harvester.api"))} == set()

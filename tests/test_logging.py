@@ -133,8 +133,8 @@ def test_verbose_shows_every_warning(tmp_path: Path, sandbox: Sandbox) -> None:
 def stats(**counts: int) -> RunStats:
     s = RunStats(run_id="r1", started_at=datetime.now(UTC), out_dir=Path("out"))
     s.rows_in_input = counts.get("rows", 100)
-    s.requests["ok"] = counts.get("ok", 40)
-    s.duplicates = counts.get("duplicates", 10)
+    s.counters.requests["ok"] = counts.get("ok", 40)
+    s.counters.duplicates = counts.get("duplicates", 10)
     return s
 
 
@@ -168,7 +168,7 @@ def test_json_console_masks_the_key_in_fields_too() -> None:
 
 
 def test_snapshot_counts_what_is_left_to_do() -> None:
-    snap = Snapshot.of(stats(rows=100, ok=40, duplicates=10))
+    snap = Snapshot.of(stats(rows=100, ok=40, duplicates=10).record(running=True))
     assert (snap.done, snap.total) == (40, 90)
     assert snap.eta is not None and snap.eta > 0
     assert duration(42) == "42s" and duration(185) == "3m05s" and duration(3725) == "1h02m"
@@ -236,10 +236,10 @@ def test_a_run_reports_requests_waiting_on_pending_results(
             pending_wait=4,
             seed=1,
         ),
-        on_tick=lambda s: seen.append(Snapshot.of(s)),
+        on_tick=lambda s: seen.append(Snapshot.of(s.record(running=True))),
         tick=0.2,
     )
-    assert stats.requests["pending"] == 1
+    assert stats.counters.requests["pending"] == 1
     waiting = [s for s in seen if s.only_waiting]
     assert waiting, "the run spent four seconds waiting on one pending request"
     assert waiting[-1].waiting == 1 and waiting[-1].waiting_until is not None
@@ -271,7 +271,7 @@ def test_singular_and_plural() -> None:
         "0 retries",
     )
     one = stats(rows=1, ok=1, duplicates=0)
-    one.result_requests = 1
+    one.counters.result_requests = 1
     summary = one.summary()
     assert "1 request in" in summary and "1 result request (" in summary
     assert "0 duplicate rows" in summary and "new parts" in summary
@@ -281,14 +281,14 @@ def test_rate_and_eta_count_fetched_requests_not_rows_recorded_without_one() -> 
     """88 requests, 6 of them invalid rows recorded at once: the first tick shows no rate and
     no ETA (not 6 invalid rows "done" in a blink), later ticks the rate of fetched ones."""
     s = stats(rows=99, ok=0, duplicates=11)
-    s.requests["invalid"] = 6
+    s.counters.requests["invalid"] = 6
     s.started_at = datetime.now(UTC) - timedelta(seconds=0.02)
-    first = Snapshot.of(s)
+    first = Snapshot.of(s.record(running=True))
     assert (first.done, first.total, first.rate, first.eta) == (6, 88, 0.0, None)
     assert first.tail() == "0.0/s  ETA --"
-    s.requests["ok"], s.requests["expired"] = 20, 2
+    s.counters.requests["ok"], s.counters.requests["expired"] = 20, 2
     s.started_at = datetime.now(UTC) - timedelta(seconds=2)
-    later = Snapshot.of(s)
+    later = Snapshot.of(s.record(running=True))
     assert later.done == 28
     assert 9.5 < later.rate <= 10.0  # 20 fetched in 2 s, not 28
     assert later.eta is not None and 6.0 <= later.eta < 6.4  # 60 left at 10/s

@@ -123,7 +123,7 @@ def test_the_configuration_is_checked_by_the_declarations(
 @pytest.mark.parametrize("base_url", ["HTTPS://relay.test", "Http://relay.test/api"])
 def test_a_base_url_scheme_in_capitals_is_accepted(base_url: str) -> None:
     HarvestConfig(
-        inputs=(Path("a.csv"),), out_dir=Path(), api_key="k", base_url=base_url
+        inputs=(Path("a.csv"),), out=open_store(Path()), api_key="k", base_url=base_url
     ).validate()
 
 
@@ -135,6 +135,8 @@ def test_a_base_url_scheme_in_capitals_is_accepted(base_url: str) -> None:
     ],
 )
 def test_a_base_url_that_cannot_be_used_is_refused(base_url: str, message: str) -> None:
-    config = HarvestConfig(inputs=(Path("a.csv"),), out_dir=Path(), api_key="k", base_url=base_url)
+    config = HarvestConfig(
+        inputs=(Path("a.csv"),), out=open_store(Path()), api_key="k", base_url=base_url
+    )
     with pytest.raises(UsageError, match=message):
         config.validate()

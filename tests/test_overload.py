@@ -285,10 +285,10 @@ def test_a_harvest_under_steady_429s_ends_ok_with_every_pair_ok(tmp_path: Path) 
         served = sandbox.stats()
 
     assert stats.exit_code == ExitCode.OK, stats.summary()
-    assert dict(stats.requests) == {"ok": len(pairs)}
+    assert dict(stats.counters.requests) == {"ok": len(pairs)}
     state = latest(out).group_by("request_id").agg(pl.col("status").first()).collect()
     assert state.height == len(pairs)
     assert set(state["status"]) == {"ok"}
     assert served["throttled_per_id"] > 0 and served["pending_served"] > 0
-    assert stats.throttled == served["rate_limited"]
+    assert stats.counters.throttled == served["rate_limited"]
     assert verify(out).ok

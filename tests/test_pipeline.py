@@ -10,8 +10,13 @@ import pytest
 
 from harvester.api.fetcher import FetchOutcome, ResultFetcher
 from harvester.errors import AuthError, ExitCode
-from harvester.sandbox import FaultRates, SandboxConfig, running_sandbox
+from harvester.run import driver
+from harvester.run.config import HarvestConfig
+from harvester.run.pipeline import harvest
+from harvester.run.reader import Pair
+from harvester.sandbox import FaultRates, Sandbox, SandboxConfig, running_sandbox
 from harvester.storage.manifest import manifest_glob
+from harvester.storage.objects import open_store
 from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import run_records
 
@@ -57,12 +62,10 @@ def test_a_key_rejected_mid_run_stops_it_and_keeps_finished_rows(
     """The key is revoked while the run goes on: the fetch of 'revoked-1' meets a 401."""
     real_fetch = ResultFetcher.fetch
 
-    async def fetch(
-        self: ResultFetcher, model: str, request_id: str, *, repoll: bool = False
-    ) -> FetchOutcome:
-        if request_id == "revoked-1":
+    async def fetch(self: ResultFetcher, path: str, *, repoll: bool = False) -> FetchOutcome:
+        if path.endswith("/revoked-1"):
             raise AuthError("the API at http://relay.test refused the key (HTTP 401: Unauthorized)")
-        return await real_fetch(self, model, request_id, repoll=repoll)
+        return await real_fetch(self, path, repoll=repoll)
 
     monkeypatch.setattr(ResultFetcher, "fetch", fetch)
     pairs = [("fal-ai/flux", f"before-{n:02d}") for n in range(20)]
@@ -81,3 +84,24 @@ def test_a_key_rejected_mid_run_stops_it_and_keeps_finished_rows(
     for _, rows in df.group_by("request_id"):
         assert rows.height == rows["image_count"][0]  # whole requests, never half of one
     assert [r["exit_code"] for r in run_records(out)] == [ExitCode.AUTH]
+
+
+def test_one_shard_in_this_process_takes_its_pairs_from_the_reader(
+    tmp_path: Path, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No file of pairs for the default shard: written pairs would show up here."""
+    written: list[Pair] = []
+    monkeypatch.setattr(driver, "write_pairs", lambda out, pair: written.append(pair))
+    pairs = [("fal-ai/flux", f"inline-{i}") for i in range(40)]
+    csv = write_csv(tmp_path / "e.csv", [*pairs, pairs[0], ("bad model", "x")])
+    out = tmp_path / "out"
+    config = HarvestConfig(
+        inputs=(csv,), out=open_store(out), api_key=KEY, base_url=sandbox.base_url, rps=500
+    )
+    stats = harvest(config)
+    assert written == []
+    assert dict(stats.counters.requests) == {"ok": 40, "invalid": 1}
+    assert stats.counters.duplicates == 1
+    assert stats.counters.manifest_rows == pl.read_parquet(manifest_glob(out)).height
+    summary = stats.summary()
+    assert "0 already ok in earlier runs (or expired), 1 duplicate row" in summary

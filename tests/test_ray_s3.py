@@ -181,7 +181,7 @@ def _boards(ray: Any) -> set[str]:
 
 def _rows_written_on(ray: Any, board: Any, node: str) -> bool:
     progress = ray.get(board.snapshot.remote(), timeout=30)
-    return any(p["node"] == node and p["manifest_parts"] > 0 for p in progress.values())
+    return any(node in p.counters.nodes and p.counters.manifest_parts for p in progress.values())
 
 
 def test_a_killed_node_loses_nothing_with_an_s3_out(

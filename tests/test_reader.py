@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harvester.counters import Counters
 from harvester.errors import InputError
 from harvester.run import reader
 from harvester.run.reader import BadRow, Pair
@@ -69,7 +70,7 @@ def test_duplicates_within_and_across_files_come_out_once(tmp_path: Path) -> Non
 
 def test_done_pairs_are_skipped_and_counted(tmp_path: Path) -> None:
     a = write(tmp_path, "model,request_id\nm/a,1\nm/a,2\nm/a,2\n")
-    counts = reader.ReadCounts()
+    counts = Counters()
     files = reader.inspect([a])
     found = [
         i
@@ -77,7 +78,7 @@ def test_done_pairs_are_skipped_and_counted(tmp_path: Path) -> None:
         for i in b
     ]
     assert pairs(found) == [("m/a", "2")]
-    assert (counts.already_done, counts.duplicates) == (1, 1)
+    assert (counts.skipped, counts.duplicates) == (1, 1)
 
 
 def test_missing_columns_names_what_was_found(tmp_path: Path) -> None:
@@ -189,11 +190,11 @@ def test_a_folder_or_other_separator_gets_a_hint(tmp_path: Path) -> None:
 
 def test_a_duplicate_of_a_done_pair_counts_as_a_duplicate(tmp_path: Path) -> None:
     a = write(tmp_path, "model,request_id\nm/a,1\nm/a,1\nm/a,2\n")
-    counts = reader.ReadCounts()
+    counts = Counters()
     done = {reader.pair_key("m/a", "1")}
     found = [i for b in reader.iter_items(reader.inspect([a]), done=done, counts=counts) for i in b]
     assert pairs(found) == [("m/a", "2")]
-    assert (counts.already_done, counts.duplicates) == (1, 1)
+    assert (counts.skipped, counts.duplicates) == (1, 1)
 
 
 def test_an_unterminated_quote_past_the_field_limit_loses_one_line_only(tmp_path: Path) -> None:

@@ -199,8 +199,8 @@ async def test_a_result_over_the_limit_is_dropped_and_the_connection_with_it(
             rng=random.Random(0),
             max_result_bytes=1_000,
         )
-        big = await fetcher.fetch("fal-ai/flux/dev", "inline-0001")
-        ok = [await fetcher.fetch("fal-ai/flux/dev", f"req-{i}") for i in range(3)]
+        big = await fetcher.fetch("fal-ai/flux/requests/inline-0001")
+        ok = [await fetcher.fetch(f"fal-ai/flux/requests/req-{i}") for i in range(3)]
     assert (big.status, big.http_status, big.attempts) == ("error", 200, 1)
     assert big.error == (
         "the result body is larger than 1.0 KB (it announced 2.3 KB); not read. The relay "
@@ -367,7 +367,7 @@ async def test_https_goes_through_the_proxy_as_a_tunnel(
         port = httpx.URL(server.url).port
         before = log.read_text(errors="replace").count(f"CONNECT 127.0.0.1:{port}")
         async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
-            outcome = await _fetcher(client, server.url).fetch("fal-ai/flux/dev", "req-1")
+            outcome = await _fetcher(client, server.url).fetch("fal-ai/flux/requests/req-1")
             layout = Layout(tmp_path / "out")
             layout.prepare()
             policy, rng = RetryPolicy(), random.Random(0)
@@ -516,7 +516,7 @@ async def test_an_unverified_certificate_is_final_and_says_so(
         async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
             fetcher = _fetcher(client, server.url)
             with pytest.raises(UnreachableError, match="certificate") as caught:
-                await fetcher.fetch("fal-ai/flux/dev", "req-1")
+                await fetcher.fetch("fal-ai/flux/requests/req-1")
             downloader = ImageDownloader(
                 client,
                 ContentStore(LocalStore(_layout(server.url).root)).sink,
@@ -550,7 +550,7 @@ async def test_ssl_cert_file_and_dir_are_trusted(
         monkeypatch.setenv(variable, str(tmp_path))
     with serving(_serve_result, tls=True) as server:
         async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
-            outcome = await _fetcher(client, server.url).fetch("fal-ai/flux/dev", "req-1")
+            outcome = await _fetcher(client, server.url).fetch("fal-ai/flux/requests/req-1")
     assert outcome.status == "ok", outcome.error
 
 
@@ -579,7 +579,7 @@ async def test_result_redirects_are_followed_and_the_key_stays_with_its_origin(
 
         with serving(relay) as old:
             async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as c:
-                outcome = await _fetcher(c, old.url + "/old").fetch("fal-ai/flux/dev", "req-9")
+                outcome = await _fetcher(c, old.url + "/old").fetch("fal-ai/flux/requests/req-9")
     assert outcome.status == "ok", outcome.error
     assert [e.target for e in old.seen] == [
         "/old/fal-ai/flux/requests/req-9",
@@ -601,8 +601,8 @@ async def test_a_result_redirect_loop_and_a_downgrade_are_error_rows() -> None:
     with serving(loop) as server:
         async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
             fetcher = _fetcher(client, server.url)
-            looped = await fetcher.fetch("fal-ai/flux/dev", "req-1")
-            ftp = await fetcher.fetch("fal-ai/flux/dev", "down-1")
+            looped = await fetcher.fetch("fal-ai/flux/requests/req-1")
+            ftp = await fetcher.fetch("fal-ai/flux/requests/down-1")
     assert (looped.status, looped.error) == ("error", "result URL redirected more than 5 times")
     assert ftp.status == "error" and ftp.error is not None and "unsupported scheme" in ftp.error
 
@@ -647,7 +647,7 @@ async def test_a_compression_bomb_stops_at_the_limit(tmp_path: Path) -> None:
     with serving(_serve_bomb) as server:
         async with open_client(max_connections=4, connect_timeout=5, read_timeout=5) as client:
             result = await _fetcher(client, server.url, max_result_bytes=1_000_000).fetch(
-                "fal-ai/flux/dev", "req-1"
+                "fal-ai/flux/requests/req-1"
             )
             downloader = ImageDownloader(
                 client,
@@ -743,8 +743,8 @@ async def test_a_trickle_or_endless_100_continue_ends_at_the_attempt_deadline(
                 rng=random.Random(0),
                 total_seconds=1.0,
             )
-            assert (await fetcher.fetch("fal-ai/flux/dev", "ok")).status == "ok"
-            result = await fetcher.fetch("fal-ai/flux/dev", "req-1")
+            assert (await fetcher.fetch("fal-ai/flux/requests/ok")).status == "ok"
+            result = await fetcher.fetch("fal-ai/flux/requests/req-1")
             downloader = ImageDownloader(
                 client,
                 ContentStore(LocalStore(layout.root)).sink,

@@ -14,6 +14,7 @@ from harvester.api.urls import (
     describe_url,
     http_url,
     redirect_target,
+    request_path,
     result_url,
 )
 
@@ -35,11 +36,13 @@ BASE = "https://relay.test/api"
 )
 def test_app_path(model: str, path: str) -> None:
     assert AppId.from_model(model).path == path
-    assert result_url(BASE, model, "abc-123") == f"{BASE}/{path}/requests/abc-123"
+    assert result_url(BASE, request_path(model, "abc-123")) == f"{BASE}/{path}/requests/abc-123"
 
 
 def test_trailing_slash_in_base_is_ignored() -> None:
-    assert result_url(BASE + "/", "fal-ai/flux", "x") == f"{BASE}/fal-ai/flux/requests/x"
+    assert (
+        result_url(BASE + "/", request_path("fal-ai/flux", "x")) == f"{BASE}/fal-ai/flux/requests/x"
+    )
 
 
 @pytest.mark.parametrize(
@@ -48,7 +51,7 @@ def test_trailing_slash_in_base_is_ignored() -> None:
 )
 def test_unsafe_request_ids_are_refused(request_id: str) -> None:
     with pytest.raises(UnsafeIdError):
-        result_url(BASE, "fal-ai/flux", request_id)
+        result_url(BASE, request_path("fal-ai/flux", request_id))
 
 
 @pytest.mark.parametrize(
@@ -65,7 +68,7 @@ def test_a_safe_segment_never_changes_the_path_shape(value: str) -> None:
         check_segment(value, "request_id")
     except UnsafeIdError:
         return
-    url = result_url(BASE, "fal-ai/flux/dev", value)
+    url = result_url(BASE, request_path("fal-ai/flux/dev", value))
     assert url.count("/") == BASE.count("/") + 4
     assert url.endswith("/requests/" + value)
     assert value not in {".", ".."}
@@ -77,7 +80,7 @@ def test_model_and_its_app_share_a_url(segments: list[str]) -> None:
     app = "/".join(segments[:2])
     if segments[0] in ("workflows", "comfy") or ".." in segments or "." in segments:
         return
-    assert result_url(BASE, model, "r") == result_url(BASE, app, "r")
+    assert result_url(BASE, request_path(model, "r")) == result_url(BASE, request_path(app, "r"))
 
 
 def test_describe_url_hides_data_payloads() -> None:

@@ -25,7 +25,7 @@ from harvester.api.ratelimit import most_starts_in_window
 from harvester.errors import ExitCode
 from harvester.run.engine.local import LocalEngine
 from harvester.run.pipeline import HarvestConfig
-from harvester.run.reader import pair_key
+from harvester.run.reader import Pair, pair_key
 from harvester.run.shard import shard_of
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
 from harvester.storage.manifest import manifest_glob
@@ -108,13 +108,16 @@ def test_shard_processes_that_cannot_start_are_a_clear_error(
 
 
 def test_pairs_go_to_shards_by_a_stable_hash() -> None:
-    pairs = [("fal-ai/flux", f"id-{n}") for n in range(1_000)]
-    shards = [shard_of(m, r, 4) for m, r in pairs]
+    pairs = [
+        Pair("fal-ai/flux", f"id-{n}", "e.csv", n, pair_key("fal-ai/flux", f"id-{n}"), "")
+        for n in range(1_000)
+    ]
+    shards = [shard_of(p, 4) for p in pairs]
     assert set(shards) == {0, 1, 2, 3}
     assert min(shards.count(i) for i in range(4)) > 150  # roughly even
     # Not Python's hash (salted per process): the same pair, the same shard, everywhere.
-    assert shard_of("fal-ai/flux", "id-0", 4) == pair_key("fal-ai/flux", "id-0") % 4
-    assert [shard_of(m, r, 1) for m, r in pairs[:5]] == [0] * 5
+    assert pair_key("fal-ai/flux", "id-0") == 301111420384382592006241074517117693577
+    assert [shard_of(p, 1) for p in pairs[:5]] == [0] * 5
 
 
 def test_lanes_split_the_limits_so_together_they_keep_them() -> None:

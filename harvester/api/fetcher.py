@@ -140,10 +140,11 @@ class ResultFetcher:
         self.answered = 0
         """Attempts that got an HTTP response: 0 means the API was never reached."""
 
-    async def fetch(self, model: str, request_id: str, *, repoll: bool = False) -> FetchOutcome:
-        """One result, retried under the policy; a ``repoll`` of a pending request takes its
-        turns at the rate limiter before new requests."""
-        url = result_url(self._base_url, model, request_id)
+    async def fetch(self, path: str, *, repoll: bool = False) -> FetchOutcome:
+        """The result at ``path`` (``urls.request_path``), retried under the policy; a
+        ``repoll`` of a pending request takes its turns at the rate limiter before new
+        requests."""
+        url = result_url(self._base_url, path)
         not_json = 0
 
         async def attempt(n: int) -> FetchOutcome:

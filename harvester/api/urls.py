@@ -73,11 +73,17 @@ class AppId:
         return "/".join(segments)
 
 
-def result_url(base_url: str, model: str, request_id: str) -> str:
-    """``{base}/{[ns/]owner/app}/requests/{id}``; raises ``UnsafeIdError`` on unsafe parts."""
+def request_path(model: str, request_id: str) -> str:
+    """``{[ns/]owner/app}/requests/{id}``, the checked path of a request's result (built once,
+    when its row is read); raises ``UnsafeIdError`` on unsafe parts."""
     app = AppId.from_model(model)
     check_segment(request_id, "request_id")
-    return f"{base_url.rstrip('/')}/{app.path}/requests/{request_id}"
+    return f"{app.path}/requests/{request_id}"
+
+
+def result_url(base_url: str, path: str) -> str:
+    """``{base}/{path}``, ``path`` from ``request_path``."""
+    return f"{base_url.rstrip('/')}/{path}"
 
 
 def describe_url(url: str) -> str:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
 
-from harvester.api.urls import AppId, UnsafeIdError, check_segment
+from harvester.api.urls import UnsafeIdError, request_path
+from harvester.counters import Counters
 from harvester.errors import InputError
 
 MODEL: Final = "model"
@@ -35,6 +36,10 @@ class Pair:
     request_id: str
     source: str
     line: int
+    key: int
+    """``pair_key(model, request_id)``, computed once, when the row is read."""
+    path: str
+    """The result's URL path (``urls.request_path``), checked once, when the row is read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,19 +314,10 @@ def _validate(source: str, line: int, model: str, request_id: str) -> Pair | Bad
     if "\ufffd" in model + request_id:
         return BadRow(source, line, "not valid UTF-8", model, request_id)
     try:
-        AppId.from_model(model)
-        check_segment(request_id, "request_id")
+        path = request_path(model, request_id)
     except UnsafeIdError as exc:
         return BadRow(source, line, str(exc), model, request_id)
-    return Pair(model, request_id, source, line)
-
-
-@dataclass(slots=True)
-class ReadCounts:
-    """What ``iter_items`` passed over, for the run summary."""
-
-    duplicates: int = 0
-    already_done: int = 0
+    return Pair(model, request_id, source, line, pair_key(model, request_id), path)
 
 
 def iter_items(
@@ -329,15 +325,16 @@ def iter_items(
     *,
     batch_size: int = 1_000,
     done: Container[int] | None = None,
-    counts: ReadCounts | None = None,
+    counts: Counters | None = None,
 ) -> Iterator[list[Pair | BadRow]]:
     """Stream every row of ``files`` as batches of ``Pair`` (first sighting only) and ``BadRow``.
 
     ``done`` holds ``pair_key`` digests of pairs to skip (already harvested); a pair repeated
-    within or across files comes out once. ``counts`` (if given) tallies what was skipped.
+    within or across files comes out once. ``counts`` (if given) tallies what was skipped
+    (``duplicates``, and ``skipped`` for those in ``done``).
     """
     done = set() if done is None else done
-    counts = ReadCounts() if counts is None else counts
+    counts = Counters() if counts is None else counts
     seen: set[int] = set()
     batch: list[Pair | BadRow] = []
     for f in files:
@@ -357,13 +354,12 @@ def iter_items(
                 request_id = _clean(cells[request_at]).strip() if request_at < len(cells) else ""
                 item = _validate(source, line, model, request_id)
                 if isinstance(item, Pair):
-                    key = pair_key(item.model, item.request_id)
-                    if key in seen:
+                    if item.key in seen:
                         counts.duplicates += 1
                         continue
-                    seen.add(key)
-                    if key in done:
-                        counts.already_done += 1
+                    seen.add(item.key)
+                    if item.key in done:
+                        counts.skipped += 1
                         continue
                 batch.append(item)
             if len(batch) >= batch_size:

@@ -25,6 +25,7 @@ from harvester.api.ratelimit import PermitSource, RateLimiter
 from harvester.api.results import ImageRef
 from harvester.api.retry import RetryPolicy
 from harvester.api.urls import describe_url
+from harvester.counters import Counters
 from harvester.run.reader import Pair
 from harvester.storage.objects import Store
 from harvester.storage.rows import ERROR, FAILED, OK, PENDING, ManifestRow
@@ -63,22 +64,6 @@ class LaneSettings:
         return self.concurrency + 2 * self.image_concurrency
 
 
-@dataclass(slots=True)
-class Counters:
-    """A lane's running totals."""
-
-    sent: int = 0
-    """Result requests that reached the wire."""
-    answered: int = 0
-    retries: int = 0
-    throttled: int = 0
-    lowest_rate: float = 0.0
-    waiting: int = 0
-    """Requests waiting for a pending result now (``--pending-wait``)."""
-    waiting_until: float = 0.0
-    """Unix time the last of them stops waiting."""
-
-
 class Lane:
     """Does requests: one instance per lane, used inside ``opened()``."""
 
@@ -101,6 +86,9 @@ class Lane:
         self.pending_waiters = anyio.Semaphore(MAX_PENDING_WAITERS)
         self.waiting = 0
         self.waiting_until = 0.0
+        self.counts = Counters()
+        """Finished requests and their images (the rest is read from the fetcher and the
+        limiter when asked: ``counters``)."""
         self.limiter = RateLimiter(settings.rps, permits=permits)
         self._fetcher: ResultFetcher | None = None
         self._store: ImageDownloader[StoredImage] | None = None
@@ -141,13 +129,13 @@ class Lane:
                 await client.aclose()
 
     def counters(self) -> Counters:
+        """The lane's counts so far (a copy)."""
         fetcher, store = self._fetcher, self._store
-        return Counters(
-            sent=fetcher.sent if fetcher else 0,
-            answered=fetcher.answered if fetcher else 0,
+        return self.counts + Counters(
+            result_requests=fetcher.sent if fetcher else 0,
             retries=(fetcher.retries if fetcher else 0) + (store.retries if store else 0),
             throttled=self.limiter.throttled,
-            lowest_rate=self.limiter.lowest_rate,
+            lowest_rps=self.limiter.lowest_rate,
             waiting=self.waiting,
             waiting_until=self.waiting_until,
         )
@@ -155,7 +143,7 @@ class Lane:
     async def fetch(self, pair: Pair, *, repoll: bool = False) -> FetchOutcome:
         assert self._fetcher is not None, "use the lane inside opened()"
         async with self.repoll_slots if repoll else self.fetch_slots:
-            return await self._fetcher.fetch(pair.model, pair.request_id, repoll=repoll)
+            return await self._fetcher.fetch(pair.path, repoll=repoll)
 
     async def process(self, pair: Pair, release: Callable[[], object]) -> list[ManifestRow]:
         """The rows of one request. ``release`` is called if it stops counting against the
@@ -163,7 +151,9 @@ class Lane:
         outcome = await self.fetch(pair)
         if outcome.status == PENDING and self.settings.pending_wait > 0:
             outcome = await self.wait_pending(pair, outcome, release)
-        return await self.rows_for(pair, outcome)
+        rows = await self.rows_for(pair, outcome)
+        self.counts.requests[rows[0].request_status] += 1
+        return rows
 
     async def wait_pending(
         self, pair: Pair, outcome: FetchOutcome, release: Callable[[], object]
@@ -240,6 +230,17 @@ class Lane:
                     tg.start_soon(download, ref)
                 await download(result.images[0])  # this task does one of them
 
+        c = self.counts
+        for got in stored:
+            if not isinstance(got, StoredImage):
+                c.images_failed += 1
+                continue
+            c.bytes_downloaded += got.bytes
+            if got.new:
+                c.images_new += 1
+                c.bytes_new += got.bytes
+            else:
+                c.images_existing += 1
         fields = [
             image_fields(head, ref, got) for ref, got in zip(result.images, stored, strict=True)
         ]

@@ -1,21 +1,21 @@
 """A shard: a self-contained, picklable unit of a run that one function runs to the end.
 
 A run's pairs are split by a stable hash of the pair (``shard_of``) into shards. A shard has
-its pairs (a file under the output folder), its share of ``--rps`` and of both concurrencies,
-and the output location; ``run_shard`` does its requests with one lane on its own event loop,
-writes its own manifest parts (``manifest/<run_id>/shard-SSSS-part-NNNNN.parquet``) and
-returns its counters. Nothing per row leaves the shard, so any process (the harvest's own, a
-local pool's, a cluster engine's) can run it given the output folder.
+its pairs (handed in when it runs in the driver's process, else a file under the output
+folder), its share of ``--rps`` and of both concurrencies, and the output location;
+``run_shard`` does its requests with one lane on its own event loop, writes its own manifest
+parts (``manifest/<run_id>/shard-SSSS-part-NNNNN.parquet``) and returns its counters. Nothing
+per row leaves the shard, so any process (the harvest's own, a local pool's, a cluster
+engine's) can run it given the output folder.
 
-While it runs, a shard writes its counters to ``.tmp/<run_id>/shard-SSSS.progress.json`` every
-``PROGRESS_SECONDS`` (the harvest shows them, and keeps them if the shard's process dies), and
-stops, keeping what it finished, when ``.tmp/<run_id>/stop`` appears.
+While it runs, a shard posts its counters to the run's ``Board`` every ``PROGRESS_SECONDS``
+(the harvest shows them, and keeps them if the shard's process dies), and stops, keeping what
+it finished, when the board's answer says so.
 
 On a cluster whose nodes share no disk with the driver (an ``s3://`` output on Ray), the
 shard's pairs are an object in the bucket (``pairs_key``, under the run's ``.tmp/<run_id>/``):
 the shard downloads it into a scratch folder of its own (removed when it ends) and reads it
-``BATCH`` pairs at a time; its counters go to the run's board (``board``, a Ray actor) and the
-board's answer says when to stop.
+``BATCH`` pairs at a time; its board is a Ray actor.
 
 A shard may run more than once in a run (an engine runs it again when its process or node
 died). Each attempt starts by deleting the manifest parts an earlier attempt of the same shard
@@ -37,19 +37,19 @@ import os
 import shutil
 import tempfile
 import threading
-from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 import anyio
 import anyio.abc
 
 from harvester.api.ratelimit import PermitSource
+from harvester.counters import Counters
 from harvester.errors import HarvesterError, OutputError, first_harvester_error
 from harvester.run.engine.local import ChildLogging, install_logging
-from harvester.run.reader import Pair, pair_key
+from harvester.run.reader import Pair
 from harvester.run.request import EVENT_LOOP_OPTIONS, Lane, LaneSettings, serve_pairs
 from harvester.storage.manifest import ManifestWriter
 from harvester.storage.objects import Store
@@ -64,10 +64,10 @@ BATCH: Final = 1_000
 """Pairs read from the shard's file at a time."""
 
 
-def shard_of(model: str, request_id: str, count: int) -> int:
-    """The shard of a pair: blake2b of the pair (``pair_key``), stable across processes,
+def shard_of(pair: Pair, count: int) -> int:
+    """The shard of a pair: from its blake2b digest (``Pair.key``), stable across processes,
     machines and Python versions (unlike ``hash``)."""
-    return pair_key(model, request_id) % count
+    return pair.key % count
 
 
 def work_dir(store: Store, run_id: str) -> Path:
@@ -75,8 +75,63 @@ def work_dir(store: Store, run_id: str) -> Path:
     return store.temp_dir / run_id
 
 
-def stop_path(store: Store, run_id: str) -> Path:
-    return work_dir(store, run_id) / "stop"
+class Board(Protocol):
+    """The run's one progress channel: shards post their counters and learn that the run asks
+    them to stop; the driver reads their last counters and asks them to stop. ``FileBoard``:
+    files in the run's work folder; ``harvester.run.engine.ray.RayBoard``: an actor on the
+    driver's node, for nodes that share no disk with it. Pickles into the shards' specs."""
+
+    async def post(self, result: ShardResult) -> bool:
+        """Keep a shard's counters; True when the run asks its shards to stop."""
+        ...
+
+    def snapshot(self) -> dict[int, ShardResult]:
+        """Every shard's last posted counters (none that cannot be read)."""
+        ...
+
+    def stop(self) -> None:
+        """Ask every shard to stop at its next post (they keep what they finished); a failure
+        is logged."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FileBoard:
+    """The board as files in the run's work folder: ``shard-SSSS.progress.json`` (written
+    atomically) and the ``stop`` flag."""
+
+    folder: Path
+
+    def progress_path(self, index: int) -> Path:
+        return self.folder / f"shard-{index:04d}.progress.json"
+
+    async def post(self, result: ShardResult) -> bool:
+        if (self.folder / "stop").exists():
+            return True
+        path = self.progress_path(result.index)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_text(json.dumps(result.to_json()), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:  # the shard goes on: its counters are only shown late
+            log.debug("cannot write progress %s: %s", path, exc)
+        return False
+
+    def snapshot(self) -> dict[int, ShardResult]:
+        found = {}
+        for path in self.folder.glob("shard-*.progress.json"):
+            try:
+                result = ShardResult.from_json(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                continue
+            found[result.index] = result
+        return found
+
+    def stop(self) -> None:
+        try:
+            (self.folder / "stop").touch()
+        except OSError as exc:
+            log.warning("cannot ask the shards to stop: %s", exc)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,10 +141,13 @@ class ShardSpec:
     run_id: str
     index: int
     count: int
-    pairs_path: Path
-    """One JSON array ``[model, request_id, source, line]`` per line."""
+    board: Board
+    """The run's progress channel."""
+    pairs_path: Path | None = None
+    """One JSON array of a ``Pair``'s fields per line; None: the pairs are handed to
+    ``run_shard`` (a shard in the driver's process)."""
     lane: LaneSettings
-    """Its share of ``--rps`` and the concurrencies, the API settings and ``out_dir``."""
+    """Its share of ``--rps`` and the concurrencies, the API settings and the store."""
     rows_per_part: int = 5_000
     seconds_per_part: float = 30.0
     limiter: Any = None
@@ -98,68 +156,53 @@ class ShardSpec:
     """The pairs as an object in the output store, when the shard's node cannot read
     ``pairs_path`` (an S3 output on a cluster); the shard works in a scratch folder of its
     own then (``Store.on_node``)."""
-    board: Any = None
-    """The run's progress board (``harvester.run.engine.ray.RayBoard``) where counters go
-    and the stop flag comes from; None: the files under ``work_dir``."""
     logging: ChildLogging | None = None
     """How the shard logs when its process is not one the harvest set up (a Ray worker)."""
 
     @property
     def on_cluster(self) -> bool:
-        return self.limiter is not None or self.board is not None
+        return self.limiter is not None
 
     @property
     def store(self) -> Store:
         return self.lane.store
 
-    @property
-    def progress_path(self) -> Path:
-        return work_dir(self.store, self.run_id) / f"shard-{self.index:04d}.progress.json"
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShardResult:
-    """A shard's counters: at the end (what ``run_shard`` returns), or so far (its progress
-    file). ``finished`` is false until the shard has written everything it will write."""
+    """A shard's counters: at the end (what ``run_shard`` returns), or so far (posted to the
+    run's board)."""
 
     index: int
     pid: int = 0
-    requests: Mapping[str, int] = field(default_factory=dict)
-    images_new: int = 0
-    images_existing: int = 0
-    images_failed: int = 0
-    bytes_new: int = 0
-    bytes_downloaded: int = 0
-    result_requests: int = 0
-    retries: int = 0
-    throttled: int = 0
-    lowest_rps: float = 0.0
-    waiting: int = 0
-    """Requests waiting for a pending result now."""
-    waiting_until: float = 0.0
-    manifest_rows: int = 0
-    manifest_parts: int = 0
+    counters: Counters = field(default_factory=Counters)
     interrupted: bool = False
     error: str | None = None
     error_code: int | None = None
     error_type: str | None = None
     """The name of the ``harvester.errors`` class of ``error``."""
-    finished: bool = False
-    node: str = ""
-    """The Ray node the shard ran on ("" outside Ray)."""
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["requests"] = dict(self.requests)
-        return data
+        return {
+            "index": self.index,
+            "pid": self.pid,
+            "counters": self.counters.to_json(gauges=True),
+            "interrupted": self.interrupted,
+            "error": self.error,
+            "error_code": self.error_code,
+            "error_type": self.error_type,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ShardResult:
-        return cls(**{**data, "requests": dict(data.get("requests") or {})})
+        return cls(**{**data, "counters": Counters.from_json(data["counters"])})
 
 
 def write_pairs(out: TextIO, pair: Pair) -> None:
-    out.write(json.dumps([pair.model, pair.request_id, pair.source, pair.line]) + "\n")
+    out.write(
+        json.dumps([pair.model, pair.request_id, pair.source, pair.line, pair.key, pair.path])
+    )
+    out.write("\n")
 
 
 def read_pairs(path: Path) -> Iterator[list[Pair]]:
@@ -167,20 +210,12 @@ def read_pairs(path: Path) -> Iterator[list[Pair]]:
     with path.open(encoding="utf-8") as fh:
         batch: list[Pair] = []
         for line in fh:
-            model, request_id, source, number = json.loads(line)
-            batch.append(Pair(model=model, request_id=request_id, source=source, line=number))
+            batch.append(Pair(*json.loads(line)))
             if len(batch) >= BATCH:
                 yield batch
                 batch = []
         if batch:
             yield batch
-
-
-def read_progress(spec: ShardSpec) -> ShardResult | None:
-    try:
-        return ShardResult.from_json(json.loads(spec.progress_path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 def part_prefix(index: int) -> str:
@@ -251,13 +286,8 @@ class _Shard:
             autoflush=False,
             prefix=part_prefix(spec.index),
         )
-        self.requests: Counter[str] = Counter()
-        self.images = Counter[str]()
         self.interrupted = False
-        self.error: str | None = None
-        self.error_code: int | None = None
-        self.error_type: str | None = None
-        self.stop = stop_path(spec.store, spec.run_id)
+        self.error: HarvesterError | None = None
 
     def download_pairs(self, key: str) -> Path:
         """The shard's pairs object, into the scratch folder (streamed: memory stays flat)."""
@@ -274,74 +304,34 @@ class _Shard:
             ) from exc
         return path
 
-    def result(self, *, finished: bool = False) -> ShardResult:
-        c = self.lane.counters()
+    def result(self) -> ShardResult:
+        counters = self.lane.counters() + Counters(
+            manifest_rows=self.writer.rows_written,
+            manifest_parts=self.writer.parts_written,
+            nodes=(self.node,) if self.node else (),
+        )
+        error = self.error
         return ShardResult(
             index=self.spec.index,
             pid=os.getpid(),
-            requests=dict(self.requests),
-            images_new=self.images["new"],
-            images_existing=self.images["existing"],
-            images_failed=self.images["failed"],
-            bytes_new=self.images["bytes_new"],
-            bytes_downloaded=self.images["bytes"],
-            result_requests=c.sent,
-            retries=c.retries,
-            throttled=c.throttled,
-            lowest_rps=c.lowest_rate,
-            waiting=c.waiting,
-            waiting_until=c.waiting_until,
-            manifest_rows=self.writer.rows_written,
-            manifest_parts=self.writer.parts_written,
+            counters=counters,
             interrupted=self.interrupted,
-            error=self.error,
-            error_code=self.error_code,
-            error_type=self.error_type,
-            finished=finished,
-            node=self.node,
+            error=None if error is None else str(error),
+            error_code=None if error is None else int(error.exit_code),
+            error_type=None if error is None else type(error).__name__,
         )
 
-    def report(self, *, finished: bool = False) -> ShardResult:
-        """Write the counters to the progress file (atomically); never fails the shard. With a
-        board, nothing: the board has the last counters and the engine hands in the result."""
-        result = self.result(finished=finished)
-        if self.spec.board is not None:
-            return result
-        path = self.spec.progress_path
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            tmp.write_text(json.dumps(result.to_json()), encoding="utf-8")
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.debug("cannot write progress %s: %s", path, exc)
-        return result
-
     def fail(self, exc: HarvesterError) -> None:
-        if self.error is None:
-            self.error, self.error_code = str(exc), int(exc.exit_code)
-            self.error_type = type(exc).__name__
+        self.error = self.error or exc
 
     async def done(self, rows: list[ManifestRow]) -> None:
-        self.requests[rows[0].request_status] += 1
-        for row in rows:
-            if row.image_index is None:
-                continue
-            if row.sha256 is None:
-                self.images["failed"] += 1
-                continue
-            size = row.bytes or 0
-            self.images["bytes"] += size
-            if row.stored_new:
-                self.images["new"] += 1
-                self.images["bytes_new"] += size
-            else:
-                self.images["existing"] += 1
         self.writer.add(rows)
         if self.writer.due:
             await self.writer.flush_in_thread()
 
-    async def feed(self, send: anyio.abc.ObjectSendStream[Pair]) -> None:
-        batches = read_pairs(self.pairs_path)
+    async def feed(
+        self, batches: Iterator[list[Pair]], send: anyio.abc.ObjectSendStream[Pair]
+    ) -> None:
         async with send:
             while True:
                 batch = await anyio.to_thread.run_sync(next, batches, None)
@@ -353,49 +343,42 @@ class _Shard:
                 except anyio.BrokenResourceError:
                     return  # the lane stopped (a run-level error ends it)
 
-    async def post(self) -> bool:
-        """Post the counters (the progress file, or the board); True when the run asks this
-        shard to stop."""
-        board = self.spec.board
-        if board is None:
-            if self.stop.exists():
-                return True
-            self.report()
-            return False
-        return bool(await board.post(self.spec.index, self.result().to_json()))
-
     async def watch(self, scope: anyio.CancelScope) -> None:
         while True:
             await anyio.sleep(PROGRESS_SECONDS)
-            if await self.post():
+            if await self.spec.board.post(self.result()):
                 self.interrupted = True
                 scope.cancel()
                 return
 
-    async def run(self) -> None:
+    async def run(self, batches: Iterator[list[Pair]]) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.watch, tg.cancel_scope)
             send, receive = anyio.create_memory_object_stream[Pair](PAIR_BUFFER)
             async with self.lane.opened(), anyio.create_task_group() as work:
-                work.start_soon(self.feed, send)
+                work.start_soon(self.feed, batches, send)
                 await serve_pairs(self.lane, receive, self.done)
             tg.cancel_scope.cancel()
 
 
-def run_shard(spec: ShardSpec) -> ShardResult:
-    """Run one shard to the end (or until its stop flag appears) and return its counters.
+def run_shard(spec: ShardSpec, pairs: Iterator[list[Pair]] | None = None) -> ShardResult:
+    """Run one shard to the end (or until the run's board asks it to stop) and return its
+    counters. ``pairs``: its pairs in batches, when it runs in the driver's process (else
+    ``spec`` says where they are).
 
     A run-level error (a rejected key, an unreachable API) ends the shard and is in the
     result; a bug is raised, after the rows finished so far are written."""
     scratch = None if spec.pairs_key is None else Path(tempfile.mkdtemp(prefix="harvester-shard-"))
     try:
-        return _run_shard(spec, scratch)
+        return _run_shard(spec, scratch, pairs)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run_shard(spec: ShardSpec, scratch: Path | None) -> ShardResult:
+def _run_shard(
+    spec: ShardSpec, scratch: Path | None, pairs: Iterator[list[Pair]] | None
+) -> ShardResult:
     shard = _Shard(spec, scratch)
     log.info(
         "shard %d of %d of run %s started (pid %d%s)",
@@ -405,8 +388,11 @@ def _run_shard(spec: ShardSpec, scratch: Path | None) -> ShardResult:
         os.getpid(),
         f", node {shard.node}" if shard.node else "",
     )
+    if pairs is None:
+        assert shard.pairs_path is not None, "a shard's pairs are handed in or in a file"
+        pairs = read_pairs(shard.pairs_path)
     try:
-        anyio.run(shard.run, backend_options=EVENT_LOOP_OPTIONS)
+        anyio.run(shard.run, pairs, backend_options=EVENT_LOOP_OPTIONS)
     except HarvesterError as exc:
         shard.fail(exc)
     except BaseExceptionGroup as group:
@@ -419,5 +405,4 @@ def _run_shard(spec: ShardSpec, scratch: Path | None) -> ShardResult:
             shard.writer.flush()
         except OutputError as exc:
             shard.fail(exc)
-        shard.report(finished=True)
-    return shard.result(finished=True)
+    return shard.result()

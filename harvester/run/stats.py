@@ -1,7 +1,7 @@
 """A run's counters and how it ended: the summary, the exit code and the run record.
 
-The driver (``harvester.run.pipeline``) adds up the shards' counters here. Exit 13 (nothing
-ok) is judged here too, from this run's counts and the last runs' records.
+The driver (``harvester.run.driver``) keeps the sum of the shards' counters here. Exit 13
+(nothing ok) is judged here too, from this run's counts and the last runs' records.
 """
 
 from __future__ import annotations
@@ -9,17 +9,16 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Final
 
+from harvester.counters import Counters
 from harvester.errors import ExitCode, HarvesterError
 from harvester.run import reader
-from harvester.run.shard import ShardResult
-from harvester.storage import manifest, runs
-from harvester.storage.manifest import INVALID, OK
+from harvester.statuses import INVALID, OK, STATUSES
+from harvester.storage import runs
 from harvester.storage.runs import InputRecord, RunRecord
 from harvester.units import plural, size
 
@@ -44,34 +43,13 @@ class RunStats:
     """The output folder, or ``s3://bucket/prefix``."""
     inputs: list[reader.InputFile] = field(default_factory=list)
     rows_in_input: int = 0
-    skipped_done: int = 0
-    duplicates: int = 0
-    requests: Counter[str] = field(default_factory=Counter)
-    images_new: int = 0
-    images_existing: int = 0
-    images_failed: int = 0
-    bytes_new: int = 0
-    bytes_downloaded: int = 0
-    throttled: int = 0
-    retries: int = 0
-    result_requests: int = 0
-    manifest_rows: int = 0
-    manifest_parts: int = 0
+    counters: Counters = field(default_factory=Counters)
     processes: int = 1
     """Processes that fetched and downloaded (``--workers``, as the run resolved it)."""
     shards: int = 1
-    nodes: set[str] = field(default_factory=set)
-    """The Ray nodes the shards ran on (none on one machine)."""
     temp_files_cleaned: int = 0
     rps: float = 0.0
     """``--rps``: the rate the limiters start at and return to."""
-    lowest_rps: float = 0.0
-    """The rate limiters' lowest rate in the run, summed over shards (they slow down when many
-    answers are 429s)."""
-    waiting_pending: int = 0
-    """Requests waiting for a pending result now (``--pending-wait``)."""
-    waiting_until: float | None = None
-    """Unix time the last of them stops waiting."""
     interrupted: bool = False
     error: str | None = None
     """The run-level error that ended the run (a rejected key, an unwritable folder), if any."""
@@ -79,11 +57,6 @@ class RunStats:
     baseline_not_ok: float | None = None
     """The median share not ok of the last finished runs on the folder (None: no history)."""
     finished_at: datetime | None = None
-    _t0: float = field(default_factory=time.monotonic)
-
-    @property
-    def done(self) -> int:
-        return sum(self.requests.values())
 
     @property
     def elapsed(self) -> float:
@@ -107,10 +80,11 @@ class RunStats:
     @property
     def nothing_ok(self) -> str | None:
         """Why the run counts as "(almost) nothing ok" (exit 13), or None if it does not."""
-        tried = sum(n for status, n in self.requests.items() if status != INVALID)
+        requests = self.counters.requests
+        tried = sum(n for status, n in requests.items() if status != INVALID)
         if tried < NOTHING_OK_MIN_TRIED:
             return None
-        ok = self.requests[OK]
+        ok = requests[OK]
         if ok < NOTHING_OK_SHARE * tried:
             return (
                 f"(almost) nothing ok: {ok:,} of {tried:,} requests tried are ok (under "
@@ -133,7 +107,7 @@ class RunStats:
             return ExitCode.INTERRUPTED
         if self.nothing_ok is not None:
             return ExitCode.NOTHING_OK
-        if any(status != OK and n for status, n in self.requests.items()):
+        if any(status != OK and n for status, n in self.counters.requests.items()):
             return ExitCode.INCOMPLETE
         return ExitCode.OK
 
@@ -146,58 +120,32 @@ class RunStats:
             return "interrupted (SIGINT/SIGTERM)"
         return self.nothing_ok
 
-    def add(self, result: ShardResult) -> None:
-        """Add a shard's counters (its result, or its last progress)."""
-        self.requests.update(result.requests)
-        self.images_new += result.images_new
-        self.images_existing += result.images_existing
-        self.images_failed += result.images_failed
-        self.bytes_new += result.bytes_new
-        self.bytes_downloaded += result.bytes_downloaded
-        self.result_requests += result.result_requests
-        self.retries += result.retries
-        self.throttled += result.throttled
-        self.lowest_rps += result.lowest_rps
-        self.waiting_pending += result.waiting
-        if result.waiting:
-            self.waiting_until = max(self.waiting_until or 0.0, result.waiting_until)
-        self.manifest_rows += result.manifest_rows
-        self.manifest_parts += result.manifest_parts
-        if result.node:
-            self.nodes.add(result.node)
-
     def summary(self) -> str:
         """The one-screen end-of-run summary."""
-        done = self.done
+        c = self.counters
+        done = c.done
         rate = done / self.elapsed
-        by_status = (
-            ", ".join(
-                f"{status} {self.requests[status]:,}"
-                for status in manifest.STATUSES
-                if self.requests[status]
-            )
-            or "none"
-        )
+        by_status = ", ".join(f"{s} {c.requests[s]:,}" for s in STATUSES if c.requests[s])
         lines = [
             f"run {self.run_id}: {plural(done, 'request')} in {self.elapsed:.1f} s "
             f"({rate:,.1f} req/s"
             + (f", {self.processes} processes)" if self.processes > 1 else ")"),
-            f"  by status:  {by_status}",
-            f"  skipped:    {self.skipped_done:,} already ok in earlier runs (or expired), "
-            f"{plural(self.duplicates, 'duplicate row')}",
-            f"  images:     {self.images_new:,} new, {self.images_existing:,} already stored, "
-            f"{self.images_failed:,} failed; {size(self.bytes_new)} new on disk",
-            f"  api:        {plural(self.result_requests, 'result request')} "
-            f"({self.result_requests / self.elapsed:,.1f}/s), "
-            f"{plural(self.retries, 'retry', 'retries')}, "
-            f"{self.throttled:,} rate-limited (429)"
+            f"  by status:  {by_status or 'none'}",
+            f"  skipped:    {c.skipped:,} already ok in earlier runs (or expired), "
+            f"{plural(c.duplicates, 'duplicate row')}",
+            f"  images:     {c.images_new:,} new, {c.images_existing:,} already stored, "
+            f"{c.images_failed:,} failed; {size(c.bytes_new)} new on disk",
+            f"  api:        {plural(c.result_requests, 'result request')} "
+            f"({c.result_requests / self.elapsed:,.1f}/s), "
+            f"{plural(c.retries, 'retry', 'retries')}, "
+            f"{c.throttled:,} rate-limited (429)"
             + (
-                f", rate cut to {self.lowest_rps:,.1f}/s at the lowest"
-                if self.lowest_rps < self.rps * 0.999  # shards split --rps in float shares
+                f", rate cut to {c.lowest_rps:,.1f}/s at the lowest"
+                if c.lowest_rps < self.rps * 0.999  # shards split --rps in float shares
                 else ""
             ),
-            f"  manifest:   {plural(self.manifest_rows, 'row')} in "
-            f"{plural(self.manifest_parts, 'new part')} "
+            f"  manifest:   {plural(c.manifest_rows, 'row')} in "
+            f"{plural(c.manifest_parts, 'new part')} "
             f"under {self.out_dir}/manifest/{self.run_id}",
         ]
         code = self.exit_code
@@ -230,23 +178,10 @@ class RunStats:
                 for f in self.inputs
             ),
             rows_in_input=self.rows_in_input,
-            skipped_already_ok=self.skipped_done,
-            duplicate_rows=self.duplicates,
-            requests=dict(self.requests),
-            images_new=self.images_new,
-            images_already_stored=self.images_existing,
-            images_failed=self.images_failed,
-            bytes_new=self.bytes_new,
-            bytes_downloaded=self.bytes_downloaded,
+            counters=self.counters,
             temp_files_cleaned=self.temp_files_cleaned,
-            result_requests=self.result_requests,
-            retries=self.retries,
-            rate_limited=self.throttled,
-            manifest_rows=self.manifest_rows,
-            manifest_parts=self.manifest_parts,
             processes=self.processes,
             shards=self.shards,
-            nodes=tuple(sorted(self.nodes)),
         )
 
 

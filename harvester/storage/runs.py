@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
+from harvester.counters import Counters
 from harvester.errors import OutputError
+from harvester.statuses import INVALID, OK
 from harvester.storage.objects import Location, Store, as_store
 
 RUNNING: Final = "running"
@@ -53,25 +55,10 @@ class RunRecord:
     """Why the run ended early or not ok (a run-level error, a bug, a dead shard, nothing ok)."""
     inputs: tuple[InputRecord, ...] = ()
     rows_in_input: int = 0
-    skipped_already_ok: int = 0
-    duplicate_rows: int = 0
-    requests: Mapping[str, int] = field(default_factory=dict)
-    """Finished requests by status."""
-    images_new: int = 0
-    images_already_stored: int = 0
-    images_failed: int = 0
-    bytes_new: int = 0
-    bytes_downloaded: int = 0
+    counters: Counters = field(default_factory=Counters)
     temp_files_cleaned: int = 0
-    result_requests: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    manifest_rows: int = 0
-    manifest_parts: int = 0
     processes: int = 1
     shards: int = 1
-    nodes: tuple[str, ...] = ()
-    """The cluster nodes (Ray node ids) the shards ran on; empty for a run on one machine."""
 
     @property
     def running(self) -> bool:
@@ -80,7 +67,7 @@ class RunRecord:
     @property
     def attempted(self) -> int:
         """Requests the run tried (invalid CSV rows are not tried)."""
-        return sum(n for status, n in self.requests.items() if status != "invalid")
+        return sum(n for status, n in self.counters.requests.items() if status != INVALID)
 
     @property
     def not_ok_share(self) -> float | None:
@@ -88,7 +75,7 @@ class RunRecord:
         attempted = self.attempted
         if not attempted:
             return None
-        return 1 - self.requests.get("ok", 0) / attempted
+        return 1 - self.counters.requests[OK] / attempted
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,25 +94,10 @@ class RunRecord:
                 for i in self.inputs
             ],
             "rows_in_input": self.rows_in_input,
-            "skipped_already_ok": self.skipped_already_ok,
-            "duplicate_rows": self.duplicate_rows,
-            "requests": dict(self.requests),
-            "images": {
-                "new": self.images_new,
-                "already_stored": self.images_already_stored,
-                "failed": self.images_failed,
-            },
-            "bytes_new": self.bytes_new,
-            "bytes_downloaded": self.bytes_downloaded,
+            **self.counters.to_json(),
             "temp_files_cleaned": self.temp_files_cleaned,
-            "result_requests": self.result_requests,
-            "retries": self.retries,
-            "rate_limited": self.rate_limited,
-            "manifest_rows": self.manifest_rows,
-            "manifest_parts": self.manifest_parts,
             "processes": self.processes,
             "shards": self.shards,
-            **({"nodes": list(self.nodes)} if self.nodes else {}),
         }
 
     @classmethod
@@ -133,7 +105,6 @@ class RunRecord:
         """Raises KeyError, TypeError or ValueError for a record that is not one. Records of
         older versions (no ``state``: written only at the end) read as finished."""
         finished = data.get("finished_at")
-        images = data.get("images") or {}
         code = data.get("exit_code")
         return cls(
             run_id=str(data["run_id"]),
@@ -156,23 +127,10 @@ class RunRecord:
                 for i in data.get("inputs") or ()
             ),
             rows_in_input=int(data.get("rows_in_input") or 0),
-            skipped_already_ok=int(data.get("skipped_already_ok") or 0),
-            duplicate_rows=int(data.get("duplicate_rows") or 0),
-            requests={str(k): int(v) for k, v in (data.get("requests") or {}).items()},
-            images_new=int(images.get("new") or 0),
-            images_already_stored=int(images.get("already_stored") or 0),
-            images_failed=int(images.get("failed") or 0),
-            bytes_new=int(data.get("bytes_new") or 0),
-            bytes_downloaded=int(data.get("bytes_downloaded") or 0),
+            counters=Counters.from_json(data),
             temp_files_cleaned=int(data.get("temp_files_cleaned") or 0),
-            result_requests=int(data.get("result_requests") or 0),
-            retries=int(data.get("retries") or 0),
-            rate_limited=int(data.get("rate_limited") or 0),
-            manifest_rows=int(data.get("manifest_rows") or 0),
-            manifest_parts=int(data.get("manifest_parts") or 0),
             processes=int(data.get("processes") or 1),
             shards=int(data.get("shards") or 1),
-            nodes=tuple(str(n) for n in data.get("nodes") or ()),
         )
 
 

@@ -20,17 +20,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final, TextIO
+from pathlib import Path
+from typing import Final, Protocol, TextIO
 
 from harvester.defaults import LOG_FORMATS
 from harvester.errors import HarvesterError
 from harvester.redact import printable, redact, secret_parts
 from harvester.statuses import EXPIRED, INVALID
+from harvester.storage.runs import RunRecord
 from harvester.terminal import log_line, wrap
 from harvester.units import duration, plural, size
-
-if TYPE_CHECKING:  # the run layer is not loaded by views at run time
-    from harvester.run.stats import RunStats
 
 PROGRESS_EVERY: Final = 300.0
 """Seconds between progress lines when not on a terminal."""
@@ -43,6 +42,21 @@ summary_log = logging.getLogger("harvester.summary")
 """The end-of-run summary in JSON output: always shown."""
 
 _RECORD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class Run(Protocol):
+    """What the console reads of a harvest (``harvester.run.stats.RunStats`` is one)."""
+
+    @property
+    def out_dir(self) -> Path | str: ...
+
+    def record(self, *, running: bool = False) -> RunRecord:
+        """The run record: while it runs (``running``), or at the end."""
+        ...
+
+    def summary(self) -> str:
+        """The end-of-run summary."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,24 +78,25 @@ class Snapshot:
     waiting_until: float | None = None
 
     @classmethod
-    def of(cls, stats: RunStats) -> Snapshot:
-        total = max(stats.rows_in_input - stats.skipped_done - stats.duplicates, stats.done)
+    def of(cls, record: RunRecord) -> Snapshot:
+        c = record.counters
+        done = c.done
+        total = max(record.rows_in_input - c.skipped - c.duplicates, done)
         # Rows recorded without a request (invalid, expired) are done at once: not a rate.
-        fetched = stats.done - stats.requests[INVALID] - stats.requests[EXPIRED]
-        rate = fetched / stats.elapsed
-        remaining = total - stats.done
-        eta = remaining / rate if rate > 0 else None
+        fetched = done - c.requests[INVALID] - c.requests[EXPIRED]
+        rate = fetched / max(record.elapsed_seconds, 1e-9)
+        eta = (total - done) / rate if rate > 0 else None
         return cls(
-            done=stats.done,
+            done=done,
             total=total,
-            images=stats.images_new + stats.images_existing,
-            bytes=stats.bytes_downloaded,
+            images=c.images_new + c.images_existing,
+            bytes=c.bytes_downloaded,
             rate=rate,
             eta=eta,
-            throttled=stats.throttled,
-            retries=stats.retries,
-            waiting=stats.waiting_pending,
-            waiting_until=stats.waiting_until,
+            throttled=c.throttled,
+            retries=c.retries,
+            waiting=c.waiting,
+            waiting_until=c.waiting_until or None,
         )
 
     @property
@@ -280,9 +295,9 @@ class Progress:
         self._stream = stream
         self._drawn = False
 
-    def tick(self, stats: RunStats) -> None:
+    def tick(self, snapshot: Snapshot) -> None:
         columns = shutil.get_terminal_size((100, 24)).columns
-        line = Snapshot.of(stats).line(columns, bar_width=self.WIDTH)
+        line = snapshot.line(columns, bar_width=self.WIDTH)
         self._stream.write("\r\x1b[K" + line)
         self._stream.flush()
         self._drawn = True
@@ -336,45 +351,47 @@ class Console:
         """Mask ``secret`` in every line from now on."""
         self.handler.secrets.extend(secret_parts(secret))
 
-    def started(self, stats: RunStats) -> None:
+    def started(self, run: Run) -> None:
+        record = run.record(running=True)
         progress_log.info(
             "run %s started: %s in %s, into %s",
-            stats.run_id,
-            plural(stats.rows_in_input, "row"),
-            plural(len(stats.inputs), "input file"),
-            stats.out_dir,
+            record.run_id,
+            plural(record.rows_in_input, "row"),
+            plural(len(record.inputs), "input file"),
+            run.out_dir,
             extra={
                 "event": "started",
-                "out_dir": str(stats.out_dir),
-                "rows_in_input": stats.rows_in_input,
-                "inputs": [{"path": str(f.path), "sha256": f.sha256} for f in stats.inputs],
+                "out_dir": str(run.out_dir),
+                "rows_in_input": record.rows_in_input,
+                "inputs": [{"path": f.path, "sha256": f.sha256} for f in record.inputs],
             },
         )
         self._next_line = time.monotonic() + self.every
 
-    def tick(self, stats: RunStats) -> None:
+    def tick(self, run: Run) -> None:
         if self.bar is not None:
-            self.bar.tick(stats)
+            self.bar.tick(Snapshot.of(run.record(running=True)))
             return
         if time.monotonic() < self._next_line:
             return
         self._next_line = time.monotonic() + self.every
-        snap = Snapshot.of(stats)
+        snap = Snapshot.of(run.record(running=True))
         progress_log.info("progress: %s", snap.text(), extra={"event": "progress", **snap.fields()})
 
-    def finished(self, stats: RunStats) -> None:
+    def finished(self, run: Run) -> None:
         self._clear()
         if self.json:
-            level = logging.INFO if stats.exit_code == 0 else logging.WARNING
+            record = run.record()
+            level = logging.INFO if record.exit_code == 0 else logging.WARNING
             summary_log.log(
                 level,
                 "run %s finished: exit %d",
-                stats.run_id,
-                int(stats.exit_code),
-                extra={"event": "finished", **stats.record().to_json()},
+                record.run_id,
+                record.exit_code,
+                extra={"event": "finished", **record.to_json()},
             )
         else:
-            summary = redact(printable(stats.summary(), newlines=True), self.handler.secrets)
+            summary = redact(printable(run.summary(), newlines=True), self.handler.secrets)
             print(summary, file=self.out, flush=True)
 
     def failed(self, exc: HarvesterError) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from harvester.counters import Counters
 from harvester.errors import OutputError
 from harvester.storage.rows import STATUSES
 
@@ -32,18 +32,7 @@ class RunFigures:
     started_at: float
     """Unix time."""
     finished_at: float
-    requests: Mapping[str, int] = field(default_factory=dict)
-    """Requests finished in this run, by status."""
-    skipped: int = 0
-    """Requests already ok in earlier runs, not fetched again."""
-    images_new: int = 0
-    images_existing: int = 0
-    images_failed: int = 0
-    bytes_downloaded: int = 0
-    bytes_new: int = 0
-    throttled: int = 0
-    """429 answers."""
-    retries: int = 0
+    counters: Counters = field(default_factory=Counters)
 
 
 def _escape(value: str) -> str:
@@ -53,6 +42,7 @@ def _escape(value: str) -> str:
 def render(figures: RunFigures, *, last_success: float | None) -> str:
     """The exposition text; ``last_success`` is the Unix time of the last run that exited 0."""
     out = f'out="{_escape(figures.out_dir)}"'
+    c = figures.counters
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -64,43 +54,43 @@ def render(figures: RunFigures, *, last_success: float | None) -> str:
         "harvester_run_requests",
         "gauge",
         "Requests the last run finished, by final status.",
-        [(f',status="{s}"', figures.requests.get(s, 0)) for s in STATUSES],  # zeros too
+        [(f',status="{s}"', c.requests[s]) for s in STATUSES],  # zeros too
     )
     metric(
         "harvester_run_skipped_requests",
         "gauge",
         "Requests the last run skipped because an earlier run had them ok.",
-        [("", figures.skipped)],
+        [("", c.skipped)],
     )
     metric(
         "harvester_run_images",
         "gauge",
         "Images of the last run: new in the store, already stored, or failed.",
         [
-            (',outcome="new"', figures.images_new),
-            (',outcome="existing"', figures.images_existing),
-            (',outcome="failed"', figures.images_failed),
+            (',outcome="new"', c.images_new),
+            (',outcome="existing"', c.images_existing),
+            (',outcome="failed"', c.images_failed),
         ],
     )
     metric(
         "harvester_run_downloaded_bytes",
         "gauge",
         "Image bytes the last run downloaded.",
-        [("", figures.bytes_downloaded)],
+        [("", c.bytes_downloaded)],
     )
     metric(
         "harvester_run_stored_bytes",
         "gauge",
         "Image bytes the last run added to the store (new files only).",
-        [("", figures.bytes_new)],
+        [("", c.bytes_new)],
     )
     metric(
         "harvester_run_rate_limited_responses",
         "gauge",
         "429 answers the last run received.",
-        [("", figures.throttled)],
+        [("", c.throttled)],
     )
-    metric("harvester_run_retries", "gauge", "Retries in the last run.", [("", figures.retries)])
+    metric("harvester_run_retries", "gauge", "Retries in the last run.", [("", c.retries)])
     metric(
         "harvester_run_duration_seconds",
         "gauge",

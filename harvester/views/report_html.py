@@ -402,24 +402,14 @@ NARROW_WIDTH: Final = 340
 """Pixels of a bar chart's phone layout (each label above its bar), shown under 600 px."""
 
 
-def _bars(
-    rows: Sequence[_Bar],
-    *,
-    scale: float | None = None,
-    label_width: int = 230,
-    bar_width: int = 420,
-    value_width: int = 90,
-) -> str:
+def _bars(rows: Sequence[_Bar], *, value_width: int = 90) -> str:
     """Horizontal (stacked) bars, one per row, as inline SVG, twice: labels beside the bars,
-    and for a phone labels above them, at a width that needs no scaling (CSS shows one);
-    ``scale`` is the value of a full-width bar (default: the largest bar)."""
+    and for a phone labels above them, at a width that needs no scaling (CSS shows one); the
+    largest bar is full width."""
     if not rows:
         return ""
-    largest = max(sum(v for _, v, _ in segs) for _, segs, _ in rows)
-    full = scale or largest or 1.0
-    wide = _bar_svg(
-        rows, full=full, label_width=label_width, bar_width=bar_width, value_width=value_width
-    )
+    full = max(sum(v for _, v, _ in segs) for _, segs, _ in rows) or 1.0
+    wide = _bar_svg(rows, full=full, label_width=230, bar_width=420, value_width=value_width)
     narrow = _bar_svg(
         rows,
         full=full,

@@ -176,7 +176,8 @@ class Status:
         return f"last run {last.run_id} exited {last.exit_code}: {meaning(last)}"
 
     def _details(self, last: RunRecord) -> list[tuple[str, str]]:
-        requests = last.requests
+        c = last.counters
+        requests = c.requests
         by_status = ", ".join(f"{s} {requests[s]:,}" for s in STATUSES if requests.get(s))
         details = [
             ("started:", _when(last.started_at, self.checked_at)),
@@ -189,22 +190,22 @@ class Status:
             ("inputs:", _inputs(last)),
             (
                 "requests:",
-                f"{by_status or 'none'}; {last.skipped_already_ok:,} already ok "
-                f"before, {last.duplicate_rows:,} duplicate rows",
+                f"{by_status or 'none'}; {c.skipped:,} already ok "
+                f"before, {c.duplicates:,} duplicate rows",
             ),
             (
                 "images:",
-                f"{last.images_new:,} new, {last.images_already_stored:,} already "
-                f"stored, {last.images_failed:,} failed; {size(last.bytes_new)} new",
+                f"{c.images_new:,} new, {c.images_existing:,} already "
+                f"stored, {c.images_failed:,} failed; {size(c.bytes_new)} new",
             ),
             (
                 "api:",
-                f"{last.result_requests:,} result requests, {last.retries:,} retries, "
-                f"{last.rate_limited:,} rate-limited (429)",
+                f"{c.result_requests:,} result requests, {c.retries:,} retries, "
+                f"{c.throttled:,} rate-limited (429)",
             ),
         ]
-        if last.nodes:
-            nodes = len(last.nodes)
+        if c.nodes:
+            nodes = len(c.nodes)
             details.append(
                 ("ran on:", f"{last.shards} shards on {nodes} Ray node{'s' * (nodes > 1)}")
             )

@@ -4,8 +4,7 @@ process keeps to them.
 The promise is the one a single machine keeps (``harvester.api.ratelimit``): no window of one
 second holds more than ``rps`` request starts, whichever node starts them, counted on the API
 server's clock. A schedule alone does not keep it: a start that wakes late lands close to the
-next one, and one window holds ``rps + 1`` (seen with two actors at 100/s). So there are two
-rules, one on each side:
+next one, and one window holds ``rps + 1``. So there are two rules, one on each side:
 
 * **The actor** (:class:`RateLimiterActor`, one per run, on the driver's node) hands out start
   times ("slots") ``1 / rate`` apart, each with how late it may still be used, and never a slot
@@ -19,8 +18,7 @@ lateness. Lateness is a price paid in the schedule, so the actor sets it by how 
 schedule is: ``LATE`` (30 ms) when its slots are booked ahead (the cluster wants more than
 ``rps``; at full speed it starts ``rps / (window + LATE)`` per second, about 93% of ``rps``),
 ``SLACK_LATE`` (0.25 s) when there is room, so that a worker whose requests come every few
-milliseconds can use a whole lease (with 30 ms it used a few slots of each and went back to
-the actor for more: a Ray node did 68% of its latency-bound rate). Slots are wall-clock times
+milliseconds can use a whole lease rather than a few slots of each. Slots are wall-clock times
 (``time.time``): the nodes' clocks must agree to well within the margin, as NTP keeps them.
 
 A worker takes slots in small leases (one actor call per lease, not per request), growing the
@@ -50,8 +48,7 @@ import anyio
 CLUSTER_MARGIN: Final = 0.05
 """Seconds added to the one-second window across a cluster: more than one machine's
 ``WINDOW_MARGIN``, for the jitter between a start on one node and its arrival at the server,
-beside another node's (measured at 100/s on two nodes of a busy machine: with 0.02, one window
-held 101 starts at the server)."""
+beside another node's (docs/performance.md has the measurement)."""
 LATE: Final = 0.03
 """Seconds after its slot that a worker may still start a request when the schedule is booked;
 later, the slot is dropped."""
@@ -81,8 +78,6 @@ class RateLimiterActor:
         self.min_rps = min(min_rps, max_rps)
         self.rate = max_rps
         self.lowest_rate = max_rps
-        self.throttled = 0
-        self.handed_out = 0
         self._step = max_rps / recovery_successes
         self._window = window
         self._late = late
@@ -115,12 +110,10 @@ class RateLimiterActor:
             ends.append(slot + late)
             out.append(slot)
             self._next = slot + 1.0 / self.rate
-        self.handed_out += len(out)
         return out, late
 
     def on_throttled(self, retry_after: float | None = None) -> None:
         """A worker got a 429: slow the whole cluster down."""
-        self.throttled += 1
         now = self._clock()
         if now - self._last_cut >= 1.0:
             self._last_cut = now
@@ -130,12 +123,7 @@ class RateLimiterActor:
             self._next = max(self._next, now + retry_after)
 
     def stats(self) -> dict[str, float]:
-        return {
-            "rate": self.rate,
-            "lowest_rate": self.lowest_rate,
-            "throttled": self.throttled,
-            "handed_out": self.handed_out,
-        }
+        return {"rate": self.rate, "lowest_rate": self.lowest_rate}
 
 
 class LeaseCall(Protocol):
@@ -170,8 +158,8 @@ class ClusterPermits:
         self._next_lease: Awaitable[tuple[list[float], float]] | None = None
         """A lease asked for before the slots ran out, not yet awaited."""
         self._lock = anyio.Lock(fast_acquire=True)
-        """Without ``fast_acquire`` every acquire yields to the event loop once, holding the
-        rate limiter's turn: a Ray node on the 200 ms link did 132 results/s, 148 with it."""
+        """``fast_acquire``: a free lock is taken without yielding to the event loop while
+        holding the rate limiter's turn."""
         self._successes = 0
         self._round_trip = 0.0
         self.started = 0
@@ -198,9 +186,8 @@ class ClusterPermits:
             self._slots.popleft()  # expired while no request wanted it
             expired += 1
         if expired:
-            # Once per lease, not per slot: halving per slot took a lease of 16 with 11 unused
-            # down to 1, and then every request waited for a round trip to the actor (a Ray
-            # node did half its latency-bound rate in make bench's cluster section).
+            # Once per lease, not per slot: a lease with many unused slots must not shrink to
+            # one, or every request waits for a round trip to the actor.
             self.dropped += expired
             self._size = max(1, self._size // 2)
         if not self._slots:
@@ -208,8 +195,8 @@ class ClusterPermits:
             if pending is None:  # nothing asked ahead: wait for a round trip, and time it
                 slots, late = await self._ask(now)
                 took = self._clock() - now
-                # Smoothed: one slow trip (a busy actor) set every later lease's first slot
-                # that far ahead.
+                # Smoothed: one slow trip (a busy actor) must not set every later lease's first
+                # slot that far ahead.
                 self._round_trip = took if self.started == 0 else (3 * self._round_trip + took) / 4
             else:
                 slots, late = await pending

@@ -32,6 +32,8 @@ from harvester.run.engine.limiter import ClusterPermits, RateLimiterActor
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
+log = logging.getLogger("harvester")
+
 INSTALL_HINT: Final = "pip install 'harvester[ray]'"
 BOARD_PREFIX: Final = "harvester-board-"
 CALL_TIMEOUT: Final = 30.0
@@ -269,37 +271,34 @@ def cluster_permits(limiter: ActorHandle[RateLimiterActor]) -> ClusterPermits:
 
 class RayBoard:
     """The run's progress board (a Ray actor on the driver's node), as the shards (``post``,
-    from their event loop) and the driver (``snapshot``, ``stop``) use it. Pickles into the
-    shards' specs (an actor handle does)."""
+    from their event loop) and the driver (``snapshot``, ``stop``) use it: a
+    ``harvester.run.shard.Board``. Pickles into the shards' specs (an actor handle does)."""
 
     def __init__(self, handle: ActorHandle[ProgressBoard]) -> None:
         self.handle = handle
 
-    async def post(self, index: int, progress: dict[str, Any]) -> bool:
+    async def post(self, result: Any) -> bool:
         """A shard's counters; True when the run asks its shards to stop."""
-        return bool(await self.handle.post.remote(index, progress))
+        return bool(await self.handle.post.remote(result.index, result))
 
-    def snapshot(self) -> dict[int, dict[str, Any]]:
+    def snapshot(self) -> dict[int, Any]:
         """Every shard's last counters (none if the board cannot be reached)."""
         ray = import_ray()
         handle: Any = self.handle  # Ray's stubs type this call as never returning
-        ref = handle.snapshot.remote()
         try:
-            found: Any = ray.get(ref, timeout=CALL_TIMEOUT)
+            found: Any = ray.get(handle.snapshot.remote(), timeout=CALL_TIMEOUT)
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
             return {}
         return dict(found)
 
-    def stop(self) -> bool:
-        """Ask every shard to stop at its next post (they keep what they finished); False
-        if the board cannot be reached."""
+    def stop(self) -> None:
+        """Ask every shard to stop at its next post (they keep what they finished)."""
         ray = import_ray()
         handle: Any = self.handle  # as in snapshot
         try:
             ray.get(handle.stop.remote(), timeout=CALL_TIMEOUT)
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-            return False
-        return True
+            log.warning("cannot ask the shards to stop: the run's board actor is gone")
 
 
 def current_node() -> str:
