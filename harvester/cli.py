@@ -260,9 +260,6 @@ def _execute(job: Job, *, verbose: int, quiet: bool) -> None:
     if job.compact and stats.exit_code in (ExitCode.OK, ExitCode.INCOMPLETE):
         from harvester.storage.compact import compact
 
-        if not isinstance(job.out, Path):  # s3://: compaction is for folders only
-            click.echo("compact = true: skipped, compaction is for folders, not s3://", err=True)
-            sys.exit(int(stats.exit_code))
         try:
             compacted = compact(job.out)
         except HarvesterError as exc:
@@ -533,10 +530,11 @@ def _require_harvest_folder(out_dir: Path, names: tuple[str, ...]) -> None:
 
 
 @main.command("compact", short_help="Merge the manifest's parts; rewrite the current-state table.")
-@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
-def compact_command(out_dir: Path) -> None:
+@click.argument("out_dir", metavar="DIR", callback=_location)
+def compact_command(out_dir: Path | str) -> None:
     """Merge every run's manifest parts into a few large ones and rewrite the current-state
     table (DIR/current/), so the latest state reads fast however many runs there were.
+    DIR is a folder or s3://bucket/prefix.
 
     No row and no history is lost: every row keeps its run_id. It is atomic: a reader
     during a compaction, and one after a compaction was killed, sees each row once; the
@@ -545,7 +543,8 @@ def compact_command(out_dir: Path) -> None:
     """
     from harvester.storage.compact import compact
 
-    _require_harvest_folder(out_dir, ("manifest",))
+    if isinstance(out_dir, Path):
+        _require_harvest_folder(out_dir, ("manifest",))
     try:
         stats = compact(out_dir)
     except HarvesterError as exc:

@@ -315,3 +315,17 @@ def test_a_folder_never_reads_through_a_link_out_of_it(tmp_path: Path) -> None:
         store.get(f"images/ab/{'ab' * 32}.png")
     with pytest.raises(OutputError, match="links out of the output folder"):
         list(store.iter_bytes(f"images/ab/{'ab' * 32}.png"))
+
+
+def test_a_folder_delete_leaves_no_empty_folders(tmp_path: Path) -> None:
+    local = LocalStore(tmp_path / "out")
+    local.layout.prepare()
+    local.put("manifest/r1/part-00000.parquet", b"p0")
+    local.put("manifest/r1/part-00001.parquet", b"p1")
+    local.delete("manifest/r1/part-00000.parquet")
+    assert (tmp_path / "out" / "manifest" / "r1").is_dir()  # still holds a part
+    local.delete("manifest/r1/part-00001.parquet")
+    assert not (tmp_path / "out" / "manifest" / "r1").exists()
+    assert (tmp_path / "out" / "manifest").is_dir()  # the layout's own folder stays
+    local.put("manifest/r1/part-00002.parquet", b"p2")  # made again when needed
+    assert [i.key for i in local.list("manifest/")] == ["manifest/r1/part-00002.parquet"]

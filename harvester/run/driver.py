@@ -50,7 +50,7 @@ from harvester.run.shard import (
 )
 from harvester.run.stats import RunStats, baseline_not_ok
 from harvester.statuses import EXPIRED, INVALID
-from harvester.storage import manifest, runs
+from harvester.storage import generations, manifest, runs
 from harvester.storage.manifest import ManifestRow, ManifestWriter
 from harvester.storage.objects import REMOTE_TEMP, Held, Store
 
@@ -130,6 +130,7 @@ class Driver:
         with ExitStack() as held:
             self.lease = held.enter_context(store.lock(owner=f"harvester run {stats.run_id}"))
             stats.temp_files_cleaned = store.clean_temp()
+            generations.settle(store, generations.read(store))  # what a killed compaction left
             stats.baseline_not_ok = baseline_not_ok(runs.read_all(store)[0])
             runs.write(store, stats.record(running=True))
             try:

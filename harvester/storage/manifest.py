@@ -3,10 +3,10 @@
 The manifest is a dataset of immutable part files, ``DIR/manifest/<run_id>/*.parquet``: each
 shard of a run writes ``shard-SSSS-part-NNNNN.parquet``, the run itself (invalid input rows)
 ``part-NNNNN.parquet``.
-Once ``harvester compact`` has run, one generation of merged parts
-``DIR/manifest/_compacted-NNNNNN/`` replaces the run folders its ``generation.json`` lists
-(``harvester.storage.compact``; docs/manifest.md "Compaction"). Readers here use ``parts``,
-which skips what the newest generation replaces.
+Once ``harvester compact`` has run, a generation of merged parts replaces the run folders its
+record ``manifest/_compacted-NNNNNN/generation.json`` lists (``harvester.storage.compact``;
+docs/manifest.md "Compaction"). Readers here read the live parts (``generations.read``), which
+skip what the newest generation replaces and what a killed compaction left.
 
 Each part is built in the store's ``temp_dir`` and put whole (``Store.put``: fsynced and
 renamed into place in a folder, one object in a bucket), so a reader (or a crash) never sees
@@ -18,7 +18,6 @@ a crash loses a bounded amount of finished work and memory stays bounded whateve
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 import uuid
@@ -32,6 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from harvester.errors import ManifestError, OutputError
+from harvester.storage import generations
 from harvester.storage.objects import Location, Store, as_store
 
 if TYPE_CHECKING:
@@ -272,104 +272,18 @@ def manifest_glob(where: Store | Location) -> str:
     return as_store(where).url("manifest/**/*.parquet")
 
 
-GENERATION_PREFIX: Final = "_compacted-"
-GENERATION_FILE: Final = "generation.json"
-CURRENT_FOLDER: Final = "current"
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class Generation:
-    """The committed result of the latest compaction: merged parts in ``folder`` that hold
-    every row of the run folders (and older generations) named in ``replaces``. Keys and
-    folders are the store's (``manifest/_compacted-000001``)."""
-
-    number: int
-    folder: str
-    replaces: frozenset[str]
-    current: str | None
-    """The current-state table as of this generation (None if it was never written)."""
-    parts: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return self.folder.rsplit("/", 1)[-1]
-
-
-def _folders(store: Store) -> dict[str, list[str]]:
-    """Every folder under ``manifest/`` and the keys of its parts, sorted."""
-    found: dict[str, list[str]] = {}
-    for info in store.list("manifest/"):
-        folder, _, name = info.key.removeprefix("manifest/").partition("/")
-        if name and "/" not in name:
-            keys = found.setdefault(folder, [])
-            if name.endswith(".parquet"):
-                keys.append(info.key)
-    return {folder: sorted(keys) for folder, keys in sorted(found.items())}
-
-
 def has_manifest(where: Store | Location) -> bool:
-    return any(_folders(as_store(where)).values())
-
-
-def generation(store: Store, folders: dict[str, list[str]] | None = None) -> Generation | None:
-    """The newest committed generation under ``manifest/``, if any. A generation folder
-    only ever appears whole, ``generation.json`` in it."""
-    folders = _folders(store) if folders is None else folders
-    numbers = sorted(
-        (int(name.removeprefix(GENERATION_PREFIX)), name)
-        for name in folders
-        if name.startswith(GENERATION_PREFIX) and name.removeprefix(GENERATION_PREFIX).isdigit()
-    )
-    if not numbers:
-        return None
-    number, name = numbers[-1]
-    folder = f"manifest/{name}"
-    try:
-        record = json.loads(store.get(f"{folder}/{GENERATION_FILE}"))
-        replaces = frozenset(str(name) for name in record["replaces"])
-    except (OutputError, ValueError, KeyError, TypeError) as exc:
-        raise ManifestError(
-            f"cannot read {store.url(folder)}/{GENERATION_FILE}: {exc}; the manifest's newest "
-            f"compacted generation has no valid record. Move {store.url(folder)} out of the "
-            "manifest folder and run 'harvester compact' again"
-        ) from exc
-    current = f"{CURRENT_FOLDER}/current-{number:06d}.parquet"
-    present = any(info.key == current for info in store.list(f"{CURRENT_FOLDER}/"))
-    return Generation(
-        number=number,
-        folder=folder,
-        replaces=replaces,
-        current=current if present else None,
-        parts=tuple(folders[name]),
-    )
-
-
-def run_folders(
-    store: Store, gen: Generation | None, folders: dict[str, list[str]] | None = None
-) -> list[str]:
-    """Run folders under ``manifest/`` that ``gen`` does not replace, oldest first."""
-    folders = _folders(store) if folders is None else folders
-    covered = gen.replaces if gen is not None else frozenset()
-    return [
-        f"manifest/{name}"
-        for name in folders
-        if not name.startswith(("_", ".")) and name not in covered
-    ]
+    return bool(parts(where))
 
 
 def parts(where: Store | Location) -> list[str]:
     """Every live part's key: the newest generation's, then those of the run folders it
     does not replace. Each manifest row is in exactly one of them, during a compaction too."""
-    store = as_store(where)
-    folders = _folders(store)
-    gen = generation(store, folders)
-    found = list(gen.parts) if gen is not None else []
-    for folder in run_folders(store, gen, folders):
-        found.extend(folders[folder.removeprefix("manifest/")])
-    return found
+    return generations.read(as_store(where)).parts
 
 
-def _scan_keys(store: Store, keys: Sequence[str]) -> pl.LazyFrame:
+def scan_keys(store: Store, keys: Sequence[str]) -> pl.LazyFrame:
+    """Lazily read the parts ``keys`` of ``store``."""
     import polars as pl
 
     if not keys:
@@ -386,7 +300,7 @@ def _scan_keys(store: Store, keys: Sequence[str]) -> pl.LazyFrame:
 def scan(where: Store | Location) -> pl.LazyFrame:
     """Lazily read every manifest row of a harvest (a store, or its location), each once."""
     store = as_store(where)
-    return _scan_keys(store, parts(store))
+    return scan_keys(store, parts(store))
 
 
 def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
@@ -401,18 +315,17 @@ def latest(where: Store | Location) -> pl.LazyFrame:
     After a compaction this reads the current-state table (already one request's latest rows
     each) plus the parts of the runs since, not the whole history.
     """
-    store = as_store(where)
     import polars as pl
 
-    folders = _folders(store)
-    gen = generation(store, folders)
+    store = as_store(where)
+    listing = generations.read(store)
+    gen = listing.generation
     if gen is None or gen.current is None:
-        return _latest_of(scan(store))
-    newer = [k for f in run_folders(store, gen, folders) for k in folders[f[len("manifest/") :]]]
-    state = _scan_keys(store, [gen.current])
-    if not newer:
+        return _latest_of(scan_keys(store, listing.parts))
+    state = scan_keys(store, [gen.current])
+    if not listing.runs:
         return state
-    return _latest_of(pl.concat([state, _scan_keys(store, newer)]))
+    return _latest_of(pl.concat([state, scan_keys(store, listing.run_parts)]))
 
 
 def _batches(store: Store, columns: list[str], where: ds.Expression) -> Iterator[pa.RecordBatch]:
@@ -491,11 +404,9 @@ __all__ = [
     "SCHEMA",
     "STATUSES",
     "AgedPair",
-    "Generation",
     "ManifestRow",
     "ManifestWriter",
     "aged_pairs",
-    "generation",
     "has_manifest",
     "latest",
     "manifest_glob",
@@ -503,7 +414,7 @@ __all__ = [
     "parts",
     "polars_schema",
     "rows_to_table",
-    "run_folders",
     "scan",
+    "scan_keys",
     "unreadable_parts",
 ]

@@ -289,10 +289,22 @@ class LocalStore:
                 yield ObjectInfo(path.relative_to(root).as_posix(), stat.st_size, modified)
 
     def delete(self, key: str) -> None:
+        """Remove ``key``, then the folders it leaves empty below the layout's own
+        (``manifest/<run_id>/`` goes with its last part, as in a bucket; ``manifest/`` stays)."""
+        path = self._path(key)
         try:
-            self._path(key).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot delete {self._path(key)}: {exc.strerror or exc}") from exc
+            raise OutputError(f"cannot delete {path}: {exc.strerror or exc}") from exc
+        root = self.layout.root
+        for folder in path.parents:
+            if folder.parent == root or root not in folder.parents:
+                break
+            self._folders.discard(str(folder))
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone): the folders above are not either
+                break
 
     def url(self, key: str) -> str:
         return str(self._path(key))
