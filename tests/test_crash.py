@@ -25,7 +25,8 @@ import pytest
 
 from harvester.errors import ExitCode
 from harvester.sandbox import FaultRates, SandboxConfig, expected_status
-from harvester.storage.manifest import OK, SCHEMA, manifest_glob
+from harvester.statuses import OK
+from harvester.storage.manifest import SCHEMA, manifest_glob
 from harvester.views.verify import verify
 from tests.conftest import write_csv
 from tests.processes import (

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from harvester import statuses
 from harvester.errors import ExitCode, UsageError
 from harvester.sandbox import Sandbox
 from harvester.storage import manifest
@@ -55,7 +56,7 @@ def test_tables_describe_the_latest_state(harvested: Path) -> None:
     assert by_model["fal-ai/flux"]["pending"] == 1 and by_model["fal-ai/flux"]["not_found"] == 1
     assert by_model["fal-ai/flux/dev"]["failed"] == 1
     assert by_model["fal-ai/flux/dev"]["total"] == 24 + 3
-    assert sum(by_model[EVIL][s] for s in manifest.STATUSES) == by_model[EVIL]["total"] == 1
+    assert sum(by_model[EVIL][s] for s in statuses.STATUSES) == by_model[EVIL]["total"] == 1
 
     latest = manifest.latest(harvested).filter(pl.col("path").is_not_null()).collect()
     for row in report.nsfw.iter_rows(named=True):

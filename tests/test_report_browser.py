@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
+from harvester import statuses
 from harvester.errors import ExitCode
 from harvester.sandbox import Sandbox
-from harvester.storage import manifest
 from tests.conftest import harvest_args, run_cli, write_csv
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -118,7 +118,7 @@ def test_report_reads_in_a_browser(
     small = [t for t in seen["texts"] if t["height"] < MIN_TEXT_PX]
     assert small == []
     # the legend names every status, each inside the page
-    assert [s["text"] for s in seen["legend"]] == list(manifest.STATUSES)
+    assert [s["text"] for s in seen["legend"]] == list(statuses.STATUSES)
     assert all(s["left"] >= 0 and s["right"] <= width and s["width"] > 0 for s in seen["legend"])
     # the gallery: a phone shows three images a row, 48 of them in a few screens
     if width < 600:

@@ -27,8 +27,9 @@ from harvester.api.retry import RetryPolicy
 from harvester.api.urls import describe_url
 from harvester.counters import Counters
 from harvester.run.reader import Pair
+from harvester.statuses import ERROR, FAILED, OK, PENDING
 from harvester.storage.objects import Store
-from harvester.storage.rows import ERROR, FAILED, OK, PENDING, ManifestRow
+from harvester.storage.rows import ManifestRow
 from harvester.storage.store import ContentStore, StoredImage
 
 MAX_PENDING_WAITERS: Final = 10_000

@@ -270,7 +270,7 @@ def _read(store: Store, key: str) -> Iterator[pa.RecordBatch]:
         if parquet.schema_arrow.equals(manifest.SCHEMA):
             yield from parquet.iter_batches(batch_size=65_536)
         else:
-            table = pq.read_table(pa.BufferReader(data), schema=manifest.SCHEMA)
+            table = manifest.read_part(data, schema=manifest.SCHEMA)
             yield from table.to_batches(max_chunksize=65_536)
     except (OSError, OutputError, ValueError) as exc:  # pyarrow's ArrowInvalid: a ValueError
         raise ManifestError(

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import pyarrow as pa
@@ -37,17 +37,8 @@ from harvester.storage.objects import Location, Store, as_store
 if TYPE_CHECKING:
     import polars as pl
 
-from harvester.storage.rows import (
-    ERROR,
-    EXPIRED,
-    FAILED,
-    INVALID,
-    NOT_FOUND,
-    OK,
-    PENDING,
-    STATUSES,
-    ManifestRow,
-)
+from harvester.statuses import EXPIRED, OK
+from harvester.storage.rows import ManifestRow
 
 SCHEMA: Final = pa.schema(
     [
@@ -328,12 +319,18 @@ def latest(where: Store | Location) -> pl.LazyFrame:
     return _latest_of(pl.concat([state, scan_keys(store, listing.run_parts)]))
 
 
+def read_part(data: bytes, **options: Any) -> pa.Table:
+    """A part's table from its bytes (``options``: ``pq.read_table``'s). The bytes are in
+    memory already, so nothing is read ahead on Arrow's I/O threads (``pre_buffer``)."""
+    return pq.read_table(pa.BufferReader(data), pre_buffer=False, **options)
+
+
 def _batches(store: Store, columns: list[str], where: ds.Expression) -> Iterator[pa.RecordBatch]:
     """``columns`` of the live rows matching ``where``, one part at a time (memory stays flat
     however long the history); an unreadable part is a ``ManifestError`` saying what to do."""
     for key in parts(store):
         try:
-            table = pq.read_table(pa.BufferReader(store.get(key)), columns=columns, filters=where)
+            table = read_part(store.get(key), columns=columns, filters=where)
         except (OutputError, OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
             raise ManifestError(
                 f"cannot read the existing manifest ({store.url(key)}): {exc}; run 'harvester "
@@ -394,15 +391,7 @@ def unreadable_parts(where: Store | Location) -> list[str]:
 
 
 __all__ = [
-    "ERROR",
-    "EXPIRED",
-    "FAILED",
-    "INVALID",
-    "NOT_FOUND",
-    "OK",
-    "PENDING",
     "SCHEMA",
-    "STATUSES",
     "AgedPair",
     "ManifestRow",
     "ManifestWriter",

@@ -9,20 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from harvester.statuses import ERROR, EXPIRED, FAILED, INVALID, NOT_FOUND, OK, PENDING, STATUSES
-
-__all__ = [  # the vocabulary, for the modules that read it here
-    "ERROR",
-    "EXPIRED",
-    "FAILED",
-    "INVALID",
-    "NOT_FOUND",
-    "OK",
-    "PENDING",
-    "STATUSES",
-    "ManifestRow",
-]
-
 
 @dataclass(frozen=True, slots=True)
 class ManifestRow:

@@ -17,7 +17,7 @@ from typing import Final
 
 from harvester.counters import Counters
 from harvester.errors import OutputError
-from harvester.storage.rows import STATUSES
+from harvester.statuses import STATUSES
 
 LAST_SUCCESS: Final = "harvester_last_success_timestamp_seconds"
 _PREVIOUS: Final = re.compile(rf"^{LAST_SUCCESS}(?:{{[^}}]*}})? ([0-9.eE+]+)$", re.M)

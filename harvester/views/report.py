@@ -14,6 +14,7 @@ from typing import Final
 
 import polars as pl
 
+from harvester import statuses
 from harvester.errors import UsageError
 from harvester.storage import manifest
 from harvester.storage.objects import Location, Store, as_store
@@ -36,7 +37,7 @@ class Report:
     """Where the harvest is (the gallery reads its images from there)."""
     generated_at: datetime
     by_status: pl.DataFrame
-    """One row per model: requests per status (``manifest.STATUSES`` columns) and ``total``."""
+    """One row per model: requests per status (``statuses.STATUSES`` columns) and ``total``."""
     nsfw: pl.DataFrame
     """One row per model: stored ``images``, ``flagged``, ``unknown`` (no flag), ``rate``."""
     inference: pl.DataFrame
@@ -140,7 +141,7 @@ def _by_status(requests: pl.DataFrame) -> pl.DataFrame:
     return (
         requests.group_by("model")
         .agg(
-            *[(pl.col("request_status") == s).sum().alias(s) for s in manifest.STATUSES],
+            *[(pl.col("request_status") == s).sum().alias(s) for s in statuses.STATUSES],
             pl.len().alias("total"),
         )
         .sort("total", "model", descending=[True, False])
@@ -188,7 +189,7 @@ def _runs(store: Store) -> pl.DataFrame:
         .agg(
             pl.struct("model", "request_id").n_unique().alias("requests"),
             pl.struct("model", "request_id")
-            .filter(pl.col("request_status") == manifest.OK)
+            .filter(pl.col("request_status") == statuses.OK)
             .n_unique()
             .alias("ok"),
             stored.sum().alias("images"),
@@ -228,7 +229,7 @@ def _runs(store: Store) -> pl.DataFrame:
 
 def _gallery(store: Store, limit: int) -> tuple[str | None, pl.DataFrame, int]:
     images = manifest.scan(store).filter(
-        pl.col("path").is_not_null() & (pl.col("status") == manifest.OK)
+        pl.col("path").is_not_null() & (pl.col("status") == statuses.OK)
     )
     run = images.select(pl.col("run_id").max()).collect().item()
     columns = (

@@ -26,8 +26,8 @@ from typing import Any, Final
 
 import polars as pl
 
+from harvester import statuses
 from harvester.errors import MEANINGS, OutputError
-from harvester.storage import manifest
 from harvester.storage.objects import Store
 from harvester.units import size
 from harvester.views import thumbnails
@@ -43,13 +43,13 @@ MEDIA_TYPES: Final = {
 }
 """Stored extensions a browser shows; others (tiff, heic) get a placeholder."""
 STATUS_COLOURS: Final = {
-    manifest.OK: "#2e9d5b",
-    manifest.PENDING: "#e0a82e",
-    manifest.NOT_FOUND: "#9aa3ad",
-    manifest.FAILED: "#d64545",
-    manifest.ERROR: "#8c1c13",
-    manifest.INVALID: "#7d5ba6",
-    manifest.EXPIRED: "#5b6470",
+    statuses.OK: "#2e9d5b",
+    statuses.PENDING: "#e0a82e",
+    statuses.NOT_FOUND: "#9aa3ad",
+    statuses.FAILED: "#d64545",
+    statuses.ERROR: "#8c1c13",
+    statuses.INVALID: "#7d5ba6",
+    statuses.EXPIRED: "#5b6470",
 }
 PROMPT_CHARS: Final = 1_000
 """A tile's caption shows this much of the prompt (20 MB prompts made a 210 MB page)."""
@@ -127,7 +127,7 @@ def render(report: Report, *, limits: GalleryLimits) -> tuple[str, int, int]:
 def _header(report: Report) -> str:
     by_status = report.by_status
     requests = report.requests
-    ok = int(by_status[manifest.OK].sum()) if by_status.height else 0
+    ok = int(by_status[statuses.OK].sum()) if by_status.height else 0
     images = int(report.nsfw["images"].sum()) if report.nsfw.height else 0
     flagged = int(report.nsfw["flagged"].sum()) if report.nsfw.height else 0
     stored = report.runs["new_bytes"].sum() if report.runs.height else 0
@@ -162,14 +162,14 @@ def _status_section(by_status: pl.DataFrame) -> str:
     rows = [
         (
             str(r["model"]),
-            [(s, float(r[s]), STATUS_COLOURS[s]) for s in manifest.STATUSES],
+            [(s, float(r[s]), STATUS_COLOURS[s]) for s in statuses.STATUSES],
             f"{r['total']:,}",
         )
         for r in by_status.iter_rows(named=True)
     ]
     chart = _bars(rows)
     legend = "".join(
-        f'<span><i style="background:{STATUS_COLOURS[s]}"></i>{s}</span>' for s in manifest.STATUSES
+        f'<span><i style="background:{STATUS_COLOURS[s]}"></i>{s}</span>' for s in statuses.STATUSES
     )
     return _section(
         "status",

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from harvester.errors import MEANINGS, ExitCode
+from harvester.statuses import STATUSES
 from harvester.storage import runs
 from harvester.storage.objects import Location, Store, as_store
-from harvester.storage.rows import STATUSES
 from harvester.storage.runs import RunRecord
 from harvester.units import duration, size
 

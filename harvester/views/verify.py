@@ -19,9 +19,9 @@ from functools import partial
 from typing import Final
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from harvester.errors import OutputError
+from harvester.storage import manifest
 from harvester.storage.imageinfo import HEADER_BYTES, claimed_format, read_info
 from harvester.storage.objects import Location, Store, as_store
 
@@ -107,7 +107,7 @@ def _referenced(store: Store, report: VerifyReport) -> dict[str, set[str]]:
     for key in keys:
         report.parts_checked += 1
         try:
-            table = pq.read_table(pa.BufferReader(store.get(key)))
+            table = manifest.read_part(store.get(key))
             paths = table.column("path").to_pylist()
             shas = table.column("sha256").to_pylist()
         except (OutputError, OSError, pa.ArrowException, KeyError) as exc:
