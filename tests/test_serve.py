@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -646,3 +647,27 @@ def test_sigterm_mid_download_keeps_what_was_acknowledged(tmp_path: Path) -> Non
     assert sorted(per_request["request_id"]) == sorted(ids)
     assert (per_request["rows"] == per_request["image_count"]).all()  # each image once
     assert all(s.to_list() == ["ok"] for s in per_request["request_status"])
+
+
+def test_a_delivery_is_stored_after_an_expiry_removed_its_shards_folder(tmp_path: Path) -> None:
+    """The expiry removes the folders it leaves empty; a later delivery in the same shard is
+    still stored by the same process (its folder made again)."""
+    import anyio
+
+    from harvester.storage.inbox import Delivery, Inbox
+
+    shard = delivery_key("old").rsplit("/", 2)[-2]
+    later = next(f"new-{n}" for n in range(10_000) if f"/{shard}/" in delivery_key(f"new-{n}"))
+    (tmp_path / "out" / ".tmp").mkdir(parents=True)  # as serve's start makes it
+    inbox = Inbox(open_store(tmp_path / "out"))
+
+    def stored(request_id: str) -> bool:
+        received = Delivery(request_id, MODEL, "sandbox-user", datetime.now(UTC), b"{}")
+        return anyio.run(inbox.put, received)
+
+    assert stored("old")
+    inbox.mark_done(delivery_key("old"))
+    assert inbox.expire(datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert not (tmp_path / "out" / delivery_key("old")).parent.exists()
+    assert stored(later)
+    assert (tmp_path / "out" / delivery_key(later)).is_file()

@@ -113,33 +113,44 @@ class Inbox:
 
     def _put_local(self, root: Path, key: str, data: bytes) -> bool:
         final = root / key
-        temp = root / TEMP
         try:
-            self._folder(final.parent)
-            self._folder(temp)
-            tmp = temp / f"{os.getpid()}-{next(_names)}.new"
-            fd = os.open(tmp, _CREATE, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                return False
-            finally:
-                tmp.unlink(missing_ok=True)
-            _fsync_folder(final.parent)
+                return self._write_link(root, final, data)
+            except FileNotFoundError:
+                # A folder this process made was removed since (an expiry removes the folders
+                # it leaves empty): made again, once.
+                self._folders.discard(final.parent)
+                self._folders.discard(root / TEMP)
+                return self._write_link(root, final, data)
         except OSError as exc:
             where = final.parent
             raise OutputError(f"cannot store a delivery in {where}: {exc.strerror or exc}") from exc
+
+    def _write_link(self, root: Path, final: Path, data: bytes) -> bool:
+        temp = root / TEMP
+        self._folder(final.parent)
+        self._folder(temp)
+        tmp = temp / f"{os.getpid()}-{next(_names)}.new"
+        fd = os.open(tmp, _CREATE, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_folder(final.parent)
         return True
 
     def _folder(self, folder: Path) -> None:
-        """Make ``folder`` (and its parents) durably, once per process."""
+        """Make ``folder`` (and its parents) durably, once per process (until a write finds it
+        gone)."""
         if folder in self._folders:
             return
         missing = [f for f in (folder, *folder.parents) if not f.exists()]
