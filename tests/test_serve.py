@@ -671,3 +671,24 @@ def test_a_delivery_is_stored_after_an_expiry_removed_its_shards_folder(tmp_path
     assert not (tmp_path / "out" / delivery_key("old")).parent.exists()
     assert stored(later)
     assert (tmp_path / "out" / delivery_key(later)).is_file()
+
+
+def test_a_delivery_that_cannot_be_harvested_is_counted_and_the_server_goes_on(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    out = tmp_path / "out"
+    bad = out / delivery_key("bad")
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(json.dumps({"request_id": "bad"}).encode() + b"\n" + delivery("bad"))
+    payload = {"images": [], "seed": 1, "prompt": "good"}
+    with serving(out, sandbox) as serve:
+        assert (
+            post(serve.hook(), sandbox.signer, "good", delivery("good", payload)).status_code == 200
+        )
+        serve.wait_idle()
+        assert serve.process.poll() is None
+        assert scrape(serve)['harvester_serve_harvest_failed_total{error="KeyError"}'] == 1
+        assert serve.stop() == 0
+    assert any(f"{delivery_key('bad')}" in line and "KeyError" in line for line in serve.lines)
+    assert bad.is_file()
+    assert list(rows(out)["request_id"]) == ["good"]

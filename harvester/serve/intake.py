@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -56,7 +57,8 @@ class Intake:
         self._lane: Lane | None = None
         self._counts = Counters()
         """Requests harvested by status and manifest rows; the lane counts the images."""
-        self.unreadable = 0
+        self.failed: Counter[str] = Counter()
+        """Deliveries not harvested (left in the inbox), by the class of the error."""
         self._keys: MemoryObjectSendStream[str]
         self._receive: MemoryObjectReceiveStream[str]
         # Keys only (a few dozen bytes each): the bodies stay in the inbox until a worker
@@ -153,12 +155,21 @@ class Intake:
         async for key in self._receive:
             try:
                 rows = await self._harvest(lane, key)
-            except ValueError as exc:
-                self.unreadable += 1
-                logger.error("delivery %s is unreadable, left in the inbox: %s", key, exc)
-                continue
             except OutputError as exc:
+                self.failed[type(exc).__name__] += 1
                 logger.error("delivery %s not harvested, left in the inbox: %s", key, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - one delivery never stops the others
+                # Whatever one delivery's bytes make decoding or harvesting raise (a file
+                # without a field, a body no parser expected): logged, counted, left in the
+                # inbox; the server and the other deliveries go on.
+                self.failed[type(exc).__name__] += 1
+                logger.error(
+                    "delivery %s is unreadable, left in the inbox: %s: %s",
+                    key,
+                    type(exc).__name__,
+                    exc,
+                )
                 continue
             finally:
                 self._queued.discard(key)

@@ -47,6 +47,7 @@ def render(
     unavailable: int,
     refused: Counter[str],
     backlog: int,
+    failed: Counter[str],
     harvested: Counters,
     latency: Latency,
 ) -> str:
@@ -63,6 +64,13 @@ def render(
         *(
             f'harvester_serve_refused_total{{reason="{reason}"}} {count}'
             for reason, count in sorted(refused.items())
+        ),
+        "# HELP harvester_serve_harvest_failed_total Deliveries not harvested (left in the "
+        "inbox), by error.",
+        "# TYPE harvester_serve_harvest_failed_total counter",
+        *(
+            f'harvester_serve_harvest_failed_total{{error="{error}"}} {count}'
+            for error, count in sorted(failed.items())
         ),
         "# HELP harvester_serve_backlog Deliveries stored and not yet harvested.",
         "# TYPE harvester_serve_backlog gauge",

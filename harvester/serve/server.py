@@ -157,6 +157,7 @@ class WebhookServer:
             unavailable=served.unavailable,
             refused=served.refused,
             backlog=self.intake.backlog,
+            failed=self.intake.failed,
             harvested=harvested,
             latency=served.latency,
         )
