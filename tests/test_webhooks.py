@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 
+import anyio
 import httpx
 import pytest
 from aiohttp import web
@@ -24,10 +25,12 @@ class Keys:
         self.signers = [Signer()]
         self.fetches = 0
         self.status = 200
+        self.delay = 0.0
         self.url = ""
 
     async def jwks(self, _: web.Request) -> web.Response:
         self.fetches += 1
+        await anyio.sleep(self.delay)
         keys = [key for s in self.signers for key in parse_keys(s)]
         return web.json_response({"keys": keys}, status=self.status)
 
@@ -168,3 +171,64 @@ def test_a_submission_needs_the_key_and_the_jwks_is_public(sandbox: Sandbox) -> 
     assert httpx.post(sandbox.submit_url("fal-ai/flux/dev"), json={}).status_code == 401
     keys = parse_jwks(httpx.get(sandbox.jwks_url, timeout=10).content)
     assert len(keys) == 1
+
+
+@pytest.mark.anyio
+async def test_a_failing_jwks_is_tried_at_most_once_a_minute_and_cached_keys_serve(
+    keys: Keys,
+) -> None:
+    clock = Clock()
+    client = open_client(max_connections=2, connect_timeout=5, read_timeout=5)
+    async with client:
+        verifier = WebhookVerifier(client, keys.url, monotonic=clock)
+        signer = keys.signers[0]
+        body = b"{}"
+        assert (await verifier.verify(signer.headers("r", body), body)).request_id == "r"
+        assert keys.fetches == 1
+        keys.status = 503
+        clock.now += 61
+        for _ in range(5):  # forged: one try, however many come, the keys kept
+            with pytest.raises(Refused):
+                await verifier.verify(Signer().headers("r", body), body)
+        assert keys.fetches == 2
+        clock.now += 61
+        with pytest.raises(Refused):
+            await verifier.verify(Signer().headers("r", body), body)
+        assert keys.fetches == 3
+        clock.now += 24 * 3600  # the keys past their age: tried once, then served as they are
+        for _ in range(5):
+            assert (await verifier.verify(signer.headers("r", body), body)).request_id == "r"
+        assert keys.fetches == 4
+        clock.now += 61
+        keys.status = 200
+        await verifier.verify(signer.headers("r", body), body)
+        assert keys.fetches == 5
+        await verifier.verify(signer.headers("r", body), body)
+        assert keys.fetches == 5  # fresh again
+
+
+@pytest.mark.anyio
+async def test_concurrent_forged_deliveries_against_a_failing_jwks_share_one_try(
+    keys: Keys,
+) -> None:
+    clock = Clock()
+    client = open_client(max_connections=20, connect_timeout=5, read_timeout=5)
+    async with client:
+        verifier = WebhookVerifier(client, keys.url, monotonic=clock)
+        body = b"{}"
+        await verifier.verify(keys.signers[0].headers("r", body), body)
+        keys.status, keys.delay = 503, 0.3
+        clock.now += 61
+        refused = 0
+
+        async def forged() -> None:
+            nonlocal refused
+            with pytest.raises(Refused):
+                await verifier.verify(Signer().headers("r", body), body)
+            refused += 1
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(forged)
+        assert refused == 10
+        assert keys.fetches == 2

@@ -111,7 +111,8 @@ class WebhookVerifier:
         self._monotonic = monotonic
         self._keys: tuple[Ed25519PublicKey, ...] = ()
         self._fetched_at: float | None = None
-        self._failed_at: float | None = None
+        self._attempted_at: float | None = None
+        """When the last fetch ended, answered or not."""
         self._fetching = anyio.Lock()
         self.fetches = 0
 
@@ -137,9 +138,10 @@ class WebhookVerifier:
         except ValueError:
             raise Refused("bad-signature", "the signature is not hex") from None
         message = signed_message(request_id, user_id, stamp, body)
-        if self._verifies(await self._current_keys(), signature, message):
+        keys = await self._current_keys()
+        if self._verifies(keys, signature, message):
             return Verified(request_id, user_id, int(stamp))
-        if await self._refetch() and self._verifies(self._keys, signature, message):
+        if await self._refetch(keys) and self._verifies(self._keys, signature, message):
             return Verified(request_id, user_id, int(stamp))
         raise Refused("bad-signature", "no key of the JWKS verifies the signature")
 
@@ -153,31 +155,42 @@ class WebhookVerifier:
             return True
         return False
 
-    async def _current_keys(self) -> tuple[Ed25519PublicKey, ...]:
+    def _fresh(self) -> bool:
         fetched = self._fetched_at
-        if fetched is None or self._monotonic() - fetched > CACHE_SECONDS:
-            failed = self._failed_at
-            recent = failed is not None and self._monotonic() - failed < RETRY_UNAVAILABLE_SECONDS
-            if recent and not self._keys:
-                raise KeysUnavailable(f"the JWKS at {self._url} could not be fetched just now")
+        return fetched is not None and self._monotonic() - fetched <= CACHE_SECONDS
+
+    def _attempted_within(self, seconds: float) -> bool:
+        attempted = self._attempted_at
+        return attempted is not None and self._monotonic() - attempted < seconds
+
+    async def _current_keys(self) -> tuple[Ed25519PublicKey, ...]:
+        """The keys, fetched first if they are over ``CACHE_SECONDS`` old. Keys past their
+        age still serve while one request fetches them, and when the last try (answered or
+        not) was within ``REFETCH_SECONDS``; with no keys at all, the next try waits
+        ``RETRY_UNAVAILABLE_SECONDS``. ``KeysUnavailable`` if there are none."""
+        if self._fresh():
+            return self._keys
+        pause = REFETCH_SECONDS if self._keys else RETRY_UNAVAILABLE_SECONDS
+        if not self._attempted_within(pause) and not (self._keys and self._fetching.locked()):
             async with self._fetching:
-                if self._fetched_at == fetched:  # nobody fetched meanwhile
-                    await self._fetch(keep_on_error=fetched is not None)
+                if not self._fresh() and not self._attempted_within(pause):  # nobody meanwhile
+                    await self._fetch()
+        if not self._keys:
+            raise KeysUnavailable(f"the JWKS at {self._url} could not be fetched just now")
         return self._keys
 
-    async def _refetch(self) -> bool:
-        """Fetch the keys again unless they were fetched within ``REFETCH_SECONDS``; True if
-        new keys were fetched."""
-        async with self._fetching:
-            fetched = self._fetched_at
-            if fetched is not None and self._monotonic() - fetched < REFETCH_SECONDS:
-                return False
-            await self._fetch(keep_on_error=True)
-            return self._fetched_at != fetched
+    async def _refetch(self, seen: tuple[Ed25519PublicKey, ...]) -> bool:
+        """Fetch the keys again unless the last try (answered or not) was within
+        ``REFETCH_SECONDS``; True if the keys are now other than ``seen``."""
+        if not self._attempted_within(REFETCH_SECONDS):
+            async with self._fetching:
+                if not self._attempted_within(REFETCH_SECONDS):  # nobody tried meanwhile
+                    await self._fetch()
+        return self._keys is not seen
 
-    async def _fetch(self, *, keep_on_error: bool) -> None:
+    async def _fetch(self) -> None:
         """Fetch the JWKS. On failure: ``KeysUnavailable`` if there are no keys to fall back
-        on (or ``keep_on_error`` is False), else the cached keys stay."""
+        on, else the cached keys stay."""
         try:
             self.fetches += 1
             request = self._client.build_request("GET", self._url)
@@ -197,14 +210,14 @@ class WebhookVerifier:
             if not keys:
                 raise KeysUnavailable(f"the JWKS at {self._url} holds no Ed25519 key")
         except (httpx.HTTPError, ValueError, KeysUnavailable) as exc:
-            self._failed_at = self._monotonic()
-            if keep_on_error and self._keys:
+            self._attempted_at = self._monotonic()
+            if self._keys:
                 return
             if isinstance(exc, KeysUnavailable):
                 raise
             raise KeysUnavailable(f"cannot fetch the JWKS at {self._url}: {exc}") from exc
         self._keys = keys
-        self._fetched_at = self._monotonic()
+        self._fetched_at = self._attempted_at = self._monotonic()
 
 
 __all__ = [
