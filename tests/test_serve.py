@@ -692,3 +692,33 @@ def test_a_delivery_that_cannot_be_harvested_is_counted_and_the_server_goes_on(
     assert any(f"{delivery_key('bad')}" in line and "KeyError" in line for line in serve.lines)
     assert bad.is_file()
     assert list(rows(out)["request_id"]) == ["good"]
+
+
+def test_a_stored_delivery_acknowledged_as_repeated_is_harvested_without_a_restart(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A put answered 503 after its delivery was stored leaves the delivery in the inbox;
+    fal's retry is answered ``stored: false``, and the delivery is harvested all the same."""
+    out = tmp_path / "out"
+    payload = {"images": [], "seed": 1, "prompt": "left"}
+    body = delivery("left", payload)
+    with serving(out, sandbox) as serve:
+        assert post(serve.hook(), sandbox.signer, "first", delivery("first", payload)).is_success
+        serve.wait_idle()
+        # What the failed put left behind: the delivery stored, no harvest offered.
+        head = {"request_id": "left", "model": MODEL, "user_id": "sandbox-user"}
+        head["received_at"] = datetime.now(UTC).isoformat()
+        stored = out / delivery_key("left")
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_bytes(json.dumps(head).encode() + b"\n" + body)
+        answer = post(serve.hook(), sandbox.signer, "left", body)
+        assert answer.json() == {"stored": False}
+        deadline = time.monotonic() + 30
+        while scrape(serve)["harvester_serve_harvested_total"] < 2:
+            assert time.monotonic() < deadline, "".join(serve.lines)
+            time.sleep(0.2)
+        serve.wait_idle()
+        time.sleep(1)  # a part is due every 0.5 s
+        assert serve.process.poll() is None
+        assert serve.stop() == 0
+    assert sorted(rows(out)["request_id"]) == ["first", "left"]

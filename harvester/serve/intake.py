@@ -44,6 +44,11 @@ logger = logging.getLogger(__name__)
 TICK: Final = 1.0
 """Seconds between two checks of whether a part is due."""
 EXPIRE_EVERY: Final = 3600.0
+RESCAN_EVERY: Final = 60.0
+"""Seconds between two looks for stored deliveries this process does not hold (a put that
+answered 503 after storing, a harvest that failed); sooner when a request hints at one."""
+RESCAN_SOONEST: Final = 2.0
+"""Seconds from a hint to the look, and so at least between two looks."""
 
 
 class Intake:
@@ -66,6 +71,13 @@ class Intake:
         self._keys, self._receive = anyio.create_memory_object_stream[str](math.inf)
         self._queued: set[str] = set()
         self._unmarked: list[str] = []
+        self._flushing: set[str] = set()
+        """Keys whose rows are in a part (or being written to one), not yet marked done."""
+        self._unreadable: set[str] = set()
+        """Keys that failed with an error other than ``OutputError``: tried again at a start."""
+        self._offered: set[str] = set()
+        """Keys offered since the current rescan began."""
+        self._rescan_soon = anyio.Event()
         self._writer = manifest.ManifestWriter(
             store, run_id, seconds_per_part=config.flush_every, autoflush=False
         )
@@ -86,7 +98,17 @@ class Intake:
         """Harvest the delivery stored at ``key`` (once, however often it is offered)."""
         if key not in self._queued:
             self._queued.add(key)
+            self._offered.add(key)
             self._keys.send_nowait(key)
+
+    def holds(self, key: str) -> bool:
+        """True if this process harvests ``key`` now or harvested it since it started."""
+        return key in self._queued or key in self._flushing or key in self._unmarked
+
+    def rescan_soon(self) -> None:
+        """Look for stored deliveries this process does not hold within ``RESCAN_SOONEST``
+        seconds (a put answered 503, or a repeated delivery that no harvest here holds)."""
+        self._rescan_soon.set()
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -117,6 +139,7 @@ class Intake:
                     tg.start_soon(self._work, lane)
                 tg.start_soon(self._flusher)
                 tg.start_soon(self._expirer)
+                tg.start_soon(self._rescanner)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
@@ -157,13 +180,19 @@ class Intake:
                 rows = await self._harvest(lane, key)
             except OutputError as exc:
                 self.failed[type(exc).__name__] += 1
-                logger.error("delivery %s not harvested, left in the inbox: %s", key, exc)
+                logger.error(
+                    "delivery %s not harvested, left in the inbox (tried again within %g s): %s",
+                    key,
+                    RESCAN_EVERY,
+                    exc,
+                )
                 continue
             except Exception as exc:  # noqa: BLE001 - one delivery never stops the others
                 # Whatever one delivery's bytes make decoding or harvesting raise (a file
                 # without a field, a body no parser expected): logged, counted, left in the
                 # inbox; the server and the other deliveries go on.
                 self.failed[type(exc).__name__] += 1
+                self._unreadable.add(key)
                 logger.error(
                     "delivery %s is unreadable, left in the inbox: %s: %s",
                     key,
@@ -197,18 +226,55 @@ class Intake:
                     logger.error("%s; tried again at the next part", exc)
 
     async def _flush(self) -> None:
-        """Write the buffered rows as a part, then mark their deliveries done."""
+        """Write the buffered rows as a part, then mark their deliveries done (those a mark
+        failed for are marked at the next flush)."""
         keys, self._unmarked = self._unmarked, []
+        self._flushing.update(keys)
         try:
             await self._writer.flush_in_thread()
         except OutputError:
+            self._flushing.difference_update(keys)
             self._unmarked[:0] = keys
             raise
-        await anyio.to_thread.run_sync(self._mark, keys)
+        marked = await anyio.to_thread.run_sync(self._mark, sorted(self._flushing))
+        self._flushing.difference_update(marked)
 
-    def _mark(self, keys: Iterable[str]) -> None:
+    def _mark(self, keys: Iterable[str]) -> list[str]:
+        marked = []
         for key in keys:
-            self.inbox.mark_done(key)
+            try:
+                self.inbox.mark_done(key)
+            except OutputError as exc:
+                logger.error("%s; marked at the next part", exc)
+                break
+            marked.append(key)
+        return marked
+
+    async def _rescanner(self) -> None:
+        """Offer the stored deliveries not marked done that this process does not hold:
+        every ``RESCAN_EVERY`` seconds, or ``RESCAN_SOONEST`` after ``rescan_soon``."""
+        while True:
+            with anyio.move_on_after(RESCAN_EVERY):
+                await self._rescan_soon.wait()
+                await anyio.sleep(RESCAN_SOONEST)
+            self._rescan_soon = anyio.Event()
+            before = self._held()
+            self._offered = set()
+            try:
+                pending = await anyio.to_thread.run_sync(self.inbox.pending)
+            except OutputError as exc:
+                logger.error("cannot list the inbox: %s", exc)
+                continue
+            # A key marked done while the inbox was listed was held before, or offered since.
+            held = before | self._held() | self._offered
+            found = [key for key in pending if key not in held]
+            if found:
+                logger.info("%d stored deliveries not harvested yet, harvested now", len(found))
+            for key in found:
+                self.offer(key)
+
+    def _held(self) -> set[str]:
+        return self._queued | self._flushing | set(self._unmarked) | self._unreadable
 
     async def _expirer(self) -> None:
         keep = timedelta(days=self.config.keep_days)

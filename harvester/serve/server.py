@@ -133,13 +133,17 @@ class WebhookServer:
             stored = await self.inbox.put(delivery)
         except OutputError as exc:
             self.counters.unavailable += 1
+            self.intake.rescan_soon()  # the put may have stored it all the same
             logger.error("delivery not stored, answered 503: %s", exc)
             return web.json_response({"detail": "cannot store deliveries now"}, status=503)
+        key = delivery_key(delivery.request_id)
         if stored:
             self.counters.accepted += 1
-            self.intake.offer(delivery_key(delivery.request_id))
+            self.intake.offer(key)
         else:
             self.counters.repeated += 1
+            if not self.intake.holds(key):  # maybe done; maybe stored by a put answered 503
+                self.intake.rescan_soon()
         self.counters.latency.observe(time.monotonic() - started)
         return web.json_response({"stored": stored})
 
