@@ -722,3 +722,38 @@ def test_a_stored_delivery_acknowledged_as_repeated_is_harvested_without_a_resta
         assert serve.process.poll() is None
         assert serve.stop() == 0
     assert sorted(rows(out)["request_id"]) == ["first", "left"]
+
+
+def test_bodies_in_flight_are_bounded_and_the_excess_answered_503_unread(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    out = tmp_path / "out"
+    payload = {"images": [], "seed": 1, "prompt": "after"}
+    with serving(out, sandbox, "--timeout", "2", "--max-body-bytes", "1000") as serve:
+        host, port = serve.base.removeprefix("http://").split(":")
+        head = (
+            f"POST /fal/webhook?model={MODEL} HTTP/1.1\r\nHost: {host}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        ).encode()
+        held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+        try:
+            for sock in held:  # four bodies of the largest size, never finished
+                sock.sendall(head + b'{"request_id": ')
+            time.sleep(0.5)
+            with socket.create_connection((host, int(port)), timeout=10) as fifth:
+                fifth.sendall(head)
+                answer = fifth.recv(4096).decode()
+                assert answer.startswith("HTTP/1.1 503"), answer
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while (
+            post(serve.hook(), sandbox.signer, "after", delivery("after", payload)).status_code
+            != 200
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert scrape(serve)['harvester_serve_deliveries_total{outcome="unavailable"}'] >= 1
+        assert serve.stop() == 0
+    assert [p.name for p in stored_deliveries(out)] == [Path(delivery_key("after")).name]

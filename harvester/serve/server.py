@@ -42,6 +42,9 @@ from harvester.storage.objects import Store, open_store
 logger = logging.getLogger(__name__)
 
 WEBHOOK_PATH: Final = "/fal/webhook"
+BODIES_IN_FLIGHT: Final = 4
+"""Bodies of the largest size allowed that may be read at once (a byte budget): a delivery
+that would take more is answered 503 unread, and fal retries it."""
 MODEL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)+")
 """``?model=``: a model id as the queue URLs take it, ``owner/app`` or ``owner/app/path``."""
 
@@ -78,6 +81,8 @@ class WebhookServer:
         self.inbox = inbox
         self.intake = intake
         self.counters = ServeCounters()
+        self._reading = 0
+        """Bytes reserved by the bodies being read or held until their answer."""
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes)
@@ -106,6 +111,23 @@ class WebhookServer:
             return self._refuse(
                 "bad-model", 400, "?model= must be a model id: owner/app[/path]", request
             )
+        # Each body in flight reserves its announced length (the limit if it announces none)
+        # until it is answered: the memory bodies hold stays under a budget.
+        reserve = limit if length is None else length
+        if self._reading + reserve > limit * BODIES_IN_FLIGHT:
+            self.counters.unavailable += 1
+            logger.error("delivery not read, answered 503: too many bodies in flight")
+            return web.json_response({"detail": "too many deliveries in flight"}, status=503)
+        self._reading += reserve
+        try:
+            return await self._take(request, model, limit, started)
+        finally:
+            self._reading -= reserve
+
+    async def _take(
+        self, request: web.Request, model: str | None, limit: int, started: float
+    ) -> web.Response:
+        too_large = f"the body is larger than {limit:,} bytes (--max-body-bytes)"
         try:
             with anyio.fail_after(self.config.read_timeout):
                 body = await _read_body(request, limit)
