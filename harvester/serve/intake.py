@@ -102,8 +102,9 @@ class Intake:
             self._keys.send_nowait(key)
 
     def holds(self, key: str) -> bool:
-        """True if this process harvests ``key`` now or harvested it since it started."""
-        return key in self._queued or key in self._flushing or key in self._unmarked
+        """True if ``key`` is queued or in flight here, or its rows are being written (a hint
+        for ``rescan_soon``, whose look tells exactly)."""
+        return key in self._queued or key in self._flushing
 
     def rescan_soon(self) -> None:
         """Look for stored deliveries this process does not hold within ``RESCAN_SOONEST``
