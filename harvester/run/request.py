@@ -233,7 +233,7 @@ class Lane:
 
         c = self.counts
         for got in stored:
-            if not isinstance(got, StoredImage):
+            if got is None or isinstance(got, ImageFailure):
                 c.images_failed += 1
                 continue
             c.bytes_downloaded += got.bytes
