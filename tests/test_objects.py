@@ -65,6 +65,36 @@ async def test_put_new_async(store: Store) -> None:
     assert store.get("images/ef/ef56.gif") == b"GIF89a..."
 
 
+@pytest.mark.anyio
+async def test_a_durable_put_new_never_takes_a_name_over(store: Store) -> None:
+    key = "inbox/deliveries/ab/ab12.delivery"
+    assert await store.put_new_async(key, b"first", durable=True) is True
+    assert await store.put_new_async(key, b"other, longer bytes", durable=True) is False
+    assert store.put_new(key, spill(store, b"x"), durable=True) is False
+    assert store.get(key) == b"first"
+    assert [info.key for info in store.list("inbox/")] == [key]  # no temp file left
+
+
+def test_a_durable_put_new_makes_again_a_folder_another_process_removed(
+    store: Store, tmp_path: Path
+) -> None:
+    """A store keeps the folders it made in mind; one another process removed (an expiry
+    leaving it empty) is made again by the next put."""
+    key = "inbox/deliveries/cd/cd34.delivery"
+    assert store.put_new(key, b"one", durable=True) is True
+    other = open_store(store.location) if isinstance(store, LocalStore) else store
+    other.delete(key)
+    assert store.put_new(key, b"two", durable=True) is True
+    assert store.get(key) == b"two"
+
+
+def test_a_durable_put_new_says_which_folder_is_not_one(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    (tmp_path / "inbox").write_text("a file")
+    with pytest.raises(OutputError, match="is not a folder"):
+        store.put_new("inbox/deliveries/ef/ef56.delivery", b"x", durable=True)
+
+
 def test_a_20_mb_spill_file_round_trips_in_parts(store: Store) -> None:
     data = random.Random(13).randbytes(20 << 20)
     sha = hashlib.sha256(data).hexdigest()

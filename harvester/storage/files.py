@@ -74,3 +74,38 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         return
+
+
+def persist_durable(final: str, source: bytes | str, *, tmp_dir: str) -> bool:
+    """Put ``source`` (bytes, or the path of a complete file in ``tmp_dir``, which is consumed)
+    at ``final`` durably and only if the name is free: the bytes written and fsynced, linked
+    to ``final`` (a link never replaces a file), then ``final``'s folder fsynced. True if
+    stored, False if ``final`` existed (its bytes are kept). Both folders must exist; a crash
+    at any point leaves ``final`` whole or absent, never short."""
+    named = isinstance(source, str)
+    tmp = source if isinstance(source, str) else f"{tmp_dir}/{os.getpid()}-{next(_names)}.new"
+    try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC if named else _CREATE, 0o644)
+        try:
+            if isinstance(source, bytes):
+                _write_all(fd, source)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+    finally:
+        _unlink_quietly(tmp)
+    fsync_folder(os.path.dirname(final))
+    return True
+
+
+def fsync_folder(folder: str) -> None:
+    """Make ``folder``'s entries (a file linked or made in it) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

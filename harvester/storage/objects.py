@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from harvester.errors import LockedError, OutputError
 from harvester.storage import lock as folder_lock
-from harvester.storage.files import persist_new
+from harvester.storage.files import fsync_folder, persist_durable, persist_new
 from harvester.storage.layout import Layout
 
 if TYPE_CHECKING:
@@ -127,12 +127,15 @@ class Store(Protocol):
         """This store for a process on a machine without the driver's disk, its temp files
         in ``scratch`` (a folder store stays itself: every node mounts it, ``--shared-fs``)."""
 
-    def put_new(self, key: str, source: Source) -> bool:
+    def put_new(self, key: str, source: Source, *, durable: bool = False) -> bool:
         """Create ``key`` unless it exists, atomically: True if created, False if it was
-        there (its bytes are kept). For keys that name their content (images)."""
+        there (its bytes are kept). For keys that name their content (images). ``durable``:
+        returns only once the object survives a crash or a power loss (a folder: its bytes
+        and its name fsynced; a bucket's create-once put is), and the name is never taken
+        over, whatever the bytes under it."""
 
-    async def put_new_async(self, key: str, source: Source) -> bool:
-        """``put_new`` for an event loop."""
+    async def put_new_async(self, key: str, source: Source, *, durable: bool = False) -> bool:
+        """``put_new`` for an event loop (a durable put in a folder runs in a thread)."""
 
     def put(self, key: str, source: Source) -> None:
         """Write the whole object at ``key``, replacing any, durably: readers see the old or
@@ -172,13 +175,18 @@ class Store(Protocol):
 class LocalStore:
     """An output folder: its layout (``Layout``), its lock (``flock`` on ``.lock``), atomic
     puts (a temp file renamed into place; ``put`` fsyncs first), and no read from outside
-    the folder (a link out of it is refused)."""
+    the folder (a link out of it is refused). A durable ``put_new`` writes its temp file in
+    the ``.tmp`` of the key's first folder (``inbox/.tmp`` for ``inbox/...``), which no run
+    empties, and links it into place."""
 
     everywhere = False
 
     def __init__(self, root: Path) -> None:
         self.layout = Layout(root)
         self._folders: set[str] = set()
+        self._durable_folders: set[Path] = set()
+        """Folders made (or found) with their entries in their parents fsynced, by this
+        process: forgotten when a delete removes one, or a put finds one gone."""
         self._real: Path | None = None
 
     def __getstate__(self) -> Path:
@@ -216,7 +224,9 @@ class LocalStore:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
 
-    def put_new(self, key: str, source: Source) -> bool:
+    def put_new(self, key: str, source: Source, *, durable: bool = False) -> bool:
+        if durable:
+            return self._put_durable(key, source)
         path = self._path(key)
         try:
             self._folder_for(path)
@@ -227,8 +237,50 @@ class LocalStore:
                 source.unlink(missing_ok=True)
             raise OutputError(f"cannot store {key}: {exc.strerror or exc}") from exc
 
-    async def put_new_async(self, key: str, source: Source) -> bool:
+    async def put_new_async(self, key: str, source: Source, *, durable: bool = False) -> bool:
+        if durable:  # two fsyncs: off the loop
+            import anyio
+
+            return await anyio.to_thread.run_sync(self._put_durable, key, source)
         return self.put_new(key, source)  # a rename: no reason to leave the loop
+
+    def _put_durable(self, key: str, source: Source) -> bool:
+        path = self._path(key)
+        top = key.split("/", 1)[0]
+        temp = self.layout.root / top / ".tmp" if "/" in key else self.layout.tmp
+        data = str(source) if isinstance(source, Path) else source
+        try:
+            try:
+                self._durable_folder(path.parent)
+                self._durable_folder(temp)
+                return persist_durable(str(path), data, tmp_dir=str(temp))
+            except FileNotFoundError:
+                if isinstance(source, Path):
+                    raise
+                # A folder made earlier was removed since (by a delete in another process, an
+                # expiry leaving it empty): made again, once.
+                self._durable_folders.difference_update({path.parent, temp})
+                self._durable_folder(path.parent)
+                self._durable_folder(temp)
+                return persist_durable(str(path), data, tmp_dir=str(temp))
+        except NotADirectoryError as exc:
+            raise OutputError(
+                f"cannot store {key}: a path on the way to {path.parent} is not a folder"
+            ) from exc
+        except OSError as exc:
+            if isinstance(source, Path):
+                source.unlink(missing_ok=True)
+            raise OutputError(f"cannot store {key}: {exc.strerror or exc}") from exc
+
+    def _durable_folder(self, folder: Path) -> None:
+        """Make ``folder`` and its missing parents, each new entry fsynced in its parent."""
+        if folder in self._durable_folders:
+            return
+        missing = [f for f in (folder, *folder.parents) if not f.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        for made in missing:
+            fsync_folder(str(made.parent))
+        self._durable_folders.add(folder)
 
     def put(self, key: str, source: Source) -> None:
         path = self._path(key)
@@ -301,6 +353,7 @@ class LocalStore:
             if folder.parent == root or root not in folder.parents:
                 break
             self._folders.discard(str(folder))
+            self._durable_folders.discard(folder)
             try:
                 folder.rmdir()
             except OSError:  # not empty (or gone): the folders above are not either
@@ -487,7 +540,8 @@ class S3Store:
             return False
         return True
 
-    def put_new(self, key: str, source: Source) -> bool:
+    def put_new(self, key: str, source: Source, *, durable: bool = False) -> bool:
+        """``durable`` or not: a create-once put is stored when it is answered."""
         import obstore
         from obstore import exceptions as obx
 
@@ -523,7 +577,7 @@ class S3Store:
         )
         return True
 
-    async def put_new_async(self, key: str, source: Source) -> bool:
+    async def put_new_async(self, key: str, source: Source, *, durable: bool = False) -> bool:
         import anyio
         import obstore
         from obstore import exceptions as obx
