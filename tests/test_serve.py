@@ -757,3 +757,36 @@ def test_bodies_in_flight_are_bounded_and_the_excess_answered_503_unread(
         assert scrape(serve)['harvester_serve_deliveries_total{outcome="unavailable"}'] >= 1
         assert serve.stop() == 0
     assert [p.name for p in stored_deliveries(out)] == [Path(delivery_key("after")).name]
+
+
+@pytest.mark.anyio
+async def test_the_intake_harvests_fewer_deliveries_at_once_while_many_arrive(
+    tmp_path: Path,
+) -> None:
+    """Acknowledging comes first: above ``BUSY_RATE`` deliveries a second the intake harvests
+    a few at once, and all of ``--image-concurrency`` again once they slow down."""
+    import anyio
+
+    from harvester.serve import ServeConfig
+    from harvester.serve.intake import BUSY_RATE, PRIORITY_TICK, Intake, busy_harvests
+    from harvester.storage.inbox import Inbox
+
+    store = open_store(tmp_path / "out")
+    store.prepare()
+    config = ServeConfig(out=tmp_path / "out", jwks_url="http://127.0.0.1:9/jwks")
+    intake = Intake(config, store, Inbox(store), run_id="r")
+    assert intake.harvests_at_once == config.image_concurrency
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(intake._prioritizer)
+        per_tick = int(BUSY_RATE * PRIORITY_TICK) + 1
+        for n in range(3):
+            await anyio.sleep(PRIORITY_TICK / per_tick / 2)
+            for i in range(per_tick):
+                intake.offer(delivery_key(f"fast-{n}-{i}"))
+            await anyio.sleep(PRIORITY_TICK)
+        assert intake.harvests_at_once == busy_harvests(config.image_concurrency) < 16
+        await anyio.sleep(PRIORITY_TICK * 2.5)
+        assert intake.harvests_at_once == config.image_concurrency
+        tg.cancel_scope.cancel()
+    intake._keys.close()  # what ``run`` would have read the keys from
+    intake._receive.close()

@@ -49,6 +49,18 @@ RESCAN_EVERY: Final = 60.0
 answered 503 after storing, a harvest that failed); sooner when a request hints at one."""
 RESCAN_SOONEST: Final = 2.0
 """Seconds from a hint to the look, and so at least between two looks."""
+BUSY_RATE: Final = 100.0
+"""Deliveries offered per second from which acknowledging comes first: the intake then
+harvests ``busy_harvests`` deliveries at once, not ``--image-concurrency``, so that the
+event loop answers deliveries first; the rest wait in the inbox (their keys in memory) and
+are harvested at full concurrency once fewer arrive."""
+PRIORITY_TICK: Final = 0.25
+"""Seconds over which the rate of deliveries is measured."""
+
+
+def busy_harvests(image_concurrency: int) -> int:
+    """Deliveries harvested at once while deliveries arrive faster than ``BUSY_RATE``."""
+    return max(1, image_concurrency // 8)
 
 
 class Intake:
@@ -75,9 +87,14 @@ class Intake:
         """Keys whose rows are in a part (or being written to one), not yet marked done."""
         self._unreadable: set[str] = set()
         """Keys that failed with an error other than ``OutputError``: tried again at a start."""
-        self._offered: set[str] = set()
-        """Keys offered since the current rescan began."""
+        self._offered: set[str] | None = None
+        """Keys offered since the current rescan began listing the inbox (None between
+        two listings: nothing kept)."""
         self._rescan_soon = anyio.Event()
+        self._harvests = anyio.CapacityLimiter(config.image_concurrency)
+        """Deliveries being harvested at once: fewer while deliveries arrive fast."""
+        self._arrivals = 0
+        """Keys offered since the last ``PRIORITY_TICK``."""
         self._writer = manifest.ManifestWriter(
             store, run_id, seconds_per_part=config.flush_every, autoflush=False
         )
@@ -96,10 +113,17 @@ class Intake:
 
     def offer(self, key: str) -> None:
         """Harvest the delivery stored at ``key`` (once, however often it is offered)."""
+        self._arrivals += 1
         if key not in self._queued:
             self._queued.add(key)
-            self._offered.add(key)
+            if self._offered is not None:
+                self._offered.add(key)
             self._keys.send_nowait(key)
+
+    @property
+    def harvests_at_once(self) -> int:
+        """How many deliveries may be harvested at once now (fewer while many arrive)."""
+        return int(self._harvests.total_tokens)
 
     def holds(self, key: str) -> bool:
         """True if ``key`` is queued or in flight here, or its rows are being written (a hint
@@ -141,6 +165,7 @@ class Intake:
                 tg.start_soon(self._flusher)
                 tg.start_soon(self._expirer)
                 tg.start_soon(self._rescanner)
+                tg.start_soon(self._prioritizer)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
@@ -175,10 +200,20 @@ class Intake:
             raise ManifestError(f"cannot read the manifest of {self.config.out}: {exc}") from exc
         return {key for key in found.get_column("source_file").to_list() if key in keys}
 
+    async def _prioritizer(self) -> None:
+        """Fewer harvests at once while deliveries arrive faster than ``BUSY_RATE``."""
+        busy, full = busy_harvests(self.config.image_concurrency), self.config.image_concurrency
+        while True:
+            self._arrivals = 0
+            await anyio.sleep(PRIORITY_TICK)
+            fast = self._arrivals >= BUSY_RATE * PRIORITY_TICK
+            self._harvests.total_tokens = busy if fast else full
+
     async def _work(self, lane: Lane) -> None:
         async for key in self._receive:
             try:
-                rows = await self._harvest(lane, key)
+                async with self._harvests:
+                    rows = await self._harvest(lane, key)
             except OutputError as exc:
                 self.failed[type(exc).__name__] += 1
                 logger.error(
@@ -260,14 +295,17 @@ class Intake:
                 await anyio.sleep(RESCAN_SOONEST)
             self._rescan_soon = anyio.Event()
             before = self._held()
-            self._offered = set()
+            offered: set[str] = set()
+            self._offered = offered
             try:
                 pending = await anyio.to_thread.run_sync(self.inbox.pending)
             except OutputError as exc:
                 logger.error("cannot list the inbox: %s", exc)
                 continue
+            finally:
+                self._offered = None
             # A key marked done while the inbox was listed was held before, or offered since.
-            held = before | self._held() | self._offered
+            held = before | self._held() | offered
             found = [key for key in pending if key not in held]
             if found:
                 logger.info("%d stored deliveries not harvested yet, harvested now", len(found))
