@@ -6,7 +6,8 @@ Every output (curl's, the plain script's, the harvester's, and their logs) goes 
 bench mounts over ``bench-out/runs`` (as root; otherwise a folder under /dev/shm, with a note),
 so that the disk's cost of creating files right after deleting thousands decides no ratio.
 
-Sections (all by default; ``--only speed,memory,s3,slow,rps,overload,compact,cluster`` picks some):
+Sections (all by default; ``--only speed,memory,s3,slow,rps,overload,compact,cluster,serve`` picks
+some):
 
 speed   a world of N requests with 1-4 images of ~30 KB, served by nginx on 127.0.0.1. Each
         round times ``curl --parallel --parallel-max 64`` downloading every result and image
@@ -35,6 +36,14 @@ compact the latest-state query over 365 nightly runs of N requests (parts genera
 cluster the slow link again, the harvest on Ray (``--engine ray``): one node, then two nodes
         (``ray.cluster_utils`` on 127.0.0.1), one shard of ``--concurrency 32`` per node; two nodes
         should reach 1.8x one node's results/s, from the server's access log.
+serve   ``harvester serve`` under ``BENCH_SERVE_N`` (100,000) signed deliveries of ~30 KB, each a
+        result of the speed world (1-4 images on nginx) under a request id of its own, POSTed
+        from ``BENCH_SERVE_CONCURRENCY`` (32) connections (bench/deliveries.py). Its ``--out``
+        is on the disk (``bench-out/serve-out``, deleted after), not the tmpfs: an
+        acknowledgement waits for fsync. Checks item 6 of issue 22: at least 500
+        deliveries/s acknowledged, p99 acknowledgement under 250 ms (the sender's clock), RSS
+        at the end within 1.2x of RSS at 10% of the deliveries, the backlog drained (every
+        delivery ends as ok rows) and SIGTERM's exit 0 within the grace period.
 
 Worlds are cached under the output folder (``bench-out/``) and reused by later runs.
 """
@@ -59,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.s3gateway
 
 import compaction
+import deliveries
 import nginx
 import raynodes
 import world
@@ -102,6 +112,14 @@ MIN_SETTLED_SHARE_OF_X: Final = 0.8
 SETTLE_SECONDS: Final = 5.0
 """The start of a capped run the settled rate leaves out."""
 TMPFS_SIZE: Final = "16g"
+# Issue 22's targets for serve.
+MIN_SERVE_RATE: Final = 500.0
+"""Deliveries acknowledged per second."""
+MAX_SERVE_P99: Final = 0.25
+"""Seconds from a delivery's POST to its 2xx, 99th percentile."""
+SERVE_BODY_BYTES: Final = 30_000
+SERVE_STOP_GRACE: Final = 30.0
+"""Seconds SIGTERM may take to exit 0 with the backlog drained."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -672,6 +690,72 @@ def overload(args: argparse.Namespace, out: Path, report: Report) -> None:
     )
 
 
+def serve(args: argparse.Namespace, out: Path, report: Report) -> None:
+    n = args.serve_n
+    print(
+        f"serve: {n:,} deliveries of ~{SERVE_BODY_BYTES // 1000} KB from "
+        f"{args.serve_concurrency} connections, inbox on the disk",
+        flush=True,
+    )
+    w = build_world(out / f"world-{args.n}", args.n, 30_000)
+    target = out / "serve-out"  # on the disk: fsync is what it costs there
+    shutil.rmtree(target, ignore_errors=True)
+    folder = clear_runs(out)
+    try:
+        with nginx.serving(w.www, w.spec.port) as server:
+            r = deliveries.run(
+                w,
+                server.base_url,
+                target,
+                n=n,
+                concurrency=args.serve_concurrency,
+                body_bytes=SERVE_BODY_BYTES,
+                extra=args.serve_args,
+                log=folder / "serve.log",
+                port=nginx.free_port(),
+            )
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+    sent = r.sent
+    p50, p99 = sent.quantile(0.5), sent.quantile(0.99)
+    start, tenth, middle, end = (r.rss.at(0), r.rss.at(n // 10), r.rss.at(n // 2), r.rss.at(n))
+    print(
+        f"  {sent.rate:.0f} deliveries/s, p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
+        f"drained {r.drain:.1f} s later, rss {start:.0f}/{tenth:.0f}/{middle:.0f}/{end:.0f} MB",
+        flush=True,
+    )
+    report.lines.append(
+        f"serve: {n:,} deliveries of ~{SERVE_BODY_BYTES // 1000} KB, {w.images / args.n:.2f} "
+        f"images each, {args.serve_concurrency} connections, inbox on the disk; "
+        f"serve {' '.join(args.serve_args) or 'defaults'}"
+    )
+    report.check(
+        sent.rate >= MIN_SERVE_RATE,
+        f"{sent.rate:.0f} deliveries/s acknowledged (target >= {MIN_SERVE_RATE:.0f}; "
+        f"{sent.not_acknowledged:,} attempts answered otherwise, sent again)",
+    )
+    report.check(
+        p99 < MAX_SERVE_P99,
+        f"acknowledgement p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
+        f"(target p99 < {MAX_SERVE_P99 * 1000:.0f} ms; the sender's clock)",
+    )
+    report.check(
+        end <= MAX_RSS_GROWTH * tenth,
+        f"RSS {start:.0f} MB at the start, {tenth:.0f} at 10%, {middle:.0f} at 50%, "
+        f"{end:.0f} at the end (target end <= {MAX_RSS_GROWTH}x the 10% mark)",
+    )
+    report.check(
+        r.rows_ok == n,
+        f"backlog drained {r.drain:.1f} s after the last acknowledgement: {r.rows_ok:,} of "
+        f"{n:,} deliveries are ok rows (target: all)",
+    )
+    report.check(
+        r.returncode == 0 and r.stop <= SERVE_STOP_GRACE,
+        f"SIGTERM: exit {r.returncode} after {r.stop:.1f} s (target 0 within "
+        f"{SERVE_STOP_GRACE:g} s)",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     env = os.environ.get
@@ -679,8 +763,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=int(env("BENCH_RUNS", "5")))
     parser.add_argument("--out", type=Path, default=Path(env("BENCH_OUT", "bench-out")))
     parser.add_argument(
-        "--only", default=env("BENCH_ONLY", "speed,memory,s3,slow,rps,overload,compact,cluster")
+        "--only",
+        default=env("BENCH_ONLY", "speed,memory,s3,slow,rps,overload,compact,cluster,serve"),
     )
+    parser.add_argument("--serve-n", type=int, default=int(env("BENCH_SERVE_N", "100000")))
+    parser.add_argument(
+        "--serve-concurrency", type=int, default=int(env("BENCH_SERVE_CONCURRENCY", "32"))
+    )
+    parser.add_argument("--serve-args", default=env("BENCH_SERVE_ARGS", ""))
     parser.add_argument("--nights", type=int, default=int(env("BENCH_NIGHTS", "365")))
     parser.add_argument(
         "--cluster-seconds", type=float, default=float(env("BENCH_CLUSTER_SECONDS", "15"))
@@ -698,6 +788,7 @@ def main() -> None:
     args = parser.parse_args()
     args.harvest_args = args.harvest_args.split()
     args.slow_args = args.slow_args.split()
+    args.serve_args = args.serve_args.split()
     sections = set(args.only.split(","))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -725,6 +816,8 @@ def main() -> None:
             report.check(met, "\n    ".join(lines[1:]) + f" (target <= {compaction.MAX_RATIO:g}x)")
         if "cluster" in sections:
             cluster(args, out, report)
+        if "serve" in sections:
+            serve(args, out, report)
     print(
         f"\n== bench: {os.cpu_count()} cores; {' '.join(sys.argv[1:]) or 'defaults'}; "
         f"harvester args {' '.join(args.harvest_args)} =="
