@@ -174,6 +174,8 @@ async def send(
 class ServeRun:
     sent: Sent
     rss: RssSamples
+    backlog: int
+    """Deliveries stored and not yet harvested at the last acknowledgement."""
     drain: float
     """Seconds from the last acknowledgement to an empty backlog."""
     stop: float
@@ -211,6 +213,13 @@ def wait_health(base: str, proc: subprocess.Popen[bytes], *, idle: bool, timeout
             pass
         time.sleep(0.2)
     raise SystemExit(f"bench: serve not {'idle' if idle else 'up'} after {timeout:g} s")
+
+
+def backlog_now(base: str) -> int:
+    import httpx
+
+    backlog: int = httpx.get(f"{base}/healthz", timeout=10).json()["backlog"]
+    return backlog
 
 
 def ok_deliveries(out: Path) -> int:
@@ -257,6 +266,7 @@ def run(
             )
         )
         done = time.perf_counter()
+        backlog = backlog_now(base)
         wait_health(base, proc, idle=True, timeout=max(600.0, n / 50))
         drain = time.perf_counter() - done
         rss.samples.append((acknowledged[0], rss_mb(proc.pid)))
@@ -270,4 +280,4 @@ def run(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return ServeRun(sent, rss, drain, stop, returncode, ok_deliveries(out))
+    return ServeRun(sent, rss, backlog, drain, stop, returncode, ok_deliveries(out))

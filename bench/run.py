@@ -721,7 +721,8 @@ def serve(args: argparse.Namespace, out: Path, report: Report) -> None:
     start, tenth, middle, end = (r.rss.at(0), r.rss.at(n // 10), r.rss.at(n // 2), r.rss.at(n))
     print(
         f"  {sent.rate:.0f} deliveries/s, p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
-        f"drained {r.drain:.1f} s later, rss {start:.0f}/{tenth:.0f}/{middle:.0f}/{end:.0f} MB",
+        f"backlog {r.backlog:,} drained {r.drain:.1f} s later, "
+        f"rss {start:.0f}/{tenth:.0f}/{middle:.0f}/{end:.0f} MB",
         flush=True,
     )
     report.lines.append(
@@ -746,7 +747,8 @@ def serve(args: argparse.Namespace, out: Path, report: Report) -> None:
     )
     report.check(
         r.rows_ok == n,
-        f"backlog drained {r.drain:.1f} s after the last acknowledgement: {r.rows_ok:,} of "
+        f"backlog of {r.backlog:,} at the last acknowledgement drained {r.drain:.1f} s later: "
+        f"{r.rows_ok:,} of "
         f"{n:,} deliveries are ok rows (target: all)",
     )
     report.check(

@@ -316,8 +316,7 @@ def serve_command(job_file: Path | None, verbose: int, quiet: bool, **values: An
     """
     from harvester.jobs import ServeJob, load_serve_job
     from harvester.run.pipeline import new_run_id
-    from harvester.serve import ServeConfig, serve_forever
-    from harvester.serve.config import parse_listen
+    from harvester.serve import serve_forever
     from harvester.views.console import setup_logging
 
     context = click.get_current_context()
@@ -336,26 +335,11 @@ def serve_command(job_file: Path | None, verbose: int, quiet: bool, **values: An
         else:
             job = ServeJob(**values)
         log_format = job.log_format
-        host, port = parse_listen(job.listen)
+        config = job.serve_config()
+        config.validate()
     except HarvesterError as exc:
         _fail(exc, log_format=log_format)
         return
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--listen") from exc
-    config = ServeConfig(
-        out=job.out,
-        host=host,
-        port=port,
-        jwks_url=job.jwks_url,
-        user_ids=frozenset(job.fal_user_id),
-        keep_days=job.keep_deliveries,
-        max_body_bytes=job.max_body_bytes,
-        image_concurrency=job.image_concurrency,
-        max_image_bytes=job.max_image_bytes,
-        allow_private_images=job.allow_private_images,
-        read_timeout=job.timeout,
-        flush_every=job.flush_every,
-    )
     run_id = new_run_id(datetime.now(UTC))
     setup_logging(
         -1 if quiet else max(verbose, 1), secrets=[], log_format=log_format, run_id=run_id

@@ -37,6 +37,7 @@ from harvester.storage.objects import as_location, open_store
 
 if TYPE_CHECKING:  # the run layer is loaded only by the commands that run a harvest
     from harvester.run.config import HarvestConfig
+    from harvester.serve.config import ServeConfig
 
 _GLOB_CHARS: Final = frozenset("*?[")
 
@@ -88,6 +89,12 @@ class ServeJob(Job):
 
     __slots__ = ()
     command = options.SERVE
+
+    def serve_config(self) -> ServeConfig:
+        """The library's serve configuration."""
+        from harvester.serve.config import ServeConfig
+
+        return ServeConfig.from_options(self._values, out=self.out)
 
 
 def expand_inputs(patterns: tuple[str, ...]) -> tuple[Path, ...]:

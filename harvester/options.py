@@ -2,10 +2,11 @@
 
 An ``Option`` says everything about one: its name (the long option without dashes, and the
 job file's key), type and range or choices, default, help, which commands take it, an
-environment variable, and where its value goes in the run's configuration. From ``OPTIONS``
-``harvester.cli`` makes the click options of ``harvest`` and ``run``, ``harvester.jobs`` a job
-file's keys and their checks, and ``harvester.run.config`` the ``HarvestConfig`` and its
-defaults. Adding an option is one declaration here, plus its tests.
+environment variable, and where its value goes in the command's configuration. From
+``OPTIONS`` ``harvester.cli`` makes the click options of ``harvest``, ``run`` and ``serve``,
+``harvester.jobs`` a job file's keys and their checks, ``harvester.run.config`` the
+``HarvestConfig`` and its defaults, and ``harvester.serve.config`` the ``ServeConfig`` and
+its. Adding an option is one declaration here, plus its tests.
 
 Plain data, cheap to load: nothing here imports click, an HTTP library or the run layer.
 """
@@ -68,9 +69,10 @@ class Option:
     command_line: bool = True
     """False: a job-file key only (the commands take ``inputs`` as arguments)."""
     setting: str | None = ""
-    """Where the value goes in ``HarvestConfig``: ``""`` the field of the option's own name
-    (dashes as underscores), another field's name, ``field.attribute`` for a setting made of
-    several options (``retry.budget``), or None: not part of the run's configuration."""
+    """Where the value goes in the configuration of each of its commands (``HarvestConfig``
+    for ``harvest`` and ``run``, ``ServeConfig`` for ``serve``): ``""`` the field of the
+    option's own name (dashes as underscores), another field's name, ``field.attribute`` for
+    a setting made of several options (``retry.budget``), or None: not part of it."""
     commands: frozenset[str] = HARVEST
     command_defaults: tuple[tuple[str, Any], ...] = ()
     """``(command, default)`` for a command whose default is not ``default``."""
@@ -188,20 +190,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("listen", "text", "127.0.0.1:8790",
            "Address and port to receive fal's webhooks on (put a TLS proxy in front: "
            "docs/webhooks.md).", metavar="HOST:PORT", pattern=r"\[?[^\s\]]*\]?:\d{1,5}",
-           mismatch="must be HOST:PORT", setting=None, commands=frozenset({SERVE})),
+           mismatch="must be HOST:PORT", commands=frozenset({SERVE})),
     Option("jwks-url", "text", FAL_JWKS_URL,
            "Where the keys that sign deliveries are published (a JWKS, cached up to 24 h).",
            pattern=r"(?is)https?://.*", mismatch="must start with http:// or https://",
-           setting=None, commands=frozenset({SERVE})),
+           commands=frozenset({SERVE})),
     Option("fal-user-id", "texts", (),
            "Accept deliveries of this fal account only (repeatable). Strongly advised: a valid "
            "signature proves fal sent a delivery, not that it is yours.", metavar="ID",
-           setting=None, commands=frozenset({SERVE})),
+           setting="user_ids", commands=frozenset({SERVE})),
     Option("keep-deliveries", "number", 7.0,
            "Days delivered bodies are kept in the output's inbox after they are harvested.",
-           minimum=0, above=True, metavar="DAYS", setting=None, commands=frozenset({SERVE})),
+           minimum=0, above=True, metavar="DAYS", setting="keep_days",
+           commands=frozenset({SERVE})),
     Option("max-body-bytes", "integer", 32 * 1024 * 1024,
-           "Refuse deliveries larger than this (413, unread).", minimum=1, setting=None,
+           "Refuse deliveries larger than this (413, unread).", minimum=1,
            commands=frozenset({SERVE})),
 )
 # fmt: on

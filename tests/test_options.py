@@ -18,6 +18,7 @@ from harvester.errors import ConfigError, UsageError
 from harvester.jobs import Job, load_job
 from harvester.options import Option
 from harvester.run.config import HarvestConfig
+from harvester.serve.config import ServeConfig
 from harvester.storage.objects import open_store
 
 NEW = Option(
@@ -88,19 +89,58 @@ def test_a_declared_option_is_a_checked_job_key(declared: ModuleType, tmp_path: 
             load_job(path)
 
 
+def _values_for(command: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for option in options.for_command(command):
+        if option.target is not None:
+            values[option.attr] = {
+                "number": 3.5,
+                "integer": 3,
+                "boolean": True,
+                "texts": ("a", "b"),
+            }.get(option.kind, option.choices[-1] if option.choices else "http://x")
+    return values
+
+
 def test_options_reach_the_settings_their_declarations_name() -> None:
     """Every declaration's setting is a field (or a field's attribute) of HarvestConfig, and a
     value given for each lands there."""
-    values: dict[str, Any] = {}
-    for option in options.OPTIONS:
-        if option.target is not None:
-            values[option.attr] = {"number": 3.5, "integer": 3, "boolean": True}.get(
-                option.kind, option.choices[-1] if option.choices else "http://x"
-            )
+    values = _values_for(options.JOB_COMMAND)
     config = HarvestConfig.from_options(values, inputs=(), out=open_store(Path()), api_key="k")
-    for option in options.OPTIONS:
+    for option in options.for_command(options.JOB_COMMAND):
         if option.target is not None:
             assert config.setting(option.target) == values[option.attr], option.name
+
+
+def test_serve_options_reach_the_settings_their_declarations_name() -> None:
+    """The same for ``serve``: each of its options lands in the ``ServeConfig`` field its
+    declaration names, and the defaults are the declarations'."""
+    values = _values_for(options.SERVE)
+    config = ServeConfig.from_options(values, out="o")
+    for option in options.for_command(options.SERVE):
+        if option.target is not None:
+            assert config.setting(option.target) == values[option.attr], option.name
+    default = ServeConfig(out="o")
+    for option in options.for_command(options.SERVE):
+        if option.target is not None:
+            assert default.setting(option.target) == option.default_for("serve"), option.name
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"image_concurrency": 0}, "--image-concurrency must be at least 1"),
+        ({"keep_days": 0.0}, "--keep-deliveries must be greater than 0"),
+        ({"listen": "8790"}, "--listen must be HOST:PORT"),
+        ({"listen": "h:99999"}, "--listen h:99999: expected HOST:PORT, as in 127.0.0.1:8790"),
+    ],
+)
+def test_the_serve_configuration_is_checked_by_the_declarations(
+    changes: dict[str, Any], message: str
+) -> None:
+    config = ServeConfig(out="o", **changes)
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        config.validate()
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ class HarvestConfig:
         """The configuration of option ``values`` (by Python name, as ``Job`` holds them),
         each put where its declaration's ``setting`` says; ``given`` sets the other fields."""
         groups: dict[str, dict[str, Any]] = {}
-        for option in options.OPTIONS:
+        for option in options.for_command(options.JOB_COMMAND):
             if option.target is not None and option.attr in values:
                 head, _, part = option.target.partition(".")
                 if part:
@@ -170,7 +170,7 @@ class HarvestConfig:
             raise UsageError(f"--base-url {self.base_url!r} must not have a query or fragment")
         if not self.api_key or any(c in self.api_key for c in "\r\n"):
             raise UsageError("the API key is empty or contains a line break")
-        for option in options.OPTIONS:
+        for option in options.for_command(options.JOB_COMMAND):
             value = None if option.target is None else self.setting(option.target)
             refusal = None if value is None else option.refusal(value)
             if refusal:

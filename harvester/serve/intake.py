@@ -96,7 +96,7 @@ class Intake:
         self._arrivals = 0
         """Keys offered since the last ``PRIORITY_TICK``."""
         self._writer = manifest.ManifestWriter(
-            store, run_id, seconds_per_part=config.flush_every, autoflush=False
+            store, run_id, seconds_per_part=config.seconds_per_part, autoflush=False
         )
 
     def counters(self) -> Counters:

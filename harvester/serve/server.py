@@ -254,7 +254,7 @@ async def _serve_locked(
     intake = Intake(config, store, inbox, run_id=run_id)
     server = WebhookServer(
         config,
-        WebhookVerifier(client, config.jwks_url, user_ids=config.user_ids),
+        WebhookVerifier(client, config.jwks_url, user_ids=frozenset(config.user_ids)),
         inbox,
         intake,
     )
