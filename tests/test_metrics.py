@@ -116,3 +116,37 @@ def test_write_failure_is_an_output_error(tmp_path: Path) -> None:
     figures = RunFigures(out_dir="x", exit_code=0, started_at=1.0, finished_at=2.0)
     with pytest.raises(OutputError, match="cannot write metrics file"):
         write_metrics(tmp_path / "missing" / "h.prom", figures)
+
+
+def test_serve_metrics_are_written_by_the_same_writer_and_parse() -> None:
+    """``harvester serve``'s ``/metrics`` text, through the one writer: Prometheus' parser
+    reads every family, labels escaped, the histogram cumulative."""
+    from collections import Counter
+
+    from harvester.counters import Counters
+    from harvester.serve.metrics import Latency
+    from harvester.serve.metrics import render as render_serve
+
+    latency = Latency()
+    for seconds in (0.004, 0.03, 0.03, 7.0):
+        latency.observe(seconds)
+    text = render_serve(
+        stored=3,
+        repeated=1,
+        unavailable=0,
+        refused=Counter({'bad "sig"': 2}),
+        backlog=5,
+        failed=Counter(),
+        harvested=Counters(requests=Counter({"ok": 2})),
+        latency=latency,
+    )
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples["harvester_serve_refused_total", (("reason", 'bad "sig"'),)] == 2
+    assert samples["harvester_serve_backlog", ()] == 5
+    assert samples["harvester_serve_ack_seconds_bucket", (("le", "0.05"),)] == 3
+    assert samples["harvester_serve_ack_seconds_bucket", (("le", "+Inf"),)] == 4
+    assert samples["harvester_serve_ack_seconds_count", ()] == 4

@@ -1,4 +1,5 @@
-"""A run's figures in the Prometheus text format, for node_exporter's textfile collector.
+"""A run's figures in the Prometheus text format, for node_exporter's textfile collector; and
+that format's one writer (``exposition``), which ``harvester serve``'s ``/metrics`` uses too.
 
 ``harvester harvest --metrics-file /var/lib/node_exporter/textfile/harvester.prom`` rewrites the
 file at the end of every run, atomically (a temp file in the same folder, then a rename), so
@@ -11,9 +12,10 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from harvester.counters import Counters
 from harvester.errors import OutputError
@@ -35,88 +37,111 @@ class RunFigures:
     counters: Counters = field(default_factory=Counters)
 
 
+Labels = Mapping[str, str]
+Sample = tuple[str, Labels, float]
+"""A sample: the suffix of its family's name (``""``; ``_bucket``, ``_sum``, ``_count`` for
+a histogram), its labels and its value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric: its name, type, help line and samples."""
+
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    help: str
+    samples: Sequence[Sample]
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def exposition(families: Iterable[Family], *, labels: Labels | None = None) -> str:
+    """Prometheus' text format of ``families``; ``labels`` are put first on every sample."""
+    common = dict(labels or {})
+    lines: list[str] = []
+    for family in families:
+        lines.append(f"# HELP {family.name} {family.help}")
+        lines.append(f"# TYPE {family.name} {family.kind}")
+        lines.extend(
+            f"{family.name}{suffix}{_labels(common | dict(own))} {value}"
+            for suffix, own, value in family.samples
+        )
+    return "\n".join(lines) + "\n"
+
+
 def render(figures: RunFigures, *, last_success: float | None) -> str:
     """The exposition text; ``last_success`` is the Unix time of the last run that exited 0."""
-    out = f'out="{_escape(figures.out_dir)}"'
     c = figures.counters
-    lines: list[str] = []
+    families: list[Family] = []
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(f"{name}{{{out}{labels}}} {value}" for labels, value in samples)
+    def metric(name: str, help_text: str, samples: list[tuple[Labels, float]]) -> None:
+        families.append(Family(name, "gauge", help_text, [("", k, v) for k, v in samples]))
 
     metric(
         "harvester_run_requests",
-        "gauge",
         "Requests the last run finished, by final status.",
-        [(f',status="{s}"', c.requests[s]) for s in STATUSES],  # zeros too
+        [({"status": s}, c.requests[s]) for s in STATUSES],  # zeros too
     )
     metric(
         "harvester_run_skipped_requests",
-        "gauge",
         "Requests the last run skipped because an earlier run had them ok.",
-        [("", c.skipped)],
+        [({}, c.skipped)],
     )
     metric(
         "harvester_run_images",
-        "gauge",
         "Images of the last run: new in the store, already stored, or failed.",
         [
-            (',outcome="new"', c.images_new),
-            (',outcome="existing"', c.images_existing),
-            (',outcome="failed"', c.images_failed),
+            ({"outcome": "new"}, c.images_new),
+            ({"outcome": "existing"}, c.images_existing),
+            ({"outcome": "failed"}, c.images_failed),
         ],
     )
     metric(
         "harvester_run_downloaded_bytes",
-        "gauge",
         "Image bytes the last run downloaded.",
-        [("", c.bytes_downloaded)],
+        [({}, c.bytes_downloaded)],
     )
     metric(
         "harvester_run_stored_bytes",
-        "gauge",
         "Image bytes the last run added to the store (new files only).",
-        [("", c.bytes_new)],
+        [({}, c.bytes_new)],
     )
     metric(
         "harvester_run_rate_limited_responses",
-        "gauge",
         "429 answers the last run received.",
-        [("", c.throttled)],
+        [({}, c.throttled)],
     )
-    metric("harvester_run_retries", "gauge", "Retries in the last run.", [("", c.retries)])
+    metric("harvester_run_retries", "Retries in the last run.", [({}, c.retries)])
     metric(
         "harvester_run_duration_seconds",
-        "gauge",
         "How long the last run took.",
-        [("", round(figures.finished_at - figures.started_at, 3))],
+        [({}, round(figures.finished_at - figures.started_at, 3))],
     )
     metric(
         "harvester_run_exit_code",
-        "gauge",
         "The last run's exit code (0 all ok, 3 some requests not ok; see harvester --help).",
-        [("", figures.exit_code)],
+        [({}, figures.exit_code)],
     )
     metric(
         "harvester_run_end_timestamp_seconds",
-        "gauge",
         "When the last run ended, in Unix time.",
-        [("", round(figures.finished_at, 3))],
+        [({}, round(figures.finished_at, 3))],
     )
     if last_success is not None:
         metric(
             LAST_SUCCESS,
-            "gauge",
             "When a run last exited 0 (every request ok), in Unix time.",
-            [("", round(last_success, 3))],
+            [({}, round(last_success, 3))],
         )
-    return "\n".join(lines) + "\n"
+    return exposition(families, labels={"out": figures.out_dir})
 
 
 def previous_success(path: Path) -> float | None:
