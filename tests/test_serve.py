@@ -790,3 +790,45 @@ async def test_the_intake_harvests_fewer_deliveries_at_once_while_many_arrive(
         tg.cancel_scope.cancel()
     intake._keys.close()  # what ``run`` would have read the keys from
     intake._receive.close()
+
+
+@pytest.mark.anyio
+async def test_keys_beyond_the_queue_stay_in_the_inbox_counted_and_are_harvested(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory does not follow the backlog: past ``MAX_QUEUED`` keys a delivery stays in the
+    inbox, the backlog counts it, and a look at the inbox takes it once the queue is down to
+    half (well before the minute between two looks)."""
+    import anyio
+
+    from harvester.serve import ServeConfig
+    from harvester.serve import intake as intake_module
+    from harvester.serve.intake import Intake
+    from harvester.storage.inbox import Delivery, Inbox
+
+    monkeypatch.setattr(intake_module, "MAX_QUEUED", 4)
+    monkeypatch.setattr(intake_module, "RESCAN_SOONEST", 0.1)
+    store = open_store(tmp_path / "out")
+    store.prepare()
+    inbox = Inbox(store)
+    config = ServeConfig(out=tmp_path / "out", jwks_url="http://127.0.0.1:9/jwks")
+    intake = Intake(config, store, inbox, run_id="r")
+    payload = {"images": [], "seed": 1, "prompt": "p"}
+    ids = [f"many-{n}" for n in range(20)]
+    bodies = [delivery(request_id, payload) for request_id in ids]
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(intake.run)
+            for request_id, body in zip(ids, bodies, strict=True):  # as the server does
+                received = Delivery(request_id, MODEL, "sandbox-user", datetime.now(UTC), body)
+                assert await inbox.put(received)
+                intake.offer(delivery_key(request_id))
+            assert intake.backlog == len(ids) - intake.counters().done
+            while intake.counters().done < len(ids):
+                assert len(intake._queued) <= 4
+                await anyio.sleep(0.01)
+            assert intake.backlog == 0
+            tg.cancel_scope.cancel()
+    intake._keys.close()
+    intake._receive.close()
+    assert sorted(rows(tmp_path / "out")["request_id"]) == sorted(ids)

@@ -15,6 +15,7 @@ every delivery not marked done is harvested, but for those whose rows a part alr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections import Counter
@@ -56,6 +57,9 @@ event loop answers deliveries first; the rest wait in the inbox (their keys in m
 are harvested at full concurrency once fewer arrive."""
 PRIORITY_TICK: Final = 0.25
 """Seconds over which the rate of deliveries is measured."""
+MAX_QUEUED: Final = 10_000
+"""Keys held in memory at most: a delivery offered beyond them stays in the inbox, counted in
+the backlog, and is taken from a look at the inbox once the queue is down to half of it."""
 
 
 def busy_harvests(image_concurrency: int) -> int:
@@ -95,6 +99,10 @@ class Intake:
         """Deliveries being harvested at once: fewer while deliveries arrive fast."""
         self._arrivals = 0
         """Keys offered since the last ``PRIORITY_TICK``."""
+        self._waiting = 0
+        """Deliveries offered (or found) and left in the inbox, the queue being full."""
+        self._dropped = 0
+        """How many offers were left in the inbox so far."""
         self._writer = manifest.ManifestWriter(
             store, run_id, seconds_per_part=config.seconds_per_part, autoflush=False
         )
@@ -109,12 +117,20 @@ class Intake:
     @property
     def backlog(self) -> int:
         """Deliveries stored and not yet harvested by this process."""
-        return len(self._queued)
+        return len(self._queued) + self._waiting
 
     def offer(self, key: str) -> None:
-        """Harvest the delivery stored at ``key`` (once, however often it is offered)."""
+        """Harvest the delivery stored at ``key`` (once, however often it is offered), just
+        received."""
         self._arrivals += 1
-        if key not in self._queued:
+        self._enqueue(key)
+
+    def _enqueue(self, key: str) -> None:
+        """Queue ``key`` unless it is queued; leave it in the inbox if the queue is full."""
+        if key not in self._queued and len(self._queued) >= MAX_QUEUED:
+            self._waiting += 1
+            self._dropped += 1
+        elif key not in self._queued:
             self._queued.add(key)
             if self._offered is not None:
                 self._offered.add(key)
@@ -140,7 +156,7 @@ class Intake:
     ) -> None:
         """Harvest until cancelled; then write what was harvested (shielded)."""
         for key in await anyio.to_thread.run_sync(self._left_over):
-            self.offer(key)
+            self._enqueue(key)
         settings = LaneSettings(
             run_id=self.run_id,
             store=self.store,
@@ -238,6 +254,8 @@ class Intake:
                 continue
             finally:
                 self._queued.discard(key)
+                if self._waiting and len(self._queued) == MAX_QUEUED // 2:
+                    self.rescan_soon()
             self._writer.add(rows)
             self._unmarked.append(key)
             self._counts.requests[rows[0].request_status] += 1
@@ -297,8 +315,11 @@ class Intake:
             before = self._held()
             offered: set[str] = set()
             self._offered = offered
+            dropped = self._dropped
             try:
-                pending = await anyio.to_thread.run_sync(self.inbox.pending)
+                pending, count = await anyio.to_thread.run_sync(
+                    functools.partial(self.inbox.oldest_pending, MAX_QUEUED, besides=before)
+                )
             except OutputError as exc:
                 logger.error("cannot list the inbox: %s", exc)
                 continue
@@ -309,8 +330,15 @@ class Intake:
             found = [key for key in pending if key not in held]
             if found:
                 logger.info("%d stored deliveries not harvested yet, harvested now", len(found))
+            # Beyond the listing's oldest: left in the inbox, counted. Offers left in the inbox
+            # while it was listed may not be in the listing: counted too (a backlog that is too
+            # large for a while is safe; one too small would say "idle" early).
+            beyond = count - len(pending)
+            during = self._dropped - dropped
+            self._waiting = 0
             for key in found:
-                self.offer(key)
+                self._enqueue(key)
+            self._waiting += beyond + during
 
     def _held(self) -> set[str]:
         return self._queued | self._flushing | set(self._unmarked) | self._unreadable

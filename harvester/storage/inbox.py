@@ -16,15 +16,17 @@ taken, and its folder fsynced; in a bucket, a create-once put). A file holds one
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import uuid
+from collections.abc import Iterator, Set
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
 from harvester.errors import OutputError
-from harvester.storage.objects import Store
+from harvester.storage.objects import ObjectInfo, Store
 
 DELIVERIES: Final = "inbox/deliveries/"
 DONE: Final = "inbox/done/"
@@ -109,13 +111,29 @@ class Inbox:
 
     def pending(self) -> list[str]:
         """The keys of deliveries not marked done, oldest first."""
+        return [info.key for info in sorted(self._pending(), key=lambda info: info.modified)]
+
+    def oldest_pending(self, limit: int, *, besides: Set[str]) -> tuple[list[str], int]:
+        """The ``limit`` oldest keys of deliveries not marked done and not in ``besides``,
+        oldest first, and how many such deliveries there are in all (memory follows the
+        limit, not the inbox)."""
+        count = 0
+
+        def counted() -> Iterator[ObjectInfo]:
+            nonlocal count
+            for info in self._pending():
+                if info.key not in besides:
+                    count += 1
+                    yield info
+
+        oldest = heapq.nsmallest(limit, counted(), key=lambda info: info.modified)
+        return [info.key for info in oldest], count
+
+    def _pending(self) -> Iterator[ObjectInfo]:
         done = {info.key for info in self._store.list(DONE)}
-        found = [
-            info
-            for info in self._store.list(DELIVERIES)
-            if info.key.endswith(SUFFIX) and _done_key(info.key) not in done
-        ]
-        return [info.key for info in sorted(found, key=lambda info: info.modified)]
+        for info in self._store.list(DELIVERIES):
+            if info.key.endswith(SUFFIX) and _done_key(info.key) not in done:
+                yield info
 
     def mark_done(self, key: str) -> None:
         """Record that ``key``'s rows are in the manifest (create-once; again is nothing)."""
