@@ -314,6 +314,10 @@ def serve_command(job_file: Path | None, verbose: int, quiet: bool, **values: An
     until SIGTERM or Ctrl-C, then writes what it harvested and exits 0. Holds OUT's lock
     meanwhile: a harvest on the same OUT exits 5 (give serve an OUT of its own).
     """
+    # Before pyarrow loads, which reads it once: parts are built with the C library's
+    # allocator, which a long-running process's memory can shrink back from, not Arrow's
+    # mimalloc pool, which keeps growing as parts are written (docs/performance.md).
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     from harvester.jobs import ServeJob, load_serve_job
     from harvester.run.pipeline import new_run_id
     from harvester.serve import serve_forever
