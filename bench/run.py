@@ -725,6 +725,8 @@ def serve(args: argparse.Namespace, out: Path, report: Report) -> None:
         f"rss {start:.0f}/{tenth:.0f}/{middle:.0f}/{end:.0f} MB",
         flush=True,
     )
+    tenths = " ".join(f"{r.rss.at(n * k // 10):.0f}" for k in range(11))
+    print(f"  rss (MB) at each tenth of the deliveries: {tenths}", flush=True)
     report.lines.append(
         f"serve: {n:,} deliveries of ~{SERVE_BODY_BYTES // 1000} KB, {w.images / args.n:.2f} "
         f"images each, {args.serve_concurrency} connections, inbox on the disk; "
