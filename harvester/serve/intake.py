@@ -99,6 +99,8 @@ class Intake:
         """Deliveries being harvested at once: fewer while deliveries arrive fast."""
         self._arrivals = 0
         """Keys offered since the last ``PRIORITY_TICK``."""
+        self._busy = False
+        """Deliveries arrive faster than ``BUSY_RATE``: fewer harvests, no look at the inbox."""
         self._waiting = 0
         """Deliveries offered (or found) and left in the inbox, the queue being full."""
         self._dropped = 0
@@ -222,8 +224,8 @@ class Intake:
         while True:
             self._arrivals = 0
             await anyio.sleep(PRIORITY_TICK)
-            fast = self._arrivals >= BUSY_RATE * PRIORITY_TICK
-            self._harvests.total_tokens = busy if fast else full
+            self._busy = self._arrivals >= BUSY_RATE * PRIORITY_TICK
+            self._harvests.total_tokens = busy if self._busy else full
 
     async def _work(self, lane: Lane) -> None:
         async for key in self._receive:
@@ -306,11 +308,14 @@ class Intake:
 
     async def _rescanner(self) -> None:
         """Offer the stored deliveries not marked done that this process does not hold:
-        every ``RESCAN_EVERY`` seconds, or ``RESCAN_SOONEST`` after ``rescan_soon``."""
+        every ``RESCAN_EVERY`` seconds, or ``RESCAN_SOONEST`` after ``rescan_soon``; not
+        while deliveries arrive faster than ``BUSY_RATE`` (a look lists the whole inbox)."""
         while True:
             with anyio.move_on_after(RESCAN_EVERY):
                 await self._rescan_soon.wait()
                 await anyio.sleep(RESCAN_SOONEST)
+            while self._busy:
+                await anyio.sleep(PRIORITY_TICK)
             self._rescan_soon = anyio.Event()
             before = self._held()
             offered: set[str] = set()
