@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -127,7 +128,7 @@ class ResultFetcher:
         """The most one attempt may take, redirects and the whole body included."""
         self._max_result_bytes = max_result_bytes
         self._base_url = base_url
-        self._plain = {**plain_headers(client), "Accept": "application/json"}
+        self._plain = {**plain_headers(client.headers), "Accept": "application/json"}
         self._key = Key(httpx.URL(base_url), {**self._plain, "Authorization": authorization})
         self._extensions = {"timeout": client.timeout.as_dict()}
         self._policy = policy
@@ -214,12 +215,7 @@ class ResultFetcher:
         """One GET of ``url``, its redirects followed (``follow.get``: the key only to the
         origin of ``--base-url``), and the whole body of its answer."""
         response = await follow.get(
-            self._client,
-            httpx.URL(url),
-            headers=self._plain,
-            extensions=self._extensions,
-            what="result URL",
-            key=self._key,
+            self._send, httpx.URL(url), headers=self._plain, what="result URL", key=self._key
         )
         try:
             body = await read_body(response, self._max_result_bytes)
@@ -229,6 +225,12 @@ class ResultFetcher:
         finally:
             await response.aclose()
         return response, body
+
+    async def _send(self, url: httpx.URL, headers: Mapping[str, str]) -> httpx.Response:
+        # Built here, not by client.get, which would merge the client's base URL and default
+        # headers into the request.
+        request = httpx.Request("GET", url, headers=headers, extensions=self._extensions)
+        return await self._client.send(request, stream=True)
 
     def _classify(self, response: httpx.Response, body: bytes, attempt: int) -> FetchOutcome:
         """One answer as an outcome; raises ``TransientError`` (retry) or ``AuthError``.
