@@ -433,7 +433,7 @@ def speed(args: argparse.Namespace, out: Path, report: Report) -> float:
     mb = w.image_bytes_total / 1e6
     report.lines.append(
         f"speed: {args.n:,} requests, {w.images:,} images, {mb:,.0f} MB; medians of {args.runs} "
-        f"rounds; harvester args {' '.join(args.harvest_args)}"
+        "rounds"
     )
     report.lines.append(
         f"  curl                  wall {statistics.median(c.wall for c in curls):7.2f} s"
