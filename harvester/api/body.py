@@ -24,6 +24,11 @@ PUBLIC_ONLY: Final = "harvester.public_only"
 on a third party's host). The transport checks the addresses it really connects to."""
 
 
+SECONDS: Final = "harvester.seconds"
+"""A request extension: the seconds the whole exchange may take from now, body included; when
+they run out, reading or sending raises ``TimeoutError`` (not an httpx error)."""
+
+
 class NonPublicAddressError(httpx.ConnectError):
     """The host resolved to a non-public address at connection time and the request was
     ``PUBLIC_ONLY``: final, not retried. ``str()`` is the whole message for the manifest."""

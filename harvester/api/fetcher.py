@@ -13,11 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-import anyio
 import httpx
 
 from harvester.api import follow
-from harvester.api.body import CertificateError, decoded_chunks
+from harvester.api.body import SECONDS, CertificateError, decoded_chunks
 from harvester.api.follow import Key, Unfollowed, plain_headers, request_error_reason
 from harvester.api.ratelimit import RateLimiter
 from harvester.api.results import (
@@ -153,8 +152,7 @@ class ResultFetcher:
             await self._limiter.acquire(first=repoll)
             self.sent += 1
             try:
-                with anyio.fail_after(self._total):
-                    response, body = await self._get(url)
+                response, body = await self._get(url, time.monotonic() + self._total)
             except TimeoutError as exc:
                 reason = f"timed out (no whole answer within {self._total:g} s)"
                 raise TransientError(reason) from exc
@@ -211,11 +209,23 @@ class ResultFetcher:
             return FetchOutcome(ERROR, exc.last.http_status, exc.attempts, str(exc))
         return outcome
 
-    async def _get(self, url: str) -> tuple[httpx.Response, bytes]:
+    async def _get(self, url: str, deadline: float) -> tuple[httpx.Response, bytes]:
         """One GET of ``url``, its redirects followed (``follow.get``: the key only to the
-        origin of ``--base-url``), and the whole body of its answer."""
+        origin of ``--base-url``), and the whole body of its answer, by ``deadline`` (else
+        ``TimeoutError``)."""
+
+        async def send(hop: httpx.URL, headers: Mapping[str, str]) -> httpx.Response:
+            seconds = deadline - time.monotonic()
+            if seconds <= 0:
+                raise TimeoutError
+            # Built here, not by client.get, which would merge the client's base URL and
+            # default headers into the request.
+            extensions = {**self._extensions, SECONDS: seconds}
+            request = httpx.Request("GET", hop, headers=headers, extensions=extensions)
+            return await self._client.send(request, stream=True)
+
         response = await follow.get(
-            self._send, httpx.URL(url), headers=self._plain, what="result URL", key=self._key
+            send, httpx.URL(url), headers=self._plain, what="result URL", key=self._key
         )
         try:
             body = await read_body(response, self._max_result_bytes)
@@ -225,12 +235,6 @@ class ResultFetcher:
         finally:
             await response.aclose()
         return response, body
-
-    async def _send(self, url: httpx.URL, headers: Mapping[str, str]) -> httpx.Response:
-        # Built here, not by client.get, which would merge the client's base URL and default
-        # headers into the request.
-        request = httpx.Request("GET", url, headers=headers, extensions=self._extensions)
-        return await self._client.send(request, stream=True)
 
     def _classify(self, response: httpx.Response, body: bytes, attempt: int) -> FetchOutcome:
         """One answer as an outcome; raises ``TransientError`` (retry) or ``AuthError``.

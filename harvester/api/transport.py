@@ -21,7 +21,6 @@ Through a proxy the proxy resolves the host: only the download stage's own check
 from __future__ import annotations
 
 import base64
-import functools
 import ipaddress
 import logging
 import os
@@ -40,6 +39,7 @@ from yarl import URL
 
 from harvester.api.body import (
     PUBLIC_ONLY,
+    SECONDS,
     CertificateError,
     NonPublicAddressError,
     decoded_chunks,
@@ -232,12 +232,16 @@ def _whole_attempt_timeout(exc: BaseException) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=16)
 def _client_timeout(
-    pool: float | None, connect: float | None, read: float | None
+    timeout: Mapping[str, float | None], seconds: float | None
 ) -> aiohttp.ClientTimeout:
-    """aiohttp's timeouts for httpx's (a run uses one or two distinct ones)."""
-    return aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
+    """aiohttp's timeouts for httpx's, and for ``SECONDS``."""
+    return aiohttp.ClientTimeout(
+        total=seconds,
+        connect=timeout.get("pool"),
+        sock_connect=timeout.get("connect"),
+        sock_read=timeout.get("read"),
+    )
 
 
 class _Body(httpx.AsyncByteStream):
@@ -252,7 +256,7 @@ class _Body(httpx.AsyncByteStream):
             async for chunk in self._response.content.iter_any():
                 yield chunk
         except Exception as exc:
-            translated = _as_httpx(exc, self._request)
+            translated = None if _whole_attempt_timeout(exc) else _as_httpx(exc, self._request)
             if translated is None:
                 raise
             raise translated from exc
@@ -379,20 +383,18 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             _public_only.reset(token)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeout = request.extensions.get("timeout", {})
+        extensions = request.extensions
         try:
             response = await self._request(
                 request.url,
                 request.headers.multi_items(),
                 method=request.method,
                 data=request.content or None,
-                public_only=bool(request.extensions.get(PUBLIC_ONLY)),
-                timeout=_client_timeout(
-                    timeout.get("pool"), timeout.get("connect"), timeout.get("read")
-                ),
+                public_only=bool(extensions.get(PUBLIC_ONLY)),
+                timeout=_client_timeout(extensions.get("timeout", {}), extensions.get(SECONDS)),
             )
         except Exception as exc:
-            translated = _as_httpx(exc, request)
+            translated = None if _whole_attempt_timeout(exc) else _as_httpx(exc, request)
             if translated is None:
                 raise
             raise translated from exc

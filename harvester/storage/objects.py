@@ -178,6 +178,8 @@ class LocalStore:
 
     def __init__(self, root: Path) -> None:
         self.layout = Layout(root)
+        self._root = str(self.layout.root)
+        self._tmp = str(self.layout.tmp)
         self._folders: set[str] = set()
         self._real: Path | None = None
 
@@ -217,11 +219,15 @@ class LocalStore:
             self._folders.add(folder)
 
     def put_new(self, key: str, source: Source) -> bool:
-        path = self._path(key)
+        # Strings, not Paths: this runs for every image.
+        path = f"{self._root}/{key}"
         try:
-            self._folder_for(path)
+            folder = path.rpartition("/")[0]
+            if folder not in self._folders:
+                os.makedirs(folder, exist_ok=True)
+                self._folders.add(folder)
             data = str(source) if isinstance(source, Path) else source
-            return persist_new(str(path), data, tmp_dir=str(self.layout.tmp))
+            return persist_new(path, data, tmp_dir=self._tmp)
         except OSError as exc:
             if isinstance(source, Path):
                 source.unlink(missing_ok=True)
