@@ -92,7 +92,8 @@ class Sink:
     def __init__(self, store: ContentStore, spill_bytes: int = SPILL_BYTES) -> None:
         self._store = store
         self._dir = store.tmp
-        self.path = f"{self._dir}/{os.getpid()}-{next(_names)}.part"
+        self.path = ""
+        """The spill file, once it is made."""
         self._spill = spill_bytes
         self._hash = hashlib.sha256()
         self._chunks: list[bytes] = []
@@ -104,6 +105,7 @@ class Sink:
 
     def _open(self) -> BinaryIO:
         self._written = True
+        self.path = f"{self._dir}/{os.getpid()}-{next(_names)}.part"
         try:
             # An explicit buffer size spares the isatty() probe of every new file.
             return open(self.path, "wb", buffering=1 << 16)
