@@ -168,7 +168,20 @@ def _click_option(option: Option, command: str) -> Callable[[F], F]:
     return click.option(name, **settings)
 
 
+class _CountOrAuto(click.ParamType):  # type: ignore[type-arg]
+    """An integer of at least 1, or ``auto`` (None)."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        return click.IntRange(min=1).convert(value, param, ctx)
+
+
 def _click_type(option: Option) -> click.ParamType[Any, Any] | None:
+    if option.auto:
+        return _CountOrAuto()
     if option.choices:
         return click.Choice(option.choices)
     if option.kind == "path":

@@ -185,6 +185,8 @@ class LocalStore:
 
     def __init__(self, root: Path, *, own_temp: str | None = None) -> None:
         self.layout = Layout(root) if own_temp is None else Layout(root).with_own_temp(own_temp)
+        self._root = str(self.layout.root)
+        self._tmp = str(self.layout.tmp)
         self._folders: set[str] = set()
         self._real: Path | None = None
 
@@ -230,30 +232,33 @@ class LocalStore:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
 
-    def _gone(self, path: Path, source: Path | None) -> bool:
+    def _gone(self, path: str, source: str | None) -> bool:
         """After a ``FileNotFoundError``: True if ``path``'s folder was made by this store
         and removed since (another process deleted its last object: a compaction takes a
         server's parts, an expiry its deliveries), and is made again for one more try."""
-        folder = str(path.parent)
-        if folder not in self._folders or path.parent.is_dir():
+        folder = path.rpartition("/")[0]
+        if folder not in self._folders or os.path.isdir(folder):
             return False
-        if source is not None and not source.exists():
+        if source is not None and not os.path.exists(source):
             return False
-        self._folders.discard(folder)
-        self._folder_for(path)
+        os.makedirs(folder, exist_ok=True)
         return True
 
     def put_new(self, key: str, source: Source) -> bool:
-        path = self._path(key)
+        # Strings, not Paths: this runs for every image.
+        path = f"{self._root}/{key}"
         data = str(source) if isinstance(source, Path) else source
         try:
-            self._folder_for(path)
+            folder = path.rpartition("/")[0]
+            if folder not in self._folders:
+                os.makedirs(folder, exist_ok=True)
+                self._folders.add(folder)
             try:
-                return persist_new(str(path), data, tmp_dir=str(self.layout.tmp))
+                return persist_new(path, data, tmp_dir=self._tmp)
             except FileNotFoundError:
-                if not self._gone(path, source if isinstance(source, Path) else None):
+                if not self._gone(path, data if isinstance(data, str) else None):
                     raise
-                return persist_new(str(path), data, tmp_dir=str(self.layout.tmp))
+                return persist_new(path, data, tmp_dir=self._tmp)
         except OSError as exc:
             if isinstance(source, Path):
                 source.unlink(missing_ok=True)
@@ -275,7 +280,7 @@ class LocalStore:
             try:
                 os.replace(tmp, path)
             except FileNotFoundError:
-                if not self._gone(path, tmp):
+                if not self._gone(str(path), str(tmp)):
                     raise
                 os.replace(tmp, path)
         except OSError as exc:
