@@ -243,9 +243,11 @@ def test_compact_beside_a_running_serve_loses_no_row(output: Output, sandbox: Sa
             second = run_cli(["compact", output.location], env=env)
             assert second.exit_code == 0, second.output
             wait_for(lambda: len(feeder.sent) > 40, "deliveries")
+            assert status(store).verdict == "serving"
         assert feeder.errors == []
         serve.wait_idle()
         assert serve.stop() == 0
+    assert status(store).verdict == "stopped"
     sent = feeder.sent
     listing = generations.read(store)
     assert listing.generation is not None and listing.generation.taken
