@@ -236,6 +236,7 @@ def test_compact_beside_a_running_serve_loses_no_row(output: Output, sandbox: Sa
     with serving(output.location, sandbox, *SIDE, env=env) as serve:
         with Feeder(serve, sandbox, "comp") as feeder:
             wait_for(lambda: len(feeder.sent) > 10, "deliveries")
+            wait_for(lambda: manifest.has_manifest(store), "part of the server's")
             first = run_cli(["compact", output.location], env=env)
             assert first.exit_code == 0, first.output
             assert "servers'" in first.output
