@@ -340,11 +340,14 @@ def test_status_during_and_after_serve(tmp_path: Path, sandbox: Sandbox) -> None
         assert during.exit_code == 0, during.output
         lines = during.output.splitlines()
         assert lines[0].startswith("SERVING: no harvest here; serve 2"), during.output
-        serving_line = next(line for line in lines if line.startswith("  serving:"))
-        assert f"(pid {serve.process.pid}" in serving_line
-        assert "last delivery 20" in serving_line and "backlog 0" in serving_line
-        assert "1 stored" in serving_line and "1 refused" in serving_line
-        assert "harvested 1 (ok 1)" in serving_line
+        at = next(n for n, line in enumerate(lines) if line.startswith("  serving:  serve "))
+        assert f"(pid {serve.process.pid} on " in lines[at] and " since 20" in lines[at]
+        assert lines[at + 1].startswith("            last delivery 20")
+        assert lines[at + 1].endswith("; backlog 0")
+        assert lines[at + 2] == (
+            "            deliveries: 1 stored, 0 repeated, 1 refused, 0 answered 503"
+        )
+        assert lines[at + 3].startswith("            harvested: 1 requests (ok 1), 2 images")
         as_json = json.loads(run_cli(["status", str(out), "--json"]).output)
         assert as_json["verdict"] == "serving" and as_json["exit_code"] == 0
         assert as_json["servers"][0]["state"] == "serving"

@@ -195,7 +195,9 @@ class Status:
             lines.append(f"  {'now:':<10}no harvest running")
         for server in self.shown_servers:
             label = "serving:" if self.server_state(server) == SERVING else "intake:"
-            lines.append(f"  {label:<10}{self._server_line(server)}")
+            first, *rest = self._server_lines(server)
+            lines.append(f"  {label:<10}{first}")
+            lines += [f"  {'':<10}{line}" for line in rest]
         earlier = [r for r in self.harvests if r is not last and r is not current][-RECENT:][::-1]
         if earlier:
             lines.append(
@@ -205,39 +207,41 @@ class Status:
             lines.append(f"  {'unreadable:':<10} {', '.join(self.unreadable)}")
         return "\n".join(lines)
 
-    def _server_line(self, server: RunRecord) -> str:
-        """One server: who, since when, its last delivery, backlog and intake."""
+    def _server_lines(self, server: RunRecord) -> list[str]:
+        """One server: who and since when (or how it ended), its last delivery and backlog,
+        its deliveries, what it harvested."""
         now = self.checked_at
         intake = server.intake or IntakeRecord()
-        who = f"serve {server.run_id} (pid {server.pid}" + (
-            f" on {server.host})" if server.host else ")"
-        )
+        where = f" on {server.host}" if server.host else ""
+        who = f"serve {server.run_id} (pid {server.pid}{where})"
         state = self.server_state(server)
         beat = intake.heartbeat_at or server.started_at
         if state == SERVING:
-            head = f"{who} since {_when(server.started_at, now)}"
+            head = [f"{who} since {_when(server.started_at, now)}"]
         elif state == STOPPED:
             ended = server.finished_at or beat
             how = "stopped" if not server.error else f"stopped on an error ({server.error})"
-            head = f"{who} {how} {_when(ended, now)}, after {duration(server.elapsed_seconds)}"
+            head = [f"{who} {how} {_when(ended, now)}, after {duration(server.elapsed_seconds)}"]
         else:
-            head = (
-                f"{who} gone: its record says serving but was last refreshed "
-                f"{_when(beat, now)} (refreshed every {runs.HEARTBEAT_SECONDS:g} s, taken for "
-                f"gone after {runs.STALE_SECONDS:g} s or when its process is gone: killed or "
-                "hung); deliveries it stored are harvested by the next serve"
-            )
+            head = [
+                f"{who} gone: killed or hung; its record says serving, last refreshed "
+                f"{_when(beat, now)}",
+                f"(refreshed every {runs.HEARTBEAT_SECONDS:g} s; gone after "
+                f"{runs.STALE_SECONDS:g} s, or once its process on this host is gone); the "
+                "next serve harvests what it stored",
+            ]
         last = intake.last_delivery_at
         c = server.counters
-        return (
-            f"{head}; last delivery "
+        return [
+            *head,
+            "last delivery "
             + (_when(last, now) if last is not None else "none yet")
-            + f"; backlog {intake.backlog:,}; deliveries {intake.stored:,} stored, "
-            f"{intake.repeated:,} repeated, {intake.refused_total:,} refused, "
-            f"{intake.unavailable:,} answered 503; harvested {c.done:,} "
-            f"(ok {c.requests.get(OK, 0):,}), {c.images_new + c.images_existing:,} images, "
-            f"{size(c.bytes_new)} new"
-        )
+            + f"; backlog {intake.backlog:,}",
+            f"deliveries: {intake.stored:,} stored, {intake.repeated:,} repeated, "
+            f"{intake.refused_total:,} refused, {intake.unavailable:,} answered 503",
+            f"harvested: {c.done:,} requests (ok {c.requests.get(OK, 0):,}), "
+            f"{c.images_new + c.images_existing:,} images, {size(c.bytes_new)} new",
+        ]
 
     def _ended(self, record: RunRecord) -> str:
         if self.crashed(record):
