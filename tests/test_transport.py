@@ -23,6 +23,7 @@ import aiohttp
 import httpx
 import polars as pl
 import pytest
+from yarl import URL
 
 from harvester.api.body import DECODED_CHUNK, decoded_chunks
 from harvester.api.download import ImageDownloader, ImageFailure
@@ -482,11 +483,11 @@ def test_the_proxy_for_a_url_is_chosen_as_httpx_chooses_it(url: str, proxy: str 
         "all": "http://r.test:1",
         "no": "example.com, .corp.test,10.0.0.1,::1,localhost,http://only.test,port.test:8443",
     }
-    chosen = Proxies(found).proxy_for(httpx.URL(url))
+    chosen = Proxies(found).proxy_for(URL(url))
     assert (chosen.url if chosen else None) == proxy
     if proxy == "http://q.test:8080":
         assert chosen is not None and chosen.authorization == "Basic dXNlcjpzZWNyZXQ="
-    anything = Proxies({"all": "http://r.test:1"}).proxy_for(httpx.URL(url))
+    anything = Proxies({"all": "http://r.test:1"}).proxy_for(URL(url))
     assert anything is not None and anything.url == "http://r.test:1"
     assert not Proxies({**found, "no": "a.test,*"})
     assert not Proxies({"no": "example.com"})

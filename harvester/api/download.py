@@ -31,6 +31,7 @@ from urllib.parse import unquote_to_bytes
 
 import anyio
 import httpx
+from yarl import URL
 
 from harvester.api import follow
 from harvester.api.body import CertificateError, NonPublicAddressError, decoded
@@ -99,7 +100,7 @@ class ImageClient(Protocol):
     def headers(self) -> httpx.Headers: ...
 
     async def open_image(
-        self, url: httpx.URL, headers: Mapping[str, str], *, public_only: bool, seconds: float
+        self, url: URL, headers: Mapping[str, str], *, public_only: bool, seconds: float
     ) -> Answer:
         """One GET of ``url``, unfollowed, whole within ``seconds`` (else ``TimeoutError``);
         raises httpx's ``RequestError``s."""
@@ -241,7 +242,7 @@ class ImageDownloader(Generic[Stored]):
         refuse = self._refuse_private
         client = self._client
 
-        async def send(hop: httpx.URL, headers: Mapping[str, str]) -> Answer:
+        async def send(hop: URL, headers: Mapping[str, str]) -> Answer:
             seconds = deadline - time.monotonic()
             if seconds <= 0:
                 raise TimeoutError
@@ -288,12 +289,12 @@ class ImageDownloader(Generic[Stored]):
         too. Downloads that start meanwhile wait for the answer."""
         async with self._api_checked:
             if self._api_url is not None:
-                local = not await self._all_public(httpx.URL(self._api_url))
+                local = not await self._all_public(URL(self._api_url))
                 self._api_url = None
                 if local:
                     self._refuse_private = False
 
-    async def _refusal(self, url: httpx.URL, deadline: float) -> str | None:
+    async def _refusal(self, url: URL, deadline: float) -> str | None:
         """Why ``url`` is not fetched (its host resolves to a non-public address), or None;
         ``TimeoutError`` if resolving its host does not end by ``deadline``."""
         try:
@@ -303,27 +304,27 @@ class ImageDownloader(Generic[Stored]):
         private = [a for a in addresses if not is_public(a)]
         if not private:
             return None
-        return non_public_refusal(url.host, private[0])
+        return non_public_refusal(url.host or "", private[0])
 
-    async def _addresses(self, url: httpx.URL, deadline: float | None = None) -> list[str]:
+    async def _addresses(self, url: URL, deadline: float | None = None) -> list[str]:
         """The host's addresses, remembered for a minute (a CDN serves many images); looked up
         by ``deadline`` if one is given (else ``TimeoutError``)."""
-        port = url.port or (443 if url.scheme == "https" else 80)
+        host, port = url.raw_host or "", url.port or (443 if url.scheme == "https" else 80)
         now = time.monotonic()
-        known = self._resolved.get((url.host, port))
+        known = self._resolved.get((host, port))
         if known is not None and known[0] > now:
             return known[1]
         if deadline is None:
-            addresses = await self._resolve(url.host, port)
+            addresses = await self._resolve(host, port)
         else:
             with anyio.fail_after(max(0.0, deadline - now)):
-                addresses = await self._resolve(url.host, port)
+                addresses = await self._resolve(host, port)
         if len(self._resolved) >= 1024:
             self._resolved.clear()
-        self._resolved[(url.host, port)] = (now + 60.0, addresses)
+        self._resolved[(host, port)] = (now + 60.0, addresses)
         return addresses
 
-    async def _all_public(self, url: httpx.URL) -> bool:
+    async def _all_public(self, url: URL) -> bool:
         try:
             addresses = await self._addresses(url)
         except OSError:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import httpx
+from yarl import URL
 
 from harvester.api import follow
 from harvester.api.body import SECONDS, CertificateError, decoded_chunks
@@ -128,7 +129,7 @@ class ResultFetcher:
         self._max_result_bytes = max_result_bytes
         self._base_url = base_url
         self._plain = {**plain_headers(client.headers), "Accept": "application/json"}
-        self._key = Key(httpx.URL(base_url), {**self._plain, "Authorization": authorization})
+        self._key = Key(URL(base_url), {**self._plain, "Authorization": authorization})
         self._extensions = {"timeout": client.timeout.as_dict()}
         self._policy = policy
         self._limiter = limiter
@@ -214,18 +215,18 @@ class ResultFetcher:
         origin of ``--base-url``), and the whole body of its answer, by ``deadline`` (else
         ``TimeoutError``)."""
 
-        async def send(hop: httpx.URL, headers: Mapping[str, str]) -> httpx.Response:
+        async def send(hop: URL, headers: Mapping[str, str]) -> httpx.Response:
             seconds = deadline - time.monotonic()
             if seconds <= 0:
                 raise TimeoutError
             # Built here, not by client.get, which would merge the client's base URL and
             # default headers into the request.
             extensions = {**self._extensions, SECONDS: seconds}
-            request = httpx.Request("GET", hop, headers=headers, extensions=extensions)
+            request = httpx.Request("GET", str(hop), headers=headers, extensions=extensions)
             return await self._client.send(request, stream=True)
 
         response = await follow.get(
-            send, httpx.URL(url), headers=self._plain, what="result URL", key=self._key
+            send, URL(url), headers=self._plain, what="result URL", key=self._key
         )
         try:
             body = await read_body(response, self._max_result_bytes)

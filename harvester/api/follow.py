@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeVar
 
 import httpx
+from yarl import URL
 
 from harvester.api.urls import redirect_target, same_origin
 
@@ -37,10 +38,10 @@ class Unfollowed(Exception):
 class Key:
     """The headers that carry the key, and the origin they may be sent to."""
 
-    origin: httpx.URL
+    origin: URL
     headers: Mapping[str, str] = field(repr=False)
 
-    def admits(self, url: httpx.URL) -> bool:
+    def admits(self, url: URL) -> bool:
         """``url`` is the origin's, or the origin's host over https on the default ports."""
         if same_origin(url, self.origin):
             return True
@@ -49,12 +50,12 @@ class Key:
             base.scheme == "http"
             and url.scheme == "https"
             and base.host == url.host
-            and base.port in (None, 80)
-            and url.port in (None, 443)
+            and base.port == 80
+            and url.port == 443
         )
 
 
-Check = Callable[[httpx.URL], Awaitable[str | None]]
+Check = Callable[[URL], Awaitable[str | None]]
 """Why a hop is not sent (the reason for the row), or None to send it."""
 
 
@@ -73,7 +74,7 @@ class Answer(Protocol):
 
 
 A = TypeVar("A", bound=Answer)
-Send = Callable[[httpx.URL, Mapping[str, str]], Awaitable[A]]
+Send = Callable[[URL, Mapping[str, str]], Awaitable[A]]
 """Sends one GET of the URL with the headers, unfollowed, its answer streamed."""
 
 
@@ -100,7 +101,7 @@ def request_error_reason(exc: httpx.RequestError) -> str:
 
 async def get(
     send: Send[A],
-    url: httpx.URL,
+    url: URL,
     *,
     headers: Mapping[str, str],
     what: str,

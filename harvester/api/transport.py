@@ -88,10 +88,11 @@ class _Bypass:
     below: bool
     """Its subdomains match."""
 
-    def matches(self, url: httpx.URL) -> bool:
-        if self.scheme not in ("all", url.scheme) or self.port not in (None, url.port):
+    def matches(self, url: URL) -> bool:
+        port = None if url.is_default_port() else url.port  # as httpx has it
+        if self.scheme not in ("all", url.scheme) or self.port not in (None, port):
             return False
-        host = url.host
+        host = url.host or ""
         return (self.itself and host == self.name) or (
             self.below and host.endswith("." + self.name)
         )
@@ -141,7 +142,7 @@ class Proxies:
     def __bool__(self) -> bool:
         return bool(self._by_scheme)
 
-    def proxy_for(self, url: httpx.URL) -> _Proxy | None:
+    def proxy_for(self, url: URL) -> _Proxy | None:
         """The proxy ``url`` goes through, or None: directly."""
         found = self._by_scheme.get(url.scheme)
         if found is None or any(rule.matches(url) for rule in self._bypass):
@@ -348,7 +349,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def _request(
         self,
-        url: httpx.URL,
+        url: URL,
         headers: list[tuple[str, str]],
         *,
         method: str = "GET",
@@ -371,7 +372,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         try:
             return await session.request(
                 method,
-                URL(str(url), encoded=True),
+                url,
                 headers=headers,
                 data=data,
                 allow_redirects=False,
@@ -386,7 +387,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         extensions = request.extensions
         try:
             response = await self._request(
-                request.url,
+                URL(str(request.url), encoded=True),
                 request.headers.multi_items(),
                 method=request.method,
                 data=request.content or None,
@@ -411,7 +412,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def open_image(
         self,
-        url: httpx.URL,
+        url: URL,
         headers: Mapping[str, str],
         *,
         public_only: bool,
@@ -493,7 +494,7 @@ class Client(httpx.AsyncClient):
         return response
 
     async def open_image(
-        self, url: httpx.URL, headers: Mapping[str, str], *, public_only: bool, seconds: float
+        self, url: URL, headers: Mapping[str, str], *, public_only: bool, seconds: float
     ) -> ImageAnswer | HttpxAnswer:
         """A GET of an image, its answer unread (``api.download``'s ``Answer``), within
         ``seconds`` body included. Over ``AiohttpTransport`` it never builds httpx's models;
@@ -510,7 +511,7 @@ class Client(httpx.AsyncClient):
                 read=timeout.read,
             )
         extensions = {"timeout": timeout.as_dict(), PUBLIC_ONLY: public_only}
-        request = httpx.Request("GET", url, headers=headers, extensions=extensions)
+        request = httpx.Request("GET", str(url), headers=headers, extensions=extensions)
         return HttpxAnswer(await self.send(request, stream=True))
 
 

@@ -173,7 +173,7 @@ class HarvestConfig:
                 "--base-url must not carry a user name or password; the key comes from the "
                 "environment"
             )
-        checked = http_url(url, what="--base-url")
+        checked = http_url(self.base_url, what="--base-url")
         if isinstance(checked, str):
             raise UsageError(checked)
         if url.query or url.fragment:
