@@ -75,8 +75,9 @@ class StoredImage:
 
 
 _names = itertools.count()
-"""Temp file names: this process's id and a counter are unique in DIR/.tmp, which every run
-empties before it starts (under the folder's lock)."""
+"""Temp file names: this process's id and a counter are unique in the store's temp folder
+(DIR/.tmp, which every run empties before it starts under the folder's lock, or a server's
+own, which only its process writes)."""
 
 
 def _not_an_image(head: bytes) -> str:
@@ -160,7 +161,7 @@ class Sink:
     def discard(self) -> None:
         """Drop the bytes and remove the temp file; never raises (it runs while handling an
         error). A full disk can fail the close's flush, and an unlink can fail too: what is
-        left is in DIR/.tmp, which the next run empties."""
+        left is in the store's temp folder, which the next run (or server) empties."""
         self._chunks = []
         if self._fh is not None:
             with contextlib.suppress(OSError):
