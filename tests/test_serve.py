@@ -832,3 +832,54 @@ async def test_keys_beyond_the_queue_stay_in_the_inbox_counted_and_are_harvested
     intake._keys.close()
     intake._receive.close()
     assert sorted(rows(tmp_path / "out")["request_id"]) == sorted(ids)
+
+
+@pytest.mark.anyio
+async def test_no_look_at_the_inbox_while_deliveries_arrive_fast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A look lists the whole inbox: asked for during a burst, it waits for the burst's end."""
+    import anyio
+
+    from harvester.serve import ServeConfig
+    from harvester.serve import intake as intake_module
+    from harvester.serve.intake import BUSY_RATE, PRIORITY_TICK, Intake
+    from harvester.storage.inbox import Delivery, Inbox
+
+    monkeypatch.setattr(intake_module, "RESCAN_SOONEST", 0.05)
+    store = open_store(tmp_path / "out")
+    store.prepare()
+    inbox = Inbox(store)
+    intake = Intake(
+        ServeConfig(out=tmp_path / "out", jwks_url="http://127.0.0.1:9/jwks"),
+        store,
+        inbox,
+        run_id="r",
+    )
+    left = Delivery("left", MODEL, "sandbox-user", datetime.now(UTC), delivery("left"))
+    assert await inbox.put(left)  # stored, never offered (a put answered 503)
+    burst = anyio.Event()
+
+    async def arrive() -> None:
+        n = 0
+        while not burst.is_set():
+            for _ in range(int(BUSY_RATE * PRIORITY_TICK / 5) + 1):
+                intake.offer(delivery_key(f"burst-{n}"))
+                n += 1
+            await anyio.sleep(PRIORITY_TICK / 5)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(arrive)
+        tg.start_soon(intake._prioritizer)
+        tg.start_soon(intake._rescanner)
+        await anyio.sleep(PRIORITY_TICK * 2)
+        intake.rescan_soon()
+        await anyio.sleep(PRIORITY_TICK * 4)
+        assert not intake.holds(delivery_key("left"))
+        burst.set()
+        with anyio.fail_after(5):
+            while not intake.holds(delivery_key("left")):
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    intake._keys.close()
+    intake._receive.close()
