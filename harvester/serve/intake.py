@@ -10,13 +10,22 @@ that tells it from a fetched row, and points at the body kept for ``--keep-deliv
 A delivery is marked done in the inbox only once its rows are in a written part; on start,
 every delivery not marked done is harvested, but for those whose rows a part already holds
 (the process died between the part and the marks): they are marked, not harvested twice.
+
+Several processes may harvest one inbox (``storage.inbox``: claims): each delivery is claimed
+before it is harvested, and one claimed by another process is left to it while that process
+beats. A dead process's claims are taken over by the next look for stored deliveries (at once
+on the same host, ``CLAIM_STALE`` seconds after its last beat elsewhere), after the manifest
+is checked for the rows it wrote before its marks. A process stalled past ``CLAIM_STALE``
+checks that it still holds a delivery before its rows go to a part.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -35,7 +44,7 @@ from harvester.run.reader import Pair, pair_key
 from harvester.run.request import Lane, LaneSettings
 from harvester.serve.config import CONNECT_TIMEOUT, ServeConfig
 from harvester.storage import manifest
-from harvester.storage.inbox import DELIVERIES, Inbox
+from harvester.storage.inbox import BEAT_EVERY, CLAIM_STALE, DELIVERIES, Inbox, Owner
 from harvester.storage.objects import Store
 from harvester.storage.rows import ManifestRow
 
@@ -59,6 +68,10 @@ class Intake:
         self.store = store
         self.inbox = inbox
         self.run_id = run_id
+        self.owner = Owner.here(run_id)
+        """Whose claims this intake takes."""
+        self._beat_at = time.monotonic()
+        """When the last beat was stored."""
         self._lane: Lane | None = None
         self._counts = Counters()
         """Requests harvested by status and manifest rows; the lane counts the images."""
@@ -97,9 +110,12 @@ class Intake:
     def offer(self, key: str) -> None:
         """Harvest the delivery stored at ``key`` (once, however often it is offered)."""
         if key not in self._queued:
+            try:
+                self._keys.send_nowait(key)
+            except anyio.ClosedResourceError:
+                return  # stopped: the next start (or another process) harvests it
             self._queued.add(key)
             self._offered.add(key)
-            self._keys.send_nowait(key)
 
     def holds(self, key: str) -> bool:
         """True if ``key`` is queued or in flight here, or its rows are being written (a hint
@@ -114,7 +130,11 @@ class Intake:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Harvest until cancelled; then write what was harvested (shielded)."""
+        """Harvest until cancelled; then write what was harvested and let others take over
+        what is left (shielded). Raises ``OutputError`` if the inbox cannot be written at
+        the start."""
+        await anyio.to_thread.run_sync(self.inbox.beat, self.owner)  # before any claim
+        self._beat_at = time.monotonic()
         for key in await anyio.to_thread.run_sync(self._left_over):
             self.offer(key)
         settings = LaneSettings(
@@ -141,24 +161,56 @@ class Intake:
                 tg.start_soon(self._flusher)
                 tg.start_soon(self._expirer)
                 tg.start_soon(self._rescanner)
+                tg.start_soon(self._beater)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
-                await self._flush()
+                try:
+                    await self._flush()
+                finally:
+                    self._keys.close()
+                    self._receive.close()
+                    await self._retire()
+
+    async def _retire(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.inbox.retire, self.owner)
+        except OutputError as exc:
+            logger.error("%s; this process's claims are taken over when its beat ages", exc)
 
     def _left_over(self) -> list[str]:
-        """The inbox's deliveries not marked done, less those a part already holds (marked
-        now)."""
+        """The inbox's deliveries not marked done to harvest: less those another process
+        holds, and those a part already holds (marked now)."""
         pending = self.inbox.pending()
         if not pending:
             return []
-        written = self._written_deliveries(set(pending))
-        for key in written:
-            self.inbox.mark_done(key)
-        left = [key for key in pending if key not in written]
+        left = self._take(pending, check_all=True)
         if left:
             logger.info("%d deliveries from before the start to harvest", len(left))
         return left
+
+    def _take(self, keys: list[str], *, check_all: bool) -> list[str]:
+        """Of ``keys`` (stored, not marked done, not held here), those to harvest, in their
+        order. A key another live process claimed is left to it. A dead process's claim is
+        taken over, unless a part holds its rows (written before its marks): then it is
+        marked done; with ``check_all``, so is every other key a part holds."""
+        claims = self.inbox.claims(keys, self.owner)
+        dead = {key for key in keys if claims[key].dead}
+        free = {key for key in keys if claims[key].number == 0 or claims[key].mine}
+        checked = (free | dead) if check_all else dead
+        written = self._written_deliveries(checked) if checked else set()
+        for key in written:
+            self.inbox.mark_done(key)
+        taken = {
+            key for key in dead - written if self.inbox.take_over(key, claims[key], self.owner)
+        }
+        if dead:
+            logger.info(
+                "%d deliveries of stopped processes taken over (%d found written)",
+                len(taken),
+                len(dead & written),
+            )
+        return [key for key in keys if key in taken or (key in free and key not in written)]
 
     def _written_deliveries(self, keys: set[str]) -> set[str]:
         import polars as pl
@@ -178,7 +230,7 @@ class Intake:
     async def _work(self, lane: Lane) -> None:
         async for key in self._receive:
             try:
-                rows = await self._harvest(lane, key)
+                rows = await self._claim_and_harvest(lane, key)
             except OutputError as exc:
                 self.failed[type(exc).__name__] += 1
                 logger.error(
@@ -203,10 +255,35 @@ class Intake:
                 continue
             finally:
                 self._queued.discard(key)
+            if rows is None:
+                continue
             self._writer.add(rows)
             self._unmarked.append(key)
             self._counts.requests[rows[0].request_status] += 1
             self._counts.manifest_rows += len(rows)
+
+    async def _claim_and_harvest(self, lane: Lane, key: str) -> list[ManifestRow] | None:
+        """The rows of ``key``'s delivery, None if it is not this process's to harvest (held
+        by another, or a dead process's claim: the next look takes that over)."""
+        claim = await anyio.to_thread.run_sync(self.inbox.claim, key, self.owner)
+        if not claim.mine:
+            if claim.dead:
+                self.rescan_soon()
+            return None
+        if not claim.fresh and (
+            key in self._flushing
+            or key in self._unmarked
+            or await anyio.to_thread.run_sync(self.inbox.is_done, key)
+        ):
+            return None  # harvested here already: offered again
+        rows = await self._harvest(lane, key)
+        if time.monotonic() - self._beat_at > CLAIM_STALE:
+            # Stalled past the claims' age: another process may have taken this one over.
+            still = await anyio.to_thread.run_sync(self.inbox.claims, [key], self.owner)
+            if not still[key].mine:
+                logger.warning("delivery %s was taken over while this process stalled", key)
+                return None
+        return rows
 
     async def _harvest(self, lane: Lane, key: str) -> list[ManifestRow]:
         delivery = await anyio.to_thread.run_sync(self.inbox.read, key)
@@ -269,10 +346,31 @@ class Intake:
             # A key marked done while the inbox was listed was held before, or offered since.
             held = before | self._held() | self._offered
             found = [key for key in pending if key not in held]
+            if not found:
+                continue
+            try:
+                take = functools.partial(self._take, found, check_all=False)
+                found = await anyio.to_thread.run_sync(take)
+            except (OutputError, ManifestError) as exc:
+                logger.error("cannot look at the claims of stored deliveries: %s", exc)
+                continue
+            found = [key for key in found if key not in self._held()]
             if found:
                 logger.info("%d stored deliveries not harvested yet, harvested now", len(found))
             for key in found:
                 self.offer(key)
+
+    async def _beater(self) -> None:
+        """Store this process's beat every ``BEAT_EVERY`` seconds: its claims hold while it
+        does."""
+        while True:
+            await anyio.sleep(BEAT_EVERY)
+            try:
+                await anyio.to_thread.run_sync(self.inbox.beat, self.owner)
+            except OutputError as exc:
+                logger.error("cannot store this process's beat: %s", exc)
+            else:
+                self._beat_at = time.monotonic()
 
     def _held(self) -> set[str]:
         return self._queued | self._flushing | set(self._unmarked) | self._unreadable
