@@ -25,12 +25,13 @@ import polars as pl
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harvester.errors import ExitCode
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
 from harvester.sandbox.webhooks import Signer
 from harvester.storage import manifest
 from harvester.storage.inbox import delivery_key
 from harvester.storage.objects import open_store
-from tests.conftest import KEY
+from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import harvester_command, harvester_env
 from tests.s3gateway import Gateway
 
@@ -757,3 +758,37 @@ def test_bodies_in_flight_are_bounded_and_the_excess_answered_503_unread(
         assert scrape(serve)['harvester_serve_deliveries_total{outcome="unavailable"}'] >= 1
         assert serve.stop() == 0
     assert [p.name for p in stored_deliveries(out)] == [Path(delivery_key("after")).name]
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["with-model", "without-model"])
+def test_the_nightly_harvest_fetches_only_what_no_delivery_brought_ok(
+    tmp_path: Path, sandbox: Sandbox, named: bool
+) -> None:
+    """A delivered request and a CSV row are one request when their ids and the model's
+    owner/app agree (``fal-ai/flux/dev`` delivered, ``fal-ai/flux/dev`` or ``fal-ai/flux`` in
+    the export), or by id alone for a delivery without ``?model=``."""
+    out = tmp_path / "out"
+    tag = "named" if named else "bare"
+    delivered = [f"night-{tag}-{n}" for n in range(4)]
+    others = [f"night-{tag}-other-{n}" for n in range(3)]
+    before = sandbox.stats()["webhooks_delivered"]
+    with serving(out, sandbox) as serve:
+        for request_id in delivered:
+            submit(sandbox, request_id, serve.hook(MODEL if named else None))
+        wait_delivered(sandbox, before + len(delivered))
+        serve.wait_idle()
+        assert serve.stop() == 0
+    assert set(rows(out)["model"].to_list()) == ({MODEL} if named else {None})
+    export = write_csv(
+        tmp_path / "export.csv",
+        [(MODEL, delivered[0]), (MODEL, delivered[1]), ("fal-ai/flux", delivered[2])]
+        + [(MODEL, delivered[3])]
+        + [(MODEL, request_id) for request_id in others],
+    )
+    gets = sandbox.stats()["result_requests"]
+    night = run_cli(harvest_args(sandbox, out, export))
+    assert night.exit_code == ExitCode.OK, night.output
+    assert sandbox.stats()["result_requests"] - gets == len(others)
+    assert f"{len(delivered)} already ok in earlier runs" in night.output
+    fetched = rows(out).filter(pl.col("source_line").is_not_null())
+    assert sorted(set(fetched["request_id"])) == others
