@@ -7,8 +7,12 @@ the sandbox over real sockets."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -205,3 +209,60 @@ def test_a_claim_taken_is_not_taken_again(output: Output) -> None:
     assert not inbox.take_over(key, gone, third)  # of two trying, one
     assert inbox.claim(key, second).mine and not inbox.claim(key, third).mine
     assert key.startswith(DELIVERIES)
+
+
+@contextmanager
+def started(
+    out: str, run_id: str, flush_every: float, env: dict[str, str]
+) -> Iterator[subprocess.Popen[str]]:
+    """``tests.intake_process`` running on ``out``; killed at the end if still running."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.intake_process", out, run_id, str(flush_every)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | env,
+    )
+    assert process.stdout is not None
+    try:
+        assert process.stdout.readline() == "ready\n"
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        process.stdout.close()
+
+
+@pytest.mark.anyio
+async def test_two_processes_harvest_each_delivery_once_and_take_over_a_killed_ones(
+    output: Output, sandbox: Sandbox
+) -> None:
+    store = output.store
+    ids = [f"procs-{n}" for n in range(40)]
+    await store_deliveries(store, sandbox, ids)
+    # The first process claims and harvests, but writes no part before it is killed.
+    with started(output.location, "20261201T000000Z-proc01", 600, output.env) as first:
+        with anyio.fail_after(60):
+            while len(list(store.list("inbox/claims/"))) < 5:
+                await anyio.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    with (
+        started(output.location, "20261201T000000Z-proc02", 0.3, output.env) as second,
+        started(output.location, "20261201T000000Z-proc03", 0.3, output.env) as third,
+    ):
+        await until_done(store)
+        for process in (second, third):
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+    table = rows_by_request(store)
+    assert table["request_id"].to_list() == sorted(ids)
+    for request_id, count, runs in table.iter_rows():
+        images = len(result_of(sandbox, request_id)["images"])
+        assert (count, len(runs)) == (images, 1), request_id
+        assert runs[0] != "20261201T000000Z-proc01"
+    taken = [i.key for i in store.list("inbox/claims/") if i.key.endswith(".2")]
+    assert taken  # the killed process's claims, taken over
+    assert list(store.list("inbox/owners/")) == [
+        i for i in store.list("inbox/owners/") if "proc01" in i.key
+    ]  # the stopped ones retired; the killed one's beat is left to age

@@ -593,6 +593,11 @@ def test_harvested_deliveries_are_kept_keep_deliveries_days(
         assert serve.stop() == 0
     assert not done["old"].exists()
     assert (out / key["new"]).is_file() and done["new"].is_file()
+    claim = {
+        rid: out / f"{key[rid].replace('deliveries/', 'claims/').removesuffix('.delivery')}.1"
+        for rid in body
+    }
+    assert not claim["old"].exists() and claim["new"].is_file()  # a claim goes with its delivery
     assert sorted(rows(out)["request_id"]) == ["new", "old"]  # the rows stay
 
 
