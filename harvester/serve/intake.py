@@ -89,6 +89,8 @@ class Intake:
         self._unreadable: set[str] = set()
         """Keys that failed with an error other than ``OutputError``: tried again at a start."""
         self._offered: set[str] = set()
+        self._taken: set[str] = set()
+        """Keys taken over from dead processes, their manifest checked, not yet harvested."""
         """Keys offered since the current rescan began."""
         self._rescan_soon = anyio.Event()
         self._writer = manifest.ManifestWriter(
@@ -184,16 +186,18 @@ class Intake:
         pending = self.inbox.pending()
         if not pending:
             return []
-        left = self._take(pending, check_all=True)
+        left, taken = self._take(pending, check_all=True)
+        self._taken |= taken
         if left:
             logger.info("%d deliveries from before the start to harvest", len(left))
         return left
 
-    def _take(self, keys: list[str], *, check_all: bool) -> list[str]:
+    def _take(self, keys: list[str], *, check_all: bool) -> tuple[list[str], set[str]]:
         """Of ``keys`` (stored, not marked done, not held here), those to harvest, in their
-        order. A key another live process claimed is left to it. A dead process's claim is
-        taken over, unless a part holds its rows (written before its marks): then it is
-        marked done; with ``check_all``, so is every other key a part holds."""
+        order, and those of them taken over. A key another live process claimed is left to
+        it. A dead process's claim is taken over, unless a part holds its rows (written
+        before its marks): then it is marked done; with ``check_all``, so is every other key
+        a part holds."""
         claims = self.inbox.claims(keys, self.owner)
         dead = {key for key in keys if claims[key].dead}
         free = {key for key in keys if claims[key].number == 0 or claims[key].mine}
@@ -210,7 +214,8 @@ class Intake:
                 len(taken),
                 len(dead & written),
             )
-        return [key for key in keys if key in taken or (key in free and key not in written)]
+        harvest = [key for key in keys if key in taken or (key in free and key not in written)]
+        return harvest, taken
 
     def _written_deliveries(self, keys: set[str]) -> set[str]:
         import polars as pl
@@ -270,10 +275,16 @@ class Intake:
             if claim.dead:
                 self.rescan_soon()
             return None
-        if not claim.fresh and (
-            key in self._flushing
-            or key in self._unmarked
-            or await anyio.to_thread.run_sync(self.inbox.is_done, key)
+        taken_over = key in self._taken
+        self._taken.discard(key)
+        if (
+            not claim.fresh
+            and not taken_over
+            and (
+                key in self._flushing
+                or key in self._unmarked
+                or await anyio.to_thread.run_sync(self.inbox.is_done, key)
+            )
         ):
             return None  # harvested here already: offered again
         rows = await self._harvest(lane, key)
@@ -350,10 +361,11 @@ class Intake:
                 continue
             try:
                 take = functools.partial(self._take, found, check_all=False)
-                found = await anyio.to_thread.run_sync(take)
+                found, taken = await anyio.to_thread.run_sync(take)
             except (OutputError, ManifestError) as exc:
                 logger.error("cannot look at the claims of stored deliveries: %s", exc)
                 continue
+            self._taken |= taken
             found = [key for key in found if key not in self._held()]
             if found:
                 logger.info("%d stored deliveries not harvested yet, harvested now", len(found))

@@ -26,6 +26,7 @@ one succeeds. Claims are immutable and go when their delivery expires.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -157,6 +158,7 @@ class Claim:
         return self.number > 0 and not self.mine and not self.live
 
 
+@functools.cache
 def _host() -> str:
     """This host, its boot and this process's pid namespace (a pid is meaningful within
     them only)."""
@@ -373,10 +375,12 @@ class Inbox:
         return [info.key for info in sorted(found, key=lambda info: info.modified)]
 
     def is_done(self, key: str) -> bool:
-        """True if ``key`` is marked done (a listing of its mark's folder). Raises
-        ``OutputError``."""
-        mark = _done_key(key)
-        return any(info.key == mark for info in self._store.list(mark.rsplit("/", 1)[0] + "/"))
+        """True if ``key`` is marked done; False if its mark is not there or cannot be read."""
+        try:
+            self._store.get(_done_key(key))
+        except OutputError:
+            return False
+        return True
 
     def mark_done(self, key: str) -> None:
         """Record that ``key``'s rows are in the manifest (create-once; again is nothing)."""
