@@ -44,21 +44,25 @@ test: packages-test $(STAMP)  ## lint, type-check and the whole test suite
 	$(BIN)/ruff check harvester tests bench
 	$(BIN)/ruff format --check harvester tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy --follow-imports=silent bench
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check harvester tests bench
 	$(BIN)/ruff format --check harvester tests bench
 
+# bench/ is checked on its own: it imports tests' helpers, whose own typing is not the bench's.
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy --follow-imports=silent bench
 
-# Not part of `make test`: about 15 minutes with the defaults. Knobs: BENCH_N (20000),
-# BENCH_RUNS (5), BENCH_ONLY (speed,memory,s3,slow,rps,overload,compact,cluster),
-# BENCH_NIGHTS (365), BENCH_OUT (bench-out),
-# BENCH_OVERLOAD_N (2000); e.g. `BENCH_N=2000 BENCH_RUNS=1 BENCH_ONLY=speed make bench` for a
-# quick look. Outputs go to a tmpfs it mounts (as root; else /dev/shm).
-bench: packages-bench $(STAMP)  ## harvester vs curl and plain.py on loopback, memory, slow links, --rps, overload
+# Not part of `make test`: about 20 minutes with the defaults. Knobs: BENCH_N (20000),
+# BENCH_RUNS (5), BENCH_ONLY (speed,memory,large,s3,slow,rps,overload,compact,cluster),
+# BENCH_LARGE_N (1000), BENCH_LARGE_RUNS (3), BENCH_NIGHTS (365), BENCH_OUT (bench-out),
+# BENCH_OVERLOAD_N (2000); e.g. `BENCH_N=2000 BENCH_RUNS=1 BENCH_ONLY=speed make bench` or
+# `BENCH_LARGE_N=100 BENCH_LARGE_RUNS=1 BENCH_ONLY=large make bench` for a quick look. Outputs
+# go to a tmpfs it mounts (as root; else /dev/shm), each deleted before the next contender.
+bench: packages-bench $(STAMP)  ## harvester vs curl and plain.py on loopback (small and ~1 MB images), memory, slow links, --rps, overload
 	$(BIN)/python bench/run.py
 
 lock: $(STAMP)  ## re-pin requirements.lock from the current .venv

@@ -153,7 +153,11 @@ def run(scratch: Path, *, n: int, nights: int, runs: int) -> tuple[list[str], bo
     nightly = compact(year)
     nightly_s = time.perf_counter() - t0
     print(f"  the next night: {nightly.summary()}", flush=True)
-    same = isinstance(before_result, pl.DataFrame) and before_result.equals(after_result)
+    same = (
+        isinstance(before_result, pl.DataFrame)
+        and isinstance(after_result, pl.DataFrame)
+        and before_result.equals(after_result)
+    )
     ratio = after_s / night_s
     lines = [
         f"compact: latest-state query (report's: requests by model and status), {nights} "

@@ -41,7 +41,7 @@ http {{
     tcp_nopush on;
     keepalive_requests 1000000;
     keepalive_timeout 120s;
-    types {{ image/png png; }}
+    types {{ image/png png; image/jpeg jpg; }}
     server {{
         listen {host}:{port} backlog=4096;
         root {www};

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 
 def _ours(home: str) -> list[int]:
@@ -47,7 +48,7 @@ def ray_nodes(count: int, *, cpus_per_node: int = 1) -> Iterator[str]:
     try:
         import ray.cluster_utils  # after the environment: Ray reads it when imported
 
-        node_args = {
+        node_args: dict[str, Any] = {
             "node_ip_address": "127.0.0.1",
             "num_cpus": cpus_per_node,
             "include_dashboard": False,

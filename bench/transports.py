@@ -81,13 +81,13 @@ def main() -> None:
     out = args.out.resolve()
     w = run.build_world(out / f"world-{args.n}", args.n, 30_000)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
-    folder = run.clear_runs(out, settle=True)
+    folder = run.clear_runs(out)
     with nginx.serving(w.www, w.spec.port) as server:
         for i in range(args.runs):
             for name, (make_client, uvloop) in VARIANTS.items():
                 # One shard, in this process, so that the patched client is the one used.
-                transport.open_client = make_client  # type: ignore[assignment]
-                shard.EVENT_LOOP_OPTIONS = {"use_uvloop": uvloop}  # type: ignore[misc]
+                transport.open_client = make_client
+                vars(shard)["EVENT_LOOP_OPTIONS"] = {"use_uvloop": uvloop}
                 target = run.fresh(folder / f"{name}-{i + 1}")
                 config = pipeline.HarvestConfig(
                     inputs=(w.csv,),

@@ -2,13 +2,17 @@
 
     DIR/www/<owner>/<app>/requests/<id>   a result (JSON), served as application/json
     DIR/www/files/<aa>/<name>.png         an image: PNG magic number, then random bytes
+    DIR/www/files/<aa>/<name>.jpg         (``formats`` naming jpeg) a JPEG start and a frame
+                                          header of 1024x768, then random bytes
     DIR/requests.csv                      model,request_id for every result
     DIR/urls.txt                          every result URL then every image URL (for curl)
     DIR/world.json                        what was generated, and for which port
 
 Image URLs in the results are absolute, so they name the server's port; ``retarget`` rewrites
 only the (small) result files when a later run has to use another port. Images are random, so
-every one is distinct and the store keeps each of them.
+every one is distinct and the store keeps each of them; random bytes have the entropy of
+compressed image data (nothing compresses them further). Each image is written once, from a
+seeded generator, so a world of gigabytes builds at the disk's pace.
 """
 
 from __future__ import annotations
@@ -17,11 +21,17 @@ import argparse
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+import struct
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Final
 
 PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
+JPEG_HEAD: Final = b"\xff\xd8" + b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, 768, 1024, 1) + bytes(3)
+"""A JPEG's start of image and a baseline frame header (1024x768 as the results declare, one
+component): enough for the harvester to sniff a JPEG and read its size; the rest is random."""
+HEADS: Final = {"png": (PNG_MAGIC, "png", "image/png"), "jpeg": (JPEG_HEAD, "jpg", "image/jpeg")}
+"""A format's first bytes, the images' file extension and the results' ``content_type``."""
 MODELS: Final = ("fal-ai/flux/dev", "fal-ai/flux-pro/v1.1-ultra", "fal-ai/fast-sdxl")
 HOST: Final = "127.0.0.1"
 IMAGE_COUNTS: Final = (1, 2, 3, 4)
@@ -36,8 +46,15 @@ class WorldSpec:
     """Mean image size; each image is within +-20% of it."""
     port: int
     seed: int = 5
+    formats: str = "png"
+    """``png``, ``jpeg`` or both (``jpeg,png``): an image's format is picked from its name."""
     version: int = 2
     """Bumped when the layout or the distribution changes, so old worlds are rebuilt."""
+
+    def head(self, name: str) -> tuple[bytes, str, str]:
+        """The first bytes, extension and content type of the image called ``name``."""
+        formats = self.formats.split(",")
+        return HEADS[formats[int(name[:2], 16) % len(formats)]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +100,18 @@ def _plan(spec: WorldSpec) -> list[tuple[str, str, list[tuple[str, int]]]]:
     return plan
 
 
-def _result(rid: str, images: list[tuple[str, int]], base: str, rng: random.Random) -> bytes:
+def _image_url(base: str, spec: WorldSpec, name: str) -> str:
+    return f"{base}/files/{name[:2]}/{name}.{spec.head(name)[1]}"
+
+
+def _result(
+    rid: str, images: list[tuple[str, int]], base: str, rng: random.Random, spec: WorldSpec
+) -> bytes:
     body = {
         "images": [
             {
-                "url": f"{base}/files/{name[:2]}/{name}.png",
-                "content_type": "image/png",
+                "url": _image_url(base, spec, name),
+                "content_type": spec.head(name)[2],
                 "width": 1024,
                 "height": 768,
             }
@@ -108,15 +131,15 @@ def _write_results(root: Path, spec: WorldSpec) -> None:
     rng = random.Random(spec.seed + 1)
     created: set[Path] = set()
     with open(root / "urls.txt.tmp", "w") as urls:
-        image_urls = []
+        image_urls: list[str] = []
         for model, rid, images in _plan(spec):
             folder = root / "www" / _app_path(model) / "requests"
             if folder not in created:
                 folder.mkdir(parents=True, exist_ok=True)
                 created.add(folder)
-            (folder / rid).write_bytes(_result(rid, images, base, rng))
+            (folder / rid).write_bytes(_result(rid, images, base, rng, spec))
             urls.write(f"{base}/{_app_path(model)}/requests/{rid}\n")
-            image_urls.extend(f"{base}/files/{name[:2]}/{name}.png\n" for name, _ in images)
+            image_urls.extend(f"{_image_url(base, spec, name)}\n" for name, _ in images)
         urls.writelines(image_urls)
     (root / "urls.txt.tmp").replace(root / "urls.txt")
 
@@ -128,7 +151,7 @@ def generate(root: Path, spec: WorldSpec) -> World:
         saved = json.loads(meta.read_text())
         if WorldSpec(**saved["spec"]) == spec:
             return World(root, spec, saved["images"], saved["image_bytes_total"])
-        if {**saved["spec"], "port": spec.port} == asdict(spec):
+        if replace(WorldSpec(**saved["spec"]), port=spec.port) == spec:
             return retarget(root, spec.port)
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -143,8 +166,9 @@ def generate(root: Path, spec: WorldSpec) -> World:
                 if name[:2] not in made:
                     (root / "www" / "files" / name[:2]).mkdir(parents=True, exist_ok=True)
                     made.add(name[:2])
-                data = PNG_MAGIC + rng.randbytes(size - len(PNG_MAGIC))
-                (root / "www" / "files" / name[:2] / f"{name}.png").write_bytes(data)
+                head, ext, _ = spec.head(name)
+                data = head + rng.randbytes(size - len(head))
+                (root / "www" / "files" / name[:2] / f"{name}.{ext}").write_bytes(data)
                 count += 1
                 total += size
     _write_results(root, spec)
@@ -171,8 +195,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--image-bytes", type=int, default=30_000)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--formats", default="png", help="png, jpeg or jpeg,png")
     args = parser.parse_args()
-    world = generate(args.root, WorldSpec(n=args.n, image_bytes=args.image_bytes, port=args.port))
+    spec = WorldSpec(n=args.n, image_bytes=args.image_bytes, port=args.port, formats=args.formats)
+    world = generate(args.root, spec)
     print(
         f"{world.root}: {world.spec.n:,} requests, {world.images:,} images, "
         f"{world.image_bytes_total / 1e9:.2f} GB"

@@ -168,7 +168,20 @@ def _click_option(option: Option, command: str) -> Callable[[F], F]:
     return click.option(name, **settings)
 
 
+class _CountOrAuto(click.ParamType):  # type: ignore[type-arg]
+    """An integer of at least 1, or ``auto`` (None)."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        return click.IntRange(min=1).convert(value, param, ctx)
+
+
 def _click_type(option: Option) -> click.ParamType[Any, Any] | None:
+    if option.auto:
+        return _CountOrAuto()
     if option.choices:
         return click.Choice(option.choices)
     if option.kind == "path":
@@ -311,8 +324,9 @@ def serve_command(job_file: Path | None, verbose: int, quiet: bool, **values: An
     signature does not check (fal's ED25519, keys from --jwks-url), whose timestamp is over
     5 minutes off, or whose account is not a --fal-user-id is answered 401 and not stored.
     GET /healthz answers 200 while deliveries can be stored, 503 while they cannot. Runs
-    until SIGTERM or Ctrl-C, then writes what it harvested and exits 0. Holds OUT's lock
-    meanwhile: a harvest on the same OUT exits 5 (give serve an OUT of its own).
+    until SIGTERM or Ctrl-C, then writes what it harvested and exits 0. Takes no lock: the
+    nightly harvest, compact and verify run on the same OUT beside it, and 'harvester status
+    OUT' shows it serving.
     """
     from harvester.jobs import ServeJob, load_serve_job
     from harvester.run.pipeline import new_run_id
@@ -539,7 +553,8 @@ def compact_command(out_dir: Path | str) -> None:
     No row and no history is lost: every row keeps its run_id. It is atomic: a reader
     during a compaction, and one after a compaction was killed, sees each row once; the
     next compaction finishes what a killed one left. Holds DIR's lock (exit 5 while a
-    harvest runs). Job files run it after each harvest with 'compact = true'.
+    harvest runs); a running 'harvester serve' goes on: its parts written so far are merged,
+    its folder left to it. Job files run it after each harvest with 'compact = true'.
     """
     from harvester.storage.compact import compact
 

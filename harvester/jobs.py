@@ -228,10 +228,13 @@ def _check(where: str, option: Option, value: object, base: Path) -> object:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key!r} must be true or false, not {_describe(value)}")
         return value
+    if option.auto and isinstance(value, str) and value.strip().lower() == "auto":
+        return None
     if option.kind in ("integer", "number"):
         allowed = int if option.kind == "integer" else int | float
         if not isinstance(value, allowed) or isinstance(value, bool):
             kind = "an integer" if option.kind == "integer" else "a number"
+            kind += " or 'auto'" if option.auto else ""
             raise ConfigError(f"{where}: {key!r} must be {kind}, not {_describe(value)}")
         refusal = option.refusal(value)
         if refusal:

@@ -33,6 +33,10 @@ SERVE: Final = "serve"
 its own (or overriding) values from the file's ``[serve]`` table."""
 SERVING: Final = HARVEST | {SERVE}
 FAL_JWKS_URL: Final = "https://rest.alpha.fal.ai/.well-known/jwks.json"
+AUTO_WORKERS_RPS: Final = 500.0
+"""``--workers auto`` uses more than one process from this ``--rps`` up: below it one process
+spends well under a core (docs/performance.md, "Processes")."""
+AUTO_WORKERS_MAX: Final = 4
 IMAGE_SLOTS_PER_FETCH: Final = 2
 """Image download slots per result fetch slot: enough to keep every fetch slot busy on a slow
 link too (docs/performance.md, "Slow link", has the figures)."""
@@ -74,6 +78,8 @@ class Option:
     commands: frozenset[str] = HARVEST
     command_defaults: tuple[tuple[str, Any], ...] = ()
     """``(command, default)`` for a command whose default is not ``default``."""
+    auto: bool = False
+    """An integer option that takes the word ``auto`` too: None, the harvester chooses."""
 
     @property
     def attr(self) -> str:
@@ -133,8 +139,11 @@ OPTIONS: tuple[Option, ...] = (
            command_defaults=((SERVE, 16),)),
     Option("rps", "number", 50.0, "Result requests per second, retries included.",
            minimum=0, above=True),
-    Option("workers", "integer", None, "Processes that fetch and download, this one included.",
-           minimum=1, default_text="1"),
+    Option("workers", "integer", None,
+           "Processes that fetch and download, this one included, or 'auto'.", minimum=1,
+           auto=True, metavar="N|auto",
+           default_text=f"auto: one per core (at most {AUTO_WORKERS_MAX}) at --rps "
+           f"{AUTO_WORKERS_RPS:g} or more, else 1"),
     Option("max-attempts", "integer", 8,
            "Attempts per request on transient errors (429, 5xx gateway, network).",
            minimum=1, setting="retry.max_attempts"),

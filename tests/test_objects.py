@@ -329,3 +329,39 @@ def test_a_folder_delete_leaves_no_empty_folders(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "manifest").is_dir()  # the layout's own folder stays
     local.put("manifest/r1/part-00002.parquet", b"p2")  # made again when needed
     assert [i.key for i in local.list("manifest/")] == ["manifest/r1/part-00002.parquet"]
+
+
+def test_a_folder_another_process_removed_is_made_again_at_the_next_put(tmp_path: Path) -> None:
+    """A server keeps writing into its run folder while a compaction (another process, its
+    own store) deletes the folder's last part, and the folder with it."""
+    server = LocalStore(tmp_path / "out")
+    server.prepare()
+    server.put("manifest/r1/part-00000.parquet", b"p0")
+    server.put_new("inbox/done/ab/one", b"")
+    other = LocalStore(tmp_path / "out")
+    other.delete("manifest/r1/part-00000.parquet")
+    other.delete("inbox/done/ab/one")
+    assert not (tmp_path / "out" / "manifest" / "r1").exists()
+    server.put("manifest/r1/part-00001.parquet", b"p1")
+    assert server.put_new("inbox/done/ab/two", b"")
+    assert server.get("manifest/r1/part-00001.parquet") == b"p1"
+    assert server.get("inbox/done/ab/two") == b""
+
+
+def test_a_temp_folder_of_its_own_is_apart_from_the_runs_and_travels(store: Store) -> None:
+    """What a server writes through its own temp folder, nothing a run's start empties holds;
+    the folder goes when the block ends."""
+    import pickle
+
+    with store.own_temp("20261201T000000.000Z-abcdef") as own:
+        assert own.temp_dir != store.temp_dir and own.temp_dir.is_dir()
+        assert own.temp_dir.parent.name == ".serve-tmp"
+        (own.temp_dir / "spill.part").write_bytes(b"x")
+        assert store.clean_temp() == 0 and (own.temp_dir / "spill.part").exists()
+        own.put("runs/r1.json", b"{}")
+        assert own.put_new("images/ab/x.png", b"y")
+        copy: Store = pickle.loads(pickle.dumps(own))  # noqa: S301  # our own bytes
+        assert copy.temp_dir == own.temp_dir and copy.get("runs/r1.json") == b"{}"
+        assert own.clean_temp() == 1 and not any(own.temp_dir.iterdir())
+        folder = own.temp_dir
+    assert not folder.exists()

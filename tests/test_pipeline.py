@@ -96,7 +96,12 @@ def test_one_shard_in_this_process_takes_its_pairs_from_the_reader(
     csv = write_csv(tmp_path / "e.csv", [*pairs, pairs[0], ("bad model", "x")])
     out = tmp_path / "out"
     config = HarvestConfig(
-        inputs=(csv,), out=open_store(out), api_key=KEY, base_url=sandbox.base_url, rps=500
+        inputs=(csv,),
+        out=open_store(out),
+        api_key=KEY,
+        base_url=sandbox.base_url,
+        rps=500,
+        workers=1,
     )
     stats = harvest(config)
     assert written == []

@@ -16,7 +16,7 @@ import pytest
 
 from harvester.api.download import ImageDownloader, ImageFailure, Resolve
 from harvester.api.retry import RetryPolicy
-from harvester.api.transport import open_client
+from harvester.api.transport import Client, open_client
 from harvester.api.urls import is_public
 from harvester.errors import ConfigError
 from harvester.jobs import load_job
@@ -72,7 +72,7 @@ def _layout(tmp_path: Path) -> Layout:
 
 
 def _downloader(
-    client: httpx.AsyncClient,
+    client: Client,
     folder: Path,
     *,
     refuse: bool = True,
@@ -130,7 +130,7 @@ async def test_a_cdn_redirect_to_a_private_address_is_refused(tmp_path: Path) ->
             return httpx.Response(302, headers={"Location": "//169.254.169.254/latest"})
         return httpx.Response(200, content=PNG)
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+    async with Client(transport=httpx.MockTransport(handler)) as client:
         downloader = _downloader(client, tmp_path)
         got = await downloader.store("https://cdn.example/a.png")
         again = await downloader.store("http://cdn.example/b.png")

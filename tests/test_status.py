@@ -153,3 +153,47 @@ def test_status_of_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
     result = run_cli(["status", str(tmp_path / "nope")])
     assert result.exit_code == ExitCode.USAGE
     assert "is not a folder" in result.output
+
+
+def test_a_servers_record_is_judged_apart_from_the_harvests(tmp_path: Path) -> None:
+    """A server's record never counts as a harvest (neither the last run nor a crash); an
+    output with servers only is judged by the latest: stopped ages like a run with
+    --max-age, a record not refreshed for 60 s is a server gone."""
+    from harvester.storage import runs
+    from harvester.storage.objects import open_store
+
+    store = open_store(tmp_path)
+    beat = T0 + timedelta(hours=1)
+    serving = runs.RunRecord(
+        run_id=f"{T0:%Y%m%dT%H%M%SZ}-5e7e00",
+        kind=runs.SERVE,
+        state=runs.SERVING,
+        pid=1,
+        host="elsewhere",
+        started_at=T0,
+        intake=runs.IntakeRecord(stored=3, heartbeat_at=beat),
+    )
+    runs.write(store, serving)
+    now = status(tmp_path, now=beat + timedelta(seconds=5))
+    assert (now.verdict, now.exit_code, now.last) == ("serving", 0, None)
+    late = status(tmp_path, now=beat + timedelta(minutes=2))
+    assert (late.verdict, late.exit_code) == ("gone", ExitCode.NO_RECENT_RUN)
+    stopped = runs.RunRecord(
+        **{
+            **{name: getattr(serving, name) for name in runs.RunRecord.__dataclass_fields__},
+            "state": runs.FINISHED,
+            "exit_code": 0,
+            "finished_at": beat,
+        }
+    )
+    runs.write(store, stopped)
+    day = timedelta(hours=24)
+    assert status(tmp_path, now=beat + timedelta(hours=2), max_age=day).verdict == "stopped"
+    old = status(tmp_path, now=beat + timedelta(days=2), max_age=day)
+    assert (old.verdict, old.exit_code) == ("stale", ExitCode.NO_RECENT_RUN)
+    # A harvest after it: the harvest is judged, the server shown beside it.
+    run_id = write_record(tmp_path, T0 + timedelta(hours=2), 3)
+    both = status(tmp_path, now=beat + timedelta(hours=2))
+    assert both.last is not None and both.last.run_id == run_id
+    assert both.exit_code == ExitCode.INCOMPLETE
+    assert "\n  intake:   serve " in both.text()

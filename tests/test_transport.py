@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import aiohttp
 import httpx
 import polars as pl
 import pytest
+from yarl import URL
 
 from harvester.api.body import DECODED_CHUNK, decoded_chunks
 from harvester.api.download import ImageDownloader, ImageFailure
@@ -482,11 +484,11 @@ def test_the_proxy_for_a_url_is_chosen_as_httpx_chooses_it(url: str, proxy: str 
         "all": "http://r.test:1",
         "no": "example.com, .corp.test,10.0.0.1,::1,localhost,http://only.test,port.test:8443",
     }
-    chosen = Proxies(found).proxy_for(httpx.URL(url))
+    chosen = Proxies(found).proxy_for(URL(url))
     assert (chosen.url if chosen else None) == proxy
     if proxy == "http://q.test:8080":
         assert chosen is not None and chosen.authorization == "Basic dXNlcjpzZWNyZXQ="
-    anything = Proxies({"all": "http://r.test:1"}).proxy_for(httpx.URL(url))
+    anything = Proxies({"all": "http://r.test:1"}).proxy_for(URL(url))
     assert anything is not None and anything.url == "http://r.test:1"
     assert not Proxies({**found, "no": "a.test,*"})
     assert not Proxies({"no": "example.com"})
@@ -766,3 +768,42 @@ def test_the_attempt_deadline_is_four_read_timeouts_and_at_least_30_s() -> None:
     assert attempt_seconds(5) == 30.0
     assert attempt_seconds(60) == 240.0
     assert attempt_seconds(None) == 240.0
+
+
+JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", [900_000, 3_000_000])
+async def test_an_image_is_in_memory_at_most_twice(tmp_path: Path, size: int) -> None:
+    """At most two copies of an image's bytes at once, traced by tracemalloc over a real
+    download: the pieces as they arrived and, for a body up to 1 MiB, their join at the put;
+    a larger body spills to a file as it arrives, so it is never whole in memory."""
+    body = JPEG_HEAD + random.Random(size).randbytes(size)
+    srv = RawServer(_head(len(body)) + body)
+    layout = Layout(tmp_path / "out")
+    layout.prepare()
+    try:
+        async with open_client(max_connections=2, connect_timeout=5, read_timeout=5) as client:
+            downloader = ImageDownloader(
+                client,
+                ContentStore(LocalStore(layout.root)).sink,
+                policy=RetryPolicy(max_attempts=1),
+                rng=random.Random(0),
+            )
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                got = await downloader.store(srv.url + "/a.jpg")
+                peak = tracemalloc.get_traced_memory()[1] - before
+            finally:
+                tracemalloc.stop()
+    finally:
+        srv.close()
+    assert isinstance(got, StoredImage), got
+    assert got.bytes == len(body)
+    assert peak <= 2 * len(body) + 256 * 1024, (peak, len(body))
+    if size > 1 << 20:
+        assert peak < len(body), (peak, len(body))
+    else:
+        assert peak >= len(body), (peak, len(body))  # the trace sees the bytes at all

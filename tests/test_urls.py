@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from yarl import URL
 
 from harvester.api.urls import (
     AppId,
@@ -104,6 +104,6 @@ def test_image_urls_that_cannot_be_fetched_are_refused(url: str, reason: str) ->
     refusal = http_url(url)
     assert isinstance(refusal, str)
     assert reason in refusal
-    target = redirect_target(httpx.URL("https://cdn.test/x"), url)
+    target = redirect_target(URL("https://cdn.test/x"), url)
     assert isinstance(target, str)
     assert reason in target

@@ -83,7 +83,7 @@ def test_shard_processes_that_cannot_start_are_a_clear_error(
 ) -> None:
     def failing_pool(self: LocalEngine) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
-            max_workers=self.workers,
+            max_workers=self.workers - self.here,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=os._exit,  # each process exits 3 before it runs a shard
             initargs=(3,),
@@ -97,8 +97,9 @@ def test_shard_processes_that_cannot_start_are_a_clear_error(
     assert result.exit_code == ExitCode.WORKER
     assert "Traceback" not in result.output
     assert re.search(
-        r"harvester: error: the process of shard 0 of 2 \(pid unknown\), shard 1 of 2 \(pid "
-        r"unknown\) died \(killed, or out of memory; 4 times\); the rows finished so far are "
+        # Shard 0 runs in the harvest's own process: only the pool's shard cannot start.
+        r"harvester: error: the process of shard 1 of 2 \(pid unknown\) died \(killed, or out of "
+        r"memory; 4 times\); the rows finished so far are "
         r"kept, requests still in flight are not recorded and the next run retries them\n\Z",
         result.output,
     )
@@ -144,10 +145,14 @@ def test_lanes_split_the_limits_so_together_they_keep_them() -> None:
         assert sum(shares) == pytest.approx(rps)
         assert sum(math.floor(x) for x in shares) <= max(1, math.floor(rps))
         assert all(x >= 1 for x in shares) or split.lanes == 1
-    # No more lanes than slots; and by default one lane, however fast the run may go.
+    # No more lanes than slots; by default (auto) one lane below --rps 500, else one per
+    # core this process may use, at most 4 (and never more than the slots).
     assert HarvestConfig(**{**_kw(config), "concurrency": 2}).lanes == 2
     assert HarvestConfig(**{**_kw(config), "workers": None}).lanes == 1
-    assert HarvestConfig(**{**_kw(config), "workers": None, "rps": 100_000.0}).lanes == 1
+    assert HarvestConfig(**{**_kw(config), "workers": None, "rps": 499.0}).lanes == 1
+    cores = len(os.sched_getaffinity(0))
+    fast = HarvestConfig(**{**_kw(config), "workers": None, "rps": 100_000.0})
+    assert fast.lanes == min(cores, 4, fast.image_slots)
 
 
 @pytest.mark.parametrize(("rps", "workers"), [(6.0, 2), (5.0, 3), (2.5, 2)])

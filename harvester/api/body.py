@@ -24,15 +24,21 @@ PUBLIC_ONLY: Final = "harvester.public_only"
 on a third party's host). The transport checks the addresses it really connects to."""
 
 
+SECONDS: Final = "harvester.seconds"
+"""A request extension: the seconds the whole exchange may take from now, body included; when
+they run out, reading or sending raises ``TimeoutError`` (not an httpx error)."""
+
+
 class NonPublicAddressError(httpx.ConnectError):
     """The host resolved to a non-public address at connection time and the request was
     ``PUBLIC_ONLY``: final, not retried. ``str()`` is the whole message for the manifest."""
 
 
-def _encodings(response: httpx.Response) -> list[str]:
-    header = response.headers.get("content-encoding", "")
+def _encodings(header: str | None) -> list[str]:
     return [
-        e.strip().lower() for e in header.split(",") if e.strip().lower() not in ("", "identity")
+        e.strip().lower()
+        for e in (header or "").split(",")
+        if e.strip().lower() not in ("", "identity")
     ]
 
 
@@ -79,13 +85,18 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
         yield body
 
 
-def decoded_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
-    """A streamed response's body, its content-codings (gzip, deflate, in any number)
-    undone in pieces of at most ``DECODED_CHUNK`` bytes: a caller that counts what it gets
-    stops at its limit however well the body compresses. Raises ``httpx.DecodingError``."""
-    if response.is_stream_consumed:  # read already (a mock transport's): httpx decoded it
-        return _once(response.content)
-    chunks: AsyncIterator[bytes] = response.aiter_raw()
-    for encoding in reversed(_encodings(response)):
+def decoded(chunks: AsyncIterator[bytes], content_encoding: str | None) -> AsyncIterator[bytes]:
+    """A body's pieces as they arrived, their content-codings (``content_encoding``: gzip,
+    deflate, in any number) undone in pieces of at most ``DECODED_CHUNK`` bytes: a caller that
+    counts what it gets stops at its limit however well the body compresses. The pieces
+    themselves when there is no coding. Raises ``httpx.DecodingError``."""
+    for encoding in reversed(_encodings(content_encoding)):
         chunks = _inflate(chunks, encoding)
     return chunks
+
+
+def decoded_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """A streamed httpx response's body, decoded as ``decoded`` does."""
+    if response.is_stream_consumed:  # read already (a mock transport's): httpx decoded it
+        return _once(response.content)
+    return decoded(response.aiter_raw(), response.headers.get("content-encoding"))

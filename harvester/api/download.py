@@ -24,16 +24,17 @@ import binascii
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
 import anyio
 import httpx
+from yarl import URL
 
 from harvester.api import follow
-from harvester.api.body import PUBLIC_ONLY, CertificateError, NonPublicAddressError, decoded_chunks
+from harvester.api.body import CertificateError, NonPublicAddressError, decoded
 from harvester.api.follow import Unfollowed, plain_headers, request_error_reason
 from harvester.api.retry import (
     RETRYABLE_STATUS,
@@ -69,6 +70,42 @@ class Sink(Protocol[Stored]):
         """Drop the bytes; never raises."""
 
 
+class Answer(Protocol):
+    """An image's answer, its body unread (``transport.Client.open_image``)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Case-insensitive."""
+
+    @property
+    def received(self) -> int:
+        """Bytes of the body so far, as they came over the wire."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """The body's pieces as they arrive; httpx's errors."""
+
+    async def aclose(self) -> None: ...
+
+
+class ImageClient(Protocol):
+    """The lane's HTTP client (``transport.Client``), as the download stage uses it."""
+
+    @property
+    def timeout(self) -> httpx.Timeout: ...
+
+    @property
+    def headers(self) -> httpx.Headers: ...
+
+    async def open_image(
+        self, url: URL, headers: Mapping[str, str], *, public_only: bool, seconds: float
+    ) -> Answer:
+        """One GET of ``url``, unfollowed, whole within ``seconds`` (else ``TimeoutError``);
+        raises httpx's ``RequestError``s."""
+
+
 @dataclass(frozen=True, slots=True)
 class ImageFailure:
     """An image that was not stored: its row's status and error."""
@@ -98,7 +135,7 @@ class ImageDownloader(Generic[Stored]):
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: ImageClient,
         sinks: Callable[[], Sink[Stored]],
         *,
         policy: RetryPolicy,
@@ -122,9 +159,7 @@ class ImageDownloader(Generic[Stored]):
         self._policy = policy
         self._rng = rng
         self._max_bytes = max_bytes
-        self._headers = plain_headers(client)
-        self._extensions = {"timeout": client.timeout.as_dict()}
-        self._public_only = {**self._extensions, PUBLIC_ONLY: True}
+        self._headers = plain_headers(client.headers)
         self.retries = 0
 
     async def store(self, url: str) -> Stored | ImageFailure:
@@ -190,30 +225,38 @@ class ImageDownloader(Generic[Stored]):
 
     async def _bounded(self, url: str, attempt: int) -> Stored | ImageFailure:
         try:
-            with anyio.fail_after(self._total):
-                return await self._download(url, attempt)
+            return await self._download(url, attempt, time.monotonic() + self._total)
         except TimeoutError as exc:
             raise TransientError(
                 f"image download timed out (not whole within {self._total:g} s)"
             ) from exc
 
-    async def _download(self, url: str, attempt: int) -> Stored | ImageFailure:
+    async def _download(self, url: str, attempt: int, deadline: float) -> Stored | ImageFailure:
+        """One attempt, which ends by ``deadline`` (redirects and the whole body included;
+        else ``TimeoutError``)."""
         start = http_url(url)
         if isinstance(start, str):
             return ImageFailure(FAILED, start, None, attempt)
         if self._refuse_private and self._api_url is not None:
             await self._check_api()
         refuse = self._refuse_private
+        client = self._client
+
+        async def send(hop: URL, headers: Mapping[str, str]) -> Answer:
+            seconds = deadline - time.monotonic()
+            if seconds <= 0:
+                raise TimeoutError
+            return await client.open_image(hop, headers, public_only=refuse, seconds=seconds)
+
         try:
             response = await follow.get(
-                self._client,
+                send,
                 start,
                 # Never an Authorization header, whatever the client's defaults: image hosts
                 # are third parties.
                 headers=self._headers,
-                extensions=self._public_only if refuse else self._extensions,
                 what="image URL",
-                check=self._refusal if refuse else None,
+                check=(lambda hop: self._refusal(hop, deadline)) if refuse else None,
             )
         except Unfollowed as exc:
             return ImageFailure(FAILED, str(exc), exc.status, attempt)
@@ -246,43 +289,49 @@ class ImageDownloader(Generic[Stored]):
         too. Downloads that start meanwhile wait for the answer."""
         async with self._api_checked:
             if self._api_url is not None:
-                local = not await self._all_public(httpx.URL(self._api_url))
+                local = not await self._all_public(URL(self._api_url))
                 self._api_url = None
                 if local:
                     self._refuse_private = False
 
-    async def _refusal(self, url: httpx.URL) -> str | None:
-        """Why ``url`` is not fetched (its host resolves to a non-public address), or None."""
+    async def _refusal(self, url: URL, deadline: float) -> str | None:
+        """Why ``url`` is not fetched (its host resolves to a non-public address), or None;
+        ``TimeoutError`` if resolving its host does not end by ``deadline``."""
         try:
-            addresses = await self._addresses(url)
+            addresses = await self._addresses(url, deadline)
         except OSError:
             return None  # the connection fails the same way and says why
         private = [a for a in addresses if not is_public(a)]
         if not private:
             return None
-        return non_public_refusal(url.host, private[0])
+        return non_public_refusal(url.host or "", private[0])
 
-    async def _addresses(self, url: httpx.URL) -> list[str]:
-        """The host's addresses, remembered for a minute (a CDN serves many images)."""
-        port = url.port or (443 if url.scheme == "https" else 80)
+    async def _addresses(self, url: URL, deadline: float | None = None) -> list[str]:
+        """The host's addresses, remembered for a minute (a CDN serves many images); looked up
+        by ``deadline`` if one is given (else ``TimeoutError``)."""
+        host, port = url.raw_host or "", url.port or (443 if url.scheme == "https" else 80)
         now = time.monotonic()
-        known = self._resolved.get((url.host, port))
+        known = self._resolved.get((host, port))
         if known is not None and known[0] > now:
             return known[1]
-        addresses = await self._resolve(url.host, port)
+        if deadline is None:
+            addresses = await self._resolve(host, port)
+        else:
+            with anyio.fail_after(max(0.0, deadline - now)):
+                addresses = await self._resolve(host, port)
         if len(self._resolved) >= 1024:
             self._resolved.clear()
-        self._resolved[(url.host, port)] = (now + 60.0, addresses)
+        self._resolved[(host, port)] = (now + 60.0, addresses)
         return addresses
 
-    async def _all_public(self, url: httpx.URL) -> bool:
+    async def _all_public(self, url: URL) -> bool:
         try:
             addresses = await self._addresses(url)
         except OSError:
             return True  # unresolvable here: nothing says it is local
         return all(is_public(a) for a in addresses)
 
-    async def _receive(self, response: httpx.Response, attempt: int) -> Stored | ImageFailure:
+    async def _receive(self, response: Answer, attempt: int) -> Stored | ImageFailure:
         status = response.status_code
         declared = response.headers.get("content-length")
         expected = int(declared) if declared and declared.isdigit() else None
@@ -290,16 +339,17 @@ class ImageDownloader(Generic[Stored]):
         if expected is not None and expected > limit:
             return ImageFailure(FAILED, too_large(limit), status, attempt)
         sink = self._sinks()
-        encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+        coding = response.headers.get("content-encoding")
+        encoded = coding is not None and coding.strip().lower() not in ("", "identity")
         try:
             # Decoded in bounded pieces: the limit holds for decoded bytes, whatever the ratio.
-            async for chunk in decoded_chunks(response):
+            async for chunk in decoded(aiter(response), coding) if encoded else response:
                 refused = too_large(limit) if sink.size + len(chunk) > limit else sink.write(chunk)
                 if refused is not None:
                     sink.discard()
                     return ImageFailure(FAILED, refused, status, attempt)
             # Content-Length counts bytes on the wire; without a content-encoding, our size.
-            received = response.num_bytes_downloaded if encoded else sink.size
+            received = response.received if encoded else sink.size
             if expected is not None and received != expected:
                 raise TransientError(
                     f"image body cut short: {received} of {expected} bytes", http_status=status

@@ -9,14 +9,15 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-import anyio
 import httpx
+from yarl import URL
 
 from harvester.api import follow
-from harvester.api.body import CertificateError, decoded_chunks
+from harvester.api.body import SECONDS, CertificateError, decoded_chunks
 from harvester.api.follow import Key, Unfollowed, plain_headers, request_error_reason
 from harvester.api.ratelimit import RateLimiter
 from harvester.api.results import (
@@ -127,8 +128,8 @@ class ResultFetcher:
         """The most one attempt may take, redirects and the whole body included."""
         self._max_result_bytes = max_result_bytes
         self._base_url = base_url
-        self._plain = {**plain_headers(client), "Accept": "application/json"}
-        self._key = Key(httpx.URL(base_url), {**self._plain, "Authorization": authorization})
+        self._plain = {**plain_headers(client.headers), "Accept": "application/json"}
+        self._key = Key(URL(base_url), {**self._plain, "Authorization": authorization})
         self._extensions = {"timeout": client.timeout.as_dict()}
         self._policy = policy
         self._limiter = limiter
@@ -152,8 +153,7 @@ class ResultFetcher:
             await self._limiter.acquire(first=repoll)
             self.sent += 1
             try:
-                with anyio.fail_after(self._total):
-                    response, body = await self._get(url)
+                response, body = await self._get(url, time.monotonic() + self._total)
             except TimeoutError as exc:
                 reason = f"timed out (no whole answer within {self._total:g} s)"
                 raise TransientError(reason) from exc
@@ -210,16 +210,23 @@ class ResultFetcher:
             return FetchOutcome(ERROR, exc.last.http_status, exc.attempts, str(exc))
         return outcome
 
-    async def _get(self, url: str) -> tuple[httpx.Response, bytes]:
+    async def _get(self, url: str, deadline: float) -> tuple[httpx.Response, bytes]:
         """One GET of ``url``, its redirects followed (``follow.get``: the key only to the
-        origin of ``--base-url``), and the whole body of its answer."""
+        origin of ``--base-url``), and the whole body of its answer, by ``deadline`` (else
+        ``TimeoutError``)."""
+
+        async def send(hop: URL, headers: Mapping[str, str]) -> httpx.Response:
+            seconds = deadline - time.monotonic()
+            if seconds <= 0:
+                raise TimeoutError
+            # Built here, not by client.get, which would merge the client's base URL and
+            # default headers into the request.
+            extensions = {**self._extensions, SECONDS: seconds}
+            request = httpx.Request("GET", str(hop), headers=headers, extensions=extensions)
+            return await self._client.send(request, stream=True)
+
         response = await follow.get(
-            self._client,
-            httpx.URL(url),
-            headers=self._plain,
-            extensions=self._extensions,
-            what="result URL",
-            key=self._key,
+            send, URL(url), headers=self._plain, what="result URL", key=self._key
         )
         try:
             body = await read_body(response, self._max_result_bytes)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final, Protocol, TypeVar
 
 import httpx
+from yarl import URL
 
 from harvester.api.urls import redirect_target, same_origin
 
@@ -37,10 +38,10 @@ class Unfollowed(Exception):
 class Key:
     """The headers that carry the key, and the origin they may be sent to."""
 
-    origin: httpx.URL
+    origin: URL
     headers: Mapping[str, str] = field(repr=False)
 
-    def admits(self, url: httpx.URL) -> bool:
+    def admits(self, url: URL) -> bool:
         """``url`` is the origin's, or the origin's host over https on the default ports."""
         if same_origin(url, self.origin):
             return True
@@ -49,19 +50,39 @@ class Key:
             base.scheme == "http"
             and url.scheme == "https"
             and base.host == url.host
-            and base.port in (None, 80)
-            and url.port in (None, 443)
+            and base.port == 80
+            and url.port == 443
         )
 
 
-Check = Callable[[httpx.URL], Awaitable[str | None]]
+Check = Callable[[URL], Awaitable[str | None]]
 """Why a hop is not sent (the reason for the row), or None to send it."""
 
 
-def plain_headers(client: httpx.AsyncClient) -> dict[str, str]:
-    """The client's User-Agent, for requests built without ``client.build_request``; none of
-    its other default headers (an Authorization among them) is ever copied."""
-    agent = client.headers.get("user-agent")
+class Answer(Protocol):
+    """What a hop answered, its body unread: an ``httpx.Response`` (results) or an image's
+    answer straight from the transport."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Case-insensitive."""
+
+    async def aclose(self) -> None: ...
+
+
+A = TypeVar("A", bound=Answer)
+Send = Callable[[URL, Mapping[str, str]], Awaitable[A]]
+"""Sends one GET of the URL with the headers, unfollowed, its answer streamed."""
+
+
+def plain_headers(defaults: httpx.Headers) -> dict[str, str]:
+    """The User-Agent of a client's ``defaults``, for requests built without
+    ``client.build_request``; none of its other default headers (an Authorization among them)
+    is ever copied."""
+    agent = defaults.get("user-agent")
     return {"User-Agent": agent} if agent else {}
 
 
@@ -79,18 +100,17 @@ def request_error_reason(exc: httpx.RequestError) -> str:
 
 
 async def get(
-    client: httpx.AsyncClient,
-    url: httpx.URL,
+    send: Send[A],
+    url: URL,
     *,
     headers: Mapping[str, str],
-    extensions: dict[str, Any],
     what: str,
     key: Key | None = None,
     check: Check | None = None,
-) -> httpx.Response:
+) -> A:
     """The first answer to a GET of ``url`` that is not a redirect, streamed: the caller reads
     and closes it. Each hop is sent with ``headers`` (``key.headers`` where ``key`` admits
-    it), after ``check`` lets it. Raises ``Unfollowed``, and whatever ``client.send`` raises."""
+    it), after ``check`` lets it. Raises ``Unfollowed``, and whatever ``send`` raises."""
     current = url
     for _ in range(MAX_REDIRECTS + 1):
         if check is not None:
@@ -98,17 +118,14 @@ async def get(
             if refusal is not None:
                 raise Unfollowed(refusal, None)
         sent = key.headers if key is not None and key.admits(current) else headers
-        # Built here, not by client.get, which would merge the client's base URL and default
-        # headers (its Authorization among them) into every request.
-        request = httpx.Request("GET", current, headers=sent, extensions=extensions)
-        response = await client.send(request, stream=True)
+        response = await send(current, sent)
         status = response.status_code
         if status not in REDIRECTS:
             if 300 <= status < 400:
                 await response.aclose()
                 raise Unfollowed(f"{what} answered HTTP {status}, not a redirect to follow", status)
             return response
-        location = response.headers.get("location", "").strip()
+        location = (response.headers.get("location") or "").strip()
         await response.aclose()
         if not location:
             raise Unfollowed(f"{what} answered HTTP {status} without a Location to follow", status)

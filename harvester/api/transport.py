@@ -21,15 +21,13 @@ Through a proxy the proxy resolves the host: only the download stage's own check
 from __future__ import annotations
 
 import base64
-import functools
 import ipaddress
 import logging
 import os
 import socket
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -39,7 +37,13 @@ import httpx
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
-from harvester.api.body import PUBLIC_ONLY, CertificateError, NonPublicAddressError
+from harvester.api.body import (
+    PUBLIC_ONLY,
+    SECONDS,
+    CertificateError,
+    NonPublicAddressError,
+    decoded_chunks,
+)
 from harvester.api.urls import is_public, non_public_refusal
 
 USER_AGENT: Final = "harvester"
@@ -84,10 +88,11 @@ class _Bypass:
     below: bool
     """Its subdomains match."""
 
-    def matches(self, url: httpx.URL) -> bool:
-        if self.scheme not in ("all", url.scheme) or self.port not in (None, url.port):
+    def matches(self, url: URL) -> bool:
+        port = None if url.is_default_port() else url.port  # as httpx has it
+        if self.scheme not in ("all", url.scheme) or self.port not in (None, port):
             return False
-        host = url.host
+        host = url.host or ""
         return (self.itself and host == self.name) or (
             self.below and host.endswith("." + self.name)
         )
@@ -137,7 +142,7 @@ class Proxies:
     def __bool__(self) -> bool:
         return bool(self._by_scheme)
 
-    def proxy_for(self, url: httpx.URL) -> _Proxy | None:
+    def proxy_for(self, url: URL) -> _Proxy | None:
         """The proxy ``url`` goes through, or None: directly."""
         found = self._by_scheme.get(url.scheme)
         if found is None or any(rule.matches(url) for rule in self._bypass):
@@ -184,50 +189,60 @@ def _cannot_connect(exc: aiohttp.ClientConnectorError) -> str:
     return f"cannot connect to {exc.host}:{exc.port}: {reason[:1].lower()}{reason[1:]}"
 
 
-@contextmanager
-def _translated(request: httpx.Request) -> Iterator[None]:
-    """Raise aiohttp's (and the socket's) errors as the httpx ``TransportError`` each means."""
-    try:
-        yield
-    except aiohttp.ClientConnectorDNSError as exc:
+def _as_httpx(exc: BaseException, request: httpx.Request | None) -> httpx.TransportError | None:
+    """The httpx ``TransportError`` an aiohttp (or socket) error means; None for any other
+    exception, which goes on as it is."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
         if isinstance(exc.os_error, _NonPublic):
-            raise NonPublicAddressError(str(exc.os_error), request=request) from exc
-        raise httpx.ConnectError(_cannot_connect(exc), request=request) from exc
-    except aiohttp.ClientConnectorCertificateError as exc:
-        raise CertificateError(
+            return NonPublicAddressError(str(exc.os_error), request=request)
+        return httpx.ConnectError(_cannot_connect(exc), request=request)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return CertificateError(
             f"TLS certificate of {exc.host}:{exc.port} did not verify ({exc.certificate_error}); "
             "if the server is yours, point SSL_CERT_FILE or SSL_CERT_DIR at its CA",
             request=request,
-        ) from exc
-    except aiohttp.ClientConnectorSSLError as exc:
-        raise httpx.ConnectError(f"TLS handshake failed ({exc})", request=request) from exc
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise httpx.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise httpx.ReadTimeout(str(exc) or "read timed out", request=request) from exc
-    except (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError) as exc:
-        raise httpx.ProxyError(str(exc), request=request) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise httpx.ConnectError(_cannot_connect(exc), request=request) from exc
-    except aiohttp.ClientPayloadError as exc:
+        )
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        return httpx.ConnectError(f"TLS handshake failed ({exc})", request=request)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(str(exc) or "connect timed out", request=request)
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return httpx.ReadTimeout(str(exc) or "read timed out", request=request)
+    if isinstance(exc, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError):
+        return httpx.ProxyError(str(exc), request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(_cannot_connect(exc), request=request)
+    if isinstance(exc, aiohttp.ClientPayloadError):
         # A body cut short: fewer bytes than Content-Length, or a broken chunked encoding.
-        raise httpx.ReadError(str(exc), request=request) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError) as exc:
-        raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from exc
-    except HttpProcessingError as exc:
-        raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from exc
-    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
-        raise httpx.UnsupportedProtocol(str(exc), request=request) from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise httpx.NetworkError(str(exc) or type(exc).__name__, request=request) from exc
+        return httpx.ReadError(str(exc), request=request)
+    if isinstance(
+        exc, aiohttp.ServerDisconnectedError | aiohttp.ClientResponseError | HttpProcessingError
+    ):
+        return httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request)
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        return httpx.UnsupportedProtocol(str(exc), request=request)
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return httpx.NetworkError(str(exc) or type(exc).__name__, request=request)
+    return None
 
 
-@functools.lru_cache(maxsize=16)
+def _whole_attempt_timeout(exc: BaseException) -> bool:
+    """aiohttp's ``total`` timeout ran out (not a connect or a socket read timeout)."""
+    return isinstance(exc, TimeoutError) and not isinstance(
+        exc, aiohttp.ServerTimeoutError | aiohttp.ConnectionTimeoutError
+    )
+
+
 def _client_timeout(
-    pool: float | None, connect: float | None, read: float | None
+    timeout: Mapping[str, float | None], seconds: float | None
 ) -> aiohttp.ClientTimeout:
-    """aiohttp's timeouts for httpx's (a run uses one or two distinct ones)."""
-    return aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
+    """aiohttp's timeouts for httpx's, and for ``SECONDS``."""
+    return aiohttp.ClientTimeout(
+        total=seconds,
+        connect=timeout.get("pool"),
+        sock_connect=timeout.get("connect"),
+        sock_read=timeout.get("read"),
+    )
 
 
 class _Body(httpx.AsyncByteStream):
@@ -238,16 +253,60 @@ class _Body(httpx.AsyncByteStream):
         self._request = request
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _translated(self._request):
+        try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
+        except Exception as exc:
+            translated = None if _whole_attempt_timeout(exc) else _as_httpx(exc, self._request)
+            if translated is None:
+                raise
+            raise translated from exc
 
     async def aclose(self) -> None:
-        # A fully read body gives the connection back to the pool; anything else closes it.
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()
+        _give_back(self._response)
+
+
+def _give_back(response: aiohttp.ClientResponse) -> None:
+    """A fully read body gives the connection back to the pool; anything else closes it."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
+
+
+class ImageAnswer:
+    """An image's answer straight from aiohttp (no httpx models): its status, its headers
+    (case-insensitive) and its body, iterated in the pieces that arrived. Errors are httpx's
+    (``_as_httpx``); a ``TimeoutError`` is the attempt's ``seconds`` running out."""
+
+    __slots__ = ("_content", "_response", "headers", "received", "status_code")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self._content = response.content
+        self.status_code = response.status
+        self.headers: Mapping[str, str] = response.headers
+        self.received = 0
+        """Bytes of the body so far, as they came over the wire."""
+
+    def __aiter__(self) -> ImageAnswer:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._content.readany()
+        except Exception as exc:
+            translated = None if _whole_attempt_timeout(exc) else _as_httpx(exc, None)
+            if translated is None:
+                raise
+            raise translated from exc
+        if not chunk:
+            raise StopAsyncIteration
+        self.received += len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        _give_back(self._response)
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -288,36 +347,58 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
         return self._session
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def _request(
+        self,
+        url: URL,
+        headers: list[tuple[str, str]],
+        *,
+        method: str = "GET",
+        data: bytes | None = None,
+        public_only: bool,
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        """One request, direct or through its proxy; raises aiohttp's errors."""
         session = self._session or self._open()
-        timeout = request.extensions.get("timeout", {})
-        proxy = self._proxies.proxy_for(request.url) if self._proxies is not None else None
-        # Through a proxy, only the proxy's own host is resolved here: never refused.
-        public_only = _public_only.set(proxy is None and bool(request.extensions.get(PUBLIC_ONLY)))
-        headers = request.headers.multi_items()
+        proxy = self._proxies.proxy_for(url) if self._proxies is not None else None
         tunnel = None
         if proxy is not None and proxy.authorization is not None:
             # To the proxy alone: on the CONNECT of a tunnel, or with a plain-http request.
-            if request.url.scheme == "https":
+            if url.scheme == "https":
                 tunnel = {"Proxy-Authorization": proxy.authorization}
             else:
                 headers.append(("Proxy-Authorization", proxy.authorization))
-        with _translated(request):
-            try:
-                response = await session.request(
-                    request.method,
-                    URL(str(request.url), encoded=True),
-                    headers=headers,
-                    data=request.content or None,
-                    allow_redirects=False,
-                    proxy=proxy.url if proxy is not None else None,
-                    proxy_headers=tunnel,
-                    timeout=_client_timeout(
-                        timeout.get("pool"), timeout.get("connect"), timeout.get("read")
-                    ),
-                )
-            finally:
-                _public_only.reset(public_only)
+        # Through a proxy, only the proxy's own host is resolved here: never refused.
+        token = _public_only.set(proxy is None and public_only)
+        try:
+            return await session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                proxy=proxy.url if proxy is not None else None,
+                proxy_headers=tunnel,
+                timeout=timeout,
+            )
+        finally:
+            _public_only.reset(token)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        extensions = request.extensions
+        try:
+            response = await self._request(
+                URL(str(request.url), encoded=True),
+                request.headers.multi_items(),
+                method=request.method,
+                data=request.content or None,
+                public_only=bool(extensions.get(PUBLIC_ONLY)),
+                timeout=_client_timeout(extensions.get("timeout", {}), extensions.get(SECONDS)),
+            )
+        except Exception as exc:
+            translated = None if _whole_attempt_timeout(exc) else _as_httpx(exc, request)
+            if translated is None:
+                raise
+            raise translated from exc
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
@@ -328,6 +409,33 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
             },
         )
+
+    async def open_image(
+        self,
+        url: URL,
+        headers: Mapping[str, str],
+        *,
+        public_only: bool,
+        seconds: float,
+        connect: float | None,
+        read: float | None,
+    ) -> ImageAnswer:
+        """A GET of an image, its answer unread, without httpx's models: the body streams
+        from aiohttp's connection straight to the caller. ``seconds`` bounds the whole of it,
+        body included (then ``TimeoutError``)."""
+        try:
+            response = await self._request(
+                url,
+                list(headers.items()),
+                public_only=public_only,
+                timeout=aiohttp.ClientTimeout(total=seconds, sock_connect=connect, sock_read=read),
+            )
+        except Exception as exc:
+            translated = None if _whole_attempt_timeout(exc) else _as_httpx(exc, None)
+            if translated is None:
+                raise
+            raise translated from exc
+        return ImageAnswer(response)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -385,6 +493,53 @@ class Client(httpx.AsyncClient):
                 raise
         return response
 
+    async def open_image(
+        self, url: URL, headers: Mapping[str, str], *, public_only: bool, seconds: float
+    ) -> ImageAnswer | HttpxAnswer:
+        """A GET of an image, its answer unread (``api.download``'s ``Answer``), within
+        ``seconds`` body included. Over ``AiohttpTransport`` it never builds httpx's models;
+        over any other transport (a test's ``MockTransport``) it is an httpx exchange, which
+        bounds each read but not the whole."""
+        timeout = self.timeout
+        if isinstance(self._send_to, AiohttpTransport):
+            return await self._send_to.open_image(
+                url,
+                headers,
+                public_only=public_only,
+                seconds=seconds,
+                connect=timeout.connect,
+                read=timeout.read,
+            )
+        extensions = {"timeout": timeout.as_dict(), PUBLIC_ONLY: public_only}
+        request = httpx.Request("GET", str(url), headers=headers, extensions=extensions)
+        return HttpxAnswer(await self.send(request, stream=True))
+
+
+class HttpxAnswer:
+    """An httpx response as an image's answer (``Client.open_image`` over other transports).
+    A response read already (a mock transport's) is its decoded content, without its coding."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status_code = response.status_code
+        self.headers: Mapping[str, str] = response.headers
+        if response.is_stream_consumed:
+            self.headers = httpx.Headers(
+                [(k, v) for k, v in response.headers.multi_items() if k != "content-encoding"]
+            )
+
+    @property
+    def received(self) -> int:
+        return self._response.num_bytes_downloaded
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._response.is_stream_consumed:
+            return decoded_chunks(self._response)
+        return self._response.aiter_raw()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
 
 _ssl_contexts: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
 
@@ -398,9 +553,7 @@ def _ssl_context() -> ssl.SSLContext:
     return _ssl_contexts[key]
 
 
-def open_client(
-    *, max_connections: int, connect_timeout: float, read_timeout: float
-) -> httpx.AsyncClient:
+def open_client(*, max_connections: int, connect_timeout: float, read_timeout: float) -> Client:
     """The client of a lane: no redirects followed, no pool timeout (slots bound the work);
     proxies from ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY``."""
     limits = httpx.Limits(

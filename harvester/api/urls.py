@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-import httpx
+from yarl import URL
 
 NAMESPACES: Final = frozenset({"workflows", "comfy"})
 FOLLOWED_SCHEMES: Final = frozenset({"http", "https"})
@@ -94,21 +94,35 @@ def describe_url(url: str) -> str:
     return url
 
 
-def http_url(text: str | httpx.URL, *, what: str = "image URL") -> httpx.URL | str:
-    """``text`` as an http(s) URL with a host, or the reason it is not one."""
+_AS_IS: Final = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
+"""A URL of RFC 3986's characters only, its escapes whole: it travels exactly as written."""
+
+
+def http_url(text: str, *, what: str = "image URL") -> URL | str:
+    """``text`` as an http(s) URL with a host, or the reason it is not one. A URL of RFC
+    3986's characters only is taken as it is written (a signed URL's escapes must not change);
+    any other has what needs escaping escaped."""
     try:
-        url = httpx.URL(text)
-        host = url.host  # decoding an IDNA host can fail too
-    except (httpx.InvalidURL, ValueError) as exc:  # IDNA errors are ValueErrors
+        url = URL(text, encoded=_AS_IS.fullmatch(text) is not None)
+        host = url.raw_host
+        url.host  # noqa: B018 - decoding an IDNA host can fail too
+    except ValueError as exc:  # IDNA errors are UnicodeErrors, ValueErrors too
         return f"{what} is malformed ({exc})"
+    return _checked(url, host, what)
+
+
+def _checked(url: URL, host: str | None, what: str) -> URL | str:
     if url.scheme not in FOLLOWED_SCHEMES:
         return f"unsupported {what} scheme {url.scheme or '(none)'!r}"
     if not host:
         return f"{what} has no host"
-    if url.userinfo:
+    if url.raw_user is not None or url.raw_password is not None:
         return f"{what} carries a user name or password; not fetched"
-    if len(host) > _MAX_HOST or any(len(label) > _MAX_LABEL for label in host.split(".")):
+    labels = host.split(".")
+    if len(host) > _MAX_HOST or any(len(label) > _MAX_LABEL for label in labels):
         return f"{what} has a host name longer than DNS allows"
+    if "" in labels[:-1] and ":" not in host:  # a trailing dot is fine, an empty label is not
+        return f"{what} is malformed (empty label in {host!r})"
     return url
 
 
@@ -116,32 +130,24 @@ _MAX_HOST: Final = 253
 _MAX_LABEL: Final = 63
 
 
-def redirect_target(
-    current: httpx.URL, location: str, *, what: str = "image URL"
-) -> httpx.URL | str:
+def redirect_target(current: URL, location: str, *, what: str = "image URL") -> URL | str:
     """Where a redirect leads, or why it is not followed: only to http(s), never from https
     down to plain http, and never to a malformed URL."""
     try:
-        target = current.join(location)
-    except (httpx.InvalidURL, ValueError) as exc:
+        target = current.join(URL(location, encoded=_AS_IS.fullmatch(location) is not None))
+        target.host  # noqa: B018 - decoding an IDNA host can fail too
+    except ValueError as exc:
         return f"{what} redirects to a malformed URL ({exc})"
     if target.scheme not in FOLLOWED_SCHEMES:
         return f"{what} redirects to an unsupported scheme {target.scheme!r}"
     if current.scheme == "https" and target.scheme == "http":
         return f"{what} redirects from https to plain http; not followed"
-    return http_url(target, what=what)
+    return _checked(target, target.raw_host, what)
 
 
-def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+def same_origin(a: URL, b: URL) -> bool:
     """Scheme, host and port (the default port of the scheme when none is given) all equal."""
-    return (a.scheme, a.host, a.port or _DEFAULT_PORTS.get(a.scheme)) == (
-        b.scheme,
-        b.host,
-        b.port or _DEFAULT_PORTS.get(b.scheme),
-    )
-
-
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
 def is_public(address: str) -> bool:

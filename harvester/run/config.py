@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,22 @@ from harvester.api.retry import RetryPolicy
 from harvester.api.urls import http_url
 from harvester.defaults import FAL_QUEUE_HOST
 from harvester.errors import UsageError
-from harvester.options import IMAGE_SLOTS_PER_FETCH
+from harvester.options import AUTO_WORKERS_MAX, AUTO_WORKERS_RPS, IMAGE_SLOTS_PER_FETCH
 from harvester.run import reader
 from harvester.run.engine import DEFAULT_MAX_RETRIES
 from harvester.run.request import LaneSettings
 from harvester.storage.objects import Store
 
 _DEFAULT: Final = options.defaults()
+
+
+def auto_workers(rps: float) -> int:
+    """``--workers auto``: one process per core this process may use (at most
+    ``AUTO_WORKERS_MAX``) from ``AUTO_WORKERS_RPS`` up, where one process would be short of
+    CPU; one below it."""
+    if rps < AUTO_WORKERS_RPS:
+        return 1
+    return max(1, min(AUTO_WORKERS_MAX, len(os.sched_getaffinity(0))))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,7 +107,7 @@ class HarvestConfig:
     def lanes(self) -> int:
         """How many shards the work is split into, each run by its own process (each needs
         at least one fetch slot)."""
-        wanted = 1 if self.workers is None else self.workers
+        wanted = auto_workers(self.rps) if self.workers is None else self.workers
         # Each lane needs a fetch slot, a download slot and a whole request per second of its
         # own (see ``lane_rps``).
         return max(1, min(wanted, self.concurrency, self.image_slots, math.floor(self.rps)))
@@ -163,7 +173,7 @@ class HarvestConfig:
                 "--base-url must not carry a user name or password; the key comes from the "
                 "environment"
             )
-        checked = http_url(url, what="--base-url")
+        checked = http_url(self.base_url, what="--base-url")
         if isinstance(checked, str):
             raise UsageError(checked)
         if url.query or url.fragment:

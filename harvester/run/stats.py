@@ -186,12 +186,13 @@ class RunStats:
 
 
 def baseline_not_ok(records: list[RunRecord]) -> float | None:
-    """The median share not ok of the last ``JUMP_HISTORY`` finished runs that tried at
+    """The median share not ok of the last ``JUMP_HISTORY`` finished harvests that tried at
     least ``NOTHING_OK_MIN_TRIED`` requests; None if there are none."""
     shares = [
         share
         for r in records
         if not r.running
+        and not r.serves  # a server's intake is judged by no nightly baseline
         and r.attempted >= NOTHING_OK_MIN_TRIED
         and (share := r.not_ok_share) is not None
     ]

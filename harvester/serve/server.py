@@ -8,9 +8,12 @@ create-once (503 if it cannot be, so fal retries it). A repeated delivery of a s
 is answered 200 and not stored again. ``/healthz`` answers 200 while a delivery can be stored
 and 503, with the reason, while it cannot; ``/metrics`` serves the counts (``serve.metrics``).
 
-``serve`` holds the output's lock while it runs (a harvest on the same output waits for none
-and exits 5), stops accepting on SIGTERM or SIGINT, lets the requests in flight finish, writes
-the harvested rows and returns.
+``serve`` runs beside the harvests, compactions and checks of the same output without taking
+its lock: its temp files are in a folder of its own (``Store.own_temp``), never ``.tmp``, which
+a harvest empties; its run record (``serve.record``, ``kind`` ``serve``) says it is serving,
+refreshed every few seconds, and tells a compaction to take its manifest folder's parts one by
+one and leave the folder to it (docs/architecture.md). It stops accepting on SIGTERM or SIGINT,
+lets the requests in flight finish, writes the harvested rows and its record, and returns.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ from harvester.errors import OutputError
 from harvester.serve import metrics
 from harvester.serve.config import CONNECT_TIMEOUT, SHUTDOWN_GRACE, ServeConfig
 from harvester.serve.intake import Intake
+from harvester.serve.record import ServerRecord, Snapshot
+from harvester.storage import runs
 from harvester.storage.inbox import Delivery, Inbox, delivery_key
 from harvester.storage.objects import Store, open_store
+from harvester.storage.runs import IntakeRecord
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,8 @@ class ServeCounters:
     """Answered 503: the delivery could not be stored or checked now (fal retries)."""
     latency: metrics.Latency = field(default_factory=metrics.Latency)
     """From arrival to the 200 of each delivery answered 200."""
+    last_stored_at: datetime | None = None
+    """When the last delivery was stored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +169,7 @@ class WebhookServer:
         key = delivery_key(delivery.request_id)
         if stored:
             self.counters.accepted += 1
+            self.counters.last_stored_at = delivery.received_at
             self.intake.offer(key)
         else:
             self.counters.repeated += 1
@@ -168,6 +177,20 @@ class WebhookServer:
                 self.intake.rescan_soon()
         self.counters.latency.observe(time.monotonic() - started)
         return web.json_response({"stored": stored})
+
+    def snapshot(self) -> Snapshot:
+        """The intake so far, for the run record."""
+        served = self.counters
+        intake = IntakeRecord(
+            stored=served.accepted,
+            repeated=served.repeated,
+            refused=dict(served.refused),
+            unavailable=served.unavailable,
+            backlog=self.intake.backlog,
+            failed=sum(self.intake.failed.values()),
+            last_delivery_at=served.last_stored_at,
+        )
+        return Snapshot(intake=intake, harvested=self.intake.counters())
 
     async def healthz(self, request: web.Request) -> web.Response:
         problem = await anyio.to_thread.run_sync(self.inbox.problem)
@@ -228,16 +251,15 @@ async def serve(
 ) -> ServeSummary:
     """Receive and harvest deliveries until ``stop`` is set (or, in the main thread, SIGTERM
     or SIGINT arrives); returns the counts. Raises ``OutputError`` if the output cannot take
-    deliveries at the start, ``LockedError`` if a harvest holds it, ``OSError`` if the
-    address cannot be listened on."""
-    store = open_store(config.out)
-    store.prepare()
-    with store.lock(owner=f"harvester serve {run_id}"):
-        store.clean_temp()
-        return await _serve_locked(config, store, run_id, on_ready, stop)
+    deliveries (or the run record) at the start, ``OSError`` if the address cannot be
+    listened on. Takes no lock: harvests, compactions and checks of the output run beside it."""
+    base = open_store(config.out)
+    base.prepare()
+    with base.own_temp(run_id) as store:
+        return await _serve(config, store, run_id, on_ready, stop)
 
 
-async def _serve_locked(
+async def _serve(
     config: ServeConfig,
     store: Store,
     run_id: str,
@@ -258,14 +280,19 @@ async def _serve_locked(
         inbox,
         intake,
     )
+    record = ServerRecord(store, run_id, server.snapshot)
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
     sock = _bind(config.host, config.port)
     running = False
+    ended: BaseException | None = None
     try:
+        # Before the first part: a compaction must know this folder may still grow.
+        await anyio.to_thread.run_sync(record.write, record.record())
         await runner.setup()
         running = True
         async with anyio.create_task_group() as tg:
             await tg.start(intake.run)
+            tg.start_soon(record.keep)
             await web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_GRACE).start()
             if on_ready is not None:
                 host, port = sock.getsockname()[:2]
@@ -276,13 +303,32 @@ async def _serve_locked(
             running = False
             await runner.cleanup()  # stops accepting; lets the requests in flight finish
             tg.cancel_scope.cancel()  # the intake writes its rows as it stops
+    except BaseException as exc:
+        ended = exc
+        raise
     finally:
         with anyio.CancelScope(shield=True):
             if running:
                 await runner.cleanup()
             await client.aclose()
             sock.close()
+            await _finish(record, ended)
     return ServeSummary(run_id, server.counters, intake.counters())
+
+
+async def _finish(record: ServerRecord, ended: BaseException | None) -> None:
+    """The record's last write, after the last part: ``finished``, exit 0 for a clean stop,
+    the error otherwise."""
+    if ended is None:
+        final = record.record(state=runs.FINISHED, exit_code=0)
+    else:
+        code = getattr(ended, "exit_code", 1)
+        error = f"{type(ended).__name__}: {ended}"
+        final = record.record(state=runs.FINISHED, exit_code=int(code), error=error)
+    try:
+        await anyio.to_thread.run_sync(record.write, final)
+    except OutputError as exc:
+        logger.error("cannot write the server's run record: %s", exc)
 
 
 async def _until_stopped(stop: anyio.Event | None) -> None:

@@ -12,6 +12,11 @@ the generation (N's full parts by their keys, not copied) and the run folders it
 Creating the record is the commit; ``generations.settle`` then deletes what it makes stale.
 Readers honour the newest record (``generations.read``), so they see each row once at every
 step; the next compaction (or harvest) settles whatever a killed one left.
+
+A server (``harvester serve``) writes parts beside a compaction, without the lock: its folder
+(known by its run record, which it writes before its first part) is not replaced whole but its
+parts as listed are taken one by one (``taken``, key and size); the parts it writes meanwhile
+stay live for the next compaction, and the folder is its to write into.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harvester.errors import LockedError, ManifestError, OutputError
-from harvester.storage import generations, manifest
+from harvester.storage import generations, manifest, runs
 from harvester.storage.generations import Listing, Part
 from harvester.storage.objects import Held, Location, Store, as_store
 
@@ -60,6 +65,9 @@ class CompactStats:
     current_rows: int
     folders_removed: int
     seconds: float
+    served: int = 0
+    """Of the runs merged, servers' folders (their parts taken one by one; the folders stay
+    theirs to write into)."""
 
     def summary(self) -> str:
         if self.generation is None:
@@ -69,8 +77,14 @@ class CompactStats:
                 f"nothing to compact: generation {self.generation} holds every run "
                 f"({self.parts_after:,} parts); {self.folders_removed} leftover folder(s) removed"
             )
+        served = (
+            f" ({self.served} of them servers': the parts written so far; a server running "
+            "goes on writing into its folder)"
+            if self.served
+            else ""
+        )
         return (
-            f"compacted {self.runs_merged:,} run(s) into generation {self.generation}: "
+            f"compacted {self.runs_merged:,} run(s){served} into generation {self.generation}: "
             f"{self.parts_before:,} parts -> {self.parts_after:,}, {self.rows:,} rows kept, "
             f"current state {self.current_rows:,} rows, in {self.seconds:.1f} s"
         )
@@ -80,7 +94,9 @@ def compact(where: Store | Location, *, rows_per_part: int = ROWS_PER_PART) -> C
     """Merge every run folder of a harvest (a store, or its location) into a new generation
     and rewrite the current-state table.
 
-    Holds the location's lock (a harvest cannot run meanwhile; ``LockedError`` if one does).
+    Holds the location's lock (a harvest cannot run meanwhile; ``LockedError`` if one does);
+    a server (``harvester serve``) can: the parts of its folder are taken as listed, and those
+    it writes meanwhile stay for the next compaction.
     Raises ``ManifestError`` if a part cannot be read, ``OutputError`` if the store cannot be
     written; readers see the manifest as it was then, and the next compaction settles it.
     """
@@ -118,6 +134,11 @@ def _compact(
             folders_removed=removed,
             seconds=time.monotonic() - started,
         )
+    # Read after the listing: a server writes its record before its first part, so every
+    # server's folder listed is known here. Only a harvest's folder is replaced whole (one
+    # without a readable record, too, may be a server's).
+    harvests = {r.run_id for r in runs.read_all(store)[0] if not r.serves}
+    growing = {name for name in listing.runs if name not in harvests}
     number = previous.number + 1 if previous is not None else 1
     kept = [p for p in old_parts if p.rows >= rows_per_part]  # named again, not rewritten
     rewritten = [p.key for p in old_parts if p.rows < rows_per_part]
@@ -139,7 +160,13 @@ def _compact(
         "created_at": datetime.now(UTC).isoformat(),
         "rows": rows,
         "parts": [{"key": p.key, "rows": p.rows} for p in parts],
-        "replaces": sorted(listing.runs),
+        "replaces": sorted(name for name in listing.runs if name not in growing),
+        "taken": [
+            {"key": key, "size": listing.sizes[key]}
+            for name in sorted(listing.runs)
+            if name in growing
+            for key in listing.runs[name]
+        ],
         "current": generations.current_key(number),
     }
     held.check()
@@ -155,6 +182,7 @@ def _compact(
         current_rows=current_rows,
         folders_removed=removed,
         seconds=time.monotonic() - started,
+        served=len(growing),
     )
 
 

@@ -13,8 +13,9 @@ import os
 from typing import Final
 
 _names = itertools.count()
-"""Temp file names: this process's id and a counter are unique in DIR/.tmp, which every run
-empties before it starts (under the folder's lock)."""
+"""Temp file names: this process's id and a counter are unique in the store's temp folder
+(DIR/.tmp, which every run empties before it starts under the folder's lock, or a server's
+own, which only its process writes)."""
 _CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 

@@ -5,9 +5,15 @@ A compaction's generation N is the object ``manifest/_compacted-NNNNNN/generatio
 created once and only after every part it names is in place. Readers take the newest
 generation that has one: its parts (listed by key, with their row counts; a full part of an
 older generation is named again rather than copied) and the parts of every run folder it
-does not replace. Nothing else under ``manifest/`` is live: a generation folder without a
-record (a compaction killed before its commit), an older record and the parts no newer record
-names, the run folders the newest replaces (a compaction killed before it deleted them).
+does not replace, less the parts it took one by one. Nothing else under ``manifest/`` is
+live: a generation folder without a record (a compaction killed before its commit), an older
+record and the parts no newer record names, the run folders the newest replaces and the parts
+it took (a compaction killed before it deleted them).
+
+A generation replaces a finished run's folder whole. A server's folder (``harvester serve``,
+which writes beside a compaction without the lock) may still grow: the generation takes its
+parts one by one (``taken``: key and size, as listed), and a part written there later (or a
+part rewritten since, which has another size) stays live.
 ``Listing.stale`` names all of that; ``settle`` deletes it, with the location's lock held.
 Both work through a ``Store``: a folder and a bucket follow the same rule.
 """
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from harvester.errors import ManifestError, OutputError
@@ -58,6 +64,8 @@ class Generation:
     parts: tuple[Part, ...]
     replaces: frozenset[str]
     """Names of the run folders merged into this generation."""
+    taken: frozenset[tuple[str, int]] = frozenset()
+    """Parts merged one by one (key, size) from folders that may still grow (a server's)."""
     current: str | None
     """The key of its current-state table (None if there is none)."""
 
@@ -71,6 +79,8 @@ class Listing:
     """Each run folder the generation does not replace: its parts' keys, oldest first."""
     stale: tuple[str, ...]
     """Keys no reader uses: what a killed compaction left, to be deleted."""
+    sizes: dict[str, int] = field(default_factory=dict)
+    """The size of each run folder's live part, as listed."""
 
     @property
     def parts(self) -> list[str]:
@@ -90,6 +100,7 @@ def read(store: Store) -> Listing:
     """``manifest/`` and ``current/`` of ``store``, as readers see them. Raises
     ``ManifestError`` if the newest generation's record cannot be read."""
     runs: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
     generations: dict[int, list[str]] = {}
     for info in store.list(MANIFEST):
         name, _, rest = info.key.removeprefix(MANIFEST).partition("/")
@@ -100,18 +111,27 @@ def read(store: Store) -> Listing:
             generations.setdefault(int(number), []).append(info.key)
         elif not name.startswith(("_", ".")) and "/" not in rest and rest.endswith(".parquet"):
             runs.setdefault(name, []).append(info.key)
+            sizes[info.key] = info.size
     tables = [i.key for i in store.list(f"{CURRENT_FOLDER}/")]
     committed = [n for n, keys in generations.items() if record_key(n) in keys]
     gen = _generation(store, max(committed), tables) if committed else None
     live = {p.key for p in gen.parts} | {record_key(gen.number)} if gen is not None else set()
     stale = [key for keys in generations.values() for key in keys if key not in live]
     replaced = gen.replaces if gen is not None else frozenset()
+    taken = gen.taken if gen is not None else frozenset()
     stale += [key for name in sorted(runs) if name in replaced for key in runs[name]]
+    stale += [key for keys in runs.values() for key in keys if (key, sizes[key]) in taken]
     stale += [key for key in tables if gen is None or key != gen.current]
+    kept = {
+        name: tuple(sorted(key for key in keys if (key, sizes[key]) not in taken))
+        for name, keys in sorted(runs.items())
+        if name not in replaced
+    }
     return Listing(
         generation=gen,
-        runs={name: tuple(sorted(runs[name])) for name in sorted(runs) if name not in replaced},
+        runs={name: keys for name, keys in kept.items() if keys},
         stale=tuple(sorted(stale)),
+        sizes={key: sizes[key] for keys in kept.values() for key in keys},
     )
 
 
@@ -121,6 +141,7 @@ def _generation(store: Store, number: int, tables: list[str]) -> Generation:
         record = json.loads(store.get(key))
         parts = tuple(_part(number, entry) for entry in record["parts"])
         replaces = frozenset(str(name) for name in record["replaces"])
+        taken = frozenset((str(e["key"]), int(e["size"])) for e in record.get("taken", ()))
     except (OSError, OutputError, ValueError, KeyError, TypeError) as exc:
         raise ManifestError(
             f"cannot read {store.location}/{key}: {exc}; the manifest's newest compacted "
@@ -132,6 +153,7 @@ def _generation(store: Store, number: int, tables: list[str]) -> Generation:
         number=number,
         parts=parts,
         replaces=replaces,
+        taken=taken,
         current=current if current in tables else None,
     )
 
@@ -155,7 +177,8 @@ def settle(store: Store, listing: Listing, *, each: Callable[[], None] | None = 
         store.delete(key)
         if each is not None:
             each()
-    return len(folders - {CURRENT_FOLDER})
+    still = {f"{MANIFEST}{name}" for name in listing.runs}  # a server's folder with live parts
+    return len(folders - still - {CURRENT_FOLDER})
 
 
 __all__ = [

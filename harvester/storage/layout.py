@@ -4,8 +4,11 @@ DIR/images/<aa>/<sha256>.<ext>       content-addressed image store
 DIR/manifest/<run_id>/part-N.parquet  the manifest dataset (immutable parts)
 DIR/runs/<run_id>.json                one small record per run
 DIR/.tmp/                             temp files; emptied at the start of every run
+DIR/.serve-tmp/<run_id>/              a server's own temp files (``harvester serve``), which
+                                      no run empties; removed when it stops, or once it is
+                                      gone (storage.lock.own_temp)
 DIR/inbox/                            webhook deliveries (``harvester serve``; storage.inbox)
-DIR/.lock                             held (flock) while a harvest runs
+DIR/.lock                             held (flock) while a harvest, compact or verify runs
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from harvester.errors import OutputError
+
+OWN_TEMP: Final = ".serve-tmp"
+"""The folder of the temp folders of processes that run beside a harvest without its lock."""
 
 
 def image_relpath(sha256: str, ext: str) -> str:
@@ -27,6 +34,20 @@ def image_relpath(sha256: str, ext: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Layout:
     root: Path
+    own_temp: str | None = None
+    """The name of a temp folder of its own (``OWN_TEMP/<name>``) instead of the runs'
+    ``.tmp``: for a process that writes beside a harvest and must not lose its temp files
+    to a harvest's start."""
+
+    def with_own_temp(self, name: str) -> Layout:
+        """This layout with its temp files in ``OWN_TEMP/<name>``."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"not a temp folder's name: {name!r}")
+        return Layout(self.root, name)
+
+    @property
+    def own_temps(self) -> Path:
+        return self.root / OWN_TEMP
 
     @property
     def images(self) -> Path:
@@ -42,6 +63,10 @@ class Layout:
 
     @property
     def tmp(self) -> Path:
+        """Where temp files go: ``.tmp`` (a run's; emptied at every run's start), or this
+        layout's own temp folder."""
+        if self.own_temp is not None:
+            return self.own_temps / self.own_temp
         return self.root / ".tmp"
 
     @property
@@ -70,7 +95,8 @@ class Layout:
             ) from exc
 
     def _refuse_linked_temp(self) -> None:
-        """DIR/.tmp is emptied at every run: as a link, it would empty whatever it points to."""
+        """The temp folder is emptied (at every run, or when its owner is gone): as a link, it
+        would empty whatever it points to."""
         if self.tmp.is_symlink():
             raise OutputError(
                 f"{self.tmp} is a symbolic link; the harvester empties that folder at the start "

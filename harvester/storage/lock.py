@@ -4,12 +4,18 @@ The kernel drops the lock when the holding process dies, however it dies, so a c
 never leaves a stale lock behind. The holder writes its pid into the file and empties it when
 it is done; ``holder`` reads that pid (without taking the lock, so a status check can never
 make a starting harvest fail).
+
+A process that writes beside the harvests without their lock (``harvester serve``) keeps its
+temp files in a folder of its own (``own_temp``), held with a ``flock`` of its own for its
+whole life: no run's start empties it, and the next such process removes it once its owner is
+gone, however it went.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -81,3 +87,74 @@ def holder(layout: Layout) -> int | None:
     except PermissionError:
         return pid  # exists, run by another user
     return pid
+
+
+def _own_lock(folder: str) -> str:
+    return f"{folder}.lock"
+
+
+@contextmanager
+def own_temp(layout: Layout) -> Iterator[None]:
+    """Hold ``layout``'s own temp folder (``Layout.with_own_temp``) while the block runs: the
+    folders of owners that are gone are removed first, this one is made and its ``flock``
+    taken (beside it, ``<name>.lock``), and it is removed at the end. ``OutputError`` if it
+    cannot be made."""
+    if layout.own_temp is None:
+        raise ValueError("a layout with a temp folder of its own")
+    folder = layout.tmp
+    try:
+        layout.own_temps.mkdir(parents=True, exist_ok=True)
+        sweep_own_temps(layout)
+        fd = os.open(_own_lock(str(folder)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise OutputError(f"cannot make the temp folder {folder}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh name: nobody else waits for it
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot make the temp folder {folder}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            yield
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            _unlink(_own_lock(str(folder)))
+    finally:
+        os.close(fd)
+
+
+def sweep_own_temps(layout: Layout) -> int:
+    """Remove the own temp folders whose owner is gone (its ``flock`` is free); how many."""
+    removed = 0
+    try:
+        entries = list(os.scandir(layout.own_temps))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        lock = _own_lock(entry.path)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its owner runs
+            shutil.rmtree(entry.path, ignore_errors=True)
+            _unlink(lock)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        return

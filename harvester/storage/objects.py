@@ -123,6 +123,13 @@ class Store(Protocol):
     def clean_temp(self) -> int:
         """Empty ``temp_dir`` of what a dead run left; returns how many. With the lock held."""
 
+    def own_temp(self, name: str) -> AbstractContextManager[Store]:
+        """This store with its temp files in a folder of its own (``.serve-tmp/<name>/`` in
+        the output folder, or in the scratch folder for a bucket) for as long as the block
+        runs: for a process that writes beside the harvests without their lock, whose starts
+        empty ``.tmp``. The folder is held (``flock``) and removed at the end; those of owners
+        that are gone are removed first. ``OutputError`` if it cannot be made."""
+
     def on_node(self, scratch: Path) -> Store:
         """This store for a process on a machine without the driver's disk, its temp files
         in ``scratch`` (a folder store stays itself: every node mounts it, ``--shared-fs``)."""
@@ -176,16 +183,19 @@ class LocalStore:
 
     everywhere = False
 
-    def __init__(self, root: Path) -> None:
-        self.layout = Layout(root)
+    def __init__(self, root: Path, *, own_temp: str | None = None) -> None:
+        self.layout = Layout(root) if own_temp is None else Layout(root).with_own_temp(own_temp)
+        self._root = str(self.layout.root)
+        self._tmp = str(self.layout.tmp)
         self._folders: set[str] = set()
         self._real: Path | None = None
 
-    def __getstate__(self) -> Path:
-        return self.layout.root
+    def __getstate__(self) -> tuple[Path, str | None]:
+        return self.layout.root, self.layout.own_temp
 
-    def __setstate__(self, root: Path) -> None:
-        self.__init__(root)  # type: ignore[misc]  # a fresh cache of made folders
+    def __setstate__(self, state: tuple[Path, str | None]) -> None:
+        root, own = state
+        self.__init__(root, own_temp=own)  # type: ignore[misc]  # a fresh cache of made folders
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.layout.root)!r})"
@@ -204,6 +214,12 @@ class LocalStore:
     def clean_temp(self) -> int:
         return self.layout.clean_temp()
 
+    @contextmanager
+    def own_temp(self, name: str) -> Iterator[Store]:
+        own = LocalStore(self.layout.root, own_temp=name)
+        with folder_lock.own_temp(own.layout):
+            yield own
+
     def on_node(self, scratch: Path) -> Store:
         return self
 
@@ -216,12 +232,33 @@ class LocalStore:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
 
+    def _gone(self, path: str, source: str | None) -> bool:
+        """After a ``FileNotFoundError``: True if ``path``'s folder was made by this store
+        and removed since (another process deleted its last object: a compaction takes a
+        server's parts, an expiry its deliveries), and is made again for one more try."""
+        folder = path.rpartition("/")[0]
+        if folder not in self._folders or os.path.isdir(folder):
+            return False
+        if source is not None and not os.path.exists(source):
+            return False
+        os.makedirs(folder, exist_ok=True)
+        return True
+
     def put_new(self, key: str, source: Source) -> bool:
-        path = self._path(key)
+        # Strings, not Paths: this runs for every image.
+        path = f"{self._root}/{key}"
+        data = str(source) if isinstance(source, Path) else source
         try:
-            self._folder_for(path)
-            data = str(source) if isinstance(source, Path) else source
-            return persist_new(str(path), data, tmp_dir=str(self.layout.tmp))
+            folder = path.rpartition("/")[0]
+            if folder not in self._folders:
+                os.makedirs(folder, exist_ok=True)
+                self._folders.add(folder)
+            try:
+                return persist_new(path, data, tmp_dir=self._tmp)
+            except FileNotFoundError:
+                if not self._gone(path, data if isinstance(data, str) else None):
+                    raise
+                return persist_new(path, data, tmp_dir=self._tmp)
         except OSError as exc:
             if isinstance(source, Path):
                 source.unlink(missing_ok=True)
@@ -240,7 +277,12 @@ class LocalStore:
                 tmp.write_bytes(source)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                if not self._gone(str(path), str(tmp)):
+                    raise
+                os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
@@ -390,10 +432,12 @@ class S3Store:
         lease_seconds: float = LEASE_SECONDS,
         clock: Callable[[], float] = time.time,
         give_up_after: float = 180.0,
+        own_temp: str | None = None,
     ) -> None:
         """``scratch``: the local folder for the run's own files (default: one per location
         under ``TMPDIR``, ``scratch_dir``); ``give_up_after``: seconds a request is retried
-        (5xx, dropped connections) before its error is raised."""
+        (5xx, dropped connections) before its error is raised; ``own_temp``: the temp files
+        in a folder of their own in ``scratch`` (``own_temp``)."""
         from obstore.store import S3Store as ObstoreS3
 
         self._where = S3Location.parse(location)
@@ -420,6 +464,8 @@ class S3Store:
             retry_config={"retry_timeout": timedelta(seconds=give_up_after)},
         )
         self.scratch = Layout(scratch or scratch_dir(str(self._where), env=env))
+        if own_temp is not None:
+            self.scratch = self.scratch.with_own_temp(own_temp)
         self.lease_seconds = lease_seconds
         self.clock = clock
         self._give_up_after = give_up_after
@@ -434,6 +480,7 @@ class S3Store:
             "lease_seconds": self.lease_seconds,
             "clock": self.clock,
             "give_up_after": self._give_up_after,
+            "own_temp": self.scratch.own_temp,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -455,12 +502,25 @@ class S3Store:
 
     def clean_temp(self) -> int:
         """The scratch folder's leftovers, and the temp objects dead runs left in the bucket
-        (``REMOTE_TEMP``: a shard's pairs for nodes without the driver's disk)."""
+        (``REMOTE_TEMP``: a shard's pairs for nodes without the driver's disk); with a temp
+        folder of its own, that folder only."""
         removed = self.scratch.clean_temp()
+        if self.scratch.own_temp is not None:
+            return removed
         for info in list(self.list(REMOTE_TEMP)):
             self.delete(info.key)
             removed += 1
         return removed
+
+    @contextmanager
+    def own_temp(self, name: str) -> Iterator[Store]:
+        own = S3Store(**{**self.__getstate__(), "own_temp": name})  # type: ignore[arg-type]
+        try:
+            own.scratch.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot make {own.scratch.root}: {exc.strerror or exc}") from exc
+        with folder_lock.own_temp(own.scratch):
+            yield own
 
     def on_node(self, scratch: Path) -> Store:
         state = self.__getstate__()

@@ -5,6 +5,12 @@ again when it ends (state ``finished``, with the exit code and the reason). A re
 saying ``running`` whose process is gone tells ``harvester status`` that the run crashed
 (killed outright, out of memory, power cut). Each write is atomic (a temp file renamed into
 place, or one whole object: ``Store.put``), so a reader never sees half a record.
+
+A server (``harvester serve``) writes a record of its own kind (``kind`` ``serve``, state
+``serving``) when it starts, and refreshes it every ``HEARTBEAT_SECONDS`` with its intake so
+far (``IntakeRecord``: deliveries, backlog, the last delivery); a clean stop makes it
+``finished``. A ``serving`` record not refreshed for ``STALE_SECONDS`` (or whose process on
+this host is gone) is a server that was killed or hangs: ``is_live`` tells.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from harvester.counters import Counters
@@ -24,6 +30,15 @@ from harvester.storage.objects import Location, Store, as_store
 
 RUNNING: Final = "running"
 FINISHED: Final = "finished"
+SERVING: Final = "serving"
+"""A server's state while it runs (``kind`` ``serve``)."""
+HARVEST: Final = "harvest"
+SERVE: Final = "serve"
+"""The kinds of record: a harvest's (``harvest`` / ``run``), a server's (``serve``)."""
+HEARTBEAT_SECONDS: Final = 5.0
+"""How often a server refreshes its record."""
+STALE_SECONDS: Final = 60.0
+"""A server whose record is older than this is taken for gone (killed, or hung)."""
 
 
 def this_host() -> str:
@@ -36,6 +51,66 @@ class InputRecord:
     sha256: str
     bytes: int
     rows: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IntakeRecord:
+    """What a server received so far; its harvest (requests, images, bytes, rows) is in the
+    record's ``counters`` as a harvest's is."""
+
+    stored: int = 0
+    """Deliveries stored in the inbox (acknowledged)."""
+    repeated: int = 0
+    """Deliveries of a request stored already (acknowledged, not stored again)."""
+    refused: Mapping[str, int] = field(default_factory=dict)
+    """Deliveries refused, by reason (``bad-signature``, ``too-large``, ...)."""
+    unavailable: int = 0
+    """Deliveries answered 503 (not stored now; fal delivers them again)."""
+    backlog: int = 0
+    """Deliveries stored and not yet harvested, when the record was written."""
+    failed: int = 0
+    """Deliveries whose harvest failed (left in the inbox)."""
+    last_delivery_at: datetime | None = None
+    """When the last delivery was stored (None: none yet)."""
+    heartbeat_at: datetime | None = None
+    """When the record was written last."""
+
+    @property
+    def refused_total(self) -> int:
+        return sum(self.refused.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stored": self.stored,
+            "repeated": self.repeated,
+            "refused": dict(self.refused),
+            "unavailable": self.unavailable,
+            "backlog": self.backlog,
+            "failed": self.failed,
+            "last_delivery_at": _iso(self.last_delivery_at),
+            "heartbeat_at": _iso(self.heartbeat_at),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> IntakeRecord:
+        return cls(
+            stored=int(data.get("stored") or 0),
+            repeated=int(data.get("repeated") or 0),
+            refused={str(k): int(v) for k, v in (data.get("refused") or {}).items()},
+            unavailable=int(data.get("unavailable") or 0),
+            backlog=int(data.get("backlog") or 0),
+            failed=int(data.get("failed") or 0),
+            last_delivery_at=_moment(data.get("last_delivery_at")),
+            heartbeat_at=_moment(data.get("heartbeat_at")),
+        )
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _moment(text: object) -> datetime | None:
+    return datetime.fromisoformat(str(text)) if text else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,10 +134,30 @@ class RunRecord:
     temp_files_cleaned: int = 0
     processes: int = 1
     shards: int = 1
+    kind: str = HARVEST
+    intake: IntakeRecord | None = None
+    """A server's deliveries (``kind`` ``serve``); None for a harvest."""
 
     @property
     def running(self) -> bool:
+        """A harvest's record says it is running (a server's never does: ``serving``)."""
         return self.state == RUNNING
+
+    @property
+    def serves(self) -> bool:
+        """The record is a server's (``harvester serve``)."""
+        return self.kind == SERVE
+
+    def is_live(self, now: datetime, *, host: str) -> bool:
+        """A server still serving: its record says so, was refreshed within
+        ``STALE_SECONDS`` of ``now``, and (on this ``host``) its process exists."""
+        if not self.serves or self.state != SERVING:
+            return False
+        beat = self.intake.heartbeat_at if self.intake is not None else None
+        beat = beat or self.started_at
+        if now - beat > timedelta(seconds=STALE_SECONDS):
+            return False
+        return self.host != host or pid_alive(self.pid)
 
     @property
     def attempted(self) -> int:
@@ -98,6 +193,8 @@ class RunRecord:
             "temp_files_cleaned": self.temp_files_cleaned,
             "processes": self.processes,
             "shards": self.shards,
+            "kind": self.kind,
+            **({"intake": self.intake.to_json()} if self.intake is not None else {}),
         }
 
     @classmethod
@@ -131,6 +228,8 @@ class RunRecord:
             temp_files_cleaned=int(data.get("temp_files_cleaned") or 0),
             processes=int(data.get("processes") or 1),
             shards=int(data.get("shards") or 1),
+            kind=str(data.get("kind") or HARVEST),
+            intake=IntakeRecord.from_json(data["intake"]) if data.get("intake") else None,
         )
 
 

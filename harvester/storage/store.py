@@ -75,8 +75,9 @@ class StoredImage:
 
 
 _names = itertools.count()
-"""Temp file names: this process's id and a counter are unique in DIR/.tmp, which every run
-empties before it starts (under the folder's lock)."""
+"""Temp file names: this process's id and a counter are unique in the store's temp folder
+(DIR/.tmp, which every run empties before it starts under the folder's lock, or a server's
+own, which only its process writes)."""
 
 
 def _not_an_image(head: bytes) -> str:
@@ -92,7 +93,8 @@ class Sink:
     def __init__(self, store: ContentStore, spill_bytes: int = SPILL_BYTES) -> None:
         self._store = store
         self._dir = store.tmp
-        self.path = f"{self._dir}/{os.getpid()}-{next(_names)}.part"
+        self.path = ""
+        """The spill file, once it is made."""
         self._spill = spill_bytes
         self._hash = hashlib.sha256()
         self._chunks: list[bytes] = []
@@ -104,6 +106,7 @@ class Sink:
 
     def _open(self) -> BinaryIO:
         self._written = True
+        self.path = f"{self._dir}/{os.getpid()}-{next(_names)}.part"
         try:
             # An explicit buffer size spares the isatty() probe of every new file.
             return open(self.path, "wb", buffering=1 << 16)
@@ -158,7 +161,7 @@ class Sink:
     def discard(self) -> None:
         """Drop the bytes and remove the temp file; never raises (it runs while handling an
         error). A full disk can fail the close's flush, and an unlink can fail too: what is
-        left is in DIR/.tmp, which the next run empties."""
+        left is in the store's temp folder, which the next run (or server) empties."""
         self._chunks = []
         if self._fh is not None:
             with contextlib.suppress(OSError):

@@ -44,7 +44,10 @@ class Report:
     """One row per model: ``requests`` with a time, ``p50``, ``p90``, ``p99``, ``max`` seconds."""
     runs: pl.DataFrame
     """One row per run, oldest first: ``run_id``, ``started_at``, ``exit_code``, ``requests``,
-    ``ok``, ``images`` (stored by the run), ``new_images``, ``new_bytes``."""
+    ``ok``, ``images`` (stored by the run), ``new_images``, ``new_bytes``, and ``refused``
+    (a server's refused deliveries; null for a harvest). A server (``harvester serve``) is a
+    run: its intake so far while it serves (no exit code yet), listed even before its first
+    row."""
     gallery_run: str | None
     """The latest run that stored images (the gallery's run)."""
     gallery: pl.DataFrame
@@ -204,15 +207,22 @@ def _runs(store: Store) -> pl.DataFrame:
             "run_id": [r.run_id for r in records],
             "started_at": [r.started_at for r in records],
             "exit_code": [r.exit_code for r in records],
+            "refused": [r.intake.refused_total if r.intake else None for r in records],
+            "serves": [r.serves for r in records],
         },
         schema={
             "run_id": pl.String,
             "started_at": pl.Datetime("us", "UTC"),
             "exit_code": pl.Int64,
+            "refused": pl.Int64,
+            "serves": pl.Boolean,
         },
     )
+    counted = ("requests", "ok", "images", "new_images", "new_bytes")
     return (
-        per_run.join(known, on="run_id", how="left")
+        per_run.join(known, on="run_id", how="full", coalesce=True)
+        .filter(pl.col("requests").is_not_null() | pl.col("serves").fill_null(False))
+        .with_columns(pl.col(name).fill_null(0) for name in counted)
         .select(
             "run_id",
             "started_at",
@@ -222,6 +232,7 @@ def _runs(store: Store) -> pl.DataFrame:
             "images",
             "new_images",
             "new_bytes",
+            "refused",
         )
         .sort("run_id")
     )

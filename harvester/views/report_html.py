@@ -143,7 +143,11 @@ def _header(report: Report) -> str:
     last_line = ""
     if last is not None:
         code = last["exit_code"]
-        meaning = MEANINGS.get(code, "no run record") if code is not None else "no run record"
+        meaning = (
+            MEANINGS.get(code, "unknown exit code")
+            if code is not None
+            else "no exit code: running or serving, or no run record"
+        )
         last_line = (
             f"<p class=meta>Latest run <code>{escape(last['run_id'])}</code>: "
             f"exit {'?' if code is None else code} ({escape(meaning)})</p>"

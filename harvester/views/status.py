@@ -6,6 +6,11 @@ exit code), still running (its process holds the folder's lock), or crashed (the
 running, but its process on this host is gone and the lock is free: killed outright, out of
 memory). With ``max_age``, the last run must also be recent enough: a run that never started
 (cron off, timer disabled) leaves no new record, and only its age gives it away.
+
+A server's records (``harvester serve``, ``kind`` ``serve``) are shown apart: serving (its
+record refreshed within ``runs.STALE_SECONDS``, and its process alive if on this host), stopped
+(a clean stop), or gone (killed or hung: its record says serving, but aged). The harvests'
+verdict ignores them; an output with servers only is judged by its latest server.
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ from pathlib import Path
 from typing import Any, Final
 
 from harvester.errors import MEANINGS, ExitCode
-from harvester.statuses import STATUSES
+from harvester.statuses import OK, STATUSES
 from harvester.storage import runs
 from harvester.storage.objects import Location, Store, as_store
-from harvester.storage.runs import RunRecord
+from harvester.storage.runs import IntakeRecord, RunRecord
 from harvester.units import duration, size
 
 RECENT: Final = 5
 """Earlier runs listed after the last one."""
+SERVING: Final = "serving"
+STOPPED: Final = "stopped"
+GONE: Final = "gone"
+"""What a server's record says of it (``Status.server_state``)."""
 
 
 def meaning(record: RunRecord) -> str:
@@ -49,6 +58,31 @@ class Status:
     lock every host sees (a lease), the host of its holder."""
     any_host: bool = False
     """The lock is seen from every host (a lease): a run is running only while it is held."""
+    local_host: str = ""
+    """This host's name (a server's pid is checked only on the host that wrote its record)."""
+
+    @property
+    def harvests(self) -> list[RunRecord]:
+        """The harvests' records, oldest first (a server's are not)."""
+        return [r for r in self.runs if not r.serves]
+
+    @property
+    def servers(self) -> list[RunRecord]:
+        """The servers' records, oldest first."""
+        return [r for r in self.runs if r.serves]
+
+    def server_state(self, record: RunRecord) -> str:
+        """``serving``, ``stopped`` (it ended and said so) or ``gone`` (killed, or hung)."""
+        if record.state != runs.SERVING:
+            return STOPPED
+        return SERVING if record.is_live(self.checked_at, host=self.local_host) else GONE
+
+    @property
+    def shown_servers(self) -> list[RunRecord]:
+        """Every server serving, and the latest that is not if none is."""
+        servers = self.servers
+        live = [r for r in servers if self.server_state(r) == SERVING]
+        return live or servers[-1:]
 
     def is_running(self, record: RunRecord) -> bool:
         """The record's run is still going: its process holds the lock, or it ran on another
@@ -67,12 +101,14 @@ class Status:
 
     @property
     def latest(self) -> RunRecord | None:
-        return self.runs[-1] if self.runs else None
+        harvests = self.harvests
+        return harvests[-1] if harvests else None
 
     @property
     def last(self) -> RunRecord | None:
-        """The run judged: the latest that is not still running (finished or crashed)."""
-        ended = [r for r in self.runs if not self.is_running(r)]
+        """The run judged: the latest harvest that is not still running (finished or
+        crashed)."""
+        ended = [r for r in self.harvests if not self.is_running(r)]
         return ended[-1] if ended else None
 
     @property
@@ -82,8 +118,21 @@ class Status:
         return latest if latest is not None and self.is_running(latest) else None
 
     @property
+    def server(self) -> RunRecord | None:
+        """The server judged when no harvest ran here: the latest."""
+        servers = self.servers
+        return servers[-1] if servers and self.last is None and self.current is None else None
+
+    @property
     def stale(self) -> bool:
-        """No run record, or (with ``max_age``) the last run started too long ago."""
+        """No run record, or (with ``max_age``) the last run started too long ago (a server
+        stopped: its last heartbeat)."""
+        server = self.server
+        if server is not None:
+            if self.server_state(server) == SERVING or self.max_age is None:
+                return False
+            beat = server.intake.heartbeat_at if server.intake is not None else None
+            return self.checked_at - (beat or server.started_at) > self.max_age
         if self.last is None:
             return self.current is None
         return self.max_age is not None and self.checked_at - self.last.started_at > self.max_age
@@ -93,6 +142,11 @@ class Status:
         """0: the last run was all ok; its own exit code if not; 10 if there is no recent run
         or the last one crashed (its record never got an exit code)."""
         last = self.last
+        server = self.server
+        if server is not None:
+            if self.stale or self.server_state(server) == GONE:
+                return int(ExitCode.NO_RECENT_RUN)
+            return int(ExitCode.OK) if server.exit_code in (None, 0) else server.exit_code
         if last is None:
             return int(ExitCode.OK if self.current is not None else ExitCode.NO_RECENT_RUN)
         if self.stale or self.crashed(last) or last.exit_code is None:
@@ -104,6 +158,9 @@ class Status:
     @property
     def verdict(self) -> str:
         last = self.last
+        server = self.server
+        if server is not None:
+            return "stale" if self.stale else self.server_state(server)
         if last is None:
             return "running" if self.current is not None else "no run"
         if self.stale:
@@ -136,7 +193,12 @@ class Status:
             lines.append(f"  {'now:':<10}a harvest is running (pid {self.running_pid}){since}")
         else:
             lines.append(f"  {'now:':<10}no harvest running")
-        earlier = [r for r in self.runs if r is not last and r is not current][-RECENT:][::-1]
+        for server in self.shown_servers:
+            label = "serving:" if self.server_state(server) == SERVING else "intake:"
+            first, *rest = self._server_lines(server)
+            lines.append(f"  {label:<10}{first}")
+            lines += [f"  {'':<10}{line}" for line in rest]
+        earlier = [r for r in self.harvests if r is not last and r is not current][-RECENT:][::-1]
         if earlier:
             lines.append(
                 f"  {'earlier:':<10}" + ", ".join(f"{r.run_id} {self._ended(r)}" for r in earlier)
@@ -144,6 +206,42 @@ class Status:
         if self.unreadable:
             lines.append(f"  {'unreadable:':<10} {', '.join(self.unreadable)}")
         return "\n".join(lines)
+
+    def _server_lines(self, server: RunRecord) -> list[str]:
+        """One server: who and since when (or how it ended), its last delivery and backlog,
+        its deliveries, what it harvested."""
+        now = self.checked_at
+        intake = server.intake or IntakeRecord()
+        where = f" on {server.host}" if server.host else ""
+        who = f"serve {server.run_id} (pid {server.pid}{where})"
+        state = self.server_state(server)
+        beat = intake.heartbeat_at or server.started_at
+        if state == SERVING:
+            head = [f"{who} since {_when(server.started_at, now)}"]
+        elif state == STOPPED:
+            ended = server.finished_at or beat
+            how = "stopped" if not server.error else f"stopped on an error ({server.error})"
+            head = [f"{who} {how} {_when(ended, now)}, after {duration(server.elapsed_seconds)}"]
+        else:
+            head = [
+                f"{who} gone: killed or hung; its record says serving, last refreshed "
+                f"{_when(beat, now)}",
+                f"(refreshed every {runs.HEARTBEAT_SECONDS:g} s; gone after "
+                f"{runs.STALE_SECONDS:g} s, or once its process on this host is gone); the "
+                "next serve harvests what it stored",
+            ]
+        last = intake.last_delivery_at
+        c = server.counters
+        return [
+            *head,
+            "last delivery "
+            + (_when(last, now) if last is not None else "none yet")
+            + f"; backlog {intake.backlog:,}",
+            f"deliveries: {intake.stored:,} stored, {intake.repeated:,} repeated, "
+            f"{intake.refused_total:,} refused, {intake.unavailable:,} answered 503",
+            f"harvested: {c.done:,} requests (ok {c.requests.get(OK, 0):,}), "
+            f"{c.images_new + c.images_existing:,} images, {size(c.bytes_new)} new",
+        ]
 
     def _ended(self, record: RunRecord) -> str:
         if self.crashed(record):
@@ -154,6 +252,23 @@ class Status:
 
     def _headline(self) -> str:
         last = self.last
+        server = self.server
+        if server is not None:
+            state = self.server_state(server)
+            if self.stale:
+                assert self.max_age is not None
+                return (
+                    f"no harvest here, and the last server ({server.run_id}) stopped longer "
+                    f"ago than --max-age {duration(self.max_age.total_seconds())}"
+                )
+            if state == SERVING:
+                return f"no harvest here; serve {server.run_id} is serving"
+            if state == STOPPED:
+                return f"no harvest here; serve {server.run_id} stopped (exit {server.exit_code})"
+            return (
+                f"no harvest here; serve {server.run_id} is gone: killed or hung (exit "
+                f"{int(ExitCode.NO_RECENT_RUN)})"
+            )
         if last is None:
             if self.current is not None:
                 return f"the first run here ({self.current.run_id}) is still running"
@@ -238,6 +353,7 @@ class Status:
                 ),
             },
             "last_run": last.to_json() if last else None,
+            "servers": [{"state": self.server_state(r), **r.to_json()} for r in self.shown_servers],
             "earlier_runs": [
                 {
                     "run_id": r.run_id,
@@ -245,7 +361,7 @@ class Status:
                     "exit_code": r.exit_code,
                     "crashed": self.crashed(r),
                 }
-                for r in [r for r in self.runs if r is not last and r is not current][-RECENT:][
+                for r in [r for r in self.harvests if r is not last and r is not current][-RECENT:][
                     ::-1
                 ]
             ],
@@ -282,6 +398,7 @@ def status(
         incomplete_ok=incomplete_ok,
         host=host,
         any_host=store.everywhere,
+        local_host=runs.this_host(),
     )
 
 

@@ -5,7 +5,10 @@ the manifest's sha256 (corrupt), files whose magic number says PNG, JPEG, WebP o
 header gives no width and height (not images: framing around other bytes), files under
 ``images/`` that no manifest row points at (orphans), and manifest parts that cannot be read.
 It holds the output folder's lock while it checks, so a harvest in progress cannot make its
-unfinished work look like orphans.
+unfinished work look like orphans. A server (``harvester serve``) takes no lock and writes its
+rows a part at a time (``--flush-every``) after their images: a file no part names yet that was
+stored since a server still serving started is counted as ``awaiting`` (checked, not judged an
+orphan).
 """
 
 from __future__ import annotations
@@ -15,17 +18,21 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Final
 
 import pyarrow as pa
 
 from harvester.errors import OutputError
-from harvester.storage import manifest
+from harvester.storage import manifest, runs
 from harvester.storage.imageinfo import HEADER_BYTES, claimed_format, read_info
 from harvester.storage.objects import Location, Store, as_store
 
 _NAME: Final = re.compile(r"([0-9a-f]{64})\.[a-z0-9]+")
+CLOCK_SLACK: Final = timedelta(seconds=5)
+"""A file's time and a server's start come from different clocks (the disk's or the bucket's,
+the server's): files this much older than a server's start are its, too."""
 
 
 @dataclass(slots=True)
@@ -41,6 +48,11 @@ class VerifyReport:
     unreadable_parts: list[str] = field(default_factory=list)
     unjudged: int = 0
     """Files no readable part points at while some part is unreadable: maybe orphans."""
+    awaiting: int = 0
+    """Files no part names yet, stored since a server that still serves started: its rows
+    come with its next part."""
+    servers: list[str] = field(default_factory=list)
+    """The run ids of the servers serving while this check ran."""
 
     @property
     def ok(self) -> bool:
@@ -66,6 +78,12 @@ class VerifyReport:
             lines += [f"  {label}: {item}" for item in items[:limit]]
             if len(items) > limit:
                 lines.append(f"  ... and {len(items) - limit:,} more {label} entries")
+        if self.awaiting:
+            lines.append(
+                f"  {self.awaiting:,} files stored since a running server started "
+                f"({', '.join(self.servers)}) are not named by a part yet: a server writes its "
+                "rows every --flush-every seconds; not judged (run verify again later)"
+            )
         if self.unjudged:
             lines.append(
                 f"  {self.unjudged:,} files are not referenced by any readable part; with "
@@ -147,13 +165,24 @@ def verify(where: Store | Location) -> VerifyReport:
     store = as_store(where)
     report = VerifyReport()
     with store.lock(owner="harvester verify", read_only_ok=True):
+        now = datetime.now(UTC)
+        host = runs.this_host()
+        servers = [r for r in runs.read_all(store)[0] if r.is_live(now, host=host)]
+        report.servers = [r.run_id for r in servers]
         referenced = _referenced(store, report)
-        stored = {info.key for info in store.list("images/")}
+        stored = {info.key: info.modified for info in store.list("images/")}
         for rel, shas in sorted(referenced.items()):
             check = partial(_check, store, rel)
             _judge_named(report, rel, shas, exists=rel in stored, check=check)
-        for key in sorted(stored - referenced.keys()):
-            _judge_unnamed(report, key, key.rsplit("/", 1)[-1], partial(_check, store, key))
+        since = min((r.started_at for r in servers), default=None)
+        for key in sorted(stored.keys() - referenced.keys()):
+            check = partial(_check, store, key)
+            if since is not None and stored[key] >= since - CLOCK_SLACK:
+                before = len(report.corrupt)
+                check(key.rsplit("/", 1)[-1].split(".", 1)[0], report)
+                report.awaiting += len(report.corrupt) == before
+                continue
+            _judge_unnamed(report, key, key.rsplit("/", 1)[-1], check)
     return report
 
 

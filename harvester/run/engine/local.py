@@ -24,7 +24,13 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -120,10 +126,15 @@ class LocalEngine:
         workers: int = 2,
         max_in_flight: int | None = None,
         logging_setup: ChildLogging | None = None,
+        here: bool = False,
     ) -> None:
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
+        """``here``: the first spec runs in this process (on a thread of its own) and the
+        rest in ``workers - 1`` pool processes: ``workers`` processes in all, this one
+        included, so one copy of the libraries fewer in memory."""
+        if workers < 1 or (here and workers < 2):
+            raise ValueError("workers must be at least 1, and 2 with one here")
         self.workers = workers
+        self.here = here
         self.max_in_flight = max_in_flight or 2 * workers
         self.logging_setup = logging_setup or ChildLogging()
 
@@ -131,7 +142,7 @@ class LocalEngine:
         """A fresh pool; made and used from one thread (a pool process dies with the thread
         that started it)."""
         return ProcessPoolExecutor(
-            self.workers,
+            self.workers - self.here,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_child,
             initargs=(os.getpid(), self.logging_setup),
@@ -170,6 +181,11 @@ class LocalEngine:
             on_result(spec, result)
             return True
 
+        here = ThreadPoolExecutor(1, thread_name_prefix="shard") if self.here else None
+        if here is not None:
+            first = next(todo, None)
+            if first is not None:
+                in_flight[here.submit(fn, first)] = (first, 0)
         pool = self._pool()
         try:
             while True:
@@ -201,3 +217,5 @@ class LocalEngine:
                     pool = self._pool()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            if here is not None:
+                here.shutdown(wait=True)

@@ -2,7 +2,8 @@
 shards, the run's progress channel (a ``Board``) and, on Ray, the cluster's actors.
 
     one lane (the default)   one shard in the driver's process; progress as files
-    --workers N              a local process pool (``LocalEngine``); progress as files
+    --workers N              one shard in the driver's process, the others in a local
+                             process pool (``LocalEngine``); progress as files
     --engine ray             Ray tasks and one rate limiter actor for the cluster; progress as
                              files on a shared disk, else a board actor on the driver's node
                              (an ``s3://`` output: the shards' pairs go through the bucket)
@@ -57,7 +58,7 @@ def start(config: HarvestConfig, *, run_id: str, log_format: str, cleanup: ExitS
     if config.engine != "ray":
         if config.lanes == 1:
             return Setup(engine=None, count=1, board=files)
-        engine = LocalEngine(workers=config.lanes, logging_setup=child)
+        engine = LocalEngine(workers=config.lanes, logging_setup=child, here=True)
         return Setup(engine=engine, count=config.lanes, board=files)
 
     from harvester.run.engine.ray import RayEngine  # the optional extra
