@@ -797,3 +797,50 @@ def test_the_nightly_harvest_fetches_only_what_no_delivery_brought_ok(
     assert f"{len(delivered)} already ok in earlier runs" in night.output
     fetched = rows(out).filter(pl.col("source_line").is_not_null())
     assert sorted(set(fetched["request_id"])) == others
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["both-serving", "one-killed"])
+def test_two_serve_processes_on_one_out_harvest_each_delivery_once(
+    tmp_path: Path, sandbox: Sandbox, kill: bool
+) -> None:
+    """Every delivery reaches both servers (a load balancer's retry, a rolling update): each is
+    harvested once, by whichever claims it. Killed with deliveries claimed and no part
+    written, the first leaves them to the other, which takes them over."""
+    out = tmp_path / "out"
+    ids = [f"pair-{kill}-{n}" for n in range(30)]
+    bodies = {
+        request_id: delivery(request_id, result_of(sandbox, request_id)) for request_id in ids
+    }
+    with (
+        serving(out, sandbox, "--flush-every", "600" if kill else "0.5") as first,
+        serving(out, sandbox) as survivor,
+    ):
+        for request_id in ids:
+            stored = [
+                post(s.hook(), sandbox.signer, request_id, bodies[request_id]).json()["stored"]
+                for s in (first, survivor)
+            ]
+            assert stored == [True, False]
+        if kill:
+            deadline = time.monotonic() + 30
+            while not list((out / "inbox" / "claims").rglob("*.1")):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            os.kill(first.process.pid, signal.SIGKILL)
+            first.process.wait(timeout=10)
+            # A repeated delivery makes the survivor look at the inbox within 2 s (else
+            # within a minute): it takes over what the killed one claimed.
+            again = post(survivor.hook(), sandbox.signer, ids[0], bodies[ids[0]])
+            assert again.json() == {"stored": False}
+        deadline = time.monotonic() + 60
+        while len([m for m in (out / "inbox" / "done").rglob("*") if m.is_file()]) < len(ids):
+            assert time.monotonic() < deadline, survivor.lines
+            time.sleep(0.1)
+        if not kill:
+            assert first.stop() == 0
+        assert survivor.stop() == 0
+    table = rows(out)
+    for request_id in ids:
+        mine = table.filter(pl.col("request_id") == request_id)
+        images = len(result_of(sandbox, request_id)["images"])
+        assert (mine.height, mine["run_id"].n_unique()) == (images, 1), request_id
