@@ -777,24 +777,27 @@ def test_the_nightly_harvest_fetches_only_what_no_delivery_brought_ok(
     delivered = [f"night-{tag}-{n}" for n in range(4)]
     others = [f"night-{tag}-other-{n}" for n in range(3)]
     before = sandbox.stats()["webhooks_delivered"]
-    with serving(out, sandbox) as serve:
-        for request_id in delivered:
-            submit(sandbox, request_id, serve.hook(MODEL if named else None))
-        wait_delivered(sandbox, before + len(delivered))
-        serve.wait_idle()
-        assert serve.stop() == 0
-    assert set(rows(out)["model"].to_list()) == ({MODEL} if named else {None})
     export = write_csv(
         tmp_path / "export.csv",
         [(MODEL, delivered[0]), (MODEL, delivered[1]), ("fal-ai/flux", delivered[2])]
         + [(MODEL, delivered[3])]
         + [(MODEL, request_id) for request_id in others],
     )
-    gets = sandbox.stats()["result_requests"]
-    night = run_cli(harvest_args(sandbox, out, export))
-    assert night.exit_code == ExitCode.OK, night.output
-    assert sandbox.stats()["result_requests"] - gets == len(others)
-    assert f"{len(delivered)} already ok in earlier runs" in night.output
+    with serving(out, sandbox) as serve:
+        for request_id in delivered:
+            submit(sandbox, request_id, serve.hook(MODEL if named else None))
+        wait_delivered(sandbox, before + len(delivered))
+        deadline = time.monotonic() + 60  # harvested, and their rows in a part
+        while len([m for m in (out / "inbox" / "done").rglob("*") if m.is_file()]) < 4:
+            assert time.monotonic() < deadline, serve.lines
+            time.sleep(0.1)
+        assert set(rows(out)["model"].to_list()) == ({MODEL} if named else {None})
+        gets = sandbox.stats()["result_requests"]
+        night = run_cli(harvest_args(sandbox, out, export))  # beside the running server
+        assert night.exit_code == ExitCode.OK, night.output
+        assert sandbox.stats()["result_requests"] - gets == len(others)
+        assert f"{len(delivered)} already ok in earlier runs" in night.output
+        assert serve.stop() == 0
     fetched = rows(out).filter(pl.col("source_line").is_not_null())
     assert sorted(set(fetched["request_id"])) == others
 
