@@ -1,6 +1,7 @@
-"""The measurement behind harvester/api/transport.py: the same harvest, in this process, over
-httpx's default transport (httpcore), over the httpx-aiohttp package's client and over the
-harvester's own client (httpx over its aiohttp glue), all on uvloop, in alternating rounds
+"""The measurement behind harvester/api/transport.py: the same harvest, in this process, with
+the harvester's client over httpx's default transport (httpcore), over the httpx-aiohttp
+package's transport (both: images through httpx's models too) and over its own aiohttp glue
+(images straight from aiohttp), all on uvloop, in alternating rounds
 against nginx on 127.0.0.1 (the bench's world: `make bench` installs nginx).
 
     .venv/bin/python bench/transports.py [--n 2000] [--runs 3]
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from httpx_aiohttp import HttpxAiohttpClient
+import httpx_aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -29,43 +29,43 @@ import nginx
 import run
 
 from harvester.api import transport
-from harvester.api.transport import KEEPALIVE_SECONDS, USER_AGENT, open_client
+from harvester.api.transport import KEEPALIVE_SECONDS, USER_AGENT, Client, open_client
 from harvester.run import pipeline, shard
 from harvester.storage.objects import open_store
 
 
+def _limits(max_connections: int) -> httpx.Limits:
+    return httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=KEEPALIVE_SECONDS,
+    )
+
+
 def httpx_aiohttp_client(
     *, max_connections: int, connect_timeout: float, read_timeout: float
-) -> httpx.AsyncClient:
-    """The httpx-aiohttp package's client: httpx over its aiohttp transport."""
-    return HttpxAiohttpClient(
+) -> Client:
+    """The httpx-aiohttp package's transport under the harvester's client (its images then
+    go through httpx's models, as every request does)."""
+    return Client(
+        transport=httpx_aiohttp.AiohttpTransport(limits=_limits(max_connections)),
         timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=None),
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=KEEPALIVE_SECONDS,
-        ),
         follow_redirects=False,
         headers={"User-Agent": USER_AGENT},
     )
 
 
-def httpcore_client(
-    *, max_connections: int, connect_timeout: float, read_timeout: float
-) -> httpx.AsyncClient:
-    """The client as it was built before harvester/transport.py: httpx's own pool."""
-    limits = httpx.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections
-    )
-    return httpx.AsyncClient(
+def httpcore_client(*, max_connections: int, connect_timeout: float, read_timeout: float) -> Client:
+    """httpx's own pool (httpcore) under the harvester's client."""
+    return Client(
+        transport=httpx.AsyncHTTPTransport(limits=_limits(max_connections)),
         timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=None),
-        limits=limits,
         follow_redirects=False,
-        headers={"User-Agent": "harvester"},
+        headers={"User-Agent": USER_AGENT},
     )
 
 
-VARIANTS: dict[str, tuple[Callable[..., httpx.AsyncClient], bool]] = {
+VARIANTS: dict[str, tuple[Callable[..., Client], bool]] = {
     "httpcore": (httpcore_client, True),
     "httpx-aiohttp": (httpx_aiohttp_client, True),
     "harvester's": (open_client, True),
@@ -81,8 +81,7 @@ def main() -> None:
     out = args.out.resolve()
     w = run.build_world(out / f"world-{args.n}", args.n, 30_000)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
-    folder = run.clear_runs(out)
-    with nginx.serving(w.www, w.spec.port) as server:
+    with run.scratch(out) as folder, nginx.serving(w.www, w.spec.port) as server:
         for i in range(args.runs):
             for name, (make_client, uvloop) in VARIANTS.items():
                 # One shard, in this process, so that the patched client is the one used.
@@ -104,7 +103,6 @@ def main() -> None:
                 assert stats.counters.requests["ok"] == args.n, stats.summary()
                 results[name].append((wall, cpu))
                 print(f"  {name:18} wall {wall:6.2f} s  cpu {cpu:6.2f} s", flush=True)
-    shutil.rmtree(folder, ignore_errors=True)
     print(f"\n{args.n:,} requests, {w.images:,} images; medians of {args.runs} rounds")
     for name, rows in results.items():
         wall = statistics.median(r[0] for r in rows)

@@ -128,8 +128,10 @@ class ResultFetcher:
         """The most one attempt may take, redirects and the whole body included."""
         self._max_result_bytes = max_result_bytes
         self._base_url = base_url
-        self._plain = {**plain_headers(client.headers), "Accept": "application/json"}
-        self._key = Key(URL(base_url), {**self._plain, "Authorization": authorization})
+        # httpx's Headers, made once: a request copies them without parsing them again.
+        plain = {**plain_headers(client.headers), "Accept": "application/json"}
+        self._plain = httpx.Headers(plain)
+        self._key = Key(URL(base_url), httpx.Headers({**plain, "Authorization": authorization}))
         self._extensions = {"timeout": client.timeout.as_dict()}
         self._policy = policy
         self._limiter = limiter

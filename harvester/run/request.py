@@ -216,20 +216,15 @@ class Lane:
         store = self._store
         assert store is not None, "use the lane inside opened()"
 
-        async def download(ref: ImageRef) -> None:
+        # One after the other: the lane's many requests in flight keep every download slot
+        # busy, and a task per image would cost more than it saves.
+        slots = self.download_slots
+        for ref in result.images:
             if ref.refused is not None:
                 stored[ref.index] = ImageFailure(FAILED, ref.refused, None, 0)
-                return
-            async with self.download_slots:
+                continue
+            async with slots:
                 stored[ref.index] = await store.store(ref.url)
-
-        if len(result.images) == 1:
-            await download(result.images[0])
-        else:
-            async with anyio.create_task_group() as tg:
-                for ref in result.images[1:]:
-                    tg.start_soon(download, ref)
-                await download(result.images[0])  # this task does one of them
 
         c = self.counts
         for got in stored:
@@ -301,7 +296,17 @@ async def _consume(
     done: Done,
     tg: anyio.abc.TaskGroup,
 ) -> None:
-    async for pair in pairs:
+    while True:
+        try:
+            # Without a trip through the event loop while pairs are waiting.
+            pair = pairs.receive_nowait()
+        except anyio.WouldBlock:
+            try:
+                pair = await pairs.receive()
+            except anyio.EndOfStream:
+                return
+        except anyio.EndOfStream:
+            return
         left = False
 
         def leave() -> None:

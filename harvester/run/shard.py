@@ -44,6 +44,7 @@ from typing import Any, Final, Protocol, TextIO
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectSendStream
 
 from harvester.api.ratelimit import PermitSource
 from harvester.counters import Counters
@@ -329,9 +330,7 @@ class _Shard:
         if self.writer.due:
             await self.writer.flush_in_thread()
 
-    async def feed(
-        self, batches: Iterator[list[Pair]], send: anyio.abc.ObjectSendStream[Pair]
-    ) -> None:
+    async def feed(self, batches: Iterator[list[Pair]], send: MemoryObjectSendStream[Pair]) -> None:
         async with send:
             while True:
                 batch = await anyio.to_thread.run_sync(next, batches, None)
@@ -339,7 +338,10 @@ class _Shard:
                     return
                 try:
                     for pair in batch:
-                        await send.send(pair)
+                        try:
+                            send.send_nowait(pair)  # no trip through the event loop
+                        except anyio.WouldBlock:
+                            await send.send(pair)
                 except anyio.BrokenResourceError:
                     return  # the lane stopped (a run-level error ends it)
 
