@@ -140,7 +140,7 @@ def test_later_runs_and_compactions_keep_it_exact(output: Output) -> None:
     # State read from the current-state table plus the runs since: same as from everything.
     mixed = state(output)
     everything = (
-        manifest._latest_of(manifest.scan(output.store))
+        manifest.latest_of(manifest.scan(output.store))
         .select(mixed.columns)
         .collect()
         .sort(mixed.columns, nulls_last=True)

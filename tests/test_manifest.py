@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import dataclasses
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -12,6 +13,7 @@ import pytest
 
 from harvester.errors import ManifestError
 from harvester.storage import manifest
+from harvester.storage.compact import compact
 from harvester.storage.layout import Layout
 from harvester.storage.manifest import SCHEMA, ManifestRow, ManifestWriter
 from harvester.storage.objects import LocalStore, Store
@@ -80,6 +82,51 @@ def test_ok_pairs_and_latest_state(store: Store) -> None:
     assert sorted(r for _, r in manifest.ok_pairs(store)) == ["a", "b"]
     latest = manifest.latest(store).collect()
     assert dict(latest.select("request_id", "request_status").iter_rows()) == {"a": "ok", "b": "ok"}
+
+
+def test_the_latest_state_is_the_newest_row_by_time_whichever_run_wrote_it(
+    store: Store,
+) -> None:
+    """A server's run started first (its run id sorts first) and keeps writing: its row of a
+    request, newer than the one a nightly run started later wrote, is the latest state, in
+    ``latest`` and in the current-state table a compaction writes."""
+    serving, nightly = "20261101T000000Z-serve0", "20261102T000000Z-night0"
+    later = NOW + timedelta(seconds=30)
+    night = ManifestWriter(store, nightly)
+    night.add([row(nightly, "a", "pending"), row(nightly, "b", "ok"), row(nightly, "c", "ok")])
+    night.flush()
+    serve = ManifestWriter(store, serving)
+    images = [
+        dataclasses.replace(row(serving, "a"), image_index=i, harvested_at=later) for i in (0, 1)
+    ]
+    serve.add(
+        [
+            *images,
+            dataclasses.replace(row(serving, "b", "failed"), harvested_at=NOW - timedelta(hours=1)),
+        ]
+    )
+    serve.flush()
+
+    def state() -> dict[str, list[tuple[str, str]]]:
+        found: dict[str, list[tuple[str, str]]] = {}
+        for rid, run, status in (
+            manifest.latest(store)
+            .select("request_id", "run_id", "request_status")
+            .collect()
+            .sort("request_id")
+            .iter_rows()
+        ):
+            found.setdefault(rid, []).append((run, status))
+        return found
+
+    expected = {
+        "a": [(serving, "ok"), (serving, "ok")],  # newer than the nightly's pending
+        "b": [(nightly, "ok")],  # the server's row of b is older
+        "c": [(nightly, "ok")],
+    }
+    assert state() == expected
+    assert compact(store).current_rows == 4
+    assert state() == expected
 
 
 def test_ok_pairs_of_an_empty_location(store: Store) -> None:

@@ -248,3 +248,21 @@ def test_a_stray_quote_never_loses_another_row(
     if broken + 1 < len(lines):  # a quote on the last line swallows nothing
         [bad] = [i for i in found if isinstance(i, BadRow) and i.line == broken + 2]
         assert "unterminated quote" in bad.reason and f"on line {broken + 2} runs" in bad.reason
+
+
+def test_an_ok_row_skips_its_request_by_owner_app_or_by_id_alone(tmp_path: Path) -> None:
+    """``request_key`` of an ok row: the queue's owner/app and the id, or the id alone for a
+    delivery that named no model."""
+    a = write(
+        tmp_path,
+        "model,request_id\n"
+        "fal-ai/flux,1\nfal-ai/flux/schnell,1\nother/app,1\n"
+        "any/model,2\nworkflows/me/wf,3\nme/wf,3\nm/a,4\n",
+    )
+    done = {reader.request_key("fal-ai/flux/dev", "1"), reader.request_key(None, "2")}
+    done.add(reader.request_key("workflows/me/wf/step", "3"))
+    counts = Counters()
+    found = [i for b in reader.iter_items(reader.inspect([a]), done=done, counts=counts) for i in b]
+    assert pairs(found) == [("other/app", "1"), ("me/wf", "3"), ("m/a", "4")]
+    assert counts.skipped == 4
+    assert reader.request_key("fal-ai/flux", "a/b") is None  # names no request

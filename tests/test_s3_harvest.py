@@ -75,9 +75,8 @@ def latest_state(gateway: Gateway, location: str) -> pl.DataFrame:
     rows = pl.scan_parquet(
         f"{location}/manifest/**/*.parquet", storage_options=gateway.storage_options()
     )
-    return rows.filter(
-        pl.col("run_id") == pl.col("run_id").max().over("model", "request_id")
-    ).collect()
+    newest = pl.col("run_id").sort_by("harvested_at", "run_id").last()
+    return rows.filter(pl.col("run_id") == newest.over("model", "request_id")).collect()
 
 
 def test_harvest_into_s3_rerun_status_report_verify(

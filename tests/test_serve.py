@@ -25,12 +25,13 @@ import polars as pl
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harvester.errors import ExitCode
 from harvester.sandbox import Sandbox, SandboxConfig, running_sandbox
 from harvester.sandbox.webhooks import Signer
 from harvester.storage import manifest
 from harvester.storage.inbox import delivery_key
 from harvester.storage.objects import open_store
-from tests.conftest import KEY
+from tests.conftest import KEY, harvest_args, run_cli, write_csv
 from tests.processes import harvester_command, harvester_env
 from tests.s3gateway import Gateway
 
@@ -592,6 +593,11 @@ def test_harvested_deliveries_are_kept_keep_deliveries_days(
         assert serve.stop() == 0
     assert not done["old"].exists()
     assert (out / key["new"]).is_file() and done["new"].is_file()
+    claim = {
+        rid: out / f"{key[rid].replace('deliveries/', 'claims/').removesuffix('.delivery')}.1"
+        for rid in body
+    }
+    assert not claim["old"].exists() and claim["new"].is_file()  # a claim goes with its delivery
     assert sorted(rows(out)["request_id"]) == ["new", "old"]  # the rows stay
 
 
@@ -883,3 +889,87 @@ async def test_no_look_at_the_inbox_while_deliveries_arrive_fast(
         tg.cancel_scope.cancel()
     intake._keys.close()
     intake._receive.close()
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["with-model", "without-model"])
+def test_the_nightly_harvest_fetches_only_what_no_delivery_brought_ok(
+    tmp_path: Path, sandbox: Sandbox, named: bool
+) -> None:
+    """A delivered request and a CSV row are one request when their ids and the model's
+    owner/app agree (``fal-ai/flux/dev`` delivered, ``fal-ai/flux/dev`` or ``fal-ai/flux`` in
+    the export), or by id alone for a delivery without ``?model=``."""
+    out = tmp_path / "out"
+    tag = "named" if named else "bare"
+    delivered = [f"night-{tag}-{n}" for n in range(4)]
+    others = [f"night-{tag}-other-{n}" for n in range(3)]
+    before = sandbox.stats()["webhooks_delivered"]
+    export = write_csv(
+        tmp_path / "export.csv",
+        [(MODEL, delivered[0]), (MODEL, delivered[1]), ("fal-ai/flux", delivered[2])]
+        + [(MODEL, delivered[3])]
+        + [(MODEL, request_id) for request_id in others],
+    )
+    with serving(out, sandbox) as serve:
+        for request_id in delivered:
+            submit(sandbox, request_id, serve.hook(MODEL if named else None))
+        wait_delivered(sandbox, before + len(delivered))
+        deadline = time.monotonic() + 60  # harvested, and their rows in a part
+        while len([m for m in (out / "inbox" / "done").rglob("*") if m.is_file()]) < 4:
+            assert time.monotonic() < deadline, serve.lines
+            time.sleep(0.1)
+        assert set(rows(out)["model"].to_list()) == ({MODEL} if named else {None})
+        gets = sandbox.stats()["result_requests"]
+        night = run_cli(harvest_args(sandbox, out, export))  # beside the running server
+        assert night.exit_code == ExitCode.OK, night.output
+        assert sandbox.stats()["result_requests"] - gets == len(others)
+        assert f"{len(delivered)} already ok in earlier runs" in night.output
+        assert serve.stop() == 0
+    fetched = rows(out).filter(pl.col("source_line").is_not_null())
+    assert sorted(set(fetched["request_id"])) == others
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["both-serving", "one-killed"])
+def test_two_serve_processes_on_one_out_harvest_each_delivery_once(
+    tmp_path: Path, sandbox: Sandbox, kill: bool
+) -> None:
+    """Every delivery reaches both servers (a load balancer's retry, a rolling update): each is
+    harvested once, by whichever claims it. Killed with deliveries claimed and no part
+    written, the first leaves them to the other, which takes them over."""
+    out = tmp_path / "out"
+    ids = [f"pair-{kill}-{n}" for n in range(30)]
+    bodies = {
+        request_id: delivery(request_id, result_of(sandbox, request_id)) for request_id in ids
+    }
+    with (
+        serving(out, sandbox, "--flush-every", "600" if kill else "0.5") as first,
+        serving(out, sandbox) as survivor,
+    ):
+        for request_id in ids:
+            stored = [
+                post(s.hook(), sandbox.signer, request_id, bodies[request_id]).json()["stored"]
+                for s in (first, survivor)
+            ]
+            assert stored == [True, False]
+        if kill:
+            deadline = time.monotonic() + 30
+            while not list((out / "inbox" / "claims").rglob("*.1")):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            os.kill(first.process.pid, signal.SIGKILL)
+            first.process.wait(timeout=10)
+            # A repeated delivery makes the survivor look at the inbox within 2 s (else
+            # within a minute): it takes over what the killed one claimed.
+            again = post(survivor.hook(), sandbox.signer, ids[0], bodies[ids[0]])
+            assert again.json() == {"stored": False}
+        deadline = time.monotonic() + 60
+        while len([m for m in (out / "inbox" / "done").rglob("*") if m.is_file()]) < len(ids):
+            assert time.monotonic() < deadline, survivor.lines
+            time.sleep(0.1)
+        if not kill:
+            assert first.stop() == 0
+        assert survivor.stop() == 0
+    table = rows(out)
+    for request_id in ids:
+        mine = table.filter(pl.col("request_id") == request_id)
+        images = len(result_of(sandbox, request_id)["images"])
+        assert (mine.height, mine["run_id"].n_unique()) == (images, 1), request_id

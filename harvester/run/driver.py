@@ -134,7 +134,11 @@ class Driver:
             stats.baseline_not_ok = baseline_not_ok(runs.read_all(store)[0])
             runs.write(store, stats.record(running=True))
             try:
-                done = {reader.pair_key(m, r) for m, r in manifest.ok_pairs(store)}
+                done = {
+                    k
+                    for m, r in manifest.ok_pairs(store)
+                    if (k := reader.request_key(m, r)) is not None
+                }
                 if not config.retry_expired:
                     _give_up(config, stats.started_at, done, self.expire)
                 if on_start is not None:
@@ -415,5 +419,5 @@ def _give_up(config: HarvestConfig, now: datetime, done: set[int], expire: set[i
         key = reader.pair_key(aged.model, aged.request_id)
         if aged.expired:
             done.add(key)
-        elif key not in done:
+        elif key not in done and reader.request_key(aged.model, aged.request_id) not in done:
             expire.add(key)

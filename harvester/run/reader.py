@@ -93,6 +93,32 @@ def pair_key(model: str, request_id: str) -> int:
     return int.from_bytes(digest, "big")
 
 
+def request_key(model: str | None, request_id: str) -> int | None:
+    """The digest by which an ok row makes a harvest skip CSV rows (``iter_items``'s
+    ``done``): its request as the queue names it, the model's ``[namespace/]owner/app`` and
+    the request id (``fal-ai/flux/dev`` from a webhook and ``fal-ai/flux/dev`` or
+    ``fal-ai/flux`` in an export are one request), or the request id alone for a delivery
+    that named no model (``model`` None). None if the two cannot name a request."""
+    if model is None:
+        return _digest(f"\x00{request_id}")
+    try:
+        return _digest(request_path(model, request_id))
+    except UnsafeIdError:
+        return None
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "big")
+
+
+def is_done(pair: Pair, done: Container[int]) -> bool:
+    """True if ``done`` holds ``pair``: its ``pair_key``, its ``request_key``, or its
+    request id's (an ok delivery that named no model)."""
+    return (
+        pair.key in done or _digest(pair.path) in done or _digest(f"\x00{pair.request_id}") in done
+    )
+
+
 def _normalise_header(cell: str) -> str:
     return cell.replace("\ufeff", "").strip().lower()
 
@@ -329,8 +355,9 @@ def iter_items(
 ) -> Iterator[list[Pair | BadRow]]:
     """Stream every row of ``files`` as batches of ``Pair`` (first sighting only) and ``BadRow``.
 
-    ``done`` holds ``pair_key`` digests of pairs to skip (already harvested); a pair repeated
-    within or across files comes out once. ``counts`` (if given) tallies what was skipped
+    ``done`` holds digests of pairs to skip (already harvested): their ``pair_key``, or the
+    ``request_key`` of an ok row (``is_done``); a pair repeated within or across files comes
+    out once. ``counts`` (if given) tallies what was skipped
     (``duplicates``, and ``skipped`` for those in ``done``).
     """
     done = set() if done is None else done
@@ -358,7 +385,7 @@ def iter_items(
                         counts.duplicates += 1
                         continue
                     seen.add(item.key)
-                    if item.key in done:
+                    if is_done(item, done):
                         counts.skipped += 1
                         continue
                 batch.append(item)

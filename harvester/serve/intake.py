@@ -10,6 +10,13 @@ that tells it from a fetched row, and points at the body kept for ``--keep-deliv
 A delivery is marked done in the inbox only once its rows are in a written part; on start,
 every delivery not marked done is harvested, but for those whose rows a part already holds
 (the process died between the part and the marks): they are marked, not harvested twice.
+
+Several processes may harvest one inbox (``storage.inbox``: claims): each delivery is claimed
+before it is harvested, and one claimed by another process is left to it while that process
+beats. A dead process's claims are taken over by the next look for stored deliveries (at once
+on the same host, ``CLAIM_STALE`` seconds after its last beat elsewhere), after the manifest
+is checked for the rows it wrote before its marks. A process stalled past ``CLAIM_STALE``
+checks that it still holds a delivery before its rows go to a part.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import dataclasses
 import functools
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -36,7 +44,7 @@ from harvester.run.reader import Pair, pair_key
 from harvester.run.request import Lane, LaneSettings
 from harvester.serve.config import CONNECT_TIMEOUT, ServeConfig
 from harvester.storage import manifest
-from harvester.storage.inbox import DELIVERIES, Inbox
+from harvester.storage.inbox import BEAT_EVERY, CLAIM_STALE, DELIVERIES, Inbox, Owner
 from harvester.storage.objects import Store
 from harvester.storage.rows import ManifestRow
 
@@ -75,6 +83,10 @@ class Intake:
         self.store = store
         self.inbox = inbox
         self.run_id = run_id
+        self.owner = Owner.here(run_id)
+        """Whose claims this intake takes."""
+        self._beat_at = time.monotonic()
+        """When the last beat was stored."""
         self._lane: Lane | None = None
         self._counts = Counters()
         """Requests harvested by status and manifest rows; the lane counts the images."""
@@ -94,6 +106,8 @@ class Intake:
         self._offered: set[str] | None = None
         """Keys offered since the current rescan began listing the inbox (None between
         two listings: nothing kept)."""
+        self._taken: set[str] = set()
+        """Keys taken over from dead processes, their manifest checked, not yet harvested."""
         self._rescan_soon = anyio.Event()
         self._harvests = anyio.CapacityLimiter(config.image_concurrency)
         """Deliveries being harvested at once: fewer while deliveries arrive fast."""
@@ -129,14 +143,19 @@ class Intake:
 
     def _enqueue(self, key: str) -> None:
         """Queue ``key`` unless it is queued; leave it in the inbox if the queue is full."""
-        if key not in self._queued and len(self._queued) >= MAX_QUEUED:
+        if key in self._queued:
+            return
+        if len(self._queued) >= MAX_QUEUED:
             self._waiting += 1
             self._dropped += 1
-        elif key not in self._queued:
-            self._queued.add(key)
-            if self._offered is not None:
-                self._offered.add(key)
+            return
+        try:
             self._keys.send_nowait(key)
+        except anyio.ClosedResourceError:
+            return  # stopped: the next start (or another process) harvests it
+        self._queued.add(key)
+        if self._offered is not None:
+            self._offered.add(key)
 
     @property
     def harvests_at_once(self) -> int:
@@ -156,7 +175,11 @@ class Intake:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Harvest until cancelled; then write what was harvested (shielded)."""
+        """Harvest until cancelled; then write what was harvested and let others take over
+        what is left (shielded). Raises ``OutputError`` if the inbox cannot be written at
+        the start."""
+        await anyio.to_thread.run_sync(self.inbox.beat, self.owner)  # before any claim
+        self._beat_at = time.monotonic()
         for key in await anyio.to_thread.run_sync(self._left_over):
             self._enqueue(key)
         settings = LaneSettings(
@@ -184,24 +207,59 @@ class Intake:
                 tg.start_soon(self._expirer)
                 tg.start_soon(self._rescanner)
                 tg.start_soon(self._prioritizer)
+                tg.start_soon(self._beater)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
-                await self._flush()
+                try:
+                    await self._flush()
+                finally:
+                    self._keys.close()
+                    self._receive.close()
+                    await self._retire()
+
+    async def _retire(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.inbox.retire, self.owner)
+        except OutputError as exc:
+            logger.error("%s; this process's claims are taken over when its beat ages", exc)
 
     def _left_over(self) -> list[str]:
-        """The inbox's deliveries not marked done, less those a part already holds (marked
-        now)."""
+        """The inbox's deliveries not marked done to harvest: less those another process
+        holds, and those a part already holds (marked now)."""
         pending = self.inbox.pending()
         if not pending:
             return []
-        written = self._written_deliveries(set(pending))
-        for key in written:
-            self.inbox.mark_done(key)
-        left = [key for key in pending if key not in written]
+        left, taken = self._take(pending, check_all=True)
+        self._taken |= taken
         if left:
             logger.info("%d deliveries from before the start to harvest", len(left))
         return left
+
+    def _take(self, keys: list[str], *, check_all: bool) -> tuple[list[str], set[str]]:
+        """Of ``keys`` (stored, not marked done, not held here), those to harvest, in their
+        order, and those of them taken over. A key another live process claimed is left to
+        it. A dead process's claim is taken over, unless a part holds its rows (written
+        before its marks): then it is marked done; with ``check_all``, so is every other key
+        a part holds."""
+        claims = self.inbox.claims(keys, self.owner)
+        dead = {key for key in keys if claims[key].dead}
+        free = {key for key in keys if claims[key].number == 0 or claims[key].mine}
+        checked = (free | dead) if check_all else dead
+        written = self._written_deliveries(checked) if checked else set()
+        for key in written:
+            self.inbox.mark_done(key)
+        taken = {
+            key for key in dead - written if self.inbox.take_over(key, claims[key], self.owner)
+        }
+        if dead:
+            logger.info(
+                "%d deliveries of stopped processes taken over (%d found written)",
+                len(taken),
+                len(dead & written),
+            )
+        harvest = [key for key in keys if key in taken or (key in free and key not in written)]
+        return harvest, taken
 
     def _written_deliveries(self, keys: set[str]) -> set[str]:
         import polars as pl
@@ -231,7 +289,7 @@ class Intake:
         async for key in self._receive:
             try:
                 async with self._harvests:
-                    rows = await self._harvest(lane, key)
+                    rows = await self._claim_and_harvest(lane, key)
             except OutputError as exc:
                 self.failed[type(exc).__name__] += 1
                 logger.error(
@@ -258,10 +316,41 @@ class Intake:
                 self._queued.discard(key)
                 if self._waiting and len(self._queued) == MAX_QUEUED // 2:
                     self.rescan_soon()
+            if rows is None:
+                continue
             self._writer.add(rows)
             self._unmarked.append(key)
             self._counts.requests[rows[0].request_status] += 1
             self._counts.manifest_rows += len(rows)
+
+    async def _claim_and_harvest(self, lane: Lane, key: str) -> list[ManifestRow] | None:
+        """The rows of ``key``'s delivery, None if it is not this process's to harvest (held
+        by another, or a dead process's claim: the next look takes that over)."""
+        claim = await anyio.to_thread.run_sync(self.inbox.claim, key, self.owner)
+        if not claim.mine:
+            if claim.dead:
+                self.rescan_soon()
+            return None
+        taken_over = key in self._taken
+        self._taken.discard(key)
+        if (
+            not claim.fresh
+            and not taken_over
+            and (
+                key in self._flushing
+                or key in self._unmarked
+                or await anyio.to_thread.run_sync(self.inbox.is_done, key)
+            )
+        ):
+            return None  # harvested here already: offered again
+        rows = await self._harvest(lane, key)
+        if time.monotonic() - self._beat_at > CLAIM_STALE:
+            # Stalled past the claims' age: another process may have taken this one over.
+            still = await anyio.to_thread.run_sync(self.inbox.claims, [key], self.owner)
+            if not still[key].mine:
+                logger.warning("delivery %s was taken over while this process stalled", key)
+                return None
+        return rows
 
     async def _harvest(self, lane: Lane, key: str) -> list[ManifestRow]:
         delivery = await anyio.to_thread.run_sync(self.inbox.read, key)
@@ -333,17 +422,38 @@ class Intake:
             # A key marked done while the inbox was listed was held before, or offered since.
             held = before | self._held() | offered
             found = [key for key in pending if key not in held]
-            if found:
-                logger.info("%d stored deliveries not harvested yet, harvested now", len(found))
             # Beyond the listing's oldest: left in the inbox, counted. Offers left in the inbox
             # while it was listed may not be in the listing: counted too (a backlog that is too
             # large for a while is safe; one too small would say "idle" early).
             beyond = count - len(pending)
             during = self._dropped - dropped
+            if found:
+                try:
+                    take = functools.partial(self._take, found, check_all=False)
+                    found, taken = await anyio.to_thread.run_sync(take)
+                except (OutputError, ManifestError) as exc:
+                    logger.error("cannot look at the claims of stored deliveries: %s", exc)
+                    continue
+                self._taken |= taken
+                found = [key for key in found if key not in self._held()]
+            if found:
+                logger.info("%d stored deliveries not harvested yet, harvested now", len(found))
             self._waiting = 0
             for key in found:
                 self._enqueue(key)
             self._waiting += beyond + during
+
+    async def _beater(self) -> None:
+        """Store this process's beat every ``BEAT_EVERY`` seconds: its claims hold while it
+        does."""
+        while True:
+            await anyio.sleep(BEAT_EVERY)
+            try:
+                await anyio.to_thread.run_sync(self.inbox.beat, self.owner)
+            except OutputError as exc:
+                logger.error("cannot store this process's beat: %s", exc)
+            else:
+                self._beat_at = time.monotonic()
 
     def _held(self) -> set[str]:
         return self._queued | self._flushing | set(self._unmarked) | self._unreadable

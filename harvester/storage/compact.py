@@ -314,10 +314,8 @@ def _counts(batch: pa.RecordBatch) -> Counter[str]:
 
 def _write_current(store: Store, listing: Listing, path: Path) -> int:
     """The current-state table as of the new generation, into ``path``: the latest rows of
-    each request, from the previous table (or generation) and the new runs. Returns its
-    rows."""
-    import polars as pl
-
+    each request (``manifest.latest_of``), from the previous table (or generation) and the
+    new runs. Returns its rows."""
     previous = listing.generation
     if previous is None:
         base: list[str] = []
@@ -326,16 +324,7 @@ def _write_current(store: Store, listing: Listing, path: Path) -> int:
     else:
         base = [p.key for p in previous.parts]
     rows = manifest.scan_keys(store, [*base, *listing.run_parts])
-    keys = ["model", "request_id"]
-    # Two streaming passes, so memory follows the number of requests, not of rows: each
-    # request's newest run, then the rows of those runs.
-    newest = (
-        rows.select(*keys, "run_id")
-        .group_by(keys)
-        .agg(pl.col("run_id").max())
-        .collect(engine="streaming")
-    )
-    state = rows.join(newest.lazy(), on=[*keys, "run_id"], how="semi", nulls_equal=True)
+    state = manifest.latest_of(rows)
     try:
         state.sink_parquet(path, compression="zstd", sync_on_close="all", engine="streaming")
     except OSError as exc:

@@ -294,14 +294,26 @@ def scan(where: Store | Location) -> pl.LazyFrame:
     return scan_keys(store, parts(store))
 
 
-def _latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
+LATEST_KEYS: Final = ("model", "request_id")
+
+
+def latest_of(rows: pl.LazyFrame) -> pl.LazyFrame:
+    """The rows of each request's newest run: the run that wrote its newest row by
+    ``harvested_at`` (the greater ``run_id`` if two runs wrote it at the same instant),
+    whichever process wrote it, so a long-lived server's rows are not outranked by a run
+    started later whose own row is older. Every reader of the latest state (``latest``,
+    compaction's current-state table) decides it here; it streams (a group-by, then a semi
+    join), so memory follows the number of requests, not of rows."""
     import polars as pl
 
-    return rows.filter(pl.col("run_id") == pl.col("run_id").max().over("model", "request_id"))
+    keys = list(LATEST_KEYS)
+    newest = rows.group_by(keys).agg(pl.col("run_id").sort_by("harvested_at", "run_id").last())
+    return rows.join(newest, on=[*keys, "run_id"], how="semi", nulls_equal=True)
 
 
 def latest(where: Store | Location) -> pl.LazyFrame:
-    """The rows of each request's most recent run: the current state of every request.
+    """The rows of each request's newest run by time (``latest_of``): the current state of
+    every request.
 
     After a compaction this reads the current-state table (already one request's latest rows
     each) plus the parts of the runs since, not the whole history.
@@ -312,11 +324,11 @@ def latest(where: Store | Location) -> pl.LazyFrame:
     listing = generations.read(store)
     gen = listing.generation
     if gen is None or gen.current is None:
-        return _latest_of(scan_keys(store, listing.parts))
+        return latest_of(scan_keys(store, listing.parts))
     state = scan_keys(store, [gen.current])
     if not listing.runs:
         return state
-    return _latest_of(pl.concat([state, scan_keys(store, listing.run_parts)]))
+    return latest_of(pl.concat([state, scan_keys(store, listing.run_parts)]))
 
 
 def read_part(data: bytes, **options: Any) -> pa.Table:
@@ -398,6 +410,7 @@ __all__ = [
     "aged_pairs",
     "has_manifest",
     "latest",
+    "latest_of",
     "manifest_glob",
     "ok_pairs",
     "parts",
