@@ -973,3 +973,16 @@ def test_two_serve_processes_on_one_out_harvest_each_delivery_once(
         mine = table.filter(pl.col("request_id") == request_id)
         images = len(result_of(sandbox, request_id)["images"])
         assert (mine.height, mine["run_id"].n_unique()) == (images, 1), request_id
+
+
+def test_a_sigterm_as_soon_as_serve_says_it_serves_is_a_clean_stop(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """The signal is caught from the start: one sent on the "serving on" line, before anything
+    else happens, ends serve with exit 0 and a finished run record (not killed by it)."""
+    out = tmp_path / "out"
+    with serving(out, sandbox) as served:
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=60) == 0, "".join(served.lines)
+    [record] = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert (record["state"], record["exit_code"]) == ("finished", 0)

@@ -18,6 +18,7 @@ lets the requests in flight finish, writes the harvested rows and its record, an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -25,7 +26,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
@@ -285,6 +286,12 @@ async def _serve(
     sock = _bind(config.host, config.port)
     running = False
     ended: BaseException | None = None
+    # Caught from here on: a SIGTERM that comes while the server starts stops it cleanly once
+    # it has started, as one that comes later does.
+    signals = contextlib.ExitStack()
+    received = None
+    if threading.current_thread() is threading.main_thread():
+        received = signals.enter_context(anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM))
     try:
         # Before the first part: a compaction must know this folder may still grow.
         await anyio.to_thread.run_sync(record.write, record.record())
@@ -298,7 +305,7 @@ async def _serve(
                 host, port = sock.getsockname()[:2]
                 shown = f"[{host}]" if ":" in host else host
                 on_ready(f"http://{shown}:{port}{WEBHOOK_PATH}")
-            await _until_stopped(stop)
+            await _until_stopped(stop, received)
             logger.info("stopping: no new deliveries; writing what was harvested")
             running = False
             await runner.cleanup()  # stops accepting; lets the requests in flight finish
@@ -312,7 +319,10 @@ async def _serve(
                 await runner.cleanup()
             await client.aclose()
             sock.close()
-            await _finish(record, ended)
+            try:
+                await _finish(record, ended)
+            finally:
+                signals.close()
     return ServeSummary(run_id, server.counters, intake.counters())
 
 
@@ -331,7 +341,10 @@ async def _finish(record: ServerRecord, ended: BaseException | None) -> None:
         logger.error("cannot write the server's run record: %s", exc)
 
 
-async def _until_stopped(stop: anyio.Event | None) -> None:
+async def _until_stopped(
+    stop: anyio.Event | None, received: AsyncIterator[signal.Signals] | None
+) -> None:
+    """Until ``stop`` is set or one of ``signals`` arrives (or arrived already)."""
     async with anyio.create_task_group() as tg:
         if stop is not None:
 
@@ -340,13 +353,13 @@ async def _until_stopped(stop: anyio.Event | None) -> None:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(wait_stop)
-        if threading.current_thread() is threading.main_thread():
+        if received is not None:
+            signals = received
 
             async def wait_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        tg.cancel_scope.cancel()
-                        return
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
 
             tg.start_soon(wait_signal)
         await anyio.sleep_forever()
