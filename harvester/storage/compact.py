@@ -66,8 +66,8 @@ class CompactStats:
     folders_removed: int
     seconds: float
     served: int = 0
-    """Of the runs merged, servers' folders (their parts taken one by one; the folders stay
-    theirs to write into)."""
+    """Of the runs merged, folders not known to be finished: a server's, or one without a
+    readable run record (their parts taken one by one; the folders stay)."""
 
     def summary(self) -> str:
         if self.generation is None:
@@ -78,8 +78,8 @@ class CompactStats:
                 f"({self.parts_after:,} parts); {self.folders_removed} leftover folder(s) removed"
             )
         served = (
-            f" ({self.served} of them servers': the parts written so far; a server running "
-            "goes on writing into its folder)"
+            f" ({self.served} of them a server's or without a run record: the parts written "
+            "so far are taken, the folders stay, and a server running goes on writing there)"
             if self.served
             else ""
         )
