@@ -216,6 +216,28 @@ def drop(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def one_round(
+    w: world.World, out: Path, base_url: str, harvests: Sequence[Sequence[str]]
+) -> tuple[Timed, Timed, list[Timed]]:
+    """One round: curl, plain.py, then a harvest with each of ``harvests``' extra arguments,
+    each contender's output deleted before the next starts (the last round's logs go too: the
+    tmpfs is memory)."""
+    folder = clear_runs(out)
+    config = curl_config(w, folder / "curl", folder / "curl.cfg")
+    c = curl(config, folder / "curl", log=folder / "curl.log")
+    drop(folder / "curl")
+    p = plain(w.csv, folder / "plain", base_url, log=folder / "plain.log")
+    drop(folder / "plain")
+    timed_harvests = []
+    for i, extra in enumerate(harvests):
+        target = folder / f"harvest-{i}"
+        timed_harvests.append(
+            harvest(w.csv, target, base_url, extra, log=folder / f"harvest-{i}.log")
+        )
+        drop(target)
+    return c, p, timed_harvests
+
+
 def clear_runs(out: Path) -> Path:
     """Empty the scratch tmpfs (``scratch``) of earlier outputs; return it."""
     runs = out / "runs"
@@ -409,28 +431,12 @@ def speed(args: argparse.Namespace, out: Path, report: Report) -> float:
     defaults: list[Timed] = []
     with nginx.serving(w.www, w.spec.port) as server:
         for i in range(args.runs):
-            folder = clear_runs(out)  # the last round's logs go: the tmpfs is memory
-            config = curl_config(w, folder / "curl", folder / "curl.cfg")
-            c = curl(config, folder / "curl", log=folder / "curl.log")
-            drop(folder / "curl")
-            p = plain(w.csv, folder / "plain", server.base_url, log=folder / "plain.log")
-            drop(folder / "plain")
-            one = harvest(
-                w.csv,
-                folder / "harvest-1",
+            c, p, (one, d) = one_round(
+                w,
+                out,
                 server.base_url,
-                [*args.harvest_args, "--workers", "1"],
-                log=folder / "harvest-1.log",
+                [[*args.harvest_args, "--workers", "1"], args.harvest_args],
             )
-            drop(folder / "harvest-1")
-            d = harvest(
-                w.csv,
-                folder / "harvest",
-                server.base_url,
-                args.harvest_args,
-                log=folder / "harvest.log",
-            )
-            drop(folder / "harvest")
             curls.append(c)
             plains.append(p)
             ones.append(one)
@@ -548,20 +554,7 @@ def large(args: argparse.Namespace, out: Path, report: Report) -> None:
     runs: list[Timed] = []
     with nginx.serving(w.www, w.spec.port) as server:
         for i in range(args.large_runs):
-            folder = clear_runs(out)
-            config = curl_config(w, folder / "curl", folder / "curl.cfg")
-            c = curl(config, folder / "curl", log=folder / "curl.log")
-            drop(folder / "curl")
-            p = plain(w.csv, folder / "plain", server.base_url, log=folder / "plain.log")
-            drop(folder / "plain")
-            h = harvest(
-                w.csv,
-                folder / "harvest",
-                server.base_url,
-                args.harvest_args,
-                log=folder / "harvest.log",
-            )
-            drop(folder / "harvest")
+            c, p, (h,) = one_round(w, out, server.base_url, [args.harvest_args])
             curls.append(c)
             plains.append(p)
             runs.append(h)
