@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,3 +60,38 @@ def test_a_killed_process_s_spec_runs_again_and_one_that_keeps_dying_is_reported
     assert failures == [Failure(specs[-1], "its worker process died", ExitCode.WORKER)]
     # Three deaths alone (the first run and two retries), after perhaps one in a shared pool.
     assert 3 <= int((tmp_path / "8.runs").read_text()) <= 4
+
+
+def here_waits_for_one(spec: tuple[int, str]) -> int:
+    """Spec 0 (run in the harvest's process) waits until spec 1's result has arrived; spec 1
+    kills its pool process the first time it runs."""
+    index, folder = spec
+    if index == 0:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(f"{folder}/1-done") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return 0 if os.path.exists(f"{folder}/1-done") else -1
+    marker = f"{folder}/1-died"
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+    return 1
+
+
+def test_a_broken_pool_runs_its_shard_again_while_the_one_here_goes_on(tmp_path: Path) -> None:
+    """With one shard in this process: a pool process's death does not wait for that shard
+    to end; the dead one's spec runs again at once (here, while the shard here waits for it)."""
+    results: dict[int, int] = {}
+
+    def on_result(spec: tuple[int, str], result: int) -> None:
+        results[spec[0]] = result
+        if spec[0] == 1:
+            (tmp_path / "1-done").touch()
+
+    started = time.monotonic()
+    failures = LocalEngine(workers=2, here=True).run(
+        here_waits_for_one, [(0, str(tmp_path)), (1, str(tmp_path))], on_result=on_result
+    )
+    assert failures == []
+    assert results == {0: 0, 1: 1}
+    assert time.monotonic() - started < 25

@@ -277,7 +277,6 @@ class _Shard:
         self.pairs_path = spec.pairs_path
         if spec.pairs_key is not None:
             self.pairs_path = self.download_pairs(spec.pairs_key)
-        forget_earlier_attempts(spec, self.store)
         self.lane = Lane(settings, permits=_permits(spec))
         self.writer = ManifestWriter(
             self.store,
@@ -354,6 +353,12 @@ class _Shard:
                 return
 
     async def run(self, batches: Iterator[list[Pair]]) -> None:
+        if await self.spec.board.post(self.result()):
+            # The run is stopping: an earlier attempt's rows stay as they are (its pairs not
+            # done are retried by the next run), rather than being deleted for nothing.
+            self.interrupted = True
+            return
+        await anyio.to_thread.run_sync(forget_earlier_attempts, self.spec, self.store)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.watch, tg.cancel_scope)
             send, receive = anyio.create_memory_object_stream[Pair](PAIR_BUFFER)

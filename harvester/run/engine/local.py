@@ -1,4 +1,6 @@
-"""The local engine: shards in a pool of this machine's processes (``--workers N``).
+"""The local engine: shards in a pool of this machine's processes (``--workers N``), and with
+``here`` the first one in this process, on a thread of its own (``--workers N`` is N processes
+in all, the harvest's own included).
 
 The same contract as every engine (``harvester.run.engine.Engine``): a bounded number of specs
 in flight, each result handed to ``on_result`` in this process as it arrives, a spec that
@@ -6,7 +8,9 @@ raised returned as a failure. A worker process that dies (killed, out of memory)
 whole pool in ``concurrent.futures``, which does not say whose process it was: the pool is made
 anew and the specs that were in it run again one at a time, so that a death is then the dead
 spec's own. A spec whose process dies alone more than ``max_retries`` times is a failure with
-exit code WORKER; the others finish as usual.
+exit code WORKER; the others finish as usual. The shard run here is apart from all this: a
+pool that breaks waits only for its own shards, and a death of the harvest's own process is
+the end of the run.
 Processes start with ``spawn``: the parent runs threads, and a forked copy of them is unsafe.
 
 A pool process ignores SIGINT and SIGTERM (the harvest stops shards through their stop flag,
@@ -181,11 +185,14 @@ class LocalEngine:
             on_result(spec, result)
             return True
 
+        # The spec run here is kept apart from the pool's: a broken pool waits only for its own
+        # specs, and its suspects start again while this one goes on.
         here = ThreadPoolExecutor(1, thread_name_prefix="shard") if self.here else None
+        local: dict[Future[R], S] = {}
         if here is not None:
             first = next(todo, None)
             if first is not None:
-                in_flight[here.submit(fn, first)] = (first, 0)
+                local[here.submit(fn, first)] = first
         pool = self._pool()
         try:
             while True:
@@ -201,11 +208,13 @@ class LocalEngine:
                             exhausted = True
                             break
                     in_flight[pool.submit(fn, spec)] = (spec, deaths)
-                if not in_flight:
+                if not in_flight and not local:
                     return failures
                 alone = len(in_flight) == 1
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                intact = [settle(f, *in_flight.pop(f), alone=alone) for f in done]
+                done, _ = wait([*in_flight, *local], return_when=FIRST_COMPLETED)
+                for future in [f for f in done if f in local]:
+                    settle(future, local.pop(future), 0, alone=False)
+                intact = [settle(f, *in_flight.pop(f), alone=alone) for f in done if f in in_flight]
                 if not all(intact):
                     # The pool is broken: everything still in it ends the same way. Settle it
                     # all, then start a fresh pool for the suspects.
