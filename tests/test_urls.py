@@ -107,3 +107,30 @@ def test_image_urls_that_cannot_be_fetched_are_refused(url: str, reason: str) ->
     target = redirect_target(URL("https://cdn.test/x"), url)
     assert isinstance(target, str)
     assert reason in target
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [
+        # RFC 3986 text travels exactly as written: a signed URL's escapes never change.
+        (
+            "https://cdn.test/a%2fb.png?sig=%2B%2F%3D&x=%41",
+            "https://cdn.test/a%2fb.png?sig=%2B%2F%3D&x=%41",
+        ),
+        # Anything else: only what RFC 3986 does not allow is escaped; the escapes stay.
+        ("https://cdn.test/ü.png?sig=%2B%2F%3D", "https://cdn.test/%C3%BC.png?sig=%2B%2F%3D"),
+        ("https://cdn.test/a b%zz.png?y=^", "https://cdn.test/a%20b%25zz.png?y=%5E"),
+        ("https://bücher.test/ä.png", "https://xn--bcher-kva.test/%C3%A4.png"),
+    ],
+)
+def test_image_urls_are_sent_as_written_but_for_what_must_be_escaped(url: str, sent: str) -> None:
+    checked = http_url(url)
+    assert not isinstance(checked, str), checked
+    assert str(checked) == sent
+    target = redirect_target(URL("https://cdn.test/start"), url)
+    assert not isinstance(target, str) and str(target) == sent
+
+
+def test_an_image_host_with_a_space_is_malformed() -> None:
+    refusal = http_url("https://ex ample.test/a.png")
+    assert isinstance(refusal, str) and "malformed" in refusal

@@ -96,14 +96,35 @@ def describe_url(url: str) -> str:
 
 _AS_IS: Final = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
 """A URL of RFC 3986's characters only, its escapes whole: it travels exactly as written."""
+_UNSAFE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})|[^A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+"""What RFC 3986 does not allow in a URL: escaped, one UTF-8 byte at a time."""
+_HOST: Final = re.compile(r"[A-Za-z0-9\-._:%]+")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return "".join(f"%{b:02X}" for b in match.group().encode("utf-8", "surrogatepass"))
+
+
+def as_url(text: str) -> URL:
+    """``text`` as a URL, changed as little as sending it needs: its escapes stay as they are
+    (a signed URL's must), what RFC 3986 does not allow is escaped, and a host that is not
+    ASCII is IDNA-encoded. ``ValueError`` if it cannot be one."""
+    if _AS_IS.fullmatch(text):
+        return URL(text, encoded=True)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return URL(_UNSAFE.sub(_escape, text), encoded=True)
+    cut = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    if not authority.isascii():
+        authority = URL(f"{scheme}://{authority}").raw_authority
+    return URL(f"{scheme}://{authority}{_UNSAFE.sub(_escape, tail)}", encoded=True)
 
 
 def http_url(text: str, *, what: str = "image URL") -> URL | str:
-    """``text`` as an http(s) URL with a host, or the reason it is not one. A URL of RFC
-    3986's characters only is taken as it is written (a signed URL's escapes must not change);
-    any other has what needs escaping escaped."""
+    """``text`` as an http(s) URL with a host (``as_url``), or the reason it is not one."""
     try:
-        url = URL(text, encoded=_AS_IS.fullmatch(text) is not None)
+        url = as_url(text)
         host = url.raw_host
         url.host  # noqa: B018 - decoding an IDNA host can fail too
     except ValueError as exc:  # IDNA errors are UnicodeErrors, ValueErrors too
@@ -116,6 +137,8 @@ def _checked(url: URL, host: str | None, what: str) -> URL | str:
         return f"unsupported {what} scheme {url.scheme or '(none)'!r}"
     if not host:
         return f"{what} has no host"
+    if not _HOST.fullmatch(host):
+        return f"{what} is malformed (its host is {host!r})"
     if url.raw_user is not None or url.raw_password is not None:
         return f"{what} carries a user name or password; not fetched"
     labels = host.split(".")
@@ -134,7 +157,7 @@ def redirect_target(current: URL, location: str, *, what: str = "image URL") -> 
     """Where a redirect leads, or why it is not followed: only to http(s), never from https
     down to plain http, and never to a malformed URL."""
     try:
-        target = current.join(URL(location, encoded=_AS_IS.fullmatch(location) is not None))
+        target = current.join(as_url(location))
         target.host  # noqa: B018 - decoding an IDNA host can fail too
     except ValueError as exc:
         return f"{what} redirects to a malformed URL ({exc})"
