@@ -23,6 +23,7 @@ import pytest
 
 from harvester.api.ratelimit import most_starts_in_window
 from harvester.errors import ExitCode
+from harvester.run.config import usable_cores
 from harvester.run.engine.local import LocalEngine
 from harvester.run.pipeline import HarvestConfig
 from harvester.run.reader import Pair, pair_key
@@ -150,7 +151,7 @@ def test_lanes_split_the_limits_so_together_they_keep_them() -> None:
     assert HarvestConfig(**{**_kw(config), "concurrency": 2}).lanes == 2
     assert HarvestConfig(**{**_kw(config), "workers": None}).lanes == 1
     assert HarvestConfig(**{**_kw(config), "workers": None, "rps": 499.0}).lanes == 1
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     fast = HarvestConfig(**{**_kw(config), "workers": None, "rps": 100_000.0})
     assert fast.lanes == min(cores, 4, fast.image_slots)
 
@@ -317,3 +318,17 @@ def test_a_signal_to_the_whole_group_stops_the_harvest_and_its_workers(
     assert record["interrupted"] is True
     assert pl.read_parquet(manifest_glob(run.out)).height > 0
     _rerun_completes(slow_sandbox, run)
+
+
+def test_usable_cores_keep_to_a_cgroup_quota(tmp_path: Path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    cores = usable_cores(tmp_path / "absent")
+    assert cores == len(os.sched_getaffinity(0))
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == cores
+    cpu_max.write_text("150000 100000\n")
+    assert usable_cores(cpu_max) == min(cores, 2)
+    cpu_max.write_text("50000 100000\n")
+    assert usable_cores(cpu_max) == 1
+    cpu_max.write_text("nonsense\n")
+    assert usable_cores(cpu_max) == cores

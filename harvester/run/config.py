@@ -37,7 +37,25 @@ def auto_workers(rps: float) -> int:
     CPU; one below it."""
     if rps < AUTO_WORKERS_RPS:
         return 1
-    return max(1, min(AUTO_WORKERS_MAX, len(os.sched_getaffinity(0))))
+    return max(1, min(AUTO_WORKERS_MAX, usable_cores()))
+
+
+CPU_MAX: Final = Path("/sys/fs/cgroup/cpu.max")
+"""cgroup v2's CPU quota of this process's group: ``max PERIOD`` or ``QUOTA PERIOD``."""
+
+
+def usable_cores(cpu_max: Path = CPU_MAX) -> int:
+    """The cores this process may run on (its affinity, else the machine's), at most what a
+    cgroup's CPU quota allows (a container limited to 1.5 CPUs: 2)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
