@@ -154,7 +154,8 @@ class ImageDownloader(Generic[Stored]):
         self._resolve = resolve
         self._resolved: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._total = total_seconds or attempt_seconds(client.timeout.read)
-        """The most one attempt may take, redirects and the whole body included."""
+        """The most one attempt's exchange may take, redirects and the whole body included
+        (storing the bytes after it is the store's to bound)."""
         self._sinks = sinks
         self._policy = policy
         self._rng = rng

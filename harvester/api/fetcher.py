@@ -125,7 +125,7 @@ class ResultFetcher:
     ) -> None:
         self._client = client
         self._total = total_seconds or attempt_seconds(client.timeout.read)
-        """The most one attempt may take, redirects and the whole body included."""
+        """The most one attempt's exchange may take, redirects and the whole body included."""
         self._max_result_bytes = max_result_bytes
         self._base_url = base_url
         # httpx's Headers, made once: a request copies them without parsing them again.

@@ -1,12 +1,14 @@
 """The run's HTTP client: httpx's ``AsyncClient`` over aiohttp's connection pool.
 
-The code is written against ``httpx.AsyncClient``; the connections under it are an aiohttp
-``TCPConnector``'s (maintained, HTTP/1.1 keep-alive, proxies, TLS). This module is the glue,
-through httpx's public API only (a ``transport=``, a public ``send``): one httpx transport
-over one aiohttp session, aiohttp's errors raised as the httpx error each one means (none of
-aiohttp's escapes), the proxy for each request chosen from the environment as httpx chooses
-it, TLS verified against certifi or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` (httpx's own rule).
-Why not httpx's own transport: ``bench/transports.py`` (docs/performance.md has the figures).
+Result requests are written against ``httpx.AsyncClient``; the connections under it are an
+aiohttp ``TCPConnector``'s (maintained, HTTP/1.1 keep-alive, proxies, TLS). This module is the
+glue, through httpx's public API only (a ``transport=``, a public ``send``): one httpx
+transport over one aiohttp session, aiohttp's errors raised as the httpx error each one means
+(none of aiohttp's escapes; a whole exchange's ``SECONDS`` running out is a ``TimeoutError``),
+the proxy for each request chosen from the environment as httpx chooses it, TLS verified
+against certifi or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` (httpx's own rule). An image's bytes
+come from the same session without httpx's models (``Client.open_image``), under the same
+rules. Why not httpx's own transport: ``bench/transports.py`` (docs/performance.md).
 
 Redirects are never followed here (the caller decides, hop by hop), bodies are never decoded
 here (``harvester/api/body.py`` decodes them in bounded pieces); no cookies are kept. Only the

@@ -123,7 +123,8 @@ class HarvestConfig:
 
     @property
     def lanes(self) -> int:
-        """How many shards the work is split into, each run by its own process (each needs
+        """How many shards the work is split into, each run by a process of its own, the
+        harvest's included (each needs
         at least one fetch slot)."""
         wanted = auto_workers(self.rps) if self.workers is None else self.workers
         # Each lane needs a fetch slot, a download slot and a whole request per second of its

@@ -259,7 +259,7 @@ def image_fields(
         "height": ref.height,
         "has_nsfw_concept": ref.has_nsfw_concept,
     }
-    assert got is not None, "every download task fills its slot"
+    assert got is not None, "every image of the request has its outcome"
     if isinstance(got, ImageFailure):
         row.update(status=got.status, error=got.error)
         if got.http_status:
@@ -298,7 +298,8 @@ async def _consume(
 ) -> None:
     while True:
         try:
-            # Without a trip through the event loop while pairs are waiting.
+            # Without a trip through the event loop while pairs are waiting (so a consumer
+            # that is being cancelled may start one more request: its first wait ends it).
             pair = pairs.receive_nowait()
         except anyio.WouldBlock:
             try:

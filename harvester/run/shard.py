@@ -1,8 +1,8 @@
 """A shard: a self-contained, picklable unit of a run that one function runs to the end.
 
 A run's pairs are split by a stable hash of the pair (``shard_of``) into shards. A shard has
-its pairs (handed in when it runs in the driver's process, else a file under the output
-folder), its share of ``--rps`` and of both concurrencies, and the output location;
+its pairs (handed in when it is the run's only shard, in the driver's process; else a file
+under the output folder), its share of ``--rps`` and of both concurrencies, and the output location;
 ``run_shard`` does its requests with one lane on its own event loop, writes its own manifest
 parts (``manifest/<run_id>/shard-SSSS-part-NNNNN.parquet``) and returns its counters. Nothing
 per row leaves the shard, so any process (the harvest's own, a local pool's, a cluster
