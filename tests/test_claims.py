@@ -14,10 +14,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
 
 import anyio
-import httpx
 import polars as pl
 import pytest
 
@@ -28,19 +26,10 @@ from harvester.storage import manifest
 from harvester.storage.inbox import DELIVERIES, Delivery, Inbox, Owner, delivery_key
 from harvester.storage.manifest import ManifestRow, ManifestWriter
 from harvester.storage.objects import Store
-from tests.conftest import KEY, Output
+from tests.conftest import Output
+from tests.test_serve import result_of
 
 MODEL = "fal-ai/flux/dev"
-
-
-def result_of(sandbox: Sandbox, request_id: str) -> dict[str, Any]:
-    answer = httpx.get(
-        sandbox.result_url("fal-ai/flux", request_id),
-        headers={"Authorization": f"Key {KEY}"},
-        timeout=10,
-    )
-    body: dict[str, Any] = answer.json()
-    return body
 
 
 def body_of(sandbox: Sandbox, request_id: str) -> bytes:
