@@ -50,7 +50,7 @@ def persist_new(final: str, source: bytes | str, *, tmp_dir: str) -> bool:
                 return False
             os.replace(source, final)
         except OSError:
-            _unlink_quietly(source)
+            unlink_quietly(source)
             raise
         return True
     if _is_whole(final, len(source)):
@@ -65,12 +65,13 @@ def persist_new(final: str, source: bytes | str, *, tmp_dir: str) -> bool:
             os.close(fd)
         os.replace(tmp, final)
     except OSError:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     return True
 
 
-def _unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> None:
+    """Remove ``path`` if it can be; never raises."""
     try:
         os.unlink(path)
     except OSError:
@@ -98,7 +99,7 @@ def persist_durable(final: str, source: bytes | str, *, tmp_dir: str) -> bool:
         except FileExistsError:
             return False
     finally:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
     fsync_folder(os.path.dirname(final))
     return True
 

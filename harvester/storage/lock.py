@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from harvester.errors import LockedError, OutputError
+from harvester.storage.files import unlink_quietly
 from harvester.storage.layout import Layout
 
 
@@ -120,7 +121,7 @@ def own_temp(layout: Layout) -> Iterator[None]:
             yield
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-            _unlink(_own_lock(str(folder)))
+            unlink_quietly(_own_lock(str(folder)))
     finally:
         os.close(fd)
 
@@ -146,15 +147,8 @@ def sweep_own_temps(layout: Layout) -> int:
             except BlockingIOError:
                 continue  # its owner runs
             shutil.rmtree(entry.path, ignore_errors=True)
-            _unlink(lock)
+            unlink_quietly(lock)
             removed += 1
         finally:
             os.close(fd)
     return removed
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        return
