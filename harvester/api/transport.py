@@ -193,7 +193,8 @@ def _cannot_connect(exc: aiohttp.ClientConnectorError) -> str:
 
 def _as_httpx(exc: BaseException, request: httpx.Request | None) -> httpx.TransportError | None:
     """The httpx ``TransportError`` an aiohttp (or socket) error means; None for any other
-    exception, which goes on as it is."""
+    exception, which goes on as it is: a plain ``TimeoutError`` among them (aiohttp's
+    ``total``, the whole exchange's ``SECONDS``, ran out)."""
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         if isinstance(exc.os_error, _NonPublic):
             return NonPublicAddressError(str(exc.os_error), request=request)
@@ -208,8 +209,10 @@ def _as_httpx(exc: BaseException, request: httpx.Request | None) -> httpx.Transp
         return httpx.ConnectError(f"TLS handshake failed ({exc})", request=request)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return httpx.ConnectTimeout(str(exc) or "connect timed out", request=request)
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, aiohttp.ServerTimeoutError):
         return httpx.ReadTimeout(str(exc) or "read timed out", request=request)
+    if isinstance(exc, TimeoutError):
+        return None
     if isinstance(exc, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError):
         return httpx.ProxyError(str(exc), request=request)
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -226,13 +229,6 @@ def _as_httpx(exc: BaseException, request: httpx.Request | None) -> httpx.Transp
     if isinstance(exc, aiohttp.ClientError | OSError):
         return httpx.NetworkError(str(exc) or type(exc).__name__, request=request)
     return None
-
-
-def _whole_attempt_timeout(exc: BaseException) -> bool:
-    """aiohttp's ``total`` timeout ran out (not a connect or a socket read timeout)."""
-    return isinstance(exc, TimeoutError) and not isinstance(
-        exc, aiohttp.ServerTimeoutError | aiohttp.ConnectionTimeoutError
-    )
 
 
 def _client_timeout(
@@ -259,7 +255,7 @@ class _Body(httpx.AsyncByteStream):
             async for chunk in self._response.content.iter_any():
                 yield chunk
         except Exception as exc:
-            translated = None if _whole_attempt_timeout(exc) else _as_httpx(exc, self._request)
+            translated = _as_httpx(exc, self._request)
             if translated is None:
                 raise
             raise translated from exc
@@ -298,7 +294,7 @@ class ImageAnswer:
         try:
             chunk = await self._content.readany()
         except Exception as exc:
-            translated = None if _whole_attempt_timeout(exc) else _as_httpx(exc, None)
+            translated = _as_httpx(exc, None)
             if translated is None:
                 raise
             raise translated from exc
@@ -397,7 +393,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=_client_timeout(extensions.get("timeout", {}), extensions.get(SECONDS)),
             )
         except Exception as exc:
-            translated = None if _whole_attempt_timeout(exc) else _as_httpx(exc, request)
+            translated = _as_httpx(exc, request)
             if translated is None:
                 raise
             raise translated from exc
@@ -433,7 +429,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=aiohttp.ClientTimeout(total=seconds, sock_connect=connect, sock_read=read),
             )
         except Exception as exc:
-            translated = None if _whole_attempt_timeout(exc) else _as_httpx(exc, None)
+            translated = _as_httpx(exc, None)
             if translated is None:
                 raise
             raise translated from exc
