@@ -234,8 +234,8 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.layout.root / key
 
-    def _folder_for(self, path: Path) -> None:
-        folder = str(path.parent)
+    def _folder(self, folder: str) -> None:
+        """Make ``folder`` unless this store made it already."""
         if folder not in self._folders:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
@@ -259,10 +259,7 @@ class LocalStore:
         path = f"{self._root}/{key}"
         data = str(source) if isinstance(source, Path) else source
         try:
-            folder = path.rpartition("/")[0]
-            if folder not in self._folders:
-                os.makedirs(folder, exist_ok=True)
-                self._folders.add(folder)
+            self._folder(path.rpartition("/")[0])
             try:
                 return persist_new(path, data, tmp_dir=self._tmp)
             except FileNotFoundError:
@@ -323,9 +320,9 @@ class LocalStore:
         path = self._path(key)
         tmp = source if isinstance(source, Path) else self.layout.temp_path()
         try:
-            self._folder_for(path)
+            self._folder(str(path.parent))
             if isinstance(source, bytes):
-                self._folder_for(tmp)
+                self._folder(str(tmp.parent))
                 tmp.write_bytes(source)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
